@@ -1,0 +1,59 @@
+"""corral's supervisor: sandboxes, their runtime on Linux, and the CLI.
+
+Importing this package is cheap (no trio): the CLI's one-shot verbs and the
+spawn keeper import it. The public names:
+
+- :class:`SandboxSpec`, :class:`Limits` and the ``parse_*`` helpers: what a
+  sandbox is, validated with errors that name the field.
+- :class:`Runtime`: creates sandboxes on this host; :class:`Sandbox` is a
+  live one, :class:`SandboxExit` how it ended.
+- :class:`Keeper`: the fork server a multi-threaded program spawns through.
+- The exception tree rooted at :class:`CorralError` (see ``_errors``).
+"""
+
+from __future__ import annotations
+
+from ._errors import CgroupError as CgroupError
+from ._errors import CommandNotExecutableError as CommandNotExecutableError
+from ._errors import CommandNotFoundError as CommandNotFoundError
+from ._errors import CorralError as CorralError
+from ._errors import NotPermittedError as NotPermittedError
+from ._errors import SandboxError as SandboxError
+from ._errors import SandboxExistsError as SandboxExistsError
+from ._errors import SpecError as SpecError
+from ._linux._cgroups import CgroupStats as CgroupStats
+from ._linux._spawn import Keeper as Keeper
+from ._runtime import Runtime as Runtime
+from ._runtime import Sandbox as Sandbox
+from ._runtime import SandboxExit as SandboxExit
+from ._spec import Limits as Limits
+from ._spec import SandboxSpec as SandboxSpec
+from ._spec import parse_cpus as parse_cpus
+from ._spec import parse_env as parse_env
+from ._spec import parse_pids as parse_pids
+from ._spec import parse_size as parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CgroupError",
+    "CgroupStats",
+    "CommandNotExecutableError",
+    "CommandNotFoundError",
+    "CorralError",
+    "Keeper",
+    "Limits",
+    "NotPermittedError",
+    "Runtime",
+    "Sandbox",
+    "SandboxError",
+    "SandboxExistsError",
+    "SandboxExit",
+    "SandboxSpec",
+    "SpecError",
+    "__version__",
+    "parse_cpus",
+    "parse_env",
+    "parse_pids",
+    "parse_size",
+]

@@ -1,0 +1,72 @@
+"""The supervisor's exceptions.
+
+::
+
+    CorralError                  every error corral raises on purpose
+    ├── SpecError                bad input: a field or argument and what was expected
+    ├── NotPermittedError        corral was not run as root
+    ├── SandboxError             a sandbox could not be created, run or cleaned up
+    │   ├── SandboxExistsError   the name is in use
+    │   ├── CommandNotFoundError the command does not exist in the sandbox (exit 127)
+    │   └── CommandNotExecutableError  it exists but cannot be run (exit 126)
+    └── CgroupError              the cgroup file system refused an operation
+
+``OSError`` from the kernel is translated at the boundary (``raise ... from
+exc``), so the message names the sandbox, the path and the operation.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CgroupError",
+    "CommandNotExecutableError",
+    "CommandNotFoundError",
+    "CorralError",
+    "NotPermittedError",
+    "SandboxError",
+    "SandboxExistsError",
+    "SpecError",
+]
+
+
+class CorralError(Exception):
+    """Base class of every error corral raises on purpose.
+
+    ``str(err)`` is a complete one-line message meant for a user.
+    """
+
+
+class SpecError(CorralError, ValueError):
+    """A sandbox spec, option or argument is invalid.
+
+    The message names the field and says what was expected, e.g.
+    ``memory: expected a size like 64M or 1G, got '12Q'``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotPermittedError(CorralError):
+    """corral needs root: namespaces, mounts and cgroups are privileged."""
+
+
+class SandboxError(CorralError):
+    """A sandbox could not be created, started, run or cleaned up."""
+
+
+class SandboxExistsError(SandboxError):
+    """Another sandbox already uses this name."""
+
+
+class CommandNotFoundError(SandboxError):
+    """The command does not exist inside the sandbox's root file system."""
+
+
+class CommandNotExecutableError(SandboxError):
+    """The command exists inside the sandbox but cannot be executed."""
+
+
+class CgroupError(CorralError):
+    """A cgroup operation failed; the message names the path and operation."""

@@ -1,0 +1,523 @@
+"""One cgroup interface, two backends: cgroup v1 and the unified v2 hierarchy.
+
+:func:`open_cgroups` looks at the cgroup file systems mounted below a root
+path (``/sys/fs/cgroup`` by default, any path in tests) and returns the
+backend that fits: a pure ``cgroup2`` mount gives :class:`V2Cgroups`; v1
+controller hierarchies (the legacy and the *hybrid* layouts) give
+:class:`V1Cgroups`. Both create sandbox cgroups *below the caller's own
+cgroup* unless a parent is given, the way systemd delegation expects.
+
+Errors are :class:`~supervisor.CgroupError` naming the path and operation.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from .._errors import CgroupError
+from .._spec import Limits
+
+__all__ = [
+    "Cgroup",
+    "CgroupStats",
+    "Cgroups",
+    "V1Cgroups",
+    "V2Cgroups",
+    "open_cgroups",
+]
+
+CPU_PERIOD_US = 100_000
+_V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
+_V1_REQUIRED = ("memory", "cpu", "cpuacct", "pids")
+_V2_CONTROLLERS = ("memory", "cpu", "pids")
+
+
+@dataclass(frozen=True)
+class CgroupStats:
+    """Counters of one sandbox cgroup, read at one moment."""
+
+    cpu_usage_ns: int
+    memory_current: int
+    memory_peak: int | None
+    """Highest memory use seen; ``None`` where the kernel does not track it."""
+    pids_current: int
+    pids_limit_hits: int
+    """How many times a fork failed because of the pids limit."""
+    memory_limit_hits: int
+    """How many times memory use ran into the limit (v1 failcnt, v2 ``max``)."""
+    oom_kill: int
+    """How many processes the OOM killer killed in this cgroup."""
+
+
+class Cgroup(Protocol):
+    """One sandbox's cgroup (in each v1 hierarchy, or the one v2 directory)."""
+
+    @property
+    def name(self) -> str:
+        """The directory name, unique on the host."""
+        ...
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The cgroup's directories (several on v1, one on v2)."""
+        ...
+
+    def procs_files(self) -> tuple[str, ...]:
+        """Files a process writes ``0`` to in order to join this cgroup."""
+        ...
+
+    def apply(self, limits: Limits) -> None:
+        """Set the memory, CPU and pids limits; ``None`` leaves one unlimited."""
+        ...
+
+    def stats(self) -> CgroupStats:
+        """Read the counters now."""
+        ...
+
+    def pids(self) -> list[int]:
+        """The processes in the cgroup (host PIDs)."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup, without racing new forks."""
+        ...
+
+    def remove(self) -> None:
+        """Remove the cgroup; kills what is left in it first."""
+        ...
+
+
+class Cgroups(Protocol):
+    """A cgroup backend: where and how sandbox cgroups are made."""
+
+    layout: Literal["v1", "v2"]
+
+    def create(self, name: str, limits: Limits) -> Cgroup:
+        """Make a new cgroup for a sandbox, limits applied; fails if it exists."""
+        ...
+
+
+# -- small file helpers ------------------------------------------------------
+
+
+def _write(path: str, value: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CgroupError(f"failed to write {value!r} to {path}: {exc.strerror}") from exc
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        raise CgroupError(f"failed to read {path}: {exc.strerror}") from exc
+
+
+def _read_int(path: str, default: int = 0) -> int:
+    text = _read(path).strip()
+    return default if text in ("", "max") else int(text)
+
+
+def _keyed(path: str) -> dict[str, int]:
+    """Parse ``key value`` lines (memory.events, cpu.stat, pids.events, ...)."""
+    out: dict[str, int] = {}
+    for line in _read(path).splitlines():
+        key, _, val = line.partition(" ")
+        if val.strip().lstrip("-").isdigit():
+            out[key] = int(val)
+    return out
+
+
+def _pids_in(path: str) -> list[int]:
+    return [int(p) for p in _read(os.path.join(path, "cgroup.procs")).split()]
+
+
+def _mkdir(path: str) -> None:
+    try:
+        os.mkdir(path)
+    except FileExistsError as exc:
+        raise CgroupError(
+            f"cgroup {path} already exists (a sandbox of the same name run by another corral?)"
+        ) from exc
+    except OSError as exc:
+        raise CgroupError(f"failed to create cgroup {path}: {exc.strerror}") from exc
+
+
+def _rmdir(path: str, kill: Iterable[str] = ()) -> None:
+    """Remove a cgroup directory, waiting out tasks that are still exiting.
+
+    After a sandbox's init is reaped its other processes are already gone
+    (the kernel empties a PID namespace before its init's exit completes),
+    but the cgroup may still count them for a moment; EBUSY then clears by
+    itself. Anything really left is killed first by the caller.
+    """
+    deadline = time.monotonic() + 5.0
+    delay = 0.0002
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise CgroupError(f"failed to remove cgroup {path}: {exc.strerror}") from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _kill_pids(pids: Iterable[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _mountinfo(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
+    """(mount point, fs type, super options) of every mount."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mnt = left.split()[4].replace("\\040", " ")
+            fields = right.split()
+            out.append((mnt, fields[0], fields[2] if len(fields) > 2 else ""))
+    return out
+
+
+def _self_cgroups(path: str = "/proc/self/cgroup") -> dict[str, str]:
+    """Map each v1 controller (and ``""`` for v2) to our own cgroup path."""
+    out: dict[str, str] = {}
+    with open(path) as f:
+        for line in f:
+            _, ctrls, cg = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(","):
+                out[c] = cg
+    return out
+
+
+def _freeze_and_kill(path: str, freezer: str | None) -> None:
+    """Kill every process in a v1 cgroup (or a v2 one without cgroup.kill).
+
+    Frozen tasks cannot fork, so the list of PIDs read while frozen is
+    complete; SIGKILL is delivered when they are thawed.
+    """
+    if freezer is not None:
+        _write(os.path.join(freezer, "freezer.state"), "FROZEN")
+        deadline = time.monotonic() + 2.0
+        while _read(os.path.join(freezer, "freezer.state")).strip() != "FROZEN":
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        try:
+            _kill_pids(_pids_in(path))
+        finally:
+            _write(os.path.join(freezer, "freezer.state"), "THAWED")
+    for _ in range(100):
+        pids = _pids_in(path)
+        if not pids:
+            return
+        _kill_pids(pids)
+        time.sleep(0.001)
+
+
+# -- cgroup v1 ---------------------------------------------------------------
+
+
+class V1Cgroup:
+    """A sandbox cgroup on cgroup v1: one directory per controller hierarchy."""
+
+    def __init__(self, name: str, dirs: dict[str, str]) -> None:
+        self._name = name
+        self._dirs = dirs  # controller -> directory
+        self._paths = tuple(dict.fromkeys(dirs.values()))
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return self._paths
+
+    def procs_files(self) -> tuple[str, ...]:
+        return tuple(os.path.join(p, "cgroup.procs") for p in self._paths)
+
+    def _f(self, controller: str, file: str) -> str:
+        return os.path.join(self._dirs[controller], file)
+
+    def apply(self, limits: Limits) -> None:
+        if limits.memory is not None:
+            _write(self._f("memory", "memory.limit_in_bytes"), str(limits.memory))
+            memsw = self._f("memory", "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                _write(memsw, str(limits.memory))
+            else:
+                # No swap accounting (swapaccount=0): keep the kernel from
+                # swapping this cgroup out, so an overrun is an OOM kill and
+                # not a hog that survives in swap (what the seed observed).
+                _write(self._f("memory", "memory.swappiness"), "0")
+        if limits.cpus is not None:
+            _write(self._f("cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+            _write(self._f("cpu", "cpu.cfs_quota_us"), str(round(limits.cpus * CPU_PERIOD_US)))
+        if limits.pids is not None:
+            _write(self._f("pids", "pids.max"), str(limits.pids))
+
+    def stats(self) -> CgroupStats:
+        oom_control = _keyed(self._f("memory", "memory.oom_control"))
+        return CgroupStats(
+            cpu_usage_ns=_read_int(self._f("cpuacct", "cpuacct.usage")),
+            memory_current=_read_int(self._f("memory", "memory.usage_in_bytes")),
+            memory_peak=_read_int(self._f("memory", "memory.max_usage_in_bytes")),
+            pids_current=_read_int(self._f("pids", "pids.current")),
+            pids_limit_hits=_keyed(self._f("pids", "pids.events")).get("max", 0),
+            memory_limit_hits=_read_int(self._f("memory", "memory.failcnt")),
+            oom_kill=oom_control.get("oom_kill", 0),
+        )
+
+    def pids(self) -> list[int]:
+        return _pids_in(self._dirs["memory"])
+
+    def kill(self) -> None:
+        _freeze_and_kill(self._dirs["memory"], self._dirs.get("freezer"))
+
+    def remove(self) -> None:
+        if any(os.path.isdir(p) and _pids_in(p) for p in self._paths):
+            self.kill()
+        errors: list[CgroupError] = []
+        for p in self._paths:
+            try:
+                _rmdir(p)
+            except CgroupError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+class V1Cgroups:
+    """cgroup v1 (legacy or hybrid layout): one hierarchy per controller group."""
+
+    layout: Literal["v1", "v2"] = "v1"
+
+    def __init__(
+        self,
+        mounts: dict[str, str],
+        own: dict[str, str],
+        parent: str | None = None,
+    ) -> None:
+        missing = [c for c in _V1_REQUIRED if c not in mounts]
+        if missing:
+            raise CgroupError(
+                f"cgroup v1: controller(s) {', '.join(missing)} not mounted under the cgroup root"
+            )
+        self._mounts = mounts
+        # The parent in each hierarchy: the given one, or where we run now.
+        self._parents = {
+            c: os.path.join(m, (parent if parent is not None else own.get(c, "/")).lstrip("/"))
+            for c, m in mounts.items()
+        }
+        for c, p in self._parents.items():
+            if not os.path.isdir(p):
+                raise CgroupError(f"cgroup parent {p} (controller {c}) does not exist")
+
+    def create(self, name: str, limits: Limits) -> V1Cgroup:
+        dirs: dict[str, str] = {}
+        made: list[str] = []
+        try:
+            for c, parent in self._parents.items():
+                d = os.path.join(parent, name)
+                if d not in made:
+                    _mkdir(d)
+                    made.append(d)
+                dirs[c] = d
+            cg = V1Cgroup(name, dirs)
+            cg.apply(limits)
+            return cg
+        except BaseException:
+            for d in reversed(made):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+            raise
+
+
+# -- cgroup v2 ---------------------------------------------------------------
+
+
+class V2Cgroup:
+    """A sandbox cgroup in the unified (v2) hierarchy."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self._name = name
+        self._path = path
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self._path,)
+
+    def procs_files(self) -> tuple[str, ...]:
+        return (os.path.join(self._path, "cgroup.procs"),)
+
+    def _f(self, file: str) -> str:
+        return os.path.join(self._path, file)
+
+    def apply(self, limits: Limits) -> None:
+        if limits.memory is not None:
+            _write(self._f("memory.max"), str(limits.memory))
+            if os.path.exists(self._f("memory.swap.max")):
+                _write(self._f("memory.swap.max"), "0")
+        if limits.cpus is not None:
+            _write(self._f("cpu.max"), f"{round(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+        if limits.pids is not None:
+            _write(self._f("pids.max"), str(limits.pids))
+
+    def stats(self) -> CgroupStats:
+        events = _keyed(self._f("memory.events"))
+        peak = self._f("memory.peak")
+        return CgroupStats(
+            cpu_usage_ns=_keyed(self._f("cpu.stat")).get("usage_usec", 0) * 1000,
+            memory_current=_read_int(self._f("memory.current")),
+            memory_peak=_read_int(peak) if os.path.exists(peak) else None,
+            pids_current=_read_int(self._f("pids.current")),
+            pids_limit_hits=_keyed(self._f("pids.events")).get("max", 0),
+            memory_limit_hits=events.get("max", 0),
+            oom_kill=events.get("oom_kill", 0),
+        )
+
+    def pids(self) -> list[int]:
+        return _pids_in(self._path)
+
+    def kill(self) -> None:
+        kill_file = self._f("cgroup.kill")
+        if os.path.exists(kill_file):
+            _write(kill_file, "1")
+            return
+        _freeze_and_kill(self._path, None)
+
+    def remove(self) -> None:
+        if os.path.isdir(self._path) and _pids_in(self._path):
+            self.kill()
+        _rmdir(self._path)
+
+
+class V2Cgroups:
+    """The unified hierarchy (cgroup v2)."""
+
+    layout: Literal["v1", "v2"] = "v2"
+
+    def __init__(self, mount: str, own: str, parent: str | None = None) -> None:
+        self._mount = mount
+        if parent is not None:
+            self._parent = self._prepare(os.path.join(mount, parent.lstrip("/")), fallback=False)
+        else:
+            self._parent = self._prepare(os.path.join(mount, own.lstrip("/")), fallback=True)
+
+    @property
+    def parent(self) -> str:
+        """The directory sandbox cgroups are created in."""
+        return self._parent
+
+    def _prepare(self, parent: str, fallback: bool) -> str:
+        """Make sure *parent* can hold sandbox cgroups with our controllers.
+
+        v2 forbids enabling controllers for children of a cgroup that has
+        processes of its own (unless it is the root). When our own cgroup
+        is such a one, say a login session's scope, we fall back to a
+        ``corral`` cgroup below the root, as Docker's cgroupfs driver does.
+        """
+        if not os.path.isdir(parent):
+            raise CgroupError(f"cgroup parent {parent} does not exist")
+        try:
+            self._enable_controllers(parent)
+            return parent
+        except CgroupError:
+            if not fallback:
+                raise
+        top = os.path.join(self._mount, "corral")
+        try:
+            os.mkdir(top)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise CgroupError(f"failed to create cgroup {top}: {exc.strerror}") from exc
+        self._enable_controllers(self._mount)
+        self._enable_controllers(top)
+        return top
+
+    @staticmethod
+    def _enable_controllers(path: str) -> None:
+        available = _read(os.path.join(path, "cgroup.controllers")).split()
+        missing = [c for c in _V2_CONTROLLERS if c not in available]
+        if missing:
+            raise CgroupError(
+                f"cgroup {path}: controller(s) {', '.join(missing)} not available"
+                " (not enabled in the parent's cgroup.subtree_control)"
+            )
+        enabled = _read(os.path.join(path, "cgroup.subtree_control")).split()
+        want = [c for c in _V2_CONTROLLERS if c not in enabled]
+        if want:
+            _write(os.path.join(path, "cgroup.subtree_control"), " ".join("+" + c for c in want))
+
+    def create(self, name: str, limits: Limits) -> V2Cgroup:
+        path = os.path.join(self._parent, name)
+        _mkdir(path)
+        cg = V2Cgroup(name, path)
+        try:
+            cg.apply(limits)
+        except BaseException:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+            raise
+        return cg
+
+
+# -- detection ---------------------------------------------------------------
+
+
+def open_cgroups(
+    root: str = "/sys/fs/cgroup",
+    parent: str | None = None,
+    *,
+    mountinfo: str = "/proc/self/mountinfo",
+    self_cgroup: str = "/proc/self/cgroup",
+) -> V1Cgroups | V2Cgroups:
+    """Detect the cgroup layout below *root* and return its backend.
+
+    *parent* is a cgroup path (like ``/corral``) relative to each
+    hierarchy's root; by default sandbox cgroups go below our own cgroup.
+    """
+    root = os.path.realpath(root)
+    own = _self_cgroups(self_cgroup)
+    table = _mountinfo(mountinfo)
+    if any(mnt == root and fstype == "cgroup2" for mnt, fstype, _ in table):
+        return V2Cgroups(root, own.get("", "/"), parent)
+    mounts: dict[str, str] = {}
+    for mnt, fstype, opts in table:
+        if fstype != "cgroup" or not (mnt == root or mnt.startswith(root + "/")):
+            continue
+        for opt in opts.split(","):
+            if opt in _V1_CONTROLLERS:
+                mounts.setdefault(opt, mnt)
+    if not mounts:
+        raise CgroupError(f"no cgroup v1 or v2 file system mounted at {root}")
+    return V1Cgroups(mounts, own, parent)

@@ -1,0 +1,307 @@
+"""What runs in the forked children that become a sandbox.
+
+The arrangement, for a spawner process S (the CLI, or the keeper that a
+multi-threaded supervisor uses; always single-threaded)::
+
+    S ──fork──> intermediate: join the cgroup, unshare every namespace,
+                 │            fork, send the init's PID and a pidfd up, exit
+                 └─fork──> init (PID 1 of the new PID namespace): mount the
+                           overlay root, /proc, /sys, /dev; pivot_root; set the
+                           host name; bring up lo; exec tini -- COMMAND
+
+Once the intermediate exits the init is re-parented to the nearest child
+subreaper: the process that owns the sandbox (the CLI or the supervisor),
+which then waits on the pidfd. The intermediate is needed because
+``unshare(CLONE_NEWPID)`` only applies to children.
+
+Errors travel up a ``SOCK_SEQPACKET`` socket as one JSON message; the
+socket is close-on-exec, so end-of-file after the PID message means the
+init has exec'd tini. Code here must not raise into its caller: a forked
+child that unwound into the parent's stack would run the parent's code.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+from dataclasses import asdict, dataclass
+from typing import Any, NoReturn
+
+from . import _syscalls as sc
+
+__all__ = ["INIT_PATH", "LaunchConfig", "SetupFailure", "run_intermediate"]
+
+# Where tini is bind-mounted (read-only) inside the sandbox: the /dev tmpfs
+# is ours, so the rootfs needs no file of ours to hold the mount point.
+INIT_PATH = "/dev/init"
+
+_NS_FLAGS = (
+    sc.CLONE_NEWNS
+    | sc.CLONE_NEWUTS
+    | sc.CLONE_NEWIPC
+    | sc.CLONE_NEWNET
+    | sc.CLONE_NEWPID
+    | sc.CLONE_NEWCGROUP
+)
+
+_DEVICES = (  # name, major, minor, mode
+    ("null", 1, 3, 0o666),
+    ("zero", 1, 5, 0o666),
+    ("full", 1, 7, 0o666),
+    ("random", 1, 8, 0o666),
+    ("urandom", 1, 9, 0o666),
+    ("tty", 5, 0, 0o666),
+)
+_DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+)
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Everything the children need, as plain data (it crosses to the keeper)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    hostname: str
+    workdir: str
+    lowerdir: str
+    upperdir: str
+    workdir_overlay: str
+    merged: str
+    init_binary: str
+    cgroup_procs: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for the keeper protocol."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LaunchConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class SetupFailure:
+    """A child's report that setting up the sandbox failed."""
+
+    step: str
+    errno: int
+    message: str
+    kind: str = "setup"
+    """``setup``, ``notfound`` (exit 127) or ``noexec`` (exit 126)."""
+
+
+def encode_failure(f: SetupFailure) -> bytes:
+    """Wire form of a failure report."""
+    return b"E" + json.dumps(asdict(f)).encode()
+
+
+def decode_failure(data: bytes) -> SetupFailure:
+    """Parse a failure report (``data`` starts with ``E``)."""
+    return SetupFailure(**json.loads(data[1:]))
+
+
+class _Step(Exception):
+    """A setup step failed with a message meant for the user."""
+
+    def __init__(self, step: str, message: str, err: int = 0, kind: str = "setup") -> None:
+        super().__init__(message)
+        self.failure = SetupFailure(step, err, message, kind)
+
+
+def _report(report: socket.socket, exc: BaseException, step: str) -> None:
+    if isinstance(exc, _Step):
+        failure = exc.failure
+    elif isinstance(exc, OSError):
+        failure = SetupFailure(step, exc.errno or 0, str(exc.strerror or exc))
+        if exc.filename:
+            failure = SetupFailure(step, exc.errno or 0, f"{exc.strerror}: {exc.filename}")
+    else:
+        failure = SetupFailure(step, 0, f"{type(exc).__name__}: {exc}")
+    try:
+        report.send(encode_failure(failure))
+    except OSError:
+        pass
+
+
+def run_intermediate(
+    cfg: LaunchConfig, report: socket.socket, stdio: tuple[int, int, int] = (0, 1, 2)
+) -> NoReturn:
+    """Body of the intermediate child; never returns, never raises.
+
+    *stdio* become the sandbox's file descriptors 0, 1 and 2.
+    """
+    step = "set up stdio"
+    try:
+        if stdio != (0, 1, 2):
+            # Through fresh copies, so that e.g. (1, 0, 2) cannot clobber itself.
+            copies = [os.dup(fd) for fd in stdio]
+            for target, fd in enumerate(copies):
+                os.dup2(fd, target)
+                os.close(fd)
+        step = "join cgroup"
+        for path in cfg.cgroup_procs:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        step = "unshare namespaces"
+        sc.unshare(_NS_FLAGS)
+        step = "fork init"
+        pid = os.fork()
+        if pid == 0:
+            _run_init(cfg, report)
+        pidfd = os.pidfd_open(pid)
+        socket.send_fds(report, [b"P%d" % pid], [pidfd])
+        os._exit(0)
+    except BaseException as exc:
+        _report(report, exc, step)
+        os._exit(1)
+
+
+def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
+    step = "prepare"
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        step = "mount root"
+        _mount_root(cfg)
+        step = "set hostname"
+        socket.sethostname(cfg.hostname)
+        step = "bring up loopback"
+        _loopback_up()
+        step = "pivot_root"
+        os.chdir(cfg.merged)
+        sc.pivot_root(".", ".")
+        sc.umount2(".", sc.MNT_DETACH)
+        os.chdir("/")
+        step = "workdir"
+        try:
+            os.chdir(cfg.workdir)
+        except OSError as exc:
+            raise _Step(
+                "workdir",
+                f"workdir {cfg.workdir!r} is not a directory in the sandbox",
+                exc.errno or 0,
+            ) from exc
+        step = "find command"
+        path = _resolve(cfg.argv[0], cfg.env.get("PATH", ""))
+        step = "exec init"
+        # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals
+        # ignored, and a command that expects the default would misbehave.
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        fd = report.fileno()
+        os.closerange(3, fd)
+        os.closerange(fd + 1, 1 << 20)
+        os.umask(0o022)
+        os.execve(INIT_PATH, ["init", "--", path, *cfg.argv[1:]], cfg.env)
+    except BaseException as exc:
+        _report(report, exc, step)
+        os._exit(127)
+
+
+def _mount_root(cfg: LaunchConfig) -> None:
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    m = cfg.merged
+    sc.mount(
+        "overlay",
+        m,
+        "overlay",
+        0,
+        f"lowerdir={cfg.lowerdir},upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}",
+    )
+    nosuid_noexec_nodev = sc.MS_NOSUID | sc.MS_NOEXEC | sc.MS_NODEV
+    sc.mount("proc", _target(m, "proc"), "proc", nosuid_noexec_nodev)
+    sc.mount("sysfs", _target(m, "sys"), "sysfs", sc.MS_RDONLY | nosuid_noexec_nodev)
+    dev = _target(m, "dev")
+    sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID, "mode=755,size=65536k")
+    os.umask(0)
+    for name, major, minor, mode in _DEVICES:
+        os.mknod(f"{dev}/{name}", stat.S_IFCHR | mode, os.makedev(major, minor))
+    for name, dest in _DEV_LINKS:
+        os.symlink(dest, f"{dev}/{name}")
+    os.mkdir(f"{dev}/pts", 0o755)
+    sc.mount(
+        "devpts",
+        f"{dev}/pts",
+        "devpts",
+        sc.MS_NOSUID | sc.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+    )
+    os.mkdir(f"{dev}/shm", 0o1777)
+    sc.mount("shm", f"{dev}/shm", "tmpfs", nosuid_noexec_nodev, "mode=1777,size=65536k")
+    init = f"{dev}/init"
+    os.close(os.open(init, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o755))
+    sc.mount(cfg.init_binary, init, None, sc.MS_BIND)
+    sc.mount(None, init, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID)
+
+
+def _target(root: str, name: str) -> str:
+    """A mount point directly below the new root, never through a symlink.
+
+    A rootfs whose /proc or /dev is a symlink could point a mount at the
+    host (the runc CVE-2019-19921 family), so only a real directory is used;
+    a missing one is created in the writable layer.
+    """
+    path = f"{root}/{name}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.mkdir(path, 0o755)
+        return path
+    if not stat.S_ISDIR(st.st_mode):
+        raise _Step(
+            "mount root", f"/{name} in the rootfs is not a directory (refusing to mount on it)"
+        )
+    return path
+
+
+def _loopback_up() -> None:
+    """Set IFF_UP on ``lo`` in the sandbox's fresh network namespace.
+
+    One SIOCSIFFLAGS ioctl. This is the only network step on the start path,
+    and pyroute2 costs 150-200 ms to import (measured here), more than a
+    whole sandbox start; pyroute2 is used where netlink is really needed.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, _SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+
+
+def _resolve(cmd: str, path_env: str) -> str:
+    """Find the command inside the new root like ``execvp`` would."""
+    candidates = [cmd] if "/" in cmd else [f"{d or '.'}/{cmd}" for d in path_env.split(":")]
+    found_noexec = None
+    for c in candidates:
+        try:
+            st = os.stat(c)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(c, os.X_OK):
+            return c
+        found_noexec = c
+    if found_noexec is not None:
+        raise _Step(
+            "find command", f"{cmd!r} is not an executable file", errno.EACCES, kind="noexec"
+        )
+    raise _Step("find command", f"{cmd!r}: command not found", errno.ENOENT, kind="notfound")

@@ -1,0 +1,210 @@
+"""Starting a sandbox's process tree: the spawn protocol and its spawners.
+
+Two spawners speak the same protocol (see :mod:`._child`):
+
+- :func:`spawn_direct` forks from the calling process. Only safe in a
+  single-threaded process (the CLI, a benchmark, a test); it checks.
+- :class:`Keeper` is a fork server: a small single-threaded helper process,
+  started once with a clean ``exec``, which forks on request. A
+  multi-threaded program (the trio supervisor) uses it, so that no Python
+  code ever runs in a forked copy of a threaded process.
+
+Either way the caller must be a child subreaper
+(:func:`~._syscalls.set_child_subreaper`) so the sandbox init ends up as its
+child.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+
+from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
+
+__all__ = ["Keeper", "SpawnFailed", "Spawned", "collect", "spawn_direct"]
+
+
+@dataclass(frozen=True)
+class Spawned:
+    """A sandbox init that has exec'd: its host PID and a pidfd for it."""
+
+    pid: int
+    pidfd: int
+
+
+class SpawnFailed(Exception):
+    """The children reported a failure.
+
+    If the init already existed, ``pid``/``pidfd`` are set and the caller
+    must reap it (it exits by itself right after reporting).
+    """
+
+    def __init__(self, failure: SetupFailure, pid: int | None = None, pidfd: int | None = None):
+        super().__init__(failure.message)
+        self.failure = failure
+        self.pid = pid
+        self.pidfd = pidfd
+
+
+def _threads() -> int:
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Threads:"):
+                return int(line.split()[1])
+    return 0
+
+
+def collect(sock: socket.socket) -> Spawned:
+    """Read the children's reports until the init has exec'd (blocking)."""
+    msg, fds, _, _ = socket.recv_fds(sock, 65536, 1)
+    if msg[:1] != b"P" or not fds:
+        for fd in fds:
+            os.close(fd)
+        if msg[:1] == b"E":
+            raise SpawnFailed(decode_failure(msg))
+        raise SpawnFailed(SetupFailure("spawn", 0, "the setup process died without a report"))
+    pid, pidfd = int(msg[1:]), fds[0]
+    msg = sock.recv(65536)
+    if msg:
+        failure = (
+            decode_failure(msg)
+            if msg[:1] == b"E"
+            else SetupFailure("spawn", 0, f"unexpected report {msg[:40]!r}")
+        )
+        raise SpawnFailed(failure, pid, pidfd)
+    return Spawned(pid, pidfd)
+
+
+def spawn_direct(cfg: LaunchConfig, stdio: tuple[int, int, int] = (0, 1, 2)) -> Spawned:
+    """Fork the sandbox from this (single-threaded) process and wait for exec.
+
+    *stdio* are the file descriptors the sandbox gets as 0, 1 and 2.
+    """
+    n = _threads()
+    if n != 1:
+        raise RuntimeError(
+            f"spawn_direct needs a single-threaded process (this one has {n} threads); use a Keeper"
+        )
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with parent:
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                parent.close()
+                run_intermediate(cfg, child, stdio)
+        finally:
+            child.close()
+        try:
+            return collect(parent)
+        finally:
+            os.waitpid(pid, 0)
+
+
+class Keeper:
+    """A fork server for spawning sandboxes from a multi-threaded process.
+
+    Start it before anything else needs it; it is a child of this process
+    (so inits it creates are re-parented to us) and exits when the control
+    socket closes.
+    """
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            # subprocess forks and execs in C (posix_spawn / vfork): no
+            # Python runs in the child, so this is safe with threads around.
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor._linux._keeper", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        self._sock = ours
+        msg = self._sock.recv(16)
+        if msg != b"ready":
+            self.close()
+            raise RuntimeError("the spawn keeper failed to start")
+
+    @property
+    def pid(self) -> int:
+        """The keeper's PID."""
+        return self._proc.pid
+
+    def request(self, cfg: LaunchConfig, stdio: tuple[int, int, int]) -> socket.socket:
+        """Ask for a sandbox; returns the report socket to :func:`collect` from.
+
+        *stdio* are the file descriptors the sandbox gets as 0, 1 and 2.
+        """
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with child:
+            payload: dict[str, Any] = cfg.to_dict()
+            socket.send_fds(self._sock, [msgpack.packb(payload)], [child.fileno(), *stdio])
+        return parent
+
+    def spawn(self, cfg: LaunchConfig, stdio: tuple[int, int, int] = (0, 1, 2)) -> Spawned:
+        """Blocking convenience: request and collect."""
+        with self.request(cfg, stdio) as sock:
+            return collect(sock)
+
+    def close(self) -> None:
+        """Stop the keeper (sandboxes it started keep running)."""
+        self._sock.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> Keeper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def keeper_main(fd: int) -> None:
+    """The keeper's loop: one request, one fork, until the socket closes."""
+    ctl = socket.socket(fileno=fd)
+    n = _threads()
+    if n != 1:
+        raise SystemExit(f"corral keeper: expected one thread, found {n}")
+    ctl.send(b"ready")
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(ctl, 1 << 20, 4)
+        except OSError:
+            return
+        if not msg:
+            return
+        if len(fds) != 4:
+            for fd in fds:
+                os.close(fd)
+            continue
+        report = socket.socket(fileno=fds[0])
+        try:
+            cfg = LaunchConfig.from_dict(msgpack.unpackb(msg))
+        except Exception as exc:
+            report.send(b"E" + _failure_json("keeper", f"bad request: {exc}"))
+            report.close()
+            for fd in fds[1:]:
+                os.close(fd)
+            continue
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            ctl.close()
+            run_intermediate(cfg, report, (fds[1], fds[2], fds[3]))
+        report.close()
+        for fd in fds[1:]:
+            os.close(fd)
+        os.waitpid(pid, 0)
+
+
+def _failure_json(step: str, message: str) -> bytes:
+    import json
+
+    return json.dumps({"step": step, "errno": 0, "message": message, "kind": "setup"}).encode()

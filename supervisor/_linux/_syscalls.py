@@ -1,0 +1,143 @@
+"""The raw system calls the runtime needs and the standard library lacks.
+
+Python 3.11 has ``os.pidfd_open`` and ``signal.pidfd_send_signal`` but not
+``unshare``, ``setns``, ``mount`` or ``pivot_root`` (``os.unshare`` and
+``os.setns`` arrived in 3.12), so they are reached through libc with ctypes.
+Everything here raises :class:`OSError` with the errno and the path or
+operation, like the standard library does; callers translate it at their
+boundary.
+
+This module must stay cheap to import and free of threads: it is used in
+forked children before ``exec``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+__all__ = [
+    "CLONE_NEWCGROUP",
+    "CLONE_NEWIPC",
+    "CLONE_NEWNET",
+    "CLONE_NEWNS",
+    "CLONE_NEWPID",
+    "CLONE_NEWUTS",
+    "MNT_DETACH",
+    "MS_BIND",
+    "MS_NODEV",
+    "MS_NOEXEC",
+    "MS_NOSUID",
+    "MS_PRIVATE",
+    "MS_RDONLY",
+    "MS_REC",
+    "MS_REMOUNT",
+    "mount",
+    "pivot_root",
+    "set_child_subreaper",
+    "setns",
+    "umount2",
+    "unshare",
+]
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+MNT_DETACH = 2
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+# glibc has no pivot_root wrapper; the number differs per architecture.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+
+
+def _fail(what: str, path: str | None = None) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}", path)
+
+
+def _b(s: str | None) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+def unshare(flags: int) -> None:
+    """Move the calling process into new namespaces (``unshare(2)``)."""
+    if _libc.unshare(flags) != 0:
+        raise _fail(f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """Join the namespace that *fd* refers to (``setns(2)``)."""
+    if _libc.setns(fd, nstype) != 0:
+        raise _fail("setns")
+
+
+def mount(
+    source: str | None,
+    target: str,
+    fstype: str | None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    """``mount(2)``; the error names the target and the file system type."""
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        raise _fail(f"mount {fstype or 'bind/remount'} on {target}", target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """``umount2(2)``."""
+    if _libc.umount2(_b(target), flags) != 0:
+        raise _fail(f"umount {target}", target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """``pivot_root(2)``, through ``syscall`` as glibc has no wrapper."""
+    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise OSError(0, f"pivot_root: unsupported architecture {platform.machine()}")
+    if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
+        raise _fail(f"pivot_root {new_root}", new_root)
+
+
+def set_child_subreaper() -> None:
+    """Keep orphaned descendants (sandbox inits) as our children.
+
+    The spawn path forks an intermediate process that exits once the
+    sandbox init exists; with this flag the init is re-parented to us, so we
+    can ``waitid`` on its pidfd and learn its exit status.
+    """
+    if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise _fail("prctl(PR_SET_CHILD_SUBREAPER)")

@@ -1,0 +1,324 @@
+"""Creating, waiting for and destroying one sandbox: the synchronous core.
+
+This is the library path every front end uses: ``corral run`` calls it
+directly; the supervisor calls the same code with a keeper as spawner.
+
+Layout on disk::
+
+    STATE_DIR/rootfs/busybox/            the cached read-only base
+    STATE_DIR/sandboxes/NAME/upper       the sandbox's private writable layer
+    STATE_DIR/sandboxes/NAME/work        overlayfs work directory
+    STATE_DIR/sandboxes/NAME/merged      mount point of the overlay (mounted
+                                         only inside the sandbox's mount
+                                         namespace, so it can never leak)
+    RUN_DIR/sandboxes/NAME.json          pid and cgroup of a live sandbox
+
+Every step of :meth:`Runtime.create` registers its undo; a failure at any
+step undoes the ones before, so nothing half-made is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
+
+from ._errors import (
+    CgroupError,
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    CorralError,
+    NotPermittedError,
+    SandboxError,
+    SandboxExistsError,
+    SpecError,
+)
+from ._linux import _syscalls
+from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
+from ._linux._child import LaunchConfig
+from ._linux._spawn import Spawned, SpawnFailed, spawn_direct
+from ._spec import SandboxSpec
+
+__all__ = [
+    "DEFAULT_RUN_DIR",
+    "DEFAULT_STATE_DIR",
+    "Runtime",
+    "Sandbox",
+    "SandboxExit",
+    "find_init_binary",
+]
+
+DEFAULT_STATE_DIR = "/var/lib/corral"
+DEFAULT_RUN_DIR = "/run/corral"
+INIT_CANDIDATES = ("/usr/bin/tini-static", "/usr/sbin/tini-static", "/sbin/tini-static")
+
+Spawner = Callable[[LaunchConfig, tuple[int, int, int]], Spawned]
+"""How a sandbox's process tree is started: :func:`spawn_direct` or a keeper."""
+
+
+def find_init_binary() -> str:
+    """The static tini that runs as PID 1 in every sandbox."""
+    for c in (*INIT_CANDIDATES, shutil.which("tini-static")):
+        if c and os.path.isfile(c):
+            if not is_static_elf(c):
+                raise SandboxError(f"{c} is not statically linked; it cannot run in a sandbox")
+            return c
+    raise SandboxError(
+        "tini-static not found: install Debian's tini package (apt-get install tini)"
+    )
+
+
+@dataclass(frozen=True)
+class SandboxExit:
+    """How a sandbox ended."""
+
+    status: int
+    """Shell-style status: the exit code, or 128+N after signal N."""
+    exit_code: int | None
+    """The init's exit code (tini passes on the command's), if it exited."""
+    signal: int | None
+    """The signal that killed the init, if one did."""
+    oom_killed: bool
+    """True if the kernel's OOM killer killed a process of the sandbox."""
+    stats: CgroupStats | None
+    """The cgroup's counters right after the init ended (before removal)."""
+    duration: float
+    """Seconds from the init's exec to its end."""
+
+
+class Sandbox:
+    """A running (or ended, not yet destroyed) sandbox.
+
+    Use as a context manager, or call :meth:`destroy`, to remove its cgroup
+    and writable layer.
+    """
+
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        spawned: Spawned,
+        cgroup: Cgroup,
+        state_path: Path,
+        cleanup: contextlib.ExitStack,
+    ) -> None:
+        self.spec = spec
+        self.pid = spawned.pid
+        self.pidfd = spawned.pidfd
+        self.cgroup = cgroup
+        self.state_path = state_path
+        self.started = time.monotonic()
+        self._cleanup = cleanup
+        self._exit: SandboxExit | None = None
+        self._destroyed = False
+
+    @property
+    def name(self) -> str:
+        """The sandbox's name."""
+        return self.spec.name
+
+    @property
+    def exit(self) -> SandboxExit | None:
+        """How it ended, once :meth:`wait` or :meth:`poll` has seen it end."""
+        return self._exit
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the sandbox's init (tini forwards it to the command).
+
+        Goes through the pidfd, so it can never hit a recycled PID.
+        """
+        if self._exit is not None:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the init; the kernel then kills the whole PID namespace."""
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self) -> SandboxExit:
+        """Block until the init has exited; return how it ended."""
+        while self._exit is None:
+            info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+            if info is not None:
+                self._finish(info)
+        return self._exit
+
+    def poll(self) -> SandboxExit | None:
+        """Return how it ended if the init has exited, without blocking."""
+        if self._exit is None:
+            info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
+            if info is not None and info.si_pid:
+                self._finish(info)
+        return self._exit
+
+    def _finish(self, info: os.waitid_result) -> None:
+        if info.si_code == os.CLD_EXITED:
+            code, sig = info.si_status, None
+            status = code
+        else:
+            code, sig = None, info.si_status
+            status = 128 + sig
+        try:
+            stats: CgroupStats | None = self.cgroup.stats()
+        except (CgroupError, OSError):
+            stats = None
+        self._exit = SandboxExit(
+            status=status,
+            exit_code=code,
+            signal=sig,
+            oom_killed=bool(stats and stats.oom_kill > 0),
+            stats=stats,
+            duration=time.monotonic() - self.started,
+        )
+
+    def destroy(self) -> None:
+        """Kill it if still running, reap it, remove its cgroup and layers.
+
+        Idempotent. Cleanup errors are collected and the first is raised
+        after every step has been tried.
+        """
+        if self._destroyed:
+            return
+        self._destroyed = True
+        try:
+            if self._exit is None:
+                self.kill()
+                self.wait()
+        finally:
+            try:
+                self._cleanup.close()
+            finally:
+                os.close(self.pidfd)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+class Runtime:
+    """Makes sandboxes on this host.
+
+    *state_dir* holds rootfs caches and writable layers; *run_dir* the
+    records of live sandboxes. Both default to ``$CORRAL_STATE_DIR`` /
+    ``$CORRAL_RUN_DIR`` or ``/var/lib/corral`` / ``/run/corral``.
+    *cgroup_parent* is a cgroup path (``/corral``); by default sandbox
+    cgroups go below this process's own cgroup. *spawner* is how process
+    trees are started: the default forks from this process, which must then
+    be single-threaded; a multi-threaded program passes a keeper's spawn.
+    """
+
+    def __init__(
+        self,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        cgroup_root: str = "/sys/fs/cgroup",
+        cgroup_parent: str | None = None,
+        spawner: Spawner | None = None,
+    ) -> None:
+        if os.geteuid() != 0:
+            raise NotPermittedError(
+                "corral must run as root: sandboxes need namespaces, mounts and cgroups"
+            )
+        self.state_dir = Path(state_dir or os.environ.get("CORRAL_STATE_DIR") or DEFAULT_STATE_DIR)
+        self.run_dir = Path(run_dir or os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR)
+        try:
+            for d in (self.state_dir / "sandboxes", self.run_dir / "sandboxes"):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CorralError(f"cannot create {exc.filename}: {exc.strerror}") from exc
+        self.cgroups: Cgroups = open_cgroups(cgroup_root, cgroup_parent)
+        self.init_binary = find_init_binary()
+        self._spawn: Spawner = spawner or spawn_direct
+        # Inits are orphaned by the intermediate spawn process; keep them.
+        _syscalls.set_child_subreaper()
+
+    def resolve_rootfs(self, rootfs: str) -> str:
+        """The lower directory for a built-in base name or a rootfs path."""
+        try:
+            if rootfs in BUILTIN_BASES:
+                path = str(ensure_busybox(self.state_dir / "rootfs"))
+            else:
+                path = os.path.realpath(rootfs)
+                if not os.path.isdir(path):
+                    raise SpecError(
+                        "rootfs",
+                        f"expected {' or '.join(map(repr, BUILTIN_BASES))} or a directory,"
+                        f" got {rootfs!r} (no such directory)",
+                    )
+        except RootfsError as exc:
+            raise SandboxError(f"rootfs: {exc}") from exc
+        if any(c in path for c in ",:\n"):
+            raise SpecError(
+                "rootfs", f"the path cannot contain ',' or ':' (overlayfs), got {path!r}"
+            )
+        return path
+
+    def create(self, spec: SandboxSpec, *, stdio: tuple[int, int, int] = (0, 1, 2)) -> Sandbox:
+        """Create and start a sandbox; return once its command has been exec'd.
+
+        Raises :class:`~supervisor.SandboxError` (or a subclass) with
+        nothing left behind if any step fails.
+        """
+        lower = self.resolve_rootfs(spec.rootfs)
+        sdir = self.state_dir / "sandboxes" / spec.name
+        record = self.run_dir / "sandboxes" / f"{spec.name}.json"
+        with contextlib.ExitStack() as undo:
+            try:
+                sdir.mkdir(mode=0o700)
+            except FileExistsError:
+                raise SandboxExistsError(
+                    f"sandbox name {spec.name!r} is in use ({sdir} exists)"
+                ) from None
+            undo.callback(shutil.rmtree, sdir, ignore_errors=True)
+            for sub in ("upper", "work", "merged"):
+                (sdir / sub).mkdir(mode=0o755)
+            cgroup = self.cgroups.create(f"corral-{spec.name}", spec.limits)
+            undo.callback(cgroup.remove)
+            cfg = LaunchConfig(
+                argv=list(spec.argv),
+                env=spec.environment(),
+                hostname=spec.effective_hostname,
+                workdir=spec.workdir,
+                lowerdir=lower,
+                upperdir=str(sdir / "upper"),
+                workdir_overlay=str(sdir / "work"),
+                merged=str(sdir / "merged"),
+                init_binary=self.init_binary,
+                cgroup_procs=list(cgroup.procs_files()),
+            )
+            try:
+                spawned = self._spawn(cfg, stdio)
+            except SpawnFailed as exc:
+                if exc.pidfd is not None:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitid(os.P_PIDFD, exc.pidfd, os.WEXITED)
+                    os.close(exc.pidfd)
+                raise _translate(spec.name, exc) from None
+            record.write_text(
+                json.dumps({"name": spec.name, "pid": spawned.pid, "cgroup": list(cgroup.paths)})
+            )
+            undo.callback(record.unlink, missing_ok=True)
+            return Sandbox(spec, spawned, cgroup, sdir, undo.pop_all())
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _translate(name: str, exc: SpawnFailed) -> SandboxError:
+    f = exc.failure
+    if f.kind == "notfound":
+        return CommandNotFoundError(f"sandbox {name!r}: {f.message}")
+    if f.kind == "noexec":
+        return CommandNotExecutableError(f"sandbox {name!r}: {f.message}")
+    return SandboxError(f"sandbox {name!r}: {f.step}: {f.message}")

@@ -1,0 +1,169 @@
+"""What a sandbox is: its command, root file system, limits and environment.
+
+The spec is plain, frozen data. Parsing of user text (``64M``, ``0.5``,
+``K=V``) happens here, once, with errors that name the field; everything
+below the spec may assume it is valid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ._errors import SpecError
+
+__all__ = [
+    "DEFAULT_PATH",
+    "Limits",
+    "SandboxSpec",
+    "parse_cpus",
+    "parse_env",
+    "parse_pids",
+    "parse_size",
+    "validate_name",
+]
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Below this a sandbox cannot even start its init; the kernel would OOM-kill
+# it at once and the user would see a confusing exit 137.
+MIN_MEMORY = 4 << 20
+
+
+def parse_size(value: str | int, field: str = "memory") -> int:
+    """Parse a byte size: ``64M``, ``1g``, ``512k``, ``1.5G`` or a plain number.
+
+    Units are binary (``1M`` = 1 MiB), as in Docker.
+    """
+    if isinstance(value, bool):
+        raise SpecError(field, f"expected a size like 64M or 1G, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise SpecError(field, f"expected a size like 64M or 1G, got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < MIN_MEMORY:
+        raise SpecError(field, f"expected at least 4M, got {value!r}")
+    return n
+
+
+def parse_cpus(value: str | float, field: str = "cpus") -> float:
+    """Parse a CPU quota in CPUs: ``0.5`` is half of one CPU."""
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        n = float("nan")
+    if isinstance(value, bool) or not n > 0 or n == float("inf"):
+        raise SpecError(field, f"expected a positive number of CPUs like 0.5, got {value!r}")
+    if n < 0.01:
+        raise SpecError(field, f"expected at least 0.01 CPUs, got {value!r}")
+    ncpu = os.cpu_count() or 1
+    if n > ncpu:
+        raise SpecError(field, f"expected at most {ncpu} (the CPUs of this machine), got {value!r}")
+    return n
+
+
+def parse_pids(value: str | int, field: str = "pids") -> int:
+    """Parse a maximum number of tasks (processes and threads)."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if isinstance(value, bool) or n < 2:
+        # One for the init and one for the command at the very least.
+        raise SpecError(field, f"expected a whole number of tasks >= 2, got {value!r}")
+    return n
+
+
+def parse_env(items: Sequence[str], field: str = "env") -> dict[str, str]:
+    """Parse ``K=V`` items into a mapping (later items win)."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not _ENV_KEY_RE.match(key) or "\0" in val:
+            raise SpecError(field, f"expected KEY=VALUE, got {item!r}")
+        env[key] = val
+    return env
+
+
+def validate_name(name: str, field: str = "name") -> str:
+    """A sandbox name: letters, digits, ``_ . -``, at most 63 characters."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise SpecError(
+            field,
+            f"expected 1-63 letters, digits, '_', '.' or '-' starting with a letter or digit,"
+            f" got {name!r}",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits enforced through the sandbox's cgroup.
+
+    ``None`` means unlimited. Swap is never allowed to hide a memory
+    overrun: the limit covers memory and swap together.
+    """
+
+    memory: int | None = None
+    """Bytes of memory (and memory+swap)."""
+    cpus: float | None = None
+    """CPU quota in CPUs (0.5 = half a CPU), enforced per 100 ms period."""
+    pids: int | None = None
+    """Maximum number of tasks."""
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything needed to create one sandbox."""
+
+    name: str
+    argv: tuple[str, ...]
+    rootfs: str = "busybox"
+    """A built-in base name (``busybox``) or a directory to use as the lower layer."""
+    hostname: str | None = None
+    """Defaults to the sandbox name (cut to a valid host name)."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    limits: Limits = Limits()
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not self.argv or not self.argv[0]:
+            raise SpecError("command", "expected a command to run, got nothing")
+        if any("\0" in a for a in self.argv):
+            raise SpecError("command", "arguments cannot contain NUL bytes")
+        if self.hostname is not None and not _HOSTNAME_RE.match(self.hostname):
+            raise SpecError(
+                "hostname",
+                f"expected a host name like 'web-1' (letters, digits, '-'), got {self.hostname!r}",
+            )
+        if not self.workdir.startswith("/") or "\0" in self.workdir:
+            raise SpecError("workdir", f"expected an absolute path, got {self.workdir!r}")
+        for key in self.env:
+            if not _ENV_KEY_RE.match(key):
+                raise SpecError("env", f"expected KEY=VALUE, got key {key!r}")
+
+    @property
+    def effective_hostname(self) -> str:
+        """The host name the sandbox sees."""
+        if self.hostname:
+            return self.hostname
+        h = re.sub(r"[^A-Za-z0-9-]", "-", self.name)[:63].strip("-")
+        return h or "sandbox"
+
+    def environment(self) -> dict[str, str]:
+        """The command's environment: sane defaults overridden by ``env``."""
+        env = {"PATH": DEFAULT_PATH, "HOSTNAME": self.effective_hostname, "HOME": "/root"}
+        env.update(self.env)
+        return env

@@ -1,0 +1,143 @@
+"""Fixtures for tests against the real kernel.
+
+Every test gets its own state and run directories and is checked afterwards
+for leftovers: cgroups named ``corral-*`` below the parents the runtime
+uses, sandbox directories, records, mounts and child processes. A test that
+leaks fails even if its assertions passed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from supervisor import Runtime
+from supervisor._linux._cgroups import V1Cgroups, V2Cgroups
+
+REPO = Path(__file__).resolve().parent.parent
+
+requires_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: sandboxes use namespaces, mounts and cgroups"
+)
+
+
+def _scratch_base() -> str:
+    # In the VM lane the runner points this at a tmpfs: overlayfs cannot use
+    # the 9p-shared file system as an upper layer.
+    return os.environ.get("CORRAL_TEST_TMP") or tempfile.gettempdir()
+
+
+@dataclass
+class Dirs:
+    """A test's private state and run directories."""
+
+    state: Path
+    run: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a ``corral`` subprocess using these directories."""
+        env = dict(os.environ)
+        env["CORRAL_STATE_DIR"] = str(self.state)
+        env["CORRAL_RUN_DIR"] = str(self.run)
+        return env
+
+
+@pytest.fixture(scope="session")
+def rootfs_cache() -> Iterator[Path]:
+    """One busybox base for the whole session (built once, ~100 ms)."""
+    d = Path(tempfile.mkdtemp(prefix="corral-test-cache-", dir=_scratch_base()))
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+def _cgroup_leftovers(parents: Sequence[str]) -> list[str]:
+    out = []
+    for p in parents:
+        try:
+            out += [os.path.join(p, n) for n in os.listdir(p) if n.startswith("corral-")]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def _cgroup_parents(rt: Runtime) -> list[str]:
+    cg = rt.cgroups
+    if isinstance(cg, V2Cgroups):
+        return [cg.parent]
+    if isinstance(cg, V1Cgroups):
+        return list(dict.fromkeys(cg._parents.values()))
+    return []
+
+
+@pytest.fixture
+def dirs(rootfs_cache: Path) -> Iterator[Dirs]:
+    """Private state/run directories, checked for leftovers afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="corral-test-", dir=_scratch_base()))
+    state, run = base / "state", base / "run"
+    state.mkdir()
+    run.mkdir()
+    # Share the session's busybox base instead of rebuilding it per test.
+    (state / "rootfs").symlink_to(rootfs_cache)
+    probe = Runtime(state_dir=state, run_dir=run) if os.geteuid() == 0 else None
+    before = set(_cgroup_leftovers(_cgroup_parents(probe))) if probe else set()
+    try:
+        yield Dirs(state, run)
+        if probe is None:
+            return
+        leftovers = {
+            "cgroups": sorted(set(_cgroup_leftovers(_cgroup_parents(probe))) - before),
+            "sandbox dirs": sorted(os.listdir(state / "sandboxes")),
+            "records": sorted(os.listdir(run / "sandboxes")),
+            "mounts": [
+                line
+                for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if str(base) in line
+            ],
+        }
+        leaked = {k: v for k, v in leftovers.items() if v}
+        assert not leaked, f"the test left things behind: {leaked}"
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+@pytest.fixture
+def runtime(dirs: Dirs) -> Runtime:
+    """A Runtime on the test's private directories."""
+    return Runtime(state_dir=dirs.state, run_dir=dirs.run)
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_children() -> Iterator[None]:
+    """No test may leave a child process (a sandbox init) unreaped."""
+    yield
+    try:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return
+    assert pid == 0, f"an unreaped child process {pid} was left (status {status})"
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    assert not children, f"child processes left running: {children}"
+
+
+def corral(
+    dirs: Dirs, *args: str, input: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the ``corral`` CLI as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args],
+        env=dirs.env,
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )

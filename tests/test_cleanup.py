@@ -1,0 +1,77 @@
+"""Nothing is left behind: cgroups, mounts, layers, records, processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from supervisor import CommandNotFoundError, Limits, Runtime, SandboxError, SandboxSpec
+
+from .conftest import Dirs, requires_root
+
+pytestmark = [requires_root, pytest.mark.layout]
+
+
+def test_hundred_sandboxes_leave_nothing(runtime: Runtime, dirs: Dirs) -> None:
+    """After 100 sandboxes (ok, failing, not found, killed, OOM) nothing is left.
+
+    The ``dirs`` fixture then checks cgroups, layers, records and mounts; the
+    autouse fixture checks for unreaped children.
+    """
+    outcomes: dict[str, int] = {}
+    for i in range(100):
+        kind = ("ok", "fail", "notfound", "killed", "oom")[i % 5]
+        argv = {
+            "ok": ("true",),
+            "fail": ("sh", "-c", "exit 3"),
+            "notfound": ("no-such-command",),
+            "killed": ("sleep", "60"),
+            "oom": ("sh", "-c", "x=a; while :; do x=$x$x; done"),
+        }[kind]
+        limits = Limits(memory=16 << 20, pids=32, cpus=1)
+        spec = SandboxSpec(name=f"c{i}", argv=argv, limits=limits)
+        try:
+            sb = runtime.create(spec, stdio=(0, 2, 2))
+        except CommandNotFoundError:
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+            continue
+        with sb:
+            if kind == "killed":
+                sb.send_signal(signal.SIGKILL)
+            status = sb.wait().status
+        assert status == {"ok": 0, "fail": 3, "killed": 137, "oom": 137}[kind], kind
+        outcomes[kind] = outcomes.get(kind, 0) + 1
+    assert outcomes == {"ok": 20, "fail": 20, "notfound": 20, "killed": 20, "oom": 20}
+    assert os.listdir(dirs.state / "sandboxes") == []
+
+
+def test_failed_setup_leaves_nothing(runtime: Runtime, dirs: Dirs, tmp_path: Path) -> None:
+    """A rootfs without a shell or a bad workdir fails cleanly, nothing half-made."""
+    empty = tmp_path / "emptyroot"
+    empty.mkdir()
+    with pytest.raises(CommandNotFoundError):
+        runtime.create(SandboxSpec(name="empty", argv=("sh",), rootfs=str(empty)))
+    with pytest.raises(SandboxError, match="workdir '/nope' is not a directory"):
+        runtime.create(SandboxSpec(name="wd", argv=("true",), workdir="/nope"))
+
+
+def test_rootfs_with_symlinked_proc_is_refused(runtime: Runtime, tmp_path: Path) -> None:
+    """A rootfs whose /proc is a symlink (pointing at the host) is refused."""
+    root = tmp_path / "evil"
+    root.mkdir()
+    (root / "proc").symlink_to("/tmp")
+    with pytest.raises(SandboxError, match="/proc in the rootfs is not a directory"):
+        runtime.create(SandboxSpec(name="evil", argv=("true",), rootfs=str(root)))
+
+
+def test_destroy_kills_a_running_sandbox(runtime: Runtime) -> None:
+    """destroy() on a running sandbox kills every process and removes the cgroup."""
+    spec = SandboxSpec(name="busy", argv=("sh", "-c", "sleep 100 & sleep 100 & wait"))
+    sb = runtime.create(spec, stdio=(0, 2, 2))
+    paths = sb.cgroup.paths
+    sb.destroy()
+    assert sb.exit is not None and sb.exit.signal == signal.SIGKILL
+    assert not any(os.path.exists(p) for p in paths)

@@ -1,0 +1,172 @@
+"""``corral run`` as a user types it: exit statuses, signals, errors, stdio."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import Dirs, corral, requires_root
+
+pytestmark = requires_root
+
+
+def test_run_passes_stdout_stderr_and_status(dirs: Dirs) -> None:
+    """stdout/stderr reach the caller and the status is the command's."""
+    p = corral(dirs, "run", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (p.returncode, p.stdout, p.stderr) == (3, b"out\n", b"err\n")
+
+
+def test_run_passes_stdin(dirs: Dirs) -> None:
+    """stdin is passed through to the command."""
+    p = corral(dirs, "run", "--", "tr", "a-z", "A-Z", input=b"hello\n")
+    assert (p.returncode, p.stdout) == (0, b"HELLO\n")
+
+
+def test_killed_by_signal_is_128_plus_n(dirs: Dirs) -> None:
+    """A command killed by signal N gives 128+N."""
+    p = corral(dirs, "run", "--", "sh", "-c", "kill -USR1 $$")
+    assert p.returncode == 128 + signal.SIGUSR1
+
+
+@pytest.mark.layout
+def test_oom_kill_is_137_with_a_message(dirs: Dirs) -> None:
+    """An OOM-killed sandbox exits 137 and corral says it was OOM-killed, in one line."""
+    p = corral(dirs, "run", "--memory", "32M", "--", "sh", "-c", "x=a; while :; do x=$x$x; done")
+    assert p.returncode == 137
+    assert p.stderr.decode().count("\n") == 1
+    assert "OOM-killed" in p.stderr.decode() and "32M" in p.stderr.decode()
+
+
+def test_sigterm_reaches_the_command_through_pid_1(dirs: Dirs) -> None:
+    """SIGTERM to `corral run` is forwarded by tini to the command, which handles it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", "--", "sh", "-c",
+         "trap 'echo got-term; exit 42' TERM; echo ready; while :; do usleep 10000; done"],
+        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == 42, err
+    assert out == b"got-term\n"
+
+
+def test_sigterm_default_action_gives_143(dirs: Dirs) -> None:
+    """A command without a TERM handler dies of the forwarded SIGTERM: 143."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", "--", "sh", "-c", "echo ready; exec sleep 100"],
+        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == 143
+
+
+def one_line_error(p: subprocess.CompletedProcess[bytes]) -> str:
+    err = p.stderr.decode()
+    assert "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.startswith("corral: "), err
+    return err
+
+
+def test_unknown_command_is_127_with_a_clear_message(dirs: Dirs) -> None:
+    """A command that does not exist in the sandbox: 127 and 'command not found'."""
+    p = corral(dirs, "run", "--", "no-such-command", "arg")
+    assert p.returncode == 127
+    assert "'no-such-command': command not found" in one_line_error(p)
+
+
+def test_non_executable_command_is_126(dirs: Dirs) -> None:
+    """A command that exists but is not executable: 126."""
+    p = corral(dirs, "run", "--", "/etc/passwd")
+    assert p.returncode == 126
+    assert "not an executable" in one_line_error(p)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--memory", "12Q"], "--memory: expected a size like 64M or 1G, got '12Q'"),
+        (["--cpus", "-1"], "--cpus: expected a positive number of CPUs like 0.5, got '-1'"),
+        (["--pids", "lots"], "--pids: expected a whole number of tasks >= 2, got 'lots'"),
+        (
+            ["--rootfs", "/no/such/rootfs"],
+            "rootfs: expected 'busybox' or a directory, got '/no/such/rootfs'",
+        ),
+        (["--name", "bad name"], "--name: expected 1-63 letters"),
+        (["--env", "NOEQUALS"], "--env: expected KEY=VALUE, got 'NOEQUALS'"),
+        (["--workdir", "/no/such/dir"], "workdir '/no/such/dir' is not a directory in the sandbox"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_125(dirs: Dirs, args: list[str], expected: str) -> None:
+    """Bad options give one line naming the option and what was expected, status 125."""
+    p = corral(dirs, "run", *args, "--", "true")
+    assert p.returncode == 125
+    assert expected in one_line_error(p)
+
+
+def test_missing_command_is_an_error(dirs: Dirs) -> None:
+    """`corral run` without a command says what it expected."""
+    p = corral(dirs, "run")
+    assert p.returncode == 125
+    assert "expected a command" in one_line_error(p)
+
+
+def test_duplicate_name_is_refused(dirs: Dirs) -> None:
+    """A name in use is refused without touching the running sandbox."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", "--name", "twin", "--",
+         "sh", "-c", "echo ready; read x"],
+        env=dirs.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        p = corral(dirs, "run", "--name", "twin", "--", "true")
+        assert p.returncode == 125
+        assert "sandbox name 'twin' is in use" in one_line_error(p)
+        proc.communicate(b"go\n", timeout=20)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_not_root_is_refused(dirs: Dirs) -> None:
+    """Run as an unprivileged user, corral says it needs root (one line, 125)."""
+    p = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-m", "supervisor", "run", "--", "true"],
+        env={**dirs.env, "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True, timeout=60, check=False, cwd="/",
+    )  # fmt: skip
+    assert p.returncode == 125, p.stderr
+    assert "must run as root" in one_line_error(p)
+
+
+def test_run_does_not_import_trio_or_pyroute2(dirs: Dirs) -> None:
+    """`corral run` does not pay for importing trio or pyroute2 (~180 ms each)."""
+    p = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "supervisor", "run", "--", "echo", "ran"],
+        capture_output=True, check=False, env=dirs.env,
+    )  # fmt: skip
+    assert p.stdout == b"ran\n"
+    imported = {line.split("|")[-1].strip() for line in p.stderr.decode().splitlines()}
+    assert "trio" not in imported and "pyroute2" not in imported
