@@ -14,13 +14,8 @@ nsswitch.conf) and the host's localtime.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import struct
-import subprocess
-import tempfile
-from pathlib import Path
 
 from ._errors import RootfsError
 
@@ -91,35 +86,46 @@ def _find_busybox() -> str:
     raise RootfsError("no busybox found on the host (apt-get install busybox-static)")
 
 
-def ensure_busybox(cache_dir: str | os.PathLike[str]) -> Path:
-    """Return the cached busybox base, building it first if needed."""
-    cache = Path(cache_dir)
-    dest = cache / "busybox"
-    if (dest / _MANIFEST).is_file():
+def ensure_busybox(cache_dir: str | os.PathLike[str]) -> str:
+    """Return the path of the cached busybox base, building it first if needed."""
+    dest = os.path.join(os.fspath(cache_dir), "busybox")
+    # The fast path is one stat: it runs on every sandbox start.
+    if os.path.isfile(os.path.join(dest, _MANIFEST)):
         return dest
+    _build_atomically(os.fspath(cache_dir), dest)
+    return dest
+
+
+def _build_atomically(cache: str, dest: str) -> None:
+    import shutil
+    import tempfile
+
     source = _find_busybox()
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".busybox.build-", dir=cache))
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".busybox.build-", dir=cache)
     try:
         _build(tmp, source)
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, dest)
         except OSError:
-            if not (dest / _MANIFEST).is_file():
+            if not os.path.isfile(os.path.join(dest, _MANIFEST)):
                 # A leftover without a manifest is a broken base: replace it.
                 shutil.rmtree(dest, ignore_errors=True)
                 os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
-        if tmp.exists():
+        # Reached with tmp still there on failure, interruption, or a lost race.
+        if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
-def _build(root: Path, source: str) -> None:
+def _build(tmp: str, source: str) -> None:
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(tmp)
     for d, mode in _DIRS.items():
         (root / d).mkdir(exist_ok=True)
         os.chmod(root / d, mode)

@@ -1,5 +1,5 @@
 """``python -m supervisor`` is the ``corral`` command."""
 
-from ._cli import main
+from ._cli import entry
 
-raise SystemExit(main())
+entry()

@@ -26,8 +26,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
 from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
 
@@ -66,8 +65,8 @@ Spawner = Callable[[LaunchConfig, tuple[int, int, int]], Spawned]
 
 def find_init_binary() -> str:
     """The static tini that runs as PID 1 in every sandbox."""
-    for c in (*INIT_CANDIDATES, shutil.which("tini-static")):
-        if c and os.path.isfile(c):
+    for c in INIT_CANDIDATES:
+        if os.path.isfile(c):
             if not is_static_elf(c):
                 raise SandboxError(f"{c} is not statically linked; it cannot run in a sandbox")
             return c
@@ -76,8 +75,7 @@ def find_init_binary() -> str:
     )
 
 
-@dataclass(frozen=True)
-class SandboxExit:
+class SandboxExit(NamedTuple):
     """How a sandbox ended."""
 
     status: int
@@ -106,7 +104,7 @@ class Sandbox:
         spec: SandboxSpec,
         spawned: Spawned,
         cgroup: Cgroup,
-        state_path: Path,
+        state_path: str,
         cleanup: contextlib.ExitStack,
     ) -> None:
         self.spec = spec
@@ -232,11 +230,13 @@ class Runtime:
             raise NotPermittedError(
                 "corral must run as root: sandboxes need namespaces, mounts and cgroups"
             )
-        self.state_dir = Path(state_dir or os.environ.get("CORRAL_STATE_DIR") or DEFAULT_STATE_DIR)
-        self.run_dir = Path(run_dir or os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR)
+        self.state_dir = os.fspath(
+            state_dir or os.environ.get("CORRAL_STATE_DIR") or DEFAULT_STATE_DIR
+        )
+        self.run_dir = os.fspath(run_dir or os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR)
         try:
-            for d in (self.state_dir / "sandboxes", self.run_dir / "sandboxes"):
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for d in (self.state_dir, self.run_dir):
+                os.makedirs(os.path.join(d, "sandboxes"), mode=0o700, exist_ok=True)
         except OSError as exc:
             raise CorralError(f"cannot create {exc.filename}: {exc.strerror}") from exc
         self.cgroups: Cgroups = open_cgroups(cgroup_root, cgroup_parent)
@@ -249,7 +249,7 @@ class Runtime:
         """The lower directory for a built-in base name or a rootfs path."""
         try:
             if rootfs in BUILTIN_BASES:
-                path = str(ensure_busybox(self.state_dir / "rootfs"))
+                path = ensure_busybox(os.path.join(self.state_dir, "rootfs"))
             else:
                 path = os.path.realpath(rootfs)
                 if not os.path.isdir(path):
@@ -273,18 +273,18 @@ class Runtime:
         nothing left behind if any step fails.
         """
         lower = self.resolve_rootfs(spec.rootfs)
-        sdir = self.state_dir / "sandboxes" / spec.name
-        record = self.run_dir / "sandboxes" / f"{spec.name}.json"
+        sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
+        record = os.path.join(self.run_dir, "sandboxes", f"{spec.name}.json")
         with contextlib.ExitStack() as undo:
             try:
-                sdir.mkdir(mode=0o700)
+                os.mkdir(sdir, 0o700)
             except FileExistsError:
                 raise SandboxExistsError(
                     f"sandbox name {spec.name!r} is in use ({sdir} exists)"
                 ) from None
             undo.callback(shutil.rmtree, sdir, ignore_errors=True)
             for sub in ("upper", "work", "merged"):
-                (sdir / sub).mkdir(mode=0o755)
+                os.mkdir(os.path.join(sdir, sub), 0o755)
             cgroup = self.cgroups.create(f"corral-{spec.name}", spec.limits)
             undo.callback(cgroup.remove)
             cfg = LaunchConfig(
@@ -293,9 +293,9 @@ class Runtime:
                 hostname=spec.effective_hostname,
                 workdir=spec.workdir,
                 lowerdir=lower,
-                upperdir=str(sdir / "upper"),
-                workdir_overlay=str(sdir / "work"),
-                merged=str(sdir / "merged"),
+                upperdir=os.path.join(sdir, "upper"),
+                workdir_overlay=os.path.join(sdir, "work"),
+                merged=os.path.join(sdir, "merged"),
                 init_binary=self.init_binary,
                 cgroup_procs=list(cgroup.procs_files()),
             )
@@ -307,12 +307,18 @@ class Runtime:
                         os.waitid(os.P_PIDFD, exc.pidfd, os.WEXITED)
                     os.close(exc.pidfd)
                 raise _translate(spec.name, exc) from None
-            record.write_text(
-                json.dumps({"name": spec.name, "pid": spawned.pid, "cgroup": list(cgroup.paths)})
-            )
-            undo.callback(record.unlink, missing_ok=True)
+            with open(record, "w") as f:
+                json.dump({"name": spec.name, "pid": spawned.pid, "cgroup": list(cgroup.paths)}, f)
+            undo.callback(_unlink, record)
             return Sandbox(spec, spawned, cgroup, sdir, undo.pop_all())
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _translate(name: str, exc: SpawnFailed) -> SandboxError:

@@ -16,9 +16,9 @@ import errno
 import os
 import signal
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple
 
 from .._errors import CgroupError
 from .._spec import Limits
@@ -38,8 +38,7 @@ _V1_REQUIRED = ("memory", "cpu", "cpuacct", "pids")
 _V2_CONTROLLERS = ("memory", "cpu", "pids")
 
 
-@dataclass(frozen=True)
-class CgroupStats:
+class CgroupStats(NamedTuple):
     """Counters of one sandbox cgroup, read at one moment."""
 
     cpu_usage_ns: int
@@ -55,52 +54,52 @@ class CgroupStats:
     """How many processes the OOM killer killed in this cgroup."""
 
 
-class Cgroup(Protocol):
+class Cgroup(ABC):
     """One sandbox's cgroup (in each v1 hierarchy, or the one v2 directory)."""
 
     @property
+    @abstractmethod
     def name(self) -> str:
         """The directory name, unique on the host."""
-        ...
 
     @property
+    @abstractmethod
     def paths(self) -> tuple[str, ...]:
         """The cgroup's directories (several on v1, one on v2)."""
-        ...
 
+    @abstractmethod
     def procs_files(self) -> tuple[str, ...]:
-        """Files a process writes ``0`` to in order to join this cgroup."""
-        ...
+        """Files a single-threaded process writes ``0`` to in order to join."""
 
+    @abstractmethod
     def apply(self, limits: Limits) -> None:
         """Set the memory, CPU and pids limits; ``None`` leaves one unlimited."""
-        ...
 
+    @abstractmethod
     def stats(self) -> CgroupStats:
         """Read the counters now."""
-        ...
 
+    @abstractmethod
     def pids(self) -> list[int]:
         """The processes in the cgroup (host PIDs)."""
-        ...
 
+    @abstractmethod
     def kill(self) -> None:
         """SIGKILL every process in the cgroup, without racing new forks."""
-        ...
 
+    @abstractmethod
     def remove(self) -> None:
         """Remove the cgroup; kills what is left in it first."""
-        ...
 
 
-class Cgroups(Protocol):
+class Cgroups(ABC):
     """A cgroup backend: where and how sandbox cgroups are made."""
 
     layout: Literal["v1", "v2"]
 
+    @abstractmethod
     def create(self, name: str, limits: Limits) -> Cgroup:
         """Make a new cgroup for a sandbox, limits applied; fails if it exists."""
-        ...
 
 
 # -- small file helpers ------------------------------------------------------
@@ -237,7 +236,7 @@ def _freeze_and_kill(path: str, freezer: str | None) -> None:
 # -- cgroup v1 ---------------------------------------------------------------
 
 
-class V1Cgroup:
+class V1Cgroup(Cgroup):
     """A sandbox cgroup on cgroup v1: one directory per controller hierarchy."""
 
     def __init__(self, name: str, dirs: dict[str, str]) -> None:
@@ -254,7 +253,12 @@ class V1Cgroup:
         return self._paths
 
     def procs_files(self) -> tuple[str, ...]:
-        return tuple(os.path.join(p, "cgroup.procs") for p in self._paths)
+        # "tasks", not "cgroup.procs": writing "0" (the calling thread) to
+        # it skips the global cgroup_threadgroup_rwsem, whose write side
+        # waits for an RCU grace period: measured here 0.5 ms against 6-13
+        # ms per join. The joining spawn process is single-threaded, so
+        # moving its one thread moves the whole process.
+        return tuple(os.path.join(p, "tasks") for p in self._paths)
 
     def _f(self, controller: str, file: str) -> str:
         return os.path.join(self._dirs[controller], file)
@@ -307,7 +311,7 @@ class V1Cgroup:
             raise errors[0]
 
 
-class V1Cgroups:
+class V1Cgroups(Cgroups):
     """cgroup v1 (legacy or hybrid layout): one hierarchy per controller group."""
 
     layout: Literal["v1", "v2"] = "v1"
@@ -358,7 +362,7 @@ class V1Cgroups:
 # -- cgroup v2 ---------------------------------------------------------------
 
 
-class V2Cgroup:
+class V2Cgroup(Cgroup):
     """A sandbox cgroup in the unified (v2) hierarchy."""
 
     def __init__(self, name: str, path: str) -> None:
@@ -418,7 +422,7 @@ class V2Cgroup:
         _rmdir(self._path)
 
 
-class V2Cgroups:
+class V2Cgroups(Cgroups):
     """The unified hierarchy (cgroup v2)."""
 
     layout: Literal["v1", "v2"] = "v2"

@@ -30,8 +30,7 @@ import signal
 import socket
 import stat
 import struct
-from dataclasses import asdict, dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from . import _syscalls as sc
 
@@ -71,8 +70,7 @@ _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
+class LaunchConfig(NamedTuple):
     """Everything the children need, as plain data (it crosses to the keeper)."""
 
     argv: list[str]
@@ -88,7 +86,7 @@ class LaunchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for the keeper protocol."""
-        return asdict(self)
+        return self._asdict()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LaunchConfig:
@@ -96,8 +94,7 @@ class LaunchConfig:
         return cls(**d)
 
 
-@dataclass(frozen=True)
-class SetupFailure:
+class SetupFailure(NamedTuple):
     """A child's report that setting up the sandbox failed."""
 
     step: str
@@ -109,7 +106,7 @@ class SetupFailure:
 
 def encode_failure(f: SetupFailure) -> bytes:
     """Wire form of a failure report."""
-    return b"E" + json.dumps(asdict(f)).encode()
+    return b"E" + json.dumps(f._asdict()).encode()
 
 
 def decode_failure(data: bytes) -> SetupFailure:

@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Any
-
-import msgpack  # type: ignore[import-untyped]
+from typing import Any, NamedTuple
 
 from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
 
 __all__ = ["Keeper", "SpawnFailed", "Spawned", "collect", "spawn_direct"]
 
 
-@dataclass(frozen=True)
-class Spawned:
+class Spawned(NamedTuple):
     """A sandbox init that has exec'd: its host PID and a pidfd for it."""
 
     pid: int
@@ -115,6 +110,8 @@ class Keeper:
     """
 
     def __init__(self) -> None:
+        import subprocess
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             # subprocess forks and execs in C (posix_spawn / vfork): no
@@ -140,6 +137,8 @@ class Keeper:
 
         *stdio* are the file descriptors the sandbox gets as 0, 1 and 2.
         """
+        import msgpack  # type: ignore[import-untyped]
+
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with child:
             payload: dict[str, Any] = cfg.to_dict()
@@ -153,6 +152,8 @@ class Keeper:
 
     def close(self) -> None:
         """Stop the keeper (sandboxes it started keep running)."""
+        import subprocess
+
         self._sock.close()
         try:
             self._proc.wait(timeout=5)
@@ -169,6 +170,8 @@ class Keeper:
 
 def keeper_main(fd: int) -> None:
     """The keeper's loop: one request, one fork, until the socket closes."""
+    import msgpack
+
     ctl = socket.socket(fileno=fd)
     n = _threads()
     if n != 1:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 __all__ = [
     "CLONE_NEWCGROUP",
@@ -125,9 +124,10 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     """``pivot_root(2)``, through ``syscall`` as glibc has no wrapper."""
-    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    machine = os.uname().machine
+    nr = _SYS_PIVOT_ROOT.get(machine)
     if nr is None:
-        raise OSError(0, f"pivot_root: unsupported architecture {platform.machine()}")
+        raise OSError(0, f"pivot_root: unsupported architecture {machine}")
     if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
         raise _fail(f"pivot_root {new_root}", new_root)
 

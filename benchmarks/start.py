@@ -1,0 +1,130 @@
+"""Sandbox start-up: corral against runc (and LXC where installed), one run.
+
+Each sample is the full lifecycle of one ``/bin/true`` sandbox on the same
+busybox rootfs with the same limits (memory 64M, pids 64, CPU 0.5) and all
+namespaces including net: create, start, wait, delete. Measured, alternating
+so that noise hits every contender alike:
+
+(a) ``corral-lib``: the library path the supervisor uses, in a running
+    interpreter, spawning through the keeper fork server (what a fleet pays
+    per sandbox, as containerd pays one ``runc`` run per container);
+(b) ``corral-cli``: ``corral run -- /bin/true`` as a user types it,
+    interpreter start included;
+``runc``: ``runc run`` on an OCI bundle of the same rootfs (its default
+namespaces, including net); ``lxc``: ``lxc-execute`` (if installed).
+
+Usage (as root)::
+
+    .venv/bin/python benchmarks/start.py [--runs 50]
+
+The last two lines are exactly ``start_ratio_vs_runc: X.XX`` (a) and
+``cli_ratio_vs_runc: X.XX`` (b): median over median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peers import LxcPeer, RuncPeer
+
+from supervisor import Keeper, Limits, Runtime, SandboxSpec
+
+LIMITS = Limits(memory=64 << 20, pids=64, cpus=0.5)
+CLI_ARGS = ["--memory", "64M", "--pids", "64", "--cpus", "0.5", "--", "/bin/true"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=50, help="samples per contender")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-start-"))
+    state, run = scratch / "state", scratch / "run"
+    env = {**os.environ, "CORRAL_STATE_DIR": str(state), "CORRAL_RUN_DIR": str(run)}
+    keeper = Keeper()
+    peers: list[RuncPeer | LxcPeer] = []
+    try:
+        runtime = Runtime(state_dir=state, run_dir=run, spawner=keeper.spawn)
+        rootfs = runtime.resolve_rootfs("busybox")
+        null = os.open("/dev/null", os.O_RDWR)
+        counter = iter(range(10**9))
+
+        def corral_lib() -> float:
+            spec = SandboxSpec(name=f"b{next(counter)}", argv=("/bin/true",), limits=LIMITS)
+            t0 = time.perf_counter()
+            sb = runtime.create(spec, stdio=(null, null, null))
+            sb.wait()
+            sb.destroy()
+            return time.perf_counter() - t0
+
+        def corral_cli() -> float:
+            t0 = time.perf_counter()
+            p = subprocess.run(
+                [sys.executable, "-m", "supervisor", "run", *CLI_ARGS],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=False,
+            )
+            dt = time.perf_counter() - t0
+            if p.returncode != 0:
+                raise SystemExit(f"corral run failed ({p.returncode}): {p.stderr.decode()}")
+            return dt
+
+        contenders: dict[str, Callable[[], float]] = {
+            "corral-lib": corral_lib,
+            "corral-cli": corral_cli,
+        }
+        runc = RuncPeer(rootfs, scratch / "runc")
+        if RuncPeer.available(rootfs):
+            runc.setup()
+            peers.append(runc)
+            contenders["runc"] = runc.run_once
+        else:
+            raise SystemExit("runc is not available (apt-get install runc): no ratio possible")
+        if LxcPeer.available(rootfs):
+            lxc = LxcPeer(rootfs, scratch / "lxc")
+            lxc.setup()
+            peers.append(lxc)
+            contenders["lxc"] = lxc.run_once
+        else:
+            print("lxc: not installed or not working here; skipped", file=sys.stderr)
+
+        samples: dict[str, list[float]] = {k: [] for k in contenders}
+        for i in range(args.warmup + args.runs):
+            for name, fn in contenders.items():
+                dt = fn()
+                if i >= args.warmup:
+                    samples[name].append(dt)
+    finally:
+        for peer in peers:
+            peer.teardown()
+        keeper.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"{'contender':12} {'median ms':>10} {'p90 ms':>8} {'min ms':>8}   (n={args.runs})")
+    med = {}
+    for name, xs in samples.items():
+        xs.sort()
+        med[name] = statistics.median(xs)
+        p90 = xs[min(len(xs) - 1, int(0.9 * len(xs)))]
+        print(f"{name:12} {med[name] * 1e3:10.2f} {p90 * 1e3:8.2f} {xs[0] * 1e3:8.2f}")
+    if "lxc" in med:
+        print(f"lib_ratio_vs_lxc: {med['corral-lib'] / med['lxc']:.2f}")
+    print(f"start_ratio_vs_runc: {med['corral-lib'] / med['runc']:.2f}")
+    print(f"cli_ratio_vs_runc: {med['corral-cli'] / med['runc']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
