@@ -122,6 +122,10 @@ class Limits(NamedTuple):
     """Maximum number of tasks."""
 
 
+NO_LIMITS = Limits()
+"""The default: nothing limited."""
+
+
 class _SpecFields(NamedTuple):
     name: str
     argv: tuple[str, ...]
@@ -151,7 +155,7 @@ class SandboxSpec(_SpecFields):
         hostname: str | None = None,
         env: Mapping[str, str] | None = None,
         workdir: str = "/",
-        limits: Limits = Limits(),
+        limits: Limits = NO_LIMITS,
     ) -> SandboxSpec:
         validate_name(name)
         argv = tuple(argv)
