@@ -1,0 +1,76 @@
+# corral — developer and CI entry points. Run as root on Debian 12.
+#
+#   make demo      set everything up, then show the main job on the busybox rootfs
+#   make test      set everything up, then run both test lanes (host + VM)
+#   make bench     start-up benchmark against runc (and LXC)
+#   make lint      ruff + mypy --strict
+#
+# Setup is idempotent: apt packages, a venv in .venv, the package (editable).
+
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PKGS  := supervisor events plugins rootfs
+
+# Runtime needs: busybox-static (the built-in rootfs), tini (PID 1 in every
+# sandbox), python3-venv. The VM lane: QEMU and Debian's own kernel.
+APT_RUNTIME := busybox-static tini python3-venv python3-dev iproute2 util-linux procps
+APT_VM      := qemu-system-x86 linux-image-amd64
+APT_BENCH   := runc lxc
+
+.PHONY: setup setup-vm setup-bench demo test test-host test-vm lint bench clean
+
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing $$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+endef
+
+$(VENV)/.installed: pyproject.toml
+	$(call apt_install,$(APT_RUNTIME))
+	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' virtme-ng \
+	    --config-settings editable_mode=compat
+	touch $@
+
+# Byte-compile our packages: `corral run` is a one-shot command and should
+# not pay for compiling its modules (PYTHONDONTWRITEBYTECODE may be set).
+setup: $(VENV)/.installed
+	@$(PY) -m compileall -q $(PKGS)
+
+setup-vm: setup
+	$(call apt_install,$(APT_VM))
+
+setup-bench: setup
+	$(call apt_install,$(APT_BENCH))
+
+demo: setup
+	@bash examples/demo.sh
+
+test: setup-vm
+	$(MAKE) --no-print-directory test-host
+	$(MAKE) --no-print-directory test-vm
+
+test-host:
+	@echo "== host lane: $$(stat -fc %T /sys/fs/cgroup | sed 's/tmpfs/cgroup v1 (hybrid)/;s/cgroup2fs/cgroup v2/') =="
+	$(PY) -m pytest -q -p no:cacheprovider
+
+# Everything that depends on the cgroup layout or a kernel feature, again on
+# Debian 12's own kernel with pure cgroup v2 (see tests/vm/run).
+test-vm:
+	@echo "== VM lane: Debian kernel, cgroup v2 =="
+	tests/vm/run -- $(PY) -m pytest -q -p no:cacheprovider -m layout
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup-bench
+	$(PY) benchmarks/start.py --runs 50
+
+clean:
+	rm -rf $(VENV) build *.egg-info
