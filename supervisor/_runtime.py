@@ -116,6 +116,7 @@ class Sandbox:
         self._cleanup = cleanup
         self._exit: SandboxExit | None = None
         self._destroyed = False
+        self._signals_ready = False
 
     @property
     def name(self) -> str:
@@ -134,10 +135,45 @@ class Sandbox:
         """
         if self._exit is not None:
             return
+        if sig not in (signal.SIGKILL, signal.SIGSTOP) and not self._signals_ready:
+            self._wait_signals_ready(sig)
         try:
             signal.pidfd_send_signal(self.pidfd, sig)
         except ProcessLookupError:
             pass
+
+    def _wait_signals_ready(self, sig: int) -> None:
+        """Wait until the init (tini) has blocked *sig* to collect it.
+
+        The kernel discards a signal sent to a PID namespace's init while
+        the init has no handler for it and does not block it; tini blocks
+        every signal first thing, but a signal sent in the microseconds
+        after exec would be lost (seen: a stop right after a start). The
+        mask cannot be set before exec: tini hands its initial mask on to
+        the command. tini blocks its signals before it forks the command,
+        so an init with a child is ready (its blocked mask cannot be read
+        instead: while tini sits in sigtimedwait the kernel shows the
+        waited-for signals as unblocked). A bounded wait, normally over at
+        the first look.
+        """
+        deadline = time.monotonic() + 1.0
+        bit = 1 << (sig - 1)
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{self.pid}/task/{self.pid}/children", "rb") as f:
+                    if f.read().strip():
+                        self._signals_ready = True
+                        return
+                with open(f"/proc/{self.pid}/status", "rb") as f:
+                    for line in f:
+                        if line.startswith(b"SigBlk:"):
+                            if int(line.split()[1], 16) & bit:
+                                self._signals_ready = True
+                                return
+                            break
+            except OSError:
+                return  # gone: nothing to wait for
+            time.sleep(0.0002)
 
     def kill(self) -> None:
         """SIGKILL the init; the kernel then kills the whole PID namespace."""
@@ -266,6 +302,31 @@ class Runtime:
             )
         return path
 
+    @staticmethod
+    def _stale(name: str, sdir: str, record: str) -> bool:
+        """True if the sandbox's directories are left over from a crash.
+
+        A live sandbox has a record whose init is still a process in the
+        sandbox's cgroup; a dead or recycled PID means stale. A sandbox that
+        is still being created has no record yet (it is written within
+        milliseconds), so a missing record means stale only after a minute.
+        """
+        try:
+            with open(record) as f:
+                pid = int(json.load(f)["pid"])
+        except FileNotFoundError:
+            try:
+                return time.time() - os.stat(sdir).st_mtime > 60
+            except OSError:
+                return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                return f"/corral-{name}" not in f.read()
+        except OSError:
+            return True
+
     def create(self, spec: SandboxSpec, *, stdio: tuple[int, int, int] = (0, 1, 2)) -> Sandbox:
         """Create and start a sandbox; return once its command has been exec'd.
 
@@ -279,9 +340,14 @@ class Runtime:
             try:
                 os.mkdir(sdir, 0o700)
             except FileExistsError:
-                raise SandboxExistsError(
-                    f"sandbox name {spec.name!r} is in use ({sdir} exists)"
-                ) from None
+                if not self._stale(spec.name, sdir, record):
+                    raise SandboxExistsError(
+                        f"sandbox name {spec.name!r} is in use ({sdir} exists)"
+                    ) from None
+                # Left by a crash (a killed `corral run`, a power cut): reuse.
+                shutil.rmtree(sdir, ignore_errors=True)
+                _unlink(record)
+                os.mkdir(sdir, 0o700)
             undo.callback(shutil.rmtree, sdir, ignore_errors=True)
             for sub in ("upper", "work", "merged"):
                 os.mkdir(os.path.join(sdir, sub), 0o755)

@@ -75,3 +75,22 @@ def test_destroy_kills_a_running_sandbox(runtime: Runtime) -> None:
     sb.destroy()
     assert sb.exit is not None and sb.exit.signal == signal.SIGKILL
     assert not any(os.path.exists(p) for p in paths)
+
+
+def test_leftovers_of_a_crash_are_taken_over(runtime: Runtime, dirs: Dirs) -> None:
+    """Directories, record and an empty cgroup left by a killed corral do not block the name."""
+    spec = SandboxSpec(name="phoenix", argv=("true",))
+    sb = runtime.create(spec, stdio=(0, 2, 2))
+    sb.wait()
+    # What a SIGKILLed `corral run` leaves: everything but the processes.
+    sb._destroyed = True
+    os.close(sb.pidfd)
+    with runtime.create(spec, stdio=(0, 2, 2)) as again:
+        assert again.wait().status == 0
+
+
+def test_a_live_sandbox_name_is_not_taken_over(runtime: Runtime) -> None:
+    """A name whose sandbox is running stays refused."""
+    with runtime.create(SandboxSpec(name="alive", argv=("sleep", "30")), stdio=(0, 2, 2)):
+        with pytest.raises(SandboxError, match="is in use"):
+            runtime.create(SandboxSpec(name="alive", argv=("true",)))

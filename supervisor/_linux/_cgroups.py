@@ -91,6 +91,32 @@ class Cgroup(ABC):
     def remove(self) -> None:
         """Remove the cgroup; kills what is left in it first."""
 
+    @abstractmethod
+    def open_oom_watch(self) -> OomWatch:
+        """A pollable descriptor that wakes when the cgroup's OOM counters change."""
+
+
+class OomWatch(ABC):
+    """Wakes up (``fd`` readable) when the kernel's OOM handling ran in a cgroup.
+
+    No polling: the descriptor is an inotify watch on ``memory.events`` (v2)
+    or an eventfd registered on ``memory.oom_control`` (v1). After a wake-up,
+    :meth:`read` drains it and returns the counters, which are what count:
+    a notification says only that something changed.
+    """
+
+    fd: int
+
+    @abstractmethod
+    def read(self) -> tuple[int, int]:
+        """Drain the descriptor; return (OOM events, OOM kills) so far."""
+
+    def close(self) -> None:
+        """Release the descriptor(s). Call before the cgroup is removed."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
 
 class Cgroups(ABC):
     """A cgroup backend: where and how sandbox cgroups are made."""
@@ -147,8 +173,18 @@ def _mkdir(path: str) -> None:
     try:
         os.mkdir(path)
     except FileExistsError as exc:
+        # An empty one is a leftover of a crash (ours, or the host's): take
+        # it over. One with processes belongs to a live sandbox.
+        try:
+            if not _pids_in(path):
+                os.rmdir(path)
+                os.mkdir(path)
+                return
+        except (OSError, CgroupError):
+            pass
         raise CgroupError(
-            f"cgroup {path} already exists (a sandbox of the same name run by another corral?)"
+            f"cgroup {path} already exists and has processes"
+            " (a sandbox of the same name run by another corral?)"
         ) from exc
     except OSError as exc:
         raise CgroupError(f"failed to create cgroup {path}: {exc.strerror}") from exc
@@ -233,6 +269,78 @@ def _freeze_and_kill(path: str, freezer: str | None) -> None:
         time.sleep(0.001)
 
 
+# -- OOM watches -------------------------------------------------------------
+
+
+class _V1OomWatch(OomWatch):
+    """cgroup v1: an eventfd registered through ``cgroup.event_control``.
+
+    The eventfd counts OOM notifications (it also fires once when the cgroup
+    is removed, which is why the watch is closed before removal). The
+    ``oom_kill`` line of ``memory.oom_control`` tells a kill from a near miss.
+    """
+
+    def __init__(self, memdir: str) -> None:
+        self._file = os.path.join(memdir, "memory.oom_control")
+        self._ooms = 0
+        self._kills = 0
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            ctl = os.open(self._file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _write(os.path.join(memdir, "cgroup.event_control"), f"{self.fd} {ctl}")
+            finally:
+                os.close(ctl)
+        except BaseException:
+            self.close()
+            raise
+        self.read()
+
+    def read(self) -> tuple[int, int]:
+        try:
+            self._ooms += os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        try:
+            self._kills = _keyed(self._file).get("oom_kill", self._kills)
+        except CgroupError:
+            pass  # the cgroup is gone: keep the last counters
+        return self._ooms, self._kills
+
+
+class _V2OomWatch(OomWatch):
+    """cgroup v2: inotify (IN_MODIFY) on ``memory.events``.
+
+    ``oom_kill`` is the counter that matters: ``oom`` can stay put when a
+    parent with the same limit is the one whose OOM killer ran.
+    """
+
+    def __init__(self, path: str) -> None:
+        from . import _syscalls
+
+        self._file = os.path.join(path, "memory.events")
+        self._last = (0, 0)
+        self.fd = _syscalls.inotify_init()
+        try:
+            _syscalls.inotify_add_watch(self.fd, self._file, _syscalls.IN_MODIFY)
+        except OSError as exc:
+            self.close()
+            raise CgroupError(f"cannot watch {self._file}: {exc.strerror}") from exc
+
+    def read(self) -> tuple[int, int]:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        try:
+            ev = _keyed(self._file)
+            self._last = (ev.get("oom", 0), ev.get("oom_kill", 0))
+        except CgroupError:
+            pass
+        return self._last
+
+
 # -- cgroup v1 ---------------------------------------------------------------
 
 
@@ -297,6 +405,9 @@ class V1Cgroup(Cgroup):
 
     def kill(self) -> None:
         _freeze_and_kill(self._dirs["memory"], self._dirs.get("freezer"))
+
+    def open_oom_watch(self) -> OomWatch:
+        return _V1OomWatch(self._dirs["memory"])
 
     def remove(self) -> None:
         if any(os.path.isdir(p) and _pids_in(p) for p in self._paths):
@@ -415,6 +526,9 @@ class V2Cgroup(Cgroup):
             _write(kill_file, "1")
             return
         _freeze_and_kill(self._path, None)
+
+    def open_oom_watch(self) -> OomWatch:
+        return _V2OomWatch(self._path)
 
     def remove(self) -> None:
         if os.path.isdir(self._path) and _pids_in(self._path):

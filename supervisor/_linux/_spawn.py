@@ -17,6 +17,7 @@ child.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from typing import Any, NamedTuple
@@ -47,6 +48,19 @@ class SpawnFailed(Exception):
         self.pidfd = pidfd
 
 
+def _recv_fds(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int, object]:
+    """``socket.recv_fds`` with every received descriptor close-on-exec.
+
+    Received descriptors are inheritable, and Python's recvmsg does not
+    honour MSG_CMSG_CLOEXEC; a report socket that survived the init's exec
+    would never give the end-of-file that means "exec'd".
+    """
+    msg, fds, flags, addr = socket.recv_fds(sock, size, maxfds)
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return msg, fds, flags, addr
+
+
 def _threads() -> int:
     with open("/proc/self/status", "rb") as f:
         for line in f:
@@ -57,7 +71,7 @@ def _threads() -> int:
 
 def collect(sock: socket.socket) -> Spawned:
     """Read the children's reports until the init has exec'd (blocking)."""
-    msg, fds, _, _ = socket.recv_fds(sock, 65536, 1)
+    msg, fds, _, _ = _recv_fds(sock, 65536, 1)
     if msg[:1] != b"P" or not fds:
         for fd in fds:
             os.close(fd)
@@ -120,6 +134,10 @@ class Keeper:
                 [sys.executable, "-m", "supervisor._linux._keeper", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C on the supervisor's terminal must
+                # reach the supervisor (which stops sandboxes gracefully),
+                # not the keeper and every sandbox directly.
+                start_new_session=True,
             )
         self._sock = ours
         msg = self._sock.recv(16)
@@ -176,10 +194,12 @@ def keeper_main(fd: int) -> None:
     n = _threads()
     if n != 1:
         raise SystemExit(f"corral keeper: expected one thread, found {n}")
+    # The supervisor decides when we stop: when it closes the socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctl.send(b"ready")
     while True:
         try:
-            msg, fds, _, _ = socket.recv_fds(ctl, 1 << 20, 4)
+            msg, fds, _, _ = _recv_fds(ctl, 1 << 20, 4)
         except OSError:
             return
         if not msg:

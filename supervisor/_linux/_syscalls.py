@@ -23,6 +23,7 @@ __all__ = [
     "CLONE_NEWNS",
     "CLONE_NEWPID",
     "CLONE_NEWUTS",
+    "IN_MODIFY",
     "MNT_DETACH",
     "MS_BIND",
     "MS_NODEV",
@@ -32,6 +33,8 @@ __all__ = [
     "MS_RDONLY",
     "MS_REC",
     "MS_REMOUNT",
+    "inotify_add_watch",
+    "inotify_init",
     "mount",
     "pivot_root",
     "set_child_subreaper",
@@ -74,6 +77,8 @@ _libc.mount.argtypes = [
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.prctl.argtypes = [
     ctypes.c_int,
     ctypes.c_ulong,
@@ -141,3 +146,24 @@ def set_child_subreaper() -> None:
     """
     if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+IN_MODIFY = 0x00000002
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+
+
+def inotify_init() -> int:
+    """A non-blocking, close-on-exec inotify descriptor (``inotify_init1(2)``)."""
+    fd = int(_libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
+    if fd < 0:
+        raise _fail("inotify_init1")
+    return fd
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    """Watch *path* for the events in *mask*; returns the watch descriptor."""
+    wd = int(_libc.inotify_add_watch(fd, os.fsencode(path), mask))
+    if wd < 0:
+        raise _fail(f"inotify_add_watch {path}", path)
+    return wd

@@ -1,0 +1,88 @@
+"""The keeper fork server: what a threaded supervisor spawns through."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+import pytest
+
+from supervisor import Keeper, Runtime, SandboxSpec
+
+from .conftest import Dirs, requires_root
+
+pytestmark = requires_root
+
+
+@pytest.fixture
+def keeper() -> Iterator[Keeper]:
+    k = Keeper()
+    try:
+        yield k
+    finally:
+        k.close()
+
+
+@pytest.fixture
+def alarm() -> Iterator[None]:
+    """Fail (instead of hanging the suite) if the test blocks for 20 s."""
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise TimeoutError("blocked for 20 s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_create_returns_while_the_command_runs(dirs: Dirs, keeper: Keeper, alarm: None) -> None:
+    """create() through the keeper returns once exec'd, not when the command ends."""
+    rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+    r, w = os.pipe()
+    try:
+        with rt.create(
+            SandboxSpec(name="long", argv=("sh", "-c", "echo up; exec sleep 60")), stdio=(0, w, 2)
+        ) as sb:
+            os.close(w)
+            w = -1
+            assert os.read(r, 10) == b"up\n"
+            assert sb.poll() is None
+            # No descriptor of ours leaked into the sandbox's processes.
+            assert len(os.listdir(f"/proc/{sb.pid}/fd")) == 3
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_concurrent_creates_from_threads(dirs: Dirs, keeper: Keeper, alarm: None) -> None:
+    """Threads may create sandboxes concurrently through one keeper."""
+    rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+    results: dict[int, int] = {}
+
+    def one(i: int) -> None:
+        with rt.create(
+            SandboxSpec(name=f"t{i}", argv=("sh", "-c", f"exit {i}")), stdio=(0, 2, 2)
+        ) as sb:
+            results[i] = sb.wait().status
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: i for i in range(8)}
+
+
+def test_closed_keeper_exits(keeper: Keeper) -> None:
+    """A keeper that is closed makes no more sandboxes and exits."""
+    pid = keeper.pid
+    keeper.close()
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
