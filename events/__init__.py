@@ -1,9 +1,120 @@
-"""Typed sandbox events, their msgpack codec, the bus and the event socket.
+"""Typed sandbox events, their msgpack codec, the journal, the bus and the
+event socket. Depends on nothing else in corral.
 
-Depends on nothing else in corral. (The event types and the bus arrive with
-the supervisor; see docs/architecture.md.)
+- Event records (:class:`Event` and its subclasses, :data:`EVENT_TYPES`,
+  :func:`stamped`): a closed set of frozen dataclasses.
+- :func:`encode`, :func:`decode`, :class:`Decoder`: schema v1, one msgpack
+  map per event (docs/events.md).
+- :class:`Journal`: size-rotated on-disk segments for replay.
+- :class:`Bus`, :class:`Subscription`: in-process publish/subscribe on trio
+  memory channels; a slow subscriber gets a :class:`Gap`, never blocks.
+- :func:`serve_events`: the Unix socket for outside consumers;
+  :func:`subscribe` (trio) and :func:`iter_events` (blocking) read it.
+- The exception tree rooted at :class:`EventsError` (see ``_errors``).
+- :mod:`events.testing`: ``capture_events`` and ``fake_event``.
+
+``import events`` does not import trio (about 180 ms): scripts using
+:func:`iter_events`, the codec or the journal should not pay for it. The
+names that need trio (``Bus``, ``Subscription``, ``serve_events``,
+``subscribe``, ``EventStream``) are loaded on first access through the module
+``__getattr__``.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from typing import TYPE_CHECKING, Any
+
+from ._blocking import iter_events as iter_events
+from ._codec import SCHEMA_VERSION as SCHEMA_VERSION
+from ._codec import Decoder as Decoder
+from ._codec import decode as decode
+from ._codec import encode as encode
+from ._errors import DecodeError as DecodeError
+from ._errors import EventsError as EventsError
+from ._errors import JournalError as JournalError
+from ._errors import SocketError as SocketError
+from ._journal import Journal as Journal
+from ._types import EVENT_TYPES as EVENT_TYPES
+from ._types import Created as Created
+from ._types import Event as Event
+from ._types import Exited as Exited
+from ._types import Gap as Gap
+from ._types import Oom as Oom
+from ._types import OomKill as OomKill
+from ._types import PluginEvent as PluginEvent
+from ._types import Started as Started
+from ._types import StartFailed as StartFailed
+from ._types import Stopped as Stopped
+from ._types import Stopping as Stopping
+from ._types import SupervisorStarted as SupervisorStarted
+from ._types import SupervisorStopped as SupervisorStopped
+from ._types import SupervisorStopping as SupervisorStopping
+from ._types import UnknownEvent as UnknownEvent
+from ._types import stamped as stamped
+
+if TYPE_CHECKING:
+    from ._bus import Bus as Bus
+    from ._bus import Subscription as Subscription
+    from ._client import EventStream as EventStream
+    from ._client import subscribe as subscribe
+    from ._server import serve_events as serve_events
+
+# Name -> module for the names that import trio.
+_LAZY = {
+    "Bus": "_bus",
+    "Subscription": "_bus",
+    "EventStream": "_client",
+    "subscribe": "_client",
+    "serve_events": "_server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'events' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "EVENT_TYPES",
+    "SCHEMA_VERSION",
+    "Bus",
+    "Created",
+    "DecodeError",
+    "Decoder",
+    "Event",
+    "EventStream",
+    "EventsError",
+    "Exited",
+    "Gap",
+    "Journal",
+    "JournalError",
+    "Oom",
+    "OomKill",
+    "PluginEvent",
+    "SocketError",
+    "StartFailed",
+    "Started",
+    "Stopped",
+    "Stopping",
+    "Subscription",
+    "SupervisorStarted",
+    "SupervisorStopped",
+    "SupervisorStopping",
+    "UnknownEvent",
+    "decode",
+    "encode",
+    "iter_events",
+    "serve_events",
+    "stamped",
+    "subscribe",
+]

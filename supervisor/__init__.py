@@ -8,10 +8,15 @@ spawn keeper import it. The public names:
 - :class:`Runtime`: creates sandboxes on this host; :class:`Sandbox` is a
   live one, :class:`SandboxExit` how it ended.
 - :class:`Keeper`: the fork server a multi-threaded program spawns through.
+- :class:`Supervisor` (runs a :class:`Fleet` in a trio nursery),
+  :func:`load_fleet`, :func:`parse_fleet`, :class:`FleetError`: loaded on
+  first access, so that importing the package does not import trio.
 - The exception tree rooted at :class:`CorralError` (see ``_errors``).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from ._errors import CgroupError as CgroupError
 from ._errors import CommandNotExecutableError as CommandNotExecutableError
@@ -35,25 +40,63 @@ from ._spec import parse_size as parse_size
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from ._fleet import Fleet as Fleet
+    from ._fleet import FleetError as FleetError
+    from ._fleet import SandboxConfig as SandboxConfig
+    from ._fleet import load_fleet as load_fleet
+    from ._fleet import parse_fleet as parse_fleet
+    from ._supervisor import Instance as Instance
+    from ._supervisor import Supervisor as Supervisor
+
+_LAZY = {
+    "Fleet": "_fleet",
+    "FleetError": "_fleet",
+    "SandboxConfig": "_fleet",
+    "load_fleet": "_fleet",
+    "parse_fleet": "_fleet",
+    "Instance": "_supervisor",
+    "Supervisor": "_supervisor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'supervisor' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "CgroupError",
     "CgroupStats",
     "CommandNotExecutableError",
     "CommandNotFoundError",
     "CorralError",
+    "Fleet",
+    "FleetError",
+    "Instance",
     "Keeper",
     "Limits",
     "NotPermittedError",
     "Runtime",
     "Sandbox",
+    "SandboxConfig",
     "SandboxError",
     "SandboxExistsError",
     "SandboxExit",
     "SandboxSpec",
     "SpecError",
+    "Supervisor",
     "__version__",
+    "load_fleet",
     "parse_cpus",
     "parse_env",
+    "parse_fleet",
     "parse_pids",
     "parse_size",
 ]

@@ -74,7 +74,100 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", "-w", default="/", help="working directory inside")
     run.add_argument("--cgroup-parent", help="cgroup to create the sandbox's cgroup in")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+    up = sub.add_parser(
+        "up",
+        help="run a fleet under the supervisor, in the foreground",
+        description="Start every sandbox of FLEET (a TOML file, see docs/fleet.md) and"
+        " supervise them; print events as they happen (human lines on a terminal, JSON"
+        " lines otherwise). SIGINT/SIGTERM stop the fleet gracefully; a second one"
+        " kills what is left.",
+    )
+    up.add_argument("fleet", metavar="FLEET", help="fleet file (TOML)")
+    up.add_argument("--json", action="store_true", default=None, help="JSON lines even on a TTY")
+
+    ev = sub.add_parser(
+        "events",
+        help="stream events from a running supervisor",
+        description="Connect to a running `corral up` and print its events: first those"
+        " since --since (from the journal), then live ones.",
+    )
+    ev.add_argument("--since", type=int, help="start at this sequence number (replay)")
+    ev.add_argument("--kind", action="append", help="only events of this kind (repeatable)")
+    ev.add_argument(
+        "--sandbox", action="append", metavar="PATTERN", help="only sandboxes matching (glob)"
+    )
+    ev.add_argument("--json", action="store_true", help="JSON lines instead of human lines")
+    ev.add_argument("--socket", help="event socket (default: RUN_DIR/events.sock)")
     return parser
+
+
+def _run_dir() -> str:
+    from ._runtime import DEFAULT_RUN_DIR
+
+    return os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR
+
+
+def _up(args: argparse.Namespace) -> int:
+    import trio
+
+    from ._fleet import load_fleet
+    from ._logging import configure_logging
+    from ._supervisor import Supervisor
+
+    fleet = load_fleet(args.fleet)
+    configure_logging(json=args.json)
+    supervisor = Supervisor(fleet, handle_signals=True, log=True)
+    trio.run(supervisor.run)
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    import json
+
+    import events
+    from events import iter_events
+
+    path = args.socket or os.path.join(_run_dir(), "events.sock")
+    human = not args.json
+    try:
+        for event in iter_events(path, kinds=args.kind, sandboxes=args.sandbox, since=args.since):
+            if human:
+                who = f" {event.sandbox}#{event.generation}" if event.sandbox else ""
+                data = " ".join(f"{k}={v}" for k, v in event.data().items())
+                line = f"{event.seq:>8} {_clock(event.wall)} {event.kind:<18}{who} {data}"
+            else:
+                line = json.dumps(
+                    {
+                        "seq": event.seq,
+                        "kind": event.kind,
+                        "sandbox": event.sandbox,
+                        "instance": event.instance,
+                        "generation": event.generation,
+                        "wall": event.wall,
+                        "mono": event.mono,
+                        "data": event.data(),
+                    },
+                    default=repr,  # plugin payloads may hold bytes
+                )
+            sys.stdout.write(line.rstrip() + "\n")
+            sys.stdout.flush()
+    except events.SocketError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, PermissionError):
+            raise CorralError(f"not allowed to connect to {path}") from None
+        if isinstance(cause, ConnectionRefusedError | FileNotFoundError):
+            raise CorralError(
+                f"no supervisor is listening on {path} (is `corral up` running?)"
+            ) from None
+        raise CorralError(f"event socket {path}: {exc}") from None
+    return 0
+
+
+def _clock(wall: float) -> str:
+    import time
+
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -151,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb == "run":
             return _run(args)
+        if args.verb == "up":
+            return _up(args)
+        if args.verb == "events":
+            return _events(args)
         parser.error(f"unknown verb {args.verb!r}")
     except CommandNotFoundError as exc:
         sys.stderr.write(f"corral: {exc}\n")
@@ -159,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"corral: {exc}\n")
         return EXIT_NOEXEC
     except CorralError as exc:
-        sys.stderr.write(f"corral: {exc}\n")
+        for line in str(exc).splitlines():
+            sys.stderr.write(f"corral: {line}\n")
         return EXIT_CORRAL
     except KeyboardInterrupt:
         return 128 + int(signal.SIGINT)

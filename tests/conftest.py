@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import Runtime
+from supervisor import Keeper, Runtime
 from supervisor._linux._cgroups import V1Cgroups, V2Cgroups
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,10 +110,28 @@ def dirs(rootfs_cache: Path) -> Iterator[Dirs]:
         subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
+@pytest.fixture(scope="session")
+def session_keeper() -> Iterator[Keeper]:
+    """One spawn keeper for the session.
+
+    The test process is not reliably single-threaded (trio's worker threads
+    outlive the trio tests for a while), so library-level tests spawn the
+    way the supervisor does: through the keeper. The CLI tests cover the
+    direct path in a fresh process.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root: sandboxes use namespaces, mounts and cgroups")
+    keeper = Keeper()
+    try:
+        yield keeper
+    finally:
+        keeper.close()
+
+
 @pytest.fixture
-def runtime(dirs: Dirs) -> Runtime:
-    """A Runtime on the test's private directories."""
-    return Runtime(state_dir=dirs.state, run_dir=dirs.run)
+def runtime(dirs: Dirs, session_keeper: Keeper) -> Runtime:
+    """A Runtime on the test's private directories, spawning through the keeper."""
+    return Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=session_keeper.spawn)
 
 
 @pytest.fixture(autouse=True)
@@ -126,7 +144,15 @@ def _no_stray_children() -> Iterator[None]:
         return
     assert pid == 0, f"an unreaped child process {pid} was left (status {status})"
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-    assert not children, f"child processes left running: {children}"
+    stray = [c for c in children if "supervisor._linux._keeper" not in _cmdline(c)]
+    assert not stray, f"child processes left running: {stray}"
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
 
 
 def corral(

@@ -91,6 +91,6 @@ def test_leftovers_of_a_crash_are_taken_over(runtime: Runtime, dirs: Dirs) -> No
 
 def test_a_live_sandbox_name_is_not_taken_over(runtime: Runtime) -> None:
     """A name whose sandbox is running stays refused."""
-    with runtime.create(SandboxSpec(name="alive", argv=("sleep", "30")), stdio=(0, 2, 2)):
-        with pytest.raises(SandboxError, match="is in use"):
-            runtime.create(SandboxSpec(name="alive", argv=("true",)))
+    spec = SandboxSpec(name="alive", argv=("sleep", "30"))
+    with runtime.create(spec, stdio=(0, 2, 2)), pytest.raises(SandboxError, match="is in use"):
+        runtime.create(SandboxSpec(name="alive", argv=("true",)))

@@ -1,0 +1,356 @@
+"""Fleet specs: a TOML file describing many sandboxes (see docs/fleet.md).
+
+Parsing is strict: unknown keys are errors, types are checked, and every
+problem is reported as one line naming the sandbox and the field, e.g.
+``sandbox 'web': memory: expected a size like 64M or 1G, got '12Q'``. All
+problems of a file are collected, so a user fixes them in one go.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ._errors import CorralError, SpecError
+from ._spec import NO_LIMITS, Limits, SandboxSpec, parse_cpus, parse_pids, parse_size, validate_name
+
+__all__ = ["Fleet", "FleetError", "SandboxConfig", "SupervisorConfig", "load_fleet", "parse_fleet"]
+
+T = TypeVar("T")
+
+_SANDBOX_KEYS = {
+    "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
+    "hostname", "plugins",
+}  # fmt: skip
+_DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
+_SUPERVISOR_KEYS = {
+    "grace_period", "journal_max_bytes", "journal_segment_bytes", "socket_group",
+    "cgroup_parent",
+}  # fmt: skip
+_TOP_KEYS = {"supervisor", "defaults", "sandbox", "plugins"}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_REPLICAS = 1000
+
+
+class FleetError(CorralError):
+    """A fleet file is invalid; ``problems`` has one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """Settings of the supervisor itself (the ``[supervisor]`` table)."""
+
+    grace_period: float = 10.0
+    """Seconds between SIGTERM and SIGKILL when a sandbox is stopped."""
+    journal_max_bytes: int = 256 << 20
+    journal_segment_bytes: int = 16 << 20
+    socket_group: int | None = None
+    """Group (gid) allowed to connect to the event socket besides root."""
+    cgroup_parent: str | None = None
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """One ``[[sandbox]]`` entry, defaults applied."""
+
+    name: str
+    command: tuple[str, ...]
+    replicas: int = 1
+    rootfs: str = "busybox"
+    limits: Limits = NO_LIMITS
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    hostname: str | None = None
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per-sandbox plugin settings, by plugin name; each plugin checks its own."""
+
+    def instance_name(self, instance: int) -> str:
+        """The runtime name of one replica: ``NAME-INDEX``."""
+        return f"{self.name}-{instance}"
+
+    def spec(self, instance: int) -> SandboxSpec:
+        """The runtime spec of one replica."""
+        return SandboxSpec(
+            name=self.instance_name(instance),
+            argv=self.command,
+            rootfs=self.rootfs,
+            hostname=self.hostname,
+            env=self.env,
+            workdir=self.workdir,
+            limits=self.limits,
+        )
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A parsed, validated fleet file."""
+
+    sandboxes: tuple[SandboxConfig, ...]
+    supervisor: SupervisorConfig = SupervisorConfig()
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Fleet-wide plugin settings (the top-level ``[plugins.NAME]`` tables)."""
+    source: str = "<fleet>"
+
+    def instances(self) -> Iterator[tuple[SandboxConfig, int]]:
+        """Every (sandbox, replica index) pair, in file order."""
+        for sb in self.sandboxes:
+            for i in range(sb.replicas):
+                yield sb, i
+
+
+def parse_duration(value: object, field_name: str) -> float:
+    """Seconds from a number or a string like ``500ms``, ``10s``, ``2m``."""
+    if isinstance(value, bool):
+        raise SpecError(field_name, f"expected a duration like 10s or 500ms, got {value!r}")
+    if isinstance(value, int | float):
+        n = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        n = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise SpecError(field_name, f"expected a duration like 10s or 500ms, got {value!r}")
+    if n < 0 or n > 86400:
+        raise SpecError(field_name, f"expected a duration between 0 and 24h, got {value!r}")
+    return n
+
+
+def _group(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        try:
+            return grp.getgrnam(value).gr_gid
+        except KeyError:
+            raise SpecError("socket_group", f"no such group {value!r}") from None
+    raise SpecError("socket_group", f"expected a group name or gid, got {value!r}")
+
+
+class _Checker:
+    """Collects problems instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def check(self, where: str, fn: Callable[[], T]) -> T | None:
+        try:
+            return fn()
+        except SpecError as exc:
+            self.problems.append(f"{where}{exc}")
+            return None
+
+    def unknown(self, where: str, table: Mapping[str, Any], allowed: set[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                self.problems.append(
+                    f"{where}{key}: unknown key (expected one of: {', '.join(sorted(allowed))})"
+                )
+
+
+def _typed(value: object, kind: type | tuple[type, ...], field_name: str, what: str) -> Any:
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise SpecError(field_name, f"expected {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise SpecError(field_name, f"expected {what}, got {value!r}")
+    return value
+
+
+def _command(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise SpecError("command", "expected a command, got an empty string")
+        return ("/bin/sh", "-c", value)
+    if isinstance(value, list) and value and all(isinstance(a, str) for a in value) and value[0]:
+        return tuple(value)
+    raise SpecError(
+        "command", f"expected a list of strings or a shell command string, got {value!r}"
+    )
+
+
+def _env(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise SpecError("env", f'expected a table of NAME = "value", got {value!r}')
+    out = {}
+    for k, v in value.items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+            raise SpecError("env", f"expected variable names like LANG, got {k!r}")
+        if not isinstance(v, str | int | float) or isinstance(v, bool):
+            raise SpecError("env", f"{k}: expected a string, got {v!r}")
+        out[k] = str(v)
+    return out
+
+
+def _plugins(value: object) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise SpecError("plugins", f"expected tables like [sandbox.plugins.restart], got {value!r}")
+    return {k: dict(v) for k, v in value.items()}
+
+
+def _replicas(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPLICAS:
+        raise SpecError(
+            "replicas", f"expected a whole number from 0 to {MAX_REPLICAS}, got {value!r}"
+        )
+    return value
+
+
+def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the keys that [defaults] and [[sandbox]] share."""
+    out: dict[str, Any] = {}
+    if "rootfs" in table:
+        out["rootfs"] = c.check(
+            where, lambda: _typed(table["rootfs"], str, "rootfs", "'busybox' or a directory")
+        )
+    for key, parser in (("memory", parse_size), ("cpus", parse_cpus), ("pids", parse_pids)):
+        if key in table:
+            v = table[key]
+            if isinstance(v, bool) or not isinstance(v, str | int | float):
+                c.problems.append(f"{where}{key}: expected a number or a string, got {v!r}")
+            else:
+                out[key] = c.check(where, lambda p=parser, v=v, k=key: p(v, k))  # type: ignore[misc]
+    if "env" in table:
+        out["env"] = c.check(where, lambda: _env(table["env"]))
+    if "workdir" in table:
+        wd = table["workdir"]
+        if not isinstance(wd, str) or not wd.startswith("/"):
+            c.problems.append(f"{where}workdir: expected an absolute path, got {wd!r}")
+        else:
+            out["workdir"] = wd
+    if "plugins" in table:
+        out["plugins"] = c.check(where, lambda: _plugins(table["plugins"]))
+    return out
+
+
+def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
+    """Validate a decoded TOML document; raise :class:`FleetError` listing every problem."""
+    c = _Checker()
+    c.unknown("", data, _TOP_KEYS)
+
+    sup_table = data.get("supervisor", {})
+    sup = SupervisorConfig()
+    if not isinstance(sup_table, dict):
+        c.problems.append(f"supervisor: expected a table, got {sup_table!r}")
+    else:
+        c.unknown("supervisor: ", sup_table, _SUPERVISOR_KEYS)
+        kw: dict[str, Any] = {}
+        if "grace_period" in sup_table:
+            kw["grace_period"] = c.check(
+                "supervisor: ", lambda: parse_duration(sup_table["grace_period"], "grace_period")
+            )
+        for key in ("journal_max_bytes", "journal_segment_bytes"):
+            if key in sup_table:
+                kw[key] = c.check("supervisor: ", lambda k=key: parse_size(sup_table[k], k))  # type: ignore[misc]
+        if "socket_group" in sup_table:
+            kw["socket_group"] = c.check("supervisor: ", lambda: _group(sup_table["socket_group"]))
+        if "cgroup_parent" in sup_table:
+            cp = sup_table["cgroup_parent"]
+            if not isinstance(cp, str) or not cp.startswith("/"):
+                c.problems.append(
+                    f"supervisor: cgroup_parent: expected a cgroup path like /corral, got {cp!r}"
+                )
+            else:
+                kw["cgroup_parent"] = cp
+        if all(v is not None for v in kw.values()):
+            sup = SupervisorConfig(**kw)
+
+    defaults_table = data.get("defaults", {})
+    defaults: dict[str, Any] = {}
+    if not isinstance(defaults_table, dict):
+        c.problems.append(f"defaults: expected a table, got {defaults_table!r}")
+    else:
+        c.unknown("defaults: ", defaults_table, _DEFAULT_KEYS)
+        defaults = _sandbox_fields(c, "defaults: ", defaults_table)
+
+    fleet_plugins: dict[str, dict[str, Any]] = {}
+    if "plugins" in data:
+        fleet_plugins = c.check("", lambda: _plugins(data["plugins"])) or {}
+
+    raw = data.get("sandbox", [])
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        c.problems.append("sandbox: expected [[sandbox]] tables")
+        raw = []
+    elif not raw:
+        c.problems.append("sandbox: expected at least one [[sandbox]] table")
+    sandboxes: list[SandboxConfig] = []
+    seen: dict[str, int] = {}
+    for n, table in enumerate(raw, 1):
+        name = table.get("name")
+        where = f"sandbox {name!r}: " if isinstance(name, str) else f"sandbox #{n}: "
+        before = len(c.problems)
+        c.unknown(where, table, _SANDBOX_KEYS)
+        if name is None:
+            c.problems.append(f"{where}name: missing (every sandbox needs a name)")
+        else:
+            # Replica names add "-INDEX"; keep room for it within 63.
+            c.check(
+                where,
+                lambda name=name: validate_name(  # type: ignore[misc]
+                    _typed(name, str, "name", "a string"), "name"
+                ),
+            )
+            if isinstance(name, str) and len(name) > 56:
+                c.problems.append(f"{where}name: expected at most 56 characters, got {name!r}")
+            if isinstance(name, str) and name in seen:
+                c.problems.append(
+                    f"{where}name: duplicate (sandbox #{seen[name]} has the same name)"
+                )
+            elif isinstance(name, str):
+                seen[name] = n
+        command = None
+        if "command" not in table:
+            c.problems.append(f"{where}command: missing (what should the sandbox run?)")
+        else:
+            command = c.check(where, lambda t=table: _command(t["command"]))  # type: ignore[misc]
+        replicas = c.check(where, lambda t=table: _replicas(t.get("replicas", 1)))  # type: ignore[misc]
+        hostname = table.get("hostname")
+        if hostname is not None and not isinstance(hostname, str):
+            c.problems.append(f"{where}hostname: expected a string, got {hostname!r}")
+        fields = {**defaults, **_sandbox_fields(c, where, table)}
+        if len(c.problems) > before:
+            continue
+        assert isinstance(name, str) and command is not None and replicas is not None
+        limits = Limits(
+            memory=fields.get("memory"), cpus=fields.get("cpus"), pids=fields.get("pids")
+        )
+        env = {**defaults.get("env", {}), **fields.get("env", {})}
+        plugins = {**defaults.get("plugins", {}), **fields.get("plugins", {})}
+        cfg = SandboxConfig(
+            name=name,
+            command=command,
+            replicas=replicas,
+            rootfs=fields.get("rootfs", "busybox"),
+            limits=limits,
+            env=env,
+            workdir=fields.get("workdir", "/"),
+            hostname=hostname,
+            plugins=plugins,
+        )
+        if c.check(where, lambda cfg=cfg: cfg.spec(0)) is not None:  # type: ignore[misc]
+            sandboxes.append(cfg)
+    if c.problems:
+        raise FleetError(source, c.problems)
+    return Fleet(sandboxes=tuple(sandboxes), supervisor=sup, plugins=fleet_plugins, source=source)
+
+
+def load_fleet(path: str | os.PathLike[str]) -> Fleet:
+    """Read and validate a fleet file."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise FleetError(source, ["no such file"]) from None
+    except OSError as exc:
+        raise FleetError(source, [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise FleetError(source, [f"not valid TOML: {exc}"]) from None
+    return parse_fleet(data, source)

@@ -1,0 +1,79 @@
+"""structlog, configured once for the whole supervisor, and the event log.
+
+Human-readable lines on a terminal (structlog's console renderer), JSON
+lines otherwise, with ISO timestamps and levels. :func:`log_events` is a bus
+subscriber that writes every event as one log line; if it falls behind it
+replays what it missed from the journal, so the log has every event.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+import structlog
+import trio
+
+import events
+
+__all__ = ["configure_logging", "log_events"]
+
+_LEVELS = {
+    "oom_kill": "warning",
+    "oom": "warning",
+    "start_failed": "error",
+    "gap": "warning",
+}
+
+
+def configure_logging(*, json: bool | None = None, stream: TextIO | None = None) -> None:
+    """Configure structlog: console renderer on a TTY, JSON lines otherwise."""
+    out = stream or sys.stdout
+    if json is None:
+        json = not out.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _log(logger: Any, event: events.Event) -> None:
+    level = _LEVELS.get(event.kind, "info")
+    if event.kind == "exited" and getattr(event, "status", 0) != 0:
+        level = "warning"
+    fields: dict[str, Any] = {"seq": event.seq}
+    if event.sandbox:
+        fields.update(sandbox=event.sandbox, instance=event.instance, generation=event.generation)
+    fields.update(event.data())
+    getattr(logger, level)(event.kind, **fields)
+
+
+async def log_events(
+    bus: events.Bus, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Log every event on the bus, in order, recovering gaps from the journal.
+
+    Returns after logging ``supervisor_stopped``, so the last lines are
+    never lost to cancellation.
+    """
+    logger = structlog.get_logger("corral")
+    with bus.subscribe(maxsize=4096) as sub:
+        task_status.started()
+        async for event in sub:
+            if isinstance(event, events.Gap):
+                for missed in bus.replay(event.first, event.last):
+                    _log(logger, missed)
+                continue
+            _log(logger, event)
+            if isinstance(event, events.SupervisorStopped):
+                return

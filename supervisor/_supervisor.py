@@ -1,0 +1,359 @@
+"""The supervisor: one trio nursery, one task per sandbox instance.
+
+Each instance task creates its sandbox (the blocking runtime call runs in a
+worker thread; the fork itself happens in the keeper, never in this
+threaded process), then waits on two kernel descriptors and nothing else:
+
+- the init's pidfd, readable once it has exited;
+- the cgroup's OOM watch (inotify on ``memory.events`` on v2, an eventfd on
+  ``memory.oom_control`` on v1), readable when the OOM killer ran.
+
+So the supervisor is idle when nothing happens: no polling loop anywhere.
+What the kernel reports becomes typed events on the bus; the journal and the
+event socket are fed from there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypedDict
+
+import trio
+
+import events
+from events import (
+    Created,
+    Exited,
+    Oom,
+    OomKill,
+    Started,
+    StartFailed,
+    Stopped,
+    Stopping,
+    SupervisorStarted,
+    SupervisorStopped,
+    SupervisorStopping,
+)
+
+from ._errors import CorralError
+from ._fleet import Fleet, SandboxConfig
+from ._linux._cgroups import OomWatch
+from ._linux._spawn import Keeper
+from ._runtime import Runtime, Sandbox
+
+__all__ = ["Instance", "Supervisor"]
+
+# A wake-up of the OOM watch that shows no kill yet may be the notification
+# that precedes the kill (v1 signals before the victim is chosen). Only if
+# the kill counter is still unchanged this long after is it a near miss.
+NEAR_MISS_DELAY = 0.05
+
+
+class _Ident(TypedDict):
+    sandbox: str
+    instance: int
+    generation: int
+
+
+@dataclass(eq=False)
+class Instance:
+    """One replica of a sandbox, as the supervisor tracks it."""
+
+    config: SandboxConfig
+    index: int
+    generation: int = 0
+    state: str = "pending"
+    """pending, starting, running, stopping, exited, failed or stopped."""
+    sandbox: Sandbox | None = None
+    stop_requested: trio.Event = field(default_factory=trio.Event)
+    grace: float = 10.0
+    oom_kills_reported: int = 0
+    oom_events_seen: int = 0
+
+    @property
+    def name(self) -> str:
+        """The sandbox's runtime name (``NAME-INDEX``)."""
+        return self.config.instance_name(self.index)
+
+
+class Supervisor:
+    """Runs a fleet and turns what the kernel reports into events.
+
+    ``await Supervisor(fleet).run()`` runs until :meth:`stop` is called (or
+    SIGINT/SIGTERM arrives, with ``handle_signals``), then stops every
+    sandbox gracefully and returns once all are gone and cleaned up.
+    """
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        *,
+        state_dir: str | None = None,
+        run_dir: str | None = None,
+        handle_signals: bool = False,
+        log: bool = False,
+    ) -> None:
+        self.fleet = fleet
+        self._state_dir = state_dir
+        self._run_dir = run_dir
+        self._handle_signals = handle_signals
+        self._log = log
+        self.instances: list[Instance] = []
+        self.bus: events.Bus | None = None
+        self.runtime: Runtime | None = None
+        self._stopping = trio.Event()
+        self._stop_reason = "requested"
+        self._logs: dict[str, int] = {}
+
+    @property
+    def socket_path(self) -> str:
+        """Where outside consumers connect for the event stream."""
+        assert self.runtime is not None
+        return os.path.join(self.runtime.run_dir, "events.sock")
+
+    def publish(self, event: events.Event) -> events.Event:
+        """Publish on the bus (stamping sequence number and times)."""
+        assert self.bus is not None
+        return self.bus.publish(event)
+
+    def stop(self, reason: str = "requested", grace: float | None = None) -> None:
+        """Stop every sandbox gracefully (SIGTERM, grace period, SIGKILL)."""
+        if self._stopping.is_set():
+            if grace is not None:
+                # A second request with a shorter grace (a second Ctrl-C).
+                for inst in self.instances:
+                    inst.grace = min(inst.grace, grace)
+                    if inst.sandbox is not None and grace == 0:
+                        inst.sandbox.kill()
+            return
+        self._stop_reason = reason
+        for inst in self.instances:
+            inst.grace = self.fleet.supervisor.grace_period if grace is None else grace
+        self._stopping.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the fleet until stopped; then stop it and clean everything up."""
+        sup = self.fleet.supervisor
+        keeper = Keeper()
+        try:
+            self.runtime = Runtime(
+                state_dir=self._state_dir,
+                run_dir=self._run_dir,
+                cgroup_parent=sup.cgroup_parent,
+                spawner=keeper.spawn,
+            )
+            journal = events.Journal(
+                os.path.join(self.runtime.state_dir, "journal"),
+                segment_bytes=sup.journal_segment_bytes,
+                max_bytes=sup.journal_max_bytes,
+            )
+            try:
+                self.bus = events.Bus(journal)
+                await self._run(task_status)
+            finally:
+                journal.close()
+        finally:
+            keeper.close()
+            for fd in self._logs.values():
+                os.close(fd)
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+        assert self.runtime is not None
+        async with trio.open_nursery() as logs:
+            if self._log:
+                from ._logging import log_events
+
+                # Not cancelled at the end: it returns after logging the
+                # supervisor_stopped event, so the log is complete.
+                await logs.start(log_events, self.bus)
+            await self._run_services(task_status)
+
+    async def _run_services(self, task_status: trio.TaskStatus[None]) -> None:
+        assert self.bus is not None
+        bus = self.bus
+        async with trio.open_nursery() as services:
+            await services.start(
+                partial(
+                    events.serve_events,
+                    bus,
+                    self.socket_path,
+                    group=self.fleet.supervisor.socket_group,
+                )
+            )
+            services.start_soon(bus.flush_journal)
+            signals = trio.CancelScope()
+            if self._handle_signals:
+                services.start_soon(self._signals, signals)
+            self.publish(SupervisorStarted(sandbox="", pid=os.getpid(), version=_version()))
+            self.instances = [
+                Instance(cfg, i, grace=self.fleet.supervisor.grace_period)
+                for cfg, i in self.fleet.instances()
+            ]
+            async with trio.open_nursery() as fleet:
+                for inst in self.instances:
+                    fleet.start_soon(self._supervise, inst)
+                task_status.started()
+                await self._stopping.wait()
+                self.publish(SupervisorStopping(sandbox="", reason=self._stop_reason))
+                for inst in self.instances:
+                    inst.stop_requested.set()
+            self.publish(SupervisorStopped(sandbox=""))
+            # Closing the bus ends the services gracefully: every consumer
+            # (log, socket clients) gets every event up to this last one,
+            # and the journal is flushed. Cancelling would cut them short.
+            bus.close()
+            signals.cancel()
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with scope, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._stopping.is_set():
+                    self.stop(f"{name} received")
+                else:
+                    self.stop(f"{name} received again", grace=0)
+
+    def _log_fd(self, inst: Instance) -> int:
+        """The instance's output file (stdout and stderr), kept across restarts."""
+        assert self.runtime is not None
+        fd = self._logs.get(inst.name)
+        if fd is None:
+            logdir = os.path.join(self.runtime.state_dir, "logs")
+            os.makedirs(logdir, mode=0o700, exist_ok=True)
+            fd = os.open(
+                os.path.join(logdir, f"{inst.name}.log"),
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                0o600,
+            )
+            self._logs[inst.name] = fd
+        return fd
+
+    async def _supervise(self, inst: Instance) -> None:
+        """Run one instance: create, watch, report, clean up."""
+        assert self.runtime is not None
+        runtime = self.runtime
+        ident: _Ident = {
+            "sandbox": inst.name,
+            "instance": inst.index,
+            "generation": inst.generation,
+        }
+        if inst.stop_requested.is_set():
+            return
+        inst.state = "starting"
+        self.publish(Created(**ident))
+        out = self._log_fd(inst)
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            # Shielded: a create abandoned half way would leave a sandbox
+            # nobody knows about. It takes milliseconds.
+            with trio.CancelScope(shield=True):
+                sb = await trio.to_thread.run_sync(
+                    lambda: runtime.create(inst.config.spec(inst.index), stdio=(null, out, out))
+                )
+        except CorralError as exc:
+            inst.state = "failed"
+            self.publish(StartFailed(**ident, error=str(exc)))
+            return
+        finally:
+            os.close(null)
+        inst.sandbox = sb
+        inst.state = "running"
+        inst.oom_kills_reported = 0
+        try:
+            await self._watch(inst, sb, ident)
+        except BaseException:
+            # Cancelled (the supervisor is being torn down) or a bug: either
+            # way the sandbox must not outlive its task.
+            with trio.CancelScope(shield=True):
+                sb.kill()
+                await trio.to_thread.run_sync(sb.destroy)
+            inst.sandbox = None
+            raise
+
+    async def _watch(self, inst: Instance, sb: Sandbox, ident: _Ident) -> None:
+        """Watch a running sandbox until it exits; report; remove it."""
+        watch = sb.cgroup.open_oom_watch()
+        try:
+            self.publish(Started(**ident, pid=sb.pid))
+            async with trio.open_nursery() as watchers:
+                watchers.start_soon(self._watch_oom, inst, watch, ident)
+                watchers.start_soon(self._stop_when_asked, inst, sb, ident)
+                await trio.lowlevel.wait_readable(sb.pidfd)
+                watchers.cancel_scope.cancel()
+            result = sb.poll()
+            if result is None:  # pragma: no cover - pidfd readable means exited
+                result = await trio.to_thread.run_sync(sb.wait)
+            # Read the counters once more before the cgroup goes away, so a
+            # kill that raced the exit is never missed.
+            self._report_oom(inst, watch.read(), ident, final=True)
+        finally:
+            watch.close()
+        was_stopping = inst.state == "stopping"
+        inst.state = "exited"
+        self.publish(
+            Exited(
+                **ident,
+                status=result.status,
+                exit_code=result.exit_code,
+                signal=result.signal,
+                oom_killed=result.oom_killed,
+            )
+        )
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(sb.destroy)
+        inst.sandbox = None
+        if was_stopping:
+            inst.state = "stopped"
+            self.publish(Stopped(**ident))
+
+    async def _stop_when_asked(self, inst: Instance, sb: Sandbox, ident: _Ident) -> None:
+        await inst.stop_requested.wait()
+        inst.state = "stopping"
+        self.publish(Stopping(**ident, reason=self._stop_reason, grace=inst.grace))
+        sb.send_signal(signal.SIGTERM)
+        # Cancelled as soon as the sandbox exits (its watcher nursery closes).
+        while True:
+            deadline = inst.grace
+            with trio.move_on_after(deadline):
+                await trio.sleep_forever()
+            if inst.grace <= deadline:
+                break
+        sb.kill()
+
+    async def _watch_oom(self, inst: Instance, watch: OomWatch, ident: _Ident) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(watch.fd)
+            counters = watch.read()
+            if not self._report_oom(inst, counters, ident, final=False):
+                # An OOM event without a kill (yet): give the kill a moment
+                # to be counted before calling it a near miss.
+                await trio.sleep(NEAR_MISS_DELAY)
+                self._report_oom(inst, watch.read(), ident, final=True)
+
+    def _report_oom(
+        self, inst: Instance, counters: tuple[int, int], ident: _Ident, *, final: bool
+    ) -> bool:
+        """Publish what the counters say is new; False if undecided yet."""
+        ooms, kills = counters
+        new_kills = kills - inst.oom_kills_reported
+        new_ooms = ooms - inst.oom_events_seen
+        if new_kills > 0:
+            inst.oom_kills_reported = kills
+            inst.oom_events_seen = ooms
+            self.publish(OomKill(**ident, count=new_kills, total=kills))
+            return True
+        if new_ooms > 0:
+            if not final:
+                return False
+            inst.oom_events_seen = ooms
+            self.publish(Oom(**ident, count=new_ooms))
+        return True
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,104 @@
+"""`corral up` and `corral events` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import Dirs, corral, requires_root
+
+pytestmark = requires_root
+
+FLEET = """
+[supervisor]
+grace_period = "2s"
+
+[[sandbox]]
+name = "web"
+command = "while :; do sleep 1; done"
+
+[[sandbox]]
+name = "hog"
+memory = "32M"
+command = "x=0123456789abcdef; while :; do x=$x$x; done"
+"""
+
+
+def read_until(stream: object, pred: object, limit: int = 200) -> list[dict[str, object]]:
+    lines = []
+    for _ in range(limit):
+        line = stream.readline()  # type: ignore[attr-defined]
+        if not line:
+            break
+        rec = json.loads(line)
+        lines.append(rec)
+        if pred(rec):  # type: ignore[operator]
+            return lines
+    raise AssertionError(f"condition not met; got {lines}")
+
+
+def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None:
+    """`corral up` logs JSON events; `corral events` replays them; SIGTERM stops all, exit 0."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(FLEET)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "up", str(fleet)],
+        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        log = read_until(
+            up.stdout, lambda r: r["event"] == "exited" and r.get("sandbox") == "hog-0"
+        )
+        assert any(r["event"] == "oom_kill" and r["sandbox"] == "hog-0" for r in log)
+        ev = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "events", "--since", "1", "--json",
+             "--sandbox", "hog-*"],
+            env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert ev.stdout is not None
+            got = read_until(ev.stdout, lambda r: r["kind"] == "exited")
+            assert [r["kind"] for r in got] == ["created", "started", "oom_kill", "exited"]
+            assert got[-1]["data"]["oom_killed"] is True  # type: ignore[index]
+            up.send_signal(signal.SIGTERM)
+            # The stream ends when the supervisor stops.
+            rest, _ = ev.communicate(timeout=30)
+            assert ev.returncode == 0
+        finally:
+            if ev.poll() is None:
+                ev.kill()
+            ev.communicate()
+        out, err = up.communicate(timeout=30)
+        assert up.returncode == 0, err
+        tail = [json.loads(line)["event"] for line in out.splitlines()]
+        assert tail[-1] == "supervisor_stopped"
+        assert "stopped" in tail
+    finally:
+        if up.poll() is None:
+            up.kill()
+        up.communicate()
+
+
+def test_up_with_a_bad_fleet_reports_every_problem(dirs: Dirs, tmp_path: Path) -> None:
+    """A bad fleet file: one line per problem, status 125, nothing started."""
+    fleet = tmp_path / "bad.toml"
+    fleet.write_text('[[sandbox]]\nname = "web"\ncommand = ["true"]\nmemory = "12Q"\ncolour = 1\n')
+    p = corral(dirs, "up", str(fleet))
+    assert p.returncode == 125
+    lines = p.stderr.decode().splitlines()
+    assert lines == [
+        f"corral: {fleet}: sandbox 'web': colour: unknown key (expected one of: command, cpus, env, hostname, memory, name, pids, plugins, replicas, rootfs, workdir)",
+        f"corral: {fleet}: sandbox 'web': memory: expected a size like 64M or 1G, got '12Q'",
+    ]
+
+
+def test_events_without_a_supervisor_is_one_line(dirs: Dirs) -> None:
+    """`corral events` with nothing listening says so in one line."""
+    p = corral(dirs, "events")
+    assert p.returncode == 125
+    err = p.stderr.decode()
+    assert err.count("\n") == 1 and "no supervisor is listening" in err
