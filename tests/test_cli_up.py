@@ -66,7 +66,7 @@ def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None
             assert got[-1]["data"]["oom_killed"] is True  # type: ignore[index]
             up.send_signal(signal.SIGTERM)
             # The stream ends when the supervisor stops.
-            rest, _ = ev.communicate(timeout=30)
+            ev.communicate(timeout=30)
             assert ev.returncode == 0
         finally:
             if ev.poll() is None:
