@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# A short tour of what `corral run` does, on the built-in busybox rootfs.
-# Run by `make demo` (as root); each step prints the command it runs.
+# What `make demo` shows (as root), on the built-in busybox rootfs:
+#   1. `corral run`: one isolated sandbox, and an OOM kill reported as such;
+#   2. `corral up examples/fleet.toml`: a supervised fleet whose events
+#      stream on the terminal and, at the same time, to an outside consumer
+#      (`corral events`); after 15 s a SIGINT (what Ctrl-C sends) stops it
+#      cleanly.
 set -u
 cd "$(dirname "$0")/.."
 corral() { .venv/bin/corral "$@"; }
-step() { printf '\n\033[1m== %s\033[0m\n$ corral %s\n' "$1" "${*:2}"; }
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "An isolated sandbox: own hostname, PID 1 is tini, only lo, overlay root" \
-     run --hostname demo -- sh -c '"hostname; ps -o pid,comm; ip -o link | cut -d: -f2; grep \" / \" /proc/mounts"'
-corral run --hostname demo -- sh -c 'hostname; ps -o pid,comm; ip -o link | cut -d: -f2; grep " / " /proc/mounts'
+say "corral run: an isolated sandbox (own hostname, PID 1 is tini, only lo, overlay root)"
+echo "\$ corral run --hostname demo -- sh -c 'hostname; ps -o pid,comm; ip -o link | cut -d: -f2'"
+corral run --hostname demo -- sh -c 'hostname; ps -o pid,comm; ip -o link | cut -d: -f2'
 
-step "Writes stay in the sandbox's private layer" run -- sh -c '"echo hi > /etc/motd; cat /etc/motd"'
-corral run -- sh -c 'echo hi > /etc/motd; cat /etc/motd'
-corral run -- sh -c 'test -e /etc/motd && echo "leaked!" || echo "the next sandbox starts clean"'
-
-step "A memory hog under --memory 32M is OOM-killed (exit 137), not swapped out" \
-     run --memory 32M -- sh -c '"x=a; while :; do x=\$x\$x; done"'
+say "corral run: a hog under --memory 32M is OOM-killed (exit 137), not swapped out"
+echo "\$ corral run --memory 32M -- sh -c 'x=a; while :; do x=\$x\$x; done'"
 corral run --memory 32M -- sh -c 'x=a; while :; do x=$x$x; done'
 echo "exit status: $?"
 
-step "A fork bomb under --pids 64 is contained; the sandbox still ends cleanly" \
-     run --pids 64 -- sh -c '"b() { b | b & }; b 2>/dev/null; echo bomb contained"'
-corral run --pids 64 -- sh -c 'b() { b | b & }; b 2>/dev/null; echo bomb contained'
-echo "exit status: $?"
+say "corral up examples/fleet.toml: 5 sandboxes, one OOM-killed; stopped by SIGINT after 15 s"
+run_dir=${CORRAL_RUN_DIR:-/run/corral}
+log=$(mktemp)
+# An outside consumer: it connects as soon as the socket exists and prints
+# what a monitoring system would get.
+(
+  for _ in $(seq 100); do [ -S "$run_dir/events.sock" ] && break; sleep 0.1; done
+  exec .venv/bin/corral events --since 1 --kind oom_kill --kind exited
+) > "$log" 2>&1 &
+consumer=$!
+timeout --preserve-status -s INT 15 .venv/bin/corral up examples/fleet.toml
+echo "corral up exit status: $?"
+wait "$consumer"
 
-step "Bad input: one line, no traceback, nothing left behind" run --memory 12Q -- true
-corral run --memory 12Q -- true
-echo "exit status: $?"
+say "what the outside consumer (corral events --kind oom_kill --kind exited) received"
+cat "$log"
+rm -f "$log"

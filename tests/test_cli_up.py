@@ -102,3 +102,30 @@ def test_events_without_a_supervisor_is_one_line(dirs: Dirs) -> None:
     assert p.returncode == 125
     err = p.stderr.decode()
     assert err.count("\n") == 1 and "no supervisor is listening" in err
+
+
+def test_oom_alert_example_reacts_to_an_oom_kill(dirs: Dirs, tmp_path: Path) -> None:
+    """examples/oom_alert.py, run as written, prints one alert for the hog."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(FLEET)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "up", str(fleet)],
+        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        read_until(up.stdout, lambda r: r["event"] == "supervisor_started")
+        alert = subprocess.run(
+            [sys.executable, str(Path(__file__).parent.parent / "examples" / "oom_alert.py"),
+             "--count", "1"],
+            env=dirs.env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert alert.returncode == 0, alert.stderr
+        assert "ALERT sandbox hog-0 (generation 0): 1 OOM kill(s); it died of it" in alert.stdout
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=30)
+        assert up.returncode == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+        up.communicate()
