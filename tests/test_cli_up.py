@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import Dirs, corral, requires_root
 
-pytestmark = requires_root
+pytestmark = [requires_root, pytest.mark.layout]
 
 FLEET = """
 [supervisor]

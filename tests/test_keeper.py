@@ -14,7 +14,7 @@ from supervisor import Keeper, Runtime, SandboxSpec
 
 from .conftest import Dirs, requires_root
 
-pytestmark = requires_root
+pytestmark = [requires_root, pytest.mark.layout]
 
 
 @pytest.fixture

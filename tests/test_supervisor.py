@@ -17,7 +17,7 @@ from supervisor._fleet import Fleet, parse_fleet
 
 from .conftest import Dirs, requires_root
 
-pytestmark = requires_root
+pytestmark = [requires_root, pytest.mark.layout]
 
 HOG = "x=0123456789abcdef; while :; do x=$x$x; done"
 TIMEOUT = 60
@@ -80,7 +80,6 @@ def of(evs: list[events.Event], kind: type[events.Event], sandbox: str) -> list[
     return [e for e in evs if isinstance(e, kind) and e.sandbox == sandbox]
 
 
-@pytest.mark.layout
 def test_oom_kill_is_reported_for_the_right_sandbox(dirs: Dirs) -> None:
     """Of three sandboxes, the hog's oom_kill and exited(oom_killed) arrive; the others run on."""
     f = fleet(
