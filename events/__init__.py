@@ -38,10 +38,14 @@ from ._types import EVENT_TYPES as EVENT_TYPES
 from ._types import Created as Created
 from ._types import Event as Event
 from ._types import Exited as Exited
+from ._types import Failed as Failed
 from ._types import Gap as Gap
+from ._types import LimitChanged as LimitChanged
 from ._types import Oom as Oom
 from ._types import OomKill as OomKill
 from ._types import PluginEvent as PluginEvent
+from ._types import PluginFailed as PluginFailed
+from ._types import Restarting as Restarting
 from ._types import Started as Started
 from ._types import StartFailed as StartFailed
 from ._types import Stopped as Stopped
@@ -95,12 +99,16 @@ __all__ = [
     "EventStream",
     "EventsError",
     "Exited",
+    "Failed",
     "Gap",
     "Journal",
     "JournalError",
+    "LimitChanged",
     "Oom",
     "OomKill",
     "PluginEvent",
+    "PluginFailed",
+    "Restarting",
     "SocketError",
     "StartFailed",
     "Started",

@@ -21,10 +21,14 @@ __all__ = [
     "Created",
     "Event",
     "Exited",
+    "Failed",
     "Gap",
+    "LimitChanged",
     "Oom",
     "OomKill",
     "PluginEvent",
+    "PluginFailed",
+    "Restarting",
     "StartFailed",
     "Started",
     "Stopped",
@@ -177,6 +181,53 @@ class StartFailed(Event):
     error: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Restarting(Event):
+    """The restart policy will start the next generation after ``delay``
+    seconds; ``reason`` says why (e.g. ``"exited with status 1"``,
+    ``"OOM-killed"``) and ``attempt`` counts restarts since the last stable
+    run (1 for the first)."""
+
+    KIND: ClassVar[str] = "restarting"
+    delay: float
+    reason: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failed(Event):
+    """The sandbox will not be restarted any more (too many restarts in too
+    short a time, or its policy's maximum reached); ``reason`` says which."""
+
+    KIND: ClassVar[str] = "failed"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitChanged(Event):
+    """A resource limit of the sandbox changed: ``limit`` names it
+    (``"memory"`` in bytes, ``"pids"``, ``"cpus"`` in millicpus), ``old`` and
+    ``new`` are the values (nil: unlimited), ``reason`` why."""
+
+    KIND: ClassVar[str] = "limit_changed"
+    limit: str
+    old: int | None
+    new: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PluginFailed(Event):
+    """A plugin raised: ``plugin`` is its name, ``error`` the one-line
+    error, ``action`` what the supervisor does about it (``"restart"`` or
+    ``"disable"``). ``sandbox`` is ``""``."""
+
+    KIND: ClassVar[str] = "plugin_failed"
+    plugin: str
+    error: str
+    action: str
+
+
 # --- delivery ------------------------------------------------------------------
 
 
@@ -246,6 +297,10 @@ EVENT_TYPES: Mapping[str, type[Event]] = MappingProxyType(
             Stopping,
             Stopped,
             StartFailed,
+            Restarting,
+            Failed,
+            LimitChanged,
+            PluginFailed,
             Gap,
             PluginEvent,
         )

@@ -1,9 +1,21 @@
-"""The plugin interface and the built-in plugins (restart, checkpoint, logging).
+"""Plugins: the interface, and the built-in plugins.
 
-Plugins act on the supervisor only through its public handle, never its
-internals. (They arrive with the supervisor; see docs/architecture.md.)
+- :data:`Plugin`, :class:`Handle`, :class:`InstanceView`: what a plugin is
+  and the narrow handle on the supervisor it acts through (docs/plugins.md).
+- :class:`SettingsError` and the helpers in ``plugins._settings`` for
+  validating a plugin's settings with errors that name the field.
+- Built-in plugins, loaded by name like any other (entry point group
+  ``corral.plugins``): ``restart`` (:mod:`plugins.restart`).
+- :mod:`plugins.testing`: drive a plugin with an in-memory bus and a fake
+  handle.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._api import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP
+from ._api import Handle as Handle
+from ._api import InstanceView as InstanceView
+from ._api import Plugin as Plugin
+from ._settings import SettingsError as SettingsError
+
+__all__ = ["ENTRY_POINT_GROUP", "Handle", "InstanceView", "Plugin", "SettingsError"]

@@ -19,7 +19,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import trio
 
@@ -27,8 +27,11 @@ import events
 from events import (
     Created,
     Exited,
+    Failed,
+    LimitChanged,
     Oom,
     OomKill,
+    PluginFailed,
     Started,
     StartFailed,
     Stopped,
@@ -42,7 +45,9 @@ from ._errors import CorralError
 from ._fleet import Fleet, SandboxConfig
 from ._linux._cgroups import OomWatch
 from ._linux._spawn import Keeper
+from ._plugins import DEFAULT_PLUGINS, PluginFn, PluginHandle, load_plugin
 from ._runtime import Runtime, Sandbox
+from ._spec import Limits, SandboxSpec
 
 __all__ = ["Instance", "Supervisor"]
 
@@ -50,6 +55,10 @@ __all__ = ["Instance", "Supervisor"]
 # that precedes the kill (v1 signals before the victim is chosen). Only if
 # the kill counter is still unchanged this long after is it a near miss.
 NEAR_MISS_DELAY = 0.05
+# A plugin that raises is restarted after 1 s, 2 s, ...; after this many
+# failures it is disabled.
+PLUGIN_MAX_FAILURES = 3
+PLUGIN_RESTART_DELAY = 1.0
 
 
 class _Ident(TypedDict):
@@ -60,7 +69,10 @@ class _Ident(TypedDict):
 
 @dataclass(eq=False)
 class Instance:
-    """One replica of a sandbox, as the supervisor tracks it."""
+    """One replica of a sandbox, as the supervisor tracks it.
+
+    Its read-only properties are what plugins see (``plugins.InstanceView``).
+    """
 
     config: SandboxConfig
     index: int
@@ -68,15 +80,64 @@ class Instance:
     state: str = "pending"
     """pending, starting, running, stopping, exited, failed or stopped."""
     sandbox: Sandbox | None = None
-    stop_requested: trio.Event = field(default_factory=trio.Event)
     grace: float = 10.0
+    memory_override: int | None = None
+    memory_overridden: bool = False
     oom_kills_reported: int = 0
     oom_events_seen: int = 0
+    _stop: trio.Event = field(default_factory=trio.Event)
+    _wake: trio.Event = field(default_factory=trio.Event)
+    _restart: bool = False
 
     @property
     def name(self) -> str:
-        """The sandbox's runtime name (``NAME-INDEX``)."""
+        """The instance's name in events (``NAME-INDEX``)."""
         return self.config.instance_name(self.index)
+
+    @property
+    def sandbox_name(self) -> str:
+        """The fleet entry it belongs to."""
+        return self.config.name
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once this instance (or the fleet) is being stopped."""
+        return self._stop.is_set()
+
+    @property
+    def memory_limit(self) -> int | None:
+        """The memory limit its next (or current) generation runs with."""
+        return self.memory_override if self.memory_overridden else self.config.limits.memory
+
+    def spec(self) -> SandboxSpec:
+        """The runtime spec of the current generation.
+
+        The runtime name carries the generation, so a restart never waits
+        for the previous generation's cgroup and layer to be removed.
+        """
+        base = self.config.spec(self.index)
+        limits = base.limits._replace(memory=self.memory_limit)
+        return SandboxSpec(
+            name=f"{self.name}.{self.generation}",
+            argv=base.argv,
+            rootfs=base.rootfs,
+            hostname=self.config.hostname or _hostname(self.name),
+            env=base.env,
+            workdir=base.workdir,
+            limits=limits,
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_restart(self) -> None:
+        self._restart = True
+        self._wake.set()
+
+
+def _hostname(name: str) -> str:
+    return SandboxSpec(name=name, argv=("x",)).effective_hostname
 
 
 class Supervisor:
@@ -85,6 +146,8 @@ class Supervisor:
     ``await Supervisor(fleet).run()`` runs until :meth:`stop` is called (or
     SIGINT/SIGTERM arrives, with ``handle_signals``), then stops every
     sandbox gracefully and returns once all are gone and cleaned up.
+    Plugins (restart policies, ...) run alongside and act through
+    :class:`~supervisor._plugins.PluginHandle`.
     """
 
     def __init__(
@@ -101,12 +164,22 @@ class Supervisor:
         self._run_dir = run_dir
         self._handle_signals = handle_signals
         self._log = log
-        self.instances: list[Instance] = []
+        self.instances: list[Instance] = [
+            Instance(cfg, i, grace=fleet.supervisor.grace_period) for cfg, i in fleet.instances()
+        ]
+        self._by_name = {inst.name: inst for inst in self.instances}
         self.bus: events.Bus | None = None
         self.runtime: Runtime | None = None
         self._stopping = trio.Event()
         self._stop_reason = "requested"
         self._logs: dict[str, int] = {}
+        self._janitor: trio.Nursery | None = None
+        # Resolve every plugin now: a typo in a fleet file is an error at
+        # start-up, not a surprise at the first crash.
+        names = dict.fromkeys([*DEFAULT_PLUGINS, *fleet.plugins])
+        for cfg in fleet.sandboxes:
+            names.update(dict.fromkeys(cfg.plugins))
+        self._plugins = {name: load_plugin(name, fleet.plugins.get(name, {})) for name in names}
 
     @property
     def socket_path(self) -> str:
@@ -118,6 +191,53 @@ class Supervisor:
         """Publish on the bus (stamping sequence number and times)."""
         assert self.bus is not None
         return self.bus.publish(event)
+
+    def instance(self, name: str) -> Instance | None:
+        """An instance by its name (``web-0``)."""
+        return self._by_name.get(name)
+
+    # -- verbs (used by plugins through their handle, and by the CLI later) --
+
+    def restart(self, name: str) -> bool:
+        """Start the next generation of an exited or failed instance."""
+        inst = self._by_name.get(name)
+        if inst is None or inst.stop_requested or inst.state not in ("exited", "failed"):
+            return False
+        inst.request_restart()
+        return True
+
+    def stop_instance(self, name: str, grace: float | None = None) -> None:
+        """Stop one instance; it stays stopped until started again."""
+        inst = self._by_name.get(name)
+        if inst is None:
+            return
+        if grace is not None:
+            inst.grace = grace
+        inst.request_stop()
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        """Record (as an event) that an exited instance will not be restarted."""
+        inst = self._by_name.get(name)
+        if inst is None or inst.state != "exited":
+            return
+        inst.state = "failed"
+        self.publish(Failed(**self._ident(inst), reason=reason))
+
+    def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None:
+        """Change an instance's memory limit, live and for later generations."""
+        inst = self._by_name.get(name)
+        if inst is None:
+            return
+        old = inst.memory_limit
+        inst.memory_override, inst.memory_overridden = limit, True
+        if inst.sandbox is not None and limit is not None:
+            try:
+                inst.sandbox.cgroup.apply(Limits(memory=limit))
+            except CorralError as exc:
+                reason = f"{reason} (applies from the next start: {exc})"
+        self.publish(
+            LimitChanged(**self._ident(inst), limit="memory", old=old, new=limit, reason=reason)
+        )
 
     def stop(self, reason: str = "requested", grace: float | None = None) -> None:
         """Stop every sandbox gracefully (SIGTERM, grace period, SIGKILL)."""
@@ -133,6 +253,8 @@ class Supervisor:
         for inst in self.instances:
             inst.grace = self.fleet.supervisor.grace_period if grace is None else grace
         self._stopping.set()
+
+    # -- running ----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the fleet until stopped; then stop it and clean everything up."""
@@ -152,24 +274,20 @@ class Supervisor:
             )
             try:
                 self.bus = events.Bus(journal)
-                await self._run(task_status)
+                async with trio.open_nursery() as logs:
+                    if self._log:
+                        from ._logging import log_events
+
+                        # Not cancelled at the end: it returns after logging
+                        # supervisor_stopped, so the log is complete.
+                        await logs.start(log_events, self.bus)
+                    await self._run_services(task_status)
             finally:
                 journal.close()
         finally:
             keeper.close()
             for fd in self._logs.values():
                 os.close(fd)
-
-    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
-        assert self.runtime is not None
-        async with trio.open_nursery() as logs:
-            if self._log:
-                from ._logging import log_events
-
-                # Not cancelled at the end: it returns after logging the
-                # supervisor_stopped event, so the log is complete.
-                await logs.start(log_events, self.bus)
-            await self._run_services(task_status)
 
     async def _run_services(self, task_status: trio.TaskStatus[None]) -> None:
         assert self.bus is not None
@@ -188,24 +306,50 @@ class Supervisor:
             if self._handle_signals:
                 services.start_soon(self._signals, signals)
             self.publish(SupervisorStarted(sandbox="", pid=os.getpid(), version=_version()))
-            self.instances = [
-                Instance(cfg, i, grace=self.fleet.supervisor.grace_period)
-                for cfg, i in self.fleet.instances()
-            ]
-            async with trio.open_nursery() as fleet:
-                for inst in self.instances:
-                    fleet.start_soon(self._supervise, inst)
-                task_status.started()
-                await self._stopping.wait()
-                self.publish(SupervisorStopping(sandbox="", reason=self._stop_reason))
-                for inst in self.instances:
-                    inst.stop_requested.set()
+            # Old generations are removed in the janitor's tasks, so that a
+            # restart never waits for a cgroup removal.
+            async with trio.open_nursery() as janitor:
+                self._janitor = janitor
+                async with trio.open_nursery() as plugins:
+                    for name, (fn, config) in self._plugins.items():
+                        plugins.start_soon(self._run_plugin, name, fn, config)
+                    async with trio.open_nursery() as fleet:
+                        for inst in self.instances:
+                            fleet.start_soon(self._supervise, inst)
+                        task_status.started()
+                        await self._stopping.wait()
+                        self.publish(SupervisorStopping(sandbox="", reason=self._stop_reason))
+                        for inst in self.instances:
+                            inst.request_stop()
+                    plugins.cancel_scope.cancel()
             self.publish(SupervisorStopped(sandbox=""))
             # Closing the bus ends the services gracefully: every consumer
             # (log, socket clients) gets every event up to this last one,
             # and the journal is flushed. Cancelling would cut them short.
             bus.close()
             signals.cancel()
+
+    async def _run_plugin(self, name: str, fn: PluginFn, config: dict[str, Any]) -> None:
+        """Run a plugin; if it raises, report it and restart it, or give up."""
+        handle = PluginHandle(self, name)
+        delay = PLUGIN_RESTART_DELAY
+        for failure in range(1, PLUGIN_MAX_FAILURES + 1):
+            try:
+                await fn(handle, config)
+                return
+            except Exception as exc:  # a plugin's bug must not stop the fleet
+                action = "disable" if failure == PLUGIN_MAX_FAILURES else "restart"
+                self.publish(
+                    PluginFailed(
+                        sandbox="",
+                        plugin=name,
+                        error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                        action=action,
+                    )
+                )
+            if failure < PLUGIN_MAX_FAILURES:
+                await trio.sleep(delay)
+                delay *= 2
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with scope, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -231,27 +375,41 @@ class Supervisor:
             self._logs[inst.name] = fd
         return fd
 
+    @staticmethod
+    def _ident(inst: Instance) -> _Ident:
+        return {"sandbox": inst.name, "instance": inst.index, "generation": inst.generation}
+
     async def _supervise(self, inst: Instance) -> None:
-        """Run one instance: create, watch, report, clean up."""
-        assert self.runtime is not None
+        """Run one instance, generation after generation, until it is stopped."""
+        while not inst.stop_requested:
+            await self._run_generation(inst)
+            if inst.stop_requested:
+                break
+            # Exited (or failed): idle until a plugin restarts it or a stop.
+            await inst._wake.wait()
+            inst._wake = trio.Event()
+            if inst._restart and not inst.stop_requested:
+                inst._restart = False
+                inst.generation += 1
+        if inst.state in ("exited", "failed", "pending"):
+            inst.state = "stopped"
+
+    async def _run_generation(self, inst: Instance) -> None:
+        """Create, watch, report and clean up one generation."""
+        assert self.runtime is not None and self._janitor is not None
         runtime = self.runtime
-        ident: _Ident = {
-            "sandbox": inst.name,
-            "instance": inst.index,
-            "generation": inst.generation,
-        }
-        if inst.stop_requested.is_set():
-            return
+        ident = self._ident(inst)
         inst.state = "starting"
         self.publish(Created(**ident))
         out = self._log_fd(inst)
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        spec = inst.spec()
         try:
             # Shielded: a create abandoned half way would leave a sandbox
             # nobody knows about. It takes milliseconds.
             with trio.CancelScope(shield=True):
                 sb = await trio.to_thread.run_sync(
-                    lambda: runtime.create(inst.config.spec(inst.index), stdio=(null, out, out))
+                    lambda: runtime.create(spec, stdio=(null, out, out))
                 )
         except CorralError as exc:
             inst.state = "failed"
@@ -261,7 +419,7 @@ class Supervisor:
             os.close(null)
         inst.sandbox = sb
         inst.state = "running"
-        inst.oom_kills_reported = 0
+        inst.oom_kills_reported = inst.oom_events_seen = 0
         try:
             await self._watch(inst, sb, ident)
         except BaseException:
@@ -275,6 +433,7 @@ class Supervisor:
 
     async def _watch(self, inst: Instance, sb: Sandbox, ident: _Ident) -> None:
         """Watch a running sandbox until it exits; report; remove it."""
+        assert self._janitor is not None
         watch = sb.cgroup.open_oom_watch()
         try:
             self.publish(Started(**ident, pid=sb.pid))
@@ -292,6 +451,7 @@ class Supervisor:
         finally:
             watch.close()
         was_stopping = inst.state == "stopping"
+        inst.sandbox = None
         inst.state = "exited"
         self.publish(
             Exited(
@@ -302,15 +462,21 @@ class Supervisor:
                 oom_killed=result.oom_killed,
             )
         )
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(sb.destroy)
-        inst.sandbox = None
         if was_stopping:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(sb.destroy)
             inst.state = "stopped"
             self.publish(Stopped(**ident))
+        else:
+            self._janitor.start_soon(self._destroy, sb)
+
+    @staticmethod
+    async def _destroy(sb: Sandbox) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(sb.destroy)
 
     async def _stop_when_asked(self, inst: Instance, sb: Sandbox, ident: _Ident) -> None:
-        await inst.stop_requested.wait()
+        await inst._stop.wait()
         inst.state = "stopping"
         self.publish(Stopping(**ident, reason=self._stop_reason, grace=inst.grace))
         sb.send_signal(signal.SIGTERM)

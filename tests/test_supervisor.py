@@ -2,82 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import signal
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
-import trio
 
 import events
 from supervisor import Supervisor
-from supervisor._fleet import Fleet, parse_fleet
 
 from .conftest import Dirs, requires_root
+from .supervising import HOG, fleet, of, run, wait_event, wait_log
 
 pytestmark = [requires_root, pytest.mark.layout]
-
-HOG = "x=0123456789abcdef; while :; do x=$x$x; done"
-TIMEOUT = 60
-
-
-def fleet(*sandboxes: dict[str, Any], **supervisor: Any) -> Fleet:
-    doc: dict[str, Any] = {"sandbox": list(sandboxes)}
-    if supervisor:
-        doc["supervisor"] = supervisor
-    return parse_fleet(doc)
-
-
-async def wait_event(
-    sup: Supervisor, pred: Callable[[events.Event], bool], timeout: float = TIMEOUT
-) -> events.Event:
-    """The first event (past or future) matching *pred*."""
-    assert sup.bus is not None
-    with sup.bus.subscribe() as sub:
-        last = 0
-        for ev in sup.bus.replay(1):
-            last = ev.seq
-            if pred(ev):
-                return ev
-        with trio.fail_after(timeout):
-            async for ev in sub:
-                if ev.seq > last and pred(ev):
-                    return ev
-    raise AssertionError("unreachable")
-
-
-async def wait_log(dirs: Dirs, name: str, text: str) -> None:
-    """Wait until the sandbox's output log starts with *text*."""
-    log = Path(dirs.state, "logs", f"{name}.log")
-    with trio.fail_after(TIMEOUT):
-        while not (log.exists() and log.read_text().startswith(text)):
-            await trio.sleep(0.01)
-
-
-def run(f: Fleet, dirs: Dirs, body: Callable[[Supervisor], Awaitable[None]]) -> list[events.Event]:
-    """Run the fleet, call *body*, stop the fleet; return every event from the journal."""
-    sup = Supervisor(f, state_dir=str(dirs.state), run_dir=str(dirs.run))
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
-            try:
-                await body(sup)
-            finally:
-                sup.stop("test done")
-
-    trio.run(main)
-    journal = events.Journal(os.path.join(dirs.state, "journal"))
-    try:
-        return list(journal.replay(1))
-    finally:
-        journal.close()
-
-
-def of(evs: list[events.Event], kind: type[events.Event], sandbox: str) -> list[Any]:
-    return [e for e in evs if isinstance(e, kind) and e.sandbox == sandbox]
 
 
 def test_oom_kill_is_reported_for_the_right_sandbox(dirs: Dirs) -> None:

@@ -73,7 +73,7 @@ class Cgroup(ABC):
 
     @abstractmethod
     def apply(self, limits: Limits) -> None:
-        """Set the memory, CPU and pids limits; ``None`` leaves one unlimited."""
+        """Set the limits given; a ``None`` field is left as it is (new cgroups start unlimited)."""
 
     @abstractmethod
     def stats(self) -> CgroupStats:
@@ -373,11 +373,19 @@ class V1Cgroup(Cgroup):
 
     def apply(self, limits: Limits) -> None:
         if limits.memory is not None:
-            _write(self._f("memory", "memory.limit_in_bytes"), str(limits.memory))
+            limit = self._f("memory", "memory.limit_in_bytes")
             memsw = self._f("memory", "memory.memsw.limit_in_bytes")
             if os.path.exists(memsw):
-                _write(memsw, str(limits.memory))
+                # The kernel keeps limit <= memsw at every step: raise memsw
+                # first when growing, lower the limit first when shrinking.
+                if limits.memory > _read_int(memsw, 1 << 62):
+                    _write(memsw, str(limits.memory))
+                    _write(limit, str(limits.memory))
+                else:
+                    _write(limit, str(limits.memory))
+                    _write(memsw, str(limits.memory))
             else:
+                _write(limit, str(limits.memory))
                 # No swap accounting (swapaccount=0): keep the kernel from
                 # swapping this cgroup out, so an overrun is an OOM kill and
                 # not a hog that survives in swap (what the seed observed).

@@ -1,0 +1,126 @@
+"""The plugin interface: what a plugin is and the narrow handle it acts through.
+
+A plugin is an async callable ``plugin(handle, config)``: it gets a
+:class:`Handle` on the supervisor and its fleet-wide settings (the fleet
+file's ``[plugins.NAME]`` table), runs for as long as the supervisor does
+(subscribing to events, acting through the handle), and is cancelled when
+the supervisor stops. If it raises, the supervisor publishes a
+``plugin_failed`` event and restarts it after a delay, or disables it after
+repeated failures; a plugin can never take the supervisor down.
+
+The handle is the only way in: a plugin never touches supervisor
+internals, and the supervisor never imports a plugin (it loads them by
+name: the entry point group ``corral.plugins``, or a ``module = "pkg.mod:attr"``
+key in the plugin's table). Both sides meet in these structural types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+import events
+
+__all__ = ["ENTRY_POINT_GROUP", "Handle", "InstanceView", "Plugin"]
+
+ENTRY_POINT_GROUP = "corral.plugins"
+"""Python entry point group that plugins register under."""
+
+
+class InstanceView(Protocol):
+    """What a plugin may know about one sandbox instance (read-only)."""
+
+    @property
+    def name(self) -> str:
+        """The instance's name, as in events (``web-0``)."""
+        ...
+
+    @property
+    def sandbox_name(self) -> str:
+        """The fleet entry it belongs to (``web``)."""
+        ...
+
+    @property
+    def generation(self) -> int:
+        """How many times it has been restarted."""
+        ...
+
+    @property
+    def state(self) -> str:
+        """pending, starting, running, stopping, exited, failed or stopped."""
+        ...
+
+    @property
+    def memory_limit(self) -> int | None:
+        """Its current memory limit in bytes (None: unlimited)."""
+        ...
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once a stop of this instance (or of the fleet) was asked for."""
+        ...
+
+
+class Handle(Protocol):
+    """The narrow, documented handle a plugin acts through."""
+
+    @property
+    def plugin(self) -> str:
+        """The plugin's own name (the key of its ``[plugins.NAME]`` table)."""
+        ...
+
+    def subscribe(
+        self,
+        kinds: Iterable[str] | None = None,
+        sandboxes: Iterable[str] | None = None,
+        maxsize: int = 1024,
+    ) -> events.Subscription:
+        """Subscribe to the event bus (see :meth:`events.Bus.subscribe`)."""
+        ...
+
+    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
+        """Events from the journal, e.g. to recover a gap."""
+        ...
+
+    def publish(self, event: events.Event) -> events.Event:
+        """Publish an event of the plugin's own (usually a ``PluginEvent``)."""
+        ...
+
+    def instances(self) -> list[InstanceView]:
+        """Every instance of the fleet."""
+        ...
+
+    def instance(self, name: str) -> InstanceView | None:
+        """One instance by name, if it exists."""
+        ...
+
+    def settings(self, name: str) -> Mapping[str, Any]:
+        """This plugin's settings for an instance: the sandbox's
+        ``[sandbox.plugins.NAME]`` table over the fleet-wide one."""
+        ...
+
+    def restart(self, name: str) -> bool:
+        """Start the next generation of an exited instance now.
+
+        Returns False (and does nothing) if the instance is not in a state
+        that can be restarted (running, stopping, stopped).
+        """
+        ...
+
+    def stop(self, name: str, grace: float | None = None) -> None:
+        """Stop an instance (SIGTERM, grace, SIGKILL); it stays stopped."""
+        ...
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        """Record that an exited instance will not be restarted (a
+        ``failed`` event)."""
+        ...
+
+    def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None:
+        """Change an instance's memory limit: at once if it runs, and for
+        every later generation (a ``limit_changed`` event)."""
+        ...
+
+
+Plugin = Callable[[Handle, Mapping[str, Any]], Awaitable[None]]
+"""A plugin: an async callable taking the handle and its fleet-wide settings."""

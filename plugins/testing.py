@@ -1,0 +1,160 @@
+"""Drive a plugin without a supervisor: an in-memory bus and a fake handle.
+
+For plugin authors (and our own tests)::
+
+    import trio, trio.testing
+    from plugins.testing import FakeHandle, exited
+
+    async def test_my_plugin():
+        handle = FakeHandle(instances=["web-0"], settings={"web-0": {"policy": "always"}})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(my_plugin, handle, {})
+            await trio.testing.wait_all_tasks_blocked()
+            handle.publish(exited("web-0", status=1))
+            await trio.testing.wait_all_tasks_blocked()
+            assert handle.calls == [("restart", "web-0")]
+            nursery.cancel_scope.cancel()
+
+The handle records every verb a plugin calls in ``calls`` and applies its
+effect to the fake instances (state, generation, memory limit), publishing
+the same events the supervisor would (``failed``, ``limit_changed``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import events
+
+__all__ = ["FakeHandle", "FakeInstance", "exited", "started"]
+
+
+@dataclass
+class FakeInstance:
+    """An instance as a plugin sees it (``plugins.InstanceView``)."""
+
+    name: str
+    sandbox_name: str = ""
+    generation: int = 0
+    state: str = "running"
+    memory_limit: int | None = None
+    stop_requested: bool = False
+
+
+class FakeHandle:
+    """A ``plugins.Handle`` over an in-memory bus, recording what is done."""
+
+    def __init__(
+        self,
+        instances: Iterable[str | FakeInstance] = (),
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
+        plugin: str = "test",
+    ) -> None:
+        self.instances_: dict[str, FakeInstance] = {}
+        for inst in instances:
+            fi = inst if isinstance(inst, FakeInstance) else FakeInstance(name=inst)
+            if not fi.sandbox_name:
+                fi.sandbox_name = fi.name.rsplit("-", 1)[0]
+            self.instances_[fi.name] = fi
+        self.settings_ = {k: dict(v) for k, v in (settings or {}).items()}
+        self.plugin = plugin
+        self.bus = events.Bus()
+        self.calls: list[tuple[Any, ...]] = []
+
+    # -- the Handle interface ---------------------------------------------------
+
+    def subscribe(
+        self,
+        kinds: Iterable[str] | None = None,
+        sandboxes: Iterable[str] | None = None,
+        maxsize: int = 1024,
+    ) -> events.Subscription:
+        """Subscribe to the in-memory bus."""
+        return self.bus.subscribe(kinds, sandboxes, maxsize)
+
+    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
+        """No journal here: a replay is one gap."""
+        return self.bus.replay(since, until)
+
+    def publish(self, event: events.Event) -> events.Event:
+        """Publish on the in-memory bus (also how a test injects events)."""
+        return self.bus.publish(event)
+
+    def instances(self) -> list[FakeInstance]:
+        """Every fake instance."""
+        return list(self.instances_.values())
+
+    def instance(self, name: str) -> FakeInstance | None:
+        """One fake instance."""
+        return self.instances_.get(name)
+
+    def settings(self, name: str) -> Mapping[str, Any]:
+        """The settings given for *name* (empty if none)."""
+        return self.settings_.get(name, {})
+
+    def restart(self, name: str) -> bool:
+        """Record a restart; bump the generation of an exited instance."""
+        self.calls.append(("restart", name))
+        inst = self.instances_.get(name)
+        if inst is None or inst.stop_requested or inst.state not in ("exited", "failed"):
+            return False
+        inst.generation += 1
+        inst.state = "running"
+        return True
+
+    def stop(self, name: str, grace: float | None = None) -> None:
+        """Record a stop."""
+        self.calls.append(("stop", name, grace))
+        inst = self.instances_.get(name)
+        if inst is not None:
+            inst.stop_requested = True
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        """Record a failure and publish the ``failed`` event."""
+        self.calls.append(("failed", name, reason))
+        inst = self.instances_.get(name)
+        if inst is not None:
+            inst.state = "failed"
+            self.publish(events.Failed(sandbox=name, generation=inst.generation, reason=reason))
+
+    def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None:
+        """Record a limit change and publish ``limit_changed``."""
+        self.calls.append(("memory", name, limit))
+        inst = self.instances_.get(name)
+        if inst is not None:
+            old, inst.memory_limit = inst.memory_limit, limit
+            self.publish(
+                events.LimitChanged(
+                    sandbox=name, generation=inst.generation, limit="memory",
+                    old=old, new=limit, reason=reason,
+                )
+            )  # fmt: skip
+
+
+def started(name: str, generation: int = 0, pid: int = 4242) -> events.Started:
+    """A ``started`` event as the supervisor would publish it."""
+    return events.Started(sandbox=name, generation=generation, pid=pid)
+
+
+def exited(
+    name: str,
+    status: int = 0,
+    *,
+    generation: int = 0,
+    oom_killed: bool = False,
+    handle: FakeHandle | None = None,
+) -> events.Exited:
+    """An ``exited`` event; with *handle*, its instance is marked exited too."""
+    if handle is not None and (inst := handle.instance(name)) is not None:
+        inst.state = "exited"
+        generation = inst.generation
+    return events.Exited(
+        sandbox=name,
+        generation=generation,
+        status=status,
+        exit_code=status,
+        signal=None,
+        oom_killed=oom_killed,
+    )

@@ -1,0 +1,130 @@
+"""Loading plugins by name, and the handle each one acts through.
+
+The supervisor never imports a plugin module statically: a plugin is found
+by name in the ``corral.plugins`` entry point group (built-ins included,
+see pyproject.toml), or by a ``module = "pkg.mod:attr"`` key in its
+``[plugins.NAME]`` table. :class:`PluginHandle` implements the narrow
+``plugins.Handle`` interface structurally.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+import events
+
+from ._errors import CorralError
+
+if TYPE_CHECKING:
+    from ._supervisor import Instance, Supervisor
+
+__all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginError", "PluginHandle", "load_plugin"]
+
+ENTRY_POINT_GROUP = "corral.plugins"
+DEFAULT_PLUGINS = ("restart",)
+"""Loaded for every fleet (each does nothing unless configured)."""
+
+PluginFn = Callable[[Any, Mapping[str, Any]], Awaitable[None]]
+
+
+class PluginError(CorralError):
+    """A plugin cannot be found or loaded."""
+
+
+def load_plugin(name: str, table: Mapping[str, Any]) -> tuple[PluginFn, dict[str, Any]]:
+    """Find plugin *name*; return it and its settings (the table minus ``module``)."""
+    config = {k: v for k, v in table.items() if k != "module"}
+    target = table.get("module")
+    try:
+        if target is not None:
+            if not isinstance(target, str) or ":" not in target:
+                raise PluginError(
+                    f'plugin {name!r}: module: expected "package.module:attribute", got {target!r}'
+                )
+            mod, _, attr = target.partition(":")
+            obj = getattr(importlib.import_module(mod), attr)
+        else:
+            found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+            if not found:
+                raise PluginError(
+                    f"plugin {name!r} not found: no entry point {name!r} in group"
+                    f' {ENTRY_POINT_GROUP!r} and no module = "package.module:attribute"'
+                    f" in [plugins.{name}]"
+                )
+            obj = next(iter(found)).load()
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"plugin {name!r}: cannot load: {type(exc).__name__}: {exc}") from exc
+    if not callable(obj):
+        raise PluginError(f"plugin {name!r}: {obj!r} is not callable")
+    return obj, config
+
+
+class PluginHandle:
+    """What one plugin gets: events in and out, and a few verbs."""
+
+    def __init__(self, supervisor: Supervisor, plugin: str) -> None:
+        self._sup = supervisor
+        self._plugin = plugin
+
+    @property
+    def plugin(self) -> str:
+        """The plugin's name."""
+        return self._plugin
+
+    def subscribe(
+        self,
+        kinds: Iterable[str] | None = None,
+        sandboxes: Iterable[str] | None = None,
+        maxsize: int = 1024,
+    ) -> events.Subscription:
+        """Subscribe to the event bus."""
+        assert self._sup.bus is not None
+        return self._sup.bus.subscribe(kinds, sandboxes, maxsize)
+
+    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
+        """Events from the journal."""
+        assert self._sup.bus is not None
+        return self._sup.bus.replay(since, until)
+
+    def publish(self, event: events.Event) -> events.Event:
+        """Publish an event."""
+        return self._sup.publish(event)
+
+    def instances(self) -> list[Instance]:
+        """Every instance of the fleet."""
+        return list(self._sup.instances)
+
+    def instance(self, name: str) -> Instance | None:
+        """One instance by name."""
+        return self._sup.instance(name)
+
+    def settings(self, name: str) -> Mapping[str, Any]:
+        """This plugin's settings for instance *name*: per sandbox over fleet-wide."""
+        merged = {
+            k: v for k, v in self._sup.fleet.plugins.get(self._plugin, {}).items() if k != "module"
+        }
+        inst = self._sup.instance(name)
+        if inst is not None:
+            merged.update(inst.config.plugins.get(self._plugin, {}))
+        return merged
+
+    def restart(self, name: str) -> bool:
+        """Start the next generation of an exited instance."""
+        return self._sup.restart(name)
+
+    def stop(self, name: str, grace: float | None = None) -> None:
+        """Stop one instance; it stays stopped."""
+        self._sup.stop_instance(name, grace=grace)
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        """Record that an exited instance will not be restarted."""
+        self._sup.mark_failed(name, reason)
+
+    def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None:
+        """Change an instance's memory limit now and for later generations."""
+        self._sup.set_memory_limit(name, limit, reason)
