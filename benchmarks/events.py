@@ -47,11 +47,13 @@ from pathlib import Path
 
 # This file is named events.py (the issue fixes the name): drop its own
 # directory from the path so that `import events` finds the package.
+# Its helpers (_trace) are still found: the directory goes to the end.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+    sys.path.append(sys.path.pop(0))
 
 import trio
 import trio.testing
+from _trace import oom_tracepoint, parse_mark_victim
 
 import events
 
@@ -108,33 +110,6 @@ def keeper_pid(supervisor: int) -> int | None:
 
 # -- exit and OOM latency ------------------------------------------------------
 
-TRACEFS = "/sys/kernel/tracing"
-
-
-@contextmanager
-def oom_tracepoint() -> Iterator[int]:
-    """A non-blocking trace_pipe of a private tracefs instance with only
-    oom:mark_victim enabled, on the CLOCK_MONOTONIC trace clock."""
-    mounted = False
-    if not os.path.exists(f"{TRACEFS}/instances"):
-        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
-        mounted = True
-    inst = f"{TRACEFS}/instances/corral-bench-{os.getpid()}"
-    os.mkdir(inst)
-    try:
-        Path(inst, "trace_clock").write_text("mono")
-        Path(inst, "events/oom/mark_victim/enable").write_text("1")
-        fd = os.open(f"{inst}/trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            yield fd
-        finally:
-            os.close(fd)
-            Path(inst, "events/oom/mark_victim/enable").write_text("0")
-    finally:
-        os.rmdir(inst)
-        if mounted:
-            subprocess.run(["umount", TRACEFS], check=False)
-
 
 async def latencies(
     sock: str, kills: int, ooms: int, total: int
@@ -159,11 +134,9 @@ async def latencies(
                 continue
             *lines, buf = buf.split(b"\n")
             for line in lines:
-                head, sep, rest = line.partition(b": mark_victim: ")
-                if sep:
-                    ts = float(head.rsplit(None, 1)[-1])
-                    pid = int(rest.split(b"pid=")[1].split()[0].rstrip(b","))
-                    victims[pid] = ts
+                hit = parse_mark_victim(line)
+                if hit is not None:
+                    victims[hit[0]] = hit[1]
                     notify()
 
     def notify() -> None:

@@ -69,6 +69,11 @@ class Handle(Protocol):
         """The plugin's own name (the key of its ``[plugins.NAME]`` table)."""
         ...
 
+    @property
+    def state_dir(self) -> str:
+        """A directory of the plugin's own to write to (created on first use)."""
+        ...
+
     def subscribe(
         self,
         kinds: Iterable[str] | None = None,

@@ -62,6 +62,16 @@ class FakeHandle:
         self.plugin = plugin
         self.bus = events.Bus()
         self.calls: list[tuple[Any, ...]] = []
+        self._state_dir: str | None = None
+
+    @property
+    def state_dir(self) -> str:
+        """A temporary directory, made on first use (remove it in the test)."""
+        import tempfile
+
+        if self._state_dir is None:
+            self._state_dir = tempfile.mkdtemp(prefix=f"corral-plugin-{self.plugin}-")
+        return self._state_dir
 
     # -- the Handle interface ---------------------------------------------------
 

@@ -10,8 +10,11 @@ see pyproject.toml), or by a ``module = "pkg.mod:attr"`` key in its
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from importlib.metadata import entry_points
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import events
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginError", "PluginHandle", "load_plugin"]
 
 ENTRY_POINT_GROUP = "corral.plugins"
-DEFAULT_PLUGINS = ("restart",)
+DEFAULT_PLUGINS = ("restart", "logging")
 """Loaded for every fleet (each does nothing unless configured)."""
 
 PluginFn = Callable[[Any, Mapping[str, Any]], Awaitable[None]]
@@ -34,18 +37,29 @@ class PluginError(CorralError):
     """A plugin cannot be found or loaded."""
 
 
-def load_plugin(name: str, table: Mapping[str, Any]) -> tuple[PluginFn, dict[str, Any]]:
-    """Find plugin *name*; return it and its settings (the table minus ``module``)."""
+def load_plugin(
+    name: str, table: Mapping[str, Any], base_dir: str = "."
+) -> tuple[PluginFn, dict[str, Any]]:
+    """Find plugin *name*; return it and its settings (the table minus ``module``).
+
+    ``module`` is ``"package.module:attribute"`` (importable), or
+    ``"path/to/file.py:attribute"`` relative to *base_dir* (the fleet
+    file's directory), for a plugin that is just a file.
+    """
     config = {k: v for k, v in table.items() if k != "module"}
     target = table.get("module")
     try:
         if target is not None:
             if not isinstance(target, str) or ":" not in target:
                 raise PluginError(
-                    f'plugin {name!r}: module: expected "package.module:attribute", got {target!r}'
+                    f'plugin {name!r}: module: expected "package.module:attribute" or'
+                    f' "file.py:attribute", got {target!r}'
                 )
-            mod, _, attr = target.partition(":")
-            obj = getattr(importlib.import_module(mod), attr)
+            mod, _, attr = target.rpartition(":")
+            if mod.endswith(".py"):
+                obj = getattr(_load_file(name, os.path.join(base_dir, mod)), attr)
+            else:
+                obj = getattr(importlib.import_module(mod), attr)
         else:
             found = entry_points(group=ENTRY_POINT_GROUP, name=name)
             if not found:
@@ -64,6 +78,15 @@ def load_plugin(name: str, table: Mapping[str, Any]) -> tuple[PluginFn, dict[str
     return obj, config
 
 
+def _load_file(name: str, path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"corral_plugin_{name}", path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"plugin {name!r}: cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class PluginHandle:
     """What one plugin gets: events in and out, and a few verbs."""
 
@@ -75,6 +98,14 @@ class PluginHandle:
     def plugin(self) -> str:
         """The plugin's name."""
         return self._plugin
+
+    @property
+    def state_dir(self) -> str:
+        """A directory of the plugin's own (``STATE_DIR/plugins/NAME``), created."""
+        assert self._sup.runtime is not None
+        path = os.path.join(self._sup.runtime.state_dir, "plugins", self._plugin)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
 
     def subscribe(
         self,

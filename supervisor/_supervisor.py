@@ -59,6 +59,7 @@ NEAR_MISS_DELAY = 0.05
 # failures it is disabled.
 PLUGIN_MAX_FAILURES = 3
 PLUGIN_RESTART_DELAY = 1.0
+PLUGIN_DRAIN_TIMEOUT = 5.0
 
 
 class _Ident(TypedDict):
@@ -179,7 +180,10 @@ class Supervisor:
         names = dict.fromkeys([*DEFAULT_PLUGINS, *fleet.plugins])
         for cfg in fleet.sandboxes:
             names.update(dict.fromkeys(cfg.plugins))
-        self._plugins = {name: load_plugin(name, fleet.plugins.get(name, {})) for name in names}
+        base = os.path.dirname(os.path.abspath(fleet.source)) if fleet.source != "<fleet>" else "."
+        self._plugins = {
+            name: load_plugin(name, fleet.plugins.get(name, {}), base) for name in names
+        }
 
     @property
     def socket_path(self) -> str:
@@ -306,13 +310,13 @@ class Supervisor:
             if self._handle_signals:
                 services.start_soon(self._signals, signals)
             self.publish(SupervisorStarted(sandbox="", pid=os.getpid(), version=_version()))
-            # Old generations are removed in the janitor's tasks, so that a
-            # restart never waits for a cgroup removal.
-            async with trio.open_nursery() as janitor:
-                self._janitor = janitor
-                async with trio.open_nursery() as plugins:
-                    for name, (fn, config) in self._plugins.items():
-                        plugins.start_soon(self._run_plugin, name, fn, config)
+            async with trio.open_nursery() as plugins:
+                for name, (fn, config) in self._plugins.items():
+                    plugins.start_soon(self._run_plugin, name, fn, config)
+                # Old generations are removed in the janitor's tasks, so
+                # that a restart never waits for a cgroup removal.
+                async with trio.open_nursery() as janitor:
+                    self._janitor = janitor
                     async with trio.open_nursery() as fleet:
                         for inst in self.instances:
                             fleet.start_soon(self._supervise, inst)
@@ -321,12 +325,14 @@ class Supervisor:
                         self.publish(SupervisorStopping(sandbox="", reason=self._stop_reason))
                         for inst in self.instances:
                             inst.request_stop()
-                    plugins.cancel_scope.cancel()
-            self.publish(SupervisorStopped(sandbox=""))
-            # Closing the bus ends the services gracefully: every consumer
-            # (log, socket clients) gets every event up to this last one,
-            # and the journal is flushed. Cancelling would cut them short.
-            bus.close()
+                self.publish(SupervisorStopped(sandbox=""))
+                # Closing the bus ends the services and plugins gracefully:
+                # every consumer (log, event log, socket clients) gets every
+                # event up to this last one, and the journal is flushed.
+                # Cancelling would cut them short; a plugin that does not
+                # finish by itself is cancelled after a short drain.
+                bus.close()
+                plugins.cancel_scope.deadline = trio.current_time() + PLUGIN_DRAIN_TIMEOUT
             signals.cancel()
 
     async def _run_plugin(self, name: str, fn: PluginFn, config: dict[str, Any]) -> None:
