@@ -7,6 +7,11 @@
 #      cleanly.
 set -u
 cd "$(dirname "$0")/.."
+# A private state and run directory, so the demo shows only its own events
+# and leaves nothing behind.
+demo_dir=$(mktemp -d /tmp/corral-demo.XXXXXX)
+trap 'rm -rf "$demo_dir"' EXIT
+export CORRAL_STATE_DIR=$demo_dir/state CORRAL_RUN_DIR=$demo_dir/run
 corral() { .venv/bin/corral "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -19,20 +24,23 @@ echo "\$ corral run --memory 32M -- sh -c 'x=a; while :; do x=\$x\$x; done'"
 corral run --memory 32M -- sh -c 'x=a; while :; do x=$x$x; done'
 echo "exit status: $?"
 
-say "corral up examples/fleet.toml: 5 sandboxes, one OOM-killed; stopped by SIGINT after 15 s"
-run_dir=${CORRAL_RUN_DIR:-/run/corral}
+say "corral up examples/fleet.toml: 5 sandboxes; the hog is OOM-killed and restarted with more memory; SIGINT after 15 s"
+run_dir=$CORRAL_RUN_DIR
 log=$(mktemp)
 # An outside consumer: it connects as soon as the socket exists and prints
 # what a monitoring system would get.
 (
   for _ in $(seq 100); do [ -S "$run_dir/events.sock" ] && break; sleep 0.1; done
-  exec .venv/bin/corral events --since 1 --kind oom_kill --kind exited
+  exec .venv/bin/corral events --since 1 --kind oom_kill --kind exited --kind restarting --kind limit_changed --kind failed
 ) > "$log" 2>&1 &
 consumer=$!
 timeout --preserve-status -s INT 15 .venv/bin/corral up examples/fleet.toml
 echo "corral up exit status: $?"
 wait "$consumer"
 
-say "what the outside consumer (corral events --kind oom_kill --kind exited) received"
+say "what an outside consumer (corral events --kind oom_kill --kind exited ...) received"
 cat "$log"
 rm -f "$log"
+
+say "what the hog printed (corral logs hog)"
+.venv/bin/corral logs hog

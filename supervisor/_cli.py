@@ -99,7 +99,60 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--json", action="store_true", help="JSON lines instead of human lines")
     ev.add_argument("--socket", help="event socket (default: RUN_DIR/events.sock)")
+
+    lg = sub.add_parser(
+        "logs",
+        help="print a sandbox's output (stdout and stderr)",
+        description="Print what a sandbox instance wrote, from its rotated log files;"
+        " works while the fleet runs and after it stopped.",
+    )
+    lg.add_argument(
+        "name", metavar="NAME", help="an instance (web-0), or a sandbox (web: its first)"
+    )
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    lg.add_argument("--since", help="only output since a time: 10s, 5m, 2h or RFC 3339")
+    lg.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    lg.add_argument(
+        "-t", "--timestamps", action="store_true", help="prefix each line with its time"
+    )
     return parser
+
+
+def _state_dir() -> str:
+    from ._runtime import DEFAULT_STATE_DIR
+
+    return os.environ.get("CORRAL_STATE_DIR") or DEFAULT_STATE_DIR
+
+
+def _logs(args: argparse.Namespace) -> int:
+    import time
+
+    from ._logfiles import follow, format_record, parse_since, read_records
+
+    logdir = os.path.join(_state_dir(), "logs")
+    path = os.path.join(logdir, f"{args.name}.log")
+    if not os.path.exists(path) and os.path.exists(os.path.join(logdir, f"{args.name}-0.log")):
+        path = os.path.join(logdir, f"{args.name}-0.log")
+    if not os.path.exists(path):
+        raise CorralError(f"no output logged for {args.name!r} (looked in {logdir})")
+    if args.tail is not None and args.tail < 0:
+        raise _Usage(f"--tail: expected a number of lines >= 0, got {args.tail}")
+    since = None
+    if args.since is not None:
+        try:
+            since = parse_since(args.since, time.time())
+        except ValueError as exc:
+            raise _Usage(f"--since: {exc}") from None
+    out = sys.stdout.buffer
+    if args.follow:
+        for record in follow(path, since=since, tail=args.tail):
+            out.write(format_record(record, timestamps=args.timestamps))
+            out.flush()
+        return 0
+    for record in read_records(path, since=since, tail=args.tail):
+        out.write(format_record(record, timestamps=args.timestamps))
+    out.flush()
+    return 0
 
 
 def _run_dir() -> str:
@@ -248,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _up(args)
         if args.verb == "events":
             return _events(args)
+        if args.verb == "logs":
+            return _logs(args)
         parser.error(f"unknown verb {args.verb!r}")
     except CommandNotFoundError as exc:
         sys.stderr.write(f"corral: {exc}\n")

@@ -30,7 +30,7 @@ _SANDBOX_KEYS = {
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
     "grace_period", "journal_max_bytes", "journal_segment_bytes", "socket_group",
-    "cgroup_parent",
+    "cgroup_parent", "log_max_bytes", "log_max_files",
 }  # fmt: skip
 _TOP_KEYS = {"supervisor", "defaults", "sandbox", "plugins"}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -58,6 +58,10 @@ class SupervisorConfig:
     socket_group: int | None = None
     """Group (gid) allowed to connect to the event socket besides root."""
     cgroup_parent: str | None = None
+    log_max_bytes: int = 10 << 20
+    """Each sandbox's output log is rotated at this size ..."""
+    log_max_files: int = 5
+    """... keeping this many files (the current one included)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,12 @@ def _typed(value: object, kind: type | tuple[type, ...], field_name: str, what: 
     return value
 
 
+def _log_files(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise SpecError("log_max_files", f"expected a whole number from 1 to 1000, got {value!r}")
+    return value
+
+
 def _command(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         if not value.strip():
@@ -246,9 +256,16 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             kw["grace_period"] = c.check(
                 "supervisor: ", lambda: parse_duration(sup_table["grace_period"], "grace_period")
             )
-        for key in ("journal_max_bytes", "journal_segment_bytes"):
+        if "log_max_files" in sup_table:
+            kw["log_max_files"] = c.check(
+                "supervisor: ", lambda: _log_files(sup_table["log_max_files"])
+            )
+        for key in ("journal_max_bytes", "journal_segment_bytes", "log_max_bytes"):
             if key in sup_table:
-                kw[key] = c.check("supervisor: ", lambda k=key: parse_size(sup_table[k], k))  # type: ignore[misc]
+                kw[key] = c.check(
+                    "supervisor: ",
+                    lambda k=key: parse_size(sup_table[k], k, minimum=64 << 10),  # type: ignore[misc]
+                )
         if "socket_group" in sup_table:
             kw["socket_group"] = c.check("supervisor: ", lambda: _group(sup_table["socket_group"]))
         if "cgroup_parent" in sup_table:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import calendar
 import ctypes
+import errno
 import itertools
 import math
 import os
@@ -467,38 +468,48 @@ def _close(files: Iterable[_File | None]) -> None:
             os.close(f.fd)
 
 
+def _names(path: str) -> dict[int, tuple[int, int]]:
+    """Which file (st_dev, st_ino) each name holds: 0 for *path*, k for ``path.k``."""
+    out = {}
+    for k in [0, *_rotated_indices(path)]:
+        try:
+            st = os.stat(f"{path}.{k}" if k else path)
+        except FileNotFoundError:
+            continue
+        out[k] = (st.st_dev, st.st_ino)
+    return out
+
+
 def _open_files(path: str) -> list[_File]:
     """The log's files opened, oldest first; the last is the current file if it exists.
 
-    Opened first and read later, so that a rotation meanwhile drops none of
-    them. The current file is opened first; a rotated file newer than it (a
-    rotation came between) is left out, the follower gets there later.
-    Scanning ``path.1`` upwards, a rotation meanwhile (each file moves up
-    one) can show a file twice but not hide one: duplicates are dropped by
-    inode.
+    Opened before they are read, so that a rotation meanwhile drops none of
+    them. The order is the names' (``path.k`` ... ``path.1``, ``path``),
+    which is right at every step of a rotation (files move up one at a
+    time, the highest first), but only if no rotation came between two
+    names: so the names are looked at before and after the files are opened,
+    and all is done again if anything moved.
     """
-    cur = _try_open(path)
-    seen: list[_File] = []
-    try:
-        ks = _rotated_indices(path)
-        for k in range(1, (ks[-1] if ks else 0) + 2):
-            f = _try_open(f"{path}.{k}")
-            if f is None:
-                continue
-            if cur is not None and f.key == cur.key:
-                _close([f, *seen])
-                seen = []
-            elif any(s.key == f.key for s in seen):
-                _close([f])
+    for _ in range(1000):
+        before = _names(path)
+        files: list[_File] = []
+        try:
+            for k in sorted(before, reverse=True):
+                f = _try_open(f"{path}.{k}" if k else path)
+                if f is None:
+                    break
+                files.append(f)
+                if f.key != before[k]:
+                    break
             else:
-                seen.append(f)
-    except BaseException:
-        _close([cur, *seen])
-        raise
-    seen.reverse()
-    if cur is not None:
-        seen.append(cur)
-    return seen
+                if _names(path) == before:
+                    return files
+        except BaseException:
+            _close(files)
+            raise
+        _close(files)
+    # Only if the writer rotates faster than a few stat calls, for seconds.
+    raise OSError(errno.EAGAIN, "log files kept rotating while being opened", path)
 
 
 def _read_to_end(fd: int) -> bytes:

@@ -38,10 +38,11 @@ _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_MEMORY = 4 << 20
 
 
-def parse_size(value: str | int, field: str = "memory") -> int:
+def parse_size(value: str | int, field: str = "memory", minimum: int = MIN_MEMORY) -> int:
     """Parse a byte size: ``64M``, ``1g``, ``512k``, ``1.5G`` or a plain number.
 
-    Units are binary (``1M`` = 1 MiB), as in Docker.
+    Units are binary (``1M`` = 1 MiB), as in Docker. *minimum* defaults to
+    the smallest memory limit a sandbox can start under.
     """
     if isinstance(value, bool):
         raise SpecError(field, f"expected a size like 64M or 1G, got {value!r}")
@@ -52,9 +53,16 @@ def parse_size(value: str | int, field: str = "memory") -> int:
         if not m:
             raise SpecError(field, f"expected a size like 64M or 1G, got {value!r}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n < MIN_MEMORY:
-        raise SpecError(field, f"expected at least 4M, got {value!r}")
+    if n < minimum:
+        raise SpecError(field, f"expected at least {_human(minimum)}, got {value!r}")
     return n
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
 
 
 def parse_cpus(value: str | float, field: str = "cpus") -> float:

@@ -45,6 +45,7 @@ from ._errors import CorralError
 from ._fleet import Fleet, SandboxConfig
 from ._linux._cgroups import OomWatch
 from ._linux._spawn import Keeper
+from ._logfiles import LogWriter, pump
 from ._plugins import DEFAULT_PLUGINS, PluginFn, PluginHandle, load_plugin
 from ._runtime import Runtime, Sandbox
 from ._spec import Limits, SandboxSpec
@@ -173,7 +174,7 @@ class Supervisor:
         self.runtime: Runtime | None = None
         self._stopping = trio.Event()
         self._stop_reason = "requested"
-        self._logs: dict[str, int] = {}
+        self._logs: dict[str, LogWriter] = {}
         self._janitor: trio.Nursery | None = None
         # Resolve every plugin now: a typo in a fleet file is an error at
         # start-up, not a surprise at the first crash.
@@ -290,8 +291,8 @@ class Supervisor:
                 journal.close()
         finally:
             keeper.close()
-            for fd in self._logs.values():
-                os.close(fd)
+            for writer in self._logs.values():
+                writer.close()
 
     async def _run_services(self, task_status: trio.TaskStatus[None]) -> None:
         assert self.bus is not None
@@ -366,20 +367,19 @@ class Supervisor:
                 else:
                     self.stop(f"{name} received again", grace=0)
 
-    def _log_fd(self, inst: Instance) -> int:
-        """The instance's output file (stdout and stderr), kept across restarts."""
+    def _log_writer(self, inst: Instance) -> LogWriter:
+        """The instance's output log (k8s-file format), kept across restarts."""
         assert self.runtime is not None
-        fd = self._logs.get(inst.name)
-        if fd is None:
-            logdir = os.path.join(self.runtime.state_dir, "logs")
-            os.makedirs(logdir, mode=0o700, exist_ok=True)
-            fd = os.open(
-                os.path.join(logdir, f"{inst.name}.log"),
-                os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                0o600,
+        writer = self._logs.get(inst.name)
+        if writer is None:
+            os.makedirs(os.path.join(self.runtime.state_dir, "logs"), mode=0o700, exist_ok=True)
+            writer = LogWriter(
+                log_path(self.runtime.state_dir, inst.name),
+                max_bytes=self.fleet.supervisor.log_max_bytes,
+                max_files=self.fleet.supervisor.log_max_files,
             )
-            self._logs[inst.name] = fd
-        return fd
+            self._logs[inst.name] = writer
+        return writer
 
     @staticmethod
     def _ident(inst: Instance) -> _Ident:
@@ -407,7 +407,11 @@ class Supervisor:
         ident = self._ident(inst)
         inst.state = "starting"
         self.publish(Created(**ident))
-        out = self._log_fd(inst)
+        writer = self._log_writer(inst)
+        # stdout and stderr go through pipes to the instance's log writer:
+        # each line is stamped and tagged, whole, and the file is rotated.
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         spec = inst.spec()
         try:
@@ -415,17 +419,25 @@ class Supervisor:
             # nobody knows about. It takes milliseconds.
             with trio.CancelScope(shield=True):
                 sb = await trio.to_thread.run_sync(
-                    lambda: runtime.create(spec, stdio=(null, out, out))
+                    lambda: runtime.create(spec, stdio=(null, out_w, err_w))
                 )
         except CorralError as exc:
+            os.close(out_r)
+            os.close(err_r)
             inst.state = "failed"
             self.publish(StartFailed(**ident, error=str(exc)))
             return
         finally:
-            os.close(null)
+            for fd in (null, out_w, err_w):
+                os.close(fd)
         inst.sandbox = sb
         inst.state = "running"
         inst.oom_kills_reported = inst.oom_events_seen = 0
+        assert self._janitor is not None
+        # The pumps end by themselves at end of file, once every process of
+        # the sandbox is gone; they outlive this generation's task on purpose.
+        self._janitor.start_soon(self._pump, out_r, "stdout", writer)
+        self._janitor.start_soon(self._pump, err_r, "stderr", writer)
         try:
             await self._watch(inst, sb, ident)
         except BaseException:
@@ -477,6 +489,14 @@ class Supervisor:
             self._janitor.start_soon(self._destroy, sb)
 
     @staticmethod
+    async def _pump(fd: int, stream: str, writer: LogWriter) -> None:
+        def full_disk(exc: OSError) -> None:
+            pass  # keep draining: a blocked sandbox would be worse than lost output
+
+        with trio.CancelScope(shield=True):
+            await pump(fd, stream, writer, on_error=full_disk)
+
+    @staticmethod
     async def _destroy(sb: Sandbox) -> None:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(sb.destroy)
@@ -523,6 +543,11 @@ class Supervisor:
             inst.oom_events_seen = ooms
             self.publish(Oom(**ident, count=new_ooms))
         return True
+
+
+def log_path(state_dir: str, instance: str) -> str:
+    """Where an instance's output log lives."""
+    return os.path.join(state_dir, "logs", f"{instance}.log")
 
 
 def _version() -> str:

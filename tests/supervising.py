@@ -12,6 +12,7 @@ import trio
 import events
 from supervisor import Supervisor
 from supervisor._fleet import Fleet, parse_fleet
+from supervisor._logfiles import format_record, read_records
 
 from .conftest import Dirs
 
@@ -44,11 +45,19 @@ async def wait_event(
     raise AssertionError("unreachable")
 
 
-async def wait_log(dirs: Dirs, name: str, text: str) -> None:
-    """Wait until the sandbox's output log starts with *text*."""
+def output(dirs: Dirs, name: str) -> str:
+    """What the sandbox wrote (stdout and stderr), from its output log."""
     log = Path(dirs.state, "logs", f"{name}.log")
+    if not log.exists():
+        return ""
+    records = read_records(str(log))
+    return b"".join(format_record(r, timestamps=False) for r in records).decode()
+
+
+async def wait_log(dirs: Dirs, name: str, text: str) -> None:
+    """Wait until the sandbox's output starts with *text*."""
     with trio.fail_after(TIMEOUT):
-        while not (log.exists() and log.read_text().startswith(text)):
+        while not output(dirs, name).startswith(text):
             await trio.sleep(0.01)
 
 
