@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["oom_tracepoint", "parse_mark_victim"]
+__all__ = ["oom_tracepoint", "parse_mark_victim", "read_victims"]
 
 TRACEFS = "/sys/kernel/tracing"
 
@@ -46,3 +46,22 @@ def parse_mark_victim(line: bytes) -> tuple[int, float] | None:
     ts = float(head.rsplit(None, 1)[-1])
     pid = int(rest.split(b"pid=")[1].split()[0].rstrip(b","))
     return pid, ts
+
+
+async def read_victims(pipe: int, victims: dict[int, float], notify: Callable[[], None]) -> None:
+    """Fill *victims* (pid -> kill time) from the trace pipe, calling *notify*
+    after each; runs until cancelled."""
+    import trio
+
+    buf = b""
+    while True:
+        await trio.lowlevel.wait_readable(pipe)
+        try:
+            buf += os.read(pipe, 65536)
+        except BlockingIOError:
+            continue
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if (hit := parse_mark_victim(line)) is not None:
+                victims[hit[0]] = hit[1]
+                notify()

@@ -53,7 +53,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import trio
 import trio.testing
-from _trace import oom_tracepoint, parse_mark_victim
+from _trace import oom_tracepoint, read_victims
 
 import events
 
@@ -124,21 +124,6 @@ async def latencies(
 
     victims: dict[int, float] = {}  # pid -> kernel's mark_victim time
 
-    async def trace_oom_kills(pipe: int) -> None:
-        buf = b""
-        while True:
-            await trio.lowlevel.wait_readable(pipe)
-            try:
-                buf += os.read(pipe, 65536)
-            except BlockingIOError:
-                continue
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                hit = parse_mark_victim(line)
-                if hit is not None:
-                    victims[hit[0]] = hit[1]
-                    notify()
-
     def notify() -> None:
         nonlocal changed
         changed.set()
@@ -159,7 +144,7 @@ async def latencies(
 
     with oom_tracepoint() as pipe:
         async with trio.open_nursery() as nursery, events.subscribe(sock, since=1) as stream:
-            nursery.start_soon(trace_oom_kills, pipe)
+            nursery.start_soon(read_victims, pipe, victims, notify)
 
             async def read() -> None:
                 async for ev in stream:

@@ -49,7 +49,7 @@ from _restart_peers import (
     percentile_ms,
     read_latencies,
 )
-from _trace import oom_tracepoint, parse_mark_victim
+from _trace import oom_tracepoint, read_victims
 
 import events
 
@@ -122,7 +122,13 @@ def corral_crash_loop(crasher: Path, scratch: Path, n: int) -> list[float]:
                 break
     finally:
         stop(proc)
-    _, latencies = read_latencies(logs / "crash-0.log")
+    # The sandbox's output log has one record per line the crasher wrote;
+    # take the lines back out to parse them like the peers' files.
+    from supervisor._logfiles import read_records
+
+    plain = scratch / "crash" / "timestamps"
+    plain.write_bytes(b"".join(r.content + b"\n" for r in read_records(str(logs / "crash-0.log"))))
+    _, latencies = read_latencies(plain)
     return latencies[5 : 5 + n]  # the first few warm the caches
 
 
@@ -141,20 +147,6 @@ async def _oom_latencies(sock: str, ooms: int) -> list[float]:
     with oom_tracepoint() as pipe:
         async with trio.open_nursery() as nursery, events.subscribe(sock, since=1) as stream:
 
-            async def trace() -> None:
-                buf = b""
-                while True:
-                    await trio.lowlevel.wait_readable(pipe)
-                    try:
-                        buf += os.read(pipe, 65536)
-                    except BlockingIOError:
-                        continue
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        if (hit := parse_mark_victim(line)) is not None:
-                            victims[hit[0]] = hit[1]
-                            notify()
-
             async def find_hog(name: str, init: int) -> None:
                 with trio.fail_after(10):
                     while not (
@@ -171,7 +163,7 @@ async def _oom_latencies(sock: str, ooms: int) -> list[float]:
                         restarted[ev.sandbox] = ev.mono
                     notify()
 
-            nursery.start_soon(trace)
+            nursery.start_soon(read_victims, pipe, victims, notify)
             nursery.start_soon(read)
             with trio.fail_after(ooms + 120):
                 while len(restarted) < ooms:
