@@ -541,7 +541,40 @@ class V2Cgroup(Cgroup):
     def remove(self) -> None:
         if os.path.isdir(self._path) and _pids_in(self._path):
             self.kill()
+        self.wait_unpopulated()
         _rmdir(self._path)
+
+    def wait_unpopulated(self, timeout: float = 5.0) -> bool:
+        """Wait until ``cgroup.events`` says ``populated 0`` (no polling:
+        inotify on the file); False on timeout. Exiting tasks leave the
+        cgroup a moment after their parent learns of the exit."""
+        import select
+
+        from . import _syscalls
+
+        events_file = self._f("cgroup.events")
+        try:
+            fd = _syscalls.inotify_init()
+        except OSError:
+            return False
+        try:
+            _syscalls.inotify_add_watch(fd, events_file, _syscalls.IN_MODIFY)
+            deadline = time.monotonic() + timeout
+            while _keyed(events_file).get("populated", 0):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if select.select([fd], [], [], left)[0]:
+                    try:
+                        while os.read(fd, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+            return True
+        except (OSError, CgroupError):
+            return False  # gone already, or not a v2 cgroup: rmdir decides
+        finally:
+            os.close(fd)
 
 
 class V2Cgroups(Cgroups):
