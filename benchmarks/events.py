@@ -41,8 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 # This file is named events.py (the issue fixes the name): drop its own
@@ -53,6 +51,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import trio
 import trio.testing
+from _corral import corral_up
 from _trace import oom_tracepoint, read_victims
 
 import events
@@ -63,36 +62,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
-@contextmanager
-def corral_up(fleet: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Run ``corral up`` on a fleet text in private directories."""
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-events-"))
-    (scratch / "fleet.toml").write_text(fleet)
-    env = {**os.environ, "CORRAL_STATE_DIR": str(scratch / "state"),
-           "CORRAL_RUN_DIR": str(scratch / "run")}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "up", str(scratch / "fleet.toml")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    sock = str(scratch / "run" / "events.sock")
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"corral up did not start: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
-            time.sleep(0.01)
-        yield proc, sock
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def process_cpu(pid: int) -> float:
@@ -310,7 +279,7 @@ def main() -> None:
 
     print(f"idle CPU: 100 sandboxes for {args.idle_seconds:.0f} s ...", file=sys.stderr)
     idle_fleet = '[[sandbox]]\nname = "idle"\nreplicas = 100\ncommand = ["sleep", "1000000"]\n'
-    with corral_up(idle_fleet) as (proc, sock):
+    with corral_up(idle_fleet) as (proc, sock, _state):
         for n, _ in enumerate(events.iter_events(sock, kinds=["started"], since=1), 1):
             if n == 100:
                 break
@@ -325,7 +294,7 @@ def main() -> None:
 
     print("exit and OOM latency ...", file=sys.stderr)
     fleet = LATENCY_FLEET.format(kills=args.kills, ooms=args.ooms)
-    with corral_up(fleet) as (_proc, sock):
+    with corral_up(fleet) as (_proc, sock, _state):
         exit_ms, oom_ms = trio.run(
             latencies, sock, args.kills, args.ooms, 100 + args.kills + args.ooms
         )

@@ -26,13 +26,9 @@ results.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # The helpers sit beside this file, and so does benchmarks/events.py, which
@@ -41,6 +37,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.append(sys.path.pop(0))
 
 import trio
+from _corral import corral_up
 from _restart_peers import (
     CircusPeer,
     SupervisordPeer,
@@ -84,44 +81,15 @@ on_oom = {{ grow = 2, max = "128M" }}
 """
 
 
-def run_corral(fleet: str, scratch: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    scratch.mkdir(parents=True, exist_ok=True)
-    (scratch / "fleet.toml").write_text(fleet)
-    env = {**os.environ, "CORRAL_STATE_DIR": str(scratch / "state"),
-           "CORRAL_RUN_DIR": str(scratch / "run")}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "up", str(scratch / "fleet.toml")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    sock = str(scratch / "run" / "events.sock")
-    deadline = time.monotonic() + 30
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"corral up did not start: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
-        time.sleep(0.01)
-    return proc, sock, scratch / "state" / "logs"
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def corral_crash_loop(crasher: Path, scratch: Path, n: int) -> list[float]:
     rootfs = scratch / "crasher-root"
     rootfs.mkdir()
     shutil.copy2(crasher, rootfs / "crasher")
-    proc, sock, logs = run_corral(CRASH_FLEET.format(rootfs=rootfs), scratch / "crash")
-    try:
+    with corral_up(CRASH_FLEET.format(rootfs=rootfs), scratch / "crash") as (_, sock, state):
         for ev in events.iter_events(sock, kinds=["started"], since=1):
             if ev.generation >= n + 5:
                 break
-    finally:
-        stop(proc)
+    logs = state / "logs"
     # The sandbox's output log has one record per line the crasher wrote;
     # take the lines back out to parse them like the peers' files.
     from supervisor._logfiles import read_records
@@ -176,11 +144,8 @@ async def _oom_latencies(sock: str, ooms: int) -> list[float]:
 
 
 def corral_oom(scratch: Path, ooms: int) -> list[float]:
-    proc, sock, _ = run_corral(OOM_FLEET.format(ooms=ooms), scratch / "oom")
-    try:
+    with corral_up(OOM_FLEET.format(ooms=ooms), scratch / "oom") as (_, sock, _state):
         return trio.run(_oom_latencies, sock, ooms)
-    finally:
-        stop(proc)
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,8 +44,9 @@ def read_until(stream: object, pred: object, limit: int = 200) -> list[dict[str,
     raise AssertionError(f"condition not met; got {lines}")
 
 
-def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None:
-    """`corral up` logs JSON events; `corral events` replays them; SIGTERM stops all, exit 0."""
+@contextmanager
+def corral_up(dirs: Dirs, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """`corral up` on FLEET as a subprocess; killed if the test leaves it running."""
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(FLEET)
     up = subprocess.Popen(
@@ -51,6 +54,16 @@ def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None
         env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
+        yield up
+    finally:
+        if up.poll() is None:
+            up.kill()
+        up.communicate()
+
+
+def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None:
+    """`corral up` logs JSON events; `corral events` replays them; SIGTERM stops all, exit 0."""
+    with corral_up(dirs, tmp_path) as up:
         assert up.stdout is not None
         log = read_until(
             up.stdout, lambda r: r["event"] == "exited" and r.get("sandbox") == "hog-0"
@@ -79,10 +92,6 @@ def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None
         tail = [json.loads(line)["event"] for line in out.splitlines()]
         assert tail[-1] == "supervisor_stopped"
         assert "stopped" in tail
-    finally:
-        if up.poll() is None:
-            up.kill()
-        up.communicate()
 
 
 def test_up_with_a_bad_fleet_reports_every_problem(dirs: Dirs, tmp_path: Path) -> None:
@@ -108,13 +117,7 @@ def test_events_without_a_supervisor_is_one_line(dirs: Dirs) -> None:
 
 def test_oom_alert_example_reacts_to_an_oom_kill(dirs: Dirs, tmp_path: Path) -> None:
     """examples/oom_alert.py, run as written, prints one alert for the hog."""
-    fleet = tmp_path / "fleet.toml"
-    fleet.write_text(FLEET)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "up", str(fleet)],
-        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
+    with corral_up(dirs, tmp_path) as up:
         assert up.stdout is not None
         read_until(up.stdout, lambda r: r["event"] == "supervisor_started")
         alert = subprocess.run(
@@ -127,7 +130,3 @@ def test_oom_alert_example_reacts_to_an_oom_kill(dirs: Dirs, tmp_path: Path) -> 
         up.send_signal(signal.SIGTERM)
         up.communicate(timeout=30)
         assert up.returncode == 0
-    finally:
-        if up.poll() is None:
-            up.kill()
-        up.communicate()
