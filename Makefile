@@ -2,7 +2,7 @@
 #
 #   make demo      set everything up, then show the main job on the busybox rootfs
 #   make test      set everything up, then run both test lanes (host + VM)
-#   make bench     start-up benchmark against runc (and LXC)
+#   make bench     the benchmarks of docs/performance.md (runc, LXC, supervisord, circus)
 #   make lint      ruff + mypy --strict
 #
 # Setup is idempotent: apt packages, a venv in .venv, the package (editable).
@@ -16,7 +16,7 @@ PKGS  := supervisor events plugins rootfs
 # sandbox), python3-venv. The VM lane: QEMU and Debian's own kernel.
 APT_RUNTIME := busybox-static tini python3-venv python3-dev iproute2 util-linux procps
 APT_VM      := qemu-system-x86 linux-image-amd64
-APT_BENCH   := runc lxc
+APT_BENCH   := runc lxc gcc libc6-dev
 
 .PHONY: setup setup-vm setup-bench demo test test-host test-vm lint bench clean
 
@@ -71,6 +71,8 @@ lint: setup
 
 bench: setup-bench
 	$(PY) benchmarks/start.py --runs 50
+	$(PY) benchmarks/events.py
+	$(PY) benchmarks/restart.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
