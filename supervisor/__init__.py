@@ -19,9 +19,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._errors import CgroupError as CgroupError
+from ._errors import CheckpointError as CheckpointError
 from ._errors import CommandNotExecutableError as CommandNotExecutableError
 from ._errors import CommandNotFoundError as CommandNotFoundError
 from ._errors import CorralError as CorralError
+from ._errors import CriuUnavailableError as CriuUnavailableError
 from ._errors import NotPermittedError as NotPermittedError
 from ._errors import SandboxError as SandboxError
 from ._errors import SandboxExistsError as SandboxExistsError
@@ -41,6 +43,7 @@ from ._spec import parse_size as parse_size
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from ._checkpoint import CheckpointInfo as CheckpointInfo
     from ._fleet import Fleet as Fleet
     from ._fleet import FleetError as FleetError
     from ._fleet import SandboxConfig as SandboxConfig
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
     from ._supervisor import Supervisor as Supervisor
 
 _LAZY = {
+    "CheckpointInfo": "_checkpoint",
     "Fleet": "_fleet",
     "FleetError": "_fleet",
     "SandboxConfig": "_fleet",
@@ -74,9 +78,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CgroupError",
     "CgroupStats",
+    "CheckpointError",
+    "CheckpointInfo",
     "CommandNotExecutableError",
     "CommandNotFoundError",
     "CorralError",
+    "CriuUnavailableError",
     "Fleet",
     "FleetError",
     "Instance",

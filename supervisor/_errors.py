@@ -8,7 +8,9 @@
     ├── SandboxError             a sandbox could not be created, run or cleaned up
     │   ├── SandboxExistsError   the name is in use
     │   ├── CommandNotFoundError the command does not exist in the sandbox (exit 127)
-    │   └── CommandNotExecutableError  it exists but cannot be run (exit 126)
+    │   ├── CommandNotExecutableError  it exists but cannot be run (exit 126)
+    │   └── CheckpointError      a checkpoint or restore failed (CRIU's reason)
+    │       └── CriuUnavailableError  CRIU is missing or 'criu check' fails
     └── CgroupError              the cgroup file system refused an operation
 
 ``OSError`` from the kernel is translated at the boundary (``raise ... from
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 __all__ = [
     "CgroupError",
+    "CheckpointError",
     "CommandNotExecutableError",
     "CommandNotFoundError",
     "CorralError",
+    "CriuUnavailableError",
     "NotPermittedError",
     "SandboxError",
     "SandboxExistsError",
@@ -70,3 +74,15 @@ class CommandNotExecutableError(SandboxError):
 
 class CgroupError(CorralError):
     """A cgroup operation failed; the message names the path and operation."""
+
+
+class CheckpointError(SandboxError):
+    """A checkpoint or restore failed; the message quotes CRIU's reason.
+
+    The sandbox is left as it was: still running after a failed
+    checkpoint, not created after a failed restore.
+    """
+
+
+class CriuUnavailableError(CheckpointError):
+    """CRIU is not installed, or ``criu check`` fails on this kernel."""

@@ -24,14 +24,27 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
 
+from ._checkpoint import (
+    CRIU_TIMEOUT,
+    INIT_KEY,
+    CheckpointInfo,
+    CheckpointStore,
+    check_criu,
+    criu_failure,
+    dir_size,
+    read_log,
+    validate_tag,
+)
 from ._errors import (
     CgroupError,
+    CheckpointError,
     CommandNotExecutableError,
     CommandNotFoundError,
     CorralError,
@@ -42,7 +55,7 @@ from ._errors import (
 )
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
-from ._linux._child import LaunchConfig
+from ._linux._child import INIT_PATH, LaunchConfig
 from ._linux._spawn import Spawned, SpawnFailed, spawn_direct
 from ._spec import SandboxSpec
 
@@ -122,6 +135,8 @@ class Sandbox:
         except OSError:
             self._mntns = -1
         self._exit: SandboxExit | None = None
+        self.restored_from: CheckpointInfo | None = None
+        """The checkpoint it was restored from, if it was."""
         self._destroyed = False
         self._signals_ready = False
 
@@ -337,30 +352,45 @@ class Runtime:
         except OSError:
             return True
 
-    def create(self, spec: SandboxSpec, *, stdio: tuple[int, int, int] = (0, 1, 2)) -> Sandbox:
+    def _make_state_dir(
+        self, name: str, sdir: str, record: str, undo: contextlib.ExitStack
+    ) -> None:
+        """Make the sandbox's directories (upper, work, merged), registering their removal."""
+        try:
+            os.mkdir(sdir, 0o700)
+        except FileExistsError:
+            if not self._stale(name, sdir, record):
+                raise SandboxExistsError(
+                    f"sandbox name {name!r} is in use ({sdir} exists)"
+                ) from None
+            # Left by a crash (a killed `corral run`, a power cut): reuse.
+            shutil.rmtree(sdir, ignore_errors=True)
+            _unlink(record)
+            os.mkdir(sdir, 0o700)
+        undo.callback(shutil.rmtree, sdir, ignore_errors=True)
+        for sub in ("upper", "work", "merged"):
+            os.mkdir(os.path.join(sdir, sub), 0o755)
+
+    def create(
+        self,
+        spec: SandboxSpec,
+        *,
+        stdio: tuple[int, int, int] = (0, 1, 2),
+        stdin_devnull: bool = False,
+    ) -> Sandbox:
         """Create and start a sandbox; return once its command has been exec'd.
 
         Raises :class:`~supervisor.SandboxError` (or a subclass) with
-        nothing left behind if any step fails.
+        nothing left behind if any step fails. With *stdin_devnull* the
+        command's stdin is the sandbox's own /dev/null instead of
+        ``stdio[0]`` (a sandbox that may be checkpointed must not hold a
+        host file).
         """
         lower = self.resolve_rootfs(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = os.path.join(self.run_dir, "sandboxes", f"{spec.name}.json")
         with contextlib.ExitStack() as undo:
-            try:
-                os.mkdir(sdir, 0o700)
-            except FileExistsError:
-                if not self._stale(spec.name, sdir, record):
-                    raise SandboxExistsError(
-                        f"sandbox name {spec.name!r} is in use ({sdir} exists)"
-                    ) from None
-                # Left by a crash (a killed `corral run`, a power cut): reuse.
-                shutil.rmtree(sdir, ignore_errors=True)
-                _unlink(record)
-                os.mkdir(sdir, 0o700)
-            undo.callback(shutil.rmtree, sdir, ignore_errors=True)
-            for sub in ("upper", "work", "merged"):
-                os.mkdir(os.path.join(sdir, sub), 0o755)
+            self._make_state_dir(spec.name, sdir, record, undo)
             cgroup = self.cgroups.create(f"corral-{spec.name}", spec.limits)
             undo.callback(cgroup.remove)
             cfg = LaunchConfig(
@@ -374,6 +404,7 @@ class Runtime:
                 merged=os.path.join(sdir, "merged"),
                 init_binary=self.init_binary,
                 cgroup_procs=list(cgroup.procs_files()),
+                stdin_devnull=stdin_devnull,
             )
             try:
                 spawned = self._spawn(cfg, stdio)
@@ -388,6 +419,328 @@ class Runtime:
             undo.callback(_unlink, record)
             return Sandbox(spec, spawned, cgroup, sdir, undo.pop_all())
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- checkpoint and restore (CRIU) ------------------------------------------
+
+    @property
+    def checkpoints(self) -> CheckpointStore:
+        """The checkpoints kept below ``STATE_DIR/checkpoints``."""
+        return CheckpointStore(os.path.join(self.state_dir, "checkpoints"))
+
+    def checkpoint(
+        self,
+        sb: Sandbox,
+        *,
+        name: str | None = None,
+        tag: str | None = None,
+        leave_running: bool = False,
+        on_dumped: Callable[[], None] | None = None,
+    ) -> CheckpointInfo:
+        """Checkpoint a running sandbox with CRIU; return what was stored.
+
+        The sandbox is frozen (its cgroup's freezer) while CRIU dumps it and
+        its writable layer is copied, so memory and files agree. Then it is
+        killed, or thawed with *leave_running*. The checkpoint is kept
+        under *name* (default: the sandbox's name) and *tag* (default: the
+        time). *on_dumped* runs once the checkpoint is complete, before the
+        kill. On failure the sandbox is thawed and left running, nothing is
+        stored, and :class:`CheckpointError` says why (CRIU's reason).
+        """
+        criu = check_criu()
+        key = name or sb.name
+        store = self.checkpoints
+        if sb.poll() is not None:
+            raise CheckpointError(f"sandbox {key!r} has exited: there is nothing to checkpoint")
+        tag = validate_tag(tag) if tag is not None else store.new_tag(key)
+        final = store.path(key, tag)
+        if os.path.exists(final):
+            raise CheckpointError(f"sandbox {key!r} already has a checkpoint tagged {tag!r}")
+        partial = os.path.join(store.dir(key), f".{tag}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        images = os.path.join(partial, "images")
+        os.makedirs(images, mode=0o700)
+        start = time.monotonic()
+        try:
+            stdio = tuple(_fd_key(sb.pid, n) for n in (0, 1, 2))
+            sb.cgroup.freeze()
+            frozen_at = time.monotonic()
+            try:
+                argv = [
+                    criu.binary,
+                    "dump",
+                    "--tree",
+                    str(sb.pid),
+                    "--images-dir",
+                    images,
+                    "--log-file",
+                    "dump.log",
+                    "--network-lock",
+                    criu.network_lock,
+                    "--external",
+                    f"mnt[{INIT_PATH}]:{INIT_KEY}",
+                    "--freeze-cgroup",
+                    sb.cgroup.freezer_dir,
+                    "--manage-cgroups=soft",  # optional argument: needs the '='
+
+                    # Always: a failure must leave the sandbox running; the
+                    # kill (without leave_running) is ours, after the copy.
+                    "--leave-running",
+                    "--tcp-established",
+                    "--file-locks",
+                    "--ext-unix-sk",
+                ]
+                criu_start = time.monotonic()
+                proc = _run_criu(argv)
+                criu_seconds = time.monotonic() - criu_start
+                if proc.returncode != 0:
+                    if sb.poll() is not None:
+                        raise CheckpointError(f"sandbox {key!r} exited during the checkpoint")
+                    reason = criu_failure(read_log(os.path.join(images, "dump.log")) or proc.stderr)
+                    raise CheckpointError(f"checkpoint of {key!r} failed: criu dump: {reason}")
+                _copy_tree(os.path.join(sb.state_path, "upper"), os.path.join(partial, "upper"))
+                frozen = time.monotonic() - frozen_at
+                info = CheckpointInfo(
+                    name=key,
+                    tag=tag,
+                    path=final,
+                    created=time.time(),
+                    size=dir_size(partial),
+                    duration=time.monotonic() - start,
+                    frozen=frozen,
+                    criu_seconds=criu_seconds,
+                    leave_running=leave_running,
+                    spec=sb.spec,
+                    lowerdir=self.resolve_rootfs(sb.spec.rootfs),
+                    root_pid=sb.pid,
+                    stdio=stdio,  # type: ignore[arg-type]
+                    network_lock=criu.network_lock,
+                )
+                with open(os.path.join(partial, "checkpoint.json"), "w") as f:
+                    json.dump(info.to_json(), f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(partial, final)
+                if on_dumped is not None:
+                    on_dumped()
+                if not leave_running:
+                    sb.kill()  # while frozen: it never runs past the checkpoint
+            finally:
+                sb.cgroup.thaw()
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return info
+
+    def restore(
+        self,
+        checkpoint: CheckpointInfo | str,
+        spec: SandboxSpec | None = None,
+        *,
+        stdio: tuple[int, int, int] = (0, 1, 2),
+        timeout: float = CRIU_TIMEOUT,
+    ) -> Sandbox:
+        """Bring a checkpoint back as a running sandbox; return it.
+
+        The restored tree gets new namespaces, a new cgroup with *spec*'s
+        limits (default: the checkpoint's spec; its name must be free) and a
+        copy of the checkpointed writable layer; PIDs inside are the dumped
+        ones. The sandbox's stdout/stderr pipes are replaced by ``stdio``.
+        On failure nothing is left (CRIU kills what it restored; the
+        cgroup and directories are removed) and :class:`CheckpointError`
+        says why.
+        """
+        criu = check_criu()
+        info = (
+            checkpoint
+            if isinstance(checkpoint, CheckpointInfo)
+            else CheckpointInfo.load(checkpoint)
+        )
+        spec = spec or info.spec
+        lower = self.resolve_rootfs(spec.rootfs)
+        if lower != info.lowerdir:
+            raise CheckpointError(
+                f"checkpoint {info.path} was taken on rootfs {info.lowerdir}, not {lower}"
+            )
+        sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
+        record = os.path.join(self.run_dir, "sandboxes", f"{spec.name}.json")
+        with contextlib.ExitStack() as undo:
+            self._make_state_dir(spec.name, sdir, record, undo)
+            _copy_tree(info.upper, os.path.join(sdir, "upper"), into=True)
+            cgroup = self.cgroups.create(f"corral-{spec.name}", spec.limits)
+            undo.callback(cgroup.remove)
+            pidfile = os.path.join(sdir, "restore.pid")
+            argv = [
+                criu.binary,
+                "restore",
+                "--images-dir",
+                info.images,
+                "--work-dir",
+                sdir,
+                "--log-file",
+                "restore.log",
+                "--root",
+                os.path.join(sdir, "merged"),
+                "--restore-detached",
+                "--pidfile",
+                pidfile,
+                "--external",
+                f"mnt[{INIT_KEY}]:{self.init_binary}",
+                "--manage-cgroups=soft",
+                "--tcp-established",
+                "--file-locks",
+                "--ext-unix-sk",
+            ]
+            for controllers, path in cgroup.relative_paths().items():
+                argv += ["--cgroup-root", f"{controllers}:{path}" if controllers else path]
+            mapped: set[str] = set()
+            for n, key in enumerate(info.stdio):
+                if key.startswith(("pipe:", "socket:")) and key not in mapped:
+                    mapped.add(key)
+                    argv += ["--inherit-fd", f"fd[{3 + n}]:{key}"]
+            cfg = LaunchConfig(
+                argv=[criu.binary],
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"},
+                hostname=spec.effective_hostname,
+                workdir="/",
+                lowerdir=lower,
+                upperdir=os.path.join(sdir, "upper"),
+                workdir_overlay=os.path.join(sdir, "work"),
+                merged=os.path.join(sdir, "merged"),
+                init_binary=self.init_binary,
+                cgroup_procs=[],
+                restore_argv=argv,
+            )
+            try:
+                criu_proc = self._spawn(cfg, stdio)
+            except SpawnFailed as exc:
+                if exc.pidfd is not None:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitid(os.P_PIDFD, exc.pidfd, os.WEXITED)
+                    os.close(exc.pidfd)
+                raise CheckpointError(
+                    f"restore of {spec.name!r} failed: {exc.failure.step}: {exc.failure.message}"
+                ) from None
+            try:
+                status = _wait_pidfd(criu_proc.pidfd, timeout)
+            finally:
+                os.close(criu_proc.pidfd)
+            if status != 0:
+                reason = criu_failure(read_log(os.path.join(sdir, "restore.log")))
+                if status < 0:
+                    reason = f"timed out after {timeout:g} s; {reason}"
+                raise CheckpointError(f"restore of {spec.name!r} failed: criu restore: {reason}")
+            try:
+                with open(pidfile) as f:
+                    pid = int(f.read().strip())
+                pidfd = os.pidfd_open(pid)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(
+                    f"restore of {spec.name!r} failed: the restored init is gone ({exc})"
+                ) from None
+            try:
+                if info.network_lock == "nftables":
+                    _drop_network_lock(pid, info.root_pid)
+                with open(record, "w") as f:
+                    json.dump({"name": spec.name, "pid": pid, "cgroup": list(cgroup.paths)}, f)
+            except BaseException:
+                _kill_pidfd(pidfd)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+                os.close(pidfd)
+                raise
+            undo.callback(_unlink, record)
+            sb = Sandbox(spec, Spawned(pid, pidfd), cgroup, sdir, undo.pop_all())
+            sb.restored_from = info
+            return sb
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _fd_key(pid: int, fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def _run_criu(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            timeout=CRIU_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CheckpointError(f"criu {argv[1]} timed out after {CRIU_TIMEOUT:g} s") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+
+
+def _copy_tree(src: str, dest: str, *, into: bool = False) -> None:
+    """Copy a writable layer with everything overlayfs keeps in it:
+    ownership, modes, times, hard links, xattrs (opaque directories) and
+    whiteouts (0:0 character devices). ``cp -a`` does all of it."""
+    argv = ["cp", "-a", "--reflink=auto", f"{src}/." if into else src, dest]
+    proc = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        msg = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        raise CheckpointError(f"copying the writable layer {src}: {msg}")
+
+
+def _wait_pidfd(pidfd: int, timeout: float) -> int:
+    """Exit status of our child behind *pidfd*; -1 after killing it on timeout."""
+    import select
+
+    if not select.select([pidfd], [], [], timeout)[0]:
+        _kill_pidfd(pidfd)
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        return -1
+    info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    assert info is not None
+    return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
+
+
+def _kill_pidfd(pidfd: int) -> None:
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _drop_network_lock(pid: int, old_root_pid: int) -> None:
+    """Remove the nftables table CRIU's network lock leaves in a restored
+    sandbox. CRIU 3.17 dumps the lock with the namespace and, on restore,
+    tries to delete it under the new init's PID, so the lock (drop every
+    packet) would stay; it is named after the dumped init's PID."""
+    argv = [
+        "nsenter",
+        "-t",
+        str(pid),
+        "-n",
+        "nft",
+        "delete",
+        "table",
+        "inet",
+        f"CRIU-{old_root_pid}",
+    ]
+    try:
+        proc = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CheckpointError(
+            f"cannot remove CRIU's network lock from the restored sandbox: {exc}"
+            " (is nftables installed?)"
+        ) from None
+    if proc.returncode != 0 and "No such file" not in proc.stderr:
+        raise CheckpointError(
+            "cannot remove CRIU's network lock from the restored sandbox: "
+            + (proc.stderr.strip().splitlines() or ["nft failed"])[0]
+        )
 
 
 def _unlink(path: str) -> None:

@@ -95,6 +95,25 @@ class Cgroup(ABC):
     def open_oom_watch(self) -> OomWatch:
         """A pollable descriptor that wakes when the cgroup's OOM counters change."""
 
+    @property
+    @abstractmethod
+    def freezer_dir(self) -> str:
+        """The directory whose freezer file freezes the cgroup (CRIU's ``--freeze-cgroup``)."""
+
+    @abstractmethod
+    def freeze(self, timeout: float = 10.0) -> None:
+        """Freeze every process of the cgroup; return once the kernel reports
+        them frozen. Raises :class:`CgroupError` (after thawing) on timeout."""
+
+    @abstractmethod
+    def thaw(self) -> None:
+        """Let the cgroup's processes run again."""
+
+    @abstractmethod
+    def relative_paths(self) -> dict[str, str]:
+        """The cgroup's path below each hierarchy's root, keyed by the
+        hierarchy's controllers (``"memory"``, ``"cpu,cpuacct"``; ``""`` on v2)."""
+
 
 class OomWatch(ABC):
     """Wakes up (``fd`` readable) when the kernel's OOM handling ran in a cgroup.
@@ -347,9 +366,12 @@ class _V2OomWatch(OomWatch):
 class V1Cgroup(Cgroup):
     """A sandbox cgroup on cgroup v1: one directory per controller hierarchy."""
 
-    def __init__(self, name: str, dirs: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, dirs: dict[str, str], mounts: dict[str, str] | None = None
+    ) -> None:
         self._name = name
         self._dirs = dirs  # controller -> directory
+        self._mounts = mounts or {}  # controller -> hierarchy mount point
         self._paths = tuple(dict.fromkeys(dirs.values()))
 
     @property
@@ -417,6 +439,44 @@ class V1Cgroup(Cgroup):
     def open_oom_watch(self) -> OomWatch:
         return _V1OomWatch(self._dirs["memory"])
 
+    @property
+    def freezer_dir(self) -> str:
+        try:
+            return self._dirs["freezer"]
+        except KeyError:
+            raise CgroupError("cgroup v1: the freezer controller is not mounted") from None
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        # v1 has no notification for FREEZING -> FROZEN; the state file is
+        # re-read (and the write repeated, which retries stuck tasks).
+        state = os.path.join(self.freezer_dir, "freezer.state")
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            _write(state, "FROZEN")
+            if _read(state).strip() == "FROZEN":
+                return
+            if time.monotonic() > deadline:
+                self.thaw()
+                raise CgroupError(f"{self._name}: not frozen after {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def thaw(self) -> None:
+        _write(os.path.join(self.freezer_dir, "freezer.state"), "THAWED")
+
+    def relative_paths(self) -> dict[str, str]:
+        by_dir: dict[str, list[str]] = {}
+        for c, d in self._dirs.items():
+            by_dir.setdefault(d, []).append(c)
+        out = {}
+        for d, ctrls in by_dir.items():
+            mount = self._mounts.get(ctrls[0])
+            if mount is None:
+                continue
+            out[",".join(ctrls)] = "/" + os.path.relpath(d, mount).lstrip("./")
+        return out
+
     def remove(self) -> None:
         if any(os.path.isdir(p) and _pids_in(p) for p in self._paths):
             self.kill()
@@ -466,7 +526,7 @@ class V1Cgroups(Cgroups):
                     _mkdir(d)
                     made.append(d)
                 dirs[c] = d
-            cg = V1Cgroup(name, dirs)
+            cg = V1Cgroup(name, dirs, self._mounts)
             cg.apply(limits)
             return cg
         except BaseException:
@@ -484,9 +544,10 @@ class V1Cgroups(Cgroups):
 class V2Cgroup(Cgroup):
     """A sandbox cgroup in the unified (v2) hierarchy."""
 
-    def __init__(self, name: str, path: str) -> None:
+    def __init__(self, name: str, path: str, mount: str = "/sys/fs/cgroup") -> None:
         self._name = name
         self._path = path
+        self._mount = mount
 
     @property
     def name(self) -> str:
@@ -538,6 +599,22 @@ class V2Cgroup(Cgroup):
     def open_oom_watch(self) -> OomWatch:
         return _V2OomWatch(self._path)
 
+    @property
+    def freezer_dir(self) -> str:
+        return self._path
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        _write(self._f("cgroup.freeze"), "1")
+        if not self._wait_events("frozen", 1, timeout):
+            self.thaw()
+            raise CgroupError(f"{self._name}: not frozen after {timeout:g} s")
+
+    def thaw(self) -> None:
+        _write(self._f("cgroup.freeze"), "0")
+
+    def relative_paths(self) -> dict[str, str]:
+        return {"": "/" + os.path.relpath(self._path, self._mount).lstrip("./")}
+
     def remove(self) -> None:
         if os.path.isdir(self._path) and _pids_in(self._path):
             self.kill()
@@ -545,9 +622,14 @@ class V2Cgroup(Cgroup):
         _rmdir(self._path)
 
     def wait_unpopulated(self, timeout: float = 5.0) -> bool:
-        """Wait until ``cgroup.events`` says ``populated 0`` (no polling:
-        inotify on the file); False on timeout. Exiting tasks leave the
-        cgroup a moment after their parent learns of the exit."""
+        """Wait until ``cgroup.events`` says ``populated 0``; False on timeout.
+        Exiting tasks leave the cgroup a moment after their parent learns
+        of the exit."""
+        return self._wait_events("populated", 0, timeout)
+
+    def _wait_events(self, key: str, value: int, timeout: float) -> bool:
+        """Wait until ``cgroup.events`` shows *key* = *value* (no polling:
+        inotify on the file, which the kernel modifies on every change)."""
         import select
 
         from . import _syscalls
@@ -560,7 +642,7 @@ class V2Cgroup(Cgroup):
         try:
             _syscalls.inotify_add_watch(fd, events_file, _syscalls.IN_MODIFY)
             deadline = time.monotonic() + timeout
-            while _keyed(events_file).get("populated", 0):
+            while _keyed(events_file).get(key, 0) != value:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -572,7 +654,7 @@ class V2Cgroup(Cgroup):
                         pass
             return True
         except (OSError, CgroupError):
-            return False  # gone already, or not a v2 cgroup: rmdir decides
+            return False  # gone already, or not a v2 cgroup: the caller decides
         finally:
             os.close(fd)
 
@@ -638,7 +720,7 @@ class V2Cgroups(Cgroups):
     def create(self, name: str, limits: Limits) -> V2Cgroup:
         path = os.path.join(self._parent, name)
         _mkdir(path)
-        cg = V2Cgroup(name, path)
+        cg = V2Cgroup(name, path, self._mount)
         try:
             cg.apply(limits)
         except BaseException:

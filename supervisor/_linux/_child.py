@@ -83,6 +83,12 @@ class LaunchConfig(NamedTuple):
     merged: str
     init_binary: str
     cgroup_procs: list[str]
+    stdin_devnull: bool = False
+    """Give the command the sandbox's own /dev/null as stdin (not a host
+    file: CRIU cannot checkpoint a descriptor of a file outside the sandbox)."""
+    restore_argv: list[str] | None = None
+    """Instead of starting a command, run this CRIU restore command in a
+    private mount namespace holding the overlay root (see :func:`_run_restorer`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for the keeper protocol."""
@@ -159,12 +165,20 @@ def run_intermediate(
                 os.write(fd, b"0")
             finally:
                 os.close(fd)
-        step = "unshare namespaces"
-        sc.unshare(_NS_FLAGS)
-        step = "fork init"
-        pid = os.fork()
-        if pid == 0:
-            _run_init(cfg, report)
+        if cfg.restore_argv is not None:
+            # CRIU makes the namespaces itself and puts the restored tree in
+            # the cgroup; only the restorer's private mount namespace is ours.
+            step = "fork restorer"
+            pid = os.fork()
+            if pid == 0:
+                _run_restorer(cfg, report)
+        else:
+            step = "unshare namespaces"
+            sc.unshare(_NS_FLAGS)
+            step = "fork init"
+            pid = os.fork()
+            if pid == 0:
+                _run_init(cfg, report)
         pidfd = os.pidfd_open(pid)
         socket.send_fds(report, [b"P%d" % pid], [pidfd])
         os._exit(0)
@@ -178,6 +192,10 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
     try:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
+        # A session of its own: a sandbox must not share the host's session
+        # (and its controlling terminal), and CRIU refuses to dump a tree
+        # whose session leader is outside its PID namespace.
+        os.setsid()
         step = "mount root"
         _mount_root(cfg)
         step = "set hostname"
@@ -189,6 +207,11 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         sc.pivot_root(".", ".")
         sc.umount2(".", sc.MNT_DETACH)
         os.chdir("/")
+        if cfg.stdin_devnull:
+            step = "stdin"
+            fd = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(fd, 0)
+            os.close(fd)
         step = "workdir"
         try:
             os.chdir(cfg.workdir)
@@ -216,16 +239,63 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         os._exit(127)
 
 
-def _mount_root(cfg: LaunchConfig) -> None:
+def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
+    """Mount the overlay root in a private mount namespace, exec CRIU.
+
+    CRIU restores the sandbox's own mount namespace on top of ``--root``
+    (the overlay), so the overlay exists here only for as long as CRIU
+    runs: when CRIU exits this namespace goes, and the restored sandbox
+    holds the only reference to its root. Nothing is mounted on the host.
+    The sandbox's stdio (0, 1, 2 here) moves to 3, 4, 5 for CRIU's
+    ``--inherit-fd``; CRIU's own output goes to /dev/null (it logs to a file).
+    """
+    step = "prepare"
+    assert cfg.restore_argv is not None
+    try:
+        # Out of the way of fds 3-5, which CRIU's --inherit-fd expects.
+        high = fcntl.fcntl(report.fileno(), fcntl.F_DUPFD_CLOEXEC, 16)
+        report.close()
+        report = socket.socket(fileno=high)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        step = "unshare mount namespace"
+        sc.unshare(sc.CLONE_NEWNS)
+        step = "mount root"
+        _mount_overlay(cfg)
+        step = "exec criu"
+        for target, fd in enumerate(os.dup(n) for n in (0, 1, 2)):
+            os.dup2(fd, 3 + target)
+            os.close(fd)
+        null = os.open("/dev/null", os.O_RDWR)
+        for n in (0, 1, 2):
+            os.dup2(null, n)
+        os.close(null)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        fd = report.fileno()
+        os.closerange(6, fd)
+        os.closerange(fd + 1, 1 << 20)
+        os.execve(cfg.restore_argv[0], cfg.restore_argv, cfg.env)
+    except BaseException as exc:
+        _report(report, exc, step)
+        os._exit(127)
+
+
+def _mount_overlay(cfg: LaunchConfig) -> None:
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-    m = cfg.merged
     sc.mount(
         "overlay",
-        m,
+        cfg.merged,
         "overlay",
         0,
         f"lowerdir={cfg.lowerdir},upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}",
     )
+
+
+def _mount_root(cfg: LaunchConfig) -> None:
+    _mount_overlay(cfg)
+    m = cfg.merged
     nosuid_noexec_nodev = sc.MS_NOSUID | sc.MS_NOEXEC | sc.MS_NODEV
     sc.mount("proc", _target(m, "proc"), "proc", nosuid_noexec_nodev)
     sc.mount("sysfs", _target(m, "sys"), "sysfs", sc.MS_RDONLY | nosuid_noexec_nodev)
