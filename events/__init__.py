@@ -35,6 +35,8 @@ from ._errors import JournalError as JournalError
 from ._errors import SocketError as SocketError
 from ._journal import Journal as Journal
 from ._types import EVENT_TYPES as EVENT_TYPES
+from ._types import Checkpointed as Checkpointed
+from ._types import CheckpointFailed as CheckpointFailed
 from ._types import Created as Created
 from ._types import Event as Event
 from ._types import Exited as Exited
@@ -46,6 +48,7 @@ from ._types import OomKill as OomKill
 from ._types import PluginEvent as PluginEvent
 from ._types import PluginFailed as PluginFailed
 from ._types import Restarting as Restarting
+from ._types import Restored as Restored
 from ._types import Started as Started
 from ._types import StartFailed as StartFailed
 from ._types import Stopped as Stopped
@@ -92,6 +95,8 @@ __all__ = [
     "EVENT_TYPES",
     "SCHEMA_VERSION",
     "Bus",
+    "CheckpointFailed",
+    "Checkpointed",
     "Created",
     "DecodeError",
     "Decoder",
@@ -109,6 +114,7 @@ __all__ = [
     "PluginEvent",
     "PluginFailed",
     "Restarting",
+    "Restored",
     "SocketError",
     "StartFailed",
     "Started",

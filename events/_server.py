@@ -35,7 +35,7 @@ from ._filter import Filter
 from ._protocol import MAX_REQUEST_BYTES, Request, decode_request
 from ._types import Gap
 
-__all__ = ["serve_events"]
+__all__ = ["bind_socket", "peer_allowed", "serve_events", "unbind_socket"]
 
 log = logging.getLogger("corral.events")
 
@@ -75,7 +75,7 @@ async def serve_events(
     the socket file, lets every connection send what it has left (the
     supervisor's last events) for up to *drain_timeout* seconds, and returns.
     """
-    sock = await _bind(path, group, mode)
+    sock = await bind_socket(path, group, mode)
     ino = os.stat(path).st_ino
     try:
         async with trio.open_nursery() as connections:
@@ -88,12 +88,12 @@ async def serve_events(
                     await bus._wait_closed()
                     accepting.cancel_scope.cancel()
             finally:
-                _unbind(sock, path, ino)
+                unbind_socket(sock, path, ino)
             # Connections end by themselves once their queues are drained;
             # one whose client stopped reading is cut off at the deadline.
             connections.cancel_scope.deadline = trio.current_time() + drain_timeout
     finally:
-        _unbind(sock, path, ino)
+        unbind_socket(sock, path, ino)
 
 
 async def _accept(
@@ -116,7 +116,7 @@ async def _accept(
         connections.start_soon(_serve_one, bus, conn, group, request_timeout)
 
 
-def _unbind(sock: trio.socket.SocketType, path: str, ino: int) -> None:
+def unbind_socket(sock: trio.socket.SocketType, path: str, ino: int) -> None:
     """Close the listening socket and remove its file (idempotent)."""
     sock.close()
     # Only our own file: a newer server may have replaced it already.
@@ -127,8 +127,12 @@ def _unbind(sock: trio.socket.SocketType, path: str, ino: int) -> None:
         pass
 
 
-async def _bind(path: str, group: int | None, mode: int) -> trio.socket.SocketType:
-    _remove_stale(path)
+async def bind_socket(
+    path: str, group: int | None, mode: int, what: str = "events"
+) -> trio.socket.SocketType:
+    """Listen on a Unix stream socket at *path* (a stale one is replaced) with
+    *mode* and *group*; :class:`SocketError` says why not."""
+    _remove_stale(path, what)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(path)
@@ -139,31 +143,32 @@ async def _bind(path: str, group: int | None, mode: int) -> trio.socket.SocketTy
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise SocketError(f"cannot serve events at {path}: {exc}") from exc
+        raise SocketError(f"cannot serve {what} at {path}: {exc}") from exc
     return sock
 
 
-def _remove_stale(path: str) -> None:
+def _remove_stale(path: str, what: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise SocketError(f"cannot serve events at {path}: it exists and is not a socket")
+        raise SocketError(f"cannot serve {what} at {path}: it exists and is not a socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         # A Unix connect does not wait: it succeeds, is refused (nobody
         # listens: stale) or finds the backlog full (EAGAIN: alive).
         probe.setblocking(False)
         err = probe.connect_ex(path)
     if err in (0, errno.EAGAIN):
-        raise SocketError(f"cannot serve events at {path}: another server is listening there")
+        raise SocketError(f"cannot serve {what} at {path}: another server is listening there")
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 
 
-def _peer_allowed(sock: trio.socket.SocketType, group: int | None) -> bool:
+def peer_allowed(sock: trio.socket.SocketType, group: int | None) -> bool:
+    """SO_PEERCRED admission: root, our own user, or a member of *group*."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     if uid in (0, os.geteuid()):
@@ -188,7 +193,7 @@ async def _serve_one(
     stream = trio.SocketStream(conn)
     try:
         async with stream:
-            if not _peer_allowed(conn, group):
+            if not peer_allowed(conn, group):
                 return
             request = await _read_request(stream, request_timeout)
             if request is None:

@@ -18,6 +18,8 @@ from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "EVENT_TYPES",
+    "CheckpointFailed",
+    "Checkpointed",
     "Created",
     "Event",
     "Exited",
@@ -29,6 +31,7 @@ __all__ = [
     "PluginEvent",
     "PluginFailed",
     "Restarting",
+    "Restored",
     "StartFailed",
     "Started",
     "Stopped",
@@ -228,6 +231,50 @@ class PluginFailed(Event):
     action: str
 
 
+# --- checkpoints ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpointed(Event):
+    """A checkpoint of the sandbox was stored: ``tag`` names it, ``size`` is
+    its bytes on disk, ``duration_ms`` the whole checkpoint, ``frozen_ms``
+    how long the sandbox was frozen, ``leave_running`` whether it still
+    runs (otherwise it was stopped once the checkpoint was complete)."""
+
+    KIND: ClassVar[str] = "checkpointed"
+    tag: str
+    size: int
+    duration_ms: float
+    frozen_ms: float
+    leave_running: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Restored(Event):
+    """The sandbox was restored from checkpoint ``tag`` (of sandbox
+    ``source``) as a new generation; ``pid`` is its init's host PID and
+    ``duration_ms`` the restore's time. A ``started`` event follows."""
+
+    KIND: ClassVar[str] = "restored"
+    tag: str
+    source: str
+    pid: int
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointFailed(Event):
+    """A checkpoint or restore failed: ``operation`` is ``"checkpoint"`` or
+    ``"restore"``, ``tag`` the checkpoint (``""`` if none was chosen) and
+    ``reason`` CRIU's reason, or why CRIU cannot run here. The sandbox is as
+    it was before."""
+
+    KIND: ClassVar[str] = "checkpoint_failed"
+    operation: str
+    tag: str
+    reason: str
+
+
 # --- delivery ------------------------------------------------------------------
 
 
@@ -301,6 +348,9 @@ EVENT_TYPES: Mapping[str, type[Event]] = MappingProxyType(
             Failed,
             LimitChanged,
             PluginFailed,
+            Checkpointed,
+            Restored,
+            CheckpointFailed,
             Gap,
             PluginEvent,
         )

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import events
 
-__all__ = ["ENTRY_POINT_GROUP", "Handle", "InstanceView", "Plugin"]
+__all__ = ["ENTRY_POINT_GROUP", "CheckpointView", "Handle", "InstanceView", "Plugin"]
 
 ENTRY_POINT_GROUP = "corral.plugins"
 """Python entry point group that plugins register under."""
@@ -58,6 +58,30 @@ class InstanceView(Protocol):
     @property
     def stop_requested(self) -> bool:
         """True once a stop of this instance (or of the fleet) was asked for."""
+        ...
+
+
+class CheckpointView(Protocol):
+    """What a plugin may know about one checkpoint."""
+
+    @property
+    def name(self) -> str:
+        """The instance it was taken of."""
+        ...
+
+    @property
+    def tag(self) -> str:
+        """Its tag (unique per instance)."""
+        ...
+
+    @property
+    def created(self) -> float:
+        """Unix time it was taken."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk."""
         ...
 
 
@@ -104,12 +128,38 @@ class Handle(Protocol):
         ``[sandbox.plugins.NAME]`` table over the fleet-wide one."""
         ...
 
-    def restart(self, name: str) -> bool:
+    def restart(self, name: str, *, from_checkpoint: bool = False) -> bool:
         """Start the next generation of an exited instance now.
 
         Returns False (and does nothing) if the instance is not in a state
-        that can be restarted (running, stopping, stopped).
+        that can be restarted (running, stopping, stopped). With
+        *from_checkpoint* the generation is restored from the instance's
+        latest checkpoint, if it has one.
         """
+        ...
+
+    async def checkpoint(
+        self, name: str, *, tag: str | None = None, leave_running: bool = True
+    ) -> CheckpointView:
+        """Checkpoint a running instance with CRIU (``checkpointed`` event).
+
+        Raises ``supervisor.CheckpointError`` (after a ``checkpoint_failed``
+        event) if it cannot be done; the instance is then as it was.
+        """
+        ...
+
+    async def restore(
+        self, name: str, *, tag: str | None = None, as_name: str | None = None
+    ) -> None:
+        """Restore an instance (or a new one, *as_name*) from a checkpoint."""
+        ...
+
+    def checkpoints(self, name: str) -> list[CheckpointView]:
+        """An instance's checkpoints on disk, oldest first."""
+        ...
+
+    def delete_checkpoint(self, name: str, tag: str) -> None:
+        """Remove one of an instance's checkpoints."""
         ...
 
     def stop(self, name: str, grace: float | None = None) -> None:

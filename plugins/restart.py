@@ -20,6 +20,10 @@ key                       meaning                                     default
                           ``{ grow = 1.5, max = "512M" }``: restart
                           with the memory limit times ``grow``, up
                           to ``max``
+``from_checkpoint``       restart by restoring the instance's latest  ``false``
+                          checkpoint (docs/checkpoint.md), with the
+                          grown limit after an OOM kill; a fresh
+                          start if there is none or it fails
 ========================  ==========================================  ==========
 
 Every decision is an event: ``restarting`` (delay, reason, attempt),
@@ -50,7 +54,7 @@ Mode = Literal["no", "on-failure", "always", "unless-stopped"]
 _POLICY_RE = re.compile(r"^(no|always|unless-stopped|on-failure)(?::(\d+))?$")
 _KEYS = {
     "policy", "delay", "factor", "max_delay", "jitter", "reset_after", "intensity", "period",
-    "on_oom",
+    "on_oom", "from_checkpoint",
 }  # fmt: skip
 
 
@@ -77,6 +81,8 @@ class RestartPolicy:
     intensity: int = 10
     period: float = 60.0
     on_oom: Literal["restart", "stop"] | OomGrow = "restart"
+    from_checkpoint: bool = False
+    """Restart by restoring the latest checkpoint (fresh if there is none)."""
 
 
 def parse_policy(settings: Mapping[str, Any]) -> RestartPolicy:
@@ -109,6 +115,12 @@ def parse_policy(settings: Mapping[str, Any]) -> RestartPolicy:
         )
     if "on_oom" in settings:
         kw["on_oom"] = _on_oom(settings["on_oom"])
+    if "from_checkpoint" in settings:
+        if not isinstance(settings["from_checkpoint"], bool):
+            raise SettingsError(
+                "from_checkpoint", f"expected true or false, got {settings['from_checkpoint']!r}"
+            )
+        kw["from_checkpoint"] = settings["from_checkpoint"]
     return RestartPolicy(**kw)
 
 
@@ -216,9 +228,15 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
                 raise SettingsError(exc.field, f"sandbox {name!r}: {exc.detail}") from None
         return policies[name]
 
+    def restart(name: str) -> None:
+        if policy_for(name).from_checkpoint:
+            handle.restart(name, from_checkpoint=True)
+        else:
+            handle.restart(name)
+
     async def restart_later(name: str, delay: float) -> None:
         await trio.sleep(delay)
-        handle.restart(name)
+        restart(name)
 
     async def handle_event(nursery: trio.Nursery, ev: events.Event) -> None:
         history = histories.setdefault(ev.sandbox, InstanceHistory())
@@ -254,7 +272,7 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
                 )
             )
             if d.delay <= 0:
-                handle.restart(ev.sandbox)
+                restart(ev.sandbox)
             else:
                 nursery.start_soon(restart_later, ev.sandbox, d.delay)
 

@@ -104,9 +104,9 @@ class FakeHandle:
         """The settings given for *name* (empty if none)."""
         return self.settings_.get(name, {})
 
-    def restart(self, name: str) -> bool:
+    def restart(self, name: str, *, from_checkpoint: bool = False) -> bool:
         """Record a restart; bump the generation of an exited instance."""
-        self.calls.append(("restart", name))
+        self.calls.append(("restart", name, True) if from_checkpoint else ("restart", name))
         inst = self.instances_.get(name)
         if inst is None or inst.stop_requested or inst.state not in ("exited", "failed"):
             return False

@@ -22,6 +22,7 @@ import events
 from ._errors import CorralError
 
 if TYPE_CHECKING:
+    from ._checkpoint import CheckpointInfo
     from ._supervisor import Instance, Supervisor
 
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginError", "PluginHandle", "load_plugin"]
@@ -144,9 +145,34 @@ class PluginHandle:
             merged.update(inst.config.plugins.get(self._plugin, {}))
         return merged
 
-    def restart(self, name: str) -> bool:
+    def restart(self, name: str, *, from_checkpoint: bool = False) -> bool:
         """Start the next generation of an exited instance."""
-        return self._sup.restart(name)
+        return self._sup.restart(name, from_checkpoint=from_checkpoint)
+
+    async def checkpoint(
+        self, name: str, *, tag: str | None = None, leave_running: bool = True
+    ) -> CheckpointInfo:
+        """Checkpoint a running instance with CRIU."""
+        return await self._sup.checkpoint(name, tag=tag, leave_running=leave_running)
+
+    async def restore(
+        self, name: str, *, tag: str | None = None, as_name: str | None = None
+    ) -> None:
+        """Restore an instance (or a new one) from a checkpoint."""
+        await self._sup.restore(name, tag=tag, as_name=as_name)
+
+    def checkpoints(self, name: str) -> list[CheckpointInfo]:
+        """An instance's checkpoints, oldest first."""
+        assert self._sup.runtime is not None
+        return self._sup.runtime.checkpoints.list(name)
+
+    def delete_checkpoint(self, name: str, tag: str) -> None:
+        """Remove one of an instance's checkpoints."""
+        assert self._sup.runtime is not None
+        store = self._sup.runtime.checkpoints
+        for info in store.list(name):
+            if info.tag == tag:
+                store.delete(info)
 
     def stop(self, name: str, grace: float | None = None) -> None:
         """Stop one instance; it stays stopped."""

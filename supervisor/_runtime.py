@@ -434,7 +434,7 @@ class Runtime:
         name: str | None = None,
         tag: str | None = None,
         leave_running: bool = False,
-        on_dumped: Callable[[], None] | None = None,
+        on_dumped: Callable[[CheckpointInfo], None] | None = None,
     ) -> CheckpointInfo:
         """Checkpoint a running sandbox with CRIU; return what was stored.
 
@@ -442,7 +442,7 @@ class Runtime:
         its writable layer is copied, so memory and files agree. Then it is
         killed, or thawed with *leave_running*. The checkpoint is kept
         under *name* (default: the sandbox's name) and *tag* (default: the
-        time). *on_dumped* runs once the checkpoint is complete, before the
+        time). *on_dumped(info)* runs once the checkpoint is complete, before the
         kill. On failure the sandbox is thawed and left running, nothing is
         stored, and :class:`CheckpointError` says why (CRIU's reason).
         """
@@ -481,7 +481,6 @@ class Runtime:
                     "--freeze-cgroup",
                     sb.cgroup.freezer_dir,
                     "--manage-cgroups=soft",  # optional argument: needs the '='
-
                     # Always: a failure must leave the sandbox running; the
                     # kill (without leave_running) is ours, after the copy.
                     "--leave-running",
@@ -521,7 +520,7 @@ class Runtime:
                     os.fsync(f.fileno())
                 os.rename(partial, final)
                 if on_dumped is not None:
-                    on_dumped()
+                    on_dumped(info)
                 if not leave_running:
                     sb.kill()  # while frozen: it never runs past the checkpoint
             finally:

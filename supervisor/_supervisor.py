@@ -25,6 +25,8 @@ import trio
 
 import events
 from events import (
+    Checkpointed,
+    CheckpointFailed,
     Created,
     Exited,
     Failed,
@@ -32,6 +34,7 @@ from events import (
     Oom,
     OomKill,
     PluginFailed,
+    Restored,
     Started,
     StartFailed,
     Stopped,
@@ -41,14 +44,15 @@ from events import (
     SupervisorStopping,
 )
 
-from ._errors import CorralError
+from ._checkpoint import CheckpointInfo
+from ._errors import CheckpointError, CorralError, SpecError
 from ._fleet import Fleet, SandboxConfig
 from ._linux._cgroups import OomWatch
 from ._linux._spawn import Keeper
 from ._logfiles import LogWriter, pump
 from ._plugins import DEFAULT_PLUGINS, PluginFn, PluginHandle, load_plugin
 from ._runtime import Runtime, Sandbox
-from ._spec import Limits, SandboxSpec
+from ._spec import Limits, SandboxSpec, validate_name
 
 __all__ = ["Instance", "Supervisor"]
 
@@ -61,6 +65,24 @@ NEAR_MISS_DELAY = 0.05
 PLUGIN_MAX_FAILURES = 3
 PLUGIN_RESTART_DELAY = 1.0
 PLUGIN_DRAIN_TIMEOUT = 5.0
+
+
+class RestoreError(CheckpointError):
+    """A restore asked of the supervisor failed (the instance is as it was)."""
+
+
+@dataclass(eq=False)
+class _PendingRestore:
+    """A restore the next generation performs instead of a fresh start."""
+
+    info: CheckpointInfo
+    fallback: bool
+    """Start fresh if the restore fails (restart-by-restore); else stay as before."""
+    prev_state: str = "exited"
+    prev_checkpoint_stopped: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    sandbox: Sandbox | None = None
+    error: CorralError | None = None
 
 
 class _Ident(TypedDict):
@@ -87,6 +109,14 @@ class Instance:
     memory_overridden: bool = False
     oom_kills_reported: int = 0
     oom_events_seen: int = 0
+    alias: str | None = None
+    """Its name when it is not ``NAME-INDEX`` (an instance restored ``--as``)."""
+    checkpointing: bool = False
+    """A checkpoint of it is being taken."""
+    checkpoint_stopped: bool = False
+    """It was stopped by a checkpoint (not ``leave_running``); a restore
+    brings it back, a restart policy leaves it alone."""
+    _pending_restore: _PendingRestore | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
     _wake: trio.Event = field(default_factory=trio.Event)
     _restart: bool = False
@@ -94,7 +124,7 @@ class Instance:
     @property
     def name(self) -> str:
         """The instance's name in events (``NAME-INDEX``)."""
-        return self.config.instance_name(self.index)
+        return self.alias or self.config.instance_name(self.index)
 
     @property
     def sandbox_name(self) -> str:
@@ -103,8 +133,9 @@ class Instance:
 
     @property
     def stop_requested(self) -> bool:
-        """True once this instance (or the fleet) is being stopped."""
-        return self._stop.is_set()
+        """True once this instance (or the fleet) is being stopped, or a
+        checkpoint stopped it: restart policies must leave it alone."""
+        return self._stop.is_set() or self.checkpoint_stopped
 
     @property
     def memory_limit(self) -> int | None:
@@ -176,6 +207,7 @@ class Supervisor:
         self._stop_reason = "requested"
         self._logs: dict[str, LogWriter] = {}
         self._janitor: trio.Nursery | None = None
+        self._fleet_nursery: trio.Nursery | None = None
         # Resolve every plugin now: a typo in a fleet file is an error at
         # start-up, not a surprise at the first crash.
         names = dict.fromkeys([*DEFAULT_PLUGINS, *fleet.plugins])
@@ -203,13 +235,177 @@ class Supervisor:
 
     # -- verbs (used by plugins through their handle, and by the CLI later) --
 
-    def restart(self, name: str) -> bool:
-        """Start the next generation of an exited or failed instance."""
+    def restart(self, name: str, *, from_checkpoint: bool = False) -> bool:
+        """Start the next generation of an exited or failed instance.
+
+        With *from_checkpoint* the generation is restored from the
+        instance's latest checkpoint if it has one (a fresh start if it has
+        none, or if the restore fails: ``checkpoint_failed`` says why).
+        """
         inst = self._by_name.get(name)
         if inst is None or inst.stop_requested or inst.state not in ("exited", "failed"):
             return False
+        if from_checkpoint and self.runtime is not None:
+            found = self.runtime.checkpoints.list(inst.name)
+            if found:
+                inst._pending_restore = _PendingRestore(found[-1], fallback=True)
         inst.request_restart()
         return True
+
+    def _get(self, name: str) -> Instance:
+        inst = self._by_name.get(name)
+        if inst is None:
+            raise SpecError("name", f"no sandbox instance {name!r} in this fleet")
+        return inst
+
+    async def checkpoint(
+        self, name: str, *, tag: str | None = None, leave_running: bool = False
+    ) -> CheckpointInfo:
+        """Checkpoint a running instance with CRIU (see :meth:`Runtime.checkpoint`).
+
+        Publishes ``checkpointed``; without *leave_running* the instance is
+        then stopped (``exited``, ``stopped``) until restored. On failure it
+        publishes ``checkpoint_failed`` and raises; the instance runs on.
+        """
+        assert self.runtime is not None
+        runtime = self.runtime
+        inst = self._get(name)
+        ident = self._ident(inst)
+        sb = inst.sandbox
+        try:
+            if sb is None or inst.state != "running":
+                raise CheckpointError(
+                    f"{name!r} is {inst.state}, not running: nothing to checkpoint"
+                )
+            if inst.checkpointing:
+                raise CheckpointError(f"a checkpoint of {name!r} is already being taken")
+        except CheckpointError as exc:
+            self.publish(
+                CheckpointFailed(**ident, operation="checkpoint", tag=tag or "", reason=str(exc))
+            )
+            raise
+        token = trio.lowlevel.current_trio_token()
+
+        def on_dumped(info: CheckpointInfo) -> None:
+            # In the worker thread, before the kill: checkpointed comes
+            # before the exited it causes, and no restart policy reacts.
+            if not leave_running:
+                inst.checkpoint_stopped = True
+            trio.from_thread.run_sync(self._published_checkpoint, inst, info, trio_token=token)
+
+        inst.checkpointing = True
+        try:
+            with trio.CancelScope(shield=True):
+                info: CheckpointInfo = await trio.to_thread.run_sync(
+                    partial(
+                        runtime.checkpoint,
+                        sb,
+                        name=inst.name,
+                        tag=tag,
+                        leave_running=leave_running,
+                        on_dumped=on_dumped,
+                    )
+                )
+            return info
+        except CorralError as exc:
+            self.publish(
+                CheckpointFailed(**ident, operation="checkpoint", tag=tag or "", reason=str(exc))
+            )
+            raise
+        finally:
+            inst.checkpointing = False
+
+    def _published_checkpoint(self, inst: Instance, info: CheckpointInfo) -> None:
+        self.publish(
+            Checkpointed(
+                **self._ident(inst),
+                tag=info.tag,
+                size=info.size,
+                duration_ms=round(info.duration * 1000, 3),
+                frozen_ms=round(info.frozen * 1000, 3),
+                leave_running=info.leave_running,
+            )
+        )
+
+    async def restore(
+        self, name: str, *, tag: str | None = None, as_name: str | None = None
+    ) -> Sandbox:
+        """Restore instance *name* from its checkpoint *tag* (default: the latest).
+
+        Without *as_name* the instance itself comes back as its next
+        generation; it must not be running. With *as_name* a new instance
+        of that name is added to the fleet and restored (the original may
+        run on). Publishes ``restored`` and ``started``; on failure
+        ``checkpoint_failed`` and raises, leaving everything as it was.
+        """
+        assert self.runtime is not None and self._fleet_nursery is not None
+        runtime = self.runtime
+        source = self._get(name)
+        try:
+            info = await trio.to_thread.run_sync(runtime.checkpoints.find, source.name, tag)
+            if as_name is not None:
+                validate_name(as_name, "as")
+                if as_name in self._by_name or any(
+                    c.name == as_name or c.instance_name(0) == as_name for c in self.fleet.sandboxes
+                ):
+                    raise SpecError("as", f"{as_name!r} is already a sandbox of this fleet")
+                if self._stopping.is_set():
+                    raise CheckpointError("the fleet is stopping")
+                target = Instance(
+                    SandboxConfig(
+                        name=as_name,
+                        command=source.config.command,
+                        rootfs=source.config.rootfs,
+                        limits=source.config.limits._replace(memory=source.memory_limit),
+                        env=source.config.env,
+                        workdir=source.config.workdir,
+                        hostname=source.config.hostname,
+                        plugins=source.config.plugins,
+                    ),
+                    0,
+                    grace=source.grace,
+                )
+                target.alias = as_name
+                pending = _PendingRestore(info, fallback=False)
+                target._pending_restore = pending
+                target.state = "starting"
+                self.instances.append(target)
+                self._by_name[target.name] = target
+                self._fleet_nursery.start_soon(self._supervise, target)
+            else:
+                target = source
+                if target._stop.is_set():
+                    raise CheckpointError(f"{name!r} is being stopped with the fleet")
+                if target.state not in ("exited", "failed", "stopped") or target._pending_restore:
+                    raise CheckpointError(
+                        f"{name!r} is {target.state}: checkpoint it (without --leave-running)"
+                        " or stop it before restoring it, or restore it under a new name (--as)"
+                    )
+                pending = _PendingRestore(
+                    info,
+                    fallback=False,
+                    prev_state=target.state,
+                    prev_checkpoint_stopped=target.checkpoint_stopped,
+                )
+                target._pending_restore = pending
+                target.request_restart()
+        except CorralError as exc:
+            self.publish(
+                CheckpointFailed(
+                    **self._ident(source), operation="restore", tag=tag or "", reason=str(exc)
+                )
+            )
+            raise
+        await pending.done.wait()
+        if pending.error is not None:
+            if target is not source:
+                # A new instance that never came up leaves the fleet again.
+                self.instances.remove(target)
+                self._by_name.pop(target.name, None)
+                target.request_stop()
+            raise pending.error
+        assert pending.sandbox is not None
+        return pending.sandbox
 
     def stop_instance(self, name: str, grace: float | None = None) -> None:
         """Stop one instance; it stays stopped until started again."""
@@ -319,6 +515,7 @@ class Supervisor:
                 async with trio.open_nursery() as janitor:
                     self._janitor = janitor
                     async with trio.open_nursery() as fleet:
+                        self._fleet_nursery = fleet
                         for inst in self.instances:
                             fleet.start_soon(self._supervise, inst)
                         task_status.started()
@@ -326,6 +523,11 @@ class Supervisor:
                         self.publish(SupervisorStopping(sandbox="", reason=self._stop_reason))
                         for inst in self.instances:
                             inst.request_stop()
+                            if inst._pending_restore is not None:
+                                inst._pending_restore.error = CheckpointError(
+                                    "the fleet is stopping"
+                                )
+                                inst._pending_restore.done.set()
                 self.publish(SupervisorStopped(sandbox=""))
                 # Closing the bus ends the services and plugins gracefully:
                 # every consumer (log, event log, socket clients) gets every
@@ -387,9 +589,9 @@ class Supervisor:
 
     async def _supervise(self, inst: Instance) -> None:
         """Run one instance, generation after generation, until it is stopped."""
-        while not inst.stop_requested:
+        while not inst._stop.is_set():
             await self._run_generation(inst)
-            if inst.stop_requested:
+            if inst._stop.is_set():
                 break
             # Exited (or failed): idle until a plugin restarts it or a stop.
             await inst._wake.wait()
@@ -414,13 +616,22 @@ class Supervisor:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         spec = inst.spec()
+        pending, inst._pending_restore = inst._pending_restore, None
+        sb: Sandbox | None = None
         try:
-            # Shielded: a create abandoned half way would leave a sandbox
-            # nobody knows about. It takes milliseconds.
-            with trio.CancelScope(shield=True):
-                sb = await trio.to_thread.run_sync(
-                    lambda: runtime.create(spec, stdio=(null, out_w, err_w))
-                )
+            if pending is not None:
+                sb = await self._restore_generation(inst, pending, spec, (null, out_w, err_w))
+                if sb is None and not pending.fallback:
+                    os.close(out_r)
+                    os.close(err_r)
+                    return
+            if sb is None:
+                # Shielded: a create abandoned half way would leave a sandbox
+                # nobody knows about. It takes milliseconds.
+                with trio.CancelScope(shield=True):
+                    sb = await trio.to_thread.run_sync(
+                        lambda: runtime.create(spec, stdio=(null, out_w, err_w), stdin_devnull=True)
+                    )
         except CorralError as exc:
             os.close(out_r)
             os.close(err_r)
@@ -430,6 +641,7 @@ class Supervisor:
         finally:
             for fd in (null, out_w, err_w):
                 os.close(fd)
+        assert sb is not None
         inst.sandbox = sb
         inst.state = "running"
         inst.oom_kills_reported = inst.oom_events_seen = 0
@@ -448,6 +660,50 @@ class Supervisor:
                 await trio.to_thread.run_sync(sb.destroy)
             inst.sandbox = None
             raise
+
+    async def _restore_generation(
+        self,
+        inst: Instance,
+        pending: _PendingRestore,
+        spec: SandboxSpec,
+        stdio: tuple[int, int, int],
+    ) -> Sandbox | None:
+        """Restore this generation from a checkpoint; None if that failed."""
+        assert self.runtime is not None
+        runtime = self.runtime
+        ident = self._ident(inst)
+        inst.checkpoint_stopped = False
+        start = trio.current_time()
+        try:
+            # Shielded like a create; CRIU itself is bounded by a timeout.
+            with trio.CancelScope(shield=True):
+                sb = await trio.to_thread.run_sync(
+                    lambda: runtime.restore(pending.info, spec, stdio=stdio)
+                )
+        except CorralError as exc:
+            self.publish(
+                CheckpointFailed(
+                    **ident, operation="restore", tag=pending.info.tag, reason=str(exc)
+                )
+            )
+            if not pending.fallback:
+                inst.state = pending.prev_state
+                inst.checkpoint_stopped = pending.prev_checkpoint_stopped
+            pending.error = exc
+            pending.done.set()
+            return None
+        self.publish(
+            Restored(
+                **ident,
+                tag=pending.info.tag,
+                source=pending.info.name,
+                pid=sb.pid,
+                duration_ms=round((trio.current_time() - start) * 1000, 3),
+            )
+        )
+        pending.sandbox = sb
+        pending.done.set()
+        return sb
 
     async def _watch(self, inst: Instance, sb: Sandbox, ident: _Ident) -> None:
         """Watch a running sandbox until it exits; report; remove it."""
@@ -468,7 +724,7 @@ class Supervisor:
             self._report_oom(inst, watch.read(), ident, final=True)
         finally:
             watch.close()
-        was_stopping = inst.state == "stopping"
+        was_stopping = inst.state == "stopping" or inst.checkpoint_stopped
         inst.sandbox = None
         inst.state = "exited"
         self.publish(

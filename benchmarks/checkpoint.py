@@ -1,0 +1,568 @@
+"""Checkpoint and restore: corral's CRIU checkpoint/restore against plain CRIU.
+
+Usage (as root, where ``criu check`` passes; on the dev host that is the VM
+lane)::
+
+    tests/vm/run --memory 3G -- .venv/bin/python benchmarks/checkpoint.py [--runs 3]
+
+Every sample uses a fresh sandbox made by corral (the busybox rootfs plus
+``/hog``, all namespaces, a cgroup) running ``/hog MB``: a static C program,
+compiled here, that mallocs MB megabytes, writes every byte, prints
+``ready`` and pauses. The benchmark waits for ``ready`` on the stdout pipe.
+Sizes: 16 MB and 256 MB. Plain CRIU is run on the same kind of sandbox, so
+both dump the same process tree (tini and the hog) with the same options.
+
+checkpoint (kill mode)
+    corral: wall time of ``Runtime.checkpoint(sb, tag=...)``: freeze the
+    cgroup, ``criu dump --leave-running``, ``cp -a`` of the writable layer,
+    checkpoint.json (fsync), rename, SIGKILL.
+    plain: wall time of running ``criu dump`` from here (fork, exec, dump,
+    exit), measured as corral's own call is, with corral's options minus
+    ``--leave-running``, so CRIU kills the tree itself, as ``runc
+    checkpoint`` does: ``--tree PID --images-dir D --log-file dump.log
+    --network-lock L --external mnt[/dev/init]:corral-init --freeze-cgroup
+    CG --manage-cgroups=soft --tcp-established --file-locks --ext-unix-sk``.
+    CRIU then freezes the cgroup itself (corral freezes it first).
+restore
+    corral: wall time of ``Runtime.restore(info)``: state dir, ``cp -a`` of
+    the layer, cgroup, fork of the restorer (private mount namespace,
+    overlay mount), ``criu restore``, pidfile, removal of CRIU's leftover
+    network lock (``nsenter ... nft``), record.
+    plain: the least a caller of CRIU has to do to restore the plain dump:
+    mkdir of the cgroup, fork; in the child unshare(CLONE_NEWNS), make /
+    private, mount the overlay (the rootfs below a copy of the dumped
+    sandbox's writable layer, copied beforehand, untimed), exec ``criu
+    restore`` with corral's options (``--root --restore-detached --pidfile
+    --external mnt[corral-init]:TINI --manage-cgroups=soft --cgroup-root
+    --tcp-established --file-locks --ext-unix-sk --inherit-fd`` for the
+    stdout pipe); wall time until CRIU exits with the tree running.
+frozen (leave-running)
+    ``Runtime.checkpoint(sb, leave_running=True)``: how long the sandbox
+    stood still, from the call of corral's cgroup freeze to the return of
+    its thaw (both wrapped here). ``CheckpointInfo.frozen`` (which stops
+    before checkpoint.json and the rename, not at the thaw) and CRIU's own
+    ``frozen_time`` (its stats-dump image, read with ``crit``) are shown
+    beside it.
+
+A warm-up round (16 MB, not counted) fills corral's ``criu check`` cache
+and the page cache, as in a long-running supervisor. corral and plain
+alternate in which goes first. Medians over ``--runs`` samples.
+
+To show where corral's time goes, its internal steps (``criu`` process,
+``cp -a``, nft unlock) are timed by wrapping the module functions of
+``supervisor._runtime`` for the duration of the run; "other" is the rest.
+
+The last three lines are exactly ``checkpoint_overhead_ratio: X``,
+``restore_overhead_ratio: X`` (corral/plain, the worse of the 16 MB and
+256 MB medians; target <= 1.2) and ``frozen_ms_256M: X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import supervisor._runtime as _rt
+from supervisor._checkpoint import INIT_KEY, CheckpointInfo, CriuInfo, check_criu, dir_size
+from supervisor._linux._child import INIT_PATH
+from supervisor._runtime import Runtime, Sandbox
+from supervisor._spec import SandboxSpec
+
+SIZES = (16, 256)
+HOG_C = r"""
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    size_t n = (size_t)strtoul(argc > 1 ? argv[1] : "16", 0, 10) << 20;
+    char *p = malloc(n);
+    if (!p) return 1;
+    memset(p, 0x5a, n);
+    if (write(1, "ready\n", 6) != 6) return 1;
+    for (;;) pause();
+}
+"""
+
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+class Phases:
+    """Seconds spent in wrapped functions since the last :meth:`reset`."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.t = {}
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+
+        return timed
+
+
+def build_hog(scratch: Path) -> Path:
+    src = scratch / "hog.c"
+    src.write_text(HOG_C)
+    binary = scratch / "hog"
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise SystemExit("a C compiler is needed for the memory hog (apt-get install gcc)")
+    proc = subprocess.run(
+        [cc, "-O2", "-static", "-o", str(binary), str(src)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"cannot build the hog (static; needs libc6-dev): {proc.stderr}")
+    return binary
+
+
+def wait_ready(fd: int, timeout: float = 300.0) -> None:
+    """Read the hog's stdout until it says ``ready``."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"ready\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise SystemExit(f"the hog was not ready after {timeout:g} s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise SystemExit(f"the hog ended before it was ready (output {buf!r})")
+        buf += chunk
+
+
+def criu_frozen_ms(images: str) -> float | None:
+    """CRIU's own frozen_time from the stats-dump image (None without crit)."""
+    crit = shutil.which("crit")
+    if crit is None:
+        return None
+    proc = subprocess.run(
+        [crit, "decode", "-i", os.path.join(images, "stats-dump")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return float(json.loads(proc.stdout)["entries"][0]["dump"]["frozen_time"]) / 1e3
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def fd_key(pid: int, fd: int) -> str:
+    return os.readlink(f"/proc/{pid}/fd/{fd}")
+
+
+class Bench:
+    def __init__(self, rt: Runtime, criu: CriuInfo, rootfs: str, scratch: Path) -> None:
+        self.rt = rt
+        self.criu = criu
+        self.rootfs = rootfs
+        self.scratch = scratch
+        self.null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        self.phases = Phases()
+        self.cleanup = contextlib.ExitStack()
+        self.samples: dict[tuple[int, str], list[float]] = {}
+        self.n = 0
+
+    def add(self, mb: int, key: str, value: float) -> None:
+        self.samples.setdefault((mb, key), []).append(value)
+
+    def median(self, mb: int, key: str) -> float:
+        return statistics.median(self.samples[(mb, key)])
+
+    def instrument(self) -> None:
+        """Time corral's internal steps (the wrappers stay for the whole run)."""
+        p = self.phases
+        _rt._run_criu = p.wrap("criu", _rt._run_criu)  # type: ignore[attr-defined]
+        _rt._copy_tree = p.wrap("cp", _rt._copy_tree)  # type: ignore[attr-defined]
+        _rt._drop_network_lock = p.wrap("nft", _rt._drop_network_lock)  # type: ignore[attr-defined]
+        _rt._wait_pidfd = p.wrap("criu", _rt._wait_pidfd)  # type: ignore[attr-defined]
+        self.rt._spawn = p.wrap("criu", self.rt._spawn)
+
+    def name(self, what: str, mb: int) -> str:
+        self.n += 1
+        return f"bench-{what}{mb}-{self.n}"
+
+    def start_hog(self, what: str, mb: int) -> tuple[Sandbox, int]:
+        """A fresh sandbox with *mb* MB touched; its stdout's read end."""
+        spec = SandboxSpec(self.name(what, mb), ["/hog", str(mb)], rootfs=self.rootfs)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.cleanup.callback(os.close, r)
+        try:
+            sb = self.rt.create(spec, stdio=(self.null, w, w), stdin_devnull=True)
+        finally:
+            os.close(w)
+        self.cleanup.callback(sb.destroy)
+        wait_ready(r)
+        return sb, r
+
+    # -- corral ----------------------------------------------------------------
+
+    def corral_checkpoint(self, mb: int) -> CheckpointInfo:
+        sb, _ = self.start_hog("c", mb)
+        self.phases.reset()
+        t0 = time.perf_counter()
+        info = self.rt.checkpoint(sb, tag="kill")
+        dt = time.perf_counter() - t0
+        self.cleanup.callback(self.rt.checkpoints.delete, info)
+        sb.wait()
+        sb.destroy()
+        self.add(mb, "ckpt", dt)
+        self.add(mb, "ckpt:criu", self.phases.t.get("criu", 0.0))
+        self.add(mb, "ckpt:cp", self.phases.t.get("cp", 0.0))
+        self.add(mb, "ckpt:size", info.size)
+        return info
+
+    def corral_restore(self, mb: int, info: CheckpointInfo) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.cleanup.callback(os.close, r)
+        self.phases.reset()
+        try:
+            t0 = time.perf_counter()
+            sb = self.rt.restore(info, stdio=(self.null, w, w))
+            dt = time.perf_counter() - t0
+        finally:
+            os.close(w)
+        self.cleanup.callback(sb.destroy)
+        if sb.poll() is not None:
+            raise SystemExit(f"the restored sandbox {sb.name} is not running")
+        sb.destroy()
+        self.rt.checkpoints.delete(info)
+        self.add(mb, "restore", dt)
+        for phase in ("criu", "cp", "nft"):
+            self.add(mb, f"restore:{phase}", self.phases.t.get(phase, 0.0))
+
+    def corral_leave_running(self, mb: int) -> None:
+        sb, _ = self.start_hog("l", mb)
+        cg: Any = sb.cgroup
+        marks: dict[str, float] = {}
+        freeze, thaw = cg.freeze, cg.thaw
+
+        def timed_freeze(*args: Any, **kwargs: Any) -> None:
+            marks["freeze"] = time.perf_counter()
+            freeze(*args, **kwargs)
+
+        def timed_thaw() -> None:
+            thaw()
+            marks["thaw"] = time.perf_counter()
+
+        cg.freeze, cg.thaw = timed_freeze, timed_thaw
+        info = self.rt.checkpoint(sb, tag="live", leave_running=True)
+        self.cleanup.callback(self.rt.checkpoints.delete, info)
+        if sb.poll() is not None:
+            raise SystemExit(f"{sb.name} did not survive a --leave-running checkpoint")
+        self.add(mb, "frozen", marks["thaw"] - marks["freeze"])
+        self.add(mb, "frozen:info", info.frozen)
+        criu_ms = criu_frozen_ms(info.images)
+        if criu_ms is not None:
+            self.add(mb, "frozen:criu", criu_ms / 1e3)
+        sb.destroy()
+        self.rt.checkpoints.delete(info)
+
+    # -- plain CRIU ------------------------------------------------------------
+
+    def plain_dump(self, mb: int) -> tuple[Path, str, str]:
+        """Dump a fresh hog with plain criu; (its dir, stdout key, cgroup parent)."""
+        sb, _ = self.start_hog("p", mb)
+        d = self.scratch / sb.name
+        images = d / "images"
+        images.mkdir(parents=True)
+        self.cleanup.callback(shutil.rmtree, d, True)
+        key = fd_key(sb.pid, 1)
+        (cgdir,) = sb.cgroup.paths
+        argv = [
+            self.criu.binary,
+            "dump",
+            "--tree",
+            str(sb.pid),
+            "--images-dir",
+            str(images),
+            "--log-file",
+            "dump.log",
+            "--network-lock",
+            self.criu.network_lock,
+            "--external",
+            f"mnt[{INIT_PATH}]:{INIT_KEY}",
+            "--freeze-cgroup",
+            cgdir,
+            "--manage-cgroups=soft",
+            "--tcp-established",
+            "--file-locks",
+            "--ext-unix-sk",
+        ]
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+        dt = time.perf_counter() - t0
+        if proc.returncode != 0:
+            log = (images / "dump.log").read_text(errors="replace")
+            raise SystemExit(f"plain criu dump failed ({proc.returncode}):\n{log[-3000:]}")
+        sb.wait()
+        # The layer the restore will mount (untimed: runc restores onto the
+        # container's own rootfs; corral copies, and that is timed for it).
+        subprocess.run(["cp", "-a", os.path.join(sb.state_path, "upper"), str(d / "upper")], check=True)
+        sb.destroy()
+        self.add(mb, "dump", dt)
+        self.add(mb, "dump:size", dir_size(str(images)))
+        return d, key, os.path.dirname(cgdir)
+
+    def plain_restore(self, mb: int, d: Path, key: str, cg_parent: str) -> None:
+        (d / "work").mkdir()
+        (d / "merged").mkdir()
+        cg_dir = os.path.join(cg_parent, f"{d.name}-restored")
+        cg_rel = "/" + os.path.relpath(cg_dir, "/sys/fs/cgroup")
+        pidfile = d / "restore.pid"
+        r, w = os.pipe()  # inheritable: --inherit-fd fd[w]
+        self.cleanup.callback(os.close, r)
+        argv = [
+            self.criu.binary,
+            "restore",
+            "--images-dir",
+            str(d / "images"),
+            "--work-dir",
+            str(d),
+            "--log-file",
+            "restore.log",
+            "--root",
+            str(d / "merged"),
+            "--restore-detached",
+            "--pidfile",
+            str(pidfile),
+            "--external",
+            f"mnt[{INIT_KEY}]:{self.rt.init_binary}",
+            "--manage-cgroups=soft",
+            "--cgroup-root",
+            cg_rel,
+            "--tcp-established",
+            "--file-locks",
+            "--ext-unix-sk",
+            "--inherit-fd",
+            f"fd[{w}]:{key}",
+        ]
+        merged = str(d / "merged").encode()
+        opts = f"lowerdir={self.rootfs},upperdir={d / 'upper'},workdir={d / 'work'}".encode()
+
+        def private_root() -> None:
+            # In the forked child, before exec: what corral's restorer does.
+            if (
+                _libc.unshare(CLONE_NEWNS) != 0
+                or _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
+                or _libc.mount(b"overlay", merged, b"overlay", 0, opts) != 0
+            ):
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+
+        try:
+            t0 = time.perf_counter()
+            os.mkdir(cg_dir)
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                pass_fds=(w,),
+                preexec_fn=private_root,
+                check=False,
+            )
+            dt = time.perf_counter() - t0
+        finally:
+            os.close(w)
+        self.cleanup.callback(remove_cgroup, cg_dir)
+        if proc.returncode != 0:
+            log = (d / "restore.log").read_text(errors="replace")
+            raise SystemExit(f"plain criu restore failed ({proc.returncode}):\n{log[-3000:]}")
+        pid = int(pidfile.read_text().strip())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 0)
+        remove_cgroup(cg_dir, pid)
+        shutil.rmtree(d, ignore_errors=True)
+        self.add(mb, "prestore", dt)
+
+    # -- one round ---------------------------------------------------------------
+
+    def round(self, mb: int, corral_first: bool) -> None:
+        def dumps() -> tuple[CheckpointInfo, tuple[Path, str, str]]:
+            if corral_first:
+                info = self.corral_checkpoint(mb)
+                return info, self.plain_dump(mb)
+            plain = self.plain_dump(mb)
+            return self.corral_checkpoint(mb), plain
+
+        info, plain = dumps()
+        if corral_first:
+            self.corral_restore(mb, info)
+            self.plain_restore(mb, *plain)
+        else:
+            self.plain_restore(mb, *plain)
+            self.corral_restore(mb, info)
+        self.corral_leave_running(mb)
+        self.cleanup.close()  # everything above is gone already; this is a no-op
+
+
+def remove_cgroup(path: str, pid: int | None = None) -> None:
+    """Kill what is in a cgroup we made, reap *pid* (our orphan), rmdir it."""
+    if not os.path.isdir(path):
+        return
+    with contextlib.suppress(OSError):
+        Path(path, "cgroup.kill").write_text("1")
+    if pid is not None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # cleanup only: the killed tree is still exiting
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="samples per size and contender")
+    parser.add_argument("--warmup", type=int, default=1, help="uncounted 16 MB rounds first")
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    rt = Runtime()
+    criu = check_criu()  # raises with CRIU's reason where it does not work
+    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-ckpt-")).resolve()
+    try:
+        hog = build_hog(scratch)
+        rootfs = scratch / "rootfs"
+        subprocess.run(["cp", "-a", rt.resolve_rootfs("busybox"), str(rootfs)], check=True)
+        shutil.copy2(hog, rootfs / "hog")
+        bench = Bench(rt, criu, rt.resolve_rootfs(str(rootfs)), scratch)
+        bench.instrument()
+        try:
+            for i in range(args.warmup):
+                bench.round(16, corral_first=i % 2 == 0)
+            bench.samples.clear()
+            for i in range(args.runs):
+                for mb in SIZES:
+                    bench.round(mb, corral_first=i % 2 == 0)
+        finally:
+            bench.cleanup.close()
+            os.close(bench.null)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    def ms(mb: int, key: str) -> float:
+        return bench.median(mb, key) * 1e3
+
+    print(f"CRIU {criu.version}, network lock {criu.network_lock}; medians of {args.runs} runs, ms")
+    print()
+    print(f"{'size':>5} {'corral ckpt':>12} {'criu dump':>10} {'ratio':>6}"
+          f" {'corral restore':>15} {'criu restore':>13} {'ratio':>6} {'frozen':>7}")
+    ckpt_ratio: dict[int, float] = {}
+    restore_ratio: dict[int, float] = {}
+    for mb in SIZES:
+        ckpt_ratio[mb] = bench.median(mb, "ckpt") / bench.median(mb, "dump")
+        restore_ratio[mb] = bench.median(mb, "restore") / bench.median(mb, "prestore")
+        print(
+            f"{mb:>4}M {ms(mb, 'ckpt'):12.1f} {ms(mb, 'dump'):10.1f} {ckpt_ratio[mb]:6.2f}"
+            f" {ms(mb, 'restore'):15.1f} {ms(mb, 'prestore'):13.1f} {restore_ratio[mb]:6.2f}"
+            f" {ms(mb, 'frozen'):7.1f}"
+        )
+    print()
+    print("where corral's time goes (medians, ms; 'criu' = the criu process, fork to exit):")
+    print(f"{'size':>5} {'ckpt: criu':>11} {'cp -a':>7} {'other':>7}"
+          f" {'restore: criu':>14} {'cp -a':>7} {'nft unlock':>11} {'other':>7}")
+    for mb in SIZES:
+        c_other = statistics.median(
+            a - b - c
+            for a, b, c in zip(
+                bench.samples[(mb, "ckpt")],
+                bench.samples[(mb, "ckpt:criu")],
+                bench.samples[(mb, "ckpt:cp")],
+                strict=True,
+            )
+        )
+        r_other = statistics.median(
+            a - b - c - d
+            for a, b, c, d in zip(
+                bench.samples[(mb, "restore")],
+                bench.samples[(mb, "restore:criu")],
+                bench.samples[(mb, "restore:cp")],
+                bench.samples[(mb, "restore:nft")],
+                strict=True,
+            )
+        )
+        print(
+            f"{mb:>4}M {ms(mb, 'ckpt:criu'):11.1f} {ms(mb, 'ckpt:cp'):7.1f} {c_other * 1e3:7.1f}"
+            f" {ms(mb, 'restore:criu'):14.1f} {ms(mb, 'restore:cp'):7.1f}"
+            f" {ms(mb, 'restore:nft'):11.1f} {r_other * 1e3:7.1f}"
+        )
+    print()
+    print("frozen by a --leave-running checkpoint (medians, ms): freeze call to thaw return;")
+    print("CheckpointInfo.frozen; CRIU's own frozen_time (stats-dump)")
+    for mb in SIZES:
+        criu_frozen = (
+            f"{ms(mb, 'frozen:criu'):.1f}" if (mb, "frozen:criu") in bench.samples else "n/a"
+        )
+        print(
+            f"{mb:>4}M  {ms(mb, 'frozen'):.1f}  {ms(mb, 'frozen:info'):.1f}  {criu_frozen}"
+        )
+    print()
+    print("image sizes (MB, corral incl. layer copy / plain):", ", ".join(
+        f"{mb}M {bench.median(mb, 'ckpt:size') / 2**20:.1f}/{bench.median(mb, 'dump:size') / 2**20:.1f}"
+        for mb in SIZES
+    ))
+    print(f"wall time {time.monotonic() - started:.0f} s")
+    print("overhead ratios = corral / plain CRIU, the worse (max) of the 16M and 256M medians;"
+          " target <= 1.2")
+    print(f"checkpoint_overhead_ratio: {max(ckpt_ratio.values()):.2f}")
+    print(f"restore_overhead_ratio: {max(restore_ratio.values()):.2f}")
+    print(f"frozen_ms_256M: {ms(256, 'frozen'):.1f}")
+
+
+if __name__ == "__main__":
+    main()
