@@ -66,7 +66,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -76,7 +75,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# benchmarks/events.py must not shadow the events package: move this
+# directory to the end of the path.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 
 import supervisor._runtime as _rt
 from supervisor._checkpoint import INIT_KEY, CheckpointInfo, CriuInfo, check_criu, dir_size
@@ -85,6 +87,7 @@ from supervisor._runtime import Runtime, Sandbox
 from supervisor._spec import SandboxSpec
 
 SIZES = (16, 256)
+MB = 1 << 20
 HOG_C = r"""
 #include <stdlib.h>
 #include <string.h>
@@ -210,10 +213,10 @@ class Bench:
     def instrument(self) -> None:
         """Time corral's internal steps (the wrappers stay for the whole run)."""
         p = self.phases
-        _rt._run_criu = p.wrap("criu", _rt._run_criu)  # type: ignore[attr-defined]
-        _rt._copy_tree = p.wrap("cp", _rt._copy_tree)  # type: ignore[attr-defined]
-        _rt._drop_network_lock = p.wrap("nft", _rt._drop_network_lock)  # type: ignore[attr-defined]
-        _rt._wait_pidfd = p.wrap("criu", _rt._wait_pidfd)  # type: ignore[attr-defined]
+        _rt._run_criu = p.wrap("criu", _rt._run_criu)
+        _rt._copy_tree = p.wrap("cp", _rt._copy_tree)
+        _rt._drop_network_lock = p.wrap("nft", _rt._drop_network_lock)
+        _rt._wait_pidfd = p.wrap("criu", _rt._wait_pidfd)
         self.rt._spawn = p.wrap("criu", self.rt._spawn)
 
     def name(self, what: str, mb: int) -> str:
@@ -343,7 +346,9 @@ class Bench:
         sb.wait()
         # The layer the restore will mount (untimed: runc restores onto the
         # container's own rootfs; corral copies, and that is timed for it).
-        subprocess.run(["cp", "-a", os.path.join(sb.state_path, "upper"), str(d / "upper")], check=True)
+        subprocess.run(
+            ["cp", "-a", os.path.join(sb.state_path, "upper"), str(d / "upper")], check=True
+        )
         sb.destroy()
         self.add(mb, "dump", dt)
         self.add(mb, "dump:size", dir_size(str(images)))
@@ -416,8 +421,10 @@ class Bench:
             log = (d / "restore.log").read_text(errors="replace")
             raise SystemExit(f"plain criu restore failed ({proc.returncode}):\n{log[-3000:]}")
         pid = int(pidfile.read_text().strip())
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(pid, 0)
+        except ProcessLookupError:
+            raise SystemExit(f"the tree restored by plain criu (pid {pid}) is gone") from None
         remove_cgroup(cg_dir, pid)
         shutil.rmtree(d, ignore_errors=True)
         self.add(mb, "prestore", dt)
@@ -440,7 +447,7 @@ class Bench:
             self.plain_restore(mb, *plain)
             self.corral_restore(mb, info)
         self.corral_leave_running(mb)
-        self.cleanup.close()  # everything above is gone already; this is a no-op
+        self.cleanup.close()  # the pipes' read ends; the rest is gone already
 
 
 def remove_cgroup(path: str, pid: int | None = None) -> None:
@@ -500,8 +507,10 @@ def main() -> None:
 
     print(f"CRIU {criu.version}, network lock {criu.network_lock}; medians of {args.runs} runs, ms")
     print()
-    print(f"{'size':>5} {'corral ckpt':>12} {'criu dump':>10} {'ratio':>6}"
-          f" {'corral restore':>15} {'criu restore':>13} {'ratio':>6} {'frozen':>7}")
+    print(
+        f"{'size':>5} {'corral ckpt':>12} {'criu dump':>10} {'ratio':>6}"
+        f" {'corral restore':>15} {'criu restore':>13} {'ratio':>6} {'frozen':>7}"
+    )
     ckpt_ratio: dict[int, float] = {}
     restore_ratio: dict[int, float] = {}
     for mb in SIZES:
@@ -514,8 +523,10 @@ def main() -> None:
         )
     print()
     print("where corral's time goes (medians, ms; 'criu' = the criu process, fork to exit):")
-    print(f"{'size':>5} {'ckpt: criu':>11} {'cp -a':>7} {'other':>7}"
-          f" {'restore: criu':>14} {'cp -a':>7} {'nft unlock':>11} {'other':>7}")
+    print(
+        f"{'size':>5} {'ckpt: criu':>11} {'cp -a':>7} {'other':>7}"
+        f" {'restore: criu':>14} {'cp -a':>7} {'nft unlock':>11} {'other':>7}"
+    )
     for mb in SIZES:
         c_other = statistics.median(
             a - b - c
@@ -542,23 +553,24 @@ def main() -> None:
             f" {ms(mb, 'restore:nft'):11.1f} {r_other * 1e3:7.1f}"
         )
     print()
-    print("frozen by a --leave-running checkpoint (medians, ms): freeze call to thaw return;")
-    print("CheckpointInfo.frozen; CRIU's own frozen_time (stats-dump)")
+    print("frozen by a --leave-running checkpoint (medians, ms): 'stood still' = corral's")
+    print("freeze call to its thaw's return; CheckpointInfo.frozen; CRIU's stats-dump frozen_time")
+    print(f"{'size':>5} {'stood still':>12} {'info.frozen':>12} {'criu frozen':>12}")
     for mb in SIZES:
-        criu_frozen = (
-            f"{ms(mb, 'frozen:criu'):.1f}" if (mb, "frozen:criu") in bench.samples else "n/a"
-        )
-        print(
-            f"{mb:>4}M  {ms(mb, 'frozen'):.1f}  {ms(mb, 'frozen:info'):.1f}  {criu_frozen}"
-        )
+        has_criu = (mb, "frozen:criu") in bench.samples
+        criu_frozen = f"{ms(mb, 'frozen:criu'):12.1f}" if has_criu else f"{'n/a':>12}"
+        print(f"{mb:>4}M {ms(mb, 'frozen'):12.1f} {ms(mb, 'frozen:info'):12.1f} {criu_frozen}")
     print()
-    print("image sizes (MB, corral incl. layer copy / plain):", ", ".join(
-        f"{mb}M {bench.median(mb, 'ckpt:size') / 2**20:.1f}/{bench.median(mb, 'dump:size') / 2**20:.1f}"
+    sizes = [
+        f"{mb}M {bench.median(mb, 'ckpt:size') / MB:.1f}/{bench.median(mb, 'dump:size') / MB:.1f}"
         for mb in SIZES
-    ))
+    ]
+    print("checkpoint sizes, MB (corral with its layer copy / plain images):", ", ".join(sizes))
     print(f"wall time {time.monotonic() - started:.0f} s")
-    print("overhead ratios = corral / plain CRIU, the worse (max) of the 16M and 256M medians;"
-          " target <= 1.2")
+    print(
+        "overhead ratios = corral / plain CRIU, the worse (max) of the 16M and 256M medians;"
+        " target <= 1.2"
+    )
     print(f"checkpoint_overhead_ratio: {max(ckpt_ratio.values()):.2f}")
     print(f"restore_overhead_ratio: {max(restore_ratio.values()):.2f}")
     print(f"frozen_ms_256M: {ms(256, 'frozen'):.1f}")

@@ -62,6 +62,8 @@ class FakeHandle:
         self.plugin = plugin
         self.bus = events.Bus()
         self.calls: list[tuple[Any, ...]] = []
+        self.checkpoints_: dict[str, list[FakeCheckpoint]] = {}
+        self.checkpoint_size = 1000
         self._state_dir: str | None = None
 
     @property
@@ -141,6 +143,51 @@ class FakeHandle:
                     old=old, new=limit, reason=reason,
                 )
             )  # fmt: skip
+
+    async def checkpoint(
+        self, name: str, *, tag: str | None = None, leave_running: bool = True
+    ) -> FakeCheckpoint:
+        """Record a checkpoint, keep a fake one and publish ``checkpointed``."""
+        import time
+
+        self.calls.append(("checkpoint", name, tag, leave_running))
+        found = self.checkpoints_.setdefault(name, [])
+        ckpt = FakeCheckpoint(
+            name=name, tag=tag or f"t{len(found)}", created=time.time(), size=self.checkpoint_size
+        )
+        found.append(ckpt)
+        self.publish(
+            events.Checkpointed(
+                sandbox=name, tag=ckpt.tag, size=ckpt.size, duration_ms=1.0, frozen_ms=1.0,
+                leave_running=leave_running,
+            )
+        )  # fmt: skip
+        return ckpt
+
+    async def restore(
+        self, name: str, *, tag: str | None = None, as_name: str | None = None
+    ) -> None:
+        """Record a restore."""
+        self.calls.append(("restore", name, tag, as_name))
+
+    def checkpoints(self, name: str) -> list[FakeCheckpoint]:
+        """The fake checkpoints of *name*, oldest first."""
+        return list(self.checkpoints_.get(name, []))
+
+    def delete_checkpoint(self, name: str, tag: str) -> None:
+        """Record a deletion and forget the checkpoint."""
+        self.calls.append(("delete_checkpoint", name, tag))
+        self.checkpoints_[name] = [c for c in self.checkpoints_.get(name, []) if c.tag != tag]
+
+
+@dataclass
+class FakeCheckpoint:
+    """A checkpoint as a plugin sees it (``plugins.CheckpointView``)."""
+
+    name: str
+    tag: str
+    created: float
+    size: int
 
 
 def started(name: str, generation: int = 0, pid: int = 4242) -> events.Started:

@@ -253,7 +253,12 @@ class Supervisor:
         return True
 
     def _get(self, name: str) -> Instance:
+        """An instance by name; a sandbox's name means its first instance."""
         inst = self._by_name.get(name)
+        if inst is None:
+            for cfg in self.fleet.sandboxes:
+                if cfg.name == name:
+                    inst = self._by_name.get(cfg.instance_name(0))
         if inst is None:
             raise SpecError("name", f"no sandbox instance {name!r} in this fleet")
         return inst
@@ -502,6 +507,22 @@ class Supervisor:
                     group=self.fleet.supervisor.socket_group,
                 )
             )
+            from ._control import CONTROL_SOCKET, serve_control
+
+            assert self.runtime is not None
+            control = trio.CancelScope()
+            control_path = os.path.join(self.runtime.run_dir, CONTROL_SOCKET)
+
+            async def run_control(task_status: trio.TaskStatus[None]) -> None:
+                with control:
+                    await serve_control(
+                        self,
+                        control_path,
+                        group=self.fleet.supervisor.socket_group,
+                        task_status=task_status,
+                    )
+
+            await services.start(run_control)
             services.start_soon(bus.flush_journal)
             signals = trio.CancelScope()
             if self._handle_signals:
@@ -537,6 +558,7 @@ class Supervisor:
                 bus.close()
                 plugins.cancel_scope.deadline = trio.current_time() + PLUGIN_DRAIN_TIMEOUT
             signals.cancel()
+            control.cancel()
 
     async def _run_plugin(self, name: str, fn: PluginFn, config: dict[str, Any]) -> None:
         """Run a plugin; if it raises, report it and restart it, or give up."""

@@ -1,0 +1,186 @@
+"""The checkpoint plugin: periodic CRIU checkpoints of running sandboxes.
+
+Settings (fleet-wide ``[plugins.checkpoint]``, per sandbox
+``[sandbox.plugins.checkpoint]``; see docs/checkpoint.md):
+
+==============  ==============================================  ===========
+key             meaning                                         default
+==============  ==============================================  ===========
+``interval``    time between periodic checkpoints of a running  none (off)
+                instance (``"30s"``, ``"5m"``); the sandbox
+                keeps running (``leave_running``)
+``keep``        how many of its periodic checkpoints an         ``3``
+                instance keeps (the oldest go first)
+``max_disk``    fleet-wide only: total size of all periodic     unbounded
+                checkpoints; over it, the oldest go first, but
+                never an instance's newest
+==============  ==============================================  ===========
+
+Periodic checkpoints are tagged ``auto-TIME``; checkpoints taken on demand
+(``corral checkpoint``, or another plugin through ``handle.checkpoint``)
+are never pruned by this plugin. To restart a crashed or OOM-killed
+instance from its latest checkpoint, set ``from_checkpoint = true`` in the
+restart plugin's settings.
+
+When CRIU cannot work on the host (not installed, or ``criu check``
+fails), the first attempt publishes ``checkpoint_failed`` quoting
+``criu check``, and the plugin publishes one ``plugin`` event
+``checkpoint.disabled`` with the reason and stops trying; sandboxes are
+not touched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+import events
+
+from ._api import CheckpointView, Handle
+from ._settings import SettingsError, duration, number, size
+
+__all__ = ["AUTO_PREFIX", "CheckpointPolicy", "parse_policy", "plugin", "to_prune"]
+
+AUTO_PREFIX = "auto-"
+_KEYS = {"interval", "keep", "max_disk", "module"}
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Parsed, validated settings for one instance."""
+
+    interval: float | None = None
+    keep: int = 3
+    max_disk: int | None = None
+
+
+def parse_policy(settings: Mapping[str, Any]) -> CheckpointPolicy:
+    """Validate settings; :class:`SettingsError` names the field."""
+    for key in settings:
+        if key not in _KEYS:
+            raise SettingsError(
+                key, f"unknown key (expected one of: {', '.join(sorted(_KEYS - {'module'}))})"
+            )
+    kw: dict[str, Any] = {}
+    if "interval" in settings:
+        interval = duration(settings["interval"], "interval")
+        if interval <= 0:
+            raise SettingsError(
+                "interval", f"expected a duration > 0, got {settings['interval']!r}"
+            )
+        kw["interval"] = interval
+    if "keep" in settings:
+        kw["keep"] = int(number(settings["keep"], "keep", low=1, high=10**6, whole=True))
+    if "max_disk" in settings:
+        kw["max_disk"] = size(settings["max_disk"], "max_disk")
+    return CheckpointPolicy(**kw)
+
+
+def to_prune(
+    by_instance: Mapping[str, list[CheckpointView]], keep: Mapping[str, int], max_disk: int | None
+) -> list[CheckpointView]:
+    """Which periodic checkpoints to delete (a pure function).
+
+    *by_instance* holds each instance's periodic checkpoints, oldest first.
+    Each keeps its newest ``keep[name]``; then, while the total is over
+    *max_disk*, the globally oldest go, except an instance's newest.
+    """
+    doomed: list[CheckpointView] = []
+    survivors: list[CheckpointView] = []
+    newest: set[tuple[str, str]] = set()
+    for name, found in by_instance.items():
+        k = keep.get(name, CheckpointPolicy.keep)
+        cut = max(0, len(found) - k)
+        doomed += found[:cut]
+        survivors += found[cut:]
+        if found:
+            newest.add((found[-1].name, found[-1].tag))
+    if max_disk is not None:
+        total = sum(c.size for c in survivors)
+        for c in sorted(survivors, key=lambda c: (c.created, c.tag)):
+            if total <= max_disk:
+                break
+            if (c.name, c.tag) in newest:
+                continue
+            doomed.append(c)
+            total -= c.size
+    return doomed
+
+
+async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
+    """The checkpoint plugin's task: one periodic loop per configured instance."""
+    fleet_policy = parse_policy(config)
+    policies: dict[str, CheckpointPolicy] = {}
+    disabled = trio.Event()
+
+    def policy_for(name: str) -> CheckpointPolicy:
+        if name not in policies:
+            try:
+                policies[name] = parse_policy(handle.settings(name))
+            except SettingsError as exc:
+                raise SettingsError(exc.field, f"sandbox {name!r}: {exc.detail}") from None
+        return policies[name]
+
+    def prune() -> None:
+        by_instance = {
+            name: [c for c in handle.checkpoints(name) if c.tag.startswith(AUTO_PREFIX)]
+            for name in policies
+        }
+        keep = {name: p.keep for name, p in policies.items()}
+        for c in to_prune(by_instance, keep, fleet_policy.max_disk):
+            handle.delete_checkpoint(c.name, c.tag)
+
+    async def periodic(name: str, interval: float) -> None:
+        from supervisor import CheckpointError, CriuUnavailableError
+
+        next_at = trio.current_time() + interval
+        while True:
+            await trio.sleep_until(next_at)
+            inst = handle.instance(name)
+            if inst is None:
+                return
+            if inst.state == "running":
+                now = time.time()
+                tag = AUTO_PREFIX + time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+                tag += f".{int(now % 1 * 1e6):06d}"
+                try:
+                    await handle.checkpoint(name, tag=tag, leave_running=True)
+                except CriuUnavailableError as exc:
+                    if not disabled.is_set():
+                        disabled.set()
+                        handle.publish(
+                            events.PluginEvent(
+                                sandbox="",
+                                name="checkpoint.disabled",
+                                payload={"reason": str(exc)},
+                            )
+                        )
+                    return
+                except CheckpointError:
+                    pass  # checkpoint_failed says why; try again next time
+                prune()
+            # Periods are counted from the end of a checkpoint: a slow dump
+            # never makes checkpoints pile up.
+            next_at = max(next_at + interval, trio.current_time() + interval / 2)
+
+    started: set[str] = set()
+
+    def start(nursery: trio.Nursery, name: str) -> None:
+        if name in started:
+            return
+        started.add(name)
+        policy = policy_for(name)
+        if policy.interval is not None:
+            nursery.start_soon(periodic, name, policy.interval)
+
+    with handle.subscribe(kinds=["created"]) as sub:
+        async with trio.open_nursery() as nursery:
+            for inst in handle.instances():
+                start(nursery, inst.name)
+            async for ev in sub:
+                if isinstance(ev, events.Created) and not disabled.is_set():
+                    start(nursery, ev.sandbox)
