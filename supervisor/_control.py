@@ -249,10 +249,16 @@ def call(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
             ) from None
         except OSError as exc:
             raise CorralError(f"cannot reach the supervisor at {path}: {exc.strerror}") from None
-        s.sendall(msgpack.packb({"id": 1, "method": method, "params": params or {}}))
+        try:
+            s.sendall(msgpack.packb({"id": 1, "method": method, "params": params or {}}))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it may have answered (forbidden) and closed: read that
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20, strict_map_key=False)
         while True:
-            data = s.recv(65536)
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                data = b""
             if not data:
                 raise CorralError(f"the supervisor at {path} closed the connection")
             unpacker.feed(data)
