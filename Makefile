@@ -1,7 +1,7 @@
 # corral — developer and CI entry points. Run as root on Debian 12.
 #
 #   make demo      set everything up, then show the main job on the busybox rootfs
-#   make test      set everything up, then run both test lanes (host + VM)
+#   make test      set everything up, then run the test lanes (host; VM v2; VM v1)
 #   make bench     the benchmarks of docs/performance.md (runc, LXC, supervisord, circus)
 #   make lint      ruff + mypy --strict
 #
@@ -21,7 +21,7 @@ APT_RUNTIME := busybox-static tini python3-venv python3-dev iproute2 util-linux 
 APT_VM      := qemu-system-x86 linux-image-amd64
 APT_BENCH   := runc lxc gcc libc6-dev
 
-.PHONY: setup setup-vm setup-bench demo test test-host test-vm lint bench clean
+.PHONY: setup setup-vm setup-bench demo test test-host test-vm test-vm-v1 lint bench clean
 
 define apt_install
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -56,16 +56,25 @@ demo: setup
 test: setup-vm
 	$(MAKE) --no-print-directory test-host
 	$(MAKE) --no-print-directory test-vm
+	$(MAKE) --no-print-directory test-vm-v1
 
 test-host:
 	@echo "== host lane: $$(stat -fc %T /sys/fs/cgroup | sed 's/tmpfs/cgroup v1 (hybrid)/;s/cgroup2fs/cgroup v2/') =="
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # Everything that depends on the cgroup layout or a kernel feature, again on
-# Debian 12's own kernel with pure cgroup v2 (see tests/vm/run).
+# Debian 12's own kernel with pure cgroup v2 (see tests/vm/run); CRIU works
+# there, so the checkpoint tests run too.
 test-vm:
 	@echo "== VM lane: Debian kernel, cgroup v2 =="
-	tests/vm/run -- $(PY) -m pytest -q -p no:cacheprovider -m layout
+	tests/vm/run -- $(PY) -m pytest -q -p no:cacheprovider -m "layout or criu"
+
+# The CRIU checkpoint tests again, on the same kernel with the cgroup v1
+# (hybrid) layout: the host kernel is too new for CRIU, so only a VM can
+# exercise checkpoints against the v1 backend.
+test-vm-v1:
+	@echo "== VM lane: Debian kernel, cgroup v1 =="
+	tests/vm/run --cgroup v1 -- $(PY) -m pytest -q -p no:cacheprovider -m criu
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -188,6 +188,13 @@ def criu_frozen_ms(images: str) -> float | None:
         return None
 
 
+def read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def fd_key(pid: int, fd: int) -> str:
     return os.readlink(f"/proc/{pid}/fd/{fd}")
 
@@ -219,6 +226,12 @@ class Bench:
         _rt._wait_pidfd = p.wrap("criu", _rt._wait_pidfd)
         self.rt._spawn = p.wrap("criu", self.rt._spawn)
 
+    def drop(self, info: CheckpointInfo) -> None:
+        """Delete a checkpoint and its sandbox's (then empty) checkpoint directory."""
+        self.rt.checkpoints.delete(info)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.rt.checkpoints.dir(info.name))
+
     def name(self, what: str, mb: int) -> str:
         self.n += 1
         return f"bench-{what}{mb}-{self.n}"
@@ -244,12 +257,15 @@ class Bench:
         t0 = time.perf_counter()
         info = self.rt.checkpoint(sb, tag="kill")
         dt = time.perf_counter() - t0
-        self.cleanup.callback(self.rt.checkpoints.delete, info)
+        self.cleanup.callback(self.drop, info)
         sb.wait()
         sb.destroy()
         self.add(mb, "ckpt", dt)
-        self.add(mb, "ckpt:criu", self.phases.t.get("criu", 0.0))
-        self.add(mb, "ckpt:cp", self.phases.t.get("cp", 0.0))
+        criu, cp = self.phases.t.get("criu", 0.0), self.phases.t.get("cp", 0.0)
+        self.add(mb, "ckpt:criu", criu)
+        self.add(mb, "ckpt:cp", cp)
+        self.add(mb, "ckpt:other", dt - criu - cp)
+        self.add(mb, "ckpt:extra", dt - criu)
         self.add(mb, "ckpt:size", info.size)
         return info
 
@@ -267,10 +283,13 @@ class Bench:
         if sb.poll() is not None:
             raise SystemExit(f"the restored sandbox {sb.name} is not running")
         sb.destroy()
-        self.rt.checkpoints.delete(info)
+        self.drop(info)
         self.add(mb, "restore", dt)
-        for phase in ("criu", "cp", "nft"):
-            self.add(mb, f"restore:{phase}", self.phases.t.get(phase, 0.0))
+        t = {phase: self.phases.t.get(phase, 0.0) for phase in ("criu", "cp", "nft")}
+        for phase, seconds in t.items():
+            self.add(mb, f"restore:{phase}", seconds)
+        self.add(mb, "restore:other", dt - sum(t.values()))
+        self.add(mb, "restore:extra", dt - t["criu"])
 
     def corral_leave_running(self, mb: int) -> None:
         sb, _ = self.start_hog("l", mb)
@@ -288,7 +307,7 @@ class Bench:
 
         cg.freeze, cg.thaw = timed_freeze, timed_thaw
         info = self.rt.checkpoint(sb, tag="live", leave_running=True)
-        self.cleanup.callback(self.rt.checkpoints.delete, info)
+        self.cleanup.callback(self.drop, info)
         if sb.poll() is not None:
             raise SystemExit(f"{sb.name} did not survive a --leave-running checkpoint")
         self.add(mb, "frozen", marks["thaw"] - marks["freeze"])
@@ -297,7 +316,7 @@ class Bench:
         if criu_ms is not None:
             self.add(mb, "frozen:criu", criu_ms / 1e3)
         sb.destroy()
-        self.rt.checkpoints.delete(info)
+        self.drop(info)
 
     # -- plain CRIU ------------------------------------------------------------
 
@@ -341,7 +360,7 @@ class Bench:
         )
         dt = time.perf_counter() - t0
         if proc.returncode != 0:
-            log = (images / "dump.log").read_text(errors="replace")
+            log = read_log(images / "dump.log") or proc.stderr
             raise SystemExit(f"plain criu dump failed ({proc.returncode}):\n{log[-3000:]}")
         sb.wait()
         # The layer the restore will mount (untimed: runc restores onto the
@@ -418,7 +437,7 @@ class Bench:
             os.close(w)
         self.cleanup.callback(remove_cgroup, cg_dir)
         if proc.returncode != 0:
-            log = (d / "restore.log").read_text(errors="replace")
+            log = read_log(d / "restore.log") or proc.stderr
             raise SystemExit(f"plain criu restore failed ({proc.returncode}):\n{log[-3000:]}")
         pid = int(pidfile.read_text().strip())
         try:
@@ -522,35 +541,29 @@ def main() -> None:
             f" {ms(mb, 'frozen'):7.1f}"
         )
     print()
-    print("where corral's time goes (medians, ms; 'criu' = the criu process, fork to exit):")
+    print("where corral's time goes (medians, ms; 'criu' = its criu process, fork to exit;")
+    print("'extra' = total minus that: what corral adds to the CRIU it runs)")
     print(
-        f"{'size':>5} {'ckpt: criu':>11} {'cp -a':>7} {'other':>7}"
-        f" {'restore: criu':>14} {'cp -a':>7} {'nft unlock':>11} {'other':>7}"
+        f"{'size':>5} {'ckpt: criu':>11} {'cp -a':>7} {'other':>7} {'extra':>7}"
+        f" {'restore: criu':>14} {'cp -a':>7} {'nft unlock':>11} {'other':>7} {'extra':>7}"
     )
     for mb in SIZES:
-        c_other = statistics.median(
-            a - b - c
-            for a, b, c in zip(
-                bench.samples[(mb, "ckpt")],
-                bench.samples[(mb, "ckpt:criu")],
-                bench.samples[(mb, "ckpt:cp")],
-                strict=True,
-            )
-        )
-        r_other = statistics.median(
-            a - b - c - d
-            for a, b, c, d in zip(
-                bench.samples[(mb, "restore")],
-                bench.samples[(mb, "restore:criu")],
-                bench.samples[(mb, "restore:cp")],
-                bench.samples[(mb, "restore:nft")],
-                strict=True,
-            )
-        )
         print(
-            f"{mb:>4}M {ms(mb, 'ckpt:criu'):11.1f} {ms(mb, 'ckpt:cp'):7.1f} {c_other * 1e3:7.1f}"
+            f"{mb:>4}M {ms(mb, 'ckpt:criu'):11.1f} {ms(mb, 'ckpt:cp'):7.1f}"
+            f" {ms(mb, 'ckpt:other'):7.1f} {ms(mb, 'ckpt:extra'):7.1f}"
             f" {ms(mb, 'restore:criu'):14.1f} {ms(mb, 'restore:cp'):7.1f}"
-            f" {ms(mb, 'restore:nft'):11.1f} {r_other * 1e3:7.1f}"
+            f" {ms(mb, 'restore:nft'):11.1f} {ms(mb, 'restore:other'):7.1f}"
+            f" {ms(mb, 'restore:extra'):7.1f}"
+        )
+    print()
+    print("noise check: ratio of minimums; 1 + extra / plain median (corral's own steps only)")
+    for mb in SIZES:
+        low = {k: min(bench.samples[(mb, k)]) for k in ("ckpt", "dump", "restore", "prestore")}
+        print(
+            f"{mb:>4}M ckpt {low['ckpt'] / low['dump']:.2f}"
+            f" {1 + bench.median(mb, 'ckpt:extra') / bench.median(mb, 'dump'):.2f}"
+            f"   restore {low['restore'] / low['prestore']:.2f}"
+            f" {1 + bench.median(mb, 'restore:extra') / bench.median(mb, 'prestore'):.2f}"
         )
     print()
     print("frozen by a --leave-running checkpoint (medians, ms): 'stood still' = corral's")

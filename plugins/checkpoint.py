@@ -22,6 +22,12 @@ are never pruned by this plugin. To restart a crashed or OOM-killed
 instance from its latest checkpoint, set ``from_checkpoint = true`` in the
 restart plugin's settings.
 
+After each periodic checkpoint the plugin publishes a ``plugin`` event
+``checkpoint.pruned`` for the instance: ``count`` (its periodic checkpoints
+so far), ``kept`` (how many it has now), ``deleted`` (``NAME/TAG`` of every
+checkpoint removed) and ``bytes`` (the total size of all periodic
+checkpoints left).
+
 When CRIU cannot work on the host (not installed, or ``criu check``
 fails), the first attempt publishes ``checkpoint_failed`` quoting
 ``criu check``, and the plugin publishes one ``plugin`` event
@@ -125,14 +131,30 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
                 raise SettingsError(exc.field, f"sandbox {name!r}: {exc.detail}") from None
         return policies[name]
 
-    def prune() -> None:
+    counts: dict[str, int] = {}
+
+    def prune(name: str) -> None:
         by_instance = {
-            name: [c for c in handle.checkpoints(name) if c.tag.startswith(AUTO_PREFIX)]
-            for name in policies
+            n: [c for c in handle.checkpoints(n) if c.tag.startswith(AUTO_PREFIX)] for n in policies
         }
-        keep = {name: p.keep for name, p in policies.items()}
-        for c in to_prune(by_instance, keep, fleet_policy.max_disk):
+        keep = {n: p.keep for n, p in policies.items()}
+        doomed = to_prune(by_instance, keep, fleet_policy.max_disk)
+        for c in doomed:
             handle.delete_checkpoint(c.name, c.tag)
+        gone = {(c.name, c.tag) for c in doomed}
+        left = [c for found in by_instance.values() for c in found if (c.name, c.tag) not in gone]
+        handle.publish(
+            events.PluginEvent(
+                sandbox=name,
+                name="checkpoint.pruned",
+                payload={
+                    "count": counts.get(name, 0),
+                    "kept": sum(1 for c in left if c.name == name),
+                    "deleted": [f"{c.name}/{c.tag}" for c in doomed],
+                    "bytes": sum(c.size for c in left),
+                },
+            )
+        )
 
     async def periodic(name: str, interval: float) -> None:
         from supervisor import CheckpointError, CriuUnavailableError
@@ -149,6 +171,7 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
                 tag += f".{int(now % 1 * 1e6):06d}"
                 try:
                     await handle.checkpoint(name, tag=tag, leave_running=True)
+                    counts[name] = counts.get(name, 0) + 1
                 except CriuUnavailableError as exc:
                     if not disabled.is_set():
                         disabled.set()
@@ -162,7 +185,8 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
                     return
                 except CheckpointError:
                     pass  # checkpoint_failed says why; try again next time
-                prune()
+                else:
+                    prune(name)
             # Periods are counted from the end of a checkpoint: a slow dump
             # never makes checkpoints pile up.
             next_at = max(next_at + interval, trio.current_time() + interval / 2)

@@ -44,7 +44,7 @@ from events import (
     SupervisorStopping,
 )
 
-from ._checkpoint import CheckpointInfo
+from ._checkpoint import CheckpointInfo, check_criu
 from ._errors import CheckpointError, CorralError, SpecError
 from ._fleet import Fleet, SandboxConfig
 from ._linux._cgroups import OomWatch
@@ -346,8 +346,13 @@ class Supervisor:
         assert self.runtime is not None and self._fleet_nursery is not None
         runtime = self.runtime
         source = self._get(name)
+
+        def find() -> CheckpointInfo:
+            check_criu()  # "CRIU cannot work here" first, whatever else is wrong
+            return runtime.checkpoints.find(source.name, tag)
+
         try:
-            info = await trio.to_thread.run_sync(runtime.checkpoints.find, source.name, tag)
+            info = await trio.to_thread.run_sync(find)
             if as_name is not None:
                 validate_name(as_name, "as")
                 if as_name in self._by_name or any(
@@ -618,7 +623,7 @@ class Supervisor:
             # Exited (or failed): idle until a plugin restarts it or a stop.
             await inst._wake.wait()
             inst._wake = trio.Event()
-            if inst._restart and not inst.stop_requested:
+            if inst._restart and not inst._stop.is_set():
                 inst._restart = False
                 inst.generation += 1
         if inst.state in ("exited", "failed", "pending"):

@@ -1,0 +1,452 @@
+"""Checkpoint and restore with CRIU, end to end with the real kernel.
+
+The tests marked ``criu`` need a kernel CRIU works on: they run in the VM
+lanes (cgroup v2, and cgroup v1). On the host lane, whose kernel CRIU 3.17
+cannot handle (``criu check`` fails), the tests of the unavailable path run
+instead: one clear error quoting ``criu check`` and the sandbox untouched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+import events
+from supervisor import CheckpointError, CriuUnavailableError, Runtime, SandboxSpec, Supervisor
+from supervisor._checkpoint import CheckpointInfo, CheckpointStore, check_criu, validate_tag
+from supervisor._fleet import parse_fleet
+
+from .conftest import Dirs, requires_root
+from .supervising import fleet, of, output, run, wait_event
+
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /count; echo $i; usleep 50000; done"
+
+
+def _criu_error() -> str | None:
+    try:
+        check_criu()
+    except CriuUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture
+def criu() -> None:
+    """Skip where CRIU cannot work (the host lane); those tests run in the VM lanes."""
+    error = _criu_error()
+    if error is not None:
+        pytest.skip(f"CRIU does not work on this kernel ({error}); runs in the VM lanes")
+
+
+@pytest.fixture
+def criu_broken() -> None:
+    """Skip where CRIU works: the unavailable path needs a kernel it rejects (host lane)."""
+    if _criu_error() is None:
+        pytest.skip("criu check passes on this kernel; the unavailable path runs on the host lane")
+
+
+def values(dirs: Dirs, name: str) -> list[int]:
+    """The numbers a counter printed, in order."""
+    return [int(line) for line in output(dirs, name).split() if line.isdigit()]
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 120) -> None:
+    """Wait for a condition of the file system (a log, a file), bounded."""
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.02)
+
+
+def ns_pid(host_pid: int) -> int:
+    """A process's PID inside its own PID namespace."""
+    for line in Path(f"/proc/{host_pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    raise AssertionError("no NSpid")
+
+
+def command_pid(init: int) -> int:
+    """The host PID of the sandbox's command (tini's child)."""
+    (child,) = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    return int(child)
+
+
+async def corral(dirs: Dirs, *args: str) -> tuple[int, str, str]:
+    r = await trio.run_process(
+        [sys.executable, "-m", "supervisor", *args],
+        env=dirs.env,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
+# -- everywhere: the store, tags, a missing CRIU ------------------------------
+
+
+def test_tags_are_validated() -> None:
+    assert validate_tag("before-upgrade.1") == "before-upgrade.1"
+    for bad in ("", ".hidden", "a/b", "x" * 65, "sp ace"):
+        with pytest.raises(CheckpointError, match="tag: expected"):
+            validate_tag(bad)
+
+
+def test_missing_and_corrupt_checkpoints_are_named(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path))
+    with pytest.raises(CheckpointError, match="has no checkpoint"):
+        store.find("web-0")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        store.find("web-0", "nope")
+    bad = tmp_path / "web-0" / "t1"
+    (bad / "images").mkdir(parents=True)
+    (bad / "upper").mkdir()
+    with pytest.raises(CheckpointError, match=r"incomplete: no checkpoint\.json"):
+        CheckpointInfo.load(str(bad))
+    (bad / "checkpoint.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"corrupt: checkpoint\.json"):
+        CheckpointInfo.load(str(bad))
+    assert store.list("web-0") == []  # a broken one is never "the latest"
+
+
+@requires_root
+def test_missing_criu_is_one_clear_error(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORRAL_CRIU", "/nonexistent/criu")
+    with runtime.create(SandboxSpec("c", ["sleep", "100"]), stdin_devnull=True) as sb:
+        with pytest.raises(CriuUnavailableError) as err:
+            runtime.checkpoint(sb)
+        assert str(err.value) == (
+            "checkpointing needs CRIU: CORRAL_CRIU='/nonexistent/criu' is not an executable file"
+        )
+        assert sb.poll() is None
+    assert runtime.checkpoints.list("c") == []
+
+
+@requires_root
+def test_unavailable_criu_quotes_criu_check(runtime: Runtime, criu_broken: None) -> None:
+    with runtime.create(SandboxSpec("c", ["sleep", "100"]), stdin_devnull=True) as sb:
+        pid = sb.pid
+        with pytest.raises(CriuUnavailableError) as err:
+            runtime.checkpoint(sb)
+        message = str(err.value)
+        assert "\n" not in message
+        assert message.startswith("checkpointing is not available on this kernel: 'criu check'")
+        assert sb.poll() is None and sb.pid == pid
+        assert "\nState:\tS" in Path(f"/proc/{pid}/status").read_text()  # not frozen
+    assert not os.path.exists(runtime.checkpoints.dir("c")) or not os.listdir(
+        runtime.checkpoints.dir("c")
+    )
+
+
+@requires_root
+def test_cli_and_plugin_on_a_host_without_criu(dirs: Dirs, criu_broken: None) -> None:
+    """`corral checkpoint` fails with one line quoting criu check; the plugin
+    disables itself once; the sandbox runs on, untouched."""
+    f = parse_fleet(
+        {
+            "sandbox": [
+                {
+                    "name": "c",
+                    "command": COUNTER,
+                    "plugins": {"checkpoint": {"interval": "0.05s"}},
+                }
+            ]
+        }
+    )
+
+    async def body(sup: Supervisor) -> None:
+        started = await wait_event(
+            sup, lambda e: isinstance(e, events.Started) and e.sandbox == "c-0"
+        )
+        await wait_event(
+            sup, lambda e: isinstance(e, events.PluginEvent) and e.name == "checkpoint.disabled"
+        )
+        code, _, err = await corral(dirs, "checkpoint", "c")
+        assert code == 125
+        lines = err.splitlines()
+        assert lines[0] == "corral: checkpointing c ..."
+        assert len(lines) == 2 and "'criu check' failed" in lines[1], err
+        code, _, err = await corral(dirs, "restore", "c")
+        assert code == 125 and "'criu check' failed" in err
+        inst = sup.instance("c-0")
+        assert inst is not None and inst.state == "running"
+        assert inst.sandbox is not None and inst.sandbox.pid == started.pid
+        before = values(dirs, "c-0")[-1]
+        await wait_for(lambda: values(dirs, "c-0")[-1] > before)
+
+    evs = run(f, dirs, body)
+    failed = of(evs, events.CheckpointFailed, "c-0")
+    assert failed and all("'criu check' failed" in e.reason for e in failed)
+    assert len([e for e in evs if isinstance(e, events.PluginEvent)]) == 1
+    assert not of(evs, events.Exited, "c-0")[:-1]  # only the final stop
+
+
+# -- where CRIU works (VM lanes) ------------------------------------------------
+
+
+@pytest.mark.criu
+@requires_root
+def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
+    """Checkpoint (stops it), restore: the counter goes on from the
+    checkpointed value, not from zero, with the same PID inside."""
+    f = fleet({"name": "c", "command": COUNTER, "memory": "64M"})
+    seen: dict[str, int] = {}
+
+    async def body(sup: Supervisor) -> None:
+        started = await wait_event(
+            sup, lambda e: isinstance(e, events.Started) and e.sandbox == "c-0"
+        )
+        await wait_for(lambda: len(values(dirs, "c-0")) >= 3)
+        seen["nspid"] = ns_pid(command_pid(started.pid))
+        code, out, err = await corral(dirs, "checkpoint", "c", "--tag", "one")
+        assert code == 0, err
+        assert out.startswith("checkpointed c-0 as one: ") and out.rstrip().endswith("(stopped)")
+        await wait_event(sup, lambda e: isinstance(e, events.Stopped) and e.sandbox == "c-0")
+        inst = sup.instance("c-0")
+        assert inst is not None and inst.state == "stopped" and inst.sandbox is None
+        seen["at"] = int(
+            Path(dirs.state, "checkpoints", "c-0", "one", "upper", "count").read_text()
+        )
+        code, out, err = await corral(dirs, "restore", "c")
+        assert code == 0, err
+        restored = await wait_event(
+            sup, lambda e: isinstance(e, events.Restored) and e.sandbox == "c-0"
+        )
+        assert restored.tag == "one" and restored.source == "c-0" and restored.generation == 1
+        assert out.strip() == f"restored c-0 from c-0/one: pid {restored.pid}"
+        await wait_for(lambda: values(dirs, "c-0")[-1] >= seen["at"] + 5)
+        seen["nspid_after"] = ns_pid(command_pid(restored.pid))
+        seen["host_pid_changed"] = restored.pid != started.pid
+        upper = Path(dirs.state, "sandboxes", "c-0.1", "upper", "count")
+        assert int(upper.read_text()) >= seen["at"] + 5
+
+    evs = run(f, dirs, body)
+    nums = values(dirs, "c-0")
+    assert seen["at"] >= 3
+    # One sequence: +1 at each step (one repeat at the seam at most), never
+    # back to 1: the restored shell kept its counter in memory.
+    steps = [b - a for a, b in itertools.pairwise(nums)]
+    assert set(steps) <= {0, 1} and steps.count(0) <= 1, nums
+    assert nums.count(1) == 1
+    assert seen["nspid_after"] == seen["nspid"] and seen["host_pid_changed"]
+    (ck,) = of(evs, events.Checkpointed, "c-0")
+    assert ck.tag == "one" and not ck.leave_running and ck.size > 0
+    assert 0 < ck.frozen_ms <= ck.duration_ms
+    kinds = [e.kind for e in evs if e.sandbox == "c-0"]
+    i = kinds.index("checkpointed")
+    assert kinds[i : i + 3] == ["checkpointed", "exited", "stopped"]
+    assert kinds[i + 3 : i + 6] == ["created", "restored", "started"]
+    assert not [e for e in evs if isinstance(e, events.Restarting)]
+
+
+@pytest.mark.criu
+@requires_root
+def test_leave_running_and_restore_as_a_second_instance(dirs: Dirs, criu: None) -> None:
+    f = fleet({"name": "c", "command": COUNTER})
+    seen: dict[str, object] = {}
+
+    async def body(sup: Supervisor) -> None:
+        started = await wait_event(
+            sup, lambda e: isinstance(e, events.Started) and e.sandbox == "c-0"
+        )
+        await wait_for(lambda: len(values(dirs, "c-0")) >= 3)
+        code, out, err = await corral(dirs, "checkpoint", "c-0", "--leave-running", "--tag", "lr")
+        assert code == 0, err
+        assert "(stopped)" not in out
+        at = int(Path(dirs.state, "checkpoints", "c-0", "lr", "upper", "count").read_text())
+        inst = sup.instance("c-0")
+        assert inst is not None and inst.state == "running"
+        assert inst.sandbox is not None and inst.sandbox.pid == started.pid
+        # It runs on (not frozen, not restarted).
+        now = values(dirs, "c-0")[-1]
+        await wait_for(lambda: values(dirs, "c-0")[-1] >= now + 3)
+        code, out, err = await corral(dirs, "restore", "c-0", "--from", "lr", "--as", "c2")
+        assert code == 0, err
+        restored = await wait_event(
+            sup, lambda e: isinstance(e, events.Restored) and e.sandbox == "c2"
+        )
+        assert restored.source == "c-0" and restored.tag == "lr"
+        await wait_for(lambda: len(values(dirs, "c2")) >= 3)
+        first = values(dirs, "c2")[0]
+        assert first in (at, at + 1), (at, values(dirs, "c2"))
+        # Two sandboxes now, each in its own namespaces, both counting.
+        a, b = started.pid, restored.pid
+        for ns in ("pid", "net", "mnt", "uts", "ipc"):
+            assert os.readlink(f"/proc/{a}/ns/{ns}") != os.readlink(f"/proc/{b}/ns/{ns}")
+        n_a, n_b = values(dirs, "c-0")[-1], values(dirs, "c2")[-1]
+        await wait_for(lambda: values(dirs, "c-0")[-1] > n_a and values(dirs, "c2")[-1] > n_b)
+        c2 = sup.instance("c2")
+        assert c2 is not None and c2.state == "running"
+        seen["ok"] = True
+
+    evs = run(f, dirs, body)
+    assert seen.get("ok")
+    assert [e.kind for e in evs if e.sandbox == "c-0"].count("exited") == 1  # the final stop
+    (ck,) = of(evs, events.Checkpointed, "c-0")
+    assert ck.leave_running
+
+
+@pytest.mark.criu
+@requires_root
+def test_periodic_checkpoints_keep_the_last_k(dirs: Dirs, criu: None) -> None:
+    f = parse_fleet(
+        {
+            "sandbox": [
+                {
+                    "name": "c",
+                    "command": COUNTER,
+                    "plugins": {"checkpoint": {"interval": "0.1s", "keep": 2}},
+                }
+            ]
+        }
+    )
+
+    async def body(sup: Supervisor) -> None:
+        for n in range(1, 5):
+            await wait_event(
+                sup,
+                lambda e, n=n: (
+                    isinstance(e, events.PluginEvent)
+                    and e.name == "checkpoint.pruned"
+                    and e.payload["count"] == n
+                ),  # type: ignore[misc]
+            )
+
+    evs = run(f, dirs, body)
+    pruned = [e for e in evs if isinstance(e, events.PluginEvent) and e.name == "checkpoint.pruned"]
+    assert [e.payload["kept"] for e in pruned[:4]] == [1, 2, 2, 2]
+    assert sum(len(e.payload["deleted"]) for e in pruned[:4]) == 2
+    made = [e.tag for e in of(evs, events.Checkpointed, "c-0")]
+    kept = [c.tag for c in CheckpointStore(str(dirs.state / "checkpoints")).list("c-0")]
+    assert all(t.startswith("auto-") for t in made)
+    assert kept == made[-len(kept) :] and len(kept) <= 3
+
+
+@pytest.mark.criu
+@requires_root
+def test_periodic_checkpoints_respect_the_disk_bound(dirs: Dirs, criu: None) -> None:
+    bound = 1 << 20
+    f = parse_fleet(
+        {
+            "sandbox": [
+                {
+                    "name": "c",
+                    "command": COUNTER,
+                    "plugins": {"checkpoint": {"interval": "0.1s", "keep": 100}},
+                }
+            ],
+            "plugins": {"checkpoint": {"max_disk": bound}},
+        }
+    )
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(
+            sup,
+            lambda e: (
+                isinstance(e, events.PluginEvent)
+                and e.name == "checkpoint.pruned"
+                and e.payload["count"] == 5
+            ),
+        )
+
+    evs = run(f, dirs, body)
+    pruned = [e for e in evs if isinstance(e, events.PluginEvent) and e.name == "checkpoint.pruned"]
+    assert any(e.payload["deleted"] for e in pruned), pruned
+    for e in pruned:
+        assert e.payload["bytes"] <= bound or e.payload["kept"] == 1, e.payload
+
+
+@pytest.mark.criu
+@requires_root
+def test_oom_kill_restores_the_latest_checkpoint_with_a_grown_limit(dirs: Dirs, criu: None) -> None:
+    """The hog is OOM-killed, the restart plugin grows its limit and restores
+    it from the checkpoint plugin's latest checkpoint: it keeps its progress."""
+    hog = (
+        "i=0; s=; while :; do i=$((i+1));"
+        " s=$s$(head -c 1048576 /dev/zero | tr '\\0' y); echo $i; usleep 100000; done"
+    )
+    f = parse_fleet(
+        {
+            "sandbox": [
+                {
+                    "name": "hog",
+                    "command": hog,
+                    "memory": "32M",
+                    "plugins": {
+                        "checkpoint": {"interval": "0.3s", "keep": 1},
+                        "restart": {
+                            "policy": "on-failure",
+                            "on_oom": {"grow": 2, "max": "128M"},
+                            "from_checkpoint": True,
+                        },
+                    },
+                }
+            ]
+        }
+    )
+
+    seen: dict[str, list[int]] = {}
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(
+            sup,
+            lambda e: isinstance(e, events.Restored) and e.sandbox == "hog-0",
+            timeout=300,
+        )
+        # The OOM-killed generation's output was drained long before.
+        seen["before"] = values(dirs, "hog-0")
+        n = len(seen["before"])
+        await wait_for(lambda: len(values(dirs, "hog-0")) >= n + 3)
+        seen["after"] = values(dirs, "hog-0")[n:]
+
+    evs = run(f, dirs, body)
+    (kill, *_) = of(evs, events.OomKill, "hog-0")
+    grown = [e for e in of(evs, events.LimitChanged, "hog-0") if e.seq > kill.seq]
+    restored = of(evs, events.Restored, "hog-0")[0]
+    assert grown and grown[0].new == 64 << 20 and grown[0].seq < restored.seq
+    ck = [e for e in of(evs, events.Checkpointed, "hog-0") if e.seq < kill.seq]
+    assert ck and restored.tag == ck[-1].tag
+    before, after = seen["before"], seen["after"]
+    # It went on from its checkpoint (taken at most where it was killed),
+    # not from 1: the restored shell still holds what it had allocated.
+    assert before[0] == 1 and 1 < after[0] <= before[-1] + 1, (before, after)
+    assert [b - a for a, b in itertools.pairwise(after)] == [1] * (len(after) - 1)
+
+
+@pytest.mark.criu
+@requires_root
+def test_failed_restores_and_dumps_leave_nothing(runtime: Runtime, criu: None) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        runtime.restore(runtime.checkpoints.path("c", "nope"))
+    r, w = os.pipe()
+    try:
+        spec = SandboxSpec("c", ["sh", "-c", COUNTER])
+        with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
+            os.close(w)
+            w = -1
+            assert os.read(r, 16)
+            info = runtime.checkpoint(sb, tag="good")
+            assert sb.wait().signal == 9
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+    # A damaged image (memory pages cut short): CRIU fails after it has
+    # forked the tree; its reason, and nothing half-restored left behind.
+    pages = max(Path(info.images).glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    os.truncate(pages, 4096)
+    with pytest.raises(CheckpointError, match=r"restore of 'c' failed: criu restore: "):
+        runtime.restore(info)
+    with runtime.create(SandboxSpec("d", ["true"]), stdin_devnull=True) as done:
+        done.wait()
+        with pytest.raises(CheckpointError, match="'d' has exited: there is nothing"):
+            runtime.checkpoint(done)
+    assert [c.tag for c in runtime.checkpoints.list("c")] == ["good"]
+    assert runtime.checkpoints.list("d") == []
+    assert not [n for n in os.listdir(runtime.checkpoints.dir("c")) if n.startswith(".")]
