@@ -500,6 +500,8 @@ def main() -> None:
     started = time.monotonic()
     rt = Runtime()
     criu = check_criu()  # raises with CRIU's reason where it does not work
+    if rt.cgroups.layout != "v2":
+        raise SystemExit("the plain-CRIU restore here is written for cgroup v2 (the default lane)")
     scratch = Path(tempfile.mkdtemp(prefix="corral-bench-ckpt-")).resolve()
     try:
         hog = build_hog(scratch)
