@@ -109,7 +109,7 @@ async def _restore(sup: Supervisor, params: dict[str, Any]) -> Any:
     sb = await sup.restore(name, tag=_str(params, "tag"), as_name=_str(params, "as"))
     info = sb.restored_from
     return {
-        "name": _str(params, "as") or name,
+        "name": _str(params, "as") or sup.resolve(name).name,
         "pid": sb.pid,
         "tag": info.tag if info else None,
         "source": info.name if info else name,

@@ -252,7 +252,7 @@ class Supervisor:
         inst.request_restart()
         return True
 
-    def _get(self, name: str) -> Instance:
+    def resolve(self, name: str) -> Instance:
         """An instance by name; a sandbox's name means its first instance."""
         inst = self._by_name.get(name)
         if inst is None:
@@ -274,7 +274,7 @@ class Supervisor:
         """
         assert self.runtime is not None
         runtime = self.runtime
-        inst = self._get(name)
+        inst = self.resolve(name)
         ident = self._ident(inst)
         sb = inst.sandbox
         try:
@@ -345,7 +345,7 @@ class Supervisor:
         """
         assert self.runtime is not None and self._fleet_nursery is not None
         runtime = self.runtime
-        source = self._get(name)
+        source = self.resolve(name)
 
         def find() -> CheckpointInfo:
             check_criu()  # "CRIU cannot work here" first, whatever else is wrong
