@@ -26,6 +26,13 @@ from .conftest import Dirs, requires_root
 from .supervising import fleet, of, output, run, wait_event
 
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /count; echo $i; usleep 50000; done"
+# The same numbers, echoed back through a TCP connection on the sandbox's own
+# loopback: they reach the log only while the connection works.
+TCP_COUNTER = (
+    "nc -l -p 9000 -e cat & i=0;"
+    " while :; do i=$((i+1)); echo $i > /count; echo $i; usleep 50000; done"
+    " | { until nc 127.0.0.1 9000; do usleep 20000; done; }"
+)
 
 
 def _criu_error() -> str | None:
@@ -248,7 +255,10 @@ def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
 @pytest.mark.criu
 @requires_root
 def test_leave_running_and_restore_as_a_second_instance(dirs: Dirs, criu: None) -> None:
-    f = fleet({"name": "c", "command": COUNTER})
+    """The original runs on; the copy restored --as a second instance runs
+    too, in its own namespaces, its TCP connection restored (established,
+    with data in flight) and its network unlocked."""
+    f = fleet({"name": "c", "command": TCP_COUNTER})
     seen: dict[str, object] = {}
 
     async def body(sup: Supervisor) -> None:
@@ -272,9 +282,11 @@ def test_leave_running_and_restore_as_a_second_instance(dirs: Dirs, criu: None) 
             sup, lambda e: isinstance(e, events.Restored) and e.sandbox == "c2"
         )
         assert restored.source == "c-0" and restored.tag == "lr"
-        await wait_for(lambda: len(values(dirs, "c2")) >= 3)
-        first = values(dirs, "c2")[0]
-        assert first in (at, at + 1), (at, values(dirs, "c2"))
+        await wait_for(lambda: len(values(dirs, "c2")) >= 5)
+        copy = values(dirs, "c2")
+        # Numbers in flight in the connection at the checkpoint come first.
+        assert at - 20 <= copy[0] <= at + 1, (at, copy)
+        assert [b - a for a, b in itertools.pairwise(copy)] == [1] * (len(copy) - 1)
         # Two sandboxes now, each in its own namespaces, both counting.
         a, b = started.pid, restored.pid
         for ns in ("pid", "net", "mnt", "uts", "ipc"):
