@@ -22,7 +22,10 @@ checkpoint (kill mode)
     checkpoint`` does: ``--tree PID --images-dir D --log-file dump.log
     --network-lock L --external mnt[/dev/init]:corral-init --freeze-cgroup
     CG --manage-cgroups=soft --tcp-established --file-locks --ext-unix-sk``.
-    CRIU then freezes the cgroup itself (corral freezes it first).
+    CRIU then freezes the cgroup itself (corral freezes it first). So the
+    ratio includes what corral's choice of always dumping with
+    ``--leave-running`` (and killing afterwards) costs inside CRIU: curing
+    and resuming the tree and unlocking the network instead of a kill.
 restore
     corral: wall time of ``Runtime.restore(info)``: state dir, ``cp -a`` of
     the layer, cgroup, fork of the restorer (private mount namespace,
@@ -47,6 +50,12 @@ frozen (leave-running)
 A warm-up round (16 MB, not counted) fills corral's ``criu check`` cache
 and the page cache, as in a long-running supervisor. corral and plain
 alternate in which goes first. Medians over ``--runs`` samples.
+
+Under the VM lane's emulation every exec costs ~50-150 ms and the samples
+swing with the host's load (ratios moved by +-0.3 between runs on a busy
+host), so the report adds a noise check: the ratio of the minimums, and
+1 + corral's own steps / plain CRIU, which does not depend on how long
+CRIU itself happened to take.
 
 To show where corral's time goes, its internal steps (``criu`` process,
 ``cp -a``, nft unlock) are timed by wrapping the module functions of

@@ -58,6 +58,9 @@ CRIU_TIMEOUT = 600.0
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ERROR_RE = re.compile(r"^(?:\(\s*[\d.]+\)\s*)?Error \([^)]*\):\s*(.*)$")
+# Not reasons: helper programs' exit statuses, and the iptables tools CRIU
+# tries (and does without) when it locks the network with nftables.
+_NOISE = re.compile(r'^(exited, status=\d+|execvp\("ip6?tables[-a-z]*", \.\.\.\) failed: .*)$')
 _SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
@@ -99,7 +102,7 @@ def criu_failure(text: str) -> str:
         if not m:
             continue
         msg = m.group(1).strip()
-        if not msg or re.match(r"^exited, status=\d+$", msg) or msg in reasons:
+        if not msg or _NOISE.match(msg) or msg in reasons:
             continue
         reasons.append(msg)
     if not reasons:

@@ -488,15 +488,31 @@ class Runtime:
                     "--file-locks",
                     "--ext-unix-sk",
                 ]
-                criu_start = time.monotonic()
-                proc = _run_criu(argv)
-                criu_seconds = time.monotonic() - criu_start
+                # The layer is copied while CRIU dumps: both see the frozen
+                # tree, and CRIU does not write into the layer.
+                copy = _start_copy(
+                    os.path.join(sb.state_path, "upper"), os.path.join(partial, "upper")
+                )
+                try:
+                    criu_start = time.monotonic()
+                    proc = _run_criu(argv)
+                    criu_seconds = time.monotonic() - criu_start
+                except BaseException:
+                    copy.kill()
+                    copy.communicate()
+                    raise
+                copy_error = _finish_copy(copy)
                 if proc.returncode != 0:
                     if sb.poll() is not None:
                         raise CheckpointError(f"sandbox {key!r} exited during the checkpoint")
                     reason = criu_failure(read_log(os.path.join(images, "dump.log")) or proc.stderr)
                     raise CheckpointError(f"checkpoint of {key!r} failed: criu dump: {reason}")
-                _copy_tree(os.path.join(sb.state_path, "upper"), os.path.join(partial, "upper"))
+                if copy_error is not None:
+                    raise CheckpointError(copy_error)
+                if leave_running:
+                    # Memory and files are saved: it may run on while the
+                    # checkpoint is written down.
+                    sb.cgroup.thaw()
                 frozen = time.monotonic() - frozen_at
                 info = CheckpointInfo(
                     name=key,
@@ -679,17 +695,39 @@ def _run_criu(argv: list[str]) -> subprocess.CompletedProcess[str]:
         raise CheckpointError(f"cannot run {argv[0]}: {exc.strerror}") from exc
 
 
+_CP = ("cp", "-a", "--reflink=auto")
+"""Copies a writable layer with everything overlayfs keeps in it: ownership,
+modes, times, hard links, xattrs (opaque directories) and whiteouts (0:0
+character devices)."""
+
+
 def _copy_tree(src: str, dest: str, *, into: bool = False) -> None:
-    """Copy a writable layer with everything overlayfs keeps in it:
-    ownership, modes, times, hard links, xattrs (opaque directories) and
-    whiteouts (0:0 character devices). ``cp -a`` does all of it."""
-    argv = ["cp", "-a", "--reflink=auto", f"{src}/." if into else src, dest]
-    proc = subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        msg = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        raise CheckpointError(f"copying the writable layer {src}: {msg}")
+    error = _finish_copy(_start_copy(f"{src}/." if into else src, dest))
+    if error is not None:
+        raise CheckpointError(error)
+
+
+def _start_copy(src: str, dest: str) -> subprocess.Popen[str]:
+    try:
+        return subprocess.Popen(
+            [*_CP, src, dest],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    except OSError as exc:
+        raise CheckpointError(f"cannot run cp: {exc.strerror}") from exc
+
+
+def _finish_copy(proc: subprocess.Popen[str]) -> str | None:
+    """Wait for a copy; its error message, or None."""
+    _, err = proc.communicate()
+    if proc.returncode == 0:
+        return None
+    src = str(proc.args[-2])  # type: ignore[index]
+    msg = (err.strip().splitlines() or [f"cp exited with status {proc.returncode}"])[-1]
+    return f"copying the writable layer {src}: {msg}"
 
 
 def _wait_pidfd(pidfd: int, timeout: float) -> int:

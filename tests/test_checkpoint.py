@@ -381,7 +381,7 @@ def test_oom_kill_restores_the_latest_checkpoint_with_a_grown_limit(dirs: Dirs, 
     it from the checkpoint plugin's latest checkpoint: it keeps its progress."""
     hog = (
         "i=0; s=; while :; do i=$((i+1));"
-        " s=$s$(head -c 1048576 /dev/zero | tr '\\0' y); echo $i; usleep 100000; done"
+        " s=$s$(head -c 1048576 /dev/zero | tr '\\0' y); echo $i; usleep 200000; done"
     )
     f = parse_fleet(
         {
@@ -389,12 +389,12 @@ def test_oom_kill_restores_the_latest_checkpoint_with_a_grown_limit(dirs: Dirs, 
                 {
                     "name": "hog",
                     "command": hog,
-                    "memory": "32M",
+                    "memory": "16M",
                     "plugins": {
-                        "checkpoint": {"interval": "0.3s", "keep": 1},
+                        "checkpoint": {"interval": "1s", "keep": 1},
                         "restart": {
                             "policy": "on-failure",
-                            "on_oom": {"grow": 2, "max": "128M"},
+                            "on_oom": {"grow": 2, "max": "64M"},
                             "from_checkpoint": True,
                         },
                     },
@@ -421,7 +421,7 @@ def test_oom_kill_restores_the_latest_checkpoint_with_a_grown_limit(dirs: Dirs, 
     (kill, *_) = of(evs, events.OomKill, "hog-0")
     grown = [e for e in of(evs, events.LimitChanged, "hog-0") if e.seq > kill.seq]
     restored = of(evs, events.Restored, "hog-0")[0]
-    assert grown and grown[0].new == 64 << 20 and grown[0].seq < restored.seq
+    assert grown and grown[0].new == 32 << 20 and grown[0].seq < restored.seq
     ck = [e for e in of(evs, events.Checkpointed, "hog-0") if e.seq < kill.seq]
     assert ck and restored.tag == ck[-1].tag
     before, after = seen["before"], seen["after"]
