@@ -14,8 +14,8 @@ both dump the same process tree (tini and the hog) with the same options.
 
 checkpoint (kill mode)
     corral: wall time of ``Runtime.checkpoint(sb, tag=...)``: freeze the
-    cgroup, ``criu dump --leave-running``, ``cp -a`` of the writable layer,
-    checkpoint.json (fsync), rename, SIGKILL.
+    cgroup, ``criu dump --leave-running`` and, alongside, ``cp -a`` of the
+    writable layer, checkpoint.json (fsync), rename, SIGKILL.
     plain: wall time of running ``criu dump`` from here (fork, exec, dump,
     exit), measured as corral's own call is, with corral's options minus
     ``--leave-running``, so CRIU kills the tree itself, as ``runc
@@ -40,12 +40,14 @@ restore
     --tcp-established --file-locks --ext-unix-sk --inherit-fd`` for the
     stdout pipe); wall time until CRIU exits with the tree running.
 frozen (leave-running)
-    ``Runtime.checkpoint(sb, leave_running=True)``: how long the sandbox
-    stood still, from the call of corral's cgroup freeze to the return of
-    its thaw (both wrapped here). ``CheckpointInfo.frozen`` (which stops
-    before checkpoint.json and the rename, not at the thaw) and CRIU's own
-    ``frozen_time`` (its stats-dump image, read with ``crit``) are shown
-    beside it.
+    ``Runtime.checkpoint(sb, leave_running=True)``, which pre-dumps memory
+    while the sandbox runs (``criu pre-dump --track-mem``), then freezes it
+    for the final dump of what changed: how long the sandbox stood still =
+    from the call of corral's cgroup freeze to the return of its first thaw
+    (both wrapped here) + the pre-dump's own freeze (CRIU's ``frozen_time``
+    in the pre-dump's stats-dump image, read with ``crit``).
+    ``CheckpointInfo.frozen`` (corral's own account of the same) and CRIU's
+    ``frozen_time`` of the final dump are shown beside it.
 
 A warm-up round (16 MB, not counted) fills corral's ``criu check`` cache
 and the page cache, as in a long-running supervisor. corral and plain
@@ -312,14 +314,20 @@ class Bench:
 
         def timed_thaw() -> None:
             thaw()
-            marks["thaw"] = time.perf_counter()
+            marks.setdefault("thaw", time.perf_counter())  # the first one counts
 
         cg.freeze, cg.thaw = timed_freeze, timed_thaw
         info = self.rt.checkpoint(sb, tag="live", leave_running=True)
         self.cleanup.callback(self.drop, info)
         if sb.poll() is not None:
             raise SystemExit(f"{sb.name} did not survive a --leave-running checkpoint")
-        self.add(mb, "frozen", marks["thaw"] - marks["freeze"])
+        # A leave-running checkpoint pre-dumps memory first (CRIU freezes
+        # the tree briefly for that too): its frozen time counts as well.
+        pre = os.path.join(info.path, "pre")
+        pre_ms = (criu_frozen_ms(pre) or 0.0) if os.path.isdir(pre) else 0.0
+        self.add(mb, "frozen:ours", marks["thaw"] - marks["freeze"])
+        self.add(mb, "frozen:pre", pre_ms / 1e3)
+        self.add(mb, "frozen", marks["thaw"] - marks["freeze"] + pre_ms / 1e3)
         self.add(mb, "frozen:info", info.frozen)
         criu_ms = criu_frozen_ms(info.images)
         if criu_ms is not None:
@@ -578,12 +586,20 @@ def main() -> None:
         )
     print()
     print("frozen by a --leave-running checkpoint (medians, ms): 'stood still' = corral's")
-    print("freeze call to its thaw's return; CheckpointInfo.frozen; CRIU's stats-dump frozen_time")
-    print(f"{'size':>5} {'stood still':>12} {'info.frozen':>12} {'criu frozen':>12}")
+    print("freeze call to its first thaw's return, plus the pre-dump's freeze (CRIU's")
+    print("stats-dump frozen_time of the pre-dump); CheckpointInfo.frozen; CRIU's frozen_time")
+    print("of the final dump")
+    print(
+        f"{'size':>5} {'ours':>8} {'pre-dump':>9} {'stood still':>12} {'info.frozen':>12}"
+        f" {'criu frozen':>12}"
+    )
     for mb in SIZES:
         has_criu = (mb, "frozen:criu") in bench.samples
         criu_frozen = f"{ms(mb, 'frozen:criu'):12.1f}" if has_criu else f"{'n/a':>12}"
-        print(f"{mb:>4}M {ms(mb, 'frozen'):12.1f} {ms(mb, 'frozen:info'):12.1f} {criu_frozen}")
+        print(
+            f"{mb:>4}M {ms(mb, 'frozen:ours'):8.1f} {ms(mb, 'frozen:pre'):9.1f}"
+            f" {ms(mb, 'frozen'):12.1f} {ms(mb, 'frozen:info'):12.1f} {criu_frozen}"
+        )
     print()
     sizes = [
         f"{mb}M {bench.median(mb, 'ckpt:size') / MB:.1f}/{bench.median(mb, 'dump:size') / MB:.1f}"

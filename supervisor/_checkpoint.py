@@ -71,6 +71,10 @@ class CriuInfo(NamedTuple):
     version: str
     network_lock: str
     """``nftables`` where CRIU supports it, else ``iptables``."""
+    crit: str | None = None
+    """CRIU's image tool, when memory changes can be tracked (soft-dirty):
+    then a leave-running checkpoint pre-dumps memory while the sandbox runs
+    and reads the pre-dump's frozen time back with it."""
 
 
 def _find_criu() -> str:
@@ -160,10 +164,19 @@ def check_criu() -> CriuInfo:
         [binary, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
     ).stdout
     m = re.search(r"Version:\s*(\S+)", version)
+    track = subprocess.run(
+        [binary, "check", "--feature", "mem_dirty_track"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    crit = shutil.which("crit", path=os.path.dirname(binary) + ":" + ":".join(_SEARCH_PATH))
     info = CriuInfo(
         binary=binary,
         version=m.group(1) if m else "unknown",
         network_lock="nftables" if lock.returncode == 0 else "iptables",
+        crit=crit if track.returncode == 0 else None,
     )
     _checked[binary] = info
     return info
@@ -372,6 +385,23 @@ class CheckpointStore:
         except FileNotFoundError:
             return
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def criu_frozen_seconds(crit: str, images: str) -> float | None:
+    """CRIU's own frozen time of a dump or pre-dump (its stats-dump image,
+    decoded with CRIU's ``crit``); None if it cannot be read."""
+    try:
+        proc = subprocess.run(
+            [crit, "decode", "-i", os.path.join(images, "stats-dump")],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        return float(json.loads(proc.stdout)["entries"][0]["dump"]["frozen_time"]) / 1e6
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def read_log(path: str) -> str:

@@ -38,6 +38,7 @@ from ._checkpoint import (
     CheckpointStore,
     check_criu,
     criu_failure,
+    criu_frozen_seconds,
     dir_size,
     read_log,
     validate_tag,
@@ -462,31 +463,58 @@ class Runtime:
         start = time.monotonic()
         try:
             stdio = tuple(_fd_key(sb.pid, n) for n in (0, 1, 2))
+            common = [
+                "--tree",
+                str(sb.pid),
+                "--external",
+                f"mnt[{INIT_PATH}]:{INIT_KEY}",
+                "--freeze-cgroup",
+                sb.cgroup.freezer_dir,
+                "--manage-cgroups=soft",  # optional argument: needs the '='
+                "--tcp-established",
+                "--file-locks",
+                "--ext-unix-sk",
+            ]
+            prev: list[str] = []
+            pre_frozen = 0.0
+            if leave_running and criu.crit is not None:
+                # Iterative: memory is pre-dumped while the sandbox runs
+                # (CRIU freezes it only to grab the pages), so the frozen
+                # dump below writes only the pages dirtied since.
+                pre = os.path.join(partial, "pre")
+                os.mkdir(pre, 0o700)
+                argv = [criu.binary, "pre-dump", *common, "--images-dir", pre]
+                pre_start = time.monotonic()
+                proc = _run_criu([*argv, "--log-file", "pre-dump.log", "--track-mem"])
+                pre_seconds = time.monotonic() - pre_start
+                if proc.returncode != 0:
+                    if sb.poll() is not None:
+                        raise CheckpointError(f"sandbox {key!r} exited during the checkpoint")
+                    reason = criu_failure(
+                        read_log(os.path.join(pre, "pre-dump.log")) or proc.stderr
+                    )
+                    raise CheckpointError(f"checkpoint of {key!r} failed: criu pre-dump: {reason}")
+                # Its freeze counts too; if CRIU's figure cannot be read,
+                # the whole pre-dump does (an upper bound, never less).
+                pre_frozen = criu_frozen_seconds(criu.crit, pre) or pre_seconds
+                prev = ["--prev-images-dir", "../pre", "--track-mem"]
             sb.cgroup.freeze()
             frozen_at = time.monotonic()
             try:
                 argv = [
                     criu.binary,
                     "dump",
-                    "--tree",
-                    str(sb.pid),
+                    *common,
+                    *prev,
                     "--images-dir",
                     images,
                     "--log-file",
                     "dump.log",
                     "--network-lock",
                     criu.network_lock,
-                    "--external",
-                    f"mnt[{INIT_PATH}]:{INIT_KEY}",
-                    "--freeze-cgroup",
-                    sb.cgroup.freezer_dir,
-                    "--manage-cgroups=soft",  # optional argument: needs the '='
                     # Always: a failure must leave the sandbox running; the
                     # kill (without leave_running) is ours, after the copy.
                     "--leave-running",
-                    "--tcp-established",
-                    "--file-locks",
-                    "--ext-unix-sk",
                 ]
                 # The layer is copied while CRIU dumps: both see the frozen
                 # tree, and CRIU does not write into the layer.
@@ -513,7 +541,7 @@ class Runtime:
                     # Memory and files are saved: it may run on while the
                     # checkpoint is written down.
                     sb.cgroup.thaw()
-                frozen = time.monotonic() - frozen_at
+                frozen = time.monotonic() - frozen_at + pre_frozen
                 info = CheckpointInfo(
                     name=key,
                     tag=tag,
