@@ -117,6 +117,7 @@ class Instance:
     """It was stopped by a checkpoint (not ``leave_running``); a restore
     brings it back, a restart policy leaves it alone."""
     _pending_restore: _PendingRestore | None = None
+    _checkpoint_done: trio.Event = field(default_factory=trio.Event)
     _stop: trio.Event = field(default_factory=trio.Event)
     _wake: trio.Event = field(default_factory=trio.Event)
     _restart: bool = False
@@ -299,6 +300,7 @@ class Supervisor:
             trio.from_thread.run_sync(self._published_checkpoint, inst, info, trio_token=token)
 
         inst.checkpointing = True
+        inst._checkpoint_done = trio.Event()
         try:
             with trio.CancelScope(shield=True):
                 info: CheckpointInfo = await trio.to_thread.run_sync(
@@ -319,6 +321,7 @@ class Supervisor:
             raise
         finally:
             inst.checkpointing = False
+            inst._checkpoint_done.set()
 
     def _published_checkpoint(self, inst: Instance, info: CheckpointInfo) -> None:
         self.publish(
@@ -786,6 +789,10 @@ class Supervisor:
 
     async def _stop_when_asked(self, inst: Instance, sb: Sandbox, ident: _Ident) -> None:
         await inst._stop.wait()
+        if inst.checkpointing:
+            # A signal sent now would wait in the frozen tree and be dumped
+            # with it, to strike the restored sandbox: stop it afterwards.
+            await inst._checkpoint_done.wait()
         inst.state = "stopping"
         self.publish(Stopping(**ident, reason=self._stop_reason, grace=inst.grace))
         sb.send_signal(signal.SIGTERM)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -465,3 +467,49 @@ def test_failed_restores_and_dumps_leave_nothing(runtime: Runtime, criu: None) -
     assert [c.tag for c in runtime.checkpoints.list("c")] == ["good"]
     assert runtime.checkpoints.list("d") == []
     assert not [n for n in os.listdir(runtime.checkpoints.dir("c")) if n.startswith(".")]
+
+
+@pytest.mark.criu
+@requires_root
+@pytest.mark.parametrize("step", ["dump", "pre-dump"])
+def test_a_failed_dump_leaves_the_sandbox_running(
+    runtime: Runtime, criu: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """CRIU fails mid-checkpoint (a wrapper makes `criu dump` or `criu
+    pre-dump` fail): the sandbox runs on, thawed, and nothing is stored."""
+    real = check_criu().binary
+    wrapper = tmp_path / "criu"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = {step} ]; then\n'
+        '  echo "Error (criu/cr-dump.c:1): injected failure" >&2; exit 1\n'
+        "fi\n"
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CORRAL_CRIU", str(wrapper))
+    r, w = os.pipe()
+    try:
+        spec = SandboxSpec("c", ["sh", "-c", COUNTER])
+        with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
+            os.close(w)
+            w = -1
+            assert os.read(r, 16)
+            with pytest.raises(CheckpointError) as err:
+                runtime.checkpoint(sb, tag="t", leave_running=True)
+            assert str(err.value) == (f"checkpoint of 'c' failed: criu {step}: injected failure")
+            assert sb.poll() is None
+            # Not frozen: it goes on counting (its output drives the wait).
+            count = Path(sb.state_path, "upper", "count")
+            now = int(count.read_text() or 0)
+            deadline = time.monotonic() + 60
+            while int(count.read_text() or 0) <= now + 2:
+                left = max(0.0, deadline - time.monotonic())
+                assert select.select([r], [], [], left)[0], "it stopped counting (frozen?)"
+                os.read(r, 4096)
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+    assert runtime.checkpoints.list("c") == []
+    assert os.listdir(runtime.checkpoints.dir("c")) == []
