@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import select
@@ -93,6 +92,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import supervisor._runtime as _rt
 from supervisor._checkpoint import INIT_KEY, CheckpointInfo, CriuInfo, check_criu, dir_size
+from supervisor._linux import _syscalls as sc
+from supervisor._linux._cgroups import V2Cgroup
 from supervisor._linux._child import INIT_PATH
 from supervisor._runtime import Runtime, Sandbox
 from supervisor._spec import SandboxSpec
@@ -113,19 +114,6 @@ int main(int argc, char **argv) {
     for (;;) pause();
 }
 """
-
-CLONE_NEWNS = 0x00020000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.unshare.argtypes = [ctypes.c_int]
 
 
 class Phases:
@@ -423,18 +411,14 @@ class Bench:
             "--inherit-fd",
             f"fd[{w}]:{key}",
         ]
-        merged = str(d / "merged").encode()
-        opts = f"lowerdir={self.rootfs},upperdir={d / 'upper'},workdir={d / 'work'}".encode()
+        merged = str(d / "merged")
+        opts = f"lowerdir={self.rootfs},upperdir={d / 'upper'},workdir={d / 'work'}"
 
         def private_root() -> None:
             # In the forked child, before exec: what corral's restorer does.
-            if (
-                _libc.unshare(CLONE_NEWNS) != 0
-                or _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
-                or _libc.mount(b"overlay", merged, b"overlay", 0, opts) != 0
-            ):
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
+            sc.unshare(sc.CLONE_NEWNS)
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+            sc.mount("overlay", merged, "overlay", 0, opts)
 
         try:
             t0 = time.perf_counter()
@@ -490,22 +474,12 @@ def remove_cgroup(path: str, pid: int | None = None) -> None:
     """Kill what is in a cgroup we made, reap *pid* (our orphan), rmdir it."""
     if not os.path.isdir(path):
         return
-    with contextlib.suppress(OSError):
-        Path(path, "cgroup.kill").write_text("1")
+    cgroup = V2Cgroup(os.path.basename(path), path)
+    cgroup.kill()
     if pid is not None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)  # cleanup only: the killed tree is still exiting
+    cgroup.remove()
 
 
 def main() -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-__all__ = ["SettingsError", "duration", "number", "size"]
+__all__ = ["SettingsError", "duration", "number", "per_instance", "size"]
+
+T = TypeVar("T")
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -56,3 +60,21 @@ def size(value: object, field: str) -> int:
         if n > 0:
             return n
     raise SettingsError(field, f"expected a size like 64M or 1G, got {value!r}")
+
+
+def per_instance(
+    settings: Callable[[str], Mapping[str, Any]], parse: Callable[[Mapping[str, Any]], T]
+) -> Callable[[str], T]:
+    """``policy_for(name)``: each instance's settings (``handle.settings``),
+    parsed once; a bad table is a :class:`SettingsError` naming the sandbox."""
+    cache: dict[str, T] = {}
+
+    def policy_for(name: str) -> T:
+        if name not in cache:
+            try:
+                cache[name] = parse(settings(name))
+            except SettingsError as exc:
+                raise SettingsError(exc.field, f"sandbox {name!r}: {exc.detail}") from None
+        return cache[name]
+
+    return policy_for

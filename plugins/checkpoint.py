@@ -47,7 +47,7 @@ import trio
 import events
 
 from ._api import CheckpointView, Handle
-from ._settings import SettingsError, duration, number, size
+from ._settings import SettingsError, duration, number, per_instance, size
 
 __all__ = ["AUTO_PREFIX", "CheckpointPolicy", "parse_policy", "plugin", "to_prune"]
 
@@ -120,15 +120,12 @@ def to_prune(
 async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
     """The checkpoint plugin's task: one periodic loop per configured instance."""
     fleet_policy = parse_policy(config)
-    policies: dict[str, CheckpointPolicy] = {}
+    parsed = per_instance(handle.settings, parse_policy)
+    policies: dict[str, CheckpointPolicy] = {}  # the instances started so far
     disabled = trio.Event()
 
     def policy_for(name: str) -> CheckpointPolicy:
-        if name not in policies:
-            try:
-                policies[name] = parse_policy(handle.settings(name))
-            except SettingsError as exc:
-                raise SettingsError(exc.field, f"sandbox {name!r}: {exc.detail}") from None
+        policies[name] = parsed(name)
         return policies[name]
 
     counts: dict[str, int] = {}

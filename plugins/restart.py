@@ -46,7 +46,7 @@ import trio
 import events
 
 from ._api import Handle
-from ._settings import SettingsError, duration, number, size
+from ._settings import SettingsError, duration, number, per_instance, size
 
 __all__ = ["Decision", "InstanceHistory", "RestartPolicy", "decide", "parse_policy", "plugin"]
 
@@ -216,17 +216,9 @@ def decide(
 async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
     """The restart plugin's task: watch exits, apply each sandbox's policy."""
     parse_policy(config)  # a bad fleet-wide table fails the plugin at once
-    policies: dict[str, RestartPolicy] = {}
+    policy_for = per_instance(handle.settings, parse_policy)
     histories: dict[str, InstanceHistory] = {}
     rng = random.Random()
-
-    def policy_for(name: str) -> RestartPolicy:
-        if name not in policies:
-            try:
-                policies[name] = parse_policy(handle.settings(name))
-            except SettingsError as exc:
-                raise SettingsError(exc.field, f"sandbox {name!r}: {exc.detail}") from None
-        return policies[name]
 
     def restart(name: str) -> None:
         if policy_for(name).from_checkpoint:

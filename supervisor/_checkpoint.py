@@ -153,33 +153,34 @@ def check_criu() -> CriuInfo:
         )
         _checked[binary] = error
         raise error
-    lock = subprocess.run(
-        [binary, "check", "--feature", "network_lock_nftables"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
     version = subprocess.run(
         [binary, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
     ).stdout
     m = re.search(r"Version:\s*(\S+)", version)
-    track = subprocess.run(
-        [binary, "check", "--feature", "mem_dirty_track"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
     crit = shutil.which("crit", path=os.path.dirname(binary) + ":" + ":".join(_SEARCH_PATH))
     info = CriuInfo(
         binary=binary,
         version=m.group(1) if m else "unknown",
-        network_lock="nftables" if lock.returncode == 0 else "iptables",
-        crit=crit if track.returncode == 0 else None,
+        network_lock="nftables" if _has_feature(binary, "network_lock_nftables") else "iptables",
+        crit=crit if _has_feature(binary, "mem_dirty_track") else None,
     )
     _checked[binary] = info
     return info
+
+
+def _has_feature(binary: str, feature: str) -> bool:
+    """``criu check --feature FEATURE`` passes."""
+    try:
+        proc = subprocess.run(
+            [binary, "check", "--feature", feature],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
 
 
 def validate_tag(tag: str) -> str:

@@ -353,6 +353,17 @@ class Runtime:
         except OSError:
             return True
 
+    def _spawn_or_reap(self, cfg: LaunchConfig, stdio: tuple[int, int, int]) -> Spawned:
+        """Spawn; on a reported failure reap the child that reported it, then raise."""
+        try:
+            return self._spawn(cfg, stdio)
+        except SpawnFailed as exc:
+            if exc.pidfd is not None:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitid(os.P_PIDFD, exc.pidfd, os.WEXITED)
+                os.close(exc.pidfd)
+            raise
+
     def _make_state_dir(
         self, name: str, sdir: str, record: str, undo: contextlib.ExitStack
     ) -> None:
@@ -408,12 +419,8 @@ class Runtime:
                 stdin_devnull=stdin_devnull,
             )
             try:
-                spawned = self._spawn(cfg, stdio)
+                spawned = self._spawn_or_reap(cfg, stdio)
             except SpawnFailed as exc:
-                if exc.pidfd is not None:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitid(os.P_PIDFD, exc.pidfd, os.WEXITED)
-                    os.close(exc.pidfd)
                 raise _translate(spec.name, exc) from None
             with open(record, "w") as f:
                 json.dump({"name": spec.name, "pid": spawned.pid, "cgroup": list(cgroup.paths)}, f)
@@ -654,12 +661,8 @@ class Runtime:
                 restore_argv=argv,
             )
             try:
-                criu_proc = self._spawn(cfg, stdio)
+                criu_proc = self._spawn_or_reap(cfg, stdio)
             except SpawnFailed as exc:
-                if exc.pidfd is not None:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitid(os.P_PIDFD, exc.pidfd, os.WEXITED)
-                    os.close(exc.pidfd)
                 raise CheckpointError(
                     f"restore of {spec.name!r} failed: {exc.failure.step}: {exc.failure.message}"
                 ) from None

@@ -8,12 +8,13 @@ instead: one clear error quoting ``criu check`` and the sandbox untouched.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,23 @@ def frozen(sb: Sandbox) -> bool:
     if (d / "freezer.state").exists():
         return (d / "freezer.state").read_text().strip() != "THAWED"
     return "frozen 1" in (d / "cgroup.events").read_text()
+
+
+@contextlib.contextmanager
+def counting(runtime: Runtime) -> Iterator[tuple[Sandbox, int]]:
+    """A sandbox "c" running COUNTER, once it counts; and its output pipe."""
+    r, w = os.pipe()
+    try:
+        spec = SandboxSpec("c", ["sh", "-c", COUNTER])
+        with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
+            os.close(w)
+            w = -1
+            assert os.read(r, 16)
+            yield sb, r
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
 
 
 def command_pid(init: int) -> int:
@@ -456,19 +474,9 @@ def test_oom_kill_restores_the_latest_checkpoint_with_a_grown_limit(dirs: Dirs, 
 def test_failed_restores_and_dumps_leave_nothing(runtime: Runtime, criu: None) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         runtime.restore(runtime.checkpoints.path("c", "nope"))
-    r, w = os.pipe()
-    try:
-        spec = SandboxSpec("c", ["sh", "-c", COUNTER])
-        with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
-            os.close(w)
-            w = -1
-            assert os.read(r, 16)
-            info = runtime.checkpoint(sb, tag="good")
-            assert sb.wait().signal == 9
-    finally:
-        if w >= 0:
-            os.close(w)
-        os.close(r)
+    with counting(runtime) as (sb, _):
+        info = runtime.checkpoint(sb, tag="good")
+        assert sb.wait().signal == 9
     # A damaged image (memory pages cut short): CRIU fails after it has
     # forked the tree; its reason, and nothing half-restored left behind.
     pages = max(Path(info.images).glob("pages-*.img"), key=lambda p: p.stat().st_size)
@@ -503,28 +511,18 @@ def test_a_failed_dump_leaves_the_sandbox_running(
     )
     wrapper.chmod(0o755)
     monkeypatch.setenv("CORRAL_CRIU", str(wrapper))
-    r, w = os.pipe()
-    try:
-        spec = SandboxSpec("c", ["sh", "-c", COUNTER])
-        with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
-            os.close(w)
-            w = -1
-            assert os.read(r, 16)
-            with pytest.raises(CheckpointError) as err:
-                runtime.checkpoint(sb, tag="t", leave_running=True)
-            assert str(err.value) == (f"checkpoint of 'c' failed: criu {step}: injected failure")
-            assert sb.poll() is None and not frozen(sb)
-            # Not frozen: it goes on counting (its output drives the wait).
-            count = Path(sb.state_path, "upper", "count")
-            now = int(count.read_text() or 0)
-            deadline = time.monotonic() + 60
-            while int(count.read_text() or 0) <= now + 2:
-                left = max(0.0, deadline - time.monotonic())
-                assert select.select([r], [], [], left)[0], "it stopped counting (frozen?)"
-                os.read(r, 4096)
-    finally:
-        if w >= 0:
-            os.close(w)
-        os.close(r)
+    with counting(runtime) as (sb, r):
+        with pytest.raises(CheckpointError) as err:
+            runtime.checkpoint(sb, tag="t", leave_running=True)
+        assert str(err.value) == (f"checkpoint of 'c' failed: criu {step}: injected failure")
+        assert sb.poll() is None and not frozen(sb)
+        # Not frozen: it goes on counting (its output drives the wait).
+        count = Path(sb.state_path, "upper", "count")
+        now = int(count.read_text() or 0)
+        deadline = time.monotonic() + 60
+        while int(count.read_text() or 0) <= now + 2:
+            left = max(0.0, deadline - time.monotonic())
+            assert select.select([r], [], [], left)[0], "it stopped counting (frozen?)"
+            os.read(r, 4096)
     assert runtime.checkpoints.list("c") == []
     assert os.listdir(runtime.checkpoints.dir("c")) == []

@@ -224,14 +224,7 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         step = "find command"
         path = _resolve(cfg.argv[0], cfg.env.get("PATH", ""))
         step = "exec init"
-        # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals
-        # ignored, and a command that expects the default would misbehave.
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        fd = report.fileno()
-        os.closerange(3, fd)
-        os.closerange(fd + 1, 1 << 20)
+        _prepare_exec(report, keep=3)
         os.umask(0o022)
         os.execve(INIT_PATH, ["init", "--", path, *cfg.argv[1:]], cfg.env)
     except BaseException as exc:
@@ -270,16 +263,24 @@ def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         for n in (0, 1, 2):
             os.dup2(null, n)
         os.close(null)
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        fd = report.fileno()
-        os.closerange(6, fd)
-        os.closerange(fd + 1, 1 << 20)
+        _prepare_exec(report, keep=6)
         os.execve(cfg.restore_argv[0], cfg.restore_argv, cfg.env)
     except BaseException as exc:
         _report(report, exc, step)
         os._exit(127)
+
+
+def _prepare_exec(report: socket.socket, keep: int) -> None:
+    """Signals to their defaults, no mask, every fd from *keep* up closed
+    but the (close-on-exec) report socket."""
+    # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals
+    # ignored, and a command that expects the default would misbehave.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    fd = report.fileno()
+    os.closerange(keep, fd)
+    os.closerange(fd + 1, 1 << 20)
 
 
 def _mount_overlay(cfg: LaunchConfig) -> None:
