@@ -2,7 +2,8 @@
 #
 #   make demo      set everything up, then show the main job on the busybox rootfs
 #   make test      set everything up, then run the test lanes (host; VM v2; VM v1)
-#   make bench     the benchmarks of docs/performance.md (runc, LXC, supervisord, circus)
+#   make bench     the benchmarks of docs/performance.md (runc, LXC, supervisord, circus,
+#                  plain CRIU in the VM)
 #   make lint      ruff + mypy --strict
 #
 # Setup is idempotent: apt packages, a venv in .venv, the package (editable).
@@ -21,7 +22,8 @@ APT_RUNTIME := busybox-static tini python3-venv python3-dev iproute2 util-linux 
 APT_VM      := qemu-system-x86 linux-image-amd64
 APT_BENCH   := runc lxc gcc libc6-dev
 
-.PHONY: setup setup-vm setup-bench demo test test-host test-vm test-vm-v1 lint bench clean
+.PHONY: setup setup-vm setup-bench demo test test-host test-vm test-vm-v1 lint bench \
+        bench-checkpoint clean
 
 define apt_install
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -81,10 +83,16 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: setup-bench
+bench: setup-bench setup-vm
 	$(PY) benchmarks/start.py --runs 50
 	$(PY) benchmarks/events.py
 	$(PY) benchmarks/restart.py
+	$(MAKE) --no-print-directory bench-checkpoint
+
+# CRIU needs a kernel it knows: the checkpoint benchmark runs in the VM lane
+# (it compiles its memory hog with gcc inside, from the shared host tools).
+bench-checkpoint: setup-bench setup-vm
+	tests/vm/run --memory 3G -- $(PY) benchmarks/checkpoint.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
