@@ -388,7 +388,10 @@ class Supervisor:
             else:
                 target = source
                 if target._stop.is_set():
-                    raise CheckpointError(f"{name!r} is being stopped with the fleet")
+                    raise CheckpointError(
+                        f"{name!r} was stopped (or the fleet is stopping): restore it under a"
+                        " new name (--as)"
+                    )
                 if target.state not in ("exited", "failed", "stopped") or target._pending_restore:
                     raise CheckpointError(
                         f"{name!r} is {target.state}: checkpoint it (without --leave-running)"
