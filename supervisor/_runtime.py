@@ -783,32 +783,47 @@ def _drop_network_lock(pid: int, old_root_pid: int) -> None:
     """Remove the nftables table CRIU's network lock leaves in a restored
     sandbox. CRIU 3.17 dumps the lock with the namespace and, on restore,
     tries to delete it under the new init's PID, so the lock (drop every
-    packet) would stay; it is named after the dumped init's PID."""
-    argv = [
-        "nsenter",
-        "-t",
-        str(pid),
-        "-n",
-        "nft",
-        "delete",
-        "table",
-        "inet",
-        f"CRIU-{old_root_pid}",
-    ]
+    packet) would stay; it is named after the dumped init's PID.
+
+    ``nft`` is spawned from this thread while the thread is in the
+    sandbox's network namespace (a child starts in its parent thread's
+    namespaces): one exec, where ``nsenter ... nft`` takes two. Only this
+    thread moves, and only for the spawn.
+    """
+    argv = ["nft", "delete", "table", "inet", f"CRIU-{old_root_pid}"]
+    what = "cannot remove CRIU's network lock from the restored sandbox"
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        proc = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise CheckpointError(
-            f"cannot remove CRIU's network lock from the restored sandbox: {exc}"
-            " (is nftables installed?)"
-        ) from None
-    if proc.returncode != 0 and "No such file" not in proc.stderr:
-        raise CheckpointError(
-            "cannot remove CRIU's network lock from the restored sandbox: "
-            + (proc.stderr.strip().splitlines() or ["nft failed"])[0]
-        )
+        try:
+            target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CheckpointError(f"{what}: {exc.strerror}") from None
+        try:
+            _syscalls.setns(target, _syscalls.CLONE_NEWNET)
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            except OSError as exc:
+                raise CheckpointError(f"{what}: {exc} (is nftables installed?)") from None
+            finally:
+                _syscalls.setns(own, _syscalls.CLONE_NEWNET)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise CheckpointError(f"{what}: nft timed out") from None
+    if proc.returncode != 0 and "No such file" not in err:
+        raise CheckpointError(f"{what}: " + (err.strip().splitlines() or ["nft failed"])[0])
 
 
 def _unlink(path: str) -> None:
