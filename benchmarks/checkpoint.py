@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import select
 import shutil
@@ -91,7 +90,15 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.append(sys.path.pop(0))
 
 import supervisor._runtime as _rt
-from supervisor._checkpoint import INIT_KEY, CheckpointInfo, CriuInfo, check_criu, dir_size
+from supervisor._checkpoint import (
+    CRIU_OPTIONS,
+    INIT_KEY,
+    CheckpointInfo,
+    CriuInfo,
+    check_criu,
+    criu_frozen_seconds,
+    dir_size,
+)
 from supervisor._linux import _syscalls as sc
 from supervisor._linux._cgroups import V2Cgroup
 from supervisor._linux._child import INIT_PATH
@@ -172,19 +179,8 @@ def wait_ready(fd: int, timeout: float = 300.0) -> None:
 def criu_frozen_ms(images: str) -> float | None:
     """CRIU's own frozen_time from the stats-dump image (None without crit)."""
     crit = shutil.which("crit")
-    if crit is None:
-        return None
-    proc = subprocess.run(
-        [crit, "decode", "-i", os.path.join(images, "stats-dump")],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    try:
-        return float(json.loads(proc.stdout)["entries"][0]["dump"]["frozen_time"]) / 1e3
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
+    seconds = criu_frozen_seconds(crit, images) if crit else None
+    return None if seconds is None else seconds * 1e3
 
 
 def read_log(path: Path) -> str:
@@ -349,10 +345,7 @@ class Bench:
             f"mnt[{INIT_PATH}]:{INIT_KEY}",
             "--freeze-cgroup",
             cgdir,
-            "--manage-cgroups=soft",
-            "--tcp-established",
-            "--file-locks",
-            "--ext-unix-sk",
+            *CRIU_OPTIONS,
         ]
         t0 = time.perf_counter()
         proc = subprocess.run(
@@ -402,12 +395,9 @@ class Bench:
             str(pidfile),
             "--external",
             f"mnt[{INIT_KEY}]:{self.rt.init_binary}",
-            "--manage-cgroups=soft",
+            *CRIU_OPTIONS,
             "--cgroup-root",
             cg_rel,
-            "--tcp-established",
-            "--file-locks",
-            "--ext-unix-sk",
             "--inherit-fd",
             f"fd[{w}]:{key}",
         ]

@@ -38,6 +38,7 @@ from ._spec import Limits, SandboxSpec
 
 __all__ = [
     "CRIU_ENV",
+    "CRIU_OPTIONS",
     "INIT_KEY",
     "CheckpointInfo",
     "CheckpointStore",
@@ -55,6 +56,10 @@ FORMAT = 1
 INIT_KEY = "corral-init"
 """CRIU's name for the external /dev/init bind mount (tini from the host)."""
 CRIU_TIMEOUT = 600.0
+CRIU_OPTIONS = ("--manage-cgroups=soft", "--tcp-established", "--file-locks", "--ext-unix-sk")
+"""Options every dump and restore of a sandbox takes (the sandbox's network
+namespace is its own; our cgroup's limits stay). ``--manage-cgroups`` has an
+optional argument, so it needs the ``=``."""
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ERROR_RE = re.compile(r"^(?:\(\s*[\d.]+\)\s*)?Error \([^)]*\):\s*(.*)$")

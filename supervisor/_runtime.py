@@ -32,6 +32,7 @@ from typing import NamedTuple
 from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
 
 from ._checkpoint import (
+    CRIU_OPTIONS,
     CRIU_TIMEOUT,
     INIT_KEY,
     CheckpointInfo,
@@ -477,10 +478,7 @@ class Runtime:
                 f"mnt[{INIT_PATH}]:{INIT_KEY}",
                 "--freeze-cgroup",
                 sb.cgroup.freezer_dir,
-                "--manage-cgroups=soft",  # optional argument: needs the '='
-                "--tcp-established",
-                "--file-locks",
-                "--ext-unix-sk",
+                *CRIU_OPTIONS,
             ]
             prev: list[str] = []
             pre_frozen = 0.0
@@ -635,10 +633,7 @@ class Runtime:
                 pidfile,
                 "--external",
                 f"mnt[{INIT_KEY}]:{self.init_binary}",
-                "--manage-cgroups=soft",
-                "--tcp-established",
-                "--file-locks",
-                "--ext-unix-sk",
+                *CRIU_OPTIONS,
             ]
             for controllers, path in cgroup.relative_paths().items():
                 argv += ["--cgroup-root", f"{controllers}:{path}" if controllers else path]
