@@ -35,20 +35,27 @@ from ._errors import JournalError as JournalError
 from ._errors import SocketError as SocketError
 from ._journal import Journal as Journal
 from ._types import EVENT_TYPES as EVENT_TYPES
+from ._types import Added as Added
 from ._types import Checkpointed as Checkpointed
 from ._types import CheckpointFailed as CheckpointFailed
 from ._types import Created as Created
 from ._types import Event as Event
+from ._types import ExecExited as ExecExited
+from ._types import ExecStarted as ExecStarted
 from ._types import Exited as Exited
 from ._types import Failed as Failed
 from ._types import Gap as Gap
 from ._types import LimitChanged as LimitChanged
 from ._types import Oom as Oom
 from ._types import OomKill as OomKill
+from ._types import Paused as Paused
 from ._types import PluginEvent as PluginEvent
 from ._types import PluginFailed as PluginFailed
+from ._types import Removed as Removed
 from ._types import Restarting as Restarting
 from ._types import Restored as Restored
+from ._types import Resumed as Resumed
+from ._types import Signaled as Signaled
 from ._types import Started as Started
 from ._types import StartFailed as StartFailed
 from ._types import Stopped as Stopped
@@ -94,6 +101,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "EVENT_TYPES",
     "SCHEMA_VERSION",
+    "Added",
     "Bus",
     "CheckpointFailed",
     "Checkpointed",
@@ -103,6 +111,8 @@ __all__ = [
     "Event",
     "EventStream",
     "EventsError",
+    "ExecExited",
+    "ExecStarted",
     "Exited",
     "Failed",
     "Gap",
@@ -111,10 +121,14 @@ __all__ = [
     "LimitChanged",
     "Oom",
     "OomKill",
+    "Paused",
     "PluginEvent",
     "PluginFailed",
+    "Removed",
     "Restarting",
     "Restored",
+    "Resumed",
+    "Signaled",
     "SocketError",
     "StartFailed",
     "Started",

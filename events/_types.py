@@ -275,6 +275,79 @@ class CheckpointFailed(Event):
     reason: str
 
 
+# --- control (verbs on a running sandbox) -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Paused(Event):
+    """The sandbox's cgroup is frozen (``corral pause``): every process is
+    stopped until ``resumed``. ``freeze_ms`` is how long the kernel took to
+    report the cgroup frozen. A paused sandbox is neither hung nor dead:
+    nothing restarts it."""
+
+    KIND: ClassVar[str] = "paused"
+    freeze_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resumed(Event):
+    """The sandbox's cgroup was thawed; ``paused_ms`` is how long it was paused."""
+
+    KIND: ClassVar[str] = "resumed"
+    paused_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Signaled(Event):
+    """Signal ``signal`` (its number; ``name`` e.g. ``"SIGHUP"``) was sent to
+    the sandbox's main process through its init (``corral kill``)."""
+
+    KIND: ClassVar[str] = "signaled"
+    signal: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecStarted(Event):
+    """A process was started inside the running sandbox (``corral exec``):
+    ``exec_id`` names it in its ``exec_exited``, ``pid`` is its host PID,
+    ``command`` its argv as a shell-quoted string, ``tty`` whether it has a
+    pseudo-terminal."""
+
+    KIND: ClassVar[str] = "exec_started"
+    exec_id: int
+    pid: int
+    command: str
+    tty: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecExited(Event):
+    """The process ``exec_id`` started in the sandbox ended: ``status`` is
+    shell-style (the exit code, or 128+N after signal N)."""
+
+    KIND: ClassVar[str] = "exec_exited"
+    exec_id: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Added(Event):
+    """The instance was added to the running fleet (``corral add``) from
+    ``source`` (the fleet file); ``created`` and ``started`` follow."""
+
+    KIND: ClassVar[str] = "added"
+    source: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Removed(Event):
+    """The instance left the running fleet (``corral rm``), after it was
+    stopped; no event of it follows."""
+
+    KIND: ClassVar[str] = "removed"
+
+
 # --- delivery ------------------------------------------------------------------
 
 
@@ -351,6 +424,13 @@ EVENT_TYPES: Mapping[str, type[Event]] = MappingProxyType(
             Checkpointed,
             Restored,
             CheckpointFailed,
+            Paused,
+            Resumed,
+            Signaled,
+            ExecStarted,
+            ExecExited,
+            Added,
+            Removed,
             Gap,
             PluginEvent,
         )

@@ -146,10 +146,10 @@ def test_stamped_is_replace() -> None:
 
 def test_unknown_kind_decodes_to_unknown_event_and_back() -> None:
     """A kind from a newer producer is passed through, not refused."""
-    m = _good_map(kind="paused", data={"why": "user", "n": [1, 2]})
+    m = _good_map(kind="migrated", data={"why": "user", "n": [1, 2]})
     event = decode(msgpack.packb(m))
     assert isinstance(event, UnknownEvent)
-    assert event.kind == "paused" and event.payload == {"why": "user", "n": [1, 2]}
+    assert event.kind == "migrated" and event.payload == {"why": "user", "n": [1, 2]}
     assert event.seq == 3 and event.sandbox == "web-1"
     assert msgpack.unpackb(encode(event)) == m
 
