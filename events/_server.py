@@ -17,6 +17,7 @@ connection only; nothing a client sends can stop the server.
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -167,24 +168,31 @@ def _remove_stale(path: str, what: str) -> None:
         pass
 
 
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
 def peer_allowed(sock: trio.socket.SocketType, group: int | None) -> bool:
     """SO_PEERCRED admission: root, our own user, or a member of *group*."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", creds)
+    _, uid, gid = struct.unpack("3i", creds)
     if uid in (0, os.geteuid()):
         return True
     if group is None:
         return False
     if gid == group:
         return True
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return str(group) in line.split()[1:]
-    except OSError:
-        pass  # the peer is gone already
-    return False
+    # The supplementary groups the peer had when it connected, from the
+    # kernel (SO_PEERGROUPS): never /proc/PID, whose PID may be reused.
+    size = 4 * 64
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < 4 * 65536:
+                size *= 16
+                continue
+            return False
+        return group in array.array("I", raw[: len(raw) - len(raw) % 4])
 
 
 async def _serve_one(
