@@ -6,7 +6,8 @@ spawn keeper import it. The public names:
 - :class:`SandboxSpec`, :class:`Limits` and the ``parse_*`` helpers: what a
   sandbox is, validated with errors that name the field.
 - :class:`Runtime`: creates sandboxes on this host; :class:`Sandbox` is a
-  live one, :class:`SandboxExit` how it ended.
+  live one, :class:`SandboxExit` how it ended; :class:`ExecProcess` a
+  process added to a running one (:meth:`Runtime.exec`).
 - :class:`Keeper`: the fork server a multi-threaded program spawns through.
 - :class:`Supervisor` (runs a :class:`Fleet` in a trio nursery),
   :func:`load_fleet`, :func:`parse_fleet`, :class:`FleetError`: loaded on
@@ -28,8 +29,10 @@ from ._errors import NotPermittedError as NotPermittedError
 from ._errors import SandboxError as SandboxError
 from ._errors import SandboxExistsError as SandboxExistsError
 from ._errors import SpecError as SpecError
+from ._errors import StateError as StateError
 from ._linux._cgroups import CgroupStats as CgroupStats
 from ._linux._spawn import Keeper as Keeper
+from ._runtime import ExecProcess as ExecProcess
 from ._runtime import Runtime as Runtime
 from ._runtime import Sandbox as Sandbox
 from ._runtime import SandboxExit as SandboxExit
@@ -84,6 +87,7 @@ __all__ = [
     "CommandNotFoundError",
     "CorralError",
     "CriuUnavailableError",
+    "ExecProcess",
     "Fleet",
     "FleetError",
     "Instance",
@@ -98,6 +102,7 @@ __all__ = [
     "SandboxExit",
     "SandboxSpec",
     "SpecError",
+    "StateError",
     "Supervisor",
     "__version__",
     "load_fleet",

@@ -11,6 +11,7 @@
     │   ├── CommandNotExecutableError  it exists but cannot be run (exit 126)
     │   └── CheckpointError      a checkpoint or restore failed (CRIU's reason)
     │       └── CriuUnavailableError  CRIU is missing or 'criu check' fails
+    ├── StateError               a verb the sandbox's state does not allow (pause a stopped one)
     └── CgroupError              the cgroup file system refused an operation
 
 ``OSError`` from the kernel is translated at the boundary (``raise ... from
@@ -30,6 +31,7 @@ __all__ = [
     "SandboxError",
     "SandboxExistsError",
     "SpecError",
+    "StateError",
 ]
 
 
@@ -86,3 +88,14 @@ class CheckpointError(SandboxError):
 
 class CriuUnavailableError(CheckpointError):
     """CRIU is not installed, or ``criu check`` fails on this kernel."""
+
+
+class StateError(CorralError):
+    """A verb was asked of an instance in a state that does not allow it
+    (see :mod:`supervisor._states`): ``verb``, ``name`` and ``state`` say which."""
+
+    def __init__(self, verb: str, name: str, state: str, detail: str) -> None:
+        super().__init__(f"cannot {verb} {name!r}: {detail}")
+        self.verb = verb
+        self.name = name
+        self.state = state

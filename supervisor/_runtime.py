@@ -26,7 +26,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
@@ -58,12 +58,14 @@ from ._errors import (
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
 from ._linux._child import INIT_PATH, LaunchConfig
+from ._linux._exec import ExecConfig
 from ._linux._spawn import Spawned, SpawnFailed, spawn_direct
-from ._spec import SandboxSpec
+from ._spec import _ENV_KEY_RE, SandboxSpec
 
 __all__ = [
     "DEFAULT_RUN_DIR",
     "DEFAULT_STATE_DIR",
+    "ExecProcess",
     "Runtime",
     "Sandbox",
     "SandboxExit",
@@ -74,8 +76,9 @@ DEFAULT_STATE_DIR = "/var/lib/corral"
 DEFAULT_RUN_DIR = "/run/corral"
 INIT_CANDIDATES = ("/usr/bin/tini-static", "/usr/sbin/tini-static", "/sbin/tini-static")
 
-Spawner = Callable[[LaunchConfig, tuple[int, int, int]], Spawned]
-"""How a sandbox's process tree is started: :func:`spawn_direct` or a keeper."""
+Spawner = Callable[[LaunchConfig | ExecConfig, tuple[int, int, int]], Spawned]
+"""How a sandbox's process tree (or an exec'd process) is started:
+:func:`spawn_direct` or a keeper."""
 
 
 def find_init_binary() -> str:
@@ -268,6 +271,97 @@ class Sandbox:
         self.destroy()
 
 
+class ExecProcess:
+    """A process started in a running sandbox by :meth:`Runtime.exec`.
+
+    It is a child of the process that called :meth:`Runtime.exec`, which
+    must wait for it or :meth:`close` it: the sandbox's init cannot finish
+    exiting (:meth:`Sandbox.wait` blocks) while an exec'd process of it is
+    an unreaped zombie, because the kernel waits for every PID of the
+    namespace to be freed. Close exec'd processes before destroying their
+    sandbox. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, sandbox: str, spawned: Spawned) -> None:
+        self.sandbox = sandbox
+        """The name of the sandbox it runs in."""
+        self.pid = spawned.pid
+        """Its PID on the host."""
+        self.pidfd = spawned.pidfd
+        """A pidfd for it (closed by :meth:`close`)."""
+        self.pty_master = spawned.pty_master
+        """The master of its terminal (``tty=True``), else None. Closed by
+        :meth:`close` unless taken with :meth:`take_pty_master`."""
+        self._status: int | None = None
+        self._closed = False
+
+    def take_pty_master(self) -> int | None:
+        """Take ownership of the pty master: :meth:`close` no longer closes it."""
+        fd, self.pty_master = self.pty_master, None
+        return fd
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the process through its pidfd; a no-op once it has exited."""
+        if self._status is not None or self._closed:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, sig)
+
+    def poll(self) -> int | None:
+        """Its shell-style status (the exit code, or 128+N after signal N)
+        if it has exited, without blocking; else None."""
+        if self._status is None:
+            info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
+            if info is not None and info.si_pid:
+                self._status = _shell_status(info)
+        return self._status
+
+    def wait(self) -> int:
+        """Block until it has exited; return its shell-style status."""
+        while self._status is None:
+            info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+            if info is not None:
+                self._status = _shell_status(info)
+        return self._status
+
+    def close(self) -> None:
+        """Kill it if still running, reap it, close its descriptors. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._status is None:
+                self.send_signal(signal.SIGKILL)
+                self.wait()
+        finally:
+            self._closed = True
+            os.close(self.pidfd)
+            fd = self.take_pty_master()
+            if fd is not None:
+                os.close(fd)
+
+    def __enter__(self) -> ExecProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _shell_status(info: os.waitid_result) -> int:
+    return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
+
+
+def _has_exited(sb: Sandbox) -> bool:
+    """True if the sandbox's init has exited; never reaps it (its owner does)."""
+    import select
+
+    if sb.exit is not None:
+        return True
+    poller = select.poll()
+    poller.register(sb.pidfd, select.POLLIN)
+    # A pidfd polls readable once its process has exited.
+    return bool(poller.poll(0))
+
+
 class Runtime:
     """Makes sandboxes on this host.
 
@@ -354,7 +448,9 @@ class Runtime:
         except OSError:
             return True
 
-    def _spawn_or_reap(self, cfg: LaunchConfig, stdio: tuple[int, int, int]) -> Spawned:
+    def _spawn_or_reap(
+        self, cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int]
+    ) -> Spawned:
         """Spawn; on a reported failure reap the child that reported it, then raise."""
         try:
             return self._spawn(cfg, stdio)
@@ -428,6 +524,70 @@ class Runtime:
             undo.callback(_unlink, record)
             return Sandbox(spec, spawned, cgroup, sdir, undo.pop_all())
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def exec(
+        self,
+        sb: Sandbox,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        stdio: tuple[int, int, int] = (0, 1, 2),
+        tty: bool = False,
+    ) -> ExecProcess:
+        """Start *argv* in the running sandbox *sb*, like ``docker exec``;
+        return once it has been exec'd.
+
+        The process joins every namespace and the cgroup of the sandbox,
+        with the sandbox's root as its root and *workdir* (default: the
+        spec's) as its working directory, in a session of its own. Its
+        environment is the sandbox's, updated with *env*. It gets no more
+        privilege than the sandbox's own processes. Its fds 0, 1, 2 are
+        *stdio*, or with *tty* a new terminal of the sandbox's devpts whose
+        master is :attr:`ExecProcess.pty_master`.
+
+        It becomes a child of this process (see :class:`ExecProcess`).
+        Raises :class:`~supervisor.CommandNotFoundError`,
+        :class:`~supervisor.CommandNotExecutableError` or
+        :class:`~supervisor.SandboxError` (also if the sandbox has exited)
+        with nothing left behind.
+        """
+        argv = list(argv)
+        if not argv or not argv[0]:
+            raise SpecError("argv", "expected a command to run, got nothing")
+        if any("\0" in a for a in argv):
+            raise SpecError("argv", "arguments cannot contain NUL bytes")
+        if workdir is None:
+            workdir = sb.spec.workdir
+        elif not workdir.startswith("/") or "\0" in workdir:
+            raise SpecError("workdir", f"expected an absolute path, got {workdir!r}")
+        environment = sb.spec.environment()
+        for key, value in (env or {}).items():
+            if not _ENV_KEY_RE.match(key):
+                raise SpecError("env", f"expected KEY=VALUE, got key {key!r}")
+            if "\0" in value:
+                raise SpecError("env", f"the value of {key} cannot contain NUL bytes")
+            environment[key] = value
+        not_running = f"sandbox {sb.name!r}: not running (its init has exited)"
+        if _has_exited(sb):
+            raise SandboxError(not_running)
+        cfg = ExecConfig(
+            argv=argv,
+            env=environment,
+            workdir=workdir,
+            cgroup_procs=list(sb.cgroup.procs_files()),
+            target_pidfd=sb.pidfd,
+            tty=tty,
+        )
+        try:
+            spawned = self._spawn_or_reap(cfg, stdio)
+        except SpawnFailed as exc:
+            # The init may have ended while we joined it: setns or the fork
+            # in its dying PID namespace then fails with a less clear errno.
+            if exc.failure.kind == "setup" and _has_exited(sb):
+                raise SandboxError(not_running) from None
+            raise _translate(sb.name, exc) from None
+        return ExecProcess(sb.name, spawned)
 
     # -- checkpoint and restore (CRIU) ------------------------------------------
 
@@ -834,4 +994,6 @@ def _translate(name: str, exc: SpawnFailed) -> SandboxError:
         return CommandNotFoundError(f"sandbox {name!r}: {f.message}")
     if f.kind == "noexec":
         return CommandNotExecutableError(f"sandbox {name!r}: {f.message}")
+    if f.message.startswith(f.step):
+        return SandboxError(f"sandbox {name!r}: {f.message}")
     return SandboxError(f"sandbox {name!r}: {f.step}: {f.message}")

@@ -18,6 +18,11 @@ Errors travel up a ``SOCK_SEQPACKET`` socket as one JSON message; the
 socket is close-on-exec, so end-of-file after the PID message means the
 init has exec'd tini. Code here must not raise into its caller: a forked
 child that unwound into the parent's stack would run the parent's code.
+
+Adding a process to a running sandbox (``corral exec``) takes a similar
+path, in :mod:`._exec`; it shares the helpers here, and
+:func:`restrict_like_sandbox` is the one place that says what a process
+entering a sandbox may keep.
 """
 
 from __future__ import annotations
@@ -34,7 +39,13 @@ from typing import Any, NamedTuple, NoReturn
 
 from . import _syscalls as sc
 
-__all__ = ["INIT_PATH", "LaunchConfig", "SetupFailure", "run_intermediate"]
+__all__ = [
+    "INIT_PATH",
+    "LaunchConfig",
+    "SetupFailure",
+    "restrict_like_sandbox",
+    "run_intermediate",
+]
 
 # Where tini is bind-mounted (read-only) inside the sandbox: the /dev tmpfs
 # is ours, so the rootfs needs no file of ours to hold the mount point.
@@ -152,19 +163,9 @@ def run_intermediate(
     """
     step = "set up stdio"
     try:
-        if stdio != (0, 1, 2):
-            # Through fresh copies, so that e.g. (1, 0, 2) cannot clobber itself.
-            copies = [os.dup(fd) for fd in stdio]
-            for target, fd in enumerate(copies):
-                os.dup2(fd, target)
-                os.close(fd)
+        _install_stdio(stdio)
         step = "join cgroup"
-        for path in cfg.cgroup_procs:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
+        _join_cgroup(cfg.cgroup_procs)
         if cfg.restore_argv is not None:
             # CRIU makes the namespaces itself and puts the restored tree in
             # the cgroup; only the restorer's private mount namespace is ours.
@@ -185,6 +186,26 @@ def run_intermediate(
     except BaseException as exc:
         _report(report, exc, step)
         os._exit(1)
+
+
+def _install_stdio(stdio: tuple[int, int, int]) -> None:
+    """Make *stdio* this process's file descriptors 0, 1 and 2."""
+    if stdio != (0, 1, 2):
+        # Through fresh copies, so that e.g. (1, 0, 2) cannot clobber itself.
+        copies = [os.dup(fd) for fd in stdio]
+        for target, fd in enumerate(copies):
+            os.dup2(fd, target)
+            os.close(fd)
+
+
+def _join_cgroup(procs_files: list[str]) -> None:
+    """Move this process into the cgroup whose ``cgroup.procs`` files are given."""
+    for path in procs_files:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
 
 
 def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
@@ -281,6 +302,31 @@ def _prepare_exec(report: socket.socket, keep: int) -> None:
     fd = report.fileno()
     os.closerange(keep, fd)
     os.closerange(fd + 1, 1 << 20)
+
+
+def restrict_like_sandbox(report: socket.socket) -> None:
+    """Leave a process about to exec in a sandbox no more than the sandbox's
+    own processes have; the last step before ``execve``.
+
+    Today a sandbox runs as root with every capability and no seccomp
+    filter, so this is: undumpable until the exec, every descriptor from 3
+    up closed but the (close-on-exec) *report* socket, every signal to its
+    default and none blocked, umask 022. The restrictions of issue 7
+    (capability sets, ``no_new_privs``, the seccomp filter) belong here,
+    seccomp last; the exec path (:mod:`._exec`) calls this, and the init
+    path can too once the rules are the same for both.
+    """
+    # The exec path clears the flag before it joins the sandbox's PID
+    # namespace, which is when the window opens; this keeps the rule here
+    # too. execve sets the flag again: the new program is the sandbox's.
+    sc.set_dumpable(False)
+    # A disposition set to "ignore" survives exec (the keeper ignores
+    # SIGINT, Python ignores SIGPIPE and SIGXFSZ): all back to the default.
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+    _prepare_exec(report, keep=3)
+    os.umask(0o022)
 
 
 def _mount_overlay(cfg: LaunchConfig) -> None:

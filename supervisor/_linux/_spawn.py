@@ -1,6 +1,8 @@
 """Starting a sandbox's process tree: the spawn protocol and its spawners.
 
-Two spawners speak the same protocol (see :mod:`._child`):
+A request is a :class:`~._child.LaunchConfig` (a new sandbox, see
+:mod:`._child`) or an :class:`~._exec.ExecConfig` (a new process in a
+running sandbox, see :mod:`._exec`). Two spawners take both:
 
 - :func:`spawn_direct` forks from the calling process. Only safe in a
   single-threaded process (the CLI, a benchmark, a test); it checks.
@@ -10,8 +12,13 @@ Two spawners speak the same protocol (see :mod:`._child`):
   code ever runs in a forked copy of a threaded process.
 
 Either way the caller must be a child subreaper
-(:func:`~._syscalls.set_child_subreaper`) so the sandbox init ends up as its
-child.
+(:func:`~._syscalls.set_child_subreaper`) so the sandbox init (or the exec'd
+process) ends up as its child.
+
+The keeper protocol: one ``SOCK_SEQPACKET`` message per request, a msgpack
+map ``{"launch": config}`` or ``{"exec": config}`` with, as SCM_RIGHTS, the
+report socket, the three stdio descriptors and, for an exec, the pidfd of
+the sandbox's init.
 """
 
 from __future__ import annotations
@@ -20,18 +27,21 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
+from ._exec import ExecConfig, run_exec_intermediate
 
 __all__ = ["Keeper", "SpawnFailed", "Spawned", "collect", "spawn_direct"]
 
 
 class Spawned(NamedTuple):
-    """A sandbox init that has exec'd: its host PID and a pidfd for it."""
+    """A sandbox init (or exec'd process) that has exec'd: its host PID and a pidfd for it."""
 
     pid: int
     pidfd: int
+    pty_master: int | None = None
+    """The master of the process's terminal (an exec with ``tty``); the caller owns it."""
 
 
 class SpawnFailed(Exception):
@@ -70,7 +80,12 @@ def _threads() -> int:
 
 
 def collect(sock: socket.socket) -> Spawned:
-    """Read the children's reports until the init has exec'd (blocking)."""
+    """Read the children's reports until the new process has exec'd (blocking).
+
+    The reports, in order: ``P<pid>`` with a pidfd (or a failure ``E...``
+    and nothing more); ``T`` with a pty master (an exec with a terminal
+    only); then end-of-file, which means exec'd, or a failure ``E...``.
+    """
     msg, fds, _, _ = _recv_fds(sock, 65536, 1)
     if msg[:1] != b"P" or not fds:
         for fd in fds:
@@ -79,21 +94,44 @@ def collect(sock: socket.socket) -> Spawned:
             raise SpawnFailed(decode_failure(msg))
         raise SpawnFailed(SetupFailure("spawn", 0, "the setup process died without a report"))
     pid, pidfd = int(msg[1:]), fds[0]
-    msg = sock.recv(65536)
-    if msg:
-        failure = (
-            decode_failure(msg)
-            if msg[:1] == b"E"
-            else SetupFailure("spawn", 0, f"unexpected report {msg[:40]!r}")
-        )
-        raise SpawnFailed(failure, pid, pidfd)
-    return Spawned(pid, pidfd)
+    pty_master: int | None = None
+    try:
+        while True:
+            msg, fds, _, _ = _recv_fds(sock, 65536, 1)
+            if msg == b"T" and len(fds) == 1 and pty_master is None:
+                pty_master = fds[0]
+                continue
+            for fd in fds:
+                os.close(fd)
+            if not msg:
+                return Spawned(pid, pidfd, pty_master)
+            failure = (
+                decode_failure(msg)
+                if msg[:1] == b"E"
+                else SetupFailure("spawn", 0, f"unexpected report {msg[:40]!r}")
+            )
+            raise SpawnFailed(failure, pid, pidfd)
+    except BaseException:
+        if pty_master is not None:
+            os.close(pty_master)
+        raise
 
 
-def spawn_direct(cfg: LaunchConfig, stdio: tuple[int, int, int] = (0, 1, 2)) -> Spawned:
-    """Fork the sandbox from this (single-threaded) process and wait for exec.
+def _run_child(
+    cfg: LaunchConfig | ExecConfig, report: socket.socket, stdio: tuple[int, int, int]
+) -> NoReturn:  # pragma: no cover - runs in the child
+    if isinstance(cfg, ExecConfig):
+        run_exec_intermediate(cfg, report, stdio)
+    run_intermediate(cfg, report, stdio)
 
-    *stdio* are the file descriptors the sandbox gets as 0, 1 and 2.
+
+def spawn_direct(
+    cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int] = (0, 1, 2)
+) -> Spawned:
+    """Fork the sandbox (or the exec'd process) from this single-threaded
+    process and wait for exec.
+
+    *stdio* are the file descriptors the new process gets as 0, 1 and 2.
     """
     n = _threads()
     if n != 1:
@@ -106,7 +144,7 @@ def spawn_direct(cfg: LaunchConfig, stdio: tuple[int, int, int] = (0, 1, 2)) -> 
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
                 parent.close()
-                run_intermediate(cfg, child, stdio)
+                _run_child(cfg, child, stdio)
         finally:
             child.close()
         try:
@@ -150,20 +188,28 @@ class Keeper:
         """The keeper's PID."""
         return self._proc.pid
 
-    def request(self, cfg: LaunchConfig, stdio: tuple[int, int, int]) -> socket.socket:
-        """Ask for a sandbox; returns the report socket to :func:`collect` from.
+    def request(self, cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int]) -> socket.socket:
+        """Ask for a sandbox or an exec; returns the report socket to :func:`collect` from.
 
-        *stdio* are the file descriptors the sandbox gets as 0, 1 and 2.
+        *stdio* are the file descriptors the new process gets as 0, 1 and 2.
         """
         import msgpack  # type: ignore[import-untyped]
 
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with child:
-            payload: dict[str, Any] = cfg.to_dict()
-            socket.send_fds(self._sock, [msgpack.packb(payload)], [child.fileno(), *stdio])
+            fds = [child.fileno(), *stdio]
+            payload: dict[str, Any]
+            if isinstance(cfg, ExecConfig):
+                payload = {"exec": cfg.to_dict()}
+                fds.append(cfg.target_pidfd)
+            else:
+                payload = {"launch": cfg.to_dict()}
+            socket.send_fds(self._sock, [msgpack.packb(payload)], fds)
         return parent
 
-    def spawn(self, cfg: LaunchConfig, stdio: tuple[int, int, int] = (0, 1, 2)) -> Spawned:
+    def spawn(
+        self, cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int] = (0, 1, 2)
+    ) -> Spawned:
         """Blocking convenience: request and collect."""
         with self.request(cfg, stdio) as sock:
             return collect(sock)
@@ -199,18 +245,18 @@ def keeper_main(fd: int) -> None:
     ctl.send(b"ready")
     while True:
         try:
-            msg, fds, _, _ = _recv_fds(ctl, 1 << 20, 4)
+            msg, fds, _, _ = _recv_fds(ctl, 1 << 20, 5)
         except OSError:
             return
         if not msg:
             return
-        if len(fds) != 4:
+        if len(fds) < 4:  # not even a report socket and stdio: nobody to tell
             for fd in fds:
                 os.close(fd)
             continue
         report = socket.socket(fileno=fds[0])
         try:
-            cfg = LaunchConfig.from_dict(msgpack.unpackb(msg))
+            cfg = _decode_request(msgpack.unpackb(msg), fds[4:])
         except Exception as exc:
             report.send(b"E" + _failure_json("keeper", f"bad request: {exc}"))
             report.close()
@@ -220,11 +266,24 @@ def keeper_main(fd: int) -> None:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             ctl.close()
-            run_intermediate(cfg, report, (fds[1], fds[2], fds[3]))
+            _run_child(cfg, report, (fds[1], fds[2], fds[3]))
         report.close()
         for fd in fds[1:]:
             os.close(fd)
         os.waitpid(pid, 0)
+
+
+def _decode_request(request: Any, extra_fds: list[int]) -> LaunchConfig | ExecConfig:
+    """The config of a keeper request; *extra_fds* are the descriptors after stdio."""
+    if not isinstance(request, dict) or len(request) != 1:
+        raise ValueError("expected a map with one key, 'launch' or 'exec'")
+    ((kind, config),) = request.items()
+    if kind == "launch" and not extra_fds:
+        return LaunchConfig.from_dict(config)
+    if kind == "exec" and len(extra_fds) == 1:
+        # The number the sender wrote is its own; the descriptor arrived as ours.
+        return ExecConfig.from_dict(config)._replace(target_pidfd=extra_fds[0])
+    raise ValueError(f"a {kind!r} request with {len(extra_fds)} extra descriptors")
 
 
 def _failure_json(step: str, message: str) -> bytes:

@@ -38,6 +38,7 @@ __all__ = [
     "mount",
     "pivot_root",
     "set_child_subreaper",
+    "set_dumpable",
     "setns",
     "umount2",
     "unshare",
@@ -61,6 +62,7 @@ MS_PRIVATE = 1 << 18
 
 MNT_DETACH = 2
 
+_PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
 
 # glibc has no pivot_root wrapper; the number differs per architecture.
@@ -104,9 +106,13 @@ def unshare(flags: int) -> None:
 
 
 def setns(fd: int, nstype: int = 0) -> None:
-    """Join the namespace that *fd* refers to (``setns(2)``)."""
+    """Join the namespace that *fd* refers to (``setns(2)``).
+
+    *fd* may also be a pidfd (Linux 5.8): then the calling process joins,
+    atomically, every namespace of that process named in *nstype*.
+    """
     if _libc.setns(fd, nstype) != 0:
-        raise _fail("setns")
+        raise _fail(f"setns({nstype:#x})")
 
 
 def mount(
@@ -146,6 +152,17 @@ def set_child_subreaper() -> None:
     """
     if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def set_dumpable(dumpable: bool) -> None:
+    """Set or clear the calling process's "dumpable" flag (``PR_SET_DUMPABLE``).
+
+    An undumpable process's ``/proc/PID`` files (``exe``, ``mem``, ``fd``...)
+    belong to root and it cannot be ptrace-attached without
+    ``CAP_SYS_PTRACE``. ``execve`` sets the flag again for an ordinary binary.
+    """
+    if _libc.prctl(_PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) != 0:
+        raise _fail("prctl(PR_SET_DUMPABLE)")
 
 
 IN_MODIFY = 0x00000002
