@@ -154,7 +154,7 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
         )
 
     async def periodic(name: str, interval: float) -> None:
-        from supervisor import CheckpointError, CriuUnavailableError
+        from supervisor import CheckpointError, CriuUnavailableError, StateError
 
         next_at = trio.current_time() + interval
         while True:
@@ -180,8 +180,10 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
                             )
                         )
                     return
-                except CheckpointError:
-                    pass  # checkpoint_failed says why; try again next time
+                except (CheckpointError, StateError):
+                    # checkpoint_failed says why (paused or stopped meanwhile,
+                    # or CRIU's reason): try again next time.
+                    pass
                 else:
                     prune(name)
             # Periods are counted from the end of a checkpoint: a slow dump

@@ -2,23 +2,35 @@
 
 Protocol (``docs/control.md``): a Unix stream socket at
 ``RUN_DIR/control.sock``; the client sends msgpack maps back to back,
-``{"id": int, "method": str, "params": map}``, and gets one map per request,
-``{"id": int, "ok": true, "result": ...}`` or ``{"id": int, "ok": false,
-"error": {"code": str, "message": str}}``. Requests on one connection run
-concurrently; answers come as each finishes (match them by ``id``).
+``{"id": int, "method": str, "params": map}``, and gets one answer per
+request, ``{"id": int, "ok": true, "result": ...}`` or ``{"id": int, "ok":
+false, "error": {"code": str, "message": str}}``, possibly preceded by
+``{"id": int, "progress": map}`` messages (``exec``: the process started).
+Requests on one connection run concurrently; answers come as each finishes
+(match them by ``id``).
+
+File descriptors travel as SCM_RIGHTS: a request that carries some says how
+many in ``params.fds`` and sends them with its first byte; they are taken,
+in order, from what the connection received. ``exec`` uses them for the
+process's stdio, and its ``progress`` message carries the pty master back.
 
 Peers are admitted by SO_PEERCRED (root, our user, or a member of the
 fleet's ``socket_group``), not by file modes alone. Anything malformed gets
 an ``invalid`` answer or the connection is dropped; nothing a client sends
-can stop the supervisor or affect other clients.
+can stop the supervisor or affect other clients, and what one connection
+may hold is bounded (a frame, requests in flight, descriptors, connections).
 """
 
 from __future__ import annotations
 
+import array
 import logging
 import os
+import signal
 import socket
-from collections.abc import Awaitable, Callable
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -26,22 +38,37 @@ import trio
 
 from events._server import bind_socket, peer_allowed, unbind_socket
 
-from ._errors import CheckpointError, CorralError, CriuUnavailableError, SpecError
+from ._errors import (
+    CheckpointError,
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    CorralError,
+    CriuUnavailableError,
+    SpecError,
+    StateError,
+)
+from ._linux._cgroups import CgroupStats
 
 if TYPE_CHECKING:
-    from ._supervisor import Supervisor
+    from ._runtime import ExecProcess
+    from ._supervisor import Instance, Supervisor
 
-__all__ = ["CONTROL_SOCKET", "ControlError", "call", "serve_control"]
+__all__ = ["CONTROL_SOCKET", "Client", "ControlError", "call", "serve_control"]
 
 log = logging.getLogger("corral.control")
 
 CONTROL_SOCKET = "control.sock"
-MAX_FRAME = 1 << 20
+MAX_FRAME = 256 << 10
 """The largest request accepted (bytes); a bigger one drops the connection."""
 MAX_PENDING = 64
-"""Requests one connection may have in flight."""
-
-Method = Callable[["Supervisor", dict[str, Any]], Awaitable[Any]]
+"""Requests one connection may have in flight; more wait for one to finish."""
+MAX_FDS = 16
+"""Descriptors one connection may have sent and not yet used."""
+MAX_CONNECTIONS = 128
+"""Connections served at once; one more is told ``busy`` and closed."""
+SEND_TIMEOUT = 30.0
+"""A client that does not read its answers for this long is dropped."""
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 
 
 class ControlError(CorralError):
@@ -59,9 +86,18 @@ def _code(exc: CorralError) -> str:
         return "criu_unavailable"
     if isinstance(exc, CheckpointError):
         return "checkpoint_failed"
+    if isinstance(exc, StateError):
+        return "wrong_state"
+    if isinstance(exc, CommandNotFoundError):
+        return "not_found"
+    if isinstance(exc, CommandNotExecutableError):
+        return "not_executable"
     if isinstance(exc, SpecError):
         return "invalid"
     return "failed"
+
+
+# -- parameters -----------------------------------------------------------------
 
 
 def _str(params: dict[str, Any], key: str, *, required: bool = False) -> str | None:
@@ -73,6 +109,211 @@ def _str(params: dict[str, Any], key: str, *, required: bool = False) -> str | N
     if not isinstance(value, str):
         raise SpecError(key, f"expected a string, got {type(value).__name__}")
     return value
+
+
+def _name(params: dict[str, Any]) -> str:
+    name = _str(params, "name", required=True)
+    assert name is not None
+    return name
+
+
+def _bool(params: dict[str, Any], key: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise SpecError(key, f"expected true or false, got {value!r:.40}")
+    return value
+
+
+def _seconds(params: dict[str, Any], key: str) -> float | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86400:
+        raise SpecError(key, f"expected seconds between 0 and 86400, got {value!r:.40}")
+    return float(value)
+
+
+def parse_signal(value: object, key: str = "signal") -> int:
+    """A signal from its number or name (``9``, ``KILL``, ``SIGKILL``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return int(signal.Signals(value))
+        except ValueError:
+            pass
+    elif isinstance(value, str):
+        text = value.upper()
+        if text.isdigit():
+            return parse_signal(int(text), key)
+        try:
+            return int(signal.Signals[text if text.startswith("SIG") else "SIG" + text])
+        except KeyError:
+            pass
+    raise SpecError(key, f"expected a signal name or number (TERM, 15), got {value!r:.40}")
+
+
+def _strings(params: dict[str, Any], key: str) -> list[str]:
+    value = params.get(key)
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and v and "\0" not in v for v in value)
+    ):
+        raise SpecError(key, "expected a non-empty list of non-empty strings")
+    return value
+
+
+def _env(params: dict[str, Any]) -> dict[str, str]:
+    value = params.get("env") or {}
+    if not isinstance(value, dict):
+        raise SpecError("env", "expected a map of names to values")
+    for k, v in value.items():
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
+            raise SpecError("env", f"expected variable names without '=', got {k!r:.40}")
+        if not isinstance(v, str) or "\0" in v:
+            raise SpecError("env", f"{k}: expected a string value")
+    return value
+
+
+# -- what the verbs answer ---------------------------------------------------------
+
+
+def _stats_dict(stats: CgroupStats | None, memory_limit: int | None) -> dict[str, Any] | None:
+    if stats is None:
+        return None
+    return stats._asdict() | {"memory_limit": memory_limit}
+
+
+def _read_stats(inst: Instance) -> CgroupStats | None:
+    sb = inst.sandbox
+    if sb is None:
+        return None
+    try:
+        return sb.cgroup.stats()
+    except (CorralError, OSError):
+        return None  # it is going away right now
+
+
+def summary(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
+    """One row of ``ps`` (and what the verbs answer for each instance)."""
+    sb = inst.sandbox
+    now = time.time()
+    return {
+        "name": inst.name,
+        "sandbox": inst.sandbox_name,
+        "instance": inst.index,
+        "generation": inst.generation,
+        "state": inst.state,
+        "busy": inst.busy,
+        "pid": sb.pid if sb is not None else None,
+        "started_at": inst.started_at,
+        "uptime": round(now - inst.started_at, 3) if inst.started_at else None,
+        "restarts": inst.generation,
+        "memory": stats.memory_current if stats else None,
+        "memory_limit": inst.memory_limit,
+        "last_exit": inst.last_exit,
+    }
+
+
+async def _all_stats(instances: Sequence[Instance]) -> list[CgroupStats | None]:
+    # A few small files per sandbox: one worker thread for the lot.
+    return await trio.to_thread.run_sync(lambda: [_read_stats(i) for i in instances])
+
+
+async def _rows(instances: Sequence[Instance]) -> list[dict[str, Any]]:
+    stats = await _all_stats(instances)
+    return [summary(i, s) for i, s in zip(instances, stats, strict=True)]
+
+
+def _namespaces(pid: int) -> dict[str, str]:
+    out = {}
+    for ns in ("mnt", "uts", "ipc", "net", "pid", "cgroup", "user"):
+        try:
+            out[ns] = os.readlink(f"/proc/{pid}/ns/{ns}")
+        except OSError:
+            pass
+    return out
+
+
+def inspect(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
+    """Everything known about one instance (``corral inspect``)."""
+    cfg = inst.config
+    sb = inst.sandbox
+    spec = inst.spec()
+    out = summary(inst, stats)
+    out.update(
+        spec={
+            "command": list(cfg.command),
+            "rootfs": cfg.rootfs,
+            "hostname": spec.effective_hostname,
+            "env": dict(cfg.env),
+            "workdir": cfg.workdir,
+            "replicas": cfg.replicas,
+            "plugins": {k: dict(v) for k, v in cfg.plugins.items()},
+        },
+        limits={
+            "memory": inst.memory_limit,
+            "cpus": cfg.limits.cpus,
+            "pids": cfg.limits.pids,
+        },
+        runtime_name=spec.name,
+        cgroup=list(sb.cgroup.paths) if sb else None,
+        # The init is our child and not reaped while it is tracked, so its
+        # PID cannot have been reused: /proc/PID is that process.
+        pids=_safe(lambda: sb.cgroup.pids()) if sb else [],
+        namespaces=_namespaces(sb.pid) if sb else {},
+        stats=_stats_dict(stats, inst.memory_limit),
+        oom={"events": inst.oom_events_seen, "kills": inst.oom_kills_reported},
+        checkpoint_stopped=inst.checkpoint_stopped,
+        restored_from=(
+            f"{sb.restored_from.name}/{sb.restored_from.tag}"
+            if sb is not None and sb.restored_from is not None
+            else None
+        ),
+        execs=[{"exec_id": k, "pid": p.pid} for k, p in inst.execs.items()],
+        events=[
+            {
+                "seq": e.seq,
+                "kind": e.kind,
+                "generation": e.generation,
+                "wall": e.wall,
+                "data": e.data(),
+            }
+            for e in inst.recent
+        ],
+    )
+    return out
+
+
+def _safe(fn: Callable[[], list[int]]) -> list[int]:
+    try:
+        return fn()
+    except (CorralError, OSError):
+        return []
+
+
+# -- methods ----------------------------------------------------------------------
+
+
+class Context:
+    """What a method gets besides its parameters: the descriptors sent with
+    the request, and a way to send ``progress`` before the answer."""
+
+    def __init__(self, conn: _Connection, rid: int, fds: list[int]) -> None:
+        self._conn = conn
+        self._rid = rid
+        self.fds = fds
+
+    async def progress(self, data: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        """Send ``{"id": ..., "progress": data}``, with *fds* attached."""
+        await self._conn.send({"id": self._rid, "progress": data}, fds)
+
+    def close_fds(self) -> None:
+        """Close the request's descriptors (done for every request at its end)."""
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+Method = Callable[["Supervisor", dict[str, Any], Context], Awaitable[Any]]
 
 
 def _checkpoint_result(info: Any) -> dict[str, Any]:
@@ -89,23 +330,19 @@ def _checkpoint_result(info: Any) -> dict[str, Any]:
     }
 
 
-async def _ping(sup: Supervisor, params: dict[str, Any]) -> Any:
+async def _ping(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     return {"pid": os.getpid()}
 
 
-async def _checkpoint(sup: Supervisor, params: dict[str, Any]) -> Any:
-    name = _str(params, "name", required=True)
-    assert name is not None
-    leave = params.get("leave_running", False)
-    if not isinstance(leave, bool):
-        raise SpecError("leave_running", f"expected true or false, got {leave!r}")
-    info = await sup.checkpoint(name, tag=_str(params, "tag"), leave_running=leave)
+async def _checkpoint(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    info = await sup.checkpoint(
+        _name(params), tag=_str(params, "tag"), leave_running=_bool(params, "leave_running")
+    )
     return _checkpoint_result(info)
 
 
-async def _restore(sup: Supervisor, params: dict[str, Any]) -> Any:
-    name = _str(params, "name", required=True)
-    assert name is not None
+async def _restore(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    name = _name(params)
     sb = await sup.restore(name, tag=_str(params, "tag"), as_name=_str(params, "as"))
     info = sb.restored_from
     return {
@@ -116,7 +353,7 @@ async def _restore(sup: Supervisor, params: dict[str, Any]) -> Any:
     }
 
 
-async def _checkpoints(sup: Supervisor, params: dict[str, Any]) -> Any:
+async def _checkpoints(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     assert sup.runtime is not None
     store = sup.runtime.checkpoints
     name = _str(params, "name")
@@ -124,12 +361,138 @@ async def _checkpoints(sup: Supervisor, params: dict[str, Any]) -> Any:
     return [_checkpoint_result(i) for n in names for i in store.list(n)]
 
 
+async def _ps(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(list(sup.instances))
+
+
+async def _inspect(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    inst = sup.resolve(_name(params))
+    (stats,) = await _all_stats([inst])
+    return inspect(inst, stats)
+
+
+async def _stats(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    names = params.get("names") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SpecError("names", "expected a list of sandbox or instance names")
+    found = [i for n in names for i in sup.targets(n)] if names else list(sup.instances)
+    stats = await _all_stats(found)
+    return [
+        {"name": i.name, "state": i.state} | (_stats_dict(s, i.memory_limit) or {})
+        for i, s in zip(found, stats, strict=True)
+    ]
+
+
+async def _stop(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.stop_sandbox(_name(params), _seconds(params, "timeout")))
+
+
+async def _start(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.start_sandbox(_name(params)))
+
+
+async def _restart(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.restart_sandbox(_name(params), _seconds(params, "timeout")))
+
+
+async def _kill(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    sig = parse_signal(params.get("signal", "KILL"))
+    return await _rows(await sup.kill_sandbox(_name(params), sig))
+
+
+async def _pause(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.pause_sandbox(_name(params)))
+
+
+async def _resume(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.resume_sandbox(_name(params)))
+
+
+async def _add(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    path = _str(params, "path", required=True)
+    assert path is not None
+    if not os.path.isabs(path):
+        raise SpecError("path", f"expected an absolute path to a fleet file, got {path!r}")
+    return await _rows(await sup.add_fleet(path))
+
+
+async def _rm(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    found = await sup.remove_sandbox(_name(params), _seconds(params, "timeout"))
+    return [i.name for i in found]
+
+
+async def _exec(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    name = _name(params)
+    argv = _strings(params, "argv")
+    env = _env(params)
+    workdir = _str(params, "workdir")
+    tty = _bool(params, "tty")
+    if tty:
+        stdio = None
+    elif len(ctx.fds) == 3:
+        stdio = (ctx.fds[0], ctx.fds[1], ctx.fds[2])
+    else:
+        raise SpecError(
+            "fds", f"expected 3 descriptors (stdin, stdout, stderr), got {len(ctx.fds)}"
+        )
+
+    async def started(exec_id: int, proc: ExecProcess) -> None:
+        # Our copies go at once: the client's pipes must see end of file
+        # when the process (and whatever it started) is done with them.
+        ctx.close_fds()
+        master = proc.pty_master
+        proc.pty_master = None
+        try:
+            await ctx.progress(
+                {"exec_id": exec_id, "pid": proc.pid}, [master] if master is not None else ()
+            )
+        finally:
+            if master is not None:
+                os.close(master)
+
+    if stdio is None:
+        with open("/dev/null", "rb") as null:
+            n = null.fileno()
+            status = await sup.exec_in(
+                name, argv, env=env, workdir=workdir, tty=True, stdio=(n, n, n), started=started
+            )
+    else:
+        status = await sup.exec_in(
+            name, argv, env=env, workdir=workdir, stdio=stdio, started=started
+        )
+    return {"status": status}
+
+
+async def _exec_signal(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    exec_id = params.get("exec_id")
+    if not isinstance(exec_id, int) or isinstance(exec_id, bool):
+        raise SpecError("exec_id", f"expected an integer, got {exec_id!r:.40}")
+    sup.signal_exec(exec_id, parse_signal(params.get("signal", "TERM")))
+    return None
+
+
 METHODS: dict[str, Method] = {
     "ping": _ping,
+    "ps": _ps,
+    "inspect": _inspect,
+    "stats": _stats,
+    "stop": _stop,
+    "start": _start,
+    "restart": _restart,
+    "kill": _kill,
+    "pause": _pause,
+    "resume": _resume,
+    "exec": _exec,
+    "exec_signal": _exec_signal,
+    "add": _add,
+    "rm": _rm,
     "checkpoint": _checkpoint,
     "restore": _restore,
     "checkpoints": _checkpoints,
 }
+
+
+# -- the server ---------------------------------------------------------------------
 
 
 async def serve_control(
@@ -142,6 +505,7 @@ async def serve_control(
     """Serve the control protocol at *path* until cancelled."""
     sock = await bind_socket(path, group, 0o660, what="control")
     ino = os.stat(path).st_ino
+    live = [0]
     try:
         async with trio.open_nursery() as conns:
             task_status.started()
@@ -152,74 +516,166 @@ async def serve_control(
                     log.warning("control socket accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
-                conns.start_soon(_serve_one, sup, conn, group)
+                conns.start_soon(_serve_one, sup, conn, group, live)
     finally:
         unbind_socket(sock, path, ino)
-
-
-async def _serve_one(sup: Supervisor, conn: trio.socket.SocketType, group: int | None) -> None:
-    stream = trio.SocketStream(conn)
-    try:
-        if not peer_allowed(conn, group):
-            await _send(stream, trio.Lock(), _error(None, "forbidden", "permission denied"))
-            return
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME, strict_map_key=False)
-        lock = trio.Lock()
-        pending = trio.Semaphore(MAX_PENDING)
-        async with trio.open_nursery() as requests:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                try:
-                    unpacker.feed(data)
-                    for req in unpacker:
-                        await pending.acquire()
-                        requests.start_soon(_answer, sup, stream, lock, pending, req)
-                except msgpack.BufferFull:
-                    await _send(stream, lock, _error(None, "invalid", "request too large"))
-                    break
-                except (ValueError, msgpack.UnpackException) as exc:
-                    await _send(stream, lock, _error(None, "invalid", f"bad msgpack: {exc}"))
-                    break
-            # Requests already running still answer (if the peer reads).
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-    finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
 
 
 def _error(rid: Any, code: str, message: str) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": {"code": code, "message": message}}
 
 
-async def _send(stream: trio.SocketStream, lock: trio.Lock, msg: dict[str, Any]) -> None:
-    data = msgpack.packb(msg, use_bin_type=True)
-    async with lock:
-        await stream.send_all(data)
+class _Connection:
+    """One client: its socket, the descriptors it sent, one writer at a time."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.fds: deque[int] = deque()
+        self._lock = trio.Lock()
+        self.dead = False
+
+    async def send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        data = memoryview(msgpack.packb(msg, use_bin_type=True))
+        async with self._lock:
+            if self.dead:
+                return
+            with trio.move_on_after(SEND_TIMEOUT) as scope:
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = await self.sock.sendmsg([data], anc)
+                    data = data[sent:]
+                while data:
+                    sent = await self.sock.send(data)
+                    data = data[sent:]
+            if scope.cancelled_caught:
+                # It does not read: a half-sent message cannot be finished
+                # or taken back, so the connection ends.
+                self.abort()
+
+    def abort(self) -> None:
+        self.dead = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def take_fds(self, n: int) -> list[int]:
+        if n > len(self.fds):
+            raise SpecError("fds", f"the request says {n} descriptors, {len(self.fds)} arrived")
+        return [self.fds.popleft() for _ in range(n)]
+
+    def close_fds(self) -> None:
+        while self.fds:
+            os.close(self.fds.popleft())
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> Iterator[int]:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            yield from fds
+
+
+async def _serve_one(
+    sup: Supervisor, sock: trio.socket.SocketType, group: int | None, live: list[int]
+) -> None:
+    conn = _Connection(sock)
+    live[0] += 1
+    try:
+        if not peer_allowed(sock, group):
+            await conn.send(_error(None, "forbidden", "permission denied"))
+            return
+        if live[0] > MAX_CONNECTIONS:
+            await conn.send(_error(None, "busy", f"more than {MAX_CONNECTIONS} connections"))
+            return
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME, strict_map_key=False)
+        pending = trio.Semaphore(MAX_PENDING)
+        async with trio.open_nursery() as requests:
+            # Inside the nursery: an error here must end this connection
+            # only, not come out of the nursery as a group nobody expects.
+            try:
+                await _read_requests(sup, conn, unpacker, pending, requests)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            # Requests already running still answer (if the peer reads).
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        live[0] -= 1
+        conn.close_fds()
+        conn.dead = True
+        sock.close()
+
+
+async def _read_requests(
+    sup: Supervisor,
+    conn: _Connection,
+    unpacker: msgpack.Unpacker,
+    pending: trio.Semaphore,
+    requests: trio.Nursery,
+) -> None:
+    sock = conn.sock
+    while not conn.dead:
+        data, ancdata, flags, _ = await sock.recvmsg(65536, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        conn.fds.extend(_received_fds(ancdata))
+        if flags & socket.MSG_CTRUNC or len(conn.fds) > MAX_FDS:
+            await conn.send(_error(None, "invalid", f"more than {MAX_FDS} descriptors"))
+            return
+        if not data:
+            return
+        try:
+            unpacker.feed(data)
+            for req in unpacker:
+                try:
+                    fds = conn.take_fds(_fd_count(req))
+                except SpecError as exc:
+                    await conn.send(_error(_rid(req), "invalid", str(exc)))
+                    continue
+                await pending.acquire()
+                requests.start_soon(_answer, sup, conn, pending, req, fds)
+        except msgpack.BufferFull:
+            await conn.send(_error(None, "invalid", "request too large"))
+            return
+        except (ValueError, msgpack.UnpackException) as exc:
+            await conn.send(_error(None, "invalid", f"bad msgpack: {exc}"))
+            return
+
+
+def _rid(req: Any) -> Any:
+    rid = req.get("id") if isinstance(req, dict) else None
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+
+
+def _fd_count(req: Any) -> int:
+    params = req.get("params") if isinstance(req, dict) else None
+    n = params.get("fds", 0) if isinstance(params, dict) else 0
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 3:
+        raise SpecError("fds", f"expected 0 to 3 descriptors, got {n!r:.40}")
+    return n
 
 
 async def _answer(
     sup: Supervisor,
-    stream: trio.SocketStream,
-    lock: trio.Lock,
+    conn: _Connection,
     pending: trio.Semaphore,
     req: Any,
+    fds: list[int],
 ) -> None:
+    ctx = Context(conn, _rid(req) or 0, fds)
     try:
-        rid = req.get("id") if isinstance(req, dict) else None
-        if not isinstance(req, dict) or not isinstance(rid, int) or isinstance(rid, bool):
+        rid = _rid(req)
+        if rid is None:
             reply = _error(rid, "invalid", "expected a map with an integer 'id'")
         elif not isinstance(req.get("method"), str):
             reply = _error(rid, "invalid", "method: expected a string")
         elif not isinstance(req.get("params", {}), dict):
             reply = _error(rid, "invalid", "params: expected a map")
         elif req["method"] not in METHODS:
-            reply = _error(rid, "unknown_method", f"unknown method {req['method']!r}")
+            reply = _error(rid, "unknown_method", f"unknown method {req['method']!r:.60}")
         else:
             try:
-                result = await METHODS[req["method"]](sup, req.get("params", {}))
+                result = await METHODS[req["method"]](sup, req.get("params", {}), ctx)
                 reply = {"id": rid, "ok": True, "result": result}
             except CorralError as exc:
                 reply = _error(rid, _code(exc), str(exc))
@@ -227,11 +683,119 @@ async def _answer(
                 log.exception("control method %s failed", req["method"])
                 reply = _error(rid, "internal", f"{type(exc).__name__}: {exc}")
         try:
-            await _send(stream, lock, reply)
+            await conn.send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
     finally:
+        ctx.close_fds()
         pending.release()
+
+
+# -- clients -------------------------------------------------------------------------
+
+
+class Client:
+    """A blocking connection to a supervisor's control socket.
+
+    ``request`` sends; ``replies`` yields what comes back (progress
+    messages, with any descriptors they carry, and answers).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(path)
+        except FileNotFoundError:
+            self.sock.close()
+            raise CorralError(
+                f"no supervisor at {path} (is `corral up` running? see --socket)"
+            ) from None
+        except OSError as exc:
+            self.sock.close()
+            raise CorralError(f"cannot reach the supervisor at {path}: {exc.strerror}") from None
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20, strict_map_key=False)
+        self._next = 0
+
+    def request(
+        self, method: str, params: dict[str, Any] | None = None, fds: Sequence[int] = ()
+    ) -> int:
+        """Send one request (with *fds*); return its id."""
+        self._next += 1
+        params = dict(params or {})
+        if fds:
+            params["fds"] = len(fds)
+        data = msgpack.packb({"id": self._next, "method": method, "params": params})
+        try:
+            if fds:
+                sent = self.sock.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+                data = data[sent:]
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it may have answered (forbidden) and closed: read that
+        return self._next
+
+    def replies(self) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """Each message from the supervisor, with the descriptors it carried."""
+        while True:
+            yield from self.receive()
+
+    def receive(self) -> list[tuple[dict[str, Any], list[int]]]:
+        """The messages of one read from the socket (blocks if none has come).
+
+        Call it when the socket is readable, and handle every message it
+        returns: one read may bring several.
+        """
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(
+                65536, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except ConnectionResetError:
+            data, ancdata = b"", []
+        fds = list(_received_fds(ancdata))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise CorralError(f"the supervisor at {self.path} closed the connection")
+        self._unpacker.feed(data)
+        msgs = [m for m in self._unpacker if isinstance(m, dict)]
+        if fds and not msgs:
+            for fd in fds:
+                os.close(fd)
+        # A read ends with the message its descriptors came with (the
+        # kernel never reads past a message that carries descriptors).
+        return [(msg, fds if i == len(msgs) - 1 else []) for i, msg in enumerate(msgs)]
+
+    def answer(self, rid: int) -> Any:
+        """Wait for the answer to request *rid*; its result, or raise."""
+        for msg, fds in self.replies():
+            for fd in fds:
+                os.close(fd)
+            if msg.get("id") == rid or msg.get("id") is None:
+                if "progress" in msg:
+                    continue
+                return result_of(msg)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def result_of(msg: dict[str, Any]) -> Any:
+    """The result of an answer, or its error raised as :class:`ControlError`."""
+    if msg.get("ok"):
+        return msg.get("result")
+    err = msg.get("error") or {}
+    raise ControlError(str(err.get("code", "failed")), str(err.get("message", "")))
 
 
 def call(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -240,32 +804,5 @@ def call(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
     Raises :class:`ControlError` with the supervisor's code and message, or
     :class:`CorralError` if the supervisor cannot be reached.
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        try:
-            s.connect(path)
-        except FileNotFoundError:
-            raise CorralError(
-                f"no supervisor at {path} (is `corral up` running? see --socket)"
-            ) from None
-        except OSError as exc:
-            raise CorralError(f"cannot reach the supervisor at {path}: {exc.strerror}") from None
-        try:
-            s.sendall(msgpack.packb({"id": 1, "method": method, "params": params or {}}))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it may have answered (forbidden) and closed: read that
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20, strict_map_key=False)
-        while True:
-            try:
-                data = s.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                raise CorralError(f"the supervisor at {path} closed the connection")
-            unpacker.feed(data)
-            for reply in unpacker:
-                if not isinstance(reply, dict):
-                    continue
-                if reply.get("ok"):
-                    return reply.get("result")
-                err = reply.get("error") or {}
-                raise ControlError(str(err.get("code", "failed")), str(err.get("message", "")))
+    with Client(path) as client:
+        return client.answer(client.request(method, params))

@@ -16,25 +16,36 @@ event socket are fed from there.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import trio
 
 import events
 from events import (
+    Added,
     Checkpointed,
     CheckpointFailed,
     Created,
+    ExecExited,
+    ExecStarted,
     Exited,
     Failed,
     LimitChanged,
     Oom,
     OomKill,
+    Paused,
     PluginFailed,
+    Removed,
     Restored,
+    Resumed,
+    Signaled,
     Started,
     StartFailed,
     Stopped,
@@ -45,7 +56,7 @@ from events import (
 )
 
 from ._checkpoint import CheckpointInfo, check_criu
-from ._errors import CheckpointError, CorralError, SpecError
+from ._errors import CheckpointError, CorralError, SandboxError, SpecError, StateError
 from ._fleet import Fleet, SandboxConfig
 from ._linux._cgroups import OomWatch
 from ._linux._spawn import Keeper
@@ -53,6 +64,10 @@ from ._logfiles import LogWriter, pump
 from ._plugins import DEFAULT_PLUGINS, PluginFn, PluginHandle, load_plugin
 from ._runtime import Runtime, Sandbox
 from ._spec import Limits, SandboxSpec, validate_name
+from ._states import check_transition, guard
+
+if TYPE_CHECKING:
+    from ._runtime import ExecProcess
 
 __all__ = ["Instance", "Supervisor"]
 
@@ -65,6 +80,10 @@ NEAR_MISS_DELAY = 0.05
 PLUGIN_MAX_FAILURES = 3
 PLUGIN_RESTART_DELAY = 1.0
 PLUGIN_DRAIN_TIMEOUT = 5.0
+RECENT_EVENTS = 20
+"""Events kept per instance for ``inspect``."""
+BUSY_CHECKPOINT = "a checkpoint is being taken"
+BUSY_PAUSE = "it is being paused or resumed"
 
 
 class RestoreError(CheckpointError):
@@ -96,13 +115,15 @@ class Instance:
     """One replica of a sandbox, as the supervisor tracks it.
 
     Its read-only properties are what plugins see (``plugins.InstanceView``).
+    Its state changes only through :meth:`set_state`, along the life cycle
+    of :mod:`supervisor._states`.
     """
 
     config: SandboxConfig
     index: int
     generation: int = 0
     state: str = "pending"
-    """pending, starting, running, stopping, exited, failed or stopped."""
+    """One of :data:`supervisor._states.STATES`."""
     sandbox: Sandbox | None = None
     grace: float = 10.0
     memory_override: int | None = None
@@ -111,16 +132,36 @@ class Instance:
     oom_events_seen: int = 0
     alias: str | None = None
     """Its name when it is not ``NAME-INDEX`` (an instance restored ``--as``)."""
-    checkpointing: bool = False
-    """A checkpoint of it is being taken."""
+    busy: str | None = None
+    """An operation in progress that excludes other verbs (a checkpoint, a
+    pause), as words for an error message."""
     checkpoint_stopped: bool = False
     """It was stopped by a checkpoint (not ``leave_running``); a restore
     brings it back, a restart policy leaves it alone."""
+    stop_reason: str = "requested"
+    started_at: float | None = None
+    """Wall-clock time its current generation started running."""
+    paused_at: float | None = None
+    """Monotonic time it was paused, while it is."""
+    last_exit: dict[str, Any] | None = None
+    """How its last generation ended (the ``exited`` event's fields, and when)."""
+    recent: deque[events.Event] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    """Its last events, newest last (for ``inspect``)."""
+    execs: dict[int, ExecProcess] = field(default_factory=dict)
+    """Processes started in it by ``exec`` that still run, by exec id."""
     _pending_restore: _PendingRestore | None = None
-    _checkpoint_done: trio.Event = field(default_factory=trio.Event)
+    _idle: trio.Event = field(default_factory=trio.Event)
     _stop: trio.Event = field(default_factory=trio.Event)
+    _halt: trio.Event = field(default_factory=trio.Event)
     _wake: trio.Event = field(default_factory=trio.Event)
+    _up: trio.Event = field(default_factory=trio.Event)
+    _ended: trio.Event = field(default_factory=trio.Event)
     _restart: bool = False
+    _cycle: bool = False
+    _task_alive: bool = False
+
+    def __post_init__(self) -> None:
+        self._idle.set()
 
     @property
     def name(self) -> str:
@@ -133,15 +174,36 @@ class Instance:
         return self.config.name
 
     @property
+    def checkpointing(self) -> bool:
+        """A checkpoint of it is being taken."""
+        return self.busy == BUSY_CHECKPOINT
+
+    @property
     def stop_requested(self) -> bool:
-        """True once this instance (or the fleet) is being stopped, or a
-        checkpoint stopped it: restart policies must leave it alone."""
-        return self._stop.is_set() or self.checkpoint_stopped
+        """True once this instance (or the fleet) is being stopped or
+        restarted on request, or a checkpoint stopped it: restart policies
+        must leave it alone."""
+        return self._stop.is_set() or self.checkpoint_stopped or self._cycle
 
     @property
     def memory_limit(self) -> int | None:
         """The memory limit its next (or current) generation runs with."""
         return self.memory_override if self.memory_overridden else self.config.limits.memory
+
+    def set_state(self, new: str) -> None:
+        """Move to state *new*; a change the life cycle does not have is a bug."""
+        check_transition(self.name, self.state, new)
+        self.state = new
+
+    def begin(self, busy: str) -> None:
+        """Mark an exclusive operation as running (see :attr:`busy`)."""
+        self.busy = busy
+        self._idle = trio.Event()
+
+    def end(self) -> None:
+        """The exclusive operation is over."""
+        self.busy = None
+        self._idle.set()
 
     def spec(self) -> SandboxSpec:
         """The runtime spec of the current generation.
@@ -161,13 +223,24 @@ class Instance:
             limits=limits,
         )
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str | None = None) -> None:
+        """Stop it for good (until started again)."""
+        if reason is not None and not self._stop.is_set():
+            self.stop_reason = reason
         self._stop.set()
+        self._halt.set()
         self._wake.set()
 
     def request_restart(self) -> None:
+        """Start the next generation of an exited, failed or stopped instance."""
         self._restart = True
         self._wake.set()
+
+    def request_cycle(self) -> None:
+        """Stop the running generation, then start the next at once."""
+        self._cycle = True
+        self.stop_reason = "restart requested"
+        self._halt.set()
 
 
 def _hostname(name: str) -> str:
@@ -209,6 +282,8 @@ class Supervisor:
         self._logs: dict[str, LogWriter] = {}
         self._janitor: trio.Nursery | None = None
         self._fleet_nursery: trio.Nursery | None = None
+        self._exec_ids = 0
+        self._execs: dict[int, ExecProcess] = {}
         # Resolve every plugin now: a typo in a fleet file is an error at
         # start-up, not a surprise at the first crash.
         names = dict.fromkeys([*DEFAULT_PLUGINS, *fleet.plugins])
@@ -228,7 +303,11 @@ class Supervisor:
     def publish(self, event: events.Event) -> events.Event:
         """Publish on the bus (stamping sequence number and times)."""
         assert self.bus is not None
-        return self.bus.publish(event)
+        published = self.bus.publish(event)
+        inst = self._by_name.get(event.sandbox) if event.sandbox else None
+        if inst is not None:
+            inst.recent.append(published)
+        return published
 
     def instance(self, name: str) -> Instance | None:
         """An instance by its name (``web-0``)."""
@@ -279,17 +358,13 @@ class Supervisor:
         ident = self._ident(inst)
         sb = inst.sandbox
         try:
-            if sb is None or inst.state != "running":
-                raise CheckpointError(
-                    f"{name!r} is {inst.state}, not running: nothing to checkpoint"
-                )
-            if inst.checkpointing:
-                raise CheckpointError(f"a checkpoint of {name!r} is already being taken")
-        except CheckpointError as exc:
+            guard("checkpoint", inst.name, inst.state, inst.busy)
+        except StateError as exc:
             self.publish(
                 CheckpointFailed(**ident, operation="checkpoint", tag=tag or "", reason=str(exc))
             )
             raise
+        assert sb is not None
         token = trio.lowlevel.current_trio_token()
 
         def on_dumped(info: CheckpointInfo) -> None:
@@ -299,8 +374,7 @@ class Supervisor:
                 inst.checkpoint_stopped = True
             trio.from_thread.run_sync(self._published_checkpoint, inst, info, trio_token=token)
 
-        inst.checkpointing = True
-        inst._checkpoint_done = trio.Event()
+        inst.begin(BUSY_CHECKPOINT)
         try:
             with trio.CancelScope(shield=True):
                 info: CheckpointInfo = await trio.to_thread.run_sync(
@@ -320,8 +394,7 @@ class Supervisor:
             )
             raise
         finally:
-            inst.checkpointing = False
-            inst._checkpoint_done.set()
+            inst.end()
 
     def _published_checkpoint(self, inst: Instance, info: CheckpointInfo) -> None:
         self.publish(
@@ -381,7 +454,7 @@ class Supervisor:
                 target.alias = as_name
                 pending = _PendingRestore(info, fallback=False)
                 target._pending_restore = pending
-                target.state = "starting"
+                target.set_state("starting")
                 self.instances.append(target)
                 self._by_name[target.name] = target
                 self._fleet_nursery.start_soon(self._supervise, target)
@@ -423,21 +496,12 @@ class Supervisor:
         assert pending.sandbox is not None
         return pending.sandbox
 
-    def stop_instance(self, name: str, grace: float | None = None) -> None:
-        """Stop one instance; it stays stopped until started again."""
-        inst = self._by_name.get(name)
-        if inst is None:
-            return
-        if grace is not None:
-            inst.grace = grace
-        inst.request_stop()
-
     def mark_failed(self, name: str, reason: str) -> None:
         """Record (as an event) that an exited instance will not be restarted."""
         inst = self._by_name.get(name)
         if inst is None or inst.state != "exited":
             return
-        inst.state = "failed"
+        inst.set_state("failed")
         self.publish(Failed(**self._ident(inst), reason=reason))
 
     def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None:
@@ -455,6 +519,311 @@ class Supervisor:
         self.publish(
             LimitChanged(**self._ident(inst), limit="memory", old=old, new=limit, reason=reason)
         )
+
+    # -- control verbs (the control socket's; docs/control.md) --------------------
+
+    def targets(self, name: str) -> list[Instance]:
+        """The instances *name* means: one instance, or every instance of a sandbox."""
+        inst = self._by_name.get(name)
+        if inst is not None:
+            return [inst]
+        found = [i for i in self.instances if i.sandbox_name == name and i.alias is None]
+        if not found:
+            raise SpecError("name", f"no sandbox or instance {name!r} in this fleet")
+        return found
+
+    def _guarded(self, verb: str, name: str) -> list[Instance]:
+        """The instances *name* means, if *verb* is allowed on every one of them."""
+        found = self.targets(name)
+        for inst in found:
+            guard(verb, inst.name, inst.state, inst.busy)
+        return found
+
+    async def stop_sandbox(self, name: str, grace: float | None = None) -> list[Instance]:
+        """Stop instance(s) *name* (SIGTERM, *grace* seconds, SIGKILL) and wait
+        until they are stopped. They stay stopped until started."""
+        found = self._guarded("stop", name)
+        for inst in found:
+            self.stop_instance(inst.name, grace)
+        for inst in found:
+            await inst._ended.wait()
+        return found
+
+    def stop_instance(self, name: str, grace: float | None = None) -> None:
+        """Stop one instance; it stays stopped until started again."""
+        inst = self._by_name.get(name)
+        if inst is None:
+            return
+        if grace is not None:
+            inst.grace = grace
+        inst.request_stop("requested")
+
+    async def start_sandbox(self, name: str) -> list[Instance]:
+        """Start stopped (or exited, failed) instance(s) *name*; return once
+        each runs or has failed to start (see their state)."""
+        found = self._guarded("start", name)
+        self._check_not_stopping()
+        for inst in found:
+            self._start_next(inst)
+        for inst in found:
+            await inst._up.wait()
+        return found
+
+    async def restart_sandbox(self, name: str, grace: float | None = None) -> list[Instance]:
+        """Restart instance(s) *name*: stop the running generation gracefully
+        (as :meth:`stop_sandbox`), then start the next; a sandbox that is not
+        running is just started. Returns once each runs or failed to start."""
+        found = self._guarded("restart", name)
+        self._check_not_stopping()
+        for inst in found:
+            if inst._stop.is_set() and inst._task_alive:
+                raise StateError("restart", inst.name, inst.state, "it is being stopped")
+        for inst in found:
+            inst._up = trio.Event()
+            if inst.state in ("starting", "running", "paused", "stopping"):
+                if grace is not None:
+                    inst.grace = grace
+                inst.request_cycle()
+            else:
+                self._start_next(inst)
+        for inst in found:
+            await inst._up.wait()
+        return found
+
+    def _check_not_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise CorralError("the fleet is stopping")
+
+    def _start_next(self, inst: Instance) -> None:
+        """Start the next generation of an instance that does not run."""
+        assert self._fleet_nursery is not None
+        inst._up = trio.Event()
+        if inst._task_alive:
+            inst.checkpoint_stopped = False
+            inst.request_restart()
+        else:
+            inst._stop = trio.Event()
+            inst._halt = trio.Event()
+            inst._wake = trio.Event()
+            inst._ended = trio.Event()
+            inst._restart = False
+            inst.generation += 1
+            self._fleet_nursery.start_soon(self._supervise, inst)
+
+    async def kill_sandbox(self, name: str, sig: int) -> list[Instance]:
+        """Send signal *sig* to the main process of instance(s) *name*.
+
+        It goes to the init (tini) by pidfd, so it can never hit a recycled
+        PID; tini passes it on to the command (SIGKILL and SIGSTOP it cannot
+        catch: those end, or stop, the whole sandbox).
+        """
+        found = self._guarded("kill", name)
+        for inst in found:
+            sb = inst.sandbox
+            assert sb is not None
+            # May wait (bounded, normally not at all) for a just-started
+            # init to be ready for signals.
+            await trio.to_thread.run_sync(sb.send_signal, sig)
+            self.publish(Signaled(**self._ident(inst), signal=sig, name=signal.Signals(sig).name))
+        return found
+
+    async def pause_sandbox(self, name: str) -> list[Instance]:
+        """Freeze instance(s) *name* with the cgroup freezer; return once the
+        kernel reports them frozen (``paused`` events)."""
+        found = self._guarded("pause", name)
+        for inst in found:
+            inst.begin(BUSY_PAUSE)
+        try:
+            for inst in found:
+                await self._freeze(inst)
+        finally:
+            for inst in found:
+                inst.end()
+        return found
+
+    async def _freeze(self, inst: Instance) -> None:
+        sb = inst.sandbox
+        assert sb is not None
+        start = trio.current_time()
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(sb.cgroup.freeze)
+            except CorralError:
+                await trio.to_thread.run_sync(sb.cgroup.thaw)
+                raise
+        if inst.sandbox is not sb or inst.state != "running":
+            # It exited while being frozen.
+            await trio.to_thread.run_sync(sb.cgroup.thaw)
+            raise StateError("pause", inst.name, inst.state, "it exited while being paused")
+        inst.set_state("paused")
+        inst.paused_at = trio.current_time()
+        self.publish(
+            Paused(**self._ident(inst), freeze_ms=round((inst.paused_at - start) * 1000, 3))
+        )
+
+    async def resume_sandbox(self, name: str) -> list[Instance]:
+        """Thaw paused instance(s) *name* (``resumed`` events)."""
+        found = self._guarded("resume", name)
+        for inst in found:
+            sb = inst.sandbox
+            assert sb is not None
+            inst.begin(BUSY_PAUSE)
+            try:
+                await self._thaw(inst, sb, self._ident(inst))
+            finally:
+                inst.end()
+        return found
+
+    async def _thaw(self, inst: Instance, sb: Sandbox, ident: _Ident) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(sb.cgroup.thaw)
+        paused = trio.current_time() - (inst.paused_at or trio.current_time())
+        inst.paused_at = None
+        inst.set_state("running")
+        self.publish(Resumed(**ident, paused_ms=round(paused * 1000, 3)))
+
+    async def exec_in(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        workdir: str | None = None,
+        tty: bool = False,
+        stdio: tuple[int, int, int],
+        started: Callable[[int, ExecProcess], Awaitable[None]] | None = None,
+    ) -> int:
+        """Run *argv* in the running instance *name* (see :meth:`Runtime.exec`);
+        return its shell-style status once it has ended.
+
+        *started(exec_id, process)* is awaited once it runs (the control
+        socket hands a pty master to its client there). ``exec_started`` and
+        ``exec_exited`` are published. If this is cancelled the process is
+        killed.
+        """
+        assert self.runtime is not None
+        runtime = self.runtime
+        inst = self.resolve(name)
+        guard("exec", inst.name, inst.state, inst.busy)
+        sb = inst.sandbox
+        assert sb is not None
+        try:
+            with trio.CancelScope(shield=True):
+                proc: ExecProcess = await trio.to_thread.run_sync(
+                    partial(runtime.exec, sb, argv, env=env, workdir=workdir, stdio=stdio, tty=tty)
+                )
+        except SandboxError as exc:
+            # Name the instance, not the runtime's generation name.
+            message = str(exc).replace(f"sandbox {sb.name!r}: ", "", 1)
+            raise type(exc)(f"exec in {inst.name!r}: {message}") from None
+        self._exec_ids += 1
+        exec_id = self._exec_ids
+        inst.execs[exec_id] = proc
+        self._execs[exec_id] = proc
+        ident = self._ident(inst)
+        try:
+            self.publish(
+                ExecStarted(
+                    **ident, exec_id=exec_id, pid=proc.pid, command=shlex.join(argv), tty=tty
+                )
+            )
+            if started is not None:
+                await started(exec_id, proc)
+            await trio.lowlevel.wait_readable(proc.pidfd)
+            status = proc.poll()
+            if status is None:  # pragma: no cover - readable pidfd means exited
+                status = await trio.to_thread.run_sync(proc.wait)
+            self.publish(ExecExited(**ident, exec_id=exec_id, status=status))
+            return status
+        finally:
+            inst.execs.pop(exec_id, None)
+            self._execs.pop(exec_id, None)
+            proc.close()
+
+    def signal_exec(self, exec_id: int, sig: int) -> None:
+        """Send *sig* to the process ``exec_id`` started (by pidfd)."""
+        proc = self._execs.get(exec_id)
+        if proc is None:
+            raise SpecError("exec_id", f"no running exec {exec_id}")
+        proc.send_signal(sig)
+
+    async def add_fleet(self, path: str) -> list[Instance]:
+        """Add the sandboxes of fleet file *path* to the running fleet and
+        start them; return once each runs or failed to start.
+
+        All or nothing: a name already in the fleet, a plugin this
+        supervisor does not run, or a ``[supervisor]`` table fails the whole
+        file, and nothing is added.
+        """
+        from ._fleet import FleetError, SupervisorConfig, load_fleet
+
+        self._check_not_stopping()
+        assert self._fleet_nursery is not None
+        try:
+            added = await trio.to_thread.run_sync(load_fleet, path)
+        except FleetError as exc:
+            raise SpecError(path, "; ".join(exc.problems)) from None
+        problems = []
+        taken = {c.name for c in self.fleet.sandboxes} | set(self._by_name)
+        for cfg in added.sandboxes:
+            clash = [
+                n
+                for n in (cfg.name, *(cfg.instance_name(i) for i in range(cfg.replicas)))
+                if n in taken
+            ]
+            if clash:
+                problems.append(f"sandbox {cfg.name!r}: {clash[0]!r} is already in the fleet")
+            unknown = [p for p in cfg.plugins if p not in self._plugins]
+            if unknown:
+                problems.append(
+                    f"sandbox {cfg.name!r}: plugin {unknown[0]!r} is not running in this"
+                    " supervisor (plugins are loaded at start-up)"
+                )
+        if added.plugins:
+            problems.append("[plugins] tables apply to the whole fleet: set them at start-up")
+        if added.supervisor != SupervisorConfig():
+            problems.append("[supervisor] settings apply to the whole fleet: set them at start-up")
+        if problems:
+            raise SpecError(path, "; ".join(problems))
+        self.fleet = replace(self.fleet, sandboxes=self.fleet.sandboxes + added.sandboxes)
+        new = [
+            Instance(cfg, i, grace=self.fleet.supervisor.grace_period)
+            for cfg, i in added.instances()
+        ]
+        for inst in new:
+            self.instances.append(inst)
+            self._by_name[inst.name] = inst
+            self.publish(Added(**self._ident(inst), source=path))
+            self._fleet_nursery.start_soon(self._supervise, inst)
+        for inst in new:
+            await inst._up.wait()
+        return new
+
+    async def remove_sandbox(self, name: str, grace: float | None = None) -> list[Instance]:
+        """Stop instance(s) *name* (if they run) and take them out of the
+        fleet (``removed`` events). Their logs and checkpoints stay on disk."""
+        found = self._guarded("rm", name)
+        for inst in found:
+            if grace is not None:
+                inst.grace = grace
+            inst.request_stop("removed")
+        for inst in found:
+            if inst._task_alive:
+                await inst._ended.wait()
+        for inst in found:
+            if self._by_name.get(inst.name) is not inst:
+                continue  # removed meanwhile by a concurrent rm
+            self.instances.remove(inst)
+            del self._by_name[inst.name]
+            self.publish(Removed(**self._ident(inst)))
+            writer = self._logs.pop(inst.name, None)
+            if writer is not None:
+                writer.close()
+        left = {i.config.name for i in self.instances}
+        self.fleet = replace(
+            self.fleet, sandboxes=tuple(c for c in self.fleet.sandboxes if c.name in left)
+        )
+        return found
 
     def stop(self, reason: str = "requested", grace: float | None = None) -> None:
         """Stop every sandbox gracefully (SIGTERM, grace period, SIGKILL)."""
@@ -622,25 +991,40 @@ class Supervisor:
 
     async def _supervise(self, inst: Instance) -> None:
         """Run one instance, generation after generation, until it is stopped."""
-        while not inst._stop.is_set():
-            await self._run_generation(inst)
-            if inst._stop.is_set():
-                break
-            # Exited (or failed): idle until a plugin restarts it or a stop.
-            await inst._wake.wait()
-            inst._wake = trio.Event()
-            if inst._restart and not inst._stop.is_set():
-                inst._restart = False
-                inst.generation += 1
-        if inst.state in ("exited", "failed", "pending"):
-            inst.state = "stopped"
+        inst._task_alive = True
+        try:
+            while not inst._stop.is_set():
+                await self._run_generation(inst)
+                if inst._stop.is_set():
+                    break
+                if inst._cycle:
+                    # A restart on request: the next generation, at once.
+                    inst._cycle = inst._restart = False
+                    inst.generation += 1
+                    continue
+                # Exited (or failed): idle until a plugin restarts it or a stop.
+                await inst._wake.wait()
+                inst._wake = trio.Event()
+                if inst._restart and not inst._stop.is_set():
+                    inst._restart = False
+                    inst.generation += 1
+            if inst.state in ("exited", "failed", "pending"):
+                inst.set_state("stopped")
+        finally:
+            inst._task_alive = False
+            inst._cycle = False
+            inst._up.set()
+            inst._ended.set()
 
     async def _run_generation(self, inst: Instance) -> None:
         """Create, watch, report and clean up one generation."""
         assert self.runtime is not None and self._janitor is not None
         runtime = self.runtime
         ident = self._ident(inst)
-        inst.state = "starting"
+        if not inst._stop.is_set():
+            inst._halt = trio.Event()
+        inst.checkpoint_stopped = False
+        inst.set_state("starting")
         self.publish(Created(**ident))
         writer = self._log_writer(inst)
         # stdout and stderr go through pipes to the instance's log writer:
@@ -657,6 +1041,7 @@ class Supervisor:
                 if sb is None and not pending.fallback:
                     os.close(out_r)
                     os.close(err_r)
+                    inst._up.set()
                     return
             if sb is None:
                 # Shielded: a create abandoned half way would leave a sandbox
@@ -668,15 +1053,17 @@ class Supervisor:
         except CorralError as exc:
             os.close(out_r)
             os.close(err_r)
-            inst.state = "failed"
+            inst.set_state("failed")
             self.publish(StartFailed(**ident, error=str(exc)))
+            inst._up.set()
             return
         finally:
             for fd in (null, out_w, err_w):
                 os.close(fd)
         assert sb is not None
         inst.sandbox = sb
-        inst.state = "running"
+        inst.set_state("running")
+        inst.started_at = time.time()
         inst.oom_kills_reported = inst.oom_events_seen = 0
         assert self._janitor is not None
         # The pumps end by themselves at end of file, once every process of
@@ -705,7 +1092,6 @@ class Supervisor:
         assert self.runtime is not None
         runtime = self.runtime
         ident = self._ident(inst)
-        inst.checkpoint_stopped = False
         start = trio.current_time()
         try:
             # Shielded like a create; CRIU itself is bounded by a timeout.
@@ -720,7 +1106,7 @@ class Supervisor:
                 )
             )
             if not pending.fallback:
-                inst.state = pending.prev_state
+                inst.set_state(pending.prev_state)
                 inst.checkpoint_stopped = pending.prev_checkpoint_stopped
             pending.error = exc
             pending.done.set()
@@ -744,6 +1130,7 @@ class Supervisor:
         watch = sb.cgroup.open_oom_watch()
         try:
             self.publish(Started(**ident, pid=sb.pid))
+            inst._up.set()
             async with trio.open_nursery() as watchers:
                 watchers.start_soon(self._watch_oom, inst, watch, ident)
                 watchers.start_soon(self._stop_when_asked, inst, sb, ident)
@@ -758,9 +1145,15 @@ class Supervisor:
         finally:
             watch.close()
         was_stopping = inst.state == "stopping" or inst.checkpoint_stopped
+        if inst.state == "paused":
+            # Killed while frozen (an OOM kill, a SIGKILL from outside):
+            # what is left of it must be able to die.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(sb.cgroup.thaw)
+            inst.paused_at = None
         inst.sandbox = None
-        inst.state = "exited"
-        self.publish(
+        inst.set_state("exited")
+        exited = self.publish(
             Exited(
                 **ident,
                 status=result.status,
@@ -769,10 +1162,19 @@ class Supervisor:
                 oom_killed=result.oom_killed,
             )
         )
+        inst.last_exit = {
+            "generation": inst.generation,
+            "status": result.status,
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "oom_killed": result.oom_killed,
+            "at": exited.wall,
+        }
+        inst.started_at = None
         if was_stopping:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(sb.destroy)
-            inst.state = "stopped"
+            inst.set_state("stopped")
             self.publish(Stopped(**ident))
         else:
             self._janitor.start_soon(self._destroy, sb)
@@ -791,13 +1193,19 @@ class Supervisor:
             await trio.to_thread.run_sync(sb.destroy)
 
     async def _stop_when_asked(self, inst: Instance, sb: Sandbox, ident: _Ident) -> None:
-        await inst._stop.wait()
-        if inst.checkpointing:
-            # A signal sent now would wait in the frozen tree and be dumped
-            # with it, to strike the restored sandbox: stop it afterwards.
-            await inst._checkpoint_done.wait()
-        inst.state = "stopping"
-        self.publish(Stopping(**ident, reason=self._stop_reason, grace=inst.grace))
+        await inst._halt.wait()
+        # A signal sent during a checkpoint would wait in the frozen tree
+        # and be dumped with it, to strike the restored sandbox; one sent
+        # while it is being paused would wait until it is resumed.
+        await inst._idle.wait()
+        if inst.state == "paused":
+            # SIGTERM to a frozen process waits until it is thawed (on v1
+            # even SIGKILL does): thaw first, so the grace period means
+            # what it says.
+            await self._thaw(inst, sb, ident)
+        reason = self._stop_reason if self._stopping.is_set() else inst.stop_reason
+        inst.set_state("stopping")
+        self.publish(Stopping(**ident, reason=reason, grace=inst.grace))
         sb.send_signal(signal.SIGTERM)
         # Cancelled as soon as the sandbox exits (its watcher nursery closes).
         while True:

@@ -1,0 +1,215 @@
+"""``corral exec`` end to end: the CLI, the control socket, a supervised sandbox.
+
+The runtime layer is tested in test_exec.py; here the whole path: stdio
+handed over as pipes, the exit status, signals forwarded, a pseudo-terminal
+with window-size changes, the events, and the wrong-state refusal.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+from collections.abc import Sequence
+
+import pytest
+import trio
+
+import events
+from supervisor import Supervisor
+
+from .conftest import Dirs, requires_root
+from .supervising import fleet, of, run, wait_event
+
+pytestmark = [requires_root, pytest.mark.layout]
+
+PRIVILEGE_LINES = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
+
+
+def _cli(dirs: Dirs, verb: str, *args: str) -> list[str]:
+    socket = str(dirs.run / "control.sock")
+    return [sys.executable, "-m", "supervisor", verb, "--socket", socket, *args]
+
+
+async def corral(
+    dirs: Dirs, *args: str, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    verb, rest = args[0], args[1:]
+    with trio.fail_after(60):
+        return await trio.run_process(
+            _cli(dirs, verb, *rest),
+            stdin=input,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=dirs.env,
+        )
+
+
+def _status_lines(path: str) -> dict[str, str]:
+    with open(path) as f:
+        return {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k in PRIVILEGE_LINES}
+
+
+def _main_process(sup: Supervisor, name: str) -> int:
+    inst = sup.instance(name)
+    assert inst is not None and inst.sandbox is not None
+    pid = inst.sandbox.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return int(f.read().split()[0])
+
+
+def test_exec_runs_in_the_sandbox_and_returns_its_status(dirs: Dirs) -> None:
+    f = fleet({"name": "web", "command": "exec sleep 1000", "env": {"FROM": "fleet"}})
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        inst = sup.instance("web-0")
+        assert inst is not None and inst.sandbox is not None
+        init = inst.sandbox.pid
+
+        r = await corral(
+            dirs, "exec", "-e", "EXTRA=1", "-w", "/etc", "web", "--",
+            "sh", "-c", "echo out $FROM $EXTRA; pwd; echo err >&2; exit 7",
+        )  # fmt: skip
+        assert r.returncode == 7, r.stderr
+        assert r.stdout == b"out fleet 1\n/etc\n" and r.stderr == b"err\n"
+
+        # Every namespace is the sandbox's.
+        script = "for n in mnt uts ipc net pid cgroup; do readlink /proc/self/ns/$n; done"
+        r = await corral(dirs, "exec", "web-0", "--", "sh", "-c", script)
+        expect = [os.readlink(f"/proc/{init}/ns/{n}") for n in ("mnt", "uts", "ipc", "net", "pid", "cgroup")]  # fmt: skip
+        assert r.stdout.decode().split() == expect
+
+        # No more privilege than the sandbox's own processes.
+        r = await corral(dirs, "exec", "web-0", "--", "cat", "/proc/self/status")
+        mine = {
+            k: v.strip()
+            for k, v in (ln.split(":", 1) for ln in r.stdout.decode().splitlines())
+            if k in PRIVILEGE_LINES
+        }
+        assert mine == _status_lines(f"/proc/{_main_process(sup, 'web-0')}/status")
+
+        # stdin: end of file without -i; passed on with -i.
+        r = await corral(dirs, "exec", "web-0", "--", "cat", input=b"ignored")
+        assert (r.returncode, r.stdout) == (0, b"")
+        r = await corral(dirs, "exec", "-i", "web-0", "--", "tr", "a-z", "A-Z", input=b"hi\n")
+        assert (r.returncode, r.stdout) == (0, b"HI\n")
+
+        # The statuses of a command that cannot run, like `docker exec`.
+        r = await corral(dirs, "exec", "web-0", "--", "nosuch")
+        assert r.returncode == 127
+        assert r.stderr == b"corral: exec in 'web-0': 'nosuch': command not found\n"
+        r = await corral(dirs, "exec", "web-0", "--", "/etc/passwd")
+        assert r.returncode == 126
+        r = await corral(dirs, "exec", "-w", "/nope", "web-0", "--", "true")
+        assert r.returncode == 125
+        assert r.stderr == (
+            b"corral: exec in 'web-0': workdir '/nope' is not a directory in the sandbox\n"
+        )
+        r = await corral(dirs, "exec", "web-0")
+        assert r.returncode == 125 and b"expected a command after '--'" in r.stderr
+        r = await corral(dirs, "exec", "nope", "--", "true")
+        assert r.returncode == 125 and b"'nope'" in r.stderr
+
+    evs = run(f, dirs, body)
+    started = of(evs, events.ExecStarted, "web-0")
+    exited = of(evs, events.ExecExited, "web-0")
+    assert started[0].command.startswith("sh -c 'echo out")
+    assert (exited[0].exec_id, exited[0].status) == (started[0].exec_id, 7)
+    assert len(started) == len(exited) == 5
+
+
+def test_signals_to_the_client_reach_the_process(dirs: Dirs) -> None:
+    f = fleet({"name": "web", "command": "exec sleep 1000"})
+    script = "trap 'echo got INT; exit 4' INT; echo ready; while :; do sleep 0.05; done"
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+
+        def interrupt() -> tuple[int, bytes]:
+            with subprocess.Popen(
+                _cli(dirs, "exec", "web-0", "--", "sh", "-c", script),
+                stdout=subprocess.PIPE,
+                env=dirs.env,
+            ) as p:
+                assert p.stdout is not None
+                assert p.stdout.readline() == b"ready\n"
+                p.send_signal(signal.SIGINT)
+                rest = p.stdout.read()
+                return p.wait(timeout=30), rest
+
+        status, rest = await trio.to_thread.run_sync(interrupt)
+        assert (status, rest) == (4, b"got INT\n")
+
+    run(f, dirs, body)
+
+
+def _read_until(fd: int, text: bytes, timeout: float = 30) -> bytes:
+    buf = b""
+    while text not in buf:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"timed out waiting for {text!r}; got {buf!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the other side is closed
+            chunk = b""
+        assert chunk, f"end of output before {text!r}; got {buf!r}"
+        buf += chunk
+    return buf
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _run_on_a_terminal(argv: Sequence[str], env: dict[str, str]) -> tuple[int, bytes]:
+    """Run *argv* on a new pseudo-terminal of ours (as its controlling
+    terminal, like a login shell); talk to it; return status and output."""
+    master, slave = os.openpty()
+    _set_size(slave, 24, 80)
+    try:
+        # `setsid -c`: a session of its own, the pty as controlling terminal,
+        # so it gets SIGWINCH when we resize the pty.
+        p = subprocess.Popen(
+            ["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, env=env
+        )
+        os.close(slave)
+        out = _read_until(master, b"24 80")
+        # Resized while it runs: the command sees the new size.
+        _set_size(master, 30, 100)
+        os.write(master, b"go\n")
+        out += _read_until(master, b"30 100")
+        status = p.wait(timeout=30)
+        try:
+            while chunk := os.read(master, 4096):
+                out += chunk
+        except OSError:
+            pass
+        return status, out
+    finally:
+        os.close(master)
+
+
+def test_a_pseudo_terminal_with_window_size_changes(dirs: Dirs) -> None:
+    f = fleet({"name": "web", "command": "exec sleep 1000"})
+    script = "tty; test -t 0 && echo is-a-tty; stty size; read x; stty size; exit 3"
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        argv = _cli(dirs, "exec", "-it", "web-0", "--", "sh", "-c", script)
+        status, out = await trio.to_thread.run_sync(_run_on_a_terminal, argv, dirs.env)
+        text = out.decode().replace("\r", "")
+        assert status == 3, text
+        # The sandbox's own terminal, not one of the host's.
+        assert "/dev/pts/0\nis-a-tty\n24 80\n" in text
+        assert text.rstrip().endswith("30 100")
+
+    evs = run(f, dirs, body)
+    (started,) = of(evs, events.ExecStarted, "web-0")
+    assert started.tty is True
