@@ -254,6 +254,10 @@ class Sandbox:
         try:
             if self._exit is None:
                 self.kill()
+                # A frozen (paused) sandbox: on cgroup v1 a frozen task does
+                # not act on SIGKILL until thawed, and the wait would never end.
+                with contextlib.suppress(CorralError, OSError):
+                    self.cgroup.thaw()
                 self.wait()
         finally:
             try:
