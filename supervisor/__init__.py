@@ -1,7 +1,8 @@
 """corral's supervisor: sandboxes, their runtime on Linux, and the CLI.
 
-Importing this package is cheap (no trio): the CLI's one-shot verbs and the
-spawn keeper import it. The public names:
+Importing this package is cheap: every name but the errors is loaded on
+first access, so a one-shot CLI verb (``corral pause``) pays only for what
+it uses, and nothing here imports trio. The public names:
 
 - :class:`SandboxSpec`, :class:`Limits` and the ``parse_*`` helpers: what a
   sandbox is, validated with errors that name the field.
@@ -10,8 +11,7 @@ spawn keeper import it. The public names:
   process added to a running one (:meth:`Runtime.exec`).
 - :class:`Keeper`: the fork server a multi-threaded program spawns through.
 - :class:`Supervisor` (runs a :class:`Fleet` in a trio nursery),
-  :func:`load_fleet`, :func:`parse_fleet`, :class:`FleetError`: loaded on
-  first access, so that importing the package does not import trio.
+  :func:`load_fleet`, :func:`parse_fleet`, :class:`FleetError`.
 - The exception tree rooted at :class:`CorralError` (see ``_errors``).
 """
 
@@ -30,18 +30,6 @@ from ._errors import SandboxError as SandboxError
 from ._errors import SandboxExistsError as SandboxExistsError
 from ._errors import SpecError as SpecError
 from ._errors import StateError as StateError
-from ._linux._cgroups import CgroupStats as CgroupStats
-from ._linux._spawn import Keeper as Keeper
-from ._runtime import ExecProcess as ExecProcess
-from ._runtime import Runtime as Runtime
-from ._runtime import Sandbox as Sandbox
-from ._runtime import SandboxExit as SandboxExit
-from ._spec import Limits as Limits
-from ._spec import SandboxSpec as SandboxSpec
-from ._spec import parse_cpus as parse_cpus
-from ._spec import parse_env as parse_env
-from ._spec import parse_pids as parse_pids
-from ._spec import parse_size as parse_size
 
 __version__ = "0.1.0"
 
@@ -52,10 +40,34 @@ if TYPE_CHECKING:
     from ._fleet import SandboxConfig as SandboxConfig
     from ._fleet import load_fleet as load_fleet
     from ._fleet import parse_fleet as parse_fleet
+    from ._linux._cgroups import CgroupStats as CgroupStats
+    from ._linux._spawn import Keeper as Keeper
+    from ._runtime import ExecProcess as ExecProcess
+    from ._runtime import Runtime as Runtime
+    from ._runtime import Sandbox as Sandbox
+    from ._runtime import SandboxExit as SandboxExit
+    from ._spec import Limits as Limits
+    from ._spec import SandboxSpec as SandboxSpec
+    from ._spec import parse_cpus as parse_cpus
+    from ._spec import parse_env as parse_env
+    from ._spec import parse_pids as parse_pids
+    from ._spec import parse_size as parse_size
     from ._supervisor import Instance as Instance
     from ._supervisor import Supervisor as Supervisor
 
 _LAZY = {
+    "CgroupStats": "_linux._cgroups",
+    "Keeper": "_linux._spawn",
+    "ExecProcess": "_runtime",
+    "Runtime": "_runtime",
+    "Sandbox": "_runtime",
+    "SandboxExit": "_runtime",
+    "Limits": "_spec",
+    "SandboxSpec": "_spec",
+    "parse_cpus": "_spec",
+    "parse_env": "_spec",
+    "parse_pids": "_spec",
+    "parse_size": "_spec",
     "CheckpointInfo": "_checkpoint",
     "Fleet": "_fleet",
     "FleetError": "_fleet",

@@ -325,7 +325,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 def _control(args: argparse.Namespace) -> int:
     import json
 
-    from ._control import call
+    from ._control_client import call
 
     path = _control_path(args)
     verb = args.verb
@@ -388,7 +388,7 @@ def _stats(path: str, args: argparse.Namespace) -> int:
     import json
     import time
 
-    from ._control import call
+    from ._control_client import call
 
     def sample() -> tuple[float, list[dict[str, Any]]]:
         return time.monotonic(), call(path, "stats", {"names": args.names})
@@ -441,7 +441,7 @@ def _print_stats(
 
 
 def _control_path(args: argparse.Namespace) -> str:
-    from ._control import CONTROL_SOCKET
+    from ._control_client import CONTROL_SOCKET
 
     return args.socket or os.path.join(_run_dir(), CONTROL_SOCKET)
 
@@ -458,7 +458,7 @@ def _size(n: int) -> str:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    from ._control import call
+    from ._control_client import call
 
     path = _control_path(args)
     params = {"name": args.name, "tag": args.tag, "leave_running": args.leave_running}
@@ -473,7 +473,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from ._control import call
+    from ._control_client import call
 
     path = _control_path(args)
     params = {"name": args.name, "tag": args.tag, "as": args.as_name}

@@ -30,7 +30,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -38,6 +38,7 @@ import trio
 
 from events._server import bind_socket, peer_allowed, unbind_socket
 
+from ._control_client import ControlError, received_fds
 from ._errors import (
     CheckpointError,
     CommandNotExecutableError,
@@ -53,11 +54,10 @@ if TYPE_CHECKING:
     from ._runtime import ExecProcess
     from ._supervisor import Instance, Supervisor
 
-__all__ = ["CONTROL_SOCKET", "Client", "ControlError", "call", "serve_control"]
+__all__ = ["METHODS", "serve_control"]
 
 log = logging.getLogger("corral.control")
 
-CONTROL_SOCKET = "control.sock"
 MAX_FRAME = 256 << 10
 """The largest request accepted (bytes); a bigger one drops the connection."""
 MAX_PENDING = 64
@@ -69,14 +69,6 @@ MAX_CONNECTIONS = 128
 SEND_TIMEOUT = 30.0
 """A client that does not read its answers for this long is dropped."""
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
-
-
-class ControlError(CorralError):
-    """The supervisor answered a control request with an error."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _code(exc: CorralError) -> str:
@@ -540,13 +532,19 @@ class _Connection:
             if self.dead:
                 return
             with trio.move_on_after(SEND_TIMEOUT) as scope:
-                if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    sent = await self.sock.sendmsg([data], anc)
-                    data = data[sent:]
-                while data:
-                    sent = await self.sock.send(data)
-                    data = data[sent:]
+                try:
+                    if fds:
+                        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                        sent = await self.sock.sendmsg([data], anc)
+                        data = data[sent:]
+                    while data:
+                        sent = await self.sock.send(data)
+                        data = data[sent:]
+                except OSError:
+                    # The client went away: what it asked for goes on (an
+                    # exec runs to its end, its pty master closed: a hangup).
+                    self.abort()
+                    return
             if scope.cancelled_caught:
                 # It does not read: a half-sent message cannot be finished
                 # or taken back, so the connection ends.
@@ -567,14 +565,6 @@ class _Connection:
     def close_fds(self) -> None:
         while self.fds:
             os.close(self.fds.popleft())
-
-
-def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> Iterator[int]:
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-            yield from fds
 
 
 async def _serve_one(
@@ -618,7 +608,7 @@ async def _read_requests(
     sock = conn.sock
     while not conn.dead:
         data, ancdata, flags, _ = await sock.recvmsg(65536, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
-        conn.fds.extend(_received_fds(ancdata))
+        conn.fds.extend(received_fds(ancdata))
         if flags & socket.MSG_CTRUNC or len(conn.fds) > MAX_FDS:
             await conn.send(_error(None, "invalid", f"more than {MAX_FDS} descriptors"))
             return
@@ -689,120 +679,3 @@ async def _answer(
     finally:
         ctx.close_fds()
         pending.release()
-
-
-# -- clients -------------------------------------------------------------------------
-
-
-class Client:
-    """A blocking connection to a supervisor's control socket.
-
-    ``request`` sends; ``replies`` yields what comes back (progress
-    messages, with any descriptors they carry, and answers).
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.connect(path)
-        except FileNotFoundError:
-            self.sock.close()
-            raise CorralError(
-                f"no supervisor at {path} (is `corral up` running? see --socket)"
-            ) from None
-        except OSError as exc:
-            self.sock.close()
-            raise CorralError(f"cannot reach the supervisor at {path}: {exc.strerror}") from None
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20, strict_map_key=False)
-        self._next = 0
-
-    def request(
-        self, method: str, params: dict[str, Any] | None = None, fds: Sequence[int] = ()
-    ) -> int:
-        """Send one request (with *fds*); return its id."""
-        self._next += 1
-        params = dict(params or {})
-        if fds:
-            params["fds"] = len(fds)
-        data = msgpack.packb({"id": self._next, "method": method, "params": params})
-        try:
-            if fds:
-                sent = self.sock.sendmsg(
-                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                )
-                data = data[sent:]
-            self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it may have answered (forbidden) and closed: read that
-        return self._next
-
-    def replies(self) -> Iterator[tuple[dict[str, Any], list[int]]]:
-        """Each message from the supervisor, with the descriptors it carried."""
-        while True:
-            yield from self.receive()
-
-    def receive(self) -> list[tuple[dict[str, Any], list[int]]]:
-        """The messages of one read from the socket (blocks if none has come).
-
-        Call it when the socket is readable, and handle every message it
-        returns: one read may bring several.
-        """
-        try:
-            data, ancdata, _, _ = self.sock.recvmsg(
-                65536, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
-            )
-        except ConnectionResetError:
-            data, ancdata = b"", []
-        fds = list(_received_fds(ancdata))
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            raise CorralError(f"the supervisor at {self.path} closed the connection")
-        self._unpacker.feed(data)
-        msgs = [m for m in self._unpacker if isinstance(m, dict)]
-        if fds and not msgs:
-            for fd in fds:
-                os.close(fd)
-        # A read ends with the message its descriptors came with (the
-        # kernel never reads past a message that carries descriptors).
-        return [(msg, fds if i == len(msgs) - 1 else []) for i, msg in enumerate(msgs)]
-
-    def answer(self, rid: int) -> Any:
-        """Wait for the answer to request *rid*; its result, or raise."""
-        for msg, fds in self.replies():
-            for fd in fds:
-                os.close(fd)
-            if msg.get("id") == rid or msg.get("id") is None:
-                if "progress" in msg:
-                    continue
-                return result_of(msg)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def close(self) -> None:
-        """Close the connection."""
-        self.sock.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def result_of(msg: dict[str, Any]) -> Any:
-    """The result of an answer, or its error raised as :class:`ControlError`."""
-    if msg.get("ok"):
-        return msg.get("result")
-    err = msg.get("error") or {}
-    raise ControlError(str(err.get("code", "failed")), str(err.get("message", "")))
-
-
-def call(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
-    """Blocking client: send one request, return its result.
-
-    Raises :class:`ControlError` with the supervisor's code and message, or
-    :class:`CorralError` if the supervisor cannot be reached.
-    """
-    with Client(path) as client:
-        return client.answer(client.request(method, params))

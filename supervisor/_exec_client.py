@@ -25,7 +25,7 @@ import tty as ttymod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ._control import Client, ControlError, result_of
+from ._control_client import Client, ControlError, result_of
 from ._errors import CommandNotExecutableError, CommandNotFoundError
 
 __all__ = ["run_exec"]

@@ -887,7 +887,8 @@ class Supervisor:
                     group=self.fleet.supervisor.socket_group,
                 )
             )
-            from ._control import CONTROL_SOCKET, serve_control
+            from ._control import serve_control
+            from ._control_client import CONTROL_SOCKET
 
             assert self.runtime is not None
             control = trio.CancelScope()
@@ -1202,7 +1203,11 @@ class Supervisor:
             # SIGTERM to a frozen process waits until it is thawed (on v1
             # even SIGKILL does): thaw first, so the grace period means
             # what it says.
-            await self._thaw(inst, sb, ident)
+            inst.begin(BUSY_PAUSE)
+            try:
+                await self._thaw(inst, sb, ident)
+            finally:
+                inst.end()
         reason = self._stop_reason if self._stopping.is_set() else inst.stop_reason
         inst.set_state("stopping")
         self.publish(Stopping(**ident, reason=reason, grace=inst.grace))

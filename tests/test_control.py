@@ -13,7 +13,7 @@ import trio
 
 import events
 from supervisor import Supervisor
-from supervisor._control import ControlError, call
+from supervisor._control_client import ControlError, call
 
 from .conftest import Dirs, requires_root
 from .supervising import fleet, run, wait_event
@@ -121,7 +121,7 @@ def test_a_peer_that_is_not_root_nor_in_the_group_is_refused(dirs: Dirs) -> None
             os.chmod(d, 0o755)
         os.chmod(path, 0o666)
         code = (
-            "import sys; from supervisor._control import call, ControlError\n"
+            "import sys; from supervisor._control_client import call, ControlError\n"
             "try:\n call(sys.argv[1], 'ping')\n"
             "except ControlError as e:\n print(e.code, e)\n"
         )

@@ -18,7 +18,7 @@ import trio
 
 import events
 from supervisor import Supervisor
-from supervisor._control import ControlError
+from supervisor._control_client import ControlError
 
 from .conftest import Dirs, requires_root
 from .supervising import fleet, of, output, run, wait_event, wait_log
