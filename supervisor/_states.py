@@ -86,6 +86,9 @@ _HINT = {
 }
 
 
+_WAIT_FOR_BUSY = frozenset({"stop", "restart", "rm"})
+
+
 def _detail(verb: str, state: str) -> str:
     detail = f"it is {state}"
     if verb == "stop" and state == "stopped":
@@ -101,11 +104,12 @@ def guard(verb: str, name: str, state: str, busy: str | None = None) -> None:
     """Raise :class:`StateError` unless *verb* is allowed on an instance in *state*.
 
     *busy* names an operation in progress that excludes every verb that
-    changes the sandbox (``"a checkpoint is being taken"``).
+    changes the sandbox (``"a checkpoint is being taken"``), but those that
+    end its generation: they wait for the operation, then act.
     """
     if state not in VERBS[verb]:
         raise StateError(verb, name, state, _detail(verb, state))
-    if busy is not None and verb not in ("stop", "rm"):
+    if busy is not None and verb not in _WAIT_FOR_BUSY:
         raise StateError(verb, name, state, f"{busy}; try again when it is done")
 
 
