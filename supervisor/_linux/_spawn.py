@@ -267,10 +267,15 @@ def keeper_main(fd: int) -> None:
         if pid == 0:  # pragma: no cover - runs in the child
             ctl.close()
             _run_child(cfg, report, (fds[1], fds[2], fds[3]))
-        report.close()
         for fd in fds[1:]:
             os.close(fd)
         os.waitpid(pid, 0)
+        # Only now, with the intermediate reaped, may the requester see the
+        # end of file that means "exec'd": the intermediate closes its copy
+        # of the socket before the kernel hands its child on to the
+        # requester (a subreaper). A process that exits in between would be
+        # nobody's child to the requester yet, and its waitid fails (ECHILD).
+        report.close()
 
 
 def _decode_request(request: Any, extra_fds: list[int]) -> LaunchConfig | ExecConfig:
