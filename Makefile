@@ -87,6 +87,7 @@ bench: setup-bench setup-vm
 	$(PY) benchmarks/start.py --runs 50
 	$(PY) benchmarks/events.py
 	$(PY) benchmarks/restart.py
+	$(PY) benchmarks/control.py
 	$(MAKE) --no-print-directory bench-checkpoint
 
 # CRIU needs a kernel it knows: the checkpoint benchmark runs in the VM lane

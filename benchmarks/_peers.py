@@ -11,6 +11,9 @@ the same root file system and the same resource limits:
   :meth:`RuncPeer.run_once` checks this after every run and, should a
   container ever survive, times a ``runc delete --force`` as part of that
   run's lifecycle.
+* :class:`RuncServicePeer` keeps one container of the same bundle running
+  (``runc run --detach``, a ``sleep``) and times the verbs that act on a
+  running container: ``runc exec``, ``runc pause``, ``runc resume``.
 * :class:`LxcPeer` times ``lxc-execute -P P -n NAME -- CMD`` on a
   hand-written container config whose ``lxc.rootfs.path`` is the very same
   root file system directory that the other peers use.
@@ -81,6 +84,7 @@ __all__ = [
     "LxcPeer",
     "PeerError",
     "RuncPeer",
+    "RuncServicePeer",
     "build_busybox_rootfs",
     "leftover_cgroups",
     "leftover_mounts",
@@ -608,6 +612,121 @@ class RuncPeer(_Peer):
         self._ready = False
         if problems:
             raise PeerError("runc teardown incomplete: " + "; ".join(problems))
+
+
+class RuncServicePeer(RuncPeer):
+    """One long-running runc container, for timing the verbs that act on it.
+
+    :meth:`setup` writes the bundle as :class:`RuncPeer` does (same rootfs,
+    namespaces and limits), with *command* a process that keeps running
+    (``sleep 1000000`` by default), and starts it detached: ``runc --root
+    STATE run --detach --bundle BUNDLE NAME``.  The container's stdio (which
+    ``runc run -d`` passes through without a terminal) go to ``/dev/null``
+    and ``container.log`` in the peer's directory, never to a pipe somebody
+    waits on.  Each timed call is one runc CLI invocation, as typed:
+
+    * :meth:`exec_once`: ``runc exec NAME`` + *exec_command* (``/bin/true``);
+    * :meth:`pause_once` / :meth:`resume_once`: ``runc pause|resume NAME``
+      (``runc pause`` returns once the freezer reports the cgroup frozen).
+
+    :meth:`run_once` is :meth:`exec_once`, so that :meth:`available` smoke-
+    tests a whole setup, exec and teardown.  :meth:`teardown` resumes a
+    paused container before deleting it (``runc delete --force``).
+    """
+
+    #: The container's process unless another is given: it never ends.
+    SERVICE_COMMAND: ClassVar[tuple[str, ...]] = ("/bin/sleep", "1000000")
+
+    def __init__(
+        self,
+        rootfs: StrPath,
+        scratch: StrPath,
+        command: Sequence[str] = SERVICE_COMMAND,
+        runc: str = "runc",
+        exec_command: Sequence[str] = DEFAULT_COMMAND,
+    ) -> None:
+        """Prepare (but do not create) the container.
+
+        *command* is the container's long-running process, *exec_command*
+        what :meth:`exec_once` runs in it; the rest as for :class:`RuncPeer`.
+        """
+        super().__init__(rootfs, scratch, command, runc)
+        self.exec_command: tuple[str, ...] = tuple(exec_command)
+        #: The container's name (one container per peer).
+        self.name: str = self.prefix
+        #: Where the container's stdout and stderr go.
+        self.log: Path = self.workdir / "container.log"
+
+    def setup(self) -> None:
+        """Write the bundle and start the container detached.
+
+        Raises :class:`PeerError` if it does not start or is not
+        ``running`` afterwards; call :meth:`teardown` then too.
+        """
+        super().setup()
+        if not self.exec_command:
+            raise PeerError("the exec command must not be empty")
+        argv = self._runc("run", "--detach", "--bundle", str(self.bundle), self.name)
+        with open(self.log, "wb") as log:
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                check=False,
+                timeout=self.timeout,
+            )
+        if proc.returncode != 0:
+            raise PeerError(
+                f"`{' '.join(argv)}` exited with status {proc.returncode}: "
+                + self.log.read_text(errors="replace").strip()
+            )
+        status = self.state()
+        if status != "running":
+            raise PeerError(f"runc container {self.name} is {status!r} after start, not running")
+
+    def state(self) -> str:
+        """The container's status from ``runc state`` (``running``, ``paused``...)."""
+        argv = self._runc("state", self.name)
+        proc = _run_quiet(argv)
+        if proc.returncode != 0:
+            raise PeerError(_describe_failure(argv, proc))
+        status: object = json.loads(proc.stdout).get("status")
+        return str(status)
+
+    def _timed_verb(self, *args: str) -> float:
+        self._require_ready()
+        argv = self._runc(*args)
+        elapsed, proc = _timed_run(argv, self.timeout, lambda: None)
+        if proc.returncode != 0:
+            raise PeerError(_describe_failure(argv, proc))
+        self.last_stderr = _decode(proc.stderr)
+        self.runs += 1
+        return elapsed
+
+    def exec_once(self) -> float:
+        """Time ``runc exec NAME`` *exec_command* to its exit; seconds."""
+        return self._timed_verb("exec", self.name, *self.exec_command)
+
+    def pause_once(self) -> float:
+        """Time ``runc pause NAME`` (returns once frozen); seconds."""
+        return self._timed_verb("pause", self.name)
+
+    def resume_once(self) -> float:
+        """Time ``runc resume NAME``; seconds."""
+        return self._timed_verb("resume", self.name)
+
+    def run_once(self) -> float:
+        """:meth:`exec_once` (what :meth:`available`'s smoke test runs)."""
+        return self.exec_once()
+
+    def teardown(self) -> None:
+        """Resume the container if paused, then as :meth:`RuncPeer.teardown`."""
+        if (self.state_dir / self.name).is_dir():
+            with contextlib.suppress(PeerError, OSError, subprocess.SubprocessError):
+                if self.state() == "paused":
+                    _run_quiet(self._runc("resume", self.name))
+        super().teardown()
 
 
 # --------------------------------------------------------------------------
