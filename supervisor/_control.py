@@ -588,6 +588,8 @@ async def _serve_one(
                 await _read_requests(sup, conn, unpacker, pending, requests)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
+            except Exception:  # a bug here must end this connection only
+                log.exception("control connection failed")
             # Requests already running still answer (if the peer reads).
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
@@ -627,7 +629,8 @@ async def _read_requests(
         except msgpack.BufferFull:
             await conn.send(_error(None, "invalid", "request too large"))
             return
-        except (ValueError, msgpack.UnpackException) as exc:
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            # TypeError: a map whose key is a list or a map (unhashable).
             await conn.send(_error(None, "invalid", f"bad msgpack: {exc}"))
             return
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import array
+import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -13,9 +16,11 @@ import trio
 
 import events
 from supervisor import Supervisor
+from supervisor._control import MAX_CONNECTIONS, MAX_FDS
 from supervisor._control_client import ControlError, call
 
 from .conftest import Dirs, requires_root
+from .helpers import wait_for
 from .supervising import fleet, run, wait_event
 
 pytestmark = requires_root
@@ -136,6 +141,145 @@ def test_a_peer_that_is_not_root_nor_in_the_group_is_refused(dirs: Dirs) -> None
             env={**os.environ, "PYTHONPATH": os.getcwd()},
         )
         assert r.stdout.decode().strip() == "forbidden permission denied", r.stderr
+
+    run(f, dirs, body)
+
+
+def test_hostile_clients_are_dropped_and_bounded(dirs: Dirs) -> None:
+    """Truncated frames, random bytes, descriptor floods, too many
+    connections, a client that never reads: each gets an error or is
+    dropped; the fleet, the supervisor and other clients carry on."""
+    f = fleet({"name": "web", "command": "exec sleep 1000"})
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        path = _sock(dirs)
+
+        def check() -> None:
+            ping = msgpack.packb({"id": 1, "method": "ping"})
+            # A truncated frame, then end of file: no answer, closed.
+            assert _raw(path, ping[:-2]) == []
+            # A truncated frame that stays: others are served meanwhile.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
+                stuck.connect(path)
+                stuck.sendall(
+                    msgpack.packb({"id": 1, "method": "ping", "params": {"x": "y" * 1000}})[:500]
+                )
+                assert call(path, "ping")["pid"] == os.getpid()
+            # Random bytes: an answer (errors, or a lucky valid request) or a
+            # dropped connection, never a dead server.
+            rng = random.Random(6)
+            for _ in range(200):
+                for answer in _raw(path, rng.randbytes(rng.randrange(1, 2048))):
+                    assert isinstance(answer, dict) and "id" in answer
+            # Too many descriptors: dropped, and ours are closed.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, open("/dev/null") as null:
+                s.settimeout(30)
+                s.connect(path)
+                fds = array.array("i", [null.fileno()] * (MAX_FDS + 1))
+                s.sendmsg([ping], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                answer = msgpack.unpackb(s.recv(65536))
+                assert answer["error"] == {
+                    "code": "invalid",
+                    "message": f"more than {MAX_FDS} descriptors",
+                }
+                assert s.recv(65536) == b""
+            # A request that says it carries descriptors but does not.
+            answers = _raw(path, msgpack.packb({"id": 3, "method": "ping", "params": {"fds": 2}}))
+            assert (
+                answers[0]["error"]["message"] == "fds: the request says 2 descriptors, 0 arrived"
+            )
+            answers = _raw(path, msgpack.packb({"id": 3, "method": "ping", "params": {"fds": "x"}}))
+            assert answers[0]["error"]["code"] == "invalid"
+            # Exec with a wrong number of descriptors, or wrong types.
+            bad_execs = [
+                {"name": "web-0", "argv": ["true"]},
+                {"name": "web-0", "argv": "true", "tty": True},
+                {"name": "web-0", "argv": [], "tty": True},
+                {"name": "web-0", "argv": ["true"], "tty": "yes"},
+                {"name": "web-0", "argv": ["true"], "tty": True, "env": {"A=B": "c"}},
+            ]
+            for params in bad_execs:
+                with pytest.raises(ControlError) as err:
+                    call(path, "exec", params)
+                assert err.value.code == "invalid", params
+            for method, params in [
+                ("stop", {"name": "web-0", "timeout": -1}),
+                ("kill", {"name": "web-0", "signal": 999}),
+                ("stats", {"names": "web"}),
+                ("add", {"path": 5}),
+                ("exec_signal", {"exec_id": "x"}),
+            ]:
+                with pytest.raises(ControlError) as err:
+                    call(path, method, params)
+                assert err.value.code == "invalid", (method, params)
+            # A client that sends and never reads: its answers back up and
+            # it stops being read (64 in flight at most); others are fine.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as greedy:
+                greedy.connect(path)
+                greedy.setblocking(False)
+                flood = msgpack.packb({"id": 1, "method": "ps"}) * 4096
+                with contextlib.suppress(BlockingIOError):
+                    greedy.send(flood)
+                assert call(path, "ping")["pid"] == os.getpid()
+            # Connections beyond the bound are told so and closed.
+            held = []
+            try:
+                for _ in range(MAX_CONNECTIONS + 1):
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    held.append(c)
+                    c.settimeout(30)
+                    c.connect(path)
+                codes = []
+                for c in held:
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        c.sendall(ping)  # a refused one was answered and closed
+                    answer = msgpack.unpackb(c.recv(65536))
+                    codes.append("ok" if answer["ok"] else answer["error"]["code"])
+                assert set(codes) == {"ok", "busy"}
+                assert codes.count("ok") <= MAX_CONNECTIONS
+            finally:
+                for c in held:
+                    c.close()
+
+            def served() -> bool:
+                try:
+                    return bool(call(path, "ping"))
+                except ControlError:
+                    return False
+
+            wait_for(served, what="the held connections to be closed")
+
+        await trio.to_thread.run_sync(check)
+        inst = sup.instance("web-0")
+        assert inst is not None and inst.state == "running"
+
+    evs = run(f, dirs, body)
+    assert [e.kind for e in evs if e.sandbox == "web-0"] == [
+        "created", "started", "stopping", "exited", "stopped",
+    ]  # fmt: skip
+
+
+def test_a_member_of_the_socket_group_is_admitted(dirs: Dirs) -> None:
+    f = fleet({"name": "web", "command": "exec sleep 1000"}, socket_group=4242)
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        path = _sock(dirs)
+        for d in (dirs.run.parent, dirs.run):
+            os.chmod(d, 0o755)
+        code = "import sys; from supervisor._control_client import call\nprint(call(sys.argv[1], 'ps')[0]['name'])\n"
+        r = await trio.run_process(
+            [sys.executable, "-c", code, path],
+            user=65534,
+            group=65534,
+            extra_groups=[4242],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        assert r.stdout.decode().strip() == "web-0", r.stderr
 
     run(f, dirs, body)
 
