@@ -94,3 +94,22 @@ def test_a_stopped_instance_is_not_checkpointed() -> None:
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert not [c for c in handle.calls if c[0] == "checkpoint"]
+
+
+def test_a_paused_instance_is_skipped_until_resumed() -> None:
+    """Paused is neither hung nor dead: no checkpoint of it, and none missed
+    once it runs again."""
+    inst = FakeInstance("web-0", state="paused")
+    handle = FakeHandle([inst], settings={"web-0": {"interval": 1}})
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plugin, handle, {})
+            await trio.sleep(10.5)
+            assert not [c for c in handle.calls if c[0] == "checkpoint"]
+            inst.state = "running"
+            await trio.sleep(2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len([c for c in handle.calls if c[0] == "checkpoint"]) == 2
