@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import array
 import os
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import trio
 
 import events
@@ -83,3 +86,24 @@ def run(f: Fleet, dirs: Dirs, body: Callable[[Supervisor], Awaitable[None]]) -> 
 
 def of(evs: list[events.Event], kind: type[events.Event], sandbox: str) -> list[Any]:
     return [e for e in evs if isinstance(e, kind) and e.sandbox == sandbox]
+
+
+async def request(
+    path: str, method: str, params: dict[str, Any] | None = None, fds: Sequence[int] = ()
+) -> dict[str, Any]:
+    """One connection, one request (with *fds*); the answer map (ok or error)."""
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        await s.connect(path)
+        params = dict(params or {}, fds=len(fds)) if fds else params or {}
+        data = msgpack.packb({"id": 7, "method": method, "params": params})
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        assert await s.sendmsg([data], anc) == len(data)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        while True:
+            data = await s.recv(65536)
+            assert data, f"{method}: connection closed without an answer"
+            unpacker.feed(data)
+            for msg in unpacker:
+                if "progress" not in msg:
+                    assert msg["id"] == 7
+                    return msg  # type: ignore[no-any-return]

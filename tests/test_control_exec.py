@@ -8,6 +8,7 @@ with window-size changes, the events, and the wrong-state refusal.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import termios
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import trio
@@ -213,3 +215,77 @@ def test_a_pseudo_terminal_with_window_size_changes(dirs: Dirs) -> None:
     evs = run(f, dirs, body)
     (started,) = of(evs, events.ExecStarted, "web-0")
     assert started.tty is True
+
+
+def test_the_cli_verbs(dirs: Dirs, tmp_path: Path) -> None:
+    """Every verb as a user types it: tables, JSON, one-line errors, statuses."""
+    f = fleet({"name": "web", "command": "exec sleep 1000", "replicas": 2, "memory": "64M"})
+    extra = tmp_path / "extra.toml"
+    extra.write_text('[[sandbox]]\nname = "extra"\ncommand = "exec sleep 1000"\n')
+
+    async def body(sup: Supervisor) -> None:
+        for i in range(2):
+            await wait_event(sup, lambda e, i=i: isinstance(e, events.Started) and e.instance == i)
+
+        r = await corral(dirs, "ps")
+        lines = r.stdout.decode().splitlines()
+        assert r.returncode == 0 and lines[0].split()[:5] == [
+            "NAME",
+            "STATE",
+            "PID",
+            "UPTIME",
+            "RESTARTS",
+        ]
+        assert [ln.split()[:2] for ln in lines[1:]] == [["web-0", "running"], ["web-1", "running"]]
+        assert "64.0 MiB" in lines[1]
+        rows = json.loads((await corral(dirs, "ps", "--json")).stdout)
+        assert [r["name"] for r in rows] == ["web-0", "web-1"]
+
+        info = json.loads((await corral(dirs, "inspect", "web-1")).stdout)
+        assert info["name"] == "web-1" and info["limits"]["memory"] == 64 << 20
+
+        r = await corral(dirs, "stats", "web-0")
+        header, row = r.stdout.decode().splitlines()
+        assert header.split()[:4] == ["NAME", "STATE", "CPU", "%"]
+        assert row.split()[:2] == ["web-0", "running"]
+        (st,) = json.loads((await corral(dirs, "stats", "--json", "web-1")).stdout)
+        assert st["name"] == "web-1" and st["memory_limit"] == 64 << 20
+
+        r = await corral(dirs, "pause", "web")
+        assert r.returncode == 0 and r.stdout.decode().count("paused") == 2
+        r = await corral(dirs, "pause", "web-0")
+        assert r.returncode == 125
+        assert r.stderr == (
+            b"corral: cannot pause 'web-0': it is paused (pause needs a running sandbox)\n"
+        )
+        assert (await corral(dirs, "resume", "web")).returncode == 0
+        assert (await corral(dirs, "kill", "-s", "TERM", "web-1")).returncode == 0
+        await wait_event(sup, lambda e: isinstance(e, events.Exited) and e.sandbox == "web-1")
+        r = await corral(dirs, "kill", "-s", "NOPE", "web-0")
+        assert r.returncode == 125 and b"signal: expected a signal name" in r.stderr
+        assert (await corral(dirs, "start", "web-1")).returncode == 0
+        assert (await corral(dirs, "restart", "-t", "1", "web-1")).returncode == 0
+        assert (await corral(dirs, "stop", "-t", "1", "web-1")).returncode == 0
+        r = await corral(dirs, "stop", "web-1")
+        assert (r.returncode, r.stderr) == (
+            125,
+            b"corral: cannot stop 'web-1': it is stopped already\n",
+        )
+        r = await corral(dirs, "add", str(extra))
+        assert r.returncode == 0 and "extra-0" in r.stdout.decode()
+        r = await corral(dirs, "rm", "-t", "0", "extra")
+        assert (r.returncode, r.stdout) == (0, b"removed extra-0\n")
+
+        def watch() -> tuple[int, bytes]:
+            with subprocess.Popen(
+                _cli(dirs, "stats", "--watch", "web-0"), stdout=subprocess.PIPE, env=dirs.env
+            ) as p:
+                assert p.stdout is not None
+                first = p.stdout.readline() + p.stdout.readline()
+                p.send_signal(signal.SIGINT)
+                return p.wait(timeout=30), first
+
+        status, first = await trio.to_thread.run_sync(watch)
+        assert status == 130 and first.split()[:2] == [b"NAME", b"STATE"]
+
+    run(f, dirs, body)

@@ -4,12 +4,8 @@ fleet ends in the state the calls imply."""
 
 from __future__ import annotations
 
-import array
-import socket
-from collections.abc import Sequence
 from typing import Any
 
-import msgpack
 import pytest
 import trio
 
@@ -17,32 +13,11 @@ import events
 from supervisor import Supervisor
 
 from .conftest import Dirs, requires_root
-from .supervising import fleet, run, wait_event
+from .supervising import fleet, request, run, wait_event
 
 pytestmark = requires_root
 
 N = 50
-
-
-async def request(
-    path: str, method: str, params: dict[str, Any] | None = None, fds: Sequence[int] = ()
-) -> dict[str, Any]:
-    """One connection, one request (with *fds*); the answer map (ok or error)."""
-    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        await s.connect(path)
-        params = dict(params or {}, fds=len(fds)) if fds else params or {}
-        data = msgpack.packb({"id": 7, "method": method, "params": params})
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        assert await s.sendmsg([data], anc) == len(data)
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        while True:
-            data = await s.recv(65536)
-            assert data, f"{method}: connection closed without an answer"
-            unpacker.feed(data)
-            for msg in unpacker:
-                if "progress" not in msg:
-                    assert msg["id"] == 7
-                    return msg  # type: ignore[no-any-return]
 
 
 async def ok(path: str, method: str, params: dict[str, Any] | None = None) -> Any:

@@ -12,16 +12,15 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 import trio
 
 import events
 from supervisor import Supervisor
-from supervisor._control_client import ControlError
+from supervisor._control_client import ControlError, result_of
 
 from .conftest import Dirs, requires_root
-from .supervising import fleet, of, output, run, wait_event, wait_log
+from .supervising import fleet, of, output, request, run, wait_event, wait_log
 
 pytestmark = [requires_root, pytest.mark.layout]
 
@@ -33,20 +32,8 @@ def _sock(dirs: Dirs) -> str:
 
 
 async def acall(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
-    """An async client: one connection, one request, its answer."""
-    async with await trio.open_unix_socket(path) as s:
-        await s.send_all(msgpack.packb({"id": 1, "method": method, "params": params or {}}))
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        while True:
-            data = await s.receive_some(65536)
-            assert data, f"{method}: the supervisor closed the connection"
-            unpacker.feed(data)
-            for msg in unpacker:
-                if "progress" in msg:
-                    continue
-                if msg["ok"]:
-                    return msg["result"]
-                raise ControlError(msg["error"]["code"], msg["error"]["message"])
+    """The result of one request, or its error raised as ControlError."""
+    return result_of(await request(path, method, params))
 
 
 async def expect_error(path: str, code: str, method: str, params: dict[str, Any]) -> str:

@@ -234,16 +234,7 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             os.dup2(fd, 0)
             os.close(fd)
         step = "workdir"
-        try:
-            os.chdir(cfg.workdir)
-        except OSError as exc:
-            raise _Step(
-                "workdir",
-                f"workdir {cfg.workdir!r} is not a directory in the sandbox",
-                exc.errno or 0,
-            ) from exc
-        step = "find command"
-        path = _resolve(cfg.argv[0], cfg.env.get("PATH", ""))
+        path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
         step = "exec init"
         _prepare_exec(report, keep=3)
         os.umask(0o022)
@@ -400,6 +391,17 @@ def _loopback_up() -> None:
         req = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s, _SIOCGIFFLAGS, req))[1]
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+
+
+def enter_workdir_and_find(workdir: str, cmd: str, env: dict[str, str]) -> str:
+    """chdir to *workdir* inside the sandbox, then find *cmd* there (its path)."""
+    try:
+        os.chdir(workdir)
+    except OSError as exc:
+        raise _Step(
+            "workdir", f"workdir {workdir!r} is not a directory in the sandbox", exc.errno or 0
+        ) from exc
+    return _resolve(cmd, env.get("PATH", ""))
 
 
 def _resolve(cmd: str, path_env: str) -> str:

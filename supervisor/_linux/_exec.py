@@ -68,8 +68,8 @@ from ._child import (
     _install_stdio,
     _join_cgroup,
     _report,
-    _resolve,
     _Step,
+    enter_workdir_and_find,
     restrict_like_sandbox,
 )
 
@@ -169,16 +169,7 @@ def _run_exec_child(cfg: ExecConfig, report: socket.socket, gate: int) -> NoRetu
         # (with a terminal, the session is needed to acquire the new one).
         os.setsid()
         step = "workdir"
-        try:
-            os.chdir(cfg.workdir)
-        except OSError as exc:
-            raise _Step(
-                "workdir",
-                f"workdir {cfg.workdir!r} is not a directory in the sandbox",
-                exc.errno or 0,
-            ) from exc
-        step = "find command"
-        path = _resolve(cfg.argv[0], cfg.env.get("PATH", ""))
+        path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
         if cfg.tty:
             step = "open a terminal"
             _open_tty(report)
