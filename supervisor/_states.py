@@ -82,7 +82,9 @@ _HINT = {
     ("checkpoint", "paused"): "resume it first",
     ("start", "running"): "restart it instead",
     ("start", "paused"): "resume it instead",
-    ("restore", "running"): "stop it first, or restore under a new name (--as)",
+    ("restore", "running"): "checkpoint it (without --leave-running) or stop it first,"
+    " or restore it under a new name (--as)",
+    ("restore", "paused"): "stop it first, or restore it under a new name (--as)",
 }
 
 

@@ -465,10 +465,10 @@ class Supervisor:
                         f"{name!r} was stopped (or the fleet is stopping): restore it under a"
                         " new name (--as)"
                     )
-                if target.state not in ("exited", "failed", "stopped") or target._pending_restore:
-                    raise CheckpointError(
-                        f"{name!r} is {target.state}: checkpoint it (without --leave-running)"
-                        " or stop it before restoring it, or restore it under a new name (--as)"
+                guard("restore", target.name, target.state, target.busy)
+                if target._pending_restore is not None:
+                    raise StateError(
+                        "restore", target.name, target.state, "a restore of it is under way"
                     )
                 pending = _PendingRestore(
                     info,
