@@ -730,8 +730,9 @@ class Supervisor:
             if started is not None:
                 await started(exec_id, proc)
             await trio.lowlevel.wait_readable(proc.pidfd)
-            status = proc.poll()
-            if status is None:  # pragma: no cover - readable pidfd means exited
+            # It has exited (a pidfd polls readable then); wait() also copes
+            # with the moment before it is re-parented to us.
+            with trio.CancelScope(shield=True):
                 status = await trio.to_thread.run_sync(proc.wait)
             self.publish(ExecExited(**ident, exec_id=exec_id, status=status))
             return status

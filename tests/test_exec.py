@@ -212,6 +212,34 @@ def test_failures_leave_nothing(runtime: Runtime, sandbox: Sandbox, null: int) -
     ]
 
 
+def test_many_quick_failures_leave_no_zombie(runtime: Runtime, null: int) -> None:
+    """A process that fails right after it was forked must be reaped by us,
+    never left a zombie: a zombie in the sandbox's PID namespace would keep
+    its init from ever finishing its exit (seen once: a stop that hung)."""
+    spec = SandboxSpec(name="quick", argv=("sleep", "600"))
+    sb = runtime.create(spec, stdio=(null, null, null))
+    try:
+        for _ in range(100):
+            with pytest.raises(CommandNotFoundError):
+                runtime.exec(sb, ["no-such-command"], stdio=(null, null, null))
+        sb.kill()
+        # The init ends (its pidfd polls readable) only if no zombie is left.
+        ended = select.select([sb.pidfd], [], [], 30)[0]
+        if not ended:
+            _reap_zombies(except_pid=sb.pid)
+        assert ended, "the init could not finish exiting: a zombie was left in its PID namespace"
+    finally:
+        sb.destroy()
+
+
+def _reap_zombies(except_pid: int) -> None:
+    """Reap our zombie children (but *except_pid*), so a failed test can clean up."""
+    for task in os.listdir("/proc/self/task"):
+        for pid in Path(f"/proc/self/task/{task}/children").read_text().split():
+            if int(pid) != except_pid and Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                os.waitpid(int(pid), os.WNOHANG)
+
+
 def test_exec_into_an_exited_sandbox(runtime: Runtime, null: int) -> None:
     """A sandbox whose init has exited (reaped or not) cannot be exec'd into."""
     gone = r"^sandbox 'gone': not running \(its init has exited\)$"

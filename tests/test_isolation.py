@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from pathlib import Path
 
 import pytest
 
-from supervisor import Runtime, SandboxSpec
+from supervisor import Keeper, Runtime, SandboxSpec
 
-from .conftest import requires_root
+from .conftest import Dirs, requires_root
 from .helpers import run_capture
 
 pytestmark = [requires_root, pytest.mark.layout]
@@ -153,3 +154,32 @@ def test_stdin_is_passed_through(runtime: Runtime, tmp_path: Path) -> None:
             assert sb.wait().status == 0
         out.seek(0)
         assert out.read().split() == [b"2"]
+
+
+def test_the_command_starts_with_every_signal_at_its_default(dirs: Dirs) -> None:
+    """No ignored signal crosses into a sandbox: not one the supervisor's
+    ancestors ignored (here SIGUSR1, ignored when the keeper starts), not
+    Python's SIGPIPE, not the 32 and 33 some harnesses ignore. An ignored
+    signal survives exec, and tini passes on what it got: a command that
+    ignores a signal would shrug off a `corral kill`."""
+    old = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        keeper = Keeper()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    with keeper:
+        assert _sigign(keeper.pid) & (1 << (signal.SIGUSR1 - 1))
+        runtime = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+        spec = SandboxSpec(name="sigs", argv=("cat", "/proc/self/status"))
+        result, out, err = run_capture(runtime, spec)
+    assert result.status == 0, err
+    lines = dict(line.split(":\t", 1) for line in out.splitlines() if ":\t" in line)
+    assert lines["SigIgn"].strip() == "0000000000000000"
+    assert lines["SigBlk"].strip() == "0000000000000000"
+
+
+def _sigign(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigIgn line")

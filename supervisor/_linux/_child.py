@@ -285,10 +285,11 @@ def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
 def _prepare_exec(report: socket.socket, keep: int) -> None:
     """Signals to their defaults, no mask, every fd from *keep* up closed
     but the (close-on-exec) report socket."""
-    # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored signals
-    # ignored, and a command that expects the default would misbehave.
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(sig, signal.SIG_DFL)
+    # exec keeps ignored signals ignored: Python's SIGPIPE and SIGXFSZ, the
+    # keeper's SIGINT, whatever the supervisor's ancestors ignored. A command
+    # that expects the default would misbehave (one that ignores SIGINT
+    # survives tini forwarding it).
+    sc.reset_signals()
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     fd = report.fileno()
     os.closerange(keep, fd)
@@ -302,7 +303,7 @@ def restrict_like_sandbox(report: socket.socket) -> None:
     Today a sandbox runs as root with every capability and no seccomp
     filter, so this is: undumpable until the exec, every descriptor from 3
     up closed but the (close-on-exec) *report* socket, every signal to its
-    default and none blocked, umask 022. The restrictions of issue 7
+    default (as for the init) and none blocked, umask 022. The restrictions of issue 7
     (capability sets, ``no_new_privs``, the seccomp filter) belong here,
     seccomp last; the exec path (:mod:`._exec`) calls this, and the init
     path can too once the rules are the same for both.
@@ -311,11 +312,6 @@ def restrict_like_sandbox(report: socket.socket) -> None:
     # namespace, which is when the window opens; this keeps the rule here
     # too. execve sets the flag again: the new program is the sandbox's.
     sc.set_dumpable(False)
-    # A disposition set to "ignore" survives exec (the keeper ignores
-    # SIGINT, Python ignores SIGPIPE and SIGXFSZ): all back to the default.
-    for sig in signal.valid_signals():
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
     _prepare_exec(report, keep=3)
     os.umask(0o022)
 

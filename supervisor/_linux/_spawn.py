@@ -110,11 +110,26 @@ def collect(sock: socket.socket) -> Spawned:
                 if msg[:1] == b"E"
                 else SetupFailure("spawn", 0, f"unexpected report {msg[:40]!r}")
             )
+            # The failed process is about to exit, but is it ours to reap
+            # yet? Only once the intermediate is gone (the end of file says
+            # so, see keeper_main); reaping before would fail, and the
+            # zombie left would keep its sandbox's init from ever exiting.
+            _drain(sock)
             raise SpawnFailed(failure, pid, pidfd)
     except BaseException:
         if pty_master is not None:
             os.close(pty_master)
         raise
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read (and drop) reports until end of file."""
+    while True:
+        msg, fds, _, _ = _recv_fds(sock, 65536, 1)
+        for fd in fds:
+            os.close(fd)
+        if not msg:
+            return
 
 
 def _run_child(

@@ -37,6 +37,7 @@ __all__ = [
     "inotify_init",
     "mount",
     "pivot_root",
+    "reset_signals",
     "set_child_subreaper",
     "set_dumpable",
     "setns",
@@ -184,3 +185,36 @@ def inotify_add_watch(fd: int, path: str, mask: int) -> int:
     if wd < 0:
         raise _fail(f"inotify_add_watch {path}", path)
     return wd
+
+
+# rt_sigaction(2) by number: glibc's sigaction() refuses signals 32 and 33,
+# which it keeps for itself, and Python cannot name them either.
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}.get(os.uname().machine)
+_NSIG = 64
+_SIGKILL, _SIGSTOP = 9, 19
+
+
+def reset_signals() -> None:
+    """Every signal's disposition back to the default, 32 and 33 included.
+
+    An ignored signal stays ignored across ``execve``: a command must not
+    inherit what its spawner's ancestors chose to ignore (a shell running a
+    job in the background ignores SIGINT; some harnesses ignore 32 and 33).
+    """
+    import signal
+
+    if _SYS_RT_SIGACTION is None:  # pragma: no cover - another architecture
+        for sig in signal.valid_signals():
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(sig, signal.SIG_DFL)
+        return
+    # struct kernel_sigaction {handler, flags, restorer, mask}: all zero is
+    # SIG_DFL with no flags and an empty mask.
+    default = (ctypes.c_ulong * 4)()
+    for n in range(1, _NSIG + 1):
+        if n in (_SIGKILL, _SIGSTOP):
+            continue
+        if _libc.syscall(_SYS_RT_SIGACTION, n, ctypes.byref(default), None, 8) != 0:
+            raise _fail(f"rt_sigaction({n})")
+    # Python's own handlers (SIGINT) now point at defaults the interpreter
+    # does not know of; that is fine: this process execs next.
