@@ -3,8 +3,9 @@
 #   1. `corral run`: one isolated sandbox, and an OOM kill reported as such;
 #   2. `corral up examples/fleet.toml`: a supervised fleet whose events
 #      stream on the terminal and, at the same time, to an outside consumer
-#      (`corral events`); after 15 s a SIGINT (what Ctrl-C sends) stops it
-#      cleanly.
+#      (`corral events`), while a user lists, execs into, pauses and resumes
+#      a sandbox over the control socket; after 15 s a SIGINT (what Ctrl-C
+#      sends) stops it cleanly.
 set -u
 cd "$(dirname "$0")/.."
 # A private state and run directory, so the demo shows only its own events
@@ -34,9 +35,27 @@ log=$(mktemp)
   exec .venv/bin/corral events --since 1 --kind oom_kill --kind exited --kind restarting --kind limit_changed --kind failed
 ) > "$log" 2>&1 &
 consumer=$!
+# And a user at the control socket: ps, exec, pause/resume, while it runs.
+control=$(mktemp)
+(
+  for _ in $(seq 100); do [ -S "$run_dir/control.sock" ] && break; sleep 0.1; done
+  for _ in $(seq 100); do corral ps 2>/dev/null | grep -q '^web-0 *running' && break; sleep 0.1; done
+  echo "\$ corral ps"; corral ps
+  echo "\$ corral exec web -- sh -c 'hostname; ls /proc | grep -c \"^[0-9]\"'"
+  corral exec web -- sh -c 'hostname; ls /proc | grep -c "^[0-9]"'
+  echo "\$ corral pause web"; corral pause web
+  echo "\$ corral exec web -- true"; corral exec web -- true; echo "exit status: $?"
+  echo "\$ corral resume web"; corral resume web
+  echo "\$ corral stats web"; corral stats web
+) > "$control" 2>&1 &
+controller=$!
 timeout --preserve-status -s INT 15 .venv/bin/corral up examples/fleet.toml
 echo "corral up exit status: $?"
-wait "$consumer"
+wait "$consumer" "$controller"
+
+say "what a user at the control socket saw meanwhile (docs/control.md)"
+cat "$control"
+rm -f "$control"
 
 say "what an outside consumer (corral events --kind oom_kill --kind exited ...) received"
 cat "$log"
