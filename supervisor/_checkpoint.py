@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from ._errors import CheckpointError, CriuUnavailableError
+from ._security import make_security
 from ._spec import Limits, SandboxSpec
 
 __all__ = [
@@ -208,6 +209,7 @@ def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
         "env": dict(spec.env),
         "workdir": spec.workdir,
         "limits": spec.limits._asdict(),
+        "security": spec.security.to_dict(),
     }
 
 
@@ -221,6 +223,10 @@ def spec_from_dict(d: dict[str, Any]) -> SandboxSpec:
         env=d.get("env") or {},
         workdir=d.get("workdir", "/"),
         limits=Limits(**d.get("limits", {})),
+        # Checkpoints from before security settings ran with every capability.
+        security=make_security(**d["security"])
+        if "security" in d
+        else make_security(privileged=True, no_new_privs=False),
     )
 
 

@@ -22,6 +22,7 @@ from ._errors import (
     CommandNotExecutableError,
     CommandNotFoundError,
     CorralError,
+    SpecError,
 )
 
 __all__ = ["entry", "main"]
@@ -73,6 +74,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--workdir", "-w", default="/", help="working directory inside")
     run.add_argument("--cgroup-parent", help="cgroup to create the sandbox's cgroup in")
+    run.add_argument(
+        "--cap-add", action="append", default=[], metavar="CAP", help="keep a capability too"
+    )
+    run.add_argument(
+        "--cap-drop", action="append", default=[], metavar="CAP", help="drop a default one"
+    )
+    run.add_argument(
+        "--allow-new-privs", action="store_true", help="do not set no_new_privs (setuid works)"
+    )
+    run.add_argument(
+        "--privileged",
+        action="store_true",
+        help="every capability, no no_new_privs: the sandbox's protections are OFF",
+    )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     up = sub.add_parser(
@@ -561,6 +576,9 @@ def _up(args: argparse.Namespace) -> int:
     from ._supervisor import Supervisor
 
     fleet = load_fleet(args.fleet)
+    for cfg in fleet.sandboxes:
+        if cfg.security.privileged:
+            _warn_privileged(cfg.name)
     configure_logging(json=args.json)
     supervisor = Supervisor(fleet, handle_signals=True, log=True)
     trio.run(supervisor.run)
@@ -639,6 +657,15 @@ def _run(args: argparse.Namespace) -> int:
         cpus=parse_cpus(args.cpus, "--cpus") if args.cpus is not None else None,
         pids=parse_pids(args.pids, "--pids") if args.pids is not None else None,
     )
+    from ._security import make_security
+
+    try:
+        security = make_security(
+            args.cap_add, args.cap_drop, not args.allow_new_privs, args.privileged
+        )
+    except SpecError as exc:
+        option = "--" + exc.field.replace("_", "-")
+        raise SpecError(option, str(exc).split(": ", 1)[1]) from None
     spec = SandboxSpec(
         name=name,
         argv=tuple(command),
@@ -647,7 +674,10 @@ def _run(args: argparse.Namespace) -> int:
         env=parse_env(args.env, "--env"),
         workdir=args.workdir,
         limits=limits,
+        security=security,
     )
+    if security.privileged:
+        _warn_privileged(name)
 
     # Signals that arrive before the sandbox exists are kept and delivered
     # once it does; after that each one is forwarded to its init.
@@ -694,6 +724,13 @@ _CONTROL_VERBS = frozenset(
         "rm",
     }
 )
+
+
+def _warn_privileged(name: str) -> None:
+    sys.stderr.write(
+        f"corral: WARNING: sandbox {name!r} is privileged: it keeps every capability and"
+        " no_new_privs is off; its root is the host's root\n"
+    )
 
 
 class _Usage(CorralError):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ._errors import CorralError, SpecError
+from ._security import DEFAULT_SECURITY, Security, make_security, parse_capabilities
 from ._spec import NO_LIMITS, Limits, SandboxSpec, parse_cpus, parse_pids, parse_size, validate_name
 
 __all__ = ["Fleet", "FleetError", "SandboxConfig", "SupervisorConfig", "load_fleet", "parse_fleet"]
@@ -25,7 +26,7 @@ T = TypeVar("T")
 
 _SANDBOX_KEYS = {
     "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
-    "hostname", "plugins",
+    "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged",
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -78,6 +79,9 @@ class SandboxConfig:
     hostname: str | None = None
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Per-sandbox plugin settings, by plugin name; each plugin checks its own."""
+    security: Security = DEFAULT_SECURITY
+    """Capabilities and no_new_privs (``cap_add``, ``cap_drop``, ``no_new_privs``,
+    ``privileged``)."""
 
     def instance_name(self, instance: int) -> str:
         """The runtime name of one replica: ``NAME-INDEX``."""
@@ -93,6 +97,7 @@ class SandboxConfig:
             env=self.env,
             workdir=self.workdir,
             limits=self.limits,
+            security=self.security,
         )
 
 
@@ -237,6 +242,15 @@ def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[s
             out["workdir"] = wd
     if "plugins" in table:
         out["plugins"] = c.check(where, lambda: _plugins(table["plugins"]))
+    for key in ("cap_add", "cap_drop"):
+        if key in table:
+            out[key] = c.check(where, lambda k=key: parse_capabilities(table[k], k))  # type: ignore[misc]
+    for key in ("no_new_privs", "privileged"):
+        if key in table:
+            if isinstance(table[key], bool):
+                out[key] = table[key]
+            else:
+                c.problems.append(f"{where}{key}: expected true or false, got {table[key]!r}")
     return out
 
 
@@ -340,6 +354,17 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
         )
         env = {**defaults.get("env", {}), **fields.get("env", {})}
         plugins = {**defaults.get("plugins", {}), **fields.get("plugins", {})}
+        security = c.check(
+            where,
+            lambda f=fields: make_security(  # type: ignore[misc]
+                f.get("cap_add", ()),
+                f.get("cap_drop", ()),
+                f.get("no_new_privs", True),
+                f.get("privileged", False),
+            ),
+        )
+        if security is None:
+            continue
         cfg = SandboxConfig(
             name=name,
             command=command,
@@ -350,6 +375,7 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             workdir=fields.get("workdir", "/"),
             hostname=hostname,
             plugins=plugins,
+            security=security,
         )
         if c.check(where, lambda cfg=cfg: cfg.spec(0)) is not None:  # type: ignore[misc]
             sandboxes.append(cfg)

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
 
@@ -60,6 +60,7 @@ from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
 from ._linux._child import INIT_PATH, LaunchConfig
 from ._linux._exec import ExecConfig
 from ._linux._spawn import Spawned, SpawnFailed, spawn_direct
+from ._security import cap_last_cap, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
 
 __all__ = [
@@ -364,6 +365,18 @@ def _shell_status(info: os.waitid_result) -> int:
     return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
 
 
+def _privileges(spec: SandboxSpec) -> dict[str, Any]:
+    """The capability and no_new_privs fields of a launch or exec config:
+    the same for a sandbox's init and for everything exec'd into it."""
+    last = cap_last_cap()
+    sec = spec.security
+    return {
+        "caps": None if sec.privileged else kept_capabilities(sec, last),
+        "last_cap": last,
+        "no_new_privs": sec.no_new_privs and not sec.privileged,
+    }
+
+
 def _has_exited(sb: Sandbox) -> bool:
     """True if the sandbox's init has exited; never reaps it (its owner does)."""
     import select
@@ -528,6 +541,7 @@ class Runtime:
                 init_binary=self.init_binary,
                 cgroup_procs=list(cgroup.procs_files()),
                 stdin_devnull=stdin_devnull,
+                **_privileges(spec),
             )
             try:
                 spawned = self._spawn_or_reap(cfg, stdio)
@@ -548,6 +562,7 @@ class Runtime:
         workdir: str | None = None,
         stdio: tuple[int, int, int] = (0, 1, 2),
         tty: bool = False,
+        winsize: tuple[int, int] | None = None,
     ) -> ExecProcess:
         """Start *argv* in the running sandbox *sb*, like ``docker exec``;
         return once it has been exec'd.
@@ -558,7 +573,8 @@ class Runtime:
         environment is the sandbox's, updated with *env*. It gets no more
         privilege than the sandbox's own processes. Its fds 0, 1, 2 are
         *stdio*, or with *tty* a new terminal of the sandbox's devpts whose
-        master is :attr:`ExecProcess.pty_master`.
+        master is :attr:`ExecProcess.pty_master`, sized *winsize* (rows,
+        columns) before the command runs.
 
         It becomes a child of this process (see :class:`ExecProcess`).
         Raises :class:`~supervisor.CommandNotFoundError`,
@@ -592,6 +608,8 @@ class Runtime:
             cgroup_procs=list(sb.cgroup.procs_files()),
             target_pidfd=sb.pidfd,
             tty=tty,
+            winsize=list(winsize) if winsize else None,
+            **_privileges(sb.spec),
         )
         try:
             spawned = self._spawn_or_reap(cfg, stdio)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from ._errors import SpecError
+from ._security import DEFAULT_SECURITY, Security
 
 __all__ = [
     "DEFAULT_PATH",
@@ -144,6 +145,8 @@ class _SpecFields(NamedTuple):
     env: Mapping[str, str]
     workdir: str
     limits: Limits
+    security: Security
+    """Capabilities and no_new_privs (Docker's defaults unless told otherwise)."""
 
 
 class SandboxSpec(_SpecFields):
@@ -164,6 +167,7 @@ class SandboxSpec(_SpecFields):
         env: Mapping[str, str] | None = None,
         workdir: str = "/",
         limits: Limits = NO_LIMITS,
+        security: Security = DEFAULT_SECURITY,
     ) -> SandboxSpec:
         validate_name(name)
         argv = tuple(argv)
@@ -182,7 +186,7 @@ class SandboxSpec(_SpecFields):
         for key in env:
             if not _ENV_KEY_RE.match(key):
                 raise SpecError("env", f"expected KEY=VALUE, got key {key!r}")
-        return super().__new__(cls, name, argv, rootfs, hostname, env, workdir, limits)
+        return super().__new__(cls, name, argv, rootfs, hostname, env, workdir, limits, security)
 
     @property
     def effective_hostname(self) -> str:

@@ -221,6 +221,7 @@ class Instance:
             env=base.env,
             workdir=base.workdir,
             limits=limits,
+            security=base.security,
         )
 
     def request_stop(self, reason: str | None = None) -> None:
@@ -447,6 +448,7 @@ class Supervisor:
                         workdir=source.config.workdir,
                         hostname=source.config.hostname,
                         plugins=source.config.plugins,
+                        security=source.config.security,
                     ),
                     0,
                     grace=source.grace,
@@ -690,6 +692,7 @@ class Supervisor:
         env: dict[str, str] | None = None,
         workdir: str | None = None,
         tty: bool = False,
+        winsize: tuple[int, int] | None = None,
         stdio: tuple[int, int, int],
         started: Callable[[int, ExecProcess], Awaitable[None]] | None = None,
     ) -> int:
@@ -710,7 +713,16 @@ class Supervisor:
         try:
             with trio.CancelScope(shield=True):
                 proc: ExecProcess = await trio.to_thread.run_sync(
-                    partial(runtime.exec, sb, argv, env=env, workdir=workdir, stdio=stdio, tty=tty)
+                    partial(
+                        runtime.exec,
+                        sb,
+                        argv,
+                        env=env,
+                        workdir=workdir,
+                        stdio=stdio,
+                        tty=tty,
+                        winsize=winsize,
+                    )
                 )
         except SandboxError as exc:
             # Name the instance, not the runtime's generation name.

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import Keeper, Runtime, SandboxSpec
+from supervisor._security import make_security
 
 from .conftest import Dirs, requires_root
 from .helpers import run_capture
@@ -69,11 +70,15 @@ def test_orphaned_grandchild_is_reaped(runtime: Runtime) -> None:
 
 
 def test_hostname_is_private(runtime: Runtime) -> None:
-    """The sandbox's host name is its own; changing it inside leaves the host alone."""
+    """The sandbox's host name is its own; changing it inside (with the
+    capability to, which a default sandbox lacks) leaves the host alone."""
     host = socket.gethostname()
-    result, out, err = run_capture(
-        runtime, sh("uts", "hostname; hostname changed-inside; hostname", hostname="box-1")
-    )
+    script = "hostname; hostname changed-inside; hostname"
+    result, out, err = run_capture(runtime, sh("uts0", script, hostname="box-1"))
+    assert out.split() == ["box-1", "box-1"]
+    assert "Operation not permitted" in err
+    admin = make_security(cap_add=["SYS_ADMIN"])
+    result, out, err = run_capture(runtime, sh("uts", script, hostname="box-1", security=admin))
     assert result.status == 0, err
     assert out.split() == ["box-1", "changed-inside"]
     assert socket.gethostname() == host

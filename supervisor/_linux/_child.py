@@ -97,6 +97,12 @@ class LaunchConfig(NamedTuple):
     stdin_devnull: bool = False
     """Give the command the sandbox's own /dev/null as stdin (not a host
     file: CRIU cannot checkpoint a descriptor of a file outside the sandbox)."""
+    caps: list[int] | None = None
+    """The capabilities the sandbox keeps (None: every one, privileged)."""
+    last_cap: int = -1
+    """The host kernel's highest capability number."""
+    no_new_privs: bool = False
+    """Set ``no_new_privs`` before the exec."""
     restore_argv: list[str] | None = None
     """Instead of starting a command, run this CRIU restore command in a
     private mount namespace holding the overlay root (see :func:`_run_restorer`)."""
@@ -235,9 +241,9 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             os.close(fd)
         step = "workdir"
         path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
+        step = "restrict"
+        restrict_like_sandbox(report, cfg.caps, cfg.last_cap, cfg.no_new_privs)
         step = "exec init"
-        _prepare_exec(report, keep=3)
-        os.umask(0o022)
         os.execve(INIT_PATH, ["init", "--", path, *cfg.argv[1:]], cfg.env)
     except BaseException as exc:
         _report(report, exc, step)
@@ -296,17 +302,19 @@ def _prepare_exec(report: socket.socket, keep: int) -> None:
     os.closerange(fd + 1, 1 << 20)
 
 
-def restrict_like_sandbox(report: socket.socket) -> None:
-    """Leave a process about to exec in a sandbox no more than the sandbox's
-    own processes have; the last step before ``execve``.
+def restrict_like_sandbox(
+    report: socket.socket, caps: list[int] | None, last_cap: int, no_new_privs: bool
+) -> None:
+    """Leave a process about to exec in a sandbox exactly the sandbox's
+    privileges; the last step before ``execve``, for the init and for every
+    process ``corral exec`` adds alike.
 
-    Today a sandbox runs as root with every capability and no seccomp
-    filter, so this is: undumpable until the exec, every descriptor from 3
-    up closed but the (close-on-exec) *report* socket, every signal to its
-    default (as for the init) and none blocked, umask 022. The restrictions of issue 7
-    (capability sets, ``no_new_privs``, the seccomp filter) belong here,
-    seccomp last; the exec path (:mod:`._exec`) calls this, and the init
-    path can too once the rules are the same for both.
+    Undumpable until the exec; every descriptor from 3 up closed but the
+    (close-on-exec) *report* socket; every signal to its default and none
+    blocked; umask 022; only the capabilities *caps* (numbers up to
+    *last_cap*; None keeps every one: a privileged sandbox), no inheritable
+    or ambient ones, and ``no_new_privs`` if asked (see
+    :mod:`supervisor._security`).
     """
     # The exec path clears the flag before it joins the sandbox's PID
     # namespace, which is when the window opens; this keeps the rule here
@@ -314,6 +322,10 @@ def restrict_like_sandbox(report: socket.socket) -> None:
     sc.set_dumpable(False)
     _prepare_exec(report, keep=3)
     os.umask(0o022)
+    if caps is not None:
+        sc.restrict_capabilities(caps, last_cap, no_new_privs)
+    elif no_new_privs:  # pragma: no cover - privileged implies it is off
+        sc.restrict_capabilities(list(range(last_cap + 1)), last_cap, True)
 
 
 def _mount_overlay(cfg: LaunchConfig) -> None:

@@ -92,9 +92,18 @@ class ExecConfig(NamedTuple):
     process. A forked child inherits it; the keeper protocol sends the
     descriptor itself (SCM_RIGHTS) and the keeper puts its own number here.
     A pidfd, never a PID: a PID could be reused by another process."""
+    caps: list[int] | None = None
+    """The sandbox's capabilities, as its own processes have them (None: all)."""
+    last_cap: int = -1
+    """The host kernel's highest capability number."""
+    no_new_privs: bool = False
+    """Set ``no_new_privs`` before the exec, as the sandbox's init did."""
     tty: bool = False
     """Give the process a new terminal of the sandbox's devpts as 0, 1, 2
     and send its master up, instead of using the spawner's stdio."""
+    winsize: list[int] | None = None
+    """The terminal's initial rows and columns: set before the command runs,
+    which may ask at once (the client's SIGWINCH updates come later)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for the keeper protocol."""
@@ -172,9 +181,9 @@ def _run_exec_child(cfg: ExecConfig, report: socket.socket, gate: int) -> NoRetu
         path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
         if cfg.tty:
             step = "open a terminal"
-            _open_tty(report)
+            _open_tty(report, cfg.winsize)
         step = "restrict"
-        restrict_like_sandbox(report)
+        restrict_like_sandbox(report, cfg.caps, cfg.last_cap, cfg.no_new_privs)
         step = "exec"
         try:
             os.execve(path, cfg.argv, cfg.env)
@@ -194,7 +203,7 @@ def _close_fds_except(*keep: int) -> None:
     os.closerange(low, 1 << 20)
 
 
-def _open_tty(report: socket.socket) -> None:
+def _open_tty(report: socket.socket, winsize: list[int] | None) -> None:
     """A new terminal of the sandbox's devpts as our controlling terminal
     and fds 0, 1, 2; its master goes up the *report* socket."""
     # Our root is the sandbox's: this is the sandbox's /dev/ptmx (a link to
@@ -204,6 +213,9 @@ def _open_tty(report: socket.socket) -> None:
         if not stat.S_ISCHR(os.fstat(master).st_mode):
             raise _Step("open a terminal", "/dev/ptmx in the sandbox is not a character device")
         fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
+        if winsize:
+            rows, cols = winsize
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         # Through the master, not a path: nothing in the sandbox can put
         # another file where the slave should be.
         slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)

@@ -38,6 +38,7 @@ __all__ = [
     "mount",
     "pivot_root",
     "reset_signals",
+    "restrict_capabilities",
     "set_child_subreaper",
     "set_dumpable",
     "setns",
@@ -218,3 +219,46 @@ def reset_signals() -> None:
             raise _fail(f"rt_sigaction({n})")
     # Python's own handlers (SIGINT) now point at defaults the interpreter
     # does not know of; that is fine: this process execs next.
+
+
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def restrict_capabilities(keep: list[int], last_cap: int, no_new_privs: bool) -> None:
+    """Keep only the capabilities *keep*: drop the rest from the bounding
+    set (so no exec can bring them back), clear the ambient set, set the
+    permitted and effective sets to *keep* and the inheritable set empty;
+    then ``no_new_privs`` if asked. Needs CAP_SETPCAP (dropped last)."""
+    wanted = set(keep)
+    for cap in range(last_cap + 1):
+        if cap not in wanted and _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise _fail(f"prctl(PR_CAPBSET_DROP, {cap})")
+    if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        raise _fail("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    mask = sum(1 << c for c in wanted)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in (0, 1):
+        part = (mask >> (32 * i)) & 0xFFFFFFFF
+        data[i].effective = data[i].permitted = part
+        data[i].inheritable = 0
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise _fail("capset")
+    if no_new_privs and _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise _fail("prctl(PR_SET_NO_NEW_PRIVS)")
