@@ -419,6 +419,15 @@ async def _exec(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     env = _env(params)
     workdir = _str(params, "workdir")
     tty = _bool(params, "tty")
+    winsize = params.get("winsize")
+    if winsize is not None and (
+        not isinstance(winsize, list)
+        or len(winsize) != 2
+        or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 65536 for n in winsize
+        )
+    ):
+        raise SpecError("winsize", f"expected [rows, columns], got {winsize!r:.40}")
     if tty:
         stdio = None
     elif len(ctx.fds) == 3:
@@ -446,7 +455,14 @@ async def _exec(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
         with open("/dev/null", "rb") as null:
             n = null.fileno()
             status = await sup.exec_in(
-                name, argv, env=env, workdir=workdir, tty=True, stdio=(n, n, n), started=started
+                name,
+                argv,
+                env=env,
+                workdir=workdir,
+                tty=True,
+                winsize=(winsize[0], winsize[1]) if winsize else None,
+                stdio=(n, n, n),
+                started=started,
             )
     else:
         status = await sup.exec_in(

@@ -57,6 +57,9 @@ def run_exec(
         params["workdir"] = workdir
     with Client(path) as client, _signals() as wakeup:
         if tty:
+            size = _winsize()
+            if size is not None:
+                params["winsize"] = list(size)
             rid = client.request("exec", params)
             return _Relay(client, rid, wakeup, interactive=interactive).run_tty()
         stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
@@ -293,12 +296,20 @@ def _write_all(fd: int, data: bytes) -> bool:
     return True
 
 
-def _copy_winsize(master: int) -> None:
+def _winsize() -> tuple[int, int] | None:
+    """Our terminal's rows and columns (None without a terminal)."""
     for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
         try:
             size = fcntl.ioctl(fd, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
         except OSError:
             continue
+        rows, cols, _, _ = struct.unpack("HHHH", size)
+        return rows, cols
+    return None
+
+
+def _copy_winsize(master: int) -> None:
+    size = _winsize()
+    if size is not None:
         with contextlib.suppress(OSError):
-            fcntl.ioctl(master, termios.TIOCSWINSZ, size)
-        return
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))

@@ -182,20 +182,29 @@ def _run_on_a_terminal(argv: Sequence[str], env: dict[str, str]) -> tuple[int, b
             ["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, env=env
         )
         os.close(slave)
-        out = _read_until(master, b"24 80")
-        # Resized while it runs: the command sees the new size.
-        _set_size(master, 30, 100)
-        os.write(master, b"go\n")
-        out += _read_until(master, b"30 100")
-        status = p.wait(timeout=30)
         try:
-            while chunk := os.read(master, 4096):
-                out += chunk
-        except OSError:
-            pass
-        return status, out
+            return _talk(p, master)
+        finally:
+            if p.poll() is None:  # a failed test must not leave it running
+                p.kill()
+                p.wait()
     finally:
         os.close(master)
+
+
+def _talk(p: subprocess.Popen[bytes], master: int) -> tuple[int, bytes]:
+    """The size it starts with; a resize while it runs; its status and output."""
+    out = _read_until(master, b"24 80")
+    _set_size(master, 30, 100)
+    os.write(master, b"go\n")
+    out += _read_until(master, b"30 100")
+    status = p.wait(timeout=30)
+    try:
+        while chunk := os.read(master, 4096):
+            out += chunk
+    except OSError:
+        pass
+    return status, out
 
 
 def test_a_pseudo_terminal_with_window_size_changes(dirs: Dirs) -> None:
