@@ -541,6 +541,7 @@ class Runtime:
                 init_binary=self.init_binary,
                 cgroup_procs=list(cgroup.procs_files()),
                 stdin_devnull=stdin_devnull,
+                mask_paths=not spec.security.privileged,
                 **_privileges(spec),
             )
             try:

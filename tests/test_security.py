@@ -169,3 +169,39 @@ def test_corral_run_flags(dirs: Dirs) -> None:
     r = run("--privileged", "--", "true")
     assert r.returncode == 0 and "WARNING" in r.stderr and "privileged" in r.stderr
     assert os.listdir(dirs.state / "sandboxes") == []
+
+
+@requires_root
+@pytest.mark.layout
+def test_proc_and_sys_are_masked_and_read_only(runtime: Runtime) -> None:
+    """Docker's masked paths are empty or unreadable, its read-only paths
+    refuse writes; a privileged sandbox sees them as they are."""
+    from supervisor._linux._child import MASKED_PATHS, READONLY_PATHS
+
+    present = [p for p in MASKED_PATHS if os.path.exists(p)]
+    writable = [p for p in READONLY_PATHS if os.path.exists(p)]
+    assert "/proc/sys" in writable and "/sys/firmware" in present
+    script = (
+        "for p in " + " ".join(present) + "; do"
+        '  if [ -d $p ]; then echo "$p $(ls -A $p | wc -l)"; else echo "$p $(wc -c < $p)"; fi;'
+        " done;"
+        " for p in " + " ".join(writable) + "; do"
+        "  f=$p; [ -d $p ] && f=$(find $p -type f -perm -200 | head -1);"
+        '  [ -n "$f" ] && { (: > $f) 2>/dev/null && echo "$p writable" || echo "$p read-only"; };'
+        " done; true"
+    )
+    result, out, err = run_capture(runtime, SandboxSpec(name="masked", argv=("sh", "-c", script)))
+    assert result.status == 0, err
+    lines = out.splitlines()
+    for p in present:
+        assert f"{p} 0" in lines, (p, out)
+    assert not [ln for ln in lines if ln.endswith("writable")], out
+    assert "/proc/sys read-only" in lines
+
+    spec = SandboxSpec(
+        name="unmasked",
+        argv=("sh", "-c", "ls -A /sys/firmware | wc -l"),
+        security=make_security(privileged=True),
+    )
+    result, out, err = run_capture(runtime, spec)
+    assert result.status == 0 and int(out) > 0, err

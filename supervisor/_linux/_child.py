@@ -60,6 +60,25 @@ _NS_FLAGS = (
     | sc.CLONE_NEWCGROUP
 )
 
+MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+"""Hidden in a sandbox: an empty read-only tmpfs over a directory, the
+sandbox's /dev/null over a file."""
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+"""Read-only in a sandbox (all of /sys is)."""
+
 _DEVICES = (  # name, major, minor, mode
     ("null", 1, 3, 0o666),
     ("zero", 1, 5, 0o666),
@@ -99,6 +118,9 @@ class LaunchConfig(NamedTuple):
     file: CRIU cannot checkpoint a descriptor of a file outside the sandbox)."""
     caps: list[int] | None = None
     """The capabilities the sandbox keeps (None: every one, privileged)."""
+    mask_paths: bool = False
+    """Mask and make read-only the paths of /proc and /sys a sandbox must
+    not see or write (:data:`MASKED_PATHS`, :data:`READONLY_PATHS`)."""
     last_cap: int = -1
     """The host kernel's highest capability number."""
     no_new_privs: bool = False
@@ -366,6 +388,32 @@ def _mount_root(cfg: LaunchConfig) -> None:
     os.close(os.open(init, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o755))
     sc.mount(cfg.init_binary, init, None, sc.MS_BIND)
     sc.mount(None, init, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID)
+    if cfg.mask_paths:
+        _mask_proc_and_sys(m, f"{dev}/null")
+
+
+def _mask_proc_and_sys(root: str, null: str) -> None:
+    """Hide what a sandbox has no business reading in /proc and /sys, and
+    make what it must not write read-only (Docker's lists, runc's way)."""
+    for path in MASKED_PATHS:
+        target = root + path
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            continue  # this kernel has no such file
+        if stat.S_ISDIR(st.st_mode):
+            sc.mount("tmpfs", target, "tmpfs", sc.MS_RDONLY, "size=0")
+        else:
+            # The sandbox's own /dev/null, not the host's: nothing of the
+            # host is mounted in (and CRIU sees an internal bind mount).
+            sc.mount(null, target, None, sc.MS_BIND)
+    flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    for path in READONLY_PATHS:
+        target = root + path
+        if not os.path.lexists(target):
+            continue
+        sc.mount(target, target, None, sc.MS_BIND | sc.MS_REC)
+        sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | flags)
 
 
 def _target(root: str, name: str) -> str:
