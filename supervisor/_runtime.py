@@ -323,18 +323,8 @@ class ExecProcess:
 
     def wait(self) -> int:
         """Block until it has exited; return its shell-style status."""
-        deadline: float | None = None
         while self._status is None:
-            try:
-                info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-            except ChildProcessError:
-                # Not our child yet: it ended while the kernel was still
-                # handing it on from its exiting parent. A moment, no more.
-                deadline = deadline or time.monotonic() + 5.0
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.001)
-                continue
+            info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
             if info is not None:
                 self._status = _shell_status(info)
         return self._status

@@ -742,9 +742,10 @@ class Supervisor:
             if started is not None:
                 await started(exec_id, proc)
             await trio.lowlevel.wait_readable(proc.pidfd)
-            # It has exited (a pidfd polls readable then); wait() also copes
-            # with the moment before it is re-parented to us.
-            with trio.CancelScope(shield=True):
+            # Readable: it has exited, and it is our child (the spawner
+            # reports "exec'd" only once the intermediate is reaped).
+            status = proc.poll()
+            if status is None:  # pragma: no cover - readable pidfd means exited
                 status = await trio.to_thread.run_sync(proc.wait)
             self.publish(ExecExited(**ident, exec_id=exec_id, status=status))
             return status

@@ -344,10 +344,8 @@ def restrict_like_sandbox(
     sc.set_dumpable(False)
     _prepare_exec(report, keep=3)
     os.umask(0o022)
-    if caps is not None:
+    if caps is not None:  # None: privileged, which also means no no_new_privs
         sc.restrict_capabilities(caps, last_cap, no_new_privs)
-    elif no_new_privs:  # pragma: no cover - privileged implies it is off
-        sc.restrict_capabilities(list(range(last_cap + 1)), last_cap, True)
 
 
 def _mount_overlay(cfg: LaunchConfig) -> None:
