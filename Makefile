@@ -18,8 +18,10 @@ PKGS  := supervisor events plugins rootfs
 # lock CRIU 3.17 leaves in a restored sandbox (docs/checkpoint.md). The VM
 # lane: QEMU and Debian's own kernel (CRIU works there; see tests/vm/run).
 APT_RUNTIME := busybox-static tini python3-venv python3-dev iproute2 util-linux procps \
-               criu nftables
+               criu nftables libseccomp2
 APT_VM      := qemu-system-x86 linux-image-amd64
+# The escape tests compile a static probe program into a test rootfs.
+APT_TEST    := gcc libc6-dev
 APT_BENCH   := runc lxc gcc libc6-dev
 
 .PHONY: setup setup-vm setup-bench demo test test-host test-vm test-vm-v1 lint bench \
@@ -47,7 +49,7 @@ setup: $(VENV)/.installed
 	@$(PY) -m compileall -q $(PKGS)
 
 setup-vm: setup
-	$(call apt_install,$(APT_VM))
+	$(call apt_install,$(APT_VM) $(APT_TEST))
 
 setup-bench: setup
 	$(call apt_install,$(APT_BENCH))

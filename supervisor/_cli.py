@@ -84,6 +84,30 @@ def _build_parser() -> argparse.ArgumentParser:
         "--allow-new-privs", action="store_true", help="do not set no_new_privs (setuid works)"
     )
     run.add_argument(
+        "--seccomp",
+        default="default",
+        metavar="PROFILE",
+        help="'default', 'unconfined' or a Docker seccomp profile (JSON file)",
+    )
+    run.add_argument(
+        "--ulimit",
+        action="append",
+        default=[],
+        metavar="NAME=SOFT[:HARD]",
+        help="set an rlimit, e.g. nofile=4096 or core=0:unlimited",
+    )
+    run.add_argument(
+        "--userns",
+        action="store_true",
+        help="run in a user namespace: the sandbox's root is an unprivileged host user",
+    )
+    run.add_argument(
+        "--userns-base",
+        type=int,
+        metavar="UID",
+        help="with --userns: the host uid/gid of the sandbox's root (default: a free range)",
+    )
+    run.add_argument(
         "--privileged",
         action="store_true",
         help="every capability, no no_new_privs: the sandbox's protections are OFF",
@@ -660,11 +684,24 @@ def _run(args: argparse.Namespace) -> int:
     from ._security import make_security
 
     try:
+        rlimits: dict[str, str] = {}
+        for item in args.ulimit:
+            name, eq, value = item.partition("=")
+            if not eq or not name:
+                raise SpecError("ulimit", f"expected NAME=SOFT[:HARD], got {item!r}")
+            rlimits[name] = value
         security = make_security(
-            args.cap_add, args.cap_drop, not args.allow_new_privs, args.privileged
+            args.cap_add,
+            args.cap_drop,
+            not args.allow_new_privs,
+            args.privileged,
+            args.seccomp,
+            rlimits,
+            args.userns,
+            args.userns_base,
         )
     except SpecError as exc:
-        option = "--" + exc.field.replace("_", "-")
+        option = "--" + exc.field.split(".")[0].replace("_", "-").replace("rlimits", "ulimit")
         raise SpecError(option, str(exc).split(": ", 1)[1]) from None
     spec = SandboxSpec(
         name=name,

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ._errors import CorralError, SpecError
-from ._security import DEFAULT_SECURITY, Security, make_security, parse_capabilities
+from ._seccomp import parse_seccomp
+from ._security import (
+    DEFAULT_SECURITY,
+    USERNS_SIZE,
+    Security,
+    make_security,
+    parse_capabilities,
+    parse_rlimits,
+)
 from ._spec import NO_LIMITS, Limits, SandboxSpec, parse_cpus, parse_pids, parse_size, validate_name
 
 __all__ = ["Fleet", "FleetError", "SandboxConfig", "SupervisorConfig", "load_fleet", "parse_fleet"]
@@ -26,7 +34,8 @@ T = TypeVar("T")
 
 _SANDBOX_KEYS = {
     "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
-    "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged",
+    "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged", "seccomp",
+    "rlimits", "userns", "userns_base", "userns_size",
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -245,12 +254,19 @@ def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[s
     for key in ("cap_add", "cap_drop"):
         if key in table:
             out[key] = c.check(where, lambda k=key: parse_capabilities(table[k], k))  # type: ignore[misc]
-    for key in ("no_new_privs", "privileged"):
+    for key in ("no_new_privs", "privileged", "userns"):
         if key in table:
             if isinstance(table[key], bool):
                 out[key] = table[key]
             else:
                 c.problems.append(f"{where}{key}: expected true or false, got {table[key]!r}")
+    for key in ("userns_base", "userns_size"):
+        if key in table:
+            out[key] = table[key]  # checked with the rest by make_security
+    if "seccomp" in table:
+        out["seccomp"] = c.check(where, lambda: parse_seccomp(table["seccomp"]))
+    if "rlimits" in table and c.check(where, lambda: parse_rlimits(table["rlimits"])) is not None:
+        out["rlimits"] = dict(table["rlimits"])
     return out
 
 
@@ -345,7 +361,10 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
         hostname = table.get("hostname")
         if hostname is not None and not isinstance(hostname, str):
             c.problems.append(f"{where}hostname: expected a string, got {hostname!r}")
-        fields = {**defaults, **_sandbox_fields(c, where, table)}
+        own = _sandbox_fields(c, where, table)
+        fields = {**defaults, **own}
+        # A sandbox's rlimits add to (or override) the defaults', one by one.
+        fields["rlimits"] = {**defaults.get("rlimits", {}), **own.get("rlimits", {})}
         if len(c.problems) > before:
             continue
         assert isinstance(name, str) and command is not None and replicas is not None
@@ -361,6 +380,11 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
                 f.get("cap_drop", ()),
                 f.get("no_new_privs", True),
                 f.get("privileged", False),
+                f.get("seccomp", "default"),
+                f["rlimits"],
+                f.get("userns", False),
+                f.get("userns_base"),
+                f.get("userns_size", USERNS_SIZE),
             ),
         )
         if security is None:

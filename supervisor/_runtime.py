@@ -60,8 +60,9 @@ from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
 from ._linux._child import INIT_PATH, LaunchConfig
 from ._linux._exec import ExecConfig
 from ._linux._spawn import Spawned, SpawnFailed, spawn_direct
-from ._security import cap_last_cap, kept_capabilities
-from ._spec import _ENV_KEY_RE, SandboxSpec
+from ._security import cap_last_cap, effective_rlimits, kept_capabilities
+from ._spec import _ENV_KEY_RE, DEFAULT_PIDS, Limits, SandboxSpec
+from ._userns import allocate_range, check_reachable, shifted_rootfs
 
 __all__ = [
     "DEFAULT_RUN_DIR",
@@ -356,15 +357,30 @@ def _shell_status(info: os.waitid_result) -> int:
 
 
 def _privileges(spec: SandboxSpec) -> dict[str, Any]:
-    """The capability and no_new_privs fields of a launch or exec config:
-    the same for a sandbox's init and for everything exec'd into it."""
+    """The privilege fields of a launch or exec config (capabilities,
+    no_new_privs, seccomp filter, rlimits): the same for a sandbox's init
+    and for everything exec'd into it."""
     last = cap_last_cap()
     sec = spec.security
+    caps = None if sec.privileged else kept_capabilities(sec, last)
+    seccomp = None
+    if not sec.privileged and sec.seccomp != "unconfined":
+        from ._seccomp import compile_filter
+
+        seccomp = compile_filter(sec.seccomp, caps)
     return {
-        "caps": None if sec.privileged else kept_capabilities(sec, last),
+        "caps": caps,
         "last_cap": last,
         "no_new_privs": sec.no_new_privs and not sec.privileged,
+        "seccomp": seccomp,
+        "rlimits": effective_rlimits(sec),
     }
+
+
+def _with_defaults(limits: Limits) -> Limits:
+    """The limits a sandbox gets: its own, and :data:`DEFAULT_PIDS` tasks
+    if it sets none, so that a fork bomb stays inside by default."""
+    return limits if limits.pids is not None else limits._replace(pids=DEFAULT_PIDS)
 
 
 def _has_exited(sb: Sandbox) -> bool:
@@ -517,8 +533,14 @@ class Runtime:
         record = os.path.join(self.run_dir, "sandboxes", f"{spec.name}.json")
         with contextlib.ExitStack() as undo:
             self._make_state_dir(spec.name, sdir, record, undo)
-            cgroup = self.cgroups.create(f"corral-{spec.name}", spec.limits)
+            userns = None
+            if spec.security.userns:
+                userns = self._userns(spec, sdir, undo)
+                lower = shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
+            cgroup = self.cgroups.create(f"corral-{spec.name}", _with_defaults(spec.limits))
             undo.callback(cgroup.remove)
+            if not spec.security.privileged:
+                cgroup.restrict_devices()
             cfg = LaunchConfig(
                 argv=list(spec.argv),
                 env=spec.environment(),
@@ -531,7 +553,8 @@ class Runtime:
                 init_binary=self.init_binary,
                 cgroup_procs=list(cgroup.procs_files()),
                 stdin_devnull=stdin_devnull,
-                mask_paths=not spec.security.privileged,
+                confine=not spec.security.privileged,
+                userns=userns,
                 **_privileges(spec),
             )
             try:
@@ -543,6 +566,21 @@ class Runtime:
             undo.callback(_unlink, record)
             return Sandbox(spec, spawned, cgroup, sdir, undo.pop_all())
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _userns(self, spec: SandboxSpec, sdir: str, undo: contextlib.ExitStack) -> list[int]:
+        """Claim the sandbox's id range; give its writable layer to its root."""
+        base, size = allocate_range(spec.security, spec.name, self.run_dir, undo)
+        # The overlay is mounted by the sandbox's root, an unprivileged host
+        # user: it must be able to reach the layers. STATE_DIR/sandboxes may
+        # be searched (not listed) by anyone; the sandbox's own directory
+        # only by its root's group (as Docker's userns-remap does).
+        os.chmod(os.path.dirname(sdir), 0o711)
+        os.chown(sdir, 0, base)
+        os.chmod(sdir, 0o710)
+        check_reachable(sdir, base)
+        for sub in ("upper", "work", "merged"):
+            os.chown(os.path.join(sdir, sub), base, base)
+        return [base, size]
 
     def exec(
         self,
@@ -600,6 +638,7 @@ class Runtime:
             target_pidfd=sb.pidfd,
             tty=tty,
             winsize=list(winsize) if winsize else None,
+            userns=sb.spec.security.userns,
             **_privileges(sb.spec),
         )
         try:
@@ -638,8 +677,13 @@ class Runtime:
         kill. On failure the sandbox is thawed and left running, nothing is
         stored, and :class:`CheckpointError` says why (CRIU's reason).
         """
-        criu = check_criu()
         key = name or sb.name
+        if sb.spec.security.userns:
+            raise CheckpointError(
+                f"sandbox {key!r} runs in a user namespace (userns = true):"
+                " checkpoints of those are not supported yet"
+            )
+        criu = check_criu()
         store = self.checkpoints
         if sb.poll() is not None:
             raise CheckpointError(f"sandbox {key!r} has exited: there is nothing to checkpoint")
@@ -797,8 +841,10 @@ class Runtime:
         with contextlib.ExitStack() as undo:
             self._make_state_dir(spec.name, sdir, record, undo)
             _copy_tree(info.upper, os.path.join(sdir, "upper"), into=True)
-            cgroup = self.cgroups.create(f"corral-{spec.name}", spec.limits)
+            cgroup = self.cgroups.create(f"corral-{spec.name}", _with_defaults(spec.limits))
             undo.callback(cgroup.remove)
+            if not spec.security.privileged:
+                cgroup.restrict_devices()
             pidfile = os.path.join(sdir, "restore.pid")
             argv = [
                 criu.binary,
@@ -836,6 +882,7 @@ class Runtime:
                 merged=os.path.join(sdir, "merged"),
                 init_binary=self.init_binary,
                 cgroup_procs=[],
+                confine=not spec.security.privileged,
                 restore_argv=argv,
             )
             try:

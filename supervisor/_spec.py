@@ -17,6 +17,7 @@ from ._security import DEFAULT_SECURITY, Security
 
 __all__ = [
     "DEFAULT_PATH",
+    "DEFAULT_PIDS",
     "Limits",
     "SandboxSpec",
     "parse_cpus",
@@ -132,7 +133,11 @@ class Limits(NamedTuple):
 
 
 NO_LIMITS = Limits()
-"""The default: nothing limited."""
+"""The default: nothing limited (but see :data:`DEFAULT_PIDS`)."""
+
+DEFAULT_PIDS = 4096
+"""Tasks a sandbox may have when its limits say nothing: a fork bomb stays
+inside its sandbox by default. Set ``pids`` to allow more."""
 
 
 class _SpecFields(NamedTuple):

@@ -83,6 +83,9 @@ def _cgroup_parents(rt: Runtime) -> list[str]:
 def dirs(rootfs_cache: Path) -> Iterator[Dirs]:
     """Private state/run directories, checked for leftovers afterwards."""
     base = Path(tempfile.mkdtemp(prefix="corral-test-", dir=_scratch_base()))
+    # Searchable (not readable) by others: a userns sandbox's root, an
+    # unprivileged host user, mounts its layers from below here.
+    base.chmod(0o711)
     state, run = base / "state", base / "run"
     state.mkdir()
     run.mkdir()

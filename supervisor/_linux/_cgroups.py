@@ -33,9 +33,25 @@ __all__ = [
 ]
 
 CPU_PERIOD_US = 100_000
-_V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
+_V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices")
 _V1_REQUIRED = ("memory", "cpu", "cpuacct", "pids")
 _V2_CONTROLLERS = ("memory", "cpu", "pids")
+
+ALLOWED_DEVICES = (
+    "c *:* m",  # mknod of any node (as Docker): creating is not opening
+    "b *:* m",
+    "c 1:3 rwm",  # null
+    "c 1:5 rwm",  # zero
+    "c 1:7 rwm",  # full
+    "c 1:8 rwm",  # random
+    "c 1:9 rwm",  # urandom
+    "c 5:0 rwm",  # tty
+    "c 5:1 rwm",  # console
+    "c 5:2 rwm",  # ptmx
+    "c 136:* rwm",  # the pty slaves of /dev/pts
+)
+"""The cgroup v1 device policy of a sandbox (``devices.allow`` lines after
+``devices.deny a``): the standard character devices and ptys."""
 
 
 class CgroupStats(NamedTuple):
@@ -94,6 +110,18 @@ class Cgroup(ABC):
     @abstractmethod
     def open_oom_watch(self) -> OomWatch:
         """A pollable descriptor that wakes when the cgroup's OOM counters change."""
+
+    def restrict_devices(self) -> None:
+        """Allow the sandbox only the standard device nodes.
+
+        cgroup v1 only: its ``devices`` controller denies every device but
+        :data:`ALLOWED_DEVICES`. cgroup v2 has no such file (only eBPF
+        programs, which we do not write by hand); there the same holds
+        because no usable node beyond the standard ones can exist in a
+        sandbox (see ``docs/security.md``: /dev read-only, every other
+        writable mount ``nodev``).
+        """
+        return None
 
     @property
     @abstractmethod
@@ -392,6 +420,13 @@ class V1Cgroup(Cgroup):
 
     def _f(self, controller: str, file: str) -> str:
         return os.path.join(self._dirs[controller], file)
+
+    def restrict_devices(self) -> None:
+        if "devices" not in self._dirs:
+            return  # no devices hierarchy mounted: nothing to enforce with
+        _write(self._f("devices", "devices.deny"), "a")
+        for rule in ALLOWED_DEVICES:
+            _write(self._f("devices", "devices.allow"), rule)
 
     def apply(self, limits: Limits) -> None:
         if limits.memory is not None:

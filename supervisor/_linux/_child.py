@@ -31,18 +31,22 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import signal
 import socket
 import stat
 import struct
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 from . import _syscalls as sc
 
 __all__ = [
     "INIT_PATH",
     "LaunchConfig",
+    "Privileges",
     "SetupFailure",
+    "become_userns_root",
+    "enter_new_userns",
     "restrict_like_sandbox",
     "run_intermediate",
 ]
@@ -118,13 +122,22 @@ class LaunchConfig(NamedTuple):
     file: CRIU cannot checkpoint a descriptor of a file outside the sandbox)."""
     caps: list[int] | None = None
     """The capabilities the sandbox keeps (None: every one, privileged)."""
-    mask_paths: bool = False
+    confine: bool = False
     """Mask and make read-only the paths of /proc and /sys a sandbox must
-    not see or write (:data:`MASKED_PATHS`, :data:`READONLY_PATHS`)."""
+    not see or write (:data:`MASKED_PATHS`, :data:`READONLY_PATHS`); mount
+    the root ``nodev`` and /dev read-only, so that no device node but the
+    standard ones is usable (what every sandbox gets but a privileged one)."""
     last_cap: int = -1
     """The host kernel's highest capability number."""
     no_new_privs: bool = False
     """Set ``no_new_privs`` before the exec."""
+    seccomp: bytes | None = None
+    """The seccomp filter, a BPF program libseccomp exported (None: none)."""
+    rlimits: list[list[int]] | None = None
+    """``[resource, soft, hard]`` triples set before the exec."""
+    userns: list[int] | None = None
+    """``[base, size]``: run in a new user namespace whose ids 0 to size - 1
+    are the host's base to base + size - 1 (None: no user namespace)."""
     restore_argv: list[str] | None = None
     """Instead of starting a command, run this CRIU restore command in a
     private mount namespace holding the overlay root (see :func:`_run_restorer`)."""
@@ -202,6 +215,9 @@ def run_intermediate(
             if pid == 0:
                 _run_restorer(cfg, report)
         else:
+            if cfg.userns is not None:
+                step = "user namespace"
+                enter_new_userns(*cfg.userns)
             step = "unshare namespaces"
             sc.unshare(_NS_FLAGS)
             step = "fork init"
@@ -214,6 +230,56 @@ def run_intermediate(
     except BaseException as exc:
         _report(report, exc, step)
         os._exit(1)
+
+
+def enter_new_userns(base: int, size: int) -> None:
+    """Move this process into a new user namespace whose ids 0 to size - 1
+    are host ids base to base + size - 1, and become its root.
+
+    The maps must be written by a process of the parent namespace holding
+    CAP_SETUID and CAP_SETGID there (a process cannot map more than its own
+    id into its own namespace): a forked helper that stays behind, waits
+    until this process has unshared, writes both maps and exits. The other
+    namespaces are created after this, so that they belong to the new user
+    namespace and its root may mount proc, sysfs and the rest in them.
+    """
+    me = os.getpid()
+    r, w = os.pipe()
+    mapper = os.fork()
+    if mapper == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(w)
+            os.read(r, 1)  # end of file: unshared, or failed to
+            for name in ("uid_map", "gid_map"):
+                fd = os.open(f"/proc/{me}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+                os.write(fd, b"0 %d %d\n" % (base, size))
+                os.close(fd)
+            os._exit(0)
+        except BaseException as exc:
+            os._exit(getattr(exc, "errno", None) or 1)
+    os.close(r)
+    try:
+        sc.unshare(sc.CLONE_NEWUSER)
+    finally:
+        os.close(w)
+        _, status = os.waitpid(mapper, 0)
+    if status != 0:
+        err = os.waitstatus_to_exitcode(status)
+        raise _Step(
+            "user namespace",
+            f"cannot map ids 0-{size - 1} to host ids {base}-{base + size - 1}"
+            f" ({os.strerror(err) if err > 0 else 'killed'})",
+            max(err, 0),
+        )
+    become_userns_root()
+
+
+def become_userns_root() -> None:
+    """Take uid and gid 0 of the user namespace just entered (the host ids
+    the sandbox's root maps to), with no supplementary groups."""
+    os.setresgid(0, 0, 0)
+    os.setgroups([])
+    os.setresuid(0, 0, 0)
 
 
 def _install_stdio(stdio: tuple[int, int, int]) -> None:
@@ -262,9 +328,12 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             os.dup2(fd, 0)
             os.close(fd)
         step = "workdir"
+        # Nothing of the host's may be reachable through /proc/self/fd as a
+        # workdir (runc CVE-2024-21626): close every descriptor first.
+        _prepare_exec(report, keep=3)
         path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
         step = "restrict"
-        restrict_like_sandbox(report, cfg.caps, cfg.last_cap, cfg.no_new_privs)
+        restrict_like_sandbox(report, cfg)
         step = "exec init"
         os.execve(INIT_PATH, ["init", "--", path, *cfg.argv[1:]], cfg.env)
     except BaseException as exc:
@@ -324,19 +393,32 @@ def _prepare_exec(report: socket.socket, keep: int) -> None:
     os.closerange(fd + 1, 1 << 20)
 
 
-def restrict_like_sandbox(
-    report: socket.socket, caps: list[int] | None, last_cap: int, no_new_privs: bool
-) -> None:
+class Privileges(Protocol):
+    """What :func:`restrict_like_sandbox` reads (a launch or an exec config)."""
+
+    @property
+    def caps(self) -> list[int] | None: ...
+    @property
+    def last_cap(self) -> int: ...
+    @property
+    def no_new_privs(self) -> bool: ...
+    @property
+    def seccomp(self) -> bytes | None: ...
+    @property
+    def rlimits(self) -> list[list[int]] | None: ...
+
+
+def restrict_like_sandbox(report: socket.socket, cfg: Privileges) -> None:
     """Leave a process about to exec in a sandbox exactly the sandbox's
     privileges; the last step before ``execve``, for the init and for every
     process ``corral exec`` adds alike.
 
     Undumpable until the exec; every descriptor from 3 up closed but the
     (close-on-exec) *report* socket; every signal to its default and none
-    blocked; umask 022; only the capabilities *caps* (numbers up to
-    *last_cap*; None keeps every one: a privileged sandbox), no inheritable
-    or ambient ones, and ``no_new_privs`` if asked (see
-    :mod:`supervisor._security`).
+    blocked; umask 022; the rlimits; only the capabilities ``cfg.caps``
+    (numbers up to ``cfg.last_cap``; None keeps every one: a privileged
+    sandbox), no inheritable or ambient ones, ``no_new_privs`` if asked, and
+    the seccomp filter (see :mod:`supervisor._security`).
     """
     # The exec path clears the flag before it joins the sandbox's PID
     # namespace, which is when the window opens; this keeps the rule here
@@ -344,8 +426,37 @@ def restrict_like_sandbox(
     sc.set_dumpable(False)
     _prepare_exec(report, keep=3)
     os.umask(0o022)
-    if caps is not None:  # None: privileged, which also means no no_new_privs
-        sc.restrict_capabilities(caps, last_cap, no_new_privs)
+    for resource_, soft, hard in cfg.rlimits or ():
+        try:
+            resource.setrlimit(resource_, (soft, hard))
+        except (OSError, ValueError) as exc:
+            raise _Step("rlimits", _rlimit_failure(resource_, soft, hard), errno.EPERM) from exc
+    # Loading a filter takes no_new_privs or CAP_SYS_ADMIN: without
+    # no_new_privs, load it while the capability is still there (runc does
+    # the same); the filter then must allow what follows (capset, prctl).
+    if cfg.seccomp is not None and not cfg.no_new_privs:
+        sc.load_seccomp(cfg.seccomp)
+    if cfg.caps is not None:  # None: privileged, which also means no no_new_privs
+        sc.restrict_capabilities(cfg.caps, cfg.last_cap, cfg.no_new_privs)
+    if cfg.seccomp is not None and cfg.no_new_privs:
+        sc.load_seccomp(cfg.seccomp)
+
+
+def _rlimit_failure(resource_: int, soft: int, hard: int) -> str:
+    names = {
+        getattr(resource, n): n[len("RLIMIT_") :].lower()
+        for n in dir(resource)
+        if n.startswith("RLIMIT_") and n != "RLIMIT_OFILE"  # an old alias of NOFILE
+    }
+    name = names.get(resource_, str(resource_))
+    own = resource.getrlimit(resource_)[1]
+    if soft > hard >= 0 or soft < 0 <= hard:
+        return f"rlimits.{name}: the soft limit is above the hard limit"
+    return (
+        f"rlimits.{name}: cannot set a hard limit of {'unlimited' if hard < 0 else hard}, "
+        f"above the supervisor's own ({'unlimited' if own < 0 else own}): "
+        "raising it needs CAP_SYS_RESOURCE"
+    )
 
 
 def _mount_overlay(cfg: LaunchConfig) -> None:
@@ -354,7 +465,7 @@ def _mount_overlay(cfg: LaunchConfig) -> None:
         "overlay",
         cfg.merged,
         "overlay",
-        0,
+        sc.MS_NODEV if cfg.confine else 0,
         f"lowerdir={cfg.lowerdir},upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}",
     )
 
@@ -363,13 +474,28 @@ def _mount_root(cfg: LaunchConfig) -> None:
     _mount_overlay(cfg)
     m = cfg.merged
     nosuid_noexec_nodev = sc.MS_NOSUID | sc.MS_NOEXEC | sc.MS_NODEV
-    sc.mount("proc", _target(m, "proc"), "proc", nosuid_noexec_nodev)
-    sc.mount("sysfs", _target(m, "sys"), "sysfs", sc.MS_RDONLY | nosuid_noexec_nodev)
+    proc = _target(m, "proc")
+    sc.mount("proc", proc, "proc", nosuid_noexec_nodev)
+    sys_ = _target(m, "sys")
+    sc.mount("sysfs", sys_, "sysfs", sc.MS_RDONLY | nosuid_noexec_nodev)
+    # What the masks and the pivot rely on must really be procfs and sysfs
+    # (a mount over a path that led elsewhere would be the runc CVE-2019-16884
+    # and CVE-2019-19921 family); _target already refuses symlinks.
+    for path, magic, what in ((proc, sc.PROC_SUPER_MAGIC, "proc"), (sys_, sc.SYSFS_MAGIC, "sysfs")):
+        if sc.fs_type(path) != magic:
+            raise _Step("mount root", f"/{what} is not a {what} after mounting it (refusing)")
     dev = _target(m, "dev")
     sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID, "mode=755,size=65536k")
     os.umask(0)
     for name, major, minor, mode in _DEVICES:
-        os.mknod(f"{dev}/{name}", stat.S_IFCHR | mode, os.makedev(major, minor))
+        node = f"{dev}/{name}"
+        if cfg.userns is None:
+            os.mknod(node, stat.S_IFCHR | mode, os.makedev(major, minor))
+        else:
+            # No device node can be made in a user namespace: the host's
+            # own is bind-mounted instead (the same device, the same mode).
+            os.close(os.open(node, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+            sc.mount(f"/dev/{name}", node, None, sc.MS_BIND)
     for name, dest in _DEV_LINKS:
         os.symlink(dest, f"{dev}/{name}")
     os.mkdir(f"{dev}/pts", 0o755)
@@ -386,8 +512,11 @@ def _mount_root(cfg: LaunchConfig) -> None:
     os.close(os.open(init, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o755))
     sc.mount(cfg.init_binary, init, None, sc.MS_BIND)
     sc.mount(None, init, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID)
-    if cfg.mask_paths:
+    if cfg.confine:
         _mask_proc_and_sys(m, f"{dev}/null")
+        # Nothing can be created in /dev now (a node made with CAP_MKNOD
+        # lands on a nodev mount or nowhere); the nodes in it still work.
+        sc.mount(None, dev, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID)
 
 
 def _mask_proc_and_sys(root: str, null: str) -> None:
@@ -455,6 +584,15 @@ def enter_workdir_and_find(workdir: str, cmd: str, env: dict[str, str]) -> str:
         raise _Step(
             "workdir", f"workdir {workdir!r} is not a directory in the sandbox", exc.errno or 0
         ) from exc
+    try:
+        # The kernel cannot name a directory outside the process's root:
+        # getcwd fails (ENOENT) where a path led out, through a descriptor
+        # of the host's under /proc/self/fd (runc CVE-2024-21626).
+        inside = os.getcwd().startswith("/")
+    except FileNotFoundError:
+        inside = False
+    if not inside:
+        raise _Step("workdir", f"workdir {workdir!r} is outside the sandbox's root", errno.EPERM)
     return _resolve(cmd, env.get("PATH", ""))
 
 

@@ -69,6 +69,7 @@ from ._child import (
     _join_cgroup,
     _report,
     _Step,
+    become_userns_root,
     enter_workdir_and_find,
     restrict_like_sandbox,
 )
@@ -98,6 +99,12 @@ class ExecConfig(NamedTuple):
     """The host kernel's highest capability number."""
     no_new_privs: bool = False
     """Set ``no_new_privs`` before the exec, as the sandbox's init did."""
+    seccomp: bytes | None = None
+    """The sandbox's seccomp filter (a BPF program libseccomp exported)."""
+    rlimits: list[list[int]] | None = None
+    """The sandbox's rlimits, ``[resource, soft, hard]``."""
+    userns: bool = False
+    """The sandbox has a user namespace of its own: join it too, as its root."""
     tty: bool = False
     """Give the process a new terminal of the sandbox's devpts as 0, 1, 2
     and send its master up, instead of using the spawner's stdio."""
@@ -142,8 +149,10 @@ def run_exec_intermediate(
         # (runc CVE-2019-5736: a sandbox overwriting the host binary
         # through /proc/PID/exe). The flag is inherited by the fork.
         sc.set_dumpable(False)
-        sc.setns(cfg.target_pidfd, _NS_FLAGS)
+        sc.setns(cfg.target_pidfd, _NS_FLAGS | (sc.CLONE_NEWUSER if cfg.userns else 0))
         os.close(cfg.target_pidfd)
+        if cfg.userns:
+            become_userns_root()
         step = "fork"
         gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
@@ -183,7 +192,7 @@ def _run_exec_child(cfg: ExecConfig, report: socket.socket, gate: int) -> NoRetu
             step = "open a terminal"
             _open_tty(report, cfg.winsize)
         step = "restrict"
-        restrict_like_sandbox(report, cfg.caps, cfg.last_cap, cfg.no_new_privs)
+        restrict_like_sandbox(report, cfg)
         step = "exec"
         try:
             os.execve(path, cfg.argv, cfg.env)

@@ -14,6 +14,7 @@ forked children before ``exec``.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "CLONE_NEWNET",
     "CLONE_NEWNS",
     "CLONE_NEWPID",
+    "CLONE_NEWUSER",
     "CLONE_NEWUTS",
     "IN_MODIFY",
     "MNT_DETACH",
@@ -33,8 +35,12 @@ __all__ = [
     "MS_RDONLY",
     "MS_REC",
     "MS_REMOUNT",
+    "PROC_SUPER_MAGIC",
+    "SYSFS_MAGIC",
+    "fs_type",
     "inotify_add_watch",
     "inotify_init",
+    "load_seccomp",
     "mount",
     "pivot_root",
     "reset_signals",
@@ -47,6 +53,7 @@ __all__ = [
 ]
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -262,3 +269,44 @@ def restrict_capabilities(keep: list[int], last_cap: int, no_new_privs: bool) ->
         raise _fail("capset")
     if no_new_privs and _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_BPF_MAXINSNS = 4096
+_SOCK_FILTER_SIZE = 8  # struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_seccomp(bpf: bytes) -> None:
+    """Install the seccomp filter *bpf* on the calling thread (``PR_SET_SECCOMP``).
+
+    *bpf* is a ``struct sock_filter`` array exactly as libseccomp exported it
+    (:func:`supervisor._seccomp.compile_filter`). The filter applies to this
+    thread and everything it execs or forks, for good; it is loaded in the
+    forked, single-threaded child just before ``execve``. The kernel wants
+    ``no_new_privs`` or CAP_SYS_ADMIN first: the caller orders that.
+    """
+    count, rest = divmod(len(bpf), _SOCK_FILTER_SIZE)
+    if rest or not 0 < count <= _BPF_MAXINSNS:
+        raise OSError(errno.EINVAL, f"seccomp: not a BPF program ({len(bpf)} bytes)")
+    program = ctypes.create_string_buffer(bpf, len(bpf))
+    fprog = _SockFprog(count, ctypes.addressof(program))
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
+        raise _fail("prctl(PR_SET_SECCOMP)")
+
+
+PROC_SUPER_MAGIC = 0x9FA0
+SYSFS_MAGIC = 0x62656572
+
+
+def fs_type(path: str) -> int:
+    """The file system type (``statfs(2)``'s ``f_type``, a magic number) at *path*."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        raise _fail("statfs", path)
+    # f_type is the first member, a long (__fsword_t).
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF

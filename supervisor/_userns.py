@@ -1,0 +1,191 @@
+"""User-namespace mode: id ranges for sandboxes, and root file systems they can use.
+
+A sandbox with ``userns = true`` runs in a user namespace whose ids 0 to
+``size - 1`` are host ids ``base`` to ``base + size - 1`` (see
+``supervisor/_linux/_child.py`` for how the namespace is made and mapped).
+Its root is then an ordinary, unprivileged user on the host: a process that
+escaped every other layer would hold no host privilege, and files it
+created on the host would belong to that nobody.
+
+Ranges: a sandbox that names its ``userns_base`` uses that (sandboxes naming
+the same base share the range, on purpose); the others get a range of their
+own from :data:`~supervisor._security.USERNS_POOL`, which no other live
+sandbox of this host uses. A range is claimed by creating
+``RUN_DIR/userns/SLOT`` exclusively, holding the sandbox's name, and is
+released when the sandbox is destroyed; a claim whose sandbox has no record
+any more (a crash) is taken over.
+
+Root file systems: inside the namespace, a file owned by host uid 0 belongs
+to nobody (the overflow id), so the sandbox's root could not write its own
+``/etc``. The lower layer is therefore a *shifted copy*: the rootfs copied
+once per range with every owner moved up by ``base``, kept under
+``STATE_DIR/rootfs-userns/`` and reused. The sandbox's own writable layer is
+owned by ``base`` as well. (An idmapped mount would avoid the copy; see
+``docs/security.md`` for why this version copies.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import time
+
+from ._errors import SandboxError
+from ._security import USERNS_POOL, USERNS_SIZE, Security
+
+__all__ = ["allocate_range", "check_reachable", "shifted_rootfs"]
+
+_STALE_CLAIM_S = 60.0
+"""A claim without a sandbox record is a crash's leftover after this long
+(a sandbox being created writes its record within milliseconds)."""
+
+
+def allocate_range(
+    security: Security, name: str, run_dir: str, undo: contextlib.ExitStack
+) -> tuple[int, int]:
+    """The host (base, size) for sandbox *name*; a pool range is claimed
+    and *undo* releases it."""
+    if security.userns_base is not None:
+        return security.userns_base, security.userns_size
+    first, count = USERNS_POOL
+    size = security.userns_size
+    units = -(-size // USERNS_SIZE)  # the pool is claimed in units of USERNS_SIZE ids
+    claims = os.path.join(run_dir, "userns")
+    os.makedirs(claims, mode=0o700, exist_ok=True)
+    for start in range(0, count - units + 1, units):
+        paths = [os.path.join(claims, str(start + i)) for i in range(units)]
+        taken = []
+        for path in paths:
+            if not _claim(path, name, run_dir):
+                break
+            taken.append(path)
+        if len(taken) == units:
+            for path in taken:
+                undo.callback(_release, path, name)
+            return first + start * USERNS_SIZE, size
+        for path in taken:
+            _release(path, name)
+    raise SandboxError(f"sandbox {name!r}: userns: every id range of the pool is in use")
+
+
+def _claim(path: str, name: str, run_dir: str) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        if not _stale(path, run_dir):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return False  # someone else took it over first
+    with os.fdopen(fd, "w") as f:
+        f.write(name)
+    return True
+
+
+def _stale(path: str, run_dir: str) -> bool:
+    try:
+        with open(path) as f:
+            owner = f.read()
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return True
+    record = os.path.join(run_dir, "sandboxes", f"{owner}.json")
+    return age > _STALE_CLAIM_S and not os.path.exists(record)
+
+
+def _release(path: str, name: str) -> None:
+    try:
+        with open(path) as f:
+            if f.read() != name:
+                return  # taken over already
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def check_reachable(path: str, uid: int) -> None:
+    """Raise :class:`SandboxError` unless host user *uid* (whose only group
+    is the same number) may search every directory from / to *path*."""
+    parts = os.path.abspath(path).split("/")
+    for i in range(1, len(parts)):
+        d = "/".join(parts[: i + 1]) or "/"
+        st = os.stat(d)
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == uid:  # the sandbox's root group has the same host id
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            raise SandboxError(
+                f"userns: {d} is not searchable by the sandbox's root (host uid {uid}),"
+                f" which mounts the sandbox's layers: allow it (chmod o+x {d})"
+                " or use a state directory it can reach (CORRAL_STATE_DIR)"
+            )
+
+
+def shifted_rootfs(lower: str, base: int, size: int, state_dir: str) -> str:
+    """A copy of the rootfs *lower* whose owners are shifted up by *base*
+    (cached: made once per rootfs and range)."""
+    st = os.stat(lower)
+    key = hashlib.sha256(f"{lower}\0{st.st_ino}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = os.path.join(state_dir, "rootfs-userns")
+    final = os.path.join(cache, f"{base}-{size}-{key}")
+    if os.path.isdir(final):
+        return final
+    os.makedirs(cache, mode=0o711, exist_ok=True)
+    check_reachable(cache, base)
+    tmp = os.path.join(cache, f".{base}-{size}-{key}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        # cp keeps hard links, special files and xattrs; --reflink shares
+        # blocks where the file system can.
+        subprocess.run(
+            ["cp", "-a", "--reflink=auto", "--", lower, tmp],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        _shift(tmp, base, limit=size)
+        os.rename(tmp, final)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SandboxError(
+            f"userns: cannot copy the rootfs {lower}: {exc.stderr.strip() or exc}"
+        ) from None
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(final):  # made meanwhile by another sandbox
+            return final
+        raise SandboxError(f"userns: cannot shift the rootfs {lower}: {exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _shift(top: str, base: int, limit: int | None) -> None:
+    _shift_one(top, base, limit)
+    for root, dirs, files in os.walk(top):
+        for n in dirs + files:
+            _shift_one(os.path.join(root, n), base, limit)
+
+
+def _shift_one(entry: str, base: int, limit: int | None) -> None:
+    st = os.lstat(entry)
+    if limit is not None and (st.st_uid >= limit or st.st_gid >= limit):
+        raise SandboxError(
+            f"userns: {entry} is owned by {st.st_uid}:{st.st_gid}, outside the"
+            f" sandbox's {limit} ids"
+        )
+    os.lchown(entry, st.st_uid + base, st.st_gid + base)
+    # chown clears the set-id bits of a file; the copy keeps them.
+    if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(entry, stat.S_IMODE(st.st_mode))

@@ -1,0 +1,200 @@
+"""User-namespace mode (``userns = true``): the sandbox's root is an
+unprivileged host user; its ids come from a range of its own (or a shared,
+configured one); its rootfs and writable layer belong to that range; exec
+joins the user namespace too; nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from supervisor import Runtime, SandboxError, SandboxSpec, SpecError
+from supervisor._errors import CheckpointError
+from supervisor._fleet import parse_fleet
+from supervisor._security import USERNS_POOL, USERNS_SIZE, make_security
+
+from .conftest import Dirs, requires_root
+from .helpers import run_capture, wait_for
+
+pytestmark = pytest.mark.layout  # a kernel feature: the VM lane runs these on Debian's kernel too
+
+USERNS = make_security(userns=True)
+
+
+def _host_ids(pid: int) -> tuple[int, int]:
+    """The (real uid, real gid) of host process *pid*."""
+    lines = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(lines["Uid"].split()[0]), int(lines["Gid"].split()[0])
+
+
+def _command_pid(init: int) -> int:
+    text = wait_for(
+        lambda: Path(f"/proc/{init}/task/{init}/children").read_text().split(),
+        what="tini to start the command",
+    )
+    return int(text[0])
+
+
+@requires_root
+def test_root_inside_is_a_nobody_outside(runtime: Runtime, dirs: Dirs) -> None:
+    script = "id -u; id -g; cat /proc/self/uid_map; echo data > /etc/written; ls -n /etc/passwd"
+    spec = SandboxSpec(name="u-map", argv=("sh", "-c", script), security=USERNS)
+    result, out, err = run_capture(runtime, spec)
+    assert result.status == 0, err
+    uid, gid, uid_map, passwd = out.splitlines()
+    assert (uid, gid) == ("0", "0")
+    base = USERNS_POOL[0]
+    assert uid_map.split() == ["0", str(base), str(USERNS_SIZE)]
+    # The shifted rootfs is root's inside.
+    assert passwd.split()[2:4] == ["0", "0"]
+
+    spec = SandboxSpec(
+        name="u-host", argv=("sh", "-c", "touch /tmp/made; sleep 600"), security=USERNS
+    )
+    with open(os.devnull, "rb") as null, runtime.create(spec, stdio=(null.fileno(),) * 3) as sb:
+        command = _command_pid(sb.pid)
+        assert _host_ids(command) == (base, base)
+        assert _host_ids(sb.pid) == (base, base)
+        made = dirs.state / "sandboxes" / "u-host" / "upper" / "tmp" / "made"
+        wait_for(made.exists, what="the file to be made")
+        assert (made.stat().st_uid, made.stat().st_gid) == (base, base)
+        # Its own user namespace; the host's is not its.
+        assert os.readlink(f"/proc/{command}/ns/user") != os.readlink("/proc/self/ns/user")
+        sb.kill()
+        sb.wait()
+
+
+@requires_root
+def test_ranges_do_not_overlap_and_are_released(runtime: Runtime, dirs: Dirs) -> None:
+    specs = [SandboxSpec(name=f"u-{i}", argv=("sleep", "600"), security=USERNS) for i in range(3)]
+    claims = dirs.run / "userns"
+    with open(os.devnull, "rb") as null:
+        boxes = [runtime.create(s, stdio=(null.fileno(),) * 3) for s in specs]
+        try:
+            bases = sorted(_host_ids(sb.pid)[0] for sb in boxes)
+            first = USERNS_POOL[0]
+            assert bases == [first, first + USERNS_SIZE, first + 2 * USERNS_SIZE]
+            assert sorted(os.listdir(claims)) == ["0", "1", "2"]
+        finally:
+            for sb in boxes:
+                sb.destroy()
+    assert os.listdir(claims) == []
+
+
+@requires_root
+def test_a_configured_base_is_shared(runtime: Runtime, dirs: Dirs) -> None:
+    sec = make_security(userns=True, userns_base=300000)
+    with open(os.devnull, "rb") as null:
+        a = runtime.create(SandboxSpec(name="sh-a", argv=("sleep", "600"), security=sec),
+                           stdio=(null.fileno(),) * 3)  # fmt: skip
+        with a, runtime.create(SandboxSpec(name="sh-b", argv=("sleep", "600"), security=sec),
+                               stdio=(null.fileno(),) * 3) as b:  # fmt: skip
+            assert _host_ids(a.pid) == _host_ids(b.pid) == (300000, 300000)
+    assert not (dirs.run / "userns").exists() or os.listdir(dirs.run / "userns") == []
+
+
+@requires_root
+def test_exec_joins_the_user_namespace(runtime: Runtime) -> None:
+    spec = SandboxSpec(name="u-exec", argv=("sleep", "600"), security=USERNS)
+    with open(os.devnull, "rb") as null, runtime.create(spec, stdio=(null.fileno(),) * 3) as sb:
+        command = _command_pid(sb.pid)
+        with tempfile.TemporaryFile() as out:
+            with runtime.exec(
+                sb, ["sh", "-c", "id -u; readlink /proc/self/ns/user; grep -E '^(Cap|NoNew|Secc)' /proc/self/status"],
+                stdio=(null.fileno(), out.fileno(), out.fileno()),
+            ) as proc:  # fmt: skip
+                host = _host_ids(proc.pid)
+                assert proc.wait() == 0
+            out.seek(0)
+            uid, ns, *privileges = out.read().decode().splitlines()
+        assert uid == "0" and host == (USERNS_POOL[0], USERNS_POOL[0])
+        assert ns == os.readlink(f"/proc/{command}/ns/user")
+        mine = [
+            ln
+            for ln in Path(f"/proc/{command}/status").read_text().splitlines()
+            if ln.startswith(("Cap", "NoNew", "Secc"))
+        ]
+        assert privileges == mine
+        with runtime.exec(sb, ["sh", "-c", "tty"], tty=True) as proc:
+            assert proc.pty_master is not None
+            assert proc.wait() == 0
+        sb.kill()
+        sb.wait()
+
+
+@requires_root
+def test_checkpoints_are_refused_clearly(runtime: Runtime) -> None:
+    spec = SandboxSpec(name="u-cp", argv=("sleep", "600"), security=USERNS)
+    with open(os.devnull, "rb") as null, runtime.create(spec, stdio=(null.fileno(),) * 3) as sb:
+        with pytest.raises(CheckpointError) as err:
+            runtime.checkpoint(sb)
+        assert "user namespace" in str(err.value) and "not supported" in str(err.value)
+        sb.kill()
+        sb.wait()
+
+
+@requires_root
+def test_an_unreachable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    rt = Runtime(state_dir=private / "state", run_dir=private / "run")
+    before = set(os.listdir("/sys/fs/cgroup"))
+    with pytest.raises(SandboxError) as err:
+        rt.create(SandboxSpec(name="u-far", argv=("true",), security=USERNS))
+    assert "is not searchable by the sandbox's root" in str(err.value)
+    assert "chmod o+x" in str(err.value)
+    assert os.listdir(private / "state" / "sandboxes") == []
+    assert os.listdir(private / "run" / "userns") == []
+    assert set(os.listdir("/sys/fs/cgroup")) == before
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"userns": "yes"}, "userns: expected true or false, got 'yes'"),
+        ({"userns_base": 100000}, "userns_base: needs userns = true"),
+        (
+            {"userns": True, "userns_base": 0},
+            "userns_base: expected a host uid above 0 with 65536 ids free after it, got 0",
+        ),
+        (
+            {"userns": True, "userns_size": 10},
+            "userns_size: expected a number of ids >= 65536, got 10",
+        ),
+    ],
+)
+def test_bad_userns_settings_name_the_field(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(SpecError) as err:
+        make_security(**kw)  # type: ignore[arg-type]
+    assert str(err.value) == message
+
+
+def test_fleet_keys() -> None:
+    fleet = parse_fleet(
+        {
+            "defaults": {"userns": True},
+            "sandbox": [
+                {"name": "a", "command": "true"},
+                {"name": "b", "command": "true", "userns_base": 500000},
+            ],
+        }
+    )
+    a, b = (c.security for c in fleet.sandboxes)
+    assert a.userns and a.userns_base is None
+    assert b.userns and b.userns_base == 500000
+
+
+@requires_root
+def test_corral_run_userns(dirs: Dirs) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", "--userns", "--", "cat", "/proc/self/uid_map"],
+        env=dirs.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", str(USERNS_POOL[0]), str(USERNS_SIZE)]
+    assert os.listdir(dirs.state / "sandboxes") == []
