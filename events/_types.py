@@ -260,6 +260,10 @@ class Restored(Event):
     source: str
     pid: int
     duration_ms: float
+    weakened: str = ""
+    """What the restored sandbox lacks of its settings because this CRIU
+    cannot restore it (e.g. ``no_new_privs`` before CRIU 3.19); empty if
+    nothing."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

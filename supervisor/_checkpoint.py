@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from ._errors import CheckpointError, CriuUnavailableError
-from ._security import make_security
+from ._security import Security, make_security
 from ._spec import Limits, SandboxSpec
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "CriuInfo",
     "check_criu",
     "criu_failure",
+    "restore_weakens",
     "spec_from_dict",
     "spec_to_dict",
     "validate_tag",
@@ -81,6 +82,22 @@ class CriuInfo(NamedTuple):
     """CRIU's image tool, when memory changes can be tracked (soft-dirty):
     then a leave-running checkpoint pre-dumps memory while the sandbox runs
     and reads the pre-dump's frozen time back with it."""
+
+
+def restore_weakens(criu: CriuInfo, security: Security) -> str:
+    """What a sandbox with *security* loses when *criu* restores it ('' if nothing).
+
+    CRIU before 3.19 does not record ``no_new_privs`` (CRIU pull request
+    2228), so the restored processes run without it: a setuid program in
+    the sandbox works again there. Their capabilities and seccomp filter
+    are restored.
+    """
+    if security.privileged or not security.no_new_privs:
+        return ""
+    m = re.match(r"(\d+)\.(\d+)", criu.version)
+    if m and (int(m[1]), int(m[2])) >= (3, 19):
+        return ""
+    return f"no_new_privs (CRIU {criu.version} does not restore it; 3.19 does)"
 
 
 def _find_criu() -> str:

@@ -519,6 +519,8 @@ def _restore(args: argparse.Namespace) -> int:
     sys.stderr.write(f"corral: restoring {args.as_name or args.name} ...\n")
     r = call(path, "restore", params)
     print(f"restored {r['name']} from {r['source']}/{r['tag']}: pid {r['pid']}")
+    if r.get("weakened"):
+        sys.stderr.write(f"corral: warning: {r['name']} was restored without {r['weakened']}\n")
     return 0
 
 

@@ -38,6 +38,7 @@ import trio
 
 from events._server import bind_socket, peer_allowed, unbind_socket
 
+from ._checkpoint import check_criu, restore_weakens
 from ._control_client import ControlError, received_fds
 from ._errors import (
     CheckpointError,
@@ -342,6 +343,7 @@ async def _restore(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any
         "pid": sb.pid,
         "tag": info.tag if info else None,
         "source": info.name if info else name,
+        "weakened": restore_weakens(check_criu(), sb.spec.security),
     }
 
 

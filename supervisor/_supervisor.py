@@ -55,7 +55,7 @@ from events import (
     SupervisorStopping,
 )
 
-from ._checkpoint import CheckpointInfo, check_criu
+from ._checkpoint import CheckpointInfo, check_criu, restore_weakens
 from ._errors import CheckpointError, CorralError, SandboxError, SpecError, StateError
 from ._fleet import Fleet, SandboxConfig
 from ._linux._cgroups import OomWatch
@@ -1133,6 +1133,7 @@ class Supervisor:
                 source=pending.info.name,
                 pid=sb.pid,
                 duration_ms=round((trio.current_time() - start) * 1000, 3),
+                weakened=restore_weakens(check_criu(), sb.spec.security),
             )
         )
         pending.sandbox = sb

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -31,6 +32,7 @@ from supervisor import (
 )
 from supervisor._checkpoint import CheckpointInfo, CheckpointStore, check_criu, validate_tag
 from supervisor._fleet import parse_fleet
+from supervisor._linux._cgroups import ALLOWED_DEVICES
 
 from .conftest import Dirs, requires_root
 from .supervising import fleet, of, output, run, wait_event
@@ -86,6 +88,24 @@ def ns_pid(host_pid: int) -> int:
         if line.startswith("NSpid:"):
             return int(line.split()[-1])
     raise AssertionError("no NSpid")
+
+
+def confinement(host_pid: int) -> str:
+    """A process's privilege lines and how its / and /dev are mounted."""
+    status = [
+        ln
+        for ln in Path(f"/proc/{host_pid}/status").read_text().splitlines()
+        if ln.startswith(("Cap", "NoNewPrivs", "Seccomp"))
+    ]
+    mounts = []
+    for line in Path(f"/proc/{host_pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] in ("/", "/dev"):
+            flags = set(fields[5].split(","))
+            mounts.append(f"{fields[4]} {'ro' if 'ro' in flags else 'rw'}")
+            if "nodev" in flags:
+                mounts.append(f"{fields[4]} nodev")
+    return "\n".join(status + mounts)
 
 
 def frozen(sb: Sandbox) -> bool:
@@ -238,7 +258,7 @@ def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
     """Checkpoint (stops it), restore: the counter goes on from the
     checkpointed value, not from zero, with the same PID inside."""
     f = fleet({"name": "c", "command": COUNTER, "memory": "64M"})
-    seen: dict[str, int] = {}
+    seen: dict[str, Any] = {}
 
     async def body(sup: Supervisor) -> None:
         started = await wait_event(
@@ -246,6 +266,7 @@ def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
         )
         await wait_for(lambda: len(values(dirs, "c-0")) >= 3)
         seen["nspid"] = ns_pid(command_pid(started.pid))
+        seen["confined"] = confinement(command_pid(started.pid))
         code, out, err = await corral(dirs, "checkpoint", "c", "--tag", "one")
         assert code == 0, err
         assert out.startswith("checkpointed c-0 as one: ") and out.rstrip().endswith("(stopped)")
@@ -257,6 +278,7 @@ def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
         )
         code, out, err = await corral(dirs, "restore", "c")
         assert code == 0, err
+        seen["restore_err"] = err
         restored = await wait_event(
             sup, lambda e: isinstance(e, events.Restored) and e.sandbox == "c-0"
         )
@@ -264,9 +286,18 @@ def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
         assert out.strip() == f"restored c-0 from c-0/one: pid {restored.pid}"
         await wait_for(lambda: values(dirs, "c-0")[-1] >= seen["at"] + 5)
         seen["nspid_after"] = ns_pid(command_pid(restored.pid))
+        seen["confined_after"] = confinement(command_pid(restored.pid))
+        inst = sup.instance("c-0")
+        assert inst is not None and inst.sandbox is not None
+        devices = [p for p in inst.sandbox.cgroup.paths if "/devices/" in p]
+        for d in devices:  # cgroup v1: the restored cgroup has the device policy too
+            assert sorted(filter(None, Path(d, "devices.list").read_text().split("\n"))) == sorted(
+                ALLOWED_DEVICES
+            )
         seen["host_pid_changed"] = restored.pid != started.pid
         upper = Path(dirs.state, "sandboxes", "c-0.1", "upper", "count")
-        assert int(upper.read_text()) >= seen["at"] + 5
+        # The shell truncates the file before each write: wait for a number.
+        await wait_for(lambda: int(upper.read_text() or 0) >= seen["at"] + 5)
 
     evs = run(f, dirs, body)
     nums = values(dirs, "c-0")
@@ -277,6 +308,18 @@ def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
     assert set(steps) <= {0, 1} and steps.count(0) <= 1, nums
     assert nums.count(1) == 1
     assert seen["nspid_after"] == seen["nspid"] and seen["host_pid_changed"]
+    # Restored as restricted as it ran: capabilities, the seccomp filter,
+    # the nodev root and the read-only /dev; no_new_privs too where CRIU
+    # can (3.19 on), and where it cannot the loss is said, not silent.
+    assert "Seccomp:\t2" in seen["confined"] and "NoNewPrivs:\t1" in seen["confined"]
+    assert "/ nodev" in seen["confined"] and "/dev ro" in seen["confined"]
+    (restored,) = of(evs, events.Restored, "c-0")
+    expected = str(seen["confined"])
+    if restored.weakened:
+        assert restored.weakened.startswith("no_new_privs (CRIU ")
+        assert "warning: c-0 was restored without no_new_privs" in str(seen["restore_err"])
+        expected = expected.replace("NoNewPrivs:\t1", "NoNewPrivs:\t0")
+    assert seen["confined_after"] == expected
     (ck,) = of(evs, events.Checkpointed, "c-0")
     assert ck.tag == "one" and not ck.leave_running and ck.size > 0
     assert 0 < ck.frozen_ms <= ck.duration_ms
