@@ -377,6 +377,11 @@ def _privileges(spec: SandboxSpec) -> dict[str, Any]:
     }
 
 
+_IDMAP_WORKS: dict[int, bool] = {}
+"""Whether an idmapped mount of a rootfs on this device works (tried once
+per device: the kernel and the file system both have to support it)."""
+
+
 def _with_defaults(limits: Limits) -> Limits:
     """The limits a sandbox gets: its own, and :data:`DEFAULT_PIDS` tasks
     if it sets none, so that a fork bomb stays inside by default."""
@@ -534,9 +539,16 @@ class Runtime:
         with contextlib.ExitStack() as undo:
             self._make_state_dir(spec.name, sdir, record, undo)
             userns = None
+            idmap = False
             if spec.security.userns:
                 userns = self._userns(spec, sdir, undo)
-                lower = shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
+                # An idmapped mount of the rootfs where its file system can
+                # (tried once per file system), else a shifted copy.
+                idmap = _IDMAP_WORKS.get(os.stat(lower).st_dev, True)
+                if idmap:
+                    os.mkdir(os.path.join(sdir, "lower"), 0o755)
+                else:
+                    lower = shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
             cgroup = self.cgroups.create(f"corral-{spec.name}", _with_defaults(spec.limits))
             undo.callback(cgroup.remove)
             if not spec.security.privileged:
@@ -555,10 +567,21 @@ class Runtime:
                 stdin_devnull=stdin_devnull,
                 confine=not spec.security.privileged,
                 userns=userns,
+                idmap_lower=idmap,
+                idmap_target=os.path.join(sdir, "lower"),
                 **_privileges(spec),
             )
             try:
-                spawned = self._spawn_or_reap(cfg, stdio)
+                try:
+                    spawned = self._spawn_or_reap(cfg, stdio)
+                except SpawnFailed as exc:
+                    if exc.failure.kind != "noidmap" or userns is None:
+                        raise
+                    # Nothing was mounted yet: the same sandbox, from a copy.
+                    _IDMAP_WORKS[os.stat(lower).st_dev] = False
+                    shifted = shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
+                    cfg = cfg._replace(lowerdir=shifted, idmap_lower=False)
+                    spawned = self._spawn_or_reap(cfg, stdio)
             except SpawnFailed as exc:
                 raise _translate(spec.name, exc) from None
             with open(record, "w") as f:

@@ -17,11 +17,14 @@ any more (a crash) is taken over.
 
 Root file systems: inside the namespace, a file owned by host uid 0 belongs
 to nobody (the overflow id), so the sandbox's root could not write its own
-``/etc``. The lower layer is therefore a *shifted copy*: the rootfs copied
-once per range with every owner moved up by ``base``, kept under
-``STATE_DIR/rootfs-userns/`` and reused. The sandbox's own writable layer is
-owned by ``base`` as well. (An idmapped mount would avoid the copy; see
-``docs/security.md`` for why this version copies.)
+``/etc``. Where the rootfs's file system and the kernel support it, the
+lower layer is an *idmapped mount* of the rootfs (made by a helper in the
+host's user namespace, attached in the sandbox's mount namespace: see
+``enter_new_userns``), which shows host uid 0 as the sandbox's root at no
+cost. Elsewhere (e.g. tmpfs before Linux 6.3, 9p, ramfs) it is a *shifted
+copy*: the rootfs copied once per range with every owner moved up by
+``base``, kept under ``STATE_DIR/rootfs-userns/`` and reused. Either way the
+sandbox's own writable layer is owned by ``base``.
 """
 
 from __future__ import annotations

@@ -198,3 +198,62 @@ def test_corral_run_userns(dirs: Dirs) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", str(USERNS_POOL[0]), str(USERNS_SIZE)]
     assert os.listdir(dirs.state / "sandboxes") == []
+
+
+_IDMAPPABLE = {0xEF53: (5, 12), 0x58465342: (5, 12), 0x9123683E: (5, 15), 0x01021994: (6, 3)}
+"""ext4, xfs, btrfs, tmpfs: the kernel version from which each can be idmapped."""
+
+
+def _kernel() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int(minor.split("-")[0])
+
+
+def _lowerdir(out: str) -> str:
+    root = next(ln for ln in out.splitlines() if " / " in ln and ln.startswith("overlay"))
+    return root.split("lowerdir=")[1].split(",")[0]
+
+
+@requires_root
+def test_the_rootfs_is_idmapped_where_its_file_system_can_be(runtime: Runtime, dirs: Dirs) -> None:
+    from supervisor._linux._syscalls import fs_type
+
+    lower = runtime.resolve_rootfs("busybox")
+    since = _IDMAPPABLE.get(fs_type(lower))
+    expect_idmap = since is not None and _kernel() >= since
+    spec = SandboxSpec(
+        name="u-idmap", argv=("sh", "-c", "cat /proc/mounts; ls -n /bin/busybox"), security=USERNS
+    )
+    result, out, err = run_capture(runtime, spec)
+    assert result.status == 0, err
+    assert out.splitlines()[-1].split()[2:4] == ["0", "0"]  # root's, inside
+    copies = dirs.state / "rootfs-userns"
+    if expect_idmap:
+        assert _lowerdir(out).endswith("/sandboxes/u-idmap/lower")
+        assert not copies.exists()
+    else:
+        assert "/rootfs-userns/" in _lowerdir(out)
+        assert len(os.listdir(copies)) == 1
+
+
+@requires_root
+def test_a_rootfs_that_cannot_be_idmapped_is_copied_shifted(
+    runtime: Runtime, dirs: Dirs, tmp_path: Path
+) -> None:
+    """ramfs cannot be idmapped on any kernel: the sandbox still starts, from a copy."""
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        subprocess.run(["cp", "-a", runtime.resolve_rootfs("busybox") + "/.", str(mnt)], check=True)
+        spec = SandboxSpec(name="u-copy", argv=("sh", "-c", "cat /proc/mounts; echo x > /etc/y"),
+                           rootfs=str(mnt), security=USERNS)  # fmt: skip
+        for _ in range(2):  # the second start uses the copy made by the first
+            result, out, err = run_capture(runtime, spec)
+            assert result.status == 0, err
+            assert "/rootfs-userns/" in _lowerdir(out)
+        assert len(os.listdir(dirs.state / "rootfs-userns")) == 1
+        # The original is untouched: still root's on the host.
+        assert (mnt / "etc" / "passwd").stat().st_uid == 0
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -138,6 +138,12 @@ class LaunchConfig(NamedTuple):
     userns: list[int] | None = None
     """``[base, size]``: run in a new user namespace whose ids 0 to size - 1
     are the host's base to base + size - 1 (None: no user namespace)."""
+    idmap_lower: bool = False
+    """With ``userns``: see ``lowerdir`` through an idmapped mount (attached
+    at ``idmap_target`` in the sandbox's mount namespace) instead of using
+    it as it is (then a copy whose owners are shifted already)."""
+    idmap_target: str = ""
+    """Where the idmapped lower layer is attached (an empty directory)."""
     restore_argv: list[str] | None = None
     """Instead of starting a command, run this CRIU restore command in a
     private mount namespace holding the overlay root (see :func:`_run_restorer`)."""
@@ -215,11 +221,21 @@ def run_intermediate(
             if pid == 0:
                 _run_restorer(cfg, report)
         else:
+            lower_tree = None
             if cfg.userns is not None:
                 step = "user namespace"
-                enter_new_userns(*cfg.userns)
+                base, size = cfg.userns
+                lower_tree = enter_new_userns(
+                    base, size, idmap=cfg.lowerdir if cfg.idmap_lower else None
+                )
             step = "unshare namespaces"
             sc.unshare(_NS_FLAGS)
+            if lower_tree is not None:
+                # In the sandbox's own mount namespace: nothing on the host.
+                step = "idmapped rootfs"
+                sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+                sc.attach_tree(lower_tree, cfg.idmap_target)
+                os.close(lower_tree)
             step = "fork init"
             pid = os.fork()
             if pid == 0:
@@ -232,7 +248,7 @@ def run_intermediate(
         os._exit(1)
 
 
-def enter_new_userns(base: int, size: int) -> None:
+def enter_new_userns(base: int, size: int, idmap: str | None = None) -> int | None:
     """Move this process into a new user namespace whose ids 0 to size - 1
     are host ids base to base + size - 1, and become its root.
 
@@ -242,36 +258,82 @@ def enter_new_userns(base: int, size: int) -> None:
     until this process has unshared, writes both maps and exits. The other
     namespaces are created after this, so that they belong to the new user
     namespace and its root may mount proc, sysfs and the rest in them.
+
+    With *idmap*, the helper also makes an idmapped copy of the mount at
+    that path (which only the parent namespace's root may make) and hands
+    it over: its descriptor is returned, to attach once the new mount
+    namespace exists. Where the file system cannot be idmapped the failure
+    is reported with ``kind = "noidmap"``.
     """
     me = os.getpid()
-    r, w = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     mapper = os.fork()
     if mapper == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(w)
-            os.read(r, 1)  # end of file: unshared, or failed to
-            for name in ("uid_map", "gid_map"):
-                fd = os.open(f"/proc/{me}/{name}", os.O_WRONLY | os.O_CLOEXEC)
-                os.write(fd, b"0 %d %d\n" % (base, size))
-                os.close(fd)
-            os._exit(0)
-        except BaseException as exc:
-            os._exit(getattr(exc, "errno", None) or 1)
-    os.close(r)
+        ours.close()
+        _map_ids(theirs, me, base, size, idmap)
+    theirs.close()
     try:
-        sc.unshare(sc.CLONE_NEWUSER)
+        try:
+            sc.unshare(sc.CLONE_NEWUSER)
+        finally:
+            ours.send(b"go")
+            msg, fds, _, _ = socket.recv_fds(ours, 256, 1)
     finally:
-        os.close(w)
+        ours.close()
         _, status = os.waitpid(mapper, 0)
-    if status != 0:
-        err = os.waitstatus_to_exitcode(status)
+    if msg.startswith(b"N"):  # the maps are written, the idmap failed
+        for fd in fds:
+            os.close(fd)
+        err = int(msg[1:])
+        raise _Step(
+            "user namespace",
+            f"cannot idmap {idmap}: {os.strerror(err)}",
+            err,
+            kind="noidmap",
+        )
+    if status != 0 or not msg.startswith(b"M"):
+        for fd in fds:
+            os.close(fd)
+        err = int(msg[1:]) if msg[:1] == b"E" else 0
         raise _Step(
             "user namespace",
             f"cannot map ids 0-{size - 1} to host ids {base}-{base + size - 1}"
-            f" ({os.strerror(err) if err > 0 else 'killed'})",
-            max(err, 0),
+            f" ({os.strerror(err) if err else 'the helper died'})",
+            err,
         )
     become_userns_root()
+    return fds[0] if fds else None
+
+
+def _map_ids(  # pragma: no cover - runs in the child
+    sock: socket.socket, pid: int, base: int, size: int, idmap: str | None
+) -> NoReturn:
+    """The helper of :func:`enter_new_userns`: never returns."""
+    try:
+        sock.recv(16)  # "go": unshared (or failed to: the writes fail then)
+        try:
+            for name in ("uid_map", "gid_map"):
+                fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, b"0 %d %d\n" % (base, size))
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            sock.send(b"E%d" % (exc.errno or 0))
+            os._exit(1)
+        if idmap is None:
+            sock.send(b"M")
+            os._exit(0)
+        try:
+            userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            tree = sc.idmapped_tree(idmap, userns)
+        except OSError as exc:
+            sock.send(b"N%d" % (exc.errno or 0))
+            os._exit(0)
+        socket.send_fds(sock, [b"M"], [tree])
+        os._exit(0)
+    except BaseException:
+        os._exit(1)
 
 
 def become_userns_root() -> None:
@@ -466,7 +528,8 @@ def _mount_overlay(cfg: LaunchConfig) -> None:
         cfg.merged,
         "overlay",
         sc.MS_NODEV if cfg.confine else 0,
-        f"lowerdir={cfg.lowerdir},upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}",
+        f"lowerdir={cfg.idmap_target if cfg.idmap_lower else cfg.lowerdir},"
+        f"upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}",
     )
 
 
