@@ -62,7 +62,6 @@ from ._linux._exec import ExecConfig
 from ._linux._spawn import Spawned, SpawnFailed, spawn_direct
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, DEFAULT_PIDS, Limits, SandboxSpec
-from ._userns import allocate_range, check_reachable, shifted_rootfs
 
 __all__ = [
     "DEFAULT_RUN_DIR",
@@ -356,7 +355,7 @@ def _shell_status(info: os.waitid_result) -> int:
     return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
 
 
-def _privileges(spec: SandboxSpec) -> dict[str, Any]:
+def _privileges(spec: SandboxSpec, cache_dir: str | None = None) -> dict[str, Any]:
     """The privilege fields of a launch or exec config (capabilities,
     no_new_privs, seccomp filter, rlimits): the same for a sandbox's init
     and for everything exec'd into it."""
@@ -367,7 +366,7 @@ def _privileges(spec: SandboxSpec) -> dict[str, Any]:
     if not sec.privileged and sec.seccomp != "unconfined":
         from ._seccomp import compile_filter
 
-        seccomp = compile_filter(sec.seccomp, caps)
+        seccomp = compile_filter(sec.seccomp, caps, cache_dir)
     return {
         "caps": caps,
         "last_cap": last,
@@ -380,6 +379,12 @@ def _privileges(spec: SandboxSpec) -> dict[str, Any]:
 _IDMAP_WORKS: dict[int, bool] = {}
 """Whether an idmapped mount of a rootfs on this device works (tried once
 per device: the kernel and the file system both have to support it)."""
+
+
+def _shifted_rootfs(lower: str, base: int, size: int, state_dir: str) -> str:
+    from ._userns import shifted_rootfs  # only user-namespace sandboxes need it
+
+    return shifted_rootfs(lower, base, size, state_dir)
 
 
 def _with_defaults(limits: Limits) -> Limits:
@@ -548,7 +553,7 @@ class Runtime:
                 if idmap:
                     os.mkdir(os.path.join(sdir, "lower"), 0o755)
                 else:
-                    lower = shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
+                    lower = _shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
             cgroup = self.cgroups.create(f"corral-{spec.name}", _with_defaults(spec.limits))
             undo.callback(cgroup.remove)
             if not spec.security.privileged:
@@ -569,7 +574,7 @@ class Runtime:
                 userns=userns,
                 idmap_lower=idmap,
                 idmap_target=os.path.join(sdir, "lower"),
-                **_privileges(spec),
+                **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
                 try:
@@ -579,7 +584,7 @@ class Runtime:
                         raise
                     # Nothing was mounted yet: the same sandbox, from a copy.
                     _IDMAP_WORKS[os.stat(lower).st_dev] = False
-                    shifted = shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
+                    shifted = _shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
                     cfg = cfg._replace(lowerdir=shifted, idmap_lower=False)
                     spawned = self._spawn_or_reap(cfg, stdio)
             except SpawnFailed as exc:
@@ -592,6 +597,8 @@ class Runtime:
 
     def _userns(self, spec: SandboxSpec, sdir: str, undo: contextlib.ExitStack) -> list[int]:
         """Claim the sandbox's id range; give its writable layer to its root."""
+        from ._userns import allocate_range, check_reachable
+
         base, size = allocate_range(spec.security, spec.name, self.run_dir, undo)
         # The overlay is mounted by the sandbox's root, an unprivileged host
         # user: it must be able to reach the layers. STATE_DIR/sandboxes may
@@ -662,7 +669,7 @@ class Runtime:
             tty=tty,
             winsize=list(winsize) if winsize else None,
             userns=sb.spec.security.userns,
-            **_privileges(sb.spec),
+            **_privileges(sb.spec, os.path.join(self.state_dir, "seccomp")),
         )
         try:
             spawned = self._spawn_or_reap(cfg, stdio)

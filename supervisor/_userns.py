@@ -30,7 +30,6 @@ sandbox's own writable layer is owned by ``base``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import stat
@@ -137,6 +136,8 @@ def check_reachable(path: str, uid: int) -> None:
 def shifted_rootfs(lower: str, base: int, size: int, state_dir: str) -> str:
     """A copy of the rootfs *lower* whose owners are shifted up by *base*
     (cached: made once per rootfs and range)."""
+    import hashlib
+
     st = os.stat(lower)
     key = hashlib.sha256(f"{lower}\0{st.st_ino}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cache = os.path.join(state_dir, "rootfs-userns")

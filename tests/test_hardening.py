@@ -280,3 +280,24 @@ def test_seccomp_settings(runtime: Runtime, tmp_path: Path) -> None:
     )
     _, out, err = run_capture(runtime, spec)
     assert "Permission denied" in out and "touched" in out, (out, err)
+
+
+@requires_root
+@pytest.mark.parametrize("name", ["proc", "sys", "dev"])
+def test_a_rootfs_whose_mount_target_is_a_symlink_is_refused(
+    runtime: Runtime, tmp_path: Path, name: str
+) -> None:
+    """runc CVE-2019-19921 family: a symlinked /proc (or /sys, /dev) would
+    point the mount at the host. It is refused, and nothing is mounted."""
+    rootfs = tmp_path / "rootfs"
+    subprocess.run(["cp", "-a", runtime.resolve_rootfs("busybox"), str(rootfs)], check=True)
+    target = tmp_path / "host-dir"
+    target.mkdir()
+    subprocess.run(["rm", "-rf", str(rootfs / name)], check=True)
+    (rootfs / name).symlink_to(target)
+    mounts_before = Path("/proc/self/mountinfo").read_text()
+    with pytest.raises(SandboxError) as err:
+        runtime.create(SandboxSpec(name="symlinked", argv=("true",), rootfs=str(rootfs)))
+    assert f"/{name} in the rootfs is not a directory (refusing to mount on it)" in str(err.value)
+    assert Path("/proc/self/mountinfo").read_text() == mounts_before
+    assert os.listdir(target) == []
