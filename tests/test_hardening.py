@@ -301,3 +301,22 @@ def test_a_rootfs_whose_mount_target_is_a_symlink_is_refused(
     assert f"/{name} in the rootfs is not a directory (refusing to mount on it)" in str(err.value)
     assert Path("/proc/self/mountinfo").read_text() == mounts_before
     assert os.listdir(target) == []
+
+
+def test_a_compiled_filter_is_reused_from_the_state_dir(tmp_path: Path) -> None:
+    """A one-shot corral run reads the compiled program instead of loading
+    libseccomp (whose lookup alone runs ldconfig)."""
+    code = (
+        "import sys; from supervisor._seccomp import compile_filter;"
+        f" b = compile_filter('default', [0, 1, 5], {str(tmp_path)!r});"
+        " print(len(b), 'pyseccomp' in sys.modules)"
+    )
+
+    def run() -> str:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return r.stdout.split()
+
+    first, second = run(), run()
+    assert first[1] == "True" and second == [first[0], "False"]
+    (cached,) = os.listdir(tmp_path)
+    assert cached.startswith("default-") and cached.endswith(".bpf")
