@@ -330,3 +330,28 @@ def test_exec_process_is_exported() -> None:
     import supervisor
 
     assert supervisor.ExecProcess is ExecProcess
+
+
+def test_the_host_python_is_never_reachable_from_the_sandbox(runtime: Runtime, null: int) -> None:
+    """runc CVE-2019-5736: from its fork to its exec, a process joining the
+    sandbox is the host's Python, visible in the sandbox's /proc. A sandbox
+    process watching /proc while 150 execs come in must never be able to
+    follow one's /proc/PID/exe (it is undumpable until the exec)."""
+    watch = (
+        "while :; do ls -l /proc/[0-9]*/exe 2>/dev/null | grep -v -e /bin/busybox -e /dev/init;"
+        " done"
+    )  # what is left: links it may not follow (no "->"), and leaks
+    with tempfile.TemporaryFile() as seen:
+        spec = SandboxSpec(name="watcher", argv=("sh", "-c", watch))
+        with runtime.create(spec, stdio=(null, seen.fileno(), null)) as sb:
+            for _ in range(150):
+                with runtime.exec(sb, ["true"], stdio=(null, null, null)) as proc:
+                    assert proc.wait() == 0
+            sb.kill()
+            sb.wait()
+        seen.seek(0)
+        lines = seen.read().decode().splitlines()
+    leaks = [ln for ln in lines if "->" in ln]
+    assert not leaks, leaks[:5]
+    # The watcher did see processes in the window, and could not follow them.
+    assert lines, "the watcher never caught an exec between its fork and its exec"
