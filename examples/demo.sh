@@ -43,6 +43,9 @@ control=$(mktemp)
   echo "\$ corral ps"; corral ps
   echo "\$ corral exec web -- sh -c 'hostname; ls /proc | grep -c \"^[0-9]\"'"
   corral exec web -- sh -c 'hostname; ls /proc | grep -c "^[0-9]"'
+  # What the sandbox's root may not do (docs/security.md).
+  echo "\$ corral exec web -- sh -c 'grep -E \"^(CapEff|NoNewPrivs|Seccomp):\" /proc/self/status; mount -t tmpfs t /mnt'"
+  corral exec web -- sh -c 'grep -E "^(CapEff|NoNewPrivs|Seccomp):" /proc/self/status; mount -t tmpfs t /mnt'
   echo "\$ corral pause web"; corral pause web
   echo "\$ corral exec web -- true"; corral exec web -- true; echo "exit status: $?"
   echo "\$ corral resume web"; corral resume web
