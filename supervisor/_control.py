@@ -246,7 +246,7 @@ def inspect(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
         limits={
             "memory": inst.memory_limit,
             "cpus": cfg.limits.cpus,
-            "pids": cfg.limits.pids,
+            "pids": cfg.limits.effective().pids,
         },
         runtime_name=spec.name,
         cgroup=list(sb.cgroup.paths) if sb else None,

@@ -61,7 +61,7 @@ from ._linux._child import INIT_PATH, LaunchConfig
 from ._linux._exec import ExecConfig
 from ._linux._spawn import Spawned, SpawnFailed, spawn_direct
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
-from ._spec import _ENV_KEY_RE, DEFAULT_PIDS, Limits, SandboxSpec
+from ._spec import _ENV_KEY_RE, SandboxSpec
 
 __all__ = [
     "DEFAULT_RUN_DIR",
@@ -387,12 +387,6 @@ def _shifted_rootfs(lower: str, base: int, size: int, state_dir: str) -> str:
     return shifted_rootfs(lower, base, size, state_dir)
 
 
-def _with_defaults(limits: Limits) -> Limits:
-    """The limits a sandbox gets: its own, and :data:`DEFAULT_PIDS` tasks
-    if it sets none, so that a fork bomb stays inside by default."""
-    return limits if limits.pids is not None else limits._replace(pids=DEFAULT_PIDS)
-
-
 def _has_exited(sb: Sandbox) -> bool:
     """True if the sandbox's init has exited; never reaps it (its owner does)."""
     import select
@@ -554,10 +548,7 @@ class Runtime:
                     os.mkdir(os.path.join(sdir, "lower"), 0o755)
                 else:
                     lower = _shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
-            cgroup = self.cgroups.create(f"corral-{spec.name}", _with_defaults(spec.limits))
-            undo.callback(cgroup.remove)
-            if not spec.security.privileged:
-                cgroup.restrict_devices()
+            cgroup = self._make_cgroup(spec, undo)
             cfg = LaunchConfig(
                 argv=list(spec.argv),
                 env=spec.environment(),
@@ -594,6 +585,15 @@ class Runtime:
             undo.callback(_unlink, record)
             return Sandbox(spec, spawned, cgroup, sdir, undo.pop_all())
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _make_cgroup(self, spec: SandboxSpec, undo: contextlib.ExitStack) -> Cgroup:
+        """The sandbox's cgroup, with its limits and (unless privileged) the
+        device policy; *undo* removes it."""
+        cgroup = self.cgroups.create(f"corral-{spec.name}", spec.limits.effective())
+        undo.callback(cgroup.remove)
+        if not spec.security.privileged:
+            cgroup.restrict_devices()
+        return cgroup
 
     def _userns(self, spec: SandboxSpec, sdir: str, undo: contextlib.ExitStack) -> list[int]:
         """Claim the sandbox's id range; give its writable layer to its root."""
@@ -871,10 +871,7 @@ class Runtime:
         with contextlib.ExitStack() as undo:
             self._make_state_dir(spec.name, sdir, record, undo)
             _copy_tree(info.upper, os.path.join(sdir, "upper"), into=True)
-            cgroup = self.cgroups.create(f"corral-{spec.name}", _with_defaults(spec.limits))
-            undo.callback(cgroup.remove)
-            if not spec.security.privileged:
-                cgroup.restrict_devices()
+            cgroup = self._make_cgroup(spec, undo)
             pidfile = os.path.join(sdir, "restore.pid")
             argv = [
                 criu.binary,

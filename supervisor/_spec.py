@@ -129,15 +129,20 @@ class Limits(NamedTuple):
     cpus: float | None = None
     """CPU quota in CPUs (0.5 = half a CPU), enforced per 100 ms period."""
     pids: int | None = None
-    """Maximum number of tasks."""
+    """Maximum number of tasks (None: :data:`DEFAULT_PIDS`, see :meth:`effective`)."""
 
+    def effective(self) -> Limits:
+        """What the sandbox's cgroup enforces: these, with :data:`DEFAULT_PIDS`
+        tasks if ``pids`` says nothing (a fork bomb stays inside by default)."""
+        return self if self.pids is not None else self._replace(pids=DEFAULT_PIDS)
 
-NO_LIMITS = Limits()
-"""The default: nothing limited (but see :data:`DEFAULT_PIDS`)."""
 
 DEFAULT_PIDS = 4096
-"""Tasks a sandbox may have when its limits say nothing: a fork bomb stays
-inside its sandbox by default. Set ``pids`` to allow more."""
+"""Tasks a sandbox may have when its limits say nothing. Set ``pids`` to
+allow more."""
+
+NO_LIMITS = Limits()
+"""The default: nothing limited but the tasks (:data:`DEFAULT_PIDS`)."""
 
 
 class _SpecFields(NamedTuple):

@@ -18,6 +18,7 @@ import trio
 import events
 from supervisor import Supervisor
 from supervisor._control_client import ControlError, result_of
+from supervisor._spec import DEFAULT_PIDS
 
 from .conftest import Dirs, requires_root
 from .supervising import fleet, of, output, request, run, wait_event, wait_log
@@ -88,6 +89,8 @@ def test_ps_inspect_and_stats_describe_the_fleet(dirs: Dirs) -> None:
         assert pid in info["pids"]
         assert info["spec"]["command"] == ["/bin/sh", "-c", "exec sleep 1000"]
         assert info["limits"]["memory"] == 64 << 20
+        # What the cgroup enforces: the default task limit, not "unlimited".
+        assert info["limits"]["pids"] == DEFAULT_PIDS
         assert [e["kind"] for e in info["events"]] == ["created", "started"]
         assert info["stats"]["pids_current"] >= 1
 
