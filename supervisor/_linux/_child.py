@@ -46,6 +46,7 @@ __all__ = [
     "Privileges",
     "SetupFailure",
     "become_userns_root",
+    "close_fds_except",
     "enter_new_userns",
     "restrict_like_sandbox",
     "run_intermediate",
@@ -392,7 +393,7 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         step = "workdir"
         # Nothing of the host's may be reachable through /proc/self/fd as a
         # workdir (runc CVE-2024-21626): close every descriptor first.
-        _prepare_exec(report, keep=3)
+        close_fds_except(report.fileno())
         path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
         step = "restrict"
         restrict_like_sandbox(report, cfg)
@@ -434,25 +435,32 @@ def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         for n in (0, 1, 2):
             os.dup2(null, n)
         os.close(null)
-        _prepare_exec(report, keep=6)
+        _prepare_exec(report, 3, 4, 5)
         os.execve(cfg.restore_argv[0], cfg.restore_argv, cfg.env)
     except BaseException as exc:
         _report(report, exc, step)
         os._exit(127)
 
 
-def _prepare_exec(report: socket.socket, keep: int) -> None:
-    """Signals to their defaults, no mask, every fd from *keep* up closed
-    but the (close-on-exec) report socket."""
+def _prepare_exec(report: socket.socket, *keep: int) -> None:
+    """Signals to their defaults, no mask, every fd from 3 up closed but
+    *keep* and the (close-on-exec) report socket."""
     # exec keeps ignored signals ignored: Python's SIGPIPE and SIGXFSZ, the
     # keeper's SIGINT, whatever the supervisor's ancestors ignored. A command
     # that expects the default would misbehave (one that ignores SIGINT
     # survives tini forwarding it).
     sc.reset_signals()
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    fd = report.fileno()
-    os.closerange(keep, fd)
-    os.closerange(fd + 1, 1 << 20)
+    close_fds_except(report.fileno(), *keep)
+
+
+def close_fds_except(*keep: int) -> None:
+    """Close every descriptor from 3 up but *keep*."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= low):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
 
 
 class Privileges(Protocol):
@@ -486,7 +494,7 @@ def restrict_like_sandbox(report: socket.socket, cfg: Privileges) -> None:
     # namespace, which is when the window opens; this keeps the rule here
     # too. execve sets the flag again: the new program is the sandbox's.
     sc.set_dumpable(False)
-    _prepare_exec(report, keep=3)
+    _prepare_exec(report)
     os.umask(0o022)
     for resource_, soft, hard in cfg.rlimits or ():
         try:
@@ -512,8 +520,7 @@ def _rlimit_failure(resource_: int, soft: int, hard: int) -> str:
     }
     name = names.get(resource_, str(resource_))
     own = resource.getrlimit(resource_)[1]
-    if soft > hard >= 0 or soft < 0 <= hard:
-        return f"rlimits.{name}: the soft limit is above the hard limit"
+    # (A soft limit above the hard one never gets here: parse_rlimits refuses it.)
     return (
         f"rlimits.{name}: cannot set a hard limit of {'unlimited' if hard < 0 else hard}, "
         f"above the supervisor's own ({'unlimited' if own < 0 else own}): "

@@ -70,6 +70,7 @@ from ._child import (
     _report,
     _Step,
     become_userns_root,
+    close_fds_except,
     enter_workdir_and_find,
     restrict_like_sandbox,
 )
@@ -141,7 +142,7 @@ def run_exec_intermediate(
         # sandbox, before restrict_like_sandbox closes the rest: keep only
         # stdio, the report socket and the pidfd (a direct spawner's fork
         # inherits every descriptor of its process).
-        _close_fds_except(report.fileno(), cfg.target_pidfd)
+        close_fds_except(report.fileno(), cfg.target_pidfd)
         step = "join namespaces"
         # From the fork below until its exec, our child is a copy of the
         # host's Python visible in the sandbox's /proc. Undumpable, its
@@ -201,15 +202,6 @@ def _run_exec_child(cfg: ExecConfig, report: socket.socket, gate: int) -> NoRetu
     except BaseException as exc:
         _report(report, exc, step)
         os._exit(127)
-
-
-def _close_fds_except(*keep: int) -> None:
-    """Close every descriptor from 3 up but *keep*."""
-    low = 3
-    for fd in sorted(k for k in keep if k >= low):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
 
 
 def _open_tty(report: socket.socket, winsize: list[int] | None) -> None:
