@@ -277,15 +277,19 @@ def compile_filter(
     if cache_dir is None:
         return _compiled(setting, kept, "seccomp")
     key = _disk_key(setting, kept)
+    bpf = _loaded.get(key)
+    if bpf is not None:
+        return bpf  # a supervisor reads the file once, not at every start
     path = os.path.join(cache_dir, f"{key}.bpf")
     try:
         with open(path, "rb") as f:
             bpf = f.read()
         if bpf and len(bpf) % 8 == 0:
+            _loaded[key] = bpf
             return bpf
     except OSError:
         pass
-    bpf = _compiled(setting, kept, "seccomp")
+    bpf = _loaded[key] = _compiled(setting, kept, "seccomp")
     try:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -297,16 +301,26 @@ def compile_filter(
     return bpf
 
 
+def _stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "none"
+    return f"{st.st_mtime_ns:x}.{st.st_size:x}.{st.st_ino:x}"
+
+
+_MODULE_STAMP = _stamp(__file__)
+"""This module's version, which defines the default profile (stamped once:
+the code that runs is the code that was loaded)."""
+
+_loaded: dict[str, bytes] = {}
+"""Programs by :func:`_disk_key`, read or compiled in this process."""
+
+
 def _disk_key(setting: str, caps: tuple[int, ...] | None) -> str:
     # No hash: hashlib's import alone costs a one-shot run 2-3 ms. The
     # stamps (mtime, size, inode) make a name unique among live files.
-    parts = []
-    for path in (__file__, *([setting] if setting != DEFAULT else [])):
-        try:
-            st = os.stat(path)
-            parts.append(f"{st.st_mtime_ns:x}.{st.st_size:x}.{st.st_ino:x}")
-        except OSError:
-            parts.append("none")
+    parts = [_MODULE_STAMP, *([_stamp(setting)] if setting != DEFAULT else [])]
     mask = "all" if caps is None else f"{sum(1 << c for c in set(caps)):x}"
     name = "default" if setting == DEFAULT else re.sub(r"[^A-Za-z0-9.-]", "_", setting)[-80:]
     return "-".join([name, *parts, mask, os.uname().machine])
