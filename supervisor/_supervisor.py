@@ -1152,6 +1152,12 @@ class Supervisor:
                 watchers.start_soon(self._stop_when_asked, inst, sb, ident)
                 await trio.lowlevel.wait_readable(sb.pidfd)
                 watchers.cancel_scope.cancel()
+            # It died during a checkpoint (an OOM kill just after the dump
+            # thawed it): its outcome, checkpointed or checkpoint_failed,
+            # comes first, so the exited that follows, and any restart from
+            # the latest checkpoint, see the checkpoint stored or not.
+            if inst.checkpointing:
+                await inst._idle.wait()
             result = sb.poll()
             if result is None:  # pragma: no cover - pidfd readable means exited
                 result = await trio.to_thread.run_sync(sb.wait)
