@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import events
 from supervisor import (
@@ -510,6 +511,45 @@ def test_oom_kill_restores_the_latest_checkpoint_with_a_grown_limit(dirs: Dirs, 
     # not from 1: the restored shell still holds what it had allocated.
     assert before[0] == 1 and 1 < after[0] <= before[-1] + 1, (before, after)
     assert [b - a for a, b in itertools.pairwise(after)] == [1] * (len(after) - 1)
+
+
+@pytest.mark.criu
+@requires_root
+def test_an_exit_during_a_checkpoint_comes_after_its_outcome(dirs: Dirs, criu: None) -> None:
+    """A sandbox that dies after CRIU has dumped it, while the checkpoint is
+    still being written down, has its exited after its checkpointed: a
+    restart decided on the exit sees the checkpoint it died in."""
+    f = fleet({"name": "d", "command": COUNTER})
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started) and e.sandbox == "d-0")
+        await wait_for(lambda: len(values(dirs, "d-0")) >= 3)
+        assert sup.runtime is not None
+        real = sup.runtime.checkpoint
+
+        def dying(sb: Sandbox, **kw: Any) -> CheckpointInfo:
+            on_dumped = kw.pop("on_dumped")
+
+            def killed_first(info: CheckpointInfo) -> None:
+                # Dumped and thawed: it dies before checkpointed is published
+                # (the window in which an OOM kill can strike).
+                sb.kill()
+                assert select.select([sb.pidfd], [], [], 30)[0]
+                # Let the supervisor see the death first, as it would.
+                trio.from_thread.run(trio.testing.wait_all_tasks_blocked)
+                on_dumped(info)
+
+            return real(sb, on_dumped=killed_first, **kw)
+
+        sup.runtime.checkpoint = dying  # type: ignore[method-assign]
+        await sup.checkpoint("d-0", tag="last", leave_running=True)
+        await wait_event(sup, lambda e: isinstance(e, events.Exited) and e.sandbox == "d-0")
+
+    evs = run(f, dirs, body)
+    kinds = [e.kind for e in evs if e.sandbox == "d-0"]
+    assert kinds.index("checkpointed") < kinds.index("exited"), kinds
+    (died,) = of(evs, events.Exited, "d-0")
+    assert died.signal == 9
 
 
 @pytest.mark.criu
