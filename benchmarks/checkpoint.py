@@ -61,7 +61,7 @@ CRIU itself happened to take.
 
 To show where corral's time goes, its internal steps (``criu`` process,
 ``cp -a``, nft unlock) are timed by wrapping the module functions of
-``supervisor._runtime`` for the duration of the run; "other" is the rest.
+``supervisor._runtime._sandbox`` for the duration of the run; "other" is the rest.
 
 The last three lines are exactly ``checkpoint_overhead_ratio: X``,
 ``restore_overhead_ratio: X`` (corral/plain, the worse of the 16 MB and
@@ -89,8 +89,8 @@ from typing import Any
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.append(sys.path.pop(0))
 
-import supervisor._runtime as _rt
-from supervisor._checkpoint import (
+import supervisor._runtime._sandbox as _rt
+from supervisor._runtime._checkpoint import (
     CRIU_OPTIONS,
     INIT_KEY,
     CheckpointInfo,
@@ -99,11 +99,11 @@ from supervisor._checkpoint import (
     criu_frozen_seconds,
     dir_size,
 )
-from supervisor._linux import _syscalls as sc
-from supervisor._linux._cgroups import V2Cgroup
-from supervisor._linux._child import INIT_PATH
-from supervisor._runtime import Runtime, Sandbox
-from supervisor._spec import SandboxSpec
+from supervisor._runtime._linux import _syscalls as sc
+from supervisor._runtime._linux._cgroups import V2Cgroup
+from supervisor._runtime._linux._child import INIT_PATH
+from supervisor._runtime._sandbox import Runtime, Sandbox
+from supervisor._runtime._spec import SandboxSpec
 
 SIZES = (16, 256)
 MB = 1 << 20

@@ -83,7 +83,7 @@ from _peers import (
 )
 
 from rootfs import ensure_busybox
-from supervisor._control_client import CONTROL_SOCKET, Client, call
+from supervisor._control._client import CONTROL_SOCKET, Client, call
 from supervisor._errors import CorralError
 
 FLEET = """

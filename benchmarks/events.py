@@ -72,7 +72,7 @@ def process_cpu(pid: int) -> float:
 
 def keeper_pid(supervisor: int) -> int | None:
     for child in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split():
-        if "supervisor._linux._keeper" in Path(f"/proc/{child}/cmdline").read_text():
+        if "supervisor._runtime._linux._keeper" in Path(f"/proc/{child}/cmdline").read_text():
             return int(child)
     return None
 

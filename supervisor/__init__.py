@@ -34,48 +34,48 @@ from ._errors import StateError as StateError
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from ._checkpoint import CheckpointInfo as CheckpointInfo
-    from ._fleet import Fleet as Fleet
-    from ._fleet import FleetError as FleetError
-    from ._fleet import SandboxConfig as SandboxConfig
-    from ._fleet import load_fleet as load_fleet
-    from ._fleet import parse_fleet as parse_fleet
-    from ._linux._cgroups import CgroupStats as CgroupStats
-    from ._linux._spawn import Keeper as Keeper
-    from ._runtime import ExecProcess as ExecProcess
-    from ._runtime import Runtime as Runtime
-    from ._runtime import Sandbox as Sandbox
-    from ._runtime import SandboxExit as SandboxExit
-    from ._spec import Limits as Limits
-    from ._spec import SandboxSpec as SandboxSpec
-    from ._spec import parse_cpus as parse_cpus
-    from ._spec import parse_env as parse_env
-    from ._spec import parse_pids as parse_pids
-    from ._spec import parse_size as parse_size
-    from ._supervisor import Instance as Instance
-    from ._supervisor import Supervisor as Supervisor
+    from ._core._fleet import Fleet as Fleet
+    from ._core._fleet import FleetError as FleetError
+    from ._core._fleet import SandboxConfig as SandboxConfig
+    from ._core._fleet import load_fleet as load_fleet
+    from ._core._fleet import parse_fleet as parse_fleet
+    from ._core._supervisor import Instance as Instance
+    from ._core._supervisor import Supervisor as Supervisor
+    from ._runtime._checkpoint import CheckpointInfo as CheckpointInfo
+    from ._runtime._linux._cgroups import CgroupStats as CgroupStats
+    from ._runtime._linux._spawn import Keeper as Keeper
+    from ._runtime._sandbox import ExecProcess as ExecProcess
+    from ._runtime._sandbox import Runtime as Runtime
+    from ._runtime._sandbox import Sandbox as Sandbox
+    from ._runtime._sandbox import SandboxExit as SandboxExit
+    from ._runtime._spec import Limits as Limits
+    from ._runtime._spec import SandboxSpec as SandboxSpec
+    from ._runtime._spec import parse_cpus as parse_cpus
+    from ._runtime._spec import parse_env as parse_env
+    from ._runtime._spec import parse_pids as parse_pids
+    from ._runtime._spec import parse_size as parse_size
 
 _LAZY = {
-    "CgroupStats": "_linux._cgroups",
-    "Keeper": "_linux._spawn",
-    "ExecProcess": "_runtime",
-    "Runtime": "_runtime",
-    "Sandbox": "_runtime",
-    "SandboxExit": "_runtime",
-    "Limits": "_spec",
-    "SandboxSpec": "_spec",
-    "parse_cpus": "_spec",
-    "parse_env": "_spec",
-    "parse_pids": "_spec",
-    "parse_size": "_spec",
-    "CheckpointInfo": "_checkpoint",
-    "Fleet": "_fleet",
-    "FleetError": "_fleet",
-    "SandboxConfig": "_fleet",
-    "load_fleet": "_fleet",
-    "parse_fleet": "_fleet",
-    "Instance": "_supervisor",
-    "Supervisor": "_supervisor",
+    "CgroupStats": "_runtime._linux._cgroups",
+    "Keeper": "_runtime._linux._spawn",
+    "ExecProcess": "_runtime._sandbox",
+    "Runtime": "_runtime._sandbox",
+    "Sandbox": "_runtime._sandbox",
+    "SandboxExit": "_runtime._sandbox",
+    "Limits": "_runtime._spec",
+    "SandboxSpec": "_runtime._spec",
+    "parse_cpus": "_runtime._spec",
+    "parse_env": "_runtime._spec",
+    "parse_pids": "_runtime._spec",
+    "parse_size": "_runtime._spec",
+    "CheckpointInfo": "_runtime._checkpoint",
+    "Fleet": "_core._fleet",
+    "FleetError": "_core._fleet",
+    "SandboxConfig": "_core._fleet",
+    "load_fleet": "_core._fleet",
+    "parse_fleet": "_core._fleet",
+    "Instance": "_core._supervisor",
+    "Supervisor": "_core._supervisor",
 }
 
 

@@ -92,7 +92,7 @@ class CriuUnavailableError(CheckpointError):
 
 class StateError(CorralError):
     """A verb was asked of an instance in a state that does not allow it
-    (see :mod:`supervisor._states`): ``verb``, ``name`` and ``state`` say which."""
+    (see :mod:`supervisor._core._states`): ``verb``, ``name`` and ``state`` say which."""
 
     def __init__(self, verb: str, name: str, state: str, detail: str) -> None:
         super().__init__(f"cannot {verb} {name!r}: {detail}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import Keeper, Runtime
-from supervisor._linux._cgroups import V1Cgroups, V2Cgroups
+from supervisor._runtime._linux._cgroups import V1Cgroups, V2Cgroups
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,7 +147,7 @@ def _no_stray_children() -> Iterator[None]:
         return
     assert pid == 0, f"an unreaped child process {pid} was left (status {status})"
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-    stray = [c for c in children if "supervisor._linux._keeper" not in _cmdline(c)]
+    stray = [c for c in children if "supervisor._runtime._linux._keeper" not in _cmdline(c)]
     assert not stray, f"child processes left running: {stray}"
 
 

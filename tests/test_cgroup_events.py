@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from supervisor import Runtime, SandboxSpec
-from supervisor._linux._cgroups import V2Cgroup
+from supervisor._runtime._linux._cgroups import V2Cgroup
 
 from .conftest import requires_root
 

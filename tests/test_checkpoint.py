@@ -31,9 +31,14 @@ from supervisor import (
     SandboxSpec,
     Supervisor,
 )
-from supervisor._checkpoint import CheckpointInfo, CheckpointStore, check_criu, validate_tag
-from supervisor._fleet import parse_fleet
-from supervisor._linux._cgroups import ALLOWED_DEVICES
+from supervisor._core._fleet import parse_fleet
+from supervisor._runtime._checkpoint import (
+    CheckpointInfo,
+    CheckpointStore,
+    check_criu,
+    validate_tag,
+)
+from supervisor._runtime._linux._cgroups import ALLOWED_DEVICES
 
 from .conftest import Dirs, requires_root
 from .supervising import fleet, of, output, run, wait_event

@@ -16,8 +16,8 @@ import trio
 
 import events
 from supervisor import Supervisor
-from supervisor._control import MAX_CONNECTIONS, MAX_FDS
-from supervisor._control_client import ControlError, call
+from supervisor._control._client import ControlError, call
+from supervisor._control._server import MAX_CONNECTIONS, MAX_FDS
 
 from .conftest import Dirs, requires_root
 from .helpers import wait_for
@@ -126,7 +126,7 @@ def test_a_peer_that_is_not_root_nor_in_the_group_is_refused(dirs: Dirs) -> None
             os.chmod(d, 0o755)
         os.chmod(path, 0o666)
         code = (
-            "import sys; from supervisor._control_client import call, ControlError\n"
+            "import sys; from supervisor._control._client import call, ControlError\n"
             "try:\n call(sys.argv[1], 'ping')\n"
             "except ControlError as e:\n print(e.code, e)\n"
         )
@@ -268,7 +268,7 @@ def test_a_member_of_the_socket_group_is_admitted(dirs: Dirs) -> None:
         path = _sock(dirs)
         for d in (dirs.run.parent, dirs.run):
             os.chmod(d, 0o755)
-        code = "import sys; from supervisor._control_client import call\nprint(call(sys.argv[1], 'ps')[0]['name'])\n"
+        code = "import sys; from supervisor._control._client import call\nprint(call(sys.argv[1], 'ps')[0]['name'])\n"
         r = await trio.run_process(
             [sys.executable, "-c", code, path],
             user=65534,

@@ -17,8 +17,8 @@ import trio
 
 import events
 from supervisor import Supervisor
-from supervisor._control_client import ControlError, result_of
-from supervisor._spec import DEFAULT_PIDS
+from supervisor._control._client import ControlError, result_of
+from supervisor._runtime._spec import DEFAULT_PIDS
 
 from .conftest import Dirs, requires_root
 from .supervising import fleet, of, output, request, run, wait_event, wait_log

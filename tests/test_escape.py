@@ -27,7 +27,7 @@ import pytest
 
 from rootfs import ensure_busybox
 from supervisor import Limits, Runtime, SandboxSpec
-from supervisor._security import make_security
+from supervisor._runtime._security import make_security
 
 from .conftest import _scratch_base, requires_root
 from .helpers import run_capture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor._fleet import FleetError, load_fleet, parse_fleet
+from supervisor._core._fleet import FleetError, load_fleet, parse_fleet
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from supervisor import Runtime, SandboxError, SandboxSpec, SpecError
-from supervisor._checkpoint import spec_from_dict, spec_to_dict
-from supervisor._fleet import FleetError, parse_fleet
-from supervisor._linux import _syscalls
-from supervisor._linux._cgroups import ALLOWED_DEVICES, V1Cgroups
-from supervisor._security import RLIMITS, effective_rlimits, make_security
-from supervisor._spec import DEFAULT_PIDS, Limits
+from supervisor._core._fleet import FleetError, parse_fleet
+from supervisor._runtime._checkpoint import spec_from_dict, spec_to_dict
+from supervisor._runtime._linux import _syscalls
+from supervisor._runtime._linux._cgroups import ALLOWED_DEVICES, V1Cgroups
+from supervisor._runtime._security import RLIMITS, effective_rlimits, make_security
+from supervisor._runtime._spec import DEFAULT_PIDS, Limits
 
 from .conftest import Dirs, requires_root
 from .helpers import run_capture
@@ -307,7 +307,7 @@ def test_a_compiled_filter_is_reused_from_the_state_dir(tmp_path: Path) -> None:
     """A one-shot corral run reads the compiled program instead of loading
     libseccomp (whose lookup alone runs ldconfig)."""
     code = (
-        "import sys; from supervisor._seccomp import compile_filter;"
+        "import sys; from supervisor._runtime._seccomp import compile_filter;"
         f" b = compile_filter('default', [0, 1, 5], {str(tmp_path)!r});"
         " print(len(b), 'pyseccomp' in sys.modules)"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import Keeper, Runtime, SandboxSpec
-from supervisor._security import make_security
+from supervisor._runtime._security import make_security
 
 from .conftest import Dirs, requires_root
 from .helpers import run_capture

@@ -18,8 +18,8 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor import _logfiles
-from supervisor._logfiles import (
+from supervisor._core import _output as _logfiles
+from supervisor._core._output import (
     LineSplitter,
     LogWriter,
     Record,

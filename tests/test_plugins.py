@@ -10,8 +10,8 @@ import pytest
 
 import events
 from supervisor import Supervisor
-from supervisor._fleet import load_fleet, parse_fleet
-from supervisor._plugins import PluginError, load_plugin
+from supervisor._core._fleet import load_fleet, parse_fleet
+from supervisor._core._plugin_host import PluginError, load_plugin
 
 from .conftest import Dirs, requires_root
 from .supervising import of, run, wait_event

@@ -111,7 +111,7 @@ async def boom(handle: object, config: object) -> None:
 def test_a_raising_plugin_is_reported_and_the_rest_goes_on(dirs: Dirs) -> None:
     """A plugin that raises: plugin_failed events (restart, then disable); others unaffected."""
     doc_plugins = {"boom": {"module": "tests.test_restart:boom"}}
-    from supervisor._fleet import parse_fleet
+    from supervisor._core._fleet import parse_fleet
 
     f = parse_fleet(
         {

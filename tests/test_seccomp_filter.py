@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from supervisor import SpecError
-from supervisor._linux._syscalls import load_seccomp
-from supervisor._seccomp import (
+from supervisor._runtime._linux._syscalls import load_seccomp
+from supervisor._runtime._seccomp import (
     _ALLOWED_WITH,
     DEFAULT,
     DEFAULT_DENIED,
@@ -31,7 +31,7 @@ from supervisor._seccomp import (
     compile_filter,
     parse_seccomp,
 )
-from supervisor._security import CAPABILITIES, DEFAULT_CAPABILITIES
+from supervisor._runtime._security import CAPABILITIES, DEFAULT_CAPABILITIES
 
 from .conftest import requires_root
 
@@ -46,8 +46,8 @@ x86_64_only = pytest.mark.skipif(
 # Runs in the child: compile, no_new_privs (or drop capabilities), load, probe.
 _PRELUDE = """
 import ctypes, errno, json, os, socket, subprocess, sys
-from supervisor._seccomp import compile_filter
-from supervisor._linux._syscalls import load_seccomp, restrict_capabilities
+from supervisor._runtime._seccomp import compile_filter
+from supervisor._runtime._linux._syscalls import load_seccomp, restrict_capabilities
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -513,7 +513,7 @@ def test_import_is_cheap() -> None:
     """Importing the module (the CLI does) does not load pyseccomp, whose import
     runs ldconfig; unconfined never does."""
     code = (
-        "import sys; from supervisor._seccomp import compile_filter, parse_seccomp; "
+        "import sys; from supervisor._runtime._seccomp import compile_filter, parse_seccomp; "
         "parse_seccomp('unconfined'); parse_seccomp('default'); compile_filter('unconfined', None); "
         "print('pyseccomp' in sys.modules)"
     )

@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from supervisor import Runtime, SandboxSpec, SpecError
-from supervisor._checkpoint import spec_from_dict, spec_to_dict
-from supervisor._fleet import FleetError, parse_fleet
-from supervisor._security import (
+from supervisor._core._fleet import FleetError, parse_fleet
+from supervisor._runtime._checkpoint import spec_from_dict, spec_to_dict
+from supervisor._runtime._security import (
     CAPABILITIES,
     DEFAULT_CAPABILITIES,
     kept_capabilities,
@@ -176,7 +176,7 @@ def test_corral_run_flags(dirs: Dirs) -> None:
 def test_proc_and_sys_are_masked_and_read_only(runtime: Runtime) -> None:
     """Docker's masked paths are empty or unreadable, its read-only paths
     refuse writes; a privileged sandbox sees them as they are."""
-    from supervisor._linux._child import MASKED_PATHS, READONLY_PATHS
+    from supervisor._runtime._linux._child import MASKED_PATHS, READONLY_PATHS
 
     present = [p for p in MASKED_PATHS if os.path.exists(p)]
     writable = [p for p in READONLY_PATHS if os.path.exists(p)]

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from supervisor import Runtime, SandboxError, SandboxSpec, SpecError
+from supervisor._core._fleet import parse_fleet
 from supervisor._errors import CheckpointError
-from supervisor._fleet import parse_fleet
-from supervisor._security import USERNS_POOL, USERNS_SIZE, make_security
+from supervisor._runtime._security import USERNS_POOL, USERNS_SIZE, make_security
 
 from .conftest import Dirs, requires_root
 from .helpers import run_capture, wait_for
@@ -216,7 +216,7 @@ def _lowerdir(out: str) -> str:
 
 @requires_root
 def test_the_rootfs_is_idmapped_where_its_file_system_can_be(runtime: Runtime, dirs: Dirs) -> None:
-    from supervisor._linux._syscalls import fs_type
+    from supervisor._runtime._linux._syscalls import fs_type
 
     lower = runtime.resolve_rootfs("busybox")
     since = _IDMAPPABLE.get(fs_type(lower))

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from ._errors import CheckpointError, CriuUnavailableError
+from .._errors import CheckpointError, CriuUnavailableError
 from ._security import Security, make_security
 from ._spec import Limits, SandboxSpec
 

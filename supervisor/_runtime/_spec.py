@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from ._errors import SpecError
+from .._errors import SpecError
 from ._security import DEFAULT_SECURITY, Security
 
 __all__ = [

@@ -25,8 +25,8 @@ import tty as ttymod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ._control_client import Client, ControlError, result_of
-from ._errors import CommandNotExecutableError, CommandNotFoundError
+from .._errors import CommandNotExecutableError, CommandNotFoundError
+from ._client import Client, ControlError, result_of
 
 __all__ = ["run_exec"]
 

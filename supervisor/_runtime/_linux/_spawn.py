@@ -184,7 +184,7 @@ class Keeper:
             # subprocess forks and execs in C (posix_spawn / vfork): no
             # Python runs in the child, so this is safe with threads around.
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor._linux._keeper", str(theirs.fileno())],
+                [sys.executable, "-m", "supervisor._runtime._linux._keeper", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 # Its own session: a Ctrl-C on the supervisor's terminal must

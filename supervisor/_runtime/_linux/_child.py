@@ -488,7 +488,7 @@ def restrict_like_sandbox(report: socket.socket, cfg: Privileges) -> None:
     blocked; umask 022; the rlimits; only the capabilities ``cfg.caps``
     (numbers up to ``cfg.last_cap``; None keeps every one: a privileged
     sandbox), no inheritable or ambient ones, ``no_new_privs`` if asked, and
-    the seccomp filter (see :mod:`supervisor._security`).
+    the seccomp filter (see :mod:`supervisor._runtime._security`).
     """
     # The exec path clears the flag before it joins the sandbox's PID
     # namespace, which is when the window opens; this keeps the rule here

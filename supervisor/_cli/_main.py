@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-from ._errors import (
+from .._errors import (
     CommandNotExecutableError,
     CommandNotFoundError,
     CorralError,
@@ -50,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog="corral", description="Run and supervise Linux sandboxes.")
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
@@ -364,7 +364,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 def _control(args: argparse.Namespace) -> int:
     import json
 
-    from ._control_client import call
+    from .._control._client import call
 
     path = _control_path(args)
     verb = args.verb
@@ -404,8 +404,8 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _exec(path: str, args: argparse.Namespace) -> int:
-    from ._exec_client import run_exec
-    from ._spec import parse_env
+    from .._control._exec_client import run_exec
+    from .._runtime._spec import parse_env
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -427,7 +427,7 @@ def _stats(path: str, args: argparse.Namespace) -> int:
     import json
     import time
 
-    from ._control_client import call
+    from .._control._client import call
 
     def sample() -> tuple[float, list[dict[str, Any]]]:
         return time.monotonic(), call(path, "stats", {"names": args.names})
@@ -480,7 +480,7 @@ def _print_stats(
 
 
 def _control_path(args: argparse.Namespace) -> str:
-    from ._control_client import CONTROL_SOCKET
+    from .._control._client import CONTROL_SOCKET
 
     return args.socket or os.path.join(_run_dir(), CONTROL_SOCKET)
 
@@ -497,7 +497,7 @@ def _size(n: int) -> str:
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    from ._control_client import call
+    from .._control._client import call
 
     path = _control_path(args)
     params = {"name": args.name, "tag": args.tag, "leave_running": args.leave_running}
@@ -512,7 +512,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from ._control_client import call
+    from .._control._client import call
 
     path = _control_path(args)
     params = {"name": args.name, "tag": args.tag, "as": args.as_name}
@@ -528,7 +528,7 @@ def _checkpoints(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from ._checkpoint import CheckpointStore
+    from .._runtime._checkpoint import CheckpointStore
 
     store = CheckpointStore(os.path.join(_state_dir(), "checkpoints"))
     names = [args.name] if args.name else list(store.names())
@@ -552,7 +552,7 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
 
 def _state_dir() -> str:
-    from ._runtime import DEFAULT_STATE_DIR
+    from .._runtime._sandbox import DEFAULT_STATE_DIR
 
     return os.environ.get("CORRAL_STATE_DIR") or DEFAULT_STATE_DIR
 
@@ -560,7 +560,7 @@ def _state_dir() -> str:
 def _logs(args: argparse.Namespace) -> int:
     import time
 
-    from ._logfiles import follow, format_record, parse_since, read_records
+    from .._core._output import follow, format_record, parse_since, read_records
 
     logdir = os.path.join(_state_dir(), "logs")
     path = os.path.join(logdir, f"{args.name}.log")
@@ -589,7 +589,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _run_dir() -> str:
-    from ._runtime import DEFAULT_RUN_DIR
+    from .._runtime._sandbox import DEFAULT_RUN_DIR
 
     return os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR
 
@@ -597,9 +597,9 @@ def _run_dir() -> str:
 def _up(args: argparse.Namespace) -> int:
     import trio
 
-    from ._fleet import load_fleet
-    from ._logging import configure_logging
-    from ._supervisor import Supervisor
+    from .._core._fleet import load_fleet
+    from .._core._supervisor import Supervisor
+    from .._core._supervisor_log import configure_logging
 
     fleet = load_fleet(args.fleet)
     for cfg in fleet.sandboxes:
@@ -661,8 +661,8 @@ def _clock(wall: float) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here so that `corral --help` stays instant.
-    from ._runtime import Runtime, Sandbox
-    from ._spec import (
+    from .._runtime._sandbox import Runtime, Sandbox
+    from .._runtime._spec import (
         Limits,
         SandboxSpec,
         parse_cpus,
@@ -683,7 +683,7 @@ def _run(args: argparse.Namespace) -> int:
         cpus=parse_cpus(args.cpus, "--cpus") if args.cpus is not None else None,
         pids=parse_pids(args.pids, "--pids") if args.pids is not None else None,
     )
-    from ._security import make_security
+    from .._runtime._security import make_security
 
     try:
         rlimits: dict[str, str] = {}

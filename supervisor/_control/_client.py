@@ -2,7 +2,7 @@
 
 A CLI verb imports only this (and msgpack): trio and the server code cost
 ~100 ms of start-up that a one-shot ``corral pause`` should not pay. The
-protocol is described in :mod:`supervisor._control` and ``docs/control.md``.
+protocol is described in :mod:`supervisor._control._server` and ``docs/control.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from ._errors import CorralError
+from .._errors import CorralError
 
 __all__ = ["CONTROL_SOCKET", "Client", "ControlError", "call", "received_fds", "result_of"]
 

@@ -19,7 +19,7 @@ loudly where it happens.
 
 from __future__ import annotations
 
-from ._errors import StateError
+from .._errors import StateError
 
 __all__ = ["STATES", "TRANSITIONS", "VERBS", "StateError", "check_transition", "guard"]
 

@@ -2,14 +2,14 @@
 
 A sandbox with ``userns = true`` runs in a user namespace whose ids 0 to
 ``size - 1`` are host ids ``base`` to ``base + size - 1`` (see
-``supervisor/_linux/_child.py`` for how the namespace is made and mapped).
+``supervisor/_runtime/_linux/_child.py`` for how the namespace is made and mapped).
 Its root is then an ordinary, unprivileged user on the host: a process that
 escaped every other layer would hold no host privilege, and files it
 created on the host would belong to that nobody.
 
 Ranges: a sandbox that names its ``userns_base`` uses that (sandboxes naming
 the same base share the range, on purpose); the others get a range of their
-own from :data:`~supervisor._security.USERNS_POOL`, which no other live
+own from :data:`~supervisor._runtime._security.USERNS_POOL`, which no other live
 sandbox of this host uses. A range is claimed by creating
 ``RUN_DIR/userns/SLOT`` exclusively, holding the sandbox's name, and is
 released when the sandbox is destroyed; a claim whose sandbox has no record
@@ -36,7 +36,7 @@ import stat
 import subprocess
 import time
 
-from ._errors import SandboxError
+from .._errors import SandboxError
 from ._security import USERNS_POOL, USERNS_SIZE, Security
 
 __all__ = ["allocate_range", "check_reachable", "shifted_rootfs"]

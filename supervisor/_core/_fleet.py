@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ._errors import CorralError, SpecError
-from ._seccomp import parse_seccomp
-from ._security import (
+from .._errors import CorralError, SpecError
+from .._runtime._seccomp import parse_seccomp
+from .._runtime._security import (
     DEFAULT_SECURITY,
     USERNS_SIZE,
     Security,
@@ -26,7 +26,15 @@ from ._security import (
     parse_capabilities,
     parse_rlimits,
 )
-from ._spec import NO_LIMITS, Limits, SandboxSpec, parse_cpus, parse_pids, parse_size, validate_name
+from .._runtime._spec import (
+    NO_LIMITS,
+    Limits,
+    SandboxSpec,
+    parse_cpus,
+    parse_pids,
+    parse_size,
+    validate_name,
+)
 
 __all__ = ["Fleet", "FleetError", "SandboxConfig", "SupervisorConfig", "load_fleet", "parse_fleet"]
 

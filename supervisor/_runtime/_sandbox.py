@@ -31,6 +31,17 @@ from typing import Any, NamedTuple
 
 from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
 
+from .._errors import (
+    CgroupError,
+    CheckpointError,
+    CommandNotExecutableError,
+    CommandNotFoundError,
+    CorralError,
+    NotPermittedError,
+    SandboxError,
+    SandboxExistsError,
+    SpecError,
+)
 from ._checkpoint import (
     CRIU_OPTIONS,
     CRIU_TIMEOUT,
@@ -43,17 +54,6 @@ from ._checkpoint import (
     dir_size,
     read_log,
     validate_tag,
-)
-from ._errors import (
-    CgroupError,
-    CheckpointError,
-    CommandNotExecutableError,
-    CommandNotFoundError,
-    CorralError,
-    NotPermittedError,
-    SandboxError,
-    SandboxExistsError,
-    SpecError,
 )
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups

@@ -55,19 +55,19 @@ from events import (
     SupervisorStopping,
 )
 
-from ._checkpoint import CheckpointInfo, check_criu, restore_weakens
-from ._errors import CheckpointError, CorralError, SandboxError, SpecError, StateError
+from .._errors import CheckpointError, CorralError, SandboxError, SpecError, StateError
+from .._runtime._checkpoint import CheckpointInfo, check_criu, restore_weakens
+from .._runtime._linux._cgroups import OomWatch
+from .._runtime._linux._spawn import Keeper
+from .._runtime._sandbox import Runtime, Sandbox
+from .._runtime._spec import Limits, SandboxSpec, validate_name
 from ._fleet import Fleet, SandboxConfig
-from ._linux._cgroups import OomWatch
-from ._linux._spawn import Keeper
-from ._logfiles import LogWriter, pump
-from ._plugins import DEFAULT_PLUGINS, PluginFn, PluginHandle, load_plugin
-from ._runtime import Runtime, Sandbox
-from ._spec import Limits, SandboxSpec, validate_name
+from ._output import LogWriter, pump
+from ._plugin_host import DEFAULT_PLUGINS, PluginFn, PluginHandle, load_plugin
 from ._states import check_transition, guard
 
 if TYPE_CHECKING:
-    from ._runtime import ExecProcess
+    from .._runtime._sandbox import ExecProcess
 
 __all__ = ["Instance", "Supervisor"]
 
@@ -116,14 +116,14 @@ class Instance:
 
     Its read-only properties are what plugins see (``plugins.InstanceView``).
     Its state changes only through :meth:`set_state`, along the life cycle
-    of :mod:`supervisor._states`.
+    of :mod:`supervisor._core._states`.
     """
 
     config: SandboxConfig
     index: int
     generation: int = 0
     state: str = "pending"
-    """One of :data:`supervisor._states.STATES`."""
+    """One of :data:`supervisor._core._states.STATES`."""
     sandbox: Sandbox | None = None
     grace: float = 10.0
     memory_override: int | None = None
@@ -255,7 +255,7 @@ class Supervisor:
     SIGINT/SIGTERM arrives, with ``handle_signals``), then stops every
     sandbox gracefully and returns once all are gone and cleaned up.
     Plugins (restart policies, ...) run alongside and act through
-    :class:`~supervisor._plugins.PluginHandle`.
+    :class:`~supervisor._core._plugin_host.PluginHandle`.
     """
 
     def __init__(
@@ -876,7 +876,7 @@ class Supervisor:
                 self.bus = events.Bus(journal)
                 async with trio.open_nursery() as logs:
                     if self._log:
-                        from ._logging import log_events
+                        from ._supervisor_log import log_events
 
                         # Not cancelled at the end: it returns after logging
                         # supervisor_stopped, so the log is complete.
@@ -901,8 +901,8 @@ class Supervisor:
                     group=self.fleet.supervisor.socket_group,
                 )
             )
-            from ._control import serve_control
-            from ._control_client import CONTROL_SOCKET
+            from .._control._client import CONTROL_SOCKET
+            from .._control._server import serve_control
 
             assert self.runtime is not None
             control = trio.CancelScope()
@@ -1278,6 +1278,6 @@ def log_path(state_dir: str, instance: str) -> str:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

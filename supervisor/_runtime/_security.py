@@ -10,7 +10,7 @@ used.
 
 The init and every process ``corral exec`` adds apply the same
 :func:`kept_capabilities`, in the same step, just before ``execve``
-(``supervisor/_linux/_child.py``).
+(``supervisor/_runtime/_linux/_child.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import resource
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-from ._errors import SpecError
+from .._errors import SpecError
 
 __all__ = [
     "CAPABILITIES",

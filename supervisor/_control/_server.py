@@ -38,9 +38,7 @@ import trio
 
 from events._server import bind_socket, peer_allowed, unbind_socket
 
-from ._checkpoint import check_criu, restore_weakens
-from ._control_client import ControlError, received_fds
-from ._errors import (
+from .._errors import (
     CheckpointError,
     CommandNotExecutableError,
     CommandNotFoundError,
@@ -49,11 +47,13 @@ from ._errors import (
     SpecError,
     StateError,
 )
-from ._linux._cgroups import CgroupStats
+from .._runtime._checkpoint import check_criu, restore_weakens
+from .._runtime._linux._cgroups import CgroupStats
+from ._client import ControlError, received_fds
 
 if TYPE_CHECKING:
-    from ._runtime import ExecProcess
-    from ._supervisor import Instance, Supervisor
+    from .._core._supervisor import Instance, Supervisor
+    from .._runtime._sandbox import ExecProcess
 
 __all__ = ["METHODS", "serve_control"]
 

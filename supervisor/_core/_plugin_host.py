@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import events
 
-from ._errors import CorralError
+from .._errors import CorralError
 
 if TYPE_CHECKING:
-    from ._checkpoint import CheckpointInfo
+    from .._runtime._checkpoint import CheckpointInfo
     from ._supervisor import Instance, Supervisor
 
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginError", "PluginHandle", "load_plugin"]

@@ -1,6 +1,6 @@
 """Entry point of the spawn keeper process (see :class:`._spawn.Keeper`).
 
-Started with ``python -m supervisor._linux._keeper FD``. It imports only the
+Started with ``python -m supervisor._runtime._linux._keeper FD``. It imports only the
 standard library, msgpack and the spawn code, and checks that it is
 single-threaded before it forks anything.
 """

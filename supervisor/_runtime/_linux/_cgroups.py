@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Literal, NamedTuple
 
-from .._errors import CgroupError
+from ..._errors import CgroupError
 from .._spec import Limits
 
 __all__ = [

@@ -287,7 +287,7 @@ def load_seccomp(bpf: bytes) -> None:
     """Install the seccomp filter *bpf* on the calling thread (``PR_SET_SECCOMP``).
 
     *bpf* is a ``struct sock_filter`` array exactly as libseccomp exported it
-    (:func:`supervisor._seccomp.compile_filter`). The filter applies to this
+    (:func:`supervisor._runtime._seccomp.compile_filter`). The filter applies to this
     thread and everything it execs or forks, for good; it is loaded in the
     forked, single-threaded child just before ``execve``. The kernel wants
     ``no_new_privs`` or CAP_SYS_ADMIN first: the caller orders that.

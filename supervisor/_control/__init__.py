@@ -1,0 +1,1 @@
+"""The control plane: the control socket's server and its clients."""

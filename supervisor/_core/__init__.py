@@ -1,0 +1,1 @@
+"""The supervisor core: a fleet of sandboxes in a trio nursery."""

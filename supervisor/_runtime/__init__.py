@@ -1,0 +1,1 @@
+"""The sandbox runtime: one sandbox at a time, synchronous, on this host."""
