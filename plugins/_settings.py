@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
+
+from supervisor import SpecError, parse_duration, parse_size
 
 __all__ = ["SettingsError", "duration", "number", "per_instance", "size"]
 
 T = TypeVar("T")
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class SettingsError(ValueError):
@@ -26,16 +22,13 @@ class SettingsError(ValueError):
 
 
 def duration(value: object, field: str) -> float:
-    """Seconds from a number or ``"500ms"``, ``"10s"``, ``"2m"``, ``"1h"``."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        n = float(value)
-    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
-        n = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        raise SettingsError(field, f"expected a duration like 10s or 500ms, got {value!r}")
-    if not 0 <= n <= 86400:
-        raise SettingsError(field, f"expected a duration between 0 and 24h, got {value!r}")
-    return n
+    """Seconds from a number or ``"500ms"``, ``"10s"``, ``"2m"``, ``"1h30m"``
+    (corral's one duration grammar: :func:`supervisor.parse_duration`), at
+    most 24 hours."""
+    try:
+        return parse_duration(value, field)
+    except SpecError as exc:
+        raise SettingsError(field, _detail(exc)) from None
 
 
 def number(value: object, field: str, *, low: float, high: float, whole: bool = False) -> float:
@@ -52,14 +45,16 @@ def number(value: object, field: str, *, low: float, high: float, whole: bool = 
 
 
 def size(value: object, field: str) -> int:
-    """Bytes from ``"512M"``, ``"1G"`` or a plain number."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-        if n > 0:
-            return n
-    raise SettingsError(field, f"expected a size like 64M or 1G, got {value!r}")
+    """Bytes from ``"512M"``, ``"1G"`` or a plain number (corral's one size
+    grammar: :func:`supervisor.parse_size`)."""
+    try:
+        return parse_size(value, field, minimum=1)
+    except SpecError as exc:
+        raise SettingsError(field, _detail(exc)) from None
+
+
+def _detail(exc: SpecError) -> str:
+    return str(exc).removeprefix(f"{exc.field}: ")
 
 
 def per_instance(

@@ -5,7 +5,9 @@ first access, so a one-shot CLI verb (``corral pause``) pays only for what
 it uses, and nothing here imports trio. The public names:
 
 - :class:`SandboxSpec`, :class:`Limits` and the ``parse_*`` helpers: what a
-  sandbox is, validated with errors that name the field.
+  sandbox is, validated with errors that name the field; sizes and
+  durations have one grammar everywhere (:func:`parse_size`,
+  :func:`parse_duration`).
 - :class:`Runtime`: creates sandboxes on this host; :class:`Sandbox` is a
   live one, :class:`SandboxExit` how it ended; :class:`ExecProcess` a
   process added to a running one (:meth:`Runtime.exec`).
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from ._runtime._spec import parse_env as parse_env
     from ._runtime._spec import parse_pids as parse_pids
     from ._runtime._spec import parse_size as parse_size
+    from ._runtime._units import parse_duration as parse_duration
 
 _LAZY = {
     "CgroupStats": "_runtime._linux._cgroups",
@@ -68,6 +71,7 @@ _LAZY = {
     "parse_env": "_runtime._spec",
     "parse_pids": "_runtime._spec",
     "parse_size": "_runtime._spec",
+    "parse_duration": "_runtime._units",
     "CheckpointInfo": "_runtime._checkpoint",
     "Fleet": "_core._fleet",
     "FleetError": "_core._fleet",
@@ -119,6 +123,7 @@ __all__ = [
     "__version__",
     "load_fleet",
     "parse_cpus",
+    "parse_duration",
     "parse_env",
     "parse_fleet",
     "parse_pids",

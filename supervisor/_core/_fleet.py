@@ -35,6 +35,7 @@ from .._runtime._spec import (
     parse_size,
     validate_name,
 )
+from .._runtime._units import parse_duration
 
 __all__ = ["Fleet", "FleetError", "SandboxConfig", "SupervisorConfig", "load_fleet", "parse_fleet"]
 
@@ -51,8 +52,6 @@ _SUPERVISOR_KEYS = {
     "cgroup_parent", "log_max_bytes", "log_max_files",
 }  # fmt: skip
 _TOP_KEYS = {"supervisor", "defaults", "sandbox", "plugins"}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 MAX_REPLICAS = 1000
 
 
@@ -133,21 +132,6 @@ class Fleet:
         for sb in self.sandboxes:
             for i in range(sb.replicas):
                 yield sb, i
-
-
-def parse_duration(value: object, field_name: str) -> float:
-    """Seconds from a number or a string like ``500ms``, ``10s``, ``2m``."""
-    if isinstance(value, bool):
-        raise SpecError(field_name, f"expected a duration like 10s or 500ms, got {value!r}")
-    if isinstance(value, int | float):
-        n = float(value)
-    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
-        n = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        raise SpecError(field_name, f"expected a duration like 10s or 500ms, got {value!r}")
-    if n < 0 or n > 86400:
-        raise SpecError(field_name, f"expected a duration between 0 and 24h, got {value!r}")
-    return n
 
 
 def _group(value: object) -> int:

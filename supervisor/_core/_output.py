@@ -45,6 +45,9 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
+from .._errors import SpecError
+from .._runtime._units import parse_duration
+
 __all__ = [
     "LineSplitter",
     "LogWriter",
@@ -762,20 +765,6 @@ def format_record(r: Record, *, timestamps: bool) -> bytes:
     return b"%s.%06dZ %s" % (head, us, out)
 
 
-_DURATION_RE = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h|d))+")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)")
-_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-}
-
-
 def parse_since(text: str, now: float) -> float:
     """A ``--since`` value as seconds since the epoch.
 
@@ -784,8 +773,10 @@ def parse_since(text: str, now: float) -> float:
     (``2024-05-01T12:00:00Z``, ``2024-05-01T14:00:00.5+02:00``).
     """
     s = text.strip()
-    if _DURATION_RE.fullmatch(s):
-        return now - sum(float(v) * _UNITS[u] for v, u in _DURATION_PART_RE.findall(s))
+    try:
+        return now - parse_duration(s, "--since", maximum=None, unit_required=True)
+    except SpecError:
+        pass
     m = _TS_RE.fullmatch(s.encode(errors="replace"))
     if m is not None:
         try:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from .._errors import SpecError
+from . import _units
 from ._security import DEFAULT_SECURITY, Security
 
 __all__ = [
@@ -29,8 +30,6 @@ __all__ = [
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -40,31 +39,14 @@ _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_MEMORY = 4 << 20
 
 
-def parse_size(value: str | int, field: str = "memory", minimum: int = MIN_MEMORY) -> int:
+def parse_size(value: object, field: str = "memory", minimum: int = MIN_MEMORY) -> int:
     """Parse a byte size: ``64M``, ``1g``, ``512k``, ``1.5G`` or a plain number.
 
-    Units are binary (``1M`` = 1 MiB), as in Docker. *minimum* defaults to
-    the smallest memory limit a sandbox can start under.
+    Units are binary (``1M`` = 1 MiB), as in Docker (the grammar is
+    :mod:`supervisor._runtime._units`'s). *minimum* defaults to the smallest
+    memory limit a sandbox can start under.
     """
-    if isinstance(value, bool):
-        raise SpecError(field, f"expected a size like 64M or 1G, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE_RE.match(value)
-        if not m:
-            raise SpecError(field, f"expected a size like 64M or 1G, got {value!r}")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n < minimum:
-        raise SpecError(field, f"expected at least {_human(minimum)}, got {value!r}")
-    return n
-
-
-def _human(n: int) -> str:
-    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
+    return _units.parse_size(value, field, minimum=minimum)
 
 
 def parse_cpus(value: str | float, field: str = "cpus") -> float:
