@@ -32,17 +32,16 @@ from ._errors import SandboxError as SandboxError
 from ._errors import SandboxExistsError as SandboxExistsError
 from ._errors import SpecError as SpecError
 from ._errors import StateError as StateError
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
+    from ._control._service import Supervisor as Supervisor
     from ._core._fleet import Fleet as Fleet
     from ._core._fleet import FleetError as FleetError
     from ._core._fleet import SandboxConfig as SandboxConfig
     from ._core._fleet import load_fleet as load_fleet
     from ._core._fleet import parse_fleet as parse_fleet
-    from ._core._supervisor import Instance as Instance
-    from ._core._supervisor import Supervisor as Supervisor
+    from ._core._instance import Instance as Instance
     from ._runtime._checkpoint import CheckpointInfo as CheckpointInfo
     from ._runtime._linux._cgroups import CgroupStats as CgroupStats
     from ._runtime._linux._spawn import Keeper as Keeper
@@ -78,8 +77,8 @@ _LAZY = {
     "SandboxConfig": "_core._fleet",
     "load_fleet": "_core._fleet",
     "parse_fleet": "_core._fleet",
-    "Instance": "_core._supervisor",
-    "Supervisor": "_core._supervisor",
+    "Instance": "_core._instance",
+    "Supervisor": "_control._service",
 }
 
 

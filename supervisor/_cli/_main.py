@@ -597,8 +597,8 @@ def _run_dir() -> str:
 def _up(args: argparse.Namespace) -> int:
     import trio
 
+    from .._control._service import Supervisor
     from .._core._fleet import load_fleet
-    from .._core._supervisor import Supervisor
     from .._core._supervisor_log import configure_logging
 
     fleet = load_fleet(args.fleet)

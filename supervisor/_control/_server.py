@@ -52,7 +52,8 @@ from .._runtime._linux._cgroups import CgroupStats
 from ._client import ControlError, received_fds
 
 if TYPE_CHECKING:
-    from .._core._supervisor import Instance, Supervisor
+    from .._core._instance import Instance
+    from .._core._supervisor import Supervisor
     from .._runtime._sandbox import ExecProcess
 
 __all__ = ["METHODS", "serve_control"]

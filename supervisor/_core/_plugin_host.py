@@ -15,7 +15,9 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
 
 import events
 
@@ -23,15 +25,30 @@ from .._errors import CorralError
 
 if TYPE_CHECKING:
     from .._runtime._checkpoint import CheckpointInfo
-    from ._supervisor import Instance, Supervisor
+    from .._runtime._sandbox import Runtime, Sandbox
+    from ._fleet import Fleet
+    from ._instance import Instance
 
-__all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginError", "PluginHandle", "load_plugin"]
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "PluginError",
+    "PluginHandle",
+    "PluginHost",
+    "load_plugin",
+    "run_plugin",
+]
 
 ENTRY_POINT_GROUP = "corral.plugins"
 DEFAULT_PLUGINS = ("restart", "logging")
 """Loaded for every fleet (each does nothing unless configured)."""
 
 PluginFn = Callable[[Any, Mapping[str, Any]], Awaitable[None]]
+
+# A plugin that raises is restarted after 1 s, 2 s, ...; after this many
+# failures it is disabled.
+PLUGIN_MAX_FAILURES = 3
+PLUGIN_RESTART_DELAY = 1.0
 
 
 class PluginError(CorralError):
@@ -88,10 +105,59 @@ def _load_file(name: str, path: str) -> ModuleType:
     return module
 
 
+class PluginHost(Protocol):
+    """What a :class:`PluginHandle` needs of the supervisor, and nothing more.
+
+    The supervisor (:class:`~supervisor._core._supervisor.Supervisor`) has it
+    structurally; the host module does not import the supervisor's.
+    """
+
+    fleet: Fleet
+    instances: list[Instance]
+    bus: events.Bus | None
+    runtime: Runtime | None
+
+    def publish(self, event: events.Event) -> events.Event: ...
+    def instance(self, name: str) -> Instance | None: ...
+    def restart(self, name: str, *, from_checkpoint: bool = False) -> bool: ...
+    async def checkpoint(
+        self, name: str, *, tag: str | None = None, leave_running: bool = False
+    ) -> CheckpointInfo: ...
+    async def restore(
+        self, name: str, *, tag: str | None = None, as_name: str | None = None
+    ) -> Sandbox: ...
+    def stop_instance(self, name: str, grace: float | None = None) -> None: ...
+    def mark_failed(self, name: str, reason: str) -> None: ...
+    def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None: ...
+
+
+async def run_plugin(fn: PluginFn, config: Mapping[str, Any], handle: PluginHandle) -> None:
+    """Run a plugin; if it raises, report it (``plugin_failed``) and restart
+    it after a growing delay, or give up after :data:`PLUGIN_MAX_FAILURES`."""
+    delay = PLUGIN_RESTART_DELAY
+    for failure in range(1, PLUGIN_MAX_FAILURES + 1):
+        try:
+            await fn(handle, config)
+            return
+        except Exception as exc:  # a plugin's bug must not stop the fleet
+            action = "disable" if failure == PLUGIN_MAX_FAILURES else "restart"
+            handle.publish(
+                events.PluginFailed(
+                    sandbox="",
+                    plugin=handle.plugin,
+                    error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                    action=action,
+                )
+            )
+        if failure < PLUGIN_MAX_FAILURES:
+            await trio.sleep(delay)
+            delay *= 2
+
+
 class PluginHandle:
     """What one plugin gets: events in and out, and a few verbs."""
 
-    def __init__(self, supervisor: Supervisor, plugin: str) -> None:
+    def __init__(self, supervisor: PluginHost, plugin: str) -> None:
         self._sup = supervisor
         self._plugin = plugin
 

@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from .._errors import SpecError
-from ._security import CAPABILITIES
+from ._capabilities import CAPABILITIES
 
 __all__ = ["DEFAULT", "DEFAULT_DENIED", "UNCONFINED", "compile_filter", "parse_seccomp"]
 

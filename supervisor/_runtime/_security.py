@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from .._errors import SpecError
+from ._capabilities import CAPABILITIES, DEFAULT_CAPABILITIES
+from ._seccomp import parse_seccomp
 
 __all__ = [
     "CAPABILITIES",
@@ -36,69 +38,6 @@ __all__ = [
     "parse_capabilities",
     "parse_rlimits",
 ]
-
-CAPABILITIES: dict[str, int] = {
-    "CHOWN": 0,
-    "DAC_OVERRIDE": 1,
-    "DAC_READ_SEARCH": 2,
-    "FOWNER": 3,
-    "FSETID": 4,
-    "KILL": 5,
-    "SETGID": 6,
-    "SETUID": 7,
-    "SETPCAP": 8,
-    "LINUX_IMMUTABLE": 9,
-    "NET_BIND_SERVICE": 10,
-    "NET_BROADCAST": 11,
-    "NET_ADMIN": 12,
-    "NET_RAW": 13,
-    "IPC_LOCK": 14,
-    "IPC_OWNER": 15,
-    "SYS_MODULE": 16,
-    "SYS_RAWIO": 17,
-    "SYS_CHROOT": 18,
-    "SYS_PTRACE": 19,
-    "SYS_PACCT": 20,
-    "SYS_ADMIN": 21,
-    "SYS_BOOT": 22,
-    "SYS_NICE": 23,
-    "SYS_RESOURCE": 24,
-    "SYS_TIME": 25,
-    "SYS_TTY_CONFIG": 26,
-    "MKNOD": 27,
-    "LEASE": 28,
-    "AUDIT_WRITE": 29,
-    "AUDIT_CONTROL": 30,
-    "SETFCAP": 31,
-    "MAC_OVERRIDE": 32,
-    "MAC_ADMIN": 33,
-    "SYSLOG": 34,
-    "WAKE_ALARM": 35,
-    "BLOCK_SUSPEND": 36,
-    "AUDIT_READ": 37,
-    "PERFMON": 38,
-    "BPF": 39,
-    "CHECKPOINT_RESTORE": 40,
-}
-"""Every capability by name (without ``CAP_``), as in <linux/capability.h>."""
-
-DEFAULT_CAPABILITIES = (
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FSETID",
-    "FOWNER",
-    "MKNOD",
-    "NET_RAW",
-    "SETGID",
-    "SETUID",
-    "SETFCAP",
-    "SETPCAP",
-    "NET_BIND_SERVICE",
-    "SYS_CHROOT",
-    "KILL",
-    "AUDIT_WRITE",
-)
-"""Docker's default set: what a sandbox keeps unless told otherwise."""
 
 
 USERNS_SIZE = 65536
@@ -275,8 +214,6 @@ def make_security(
     both = set(add) & set(drop) - {"ALL"}
     if both:
         raise SpecError("cap_add", f"{sorted(both)[0]} is also in cap_drop")
-    from ._seccomp import parse_seccomp
-
     limits = parse_rlimits(rlimits) if rlimits is not None else ()
     if not isinstance(userns, bool):
         raise SpecError("userns", f"expected true or false, got {userns!r:.40}")

@@ -1,0 +1,78 @@
+"""What every part of the supervisor shares, and nothing more.
+
+:class:`SupervisorBase` holds the fleet, its instances, the runtime and the
+bus, and publishes and looks instances up. The parts are written against
+it, one job per module: the verbs (:mod:`._verbs`), checkpoints and
+restores (:mod:`._restore`), and the instance tasks and the nursery
+(:mod:`._supervisor`), whose :class:`~._supervisor.Supervisor` puts them
+together.
+"""
+
+from __future__ import annotations
+
+import trio
+
+import events
+
+from .._errors import CorralError, SpecError
+from .._runtime._sandbox import ExecProcess, Runtime
+from ._fleet import Fleet
+from ._instance import Ident, Instance, ident
+from ._output import LogWriter
+from ._plugin_host import PluginFn
+
+__all__ = ["SupervisorBase"]
+
+
+class SupervisorBase:
+    """The state the supervisor's parts share (see the module docstring)."""
+
+    fleet: Fleet
+    instances: list[Instance]
+    bus: events.Bus | None
+    runtime: Runtime | None
+    _by_name: dict[str, Instance]
+    _stopping: trio.Event
+    _stop_reason: str
+    _logs: dict[str, LogWriter]
+    _janitor: trio.Nursery | None
+    _fleet_nursery: trio.Nursery | None
+    _exec_ids: int
+    _execs: dict[int, ExecProcess]
+    _plugins: dict[str, tuple[PluginFn, dict[str, object]]]
+
+    def publish(self, event: events.Event) -> events.Event:
+        """Publish on the bus (stamping sequence number and times)."""
+        assert self.bus is not None
+        published = self.bus.publish(event)
+        inst = self._by_name.get(event.sandbox) if event.sandbox else None
+        if inst is not None:
+            inst.recent.append(published)
+        return published
+
+    def instance(self, name: str) -> Instance | None:
+        """An instance by its name (``web-0``)."""
+        return self._by_name.get(name)
+
+    def resolve(self, name: str) -> Instance:
+        """An instance by name; a sandbox's name means its first instance."""
+        inst = self._by_name.get(name)
+        if inst is None:
+            for cfg in self.fleet.sandboxes:
+                if cfg.name == name:
+                    inst = self._by_name.get(cfg.instance_name(0))
+        if inst is None:
+            raise SpecError("name", f"no sandbox instance {name!r} in this fleet")
+        return inst
+
+    @staticmethod
+    def _ident(inst: Instance) -> Ident:
+        return ident(inst)
+
+    def _check_not_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise CorralError("the fleet is stopping")
+
+    async def _supervise(self, inst: Instance) -> None:
+        """Run one instance, generation after generation (the instance task)."""
+        raise NotImplementedError

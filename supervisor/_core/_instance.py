@@ -1,0 +1,195 @@
+"""The instance model: one replica of a sandbox as the supervisor tracks it.
+
+Data and the small operations on it, and nothing that runs: the tasks that
+drive an instance are in :mod:`._supervisor`, the verbs in :mod:`._verbs`.
+Its state changes only along the life cycle of :mod:`._states`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import trio
+
+import events
+
+from .._errors import CorralError
+from .._runtime._checkpoint import CheckpointInfo
+from .._runtime._spec import SandboxSpec
+from ._fleet import SandboxConfig
+from ._states import check_transition
+
+if TYPE_CHECKING:
+    from .._runtime._sandbox import ExecProcess, Sandbox
+
+__all__ = ["BUSY_CHECKPOINT", "BUSY_PAUSE", "Ident", "Instance", "PendingRestore", "ident"]
+
+RECENT_EVENTS = 20
+"""Events kept per instance for ``inspect``."""
+BUSY_CHECKPOINT = "a checkpoint is being taken"
+BUSY_PAUSE = "it is being paused or resumed"
+
+
+@dataclass(eq=False)
+class PendingRestore:
+    """A restore the next generation performs instead of a fresh start."""
+
+    info: CheckpointInfo
+    fallback: bool
+    """Start fresh if the restore fails (restart-by-restore); else stay as before."""
+    prev_state: str = "exited"
+    prev_checkpoint_stopped: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    sandbox: Sandbox | None = None
+    error: CorralError | None = None
+
+
+class Ident(TypedDict):
+    sandbox: str
+    instance: int
+    generation: int
+
+
+def ident(inst: Instance) -> Ident:
+    """The fields that name an instance's generation in its events."""
+    return {"sandbox": inst.name, "instance": inst.index, "generation": inst.generation}
+
+
+@dataclass(eq=False)
+class Instance:
+    """One replica of a sandbox, as the supervisor tracks it.
+
+    Its read-only properties are what plugins see (``plugins.InstanceView``).
+    Its state changes only through :meth:`set_state`, along the life cycle
+    of :mod:`supervisor._core._states`.
+    """
+
+    config: SandboxConfig
+    index: int
+    generation: int = 0
+    state: str = "pending"
+    """One of :data:`supervisor._core._states.STATES`."""
+    sandbox: Sandbox | None = None
+    grace: float = 10.0
+    memory_override: int | None = None
+    memory_overridden: bool = False
+    oom_kills_reported: int = 0
+    oom_events_seen: int = 0
+    alias: str | None = None
+    """Its name when it is not ``NAME-INDEX`` (an instance restored ``--as``)."""
+    busy: str | None = None
+    """An operation in progress that excludes other verbs (a checkpoint, a
+    pause), as words for an error message."""
+    checkpoint_stopped: bool = False
+    """It was stopped by a checkpoint (not ``leave_running``); a restore
+    brings it back, a restart policy leaves it alone."""
+    stop_reason: str = "requested"
+    started_at: float | None = None
+    """Wall-clock time its current generation started running."""
+    paused_at: float | None = None
+    """Monotonic time it was paused, while it is."""
+    last_exit: dict[str, Any] | None = None
+    """How its last generation ended (the ``exited`` event's fields, and when)."""
+    recent: deque[events.Event] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    """Its last events, newest last (for ``inspect``)."""
+    execs: dict[int, ExecProcess] = field(default_factory=dict)
+    """Processes started in it by ``exec`` that still run, by exec id."""
+    _pending_restore: PendingRestore | None = None
+    _idle: trio.Event = field(default_factory=trio.Event)
+    _stop: trio.Event = field(default_factory=trio.Event)
+    _halt: trio.Event = field(default_factory=trio.Event)
+    _wake: trio.Event = field(default_factory=trio.Event)
+    _up: trio.Event = field(default_factory=trio.Event)
+    _ended: trio.Event = field(default_factory=trio.Event)
+    _restart: bool = False
+    _cycle: bool = False
+    _task_alive: bool = False
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    @property
+    def name(self) -> str:
+        """The instance's name in events (``NAME-INDEX``)."""
+        return self.alias or self.config.instance_name(self.index)
+
+    @property
+    def sandbox_name(self) -> str:
+        """The fleet entry it belongs to."""
+        return self.config.name
+
+    @property
+    def checkpointing(self) -> bool:
+        """A checkpoint of it is being taken."""
+        return self.busy == BUSY_CHECKPOINT
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once this instance (or the fleet) is being stopped or
+        restarted on request, or a checkpoint stopped it: restart policies
+        must leave it alone."""
+        return self._stop.is_set() or self.checkpoint_stopped or self._cycle
+
+    @property
+    def memory_limit(self) -> int | None:
+        """The memory limit its next (or current) generation runs with."""
+        return self.memory_override if self.memory_overridden else self.config.limits.memory
+
+    def set_state(self, new: str) -> None:
+        """Move to state *new*; a change the life cycle does not have is a bug."""
+        check_transition(self.name, self.state, new)
+        self.state = new
+
+    def begin(self, busy: str) -> None:
+        """Mark an exclusive operation as running (see :attr:`busy`)."""
+        self.busy = busy
+        self._idle = trio.Event()
+
+    def end(self) -> None:
+        """The exclusive operation is over."""
+        self.busy = None
+        self._idle.set()
+
+    def spec(self) -> SandboxSpec:
+        """The runtime spec of the current generation.
+
+        The runtime name carries the generation, so a restart never waits
+        for the previous generation's cgroup and layer to be removed.
+        """
+        base = self.config.spec(self.index)
+        limits = base.limits._replace(memory=self.memory_limit)
+        return SandboxSpec(
+            name=f"{self.name}.{self.generation}",
+            argv=base.argv,
+            rootfs=base.rootfs,
+            hostname=self.config.hostname or _hostname(self.name),
+            env=base.env,
+            workdir=base.workdir,
+            limits=limits,
+            security=base.security,
+        )
+
+    def request_stop(self, reason: str | None = None) -> None:
+        """Stop it for good (until started again)."""
+        if reason is not None and not self._stop.is_set():
+            self.stop_reason = reason
+        self._stop.set()
+        self._halt.set()
+        self._wake.set()
+
+    def request_restart(self) -> None:
+        """Start the next generation of an exited, failed or stopped instance."""
+        self._restart = True
+        self._wake.set()
+
+    def request_cycle(self) -> None:
+        """Stop the running generation, then start the next at once."""
+        self._cycle = True
+        self.stop_reason = "restart requested"
+        self._halt.set()
+
+
+def _hostname(name: str) -> str:
+    return SandboxSpec(name=name, argv=("x",)).effective_hostname
