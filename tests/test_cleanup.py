@@ -94,3 +94,40 @@ def test_a_live_sandbox_name_is_not_taken_over(runtime: Runtime) -> None:
     spec = SandboxSpec(name="alive", argv=("sleep", "30"))
     with runtime.create(spec, stdio=(0, 2, 2)), pytest.raises(SandboxError, match="is in use"):
         runtime.create(SandboxSpec(name="alive", argv=("true",)))
+
+
+def _age(path: str, seconds: float) -> None:
+    t = os.stat(path).st_mtime - seconds
+    os.utime(path, (t, t))
+
+
+def test_one_rule_says_when_a_leftover_without_record_is_stale(tmp_path: Path) -> None:
+    """Unrecorded and older than STALE_AFTER is a crash's leftover; younger, or recorded, is not."""
+    from supervisor._runtime._records import STALE_AFTER, abandoned, record_path
+
+    made = tmp_path / "made"
+    made.mkdir()
+    record = record_path(str(tmp_path), "x")
+    assert record == str(tmp_path / "sandboxes" / "x.json")
+    assert not abandoned(str(made), record)  # just made: being created
+    _age(str(made), STALE_AFTER + 5)
+    assert abandoned(str(made), record)
+    os.makedirs(os.path.dirname(record))
+    Path(record).write_text("{}")
+    assert not abandoned(str(made), record)  # recorded: it is someone's
+    assert abandoned(str(tmp_path / "gone"), record)
+
+
+def test_a_crashed_creations_directories_are_reused_only_once_stale(runtime: Runtime) -> None:
+    """A sandbox directory without a record blocks its name until it is STALE_AFTER old."""
+    from supervisor._runtime._records import STALE_AFTER
+
+    sdir = os.path.join(runtime.state_dir, "sandboxes", "crashed")
+    os.mkdir(sdir, 0o700)  # what a `corral run` killed mid-creation leaves
+    spec = SandboxSpec(name="crashed", argv=("true",))
+    with pytest.raises(SandboxError, match="is in use"):
+        runtime.create(spec, stdio=(0, 2, 2))
+    _age(sdir, STALE_AFTER + 5)
+    with runtime.create(spec, stdio=(0, 2, 2)) as sb:
+        assert sb.wait().status == 0
+    assert not os.path.exists(sdir)

@@ -257,3 +257,30 @@ def test_a_rootfs_that_cannot_be_idmapped_is_copied_shifted(
         assert (mnt / "etc" / "passwd").stat().st_uid == 0
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_crashed_sandboxs_id_claim_is_taken_over_only_once_stale(tmp_path: Path) -> None:
+    """A claim whose owner has no record blocks its range until STALE_AFTER, then is reused."""
+    import contextlib
+
+    from supervisor._runtime._records import STALE_AFTER
+    from supervisor._runtime._userns import allocate_range
+
+    security = make_security(userns=True)
+    run_dir = str(tmp_path)
+    with contextlib.ExitStack() as undo:
+        first = allocate_range(security, "probe", run_dir, undo)
+    assert not any((tmp_path / "userns").iterdir())  # released
+    with contextlib.ExitStack() as undo:
+        allocate_range(security, "ghost", run_dir, undo)
+        undo.pop_all()  # the "crash": the claim stays
+    ghost = sorted((tmp_path / "userns").iterdir())
+    assert ghost and all(p.read_text() == "ghost" for p in ghost)
+    with contextlib.ExitStack() as undo:
+        assert allocate_range(security, "a", run_dir, undo) != first  # young: still the ghost's
+    for p in ghost:
+        t = p.stat().st_mtime - STALE_AFTER - 5
+        os.utime(p, (t, t))
+    with contextlib.ExitStack() as undo:
+        assert allocate_range(security, "b", run_dir, undo) == first  # stale: taken over
+        assert all(p.read_text() == "b" for p in ghost)

@@ -60,6 +60,7 @@ from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
 from ._linux._child import INIT_PATH, LaunchConfig
 from ._linux._exec import ExecConfig
 from ._linux._spawn import Spawned, SpawnFailed, spawn_direct
+from ._records import abandoned, record_path
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
 
@@ -466,17 +467,14 @@ class Runtime:
 
         A live sandbox has a record whose init is still a process in the
         sandbox's cgroup; a dead or recycled PID means stale. A sandbox that
-        is still being created has no record yet (it is written within
-        milliseconds), so a missing record means stale only after a minute.
+        is still being created has no record yet, so a missing record means
+        stale only after :data:`~._records.STALE_AFTER`.
         """
         try:
             with open(record) as f:
                 pid = int(json.load(f)["pid"])
         except FileNotFoundError:
-            try:
-                return time.time() - os.stat(sdir).st_mtime > 60
-            except OSError:
-                return True
+            return abandoned(sdir, record)
         except (OSError, ValueError, KeyError, TypeError):
             return True
         try:
@@ -534,7 +532,7 @@ class Runtime:
         """
         lower = self.resolve_rootfs(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
-        record = os.path.join(self.run_dir, "sandboxes", f"{spec.name}.json")
+        record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo:
             self._make_state_dir(spec.name, sdir, record, undo)
             userns = None
@@ -867,7 +865,7 @@ class Runtime:
                 f"checkpoint {info.path} was taken on rootfs {info.lowerdir}, not {lower}"
             )
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
-        record = os.path.join(self.run_dir, "sandboxes", f"{spec.name}.json")
+        record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo:
             self._make_state_dir(spec.name, sdir, record, undo)
             _copy_tree(info.upper, os.path.join(sdir, "upper"), into=True)

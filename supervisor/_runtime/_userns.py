@@ -34,16 +34,12 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 
 from .._errors import SandboxError
+from ._records import abandoned, record_path
 from ._security import USERNS_POOL, USERNS_SIZE, Security
 
 __all__ = ["allocate_range", "check_reachable", "shifted_rootfs"]
-
-_STALE_CLAIM_S = 60.0
-"""A claim without a sandbox record is a crash's leftover after this long
-(a sandbox being created writes its record within milliseconds)."""
 
 
 def allocate_range(
@@ -95,11 +91,9 @@ def _stale(path: str, run_dir: str) -> bool:
     try:
         with open(path) as f:
             owner = f.read()
-        age = time.time() - os.stat(path).st_mtime
     except FileNotFoundError:
         return True
-    record = os.path.join(run_dir, "sandboxes", f"{owner}.json")
-    return age > _STALE_CLAIM_S and not os.path.exists(record)
+    return abandoned(path, record_path(run_dir, owner))
 
 
 def _release(path: str, name: str) -> None:

@@ -1,0 +1,36 @@
+"""Where a live sandbox's record lives, and when a leftover is a crash's.
+
+A sandbox is recorded in ``RUN_DIR/sandboxes/NAME.json`` (its init's PID
+and cgroup) once it is created; what is made for it before that (its
+directories, a user-namespace id claim) has no record for a few
+milliseconds. One rule says when such a thing is a crash's leftover, for
+every kind of leftover: no record, and older than :data:`STALE_AFTER`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+__all__ = ["STALE_AFTER", "abandoned", "record_path"]
+
+STALE_AFTER = 60.0
+"""Seconds after which something made for a sandbox that still has no
+record is taken for a crash's leftover (creation writes the record within
+milliseconds; a minute leaves room for a loaded host)."""
+
+
+def record_path(run_dir: str, name: str) -> str:
+    """The record of sandbox *name* (``RUN_DIR/sandboxes/NAME.json``)."""
+    return os.path.join(run_dir, "sandboxes", f"{name}.json")
+
+
+def abandoned(path: str, record: str) -> bool:
+    """True if *path*, made while a sandbox was being created, is a crash's
+    leftover: the sandbox has no *record* and *path* is older than
+    :data:`STALE_AFTER` (or *path* is gone already)."""
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError:
+        return True
+    return age > STALE_AFTER and not os.path.exists(record)
