@@ -87,7 +87,7 @@ lint: setup
 
 bench: setup-bench setup-vm
 	$(PY) benchmarks/start.py --runs 50
-	$(PY) benchmarks/events.py
+	$(PY) benchmarks/event_stream.py
 	$(PY) benchmarks/restart.py
 	$(PY) benchmarks/control.py
 	$(MAKE) --no-print-directory bench-checkpoint

@@ -77,17 +77,11 @@ import select
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-# benchmarks/events.py must not shadow the events package: move this
-# directory to the end of the path.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.append(sys.path.pop(0))
 
 import supervisor._runtime._sandbox as _rt
 from supervisor._runtime._checkpoint import (

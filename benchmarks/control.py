@@ -66,12 +66,6 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-# The helpers sit beside this file, and so does benchmarks/events.py, which
-# must not shadow the events package (the control client imports it): move
-# this directory to the end.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.append(sys.path.pop(0))
-
 from _peers import (
     PeerError,
     RuncPeer,

@@ -31,11 +31,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-# The helpers sit beside this file, and so does benchmarks/events.py, which
-# must not shadow the events package: move this directory to the end.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.append(sys.path.pop(0))
-
 import trio
 from _corral import corral_up
 from _restart_peers import (

@@ -7,7 +7,7 @@ not pay it, so this module (and ``import events``) never imports trio.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 
 from ._codec import Decoder
 from ._errors import DecodeError, SocketError
@@ -26,7 +26,7 @@ def iter_events(
     sandboxes: Iterable[str] | None = None,
     since: int | None = None,
     timeout: float | None = None,
-) -> Iterator[Event]:
+) -> Generator[Event, None, None]:
     """Events from the supervisor's socket at *path*, as a blocking iterator.
 
     Filters as ``Bus.subscribe``; with *since*, the journaled events from
@@ -43,7 +43,7 @@ def iter_events(
     return _events(path, request, timeout)
 
 
-def _events(path: str, request: bytes, timeout: float | None) -> Iterator[Event]:
+def _events(path: str, request: bytes, timeout: float | None) -> Generator[Event, None, None]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         try:

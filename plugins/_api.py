@@ -16,7 +16,7 @@ key in the plugin's table). Both sides meet in these structural types.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import events
@@ -115,7 +115,7 @@ class Handle(Protocol):
         """Publish an event of the plugin's own (usually a ``PluginEvent``)."""
         ...
 
-    def instances(self) -> list[InstanceView]:
+    def instances(self) -> Sequence[InstanceView]:
         """Every instance of the fleet."""
         ...
 
@@ -154,7 +154,7 @@ class Handle(Protocol):
         """Restore an instance (or a new one, *as_name*) from a checkpoint."""
         ...
 
-    def checkpoints(self, name: str) -> list[CheckpointView]:
+    def checkpoints(self, name: str) -> Sequence[CheckpointView]:
         """An instance's checkpoints on disk, oldest first."""
         ...
 

@@ -38,7 +38,7 @@ not touched.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +87,9 @@ def parse_policy(settings: Mapping[str, Any]) -> CheckpointPolicy:
 
 
 def to_prune(
-    by_instance: Mapping[str, list[CheckpointView]], keep: Mapping[str, int], max_disk: int | None
+    by_instance: Mapping[str, Sequence[CheckpointView]],
+    keep: Mapping[str, int],
+    max_disk: int | None,
 ) -> list[CheckpointView]:
     """Which periodic checkpoints to delete (a pure function).
 

@@ -232,6 +232,7 @@ def test_cli_and_plugin_on_a_host_without_criu(dirs: Dirs, criu_broken: None) ->
         started = await wait_event(
             sup, lambda e: isinstance(e, events.Started) and e.sandbox == "c-0"
         )
+        assert isinstance(started, events.Started)  # the predicate made sure; for mypy
         await wait_event(
             sup, lambda e: isinstance(e, events.PluginEvent) and e.name == "checkpoint.disabled"
         )
@@ -270,6 +271,7 @@ def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
         started = await wait_event(
             sup, lambda e: isinstance(e, events.Started) and e.sandbox == "c-0"
         )
+        assert isinstance(started, events.Started)  # the predicate made sure; for mypy
         await wait_for(lambda: len(values(dirs, "c-0")) >= 3)
         seen["nspid"] = ns_pid(command_pid(started.pid))
         seen["confined"] = confinement(command_pid(started.pid))
@@ -288,6 +290,7 @@ def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
         restored = await wait_event(
             sup, lambda e: isinstance(e, events.Restored) and e.sandbox == "c-0"
         )
+        assert isinstance(restored, events.Restored)  # the predicate made sure; for mypy
         assert restored.tag == "one" and restored.source == "c-0" and restored.generation == 1
         assert out.strip() == f"restored c-0 from c-0/one: pid {restored.pid}"
         await wait_for(lambda: values(dirs, "c-0")[-1] >= seen["at"] + 5)
@@ -349,6 +352,7 @@ def test_leave_running_and_restore_as_a_second_instance(dirs: Dirs, criu: None) 
         started = await wait_event(
             sup, lambda e: isinstance(e, events.Started) and e.sandbox == "c-0"
         )
+        assert isinstance(started, events.Started)  # the predicate made sure; for mypy
         await wait_for(lambda: len(values(dirs, "c-0")) >= 3)
         code, out, err = await corral(dirs, "checkpoint", "c-0", "--leave-running", "--tag", "lr")
         assert code == 0, err
@@ -365,6 +369,7 @@ def test_leave_running_and_restore_as_a_second_instance(dirs: Dirs, criu: None) 
         restored = await wait_event(
             sup, lambda e: isinstance(e, events.Restored) and e.sandbox == "c2"
         )
+        assert isinstance(restored, events.Restored)  # the predicate made sure; for mypy
         assert restored.source == "c-0" and restored.tag == "lr"
         await wait_for(lambda: len(values(dirs, "c2")) >= 5)
         copy = values(dirs, "c2")

@@ -234,7 +234,11 @@ def test_the_cli_verbs(dirs: Dirs, tmp_path: Path) -> None:
 
     async def body(sup: Supervisor) -> None:
         for i in range(2):
-            await wait_event(sup, lambda e, i=i: isinstance(e, events.Started) and e.instance == i)
+
+            def is_started(e: events.Event, i: int = i) -> bool:
+                return isinstance(e, events.Started) and e.instance == i
+
+            await wait_event(sup, is_started)
 
         r = await corral(dirs, "ps")
         lines = r.stdout.decode().splitlines()

@@ -32,7 +32,11 @@ def test_fifty_clients_against_fifty_sandboxes(dirs: Dirs) -> None:
 
     async def body(sup: Supervisor) -> None:
         for i in range(N):
-            await wait_event(sup, lambda e, i=i: isinstance(e, events.Started) and e.instance == i)
+
+            def is_started(e: events.Event, i: int = i) -> bool:
+                return isinstance(e, events.Started) and e.instance == i
+
+            await wait_event(sup, is_started)
         path = str(dirs.run / "control.sock")
         answered: list[str] = []
 

@@ -67,7 +67,11 @@ def test_ps_inspect_and_stats_describe_the_fleet(dirs: Dirs) -> None:
 
     async def body(sup: Supervisor) -> None:
         for i in range(2):
-            await wait_event(sup, lambda e, i=i: isinstance(e, events.Started) and e.instance == i)
+
+            def is_started(e: events.Event, i: int = i) -> bool:
+                return isinstance(e, events.Started) and e.instance == i
+
+            await wait_event(sup, is_started)
         path = _sock(dirs)
         rows = await acall(path, "ps")
         assert [r["name"] for r in rows] == ["web-0", "web-1"]

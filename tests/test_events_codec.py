@@ -59,9 +59,9 @@ def _sample(cls: type[Event]) -> Event:
         (fake_event(Exited, signal="KILL"), "signal: expected int or nil"),
         (fake_event(Exited, oom_killed=1), "oom_killed: expected bool, got int"),
         (
-            PluginEvent(sandbox="", name="x", payload={1: "x"}),
+            PluginEvent(sandbox="", name="x", payload={1: "x"}),  # type: ignore[dict-item]
             "payload: expected map with str keys",
-        ),  # type: ignore[dict-item]
+        ),
     ],
 )
 def test_encode_refuses_fields_of_the_wrong_type(event: Event, message: str) -> None:

@@ -460,10 +460,20 @@ async def test_peer_credentials_decide_who_is_served(sock_dir: Path) -> None:
     bus = Bus(Journal(sock_dir / "journal"))
     bus.publish(started())
 
-    async def count_as(**ids: object) -> int:
+    async def count_as(
+        user: int | None = None, group: int | None = None, extra_groups: list[int] | None = None
+    ) -> int:
         cmd = [sys.executable, "-c", _CLIENT, path]
         env = {"PYTHONPATH": str(REPO)}
-        result = await trio.run_process(cmd, capture_stdout=True, cwd=str(REPO), env=env, **ids)
+        result = await trio.run_process(
+            cmd,
+            capture_stdout=True,
+            cwd=str(REPO),
+            env=env,
+            user=user,  # None (Popen's default): unchanged
+            group=group,
+            extra_groups=extra_groups,
+        )
         return int(result.stdout)
 
     async with trio.open_nursery() as nursery:

@@ -312,7 +312,7 @@ def test_a_compiled_filter_is_reused_from_the_state_dir(tmp_path: Path) -> None:
         " print(len(b), 'pyseccomp' in sys.modules)"
     )
 
-    def run() -> str:
+    def run() -> list[str]:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         return r.stdout.split()
 

@@ -43,7 +43,7 @@ def test_parse_policy_defaults_and_errors() -> None:
     assert (p.mode, p.delay, p.factor, p.max_delay, p.reset_after) == ("no", 0.1, 2.0, 60.0, 10.0)
     assert parse_policy({"policy": "on-failure:3"}).max_restarts == 3
     assert parse_policy({"on_oom": {"grow": 1.5, "max": "512M"}}).on_oom == OomGrow(1.5, 512 * M)
-    bad = [
+    bad: list[tuple[dict[str, Any], str]] = [
         ({"policy": "sometimes"}, "policy: expected no, on-failure"),
         ({"policy": "always:3"}, "policy: expected"),
         ({"delay": "soon"}, "delay: expected a duration"),

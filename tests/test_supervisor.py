@@ -24,9 +24,11 @@ def test_oom_kill_is_reported_for_the_right_sandbox(dirs: Dirs) -> None:
 
     async def body(sup: Supervisor) -> None:
         for name in ("web-0", "web-1"):
-            await wait_event(
-                sup, lambda e, n=name: isinstance(e, events.Started) and e.sandbox == n
-            )  # type: ignore[misc]
+
+            def is_started(e: events.Event, n: str = name) -> bool:
+                return isinstance(e, events.Started) and e.sandbox == n
+
+            await wait_event(sup, is_started)
         await wait_event(sup, lambda e: isinstance(e, events.Exited) and e.sandbox == "hog-0")
         assert [i.state for i in sup.instances if i.config.name == "web"] == ["running"] * 2
 
@@ -108,9 +110,11 @@ def test_graceful_stop_kills_a_sandbox_ignoring_sigterm(dirs: Dirs) -> None:
 
     async def body(sup: Supervisor) -> None:
         for name in ("stubborn-0", "polite-0"):
-            await wait_event(
-                sup, lambda e, n=name: isinstance(e, events.Started) and e.sandbox == n
-            )  # type: ignore[misc]
+
+            def is_started(e: events.Event, n: str = name) -> bool:
+                return isinstance(e, events.Started) and e.sandbox == n
+
+            await wait_event(sup, is_started)
         # The trap must be in place before the stop's SIGTERM arrives.
         await wait_log(dirs, "stubborn-0", "ready\n")
 

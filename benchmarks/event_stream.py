@@ -2,7 +2,7 @@
 
 Usage (as root)::
 
-    .venv/bin/python benchmarks/events.py [--kills 200] [--ooms 40] [--idle-seconds 60]
+    .venv/bin/python benchmarks/event_stream.py [--kills 200] [--ooms 40] [--idle-seconds 60]
 
 What is measured, each against a real kernel and a real ``corral up``:
 
@@ -42,12 +42,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-# This file is named events.py (the issue fixes the name): drop its own
-# directory from the path so that `import events` finds the package.
-# Its helpers (_trace) are still found: the directory goes to the end.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.append(sys.path.pop(0))
 
 import trio
 import trio.testing
