@@ -1,0 +1,446 @@
+"""The control protocol's methods: what each verb does with its parameters.
+
+Each method is ``async (supervisor, params, context) -> result``; it checks
+its parameters (errors name the key), calls the supervisor's verb and turns
+what comes back into plain msgpack-able data. :data:`METHODS` maps the
+wire names to them. The connections, framing, bounds and error codes are
+:mod:`._server`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._errors import CorralError, SpecError
+from .._runtime._checkpoint import check_criu, restore_weakens
+from .._runtime._linux._cgroups import CgroupStats
+
+if TYPE_CHECKING:
+    from .._core._instance import Instance
+    from .._core._supervisor import Supervisor
+    from .._runtime._sandbox import ExecProcess
+
+__all__ = ["METHODS", "Context", "Method", "parse_signal"]
+
+
+# -- parameters -----------------------------------------------------------------
+
+
+def _str(params: dict[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = params.get(key)
+    if value is None:
+        if required:
+            raise SpecError(key, "expected a string, got nothing")
+        return None
+    if not isinstance(value, str):
+        raise SpecError(key, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _name(params: dict[str, Any]) -> str:
+    name = _str(params, "name", required=True)
+    assert name is not None
+    return name
+
+
+def _bool(params: dict[str, Any], key: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise SpecError(key, f"expected true or false, got {value!r:.40}")
+    return value
+
+
+def _seconds(params: dict[str, Any], key: str) -> float | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86400:
+        raise SpecError(key, f"expected seconds between 0 and 86400, got {value!r:.40}")
+    return float(value)
+
+
+def parse_signal(value: object, key: str = "signal") -> int:
+    """A signal from its number or name (``9``, ``KILL``, ``SIGKILL``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return int(signal.Signals(value))
+        except ValueError:
+            pass
+    elif isinstance(value, str):
+        text = value.upper()
+        if text.isdigit():
+            return parse_signal(int(text), key)
+        try:
+            return int(signal.Signals[text if text.startswith("SIG") else "SIG" + text])
+        except KeyError:
+            pass
+    raise SpecError(key, f"expected a signal name or number (TERM, 15), got {value!r:.40}")
+
+
+def _strings(params: dict[str, Any], key: str) -> list[str]:
+    value = params.get(key)
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and v and "\0" not in v for v in value)
+    ):
+        raise SpecError(key, "expected a non-empty list of non-empty strings")
+    return value
+
+
+def _env(params: dict[str, Any]) -> dict[str, str]:
+    value = params.get("env") or {}
+    if not isinstance(value, dict):
+        raise SpecError("env", "expected a map of names to values")
+    for k, v in value.items():
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
+            raise SpecError("env", f"expected variable names without '=', got {k!r:.40}")
+        if not isinstance(v, str) or "\0" in v:
+            raise SpecError("env", f"{k}: expected a string value")
+    return value
+
+
+# -- what the verbs answer ---------------------------------------------------------
+
+
+def _stats_dict(stats: CgroupStats | None, memory_limit: int | None) -> dict[str, Any] | None:
+    if stats is None:
+        return None
+    return stats._asdict() | {"memory_limit": memory_limit}
+
+
+def _read_stats(inst: Instance) -> CgroupStats | None:
+    sb = inst.sandbox
+    if sb is None:
+        return None
+    try:
+        return sb.cgroup.stats()
+    except (CorralError, OSError):
+        return None  # it is going away right now
+
+
+def summary(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
+    """One row of ``ps`` (and what the verbs answer for each instance)."""
+    sb = inst.sandbox
+    now = time.time()
+    return {
+        "name": inst.name,
+        "sandbox": inst.sandbox_name,
+        "instance": inst.index,
+        "generation": inst.generation,
+        "state": inst.state,
+        "busy": inst.busy,
+        "pid": sb.pid if sb is not None else None,
+        "started_at": inst.started_at,
+        "uptime": round(now - inst.started_at, 3) if inst.started_at else None,
+        "restarts": inst.generation,
+        "memory": stats.memory_current if stats else None,
+        "memory_limit": inst.memory_limit,
+        "last_exit": inst.last_exit,
+    }
+
+
+async def _all_stats(instances: Sequence[Instance]) -> list[CgroupStats | None]:
+    # A few small files per sandbox: one worker thread for the lot.
+    return await trio.to_thread.run_sync(lambda: [_read_stats(i) for i in instances])
+
+
+async def _rows(instances: Sequence[Instance]) -> list[dict[str, Any]]:
+    stats = await _all_stats(instances)
+    return [summary(i, s) for i, s in zip(instances, stats, strict=True)]
+
+
+def _namespaces(pid: int) -> dict[str, str]:
+    out = {}
+    for ns in ("mnt", "uts", "ipc", "net", "pid", "cgroup", "user"):
+        try:
+            out[ns] = os.readlink(f"/proc/{pid}/ns/{ns}")
+        except OSError:
+            pass
+    return out
+
+
+def inspect(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
+    """Everything known about one instance (``corral inspect``)."""
+    cfg = inst.config
+    sb = inst.sandbox
+    spec = inst.spec()
+    out = summary(inst, stats)
+    out.update(
+        spec={
+            "command": list(cfg.command),
+            "rootfs": cfg.rootfs,
+            "hostname": spec.effective_hostname,
+            "env": dict(cfg.env),
+            "workdir": cfg.workdir,
+            "replicas": cfg.replicas,
+            "plugins": {k: dict(v) for k, v in cfg.plugins.items()},
+        },
+        limits={
+            "memory": inst.memory_limit,
+            "cpus": cfg.limits.cpus,
+            "pids": cfg.limits.effective().pids,
+        },
+        runtime_name=spec.name,
+        cgroup=list(sb.cgroup.paths) if sb else None,
+        # The init is our child and not reaped while it is tracked, so its
+        # PID cannot have been reused: /proc/PID is that process.
+        pids=_safe(lambda: sb.cgroup.pids()) if sb else [],
+        namespaces=_namespaces(sb.pid) if sb else {},
+        stats=_stats_dict(stats, inst.memory_limit),
+        oom={"events": inst.oom_events_seen, "kills": inst.oom_kills_reported},
+        checkpoint_stopped=inst.checkpoint_stopped,
+        restored_from=(
+            f"{sb.restored_from.name}/{sb.restored_from.tag}"
+            if sb is not None and sb.restored_from is not None
+            else None
+        ),
+        execs=[{"exec_id": k, "pid": p.pid} for k, p in inst.execs.items()],
+        events=[
+            {
+                "seq": e.seq,
+                "kind": e.kind,
+                "generation": e.generation,
+                "wall": e.wall,
+                "data": e.data(),
+            }
+            for e in inst.recent
+        ],
+    )
+    return out
+
+
+def _safe(fn: Callable[[], list[int]]) -> list[int]:
+    try:
+        return fn()
+    except (CorralError, OSError):
+        return []
+
+
+# -- methods ----------------------------------------------------------------------
+
+
+Send = Callable[[dict[str, Any], Sequence[int]], Awaitable[None]]
+"""Sends one message, with descriptors, on the request's connection."""
+
+
+class Context:
+    """What a method gets besides its parameters: the descriptors sent with
+    the request, and a way to send ``progress`` before the answer."""
+
+    def __init__(self, send: Send, rid: int, fds: list[int]) -> None:
+        self._send = send
+        self._rid = rid
+        self.fds = fds
+
+    async def progress(self, data: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        """Send ``{"id": ..., "progress": data}``, with *fds* attached."""
+        await self._send({"id": self._rid, "progress": data}, fds)
+
+    def close_fds(self) -> None:
+        """Close the request's descriptors (done for every request at its end)."""
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+Method = Callable[["Supervisor", dict[str, Any], Context], Awaitable[Any]]
+"""A control method: ``(supervisor, params, context) -> result``."""
+
+
+def _checkpoint_result(info: Any) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "tag": info.tag,
+        "path": info.path,
+        "created": info.created,
+        "size": info.size,
+        "duration_ms": round(info.duration * 1000, 3),
+        "frozen_ms": round(info.frozen * 1000, 3),
+        "criu_ms": round(info.criu_seconds * 1000, 3),
+        "leave_running": info.leave_running,
+    }
+
+
+async def _ping(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return {"pid": os.getpid()}
+
+
+async def _checkpoint(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    info = await sup.checkpoint(
+        _name(params), tag=_str(params, "tag"), leave_running=_bool(params, "leave_running")
+    )
+    return _checkpoint_result(info)
+
+
+async def _restore(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    name = _name(params)
+    sb = await sup.restore(name, tag=_str(params, "tag"), as_name=_str(params, "as"))
+    info = sb.restored_from
+    return {
+        "name": _str(params, "as") or sup.resolve(name).name,
+        "pid": sb.pid,
+        "tag": info.tag if info else None,
+        "source": info.name if info else name,
+        "weakened": restore_weakens(check_criu(), sb.spec.security),
+    }
+
+
+async def _checkpoints(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    assert sup.runtime is not None
+    store = sup.runtime.checkpoints
+    name = _str(params, "name")
+    names = [name] if name else list(store.names())
+    return [_checkpoint_result(i) for n in names for i in store.list(n)]
+
+
+async def _ps(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(list(sup.instances))
+
+
+async def _inspect(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    inst = sup.resolve(_name(params))
+    (stats,) = await _all_stats([inst])
+    return inspect(inst, stats)
+
+
+async def _stats(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    names = params.get("names") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SpecError("names", "expected a list of sandbox or instance names")
+    found = [i for n in names for i in sup.targets(n)] if names else list(sup.instances)
+    stats = await _all_stats(found)
+    return [
+        {"name": i.name, "state": i.state} | (_stats_dict(s, i.memory_limit) or {})
+        for i, s in zip(found, stats, strict=True)
+    ]
+
+
+async def _stop(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.stop_sandbox(_name(params), _seconds(params, "timeout")))
+
+
+async def _start(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.start_sandbox(_name(params)))
+
+
+async def _restart(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.restart_sandbox(_name(params), _seconds(params, "timeout")))
+
+
+async def _kill(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    sig = parse_signal(params.get("signal", "KILL"))
+    return await _rows(await sup.kill_sandbox(_name(params), sig))
+
+
+async def _pause(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.pause_sandbox(_name(params)))
+
+
+async def _resume(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    return await _rows(await sup.resume_sandbox(_name(params)))
+
+
+async def _add(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    path = _str(params, "path", required=True)
+    assert path is not None
+    if not os.path.isabs(path):
+        raise SpecError("path", f"expected an absolute path to a fleet file, got {path!r}")
+    return await _rows(await sup.add_fleet(path))
+
+
+async def _rm(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    found = await sup.remove_sandbox(_name(params), _seconds(params, "timeout"))
+    return [i.name for i in found]
+
+
+async def _exec(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    name = _name(params)
+    argv = _strings(params, "argv")
+    env = _env(params)
+    workdir = _str(params, "workdir")
+    tty = _bool(params, "tty")
+    winsize = params.get("winsize")
+    if winsize is not None and (
+        not isinstance(winsize, list)
+        or len(winsize) != 2
+        or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 65536 for n in winsize
+        )
+    ):
+        raise SpecError("winsize", f"expected [rows, columns], got {winsize!r:.40}")
+    if tty:
+        stdio = None
+    elif len(ctx.fds) == 3:
+        stdio = (ctx.fds[0], ctx.fds[1], ctx.fds[2])
+    else:
+        raise SpecError(
+            "fds", f"expected 3 descriptors (stdin, stdout, stderr), got {len(ctx.fds)}"
+        )
+
+    async def started(exec_id: int, proc: ExecProcess) -> None:
+        # Our copies go at once: the client's pipes must see end of file
+        # when the process (and whatever it started) is done with them.
+        ctx.close_fds()
+        master = proc.pty_master
+        proc.pty_master = None
+        try:
+            await ctx.progress(
+                {"exec_id": exec_id, "pid": proc.pid}, [master] if master is not None else ()
+            )
+        finally:
+            if master is not None:
+                os.close(master)
+
+    if stdio is None:
+        with open("/dev/null", "rb") as null:
+            n = null.fileno()
+            status = await sup.exec_in(
+                name,
+                argv,
+                env=env,
+                workdir=workdir,
+                tty=True,
+                winsize=(winsize[0], winsize[1]) if winsize else None,
+                stdio=(n, n, n),
+                started=started,
+            )
+    else:
+        status = await sup.exec_in(
+            name, argv, env=env, workdir=workdir, stdio=stdio, started=started
+        )
+    return {"status": status}
+
+
+async def _exec_signal(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    exec_id = params.get("exec_id")
+    if not isinstance(exec_id, int) or isinstance(exec_id, bool):
+        raise SpecError("exec_id", f"expected an integer, got {exec_id!r:.40}")
+    sup.signal_exec(exec_id, parse_signal(params.get("signal", "TERM")))
+    return None
+
+
+METHODS: dict[str, Method] = {
+    "ping": _ping,
+    "ps": _ps,
+    "inspect": _inspect,
+    "stats": _stats,
+    "stop": _stop,
+    "start": _start,
+    "restart": _restart,
+    "kill": _kill,
+    "pause": _pause,
+    "resume": _resume,
+    "exec": _exec,
+    "exec_signal": _exec_signal,
+    "add": _add,
+    "rm": _rm,
+    "checkpoint": _checkpoint,
+    "restore": _restore,
+    "checkpoints": _checkpoints,
+}
