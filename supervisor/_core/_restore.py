@@ -18,11 +18,7 @@ from ._fleet import SandboxConfig
 from ._instance import BUSY_CHECKPOINT, Instance, PendingRestore
 from ._states import guard
 
-__all__ = ["Checkpoints", "RestoreError"]
-
-
-class RestoreError(CheckpointError):
-    """A restore asked of the supervisor failed (the instance is as it was)."""
+__all__ = ["Checkpoints"]
 
 
 class Checkpoints(SupervisorBase):
