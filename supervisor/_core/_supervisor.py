@@ -358,6 +358,10 @@ class Supervisor(Verbs, Checkpoints):
             # way the sandbox must not outlive its task.
             with trio.CancelScope(shield=True):
                 sb.kill()
+                # A checkpoint of it may be running in a worker thread:
+                # the kill makes CRIU fail at once, and only then may its
+                # cgroup and layer go (not under the checkpoint's feet).
+                await inst._idle.wait()
                 await trio.to_thread.run_sync(sb.destroy)
             inst.sandbox = None
             raise

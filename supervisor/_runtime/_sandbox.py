@@ -828,7 +828,14 @@ class Runtime:
                 if not leave_running:
                     sb.kill()  # while frozen: it never runs past the checkpoint
             finally:
-                sb.cgroup.thaw()
+                try:
+                    sb.cgroup.thaw()
+                except CgroupError:
+                    # A sandbox that died during the checkpoint may have had
+                    # its cgroup removed already: that is no news, and must
+                    # not hide why the checkpoint failed.
+                    if sb.poll() is None:
+                        raise
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
