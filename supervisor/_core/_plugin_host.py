@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginError", "PluginHandle", "load_plugin"]
 
 ENTRY_POINT_GROUP = "corral.plugins"
+"""The Python entry point group plugins register under (``supervisor.ENTRY_POINT_GROUP``;
+``plugins`` re-exports it)."""
 DEFAULT_PLUGINS = ("restart", "logging")
 """Loaded for every fleet (each does nothing unless configured)."""
 
