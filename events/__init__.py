@@ -12,6 +12,10 @@ event socket. Depends on nothing else in corral.
   :func:`subscribe` (trio) and :func:`iter_events` (blocking) read it.
 - The exception tree rooted at :class:`EventsError` (see ``_errors``).
 - :mod:`events.testing`: ``capture_events`` and ``fake_event``.
+- :mod:`events.segments`: append-only files of whole records, size-bounded
+  and rotated (the journal's segments, and the other such files corral keeps).
+- :mod:`events.unixsocket`: binding a Unix socket and admitting peers by
+  their credentials (the event socket's and the control socket's).
 
 ``import events`` does not import trio (about 180 ms): scripts using
 :func:`iter_events`, the codec or the journal should not pay for it. The

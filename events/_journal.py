@@ -9,7 +9,10 @@ A segment is named by the seq of its first event (20 digits, so names sort
 like numbers). Appends go to an in-memory buffer, written out when it holds
 :data:`FLUSH_BYTES`, on :meth:`Journal.flush` and on close: one ``write`` per
 buffer, not per event. Nothing is fsync'd: the page cache survives a crash of
-the supervisor, which is what the journal is for.
+the supervisor, which is what the journal is for. Naming, rotating and
+dropping segments and cutting off a torn record are :mod:`events.segments`'
+(:class:`~events.segments.SeqSegments`); the buffer, the sparse index and
+replay are the journal's own.
 
 The journal is synchronous and does not import trio: it is small file I/O,
 fine in the trio thread, and a one-shot CLI can read it without trio.
@@ -20,7 +23,6 @@ from __future__ import annotations
 import bisect
 import fcntl
 import os
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +31,7 @@ import msgpack  # type: ignore[import-untyped]
 from ._codec import UNPACK_OPTIONS, encode, from_map
 from ._errors import JournalError
 from ._types import Event, Gap
+from .segments import SeqSegment, SeqSegments
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_SEGMENT_BYTES", "FLUSH_BYTES", "Journal"]
 
@@ -42,30 +45,34 @@ small enough that a crash loses little."""
 # it wants instead of decoding a whole 16 MiB segment from its start.
 _INDEX_EVERY = 64 << 10
 _READ_CHUNK = 256 << 10
-_NAME = re.compile(r"^(\d{20})\.journal$")
+_SUFFIX = ".journal"
 
 
-class _Segment:
-    """One segment file: its first seq, bytes on disk, a sparse index."""
+class _Segment(SeqSegment):
+    """One segment file: its path, first seq, bytes on disk, and a sparse index."""
 
-    __slots__ = ("first", "index_offsets", "index_seqs", "size")
+    __slots__ = ("index_offsets", "index_seqs", "next_note")
 
-    def __init__(self, first: int, size: int = 0) -> None:
-        self.first = first
-        self.size = size
+    def __init__(self, path: str, first: int, size: int = 0) -> None:
+        super().__init__(path, first, size)
         # Parallel lists (seq, offset of that record), ascending.
         self.index_seqs: list[int] = []
         self.index_offsets: list[int] = []
+        # The offset from which a record gets an index entry: the caller
+        # compares, so that most appends make no call at all.
+        self.next_note = 0
 
     def note(self, seq: int, offset: int) -> None:
-        if not self.index_offsets or offset - self.index_offsets[-1] >= _INDEX_EVERY:
+        if offset >= self.next_note:
             self.index_seqs.append(seq)
             self.index_offsets.append(offset)
+            self.next_note = offset + _INDEX_EVERY
 
     def forget_from(self, offset: int) -> None:
         """Drop index entries at or past *offset* (their records were lost)."""
         i = bisect.bisect_left(self.index_offsets, offset)
         del self.index_seqs[i:], self.index_offsets[i:]
+        self.next_note = self.index_offsets[-1] + _INDEX_EVERY if self.index_offsets else 0
 
     def start_offset(self, seq: int) -> int:
         """An offset at or before the record *seq* (0 if unknown)."""
@@ -102,9 +109,7 @@ class Journal:
         self.path = os.fspath(path)
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
-        self._segments: list[_Segment] = []
         self._buf = bytearray()
-        self._fd = -1  # the current segment, opened for appending on first write
         self._last = 0
         self._closed = False
         try:
@@ -114,7 +119,14 @@ class Journal:
             raise JournalError(f"cannot open journal directory {self.path}: {exc}") from exc
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._recover()
+            self._files = SeqSegments(
+                self.path,
+                suffix=_SUFFIX,
+                segment_bytes=segment_bytes,
+                max_bytes=max_bytes,
+                segment_type=_Segment,
+                scan=self._scan,
+            )
         except BaseException as exc:
             os.close(self._lock)
             if isinstance(exc, BlockingIOError):
@@ -128,7 +140,8 @@ class Journal:
     @property
     def first_seq(self) -> int:
         """The oldest seq still in the journal; 0 if it is empty."""
-        return self._segments[0].first if self._segments else 0
+        segments = self._files.segments
+        return segments[0].first if segments else 0
 
     @property
     def last_seq(self) -> int:
@@ -138,12 +151,7 @@ class Journal:
     @property
     def size(self) -> int:
         """Bytes in all segments, counting the unflushed buffer."""
-        return sum(s.size for s in self._segments) + len(self._buf)
-
-    def _file(self, seg: _Segment | int) -> str:
-        """The path of a segment, given it or its first seq."""
-        first = seg if isinstance(seg, int) else seg.first
-        return os.path.join(self.path, f"{first:020d}.journal")
+        return sum(s.size for s in self._files.segments) + len(self._buf)
 
     # --- writing -------------------------------------------------------------
 
@@ -160,15 +168,17 @@ class Journal:
             raise JournalError(f"journal {self.path} is closed")
         if seq <= self._last:
             raise ValueError(f"journal seqs must increase: got {seq} after {self._last}")
-        seg = self._segments[-1] if self._segments else None
+        files = self._files
         pending = len(self._buf)
-        used = seg.size + pending if seg is not None else 0
         # A record larger than a segment gets one of its own.
-        if seg is None or (used and used + len(record) > self.segment_bytes):
+        if files.needs_rotation(len(record), pending):
             self._rotate(seq)
-            seg = self._segments[-1]
             pending = 0
-        seg.note(seq, seg.size + pending)
+        seg = files.current
+        assert seg is not None  # there is one after a rotation
+        offset = seg.size + pending
+        if offset >= seg.next_note:
+            seg.note(seq, offset)
         self._buf += record
         self._last = seq
         if len(self._buf) >= FLUSH_BYTES:
@@ -178,53 +188,28 @@ class Journal:
         """Write the buffered events to the current segment."""
         if not self._buf:
             return
-        seg = self._segments[-1]
+        seg = self._files.current
+        assert seg is not None  # appending made one
+        start = seg.size
         try:
-            if self._fd < 0:
-                self._fd = os.open(
-                    self._file(seg), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
-                )
-            done = os.write(self._fd, self._buf)
-            while done < len(self._buf):  # only when the disk is (nearly) full
-                done += os.write(self._fd, self._buf[done:])
+            self._files.write(self._buf)
         except OSError as exc:
-            # Cut a half-written record off so the segment stays readable;
-            # the lost events show up as a Gap on replay.
-            if self._fd >= 0:
-                try:
-                    os.ftruncate(self._fd, seg.size)
-                except OSError:
-                    pass
+            # The segment was cut back to its last whole record; the lost
+            # events show up as a Gap on replay.
             self._buf.clear()
-            seg.forget_from(seg.size)  # later records will reuse those offsets
-            raise JournalError(f"cannot write journal segment {self._file(seg)}: {exc}") from exc
-        seg.size += len(self._buf)
+            seg.forget_from(start)  # later records will reuse those offsets
+            raise JournalError(
+                f"cannot write journal segment {seg.path}: [Errno {exc.errno}] {exc.strerror}"
+            ) from exc
         self._buf.clear()
 
     def _rotate(self, first: int) -> None:
         """Start a new segment whose first event is *first*."""
         self.flush()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._segments.append(_Segment(first))
-        self._trim()
-
-    def _trim(self) -> None:
-        # Room for the new segment to grow to segment_bytes without the total
-        # passing max_bytes.
-        total = sum(s.size for s in self._segments[:-1]) + self.segment_bytes
-        while len(self._segments) > 1 and total > self.max_bytes:
-            old = self._segments.pop(0)
-            total -= old.size
-            try:
-                os.unlink(self._file(old))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise JournalError(
-                    f"cannot delete journal segment {self._file(old)}: {exc}"
-                ) from exc
+        try:
+            self._files.rotate(first)
+        except OSError as exc:
+            raise JournalError(f"cannot delete journal segment {exc.filename}: {exc}") from exc
 
     def close(self) -> None:
         """Flush and release the directory. Closing twice is harmless."""
@@ -234,9 +219,7 @@ class Journal:
             self.flush()
         finally:
             self._closed = True
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            self._files.close()
             os.close(self._lock)
 
     def __enter__(self) -> Journal:
@@ -247,38 +230,16 @@ class Journal:
 
     # --- recovery ------------------------------------------------------------
 
-    def _recover(self) -> None:
-        firsts = sorted(int(m[1]) for n in os.listdir(self.path) if (m := _NAME.match(n)))
-        self._segments = [_Segment(f, os.stat(self._file(f)).st_size) for f in firsts]
-        # The newest segment may end in a half-written record, or be empty
-        # (a crash right after rotating): cut it back to its last complete
-        # record, and drop it if nothing is left.
-        while self._segments:
-            seg = self._segments[-1]
-            good, last = self._scan(seg)
-            if last:
-                if good < seg.size:
-                    os.truncate(self._file(seg), good)
-                    seg.size = good
-                self._last = last
-                break
-            os.unlink(self._file(seg))
-            self._segments.pop()
-        if self._segments:
-            self._trim_on_open()
+    def _scan(self, seg: _Segment) -> int:
+        """The end offset of the last good record of *seg* (0: none).
 
-    def _trim_on_open(self) -> None:
-        # Settings may have shrunk since the last run.
-        total = sum(s.size for s in self._segments)
-        while len(self._segments) > 1 and total > self.max_bytes:
-            old = self._segments.pop(0)
-            total -= old.size
-            os.unlink(self._file(old))
-
-    def _scan(self, seg: _Segment) -> tuple[int, int]:
-        """(end offset of the last good record, its seq) of *seg*; builds its index."""
+        Builds the segment's index and sets :attr:`last_seq` to that record's
+        seq. Called on opening, for the newest segment, then for the one
+        before as long as nothing good is found (segments without a good
+        record are deleted).
+        """
         good = last = 0
-        with open(self._file(seg), "rb") as f:
+        with open(seg.path, "rb") as f:
             unpacker = msgpack.Unpacker(f, read_size=_READ_CHUNK, **UNPACK_OPTIONS)
             while True:
                 try:
@@ -293,7 +254,8 @@ class Journal:
                 seg.note(seq, good)
                 good = unpacker.tell()
                 last = seq
-        return good, last
+        self._last = last
+        return good
 
     # --- reading -------------------------------------------------------------
 
@@ -322,7 +284,8 @@ class Journal:
         # up afresh for each segment: appends may rotate old ones away while
         # a slow reader (the socket server) is in the middle.
         while want <= end:
-            firsts = [s.first for s in self._segments]
+            segments = self._files.segments
+            firsts = [s.first for s in segments]
             i = bisect.bisect_right(firsts, want) - 1
             if i < 0:
                 if not firsts:
@@ -331,8 +294,8 @@ class Journal:
                 yield Gap(first=want, last=min(firsts[0] - 1, end))
                 want = firsts[0]
                 continue
-            seg = self._segments[i]
-            seg_end = self._segments[i + 1].first - 1 if i + 1 < len(self._segments) else end
+            seg = segments[i]
+            seg_end = segments[i + 1].first - 1 if i + 1 < len(segments) else end
             try:
                 for record in self._read(seg, want):
                     seq = record["seq"]
@@ -345,7 +308,7 @@ class Journal:
                     yield record
                     want = seq + 1
             except FileNotFoundError:
-                if seg in self._segments:
+                if seg in self._files.segments:
                     # Deleted behind our back: account for its whole range.
                     yield Gap(first=want, last=min(seg_end, end))
                     want = min(seg_end, end) + 1
@@ -359,11 +322,11 @@ class Journal:
     def _read(self, seg: _Segment, want: int) -> Iterator[dict[str, Any]]:
         """Records of *seg* from about *want* on (earlier ones skipped)."""
         try:
-            f = open(self._file(seg), "rb")  # noqa: SIM115 - closed below; a generator
+            f = open(seg.path, "rb")  # noqa: SIM115 - closed below; a generator
         except OSError as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
-            raise JournalError(f"cannot read journal segment {self._file(seg)}: {exc}") from exc
+            raise JournalError(f"cannot read journal segment {seg.path}: {exc}") from exc
         with f:
             f.seek(seg.start_offset(want))
             unpacker = msgpack.Unpacker(f, read_size=_READ_CHUNK, **UNPACK_OPTIONS)
@@ -373,6 +336,5 @@ class Journal:
                         yield record
             except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
                 raise JournalError(
-                    f"journal segment {self._file(seg)} is corrupt near offset "
-                    f"{unpacker.tell()}: {exc}"
+                    f"journal segment {seg.path} is corrupt near offset {unpacker.tell()}: {exc}"
                 ) from exc

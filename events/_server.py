@@ -17,26 +17,23 @@ connection only; nothing a client sends can stop the server.
 
 from __future__ import annotations
 
-import array
 import errno
 import logging
 import os
 import select
-import socket
-import stat
-import struct
 
 import msgpack  # type: ignore[import-untyped]
 import trio
 
 from ._bus import Bus, Subscription
 from ._codec import encode
-from ._errors import DecodeError, SocketError
+from ._errors import DecodeError
 from ._filter import Filter
 from ._protocol import MAX_REQUEST_BYTES, Request, decode_request
 from ._types import Gap
+from .unixsocket import bind_socket, peer_allowed, unbind_socket
 
-__all__ = ["bind_socket", "peer_allowed", "serve_events", "unbind_socket"]
+__all__ = ["serve_events"]
 
 log = logging.getLogger("corral.events")
 
@@ -76,7 +73,7 @@ async def serve_events(
     the socket file, lets every connection send what it has left (the
     supervisor's last events) for up to *drain_timeout* seconds, and returns.
     """
-    sock = await bind_socket(path, group, mode)
+    sock = await bind_socket(path, group, mode, what="events")
     ino = os.stat(path).st_ino
     try:
         async with trio.open_nursery() as connections:
@@ -115,84 +112,6 @@ async def _accept(
             await trio.sleep(0.1)
             continue
         connections.start_soon(_serve_one, bus, conn, group, request_timeout)
-
-
-def unbind_socket(sock: trio.socket.SocketType, path: str, ino: int) -> None:
-    """Close the listening socket and remove its file (idempotent)."""
-    sock.close()
-    # Only our own file: a newer server may have replaced it already.
-    try:
-        if os.stat(path).st_ino == ino:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-async def bind_socket(
-    path: str, group: int | None, mode: int, what: str = "events"
-) -> trio.socket.SocketType:
-    """Listen on a Unix stream socket at *path* (a stale one is replaced) with
-    *mode* and *group*; :class:`SocketError` says why not."""
-    _remove_stale(path, what)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.bind(path)
-        os.chmod(path, mode)
-        if group is not None:
-            # Owner unchanged (root, when the supervisor runs as root).
-            os.chown(path, -1, group)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise SocketError(f"cannot serve {what} at {path}: {exc}") from exc
-    return sock
-
-
-def _remove_stale(path: str, what: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketError(f"cannot serve {what} at {path}: it exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        # A Unix connect does not wait: it succeeds, is refused (nobody
-        # listens: stale) or finds the backlog full (EAGAIN: alive).
-        probe.setblocking(False)
-        err = probe.connect_ex(path)
-    if err in (0, errno.EAGAIN):
-        raise SocketError(f"cannot serve {what} at {path}: another server is listening there")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-
-
-def peer_allowed(sock: trio.socket.SocketType, group: int | None) -> bool:
-    """SO_PEERCRED admission: root, our own user, or a member of *group*."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, gid = struct.unpack("3i", creds)
-    if uid in (0, os.geteuid()):
-        return True
-    if group is None:
-        return False
-    if gid == group:
-        return True
-    # The supplementary groups the peer had when it connected, from the
-    # kernel (SO_PEERGROUPS): never /proc/PID, whose PID may be reused.
-    size = 4 * 64
-    while True:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE and size < 4 * 65536:
-                size *= 16
-                continue
-            return False
-        return group in array.array("I", raw[: len(raw) - len(raw) % 4])
 
 
 async def _serve_one(

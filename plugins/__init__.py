@@ -6,13 +6,17 @@
   validating a plugin's settings with errors that name the field.
 - Built-in plugins, loaded by name like any other (entry point group
   ``corral.plugins``): ``restart`` (:mod:`plugins.restart`).
+- :data:`ENTRY_POINT_GROUP`, that group's name: the supervisor's
+  (``supervisor.ENTRY_POINT_GROUP``), re-exported, as the supervisor loads
+  plugins without importing this package.
 - :mod:`plugins.testing`: drive a plugin with an in-memory bus and a fake
   handle.
 """
 
 from __future__ import annotations
 
-from ._api import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP
+from supervisor import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP
+
 from ._api import Handle as Handle
 from ._api import InstanceView as InstanceView
 from ._api import Plugin as Plugin

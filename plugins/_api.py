@@ -21,10 +21,7 @@ from typing import Any, Protocol
 
 import events
 
-__all__ = ["ENTRY_POINT_GROUP", "CheckpointView", "Handle", "InstanceView", "Plugin"]
-
-ENTRY_POINT_GROUP = "corral.plugins"
-"""Python entry point group that plugins register under."""
+__all__ = ["CheckpointView", "Handle", "InstanceView", "Plugin"]
 
 
 class InstanceView(Protocol):

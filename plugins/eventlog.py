@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import events
+from events.segments import NumberedSegments
 
 from ._api import Handle
 from ._settings import SettingsError, number, size
@@ -38,22 +39,29 @@ _KEYS = {"events_file", "max_bytes", "max_files"}
 
 
 class EventLog:
-    """An append-only JSON-lines file with size-based rotation."""
+    """An append-only JSON-lines file with size-based rotation.
+
+    The files are :class:`events.segments.NumberedSegments`: ``path``,
+    ``path.1`` ... at most *max_files* of them, each at most *max_bytes*
+    (but for a single larger line). A line torn by a crash is ended before
+    the next one is written, so only that line is lost.
+    """
 
     def __init__(self, path: str, max_bytes: int, max_files: int) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.max_files = max_files
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        self._files = NumberedSegments(
+            path, segment_bytes=max_bytes, max_files=max_files, mode=0o640, terminator=b"\n"
+        )
         self.last_seq = self._last_logged()
 
     def _last_logged(self) -> int:
         """The seq of the last complete line already in the file (0 if none)."""
         try:
             with open(self.path, "rb") as f:
-                f.seek(max(0, self._size - 65536))
+                f.seek(max(0, self._files.current.size - 65536))
                 lines = f.read().splitlines()
         except OSError:
             return 0
@@ -78,26 +86,12 @@ class EventLog:
             "data": event.data(),
         }
         line = (json.dumps(record, default=repr) + "\n").encode()
-        if self._size and self._size + len(line) > self.max_bytes:
-            self._rotate()
-        os.write(self._fd, line)
-        self._size += len(line)
+        self._files.write_records((line,))
         self.last_seq = event.seq
-
-    def _rotate(self) -> None:
-        os.close(self._fd)
-        for i in range(self.max_files - 1, 0, -1):
-            src = self.path if i == 1 else f"{self.path}.{i - 1}"
-            if os.path.exists(src):
-                os.replace(src, f"{self.path}.{i}")
-        if self.max_files == 1:
-            os.unlink(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        self._size = 0
 
     def close(self) -> None:
         """Close the file."""
-        os.close(self._fd)
+        self._files.close()
 
 
 def _settings(handle: Handle, config: Mapping[str, Any]) -> EventLog:

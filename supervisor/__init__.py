@@ -14,6 +14,9 @@ it uses, and nothing here imports trio. The public names:
 - :class:`Keeper`: the fork server a multi-threaded program spawns through.
 - :class:`Supervisor` (runs a :class:`Fleet` in a trio nursery),
   :func:`load_fleet`, :func:`parse_fleet`, :class:`FleetError`.
+- :data:`ENTRY_POINT_GROUP`: the entry point group the supervisor finds
+  plugins in by name (``corral.plugins``); ``plugins`` re-exports it, as the
+  supervisor never imports the plugins package.
 - The exception tree rooted at :class:`CorralError` (see ``_errors``).
 """
 
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from ._core._fleet import load_fleet as load_fleet
     from ._core._fleet import parse_fleet as parse_fleet
     from ._core._instance import Instance as Instance
+    from ._core._plugin_group import ENTRY_POINT_GROUP as ENTRY_POINT_GROUP
     from ._runtime._checkpoint import CheckpointInfo as CheckpointInfo
     from ._runtime._linux._cgroups import CgroupStats as CgroupStats
     from ._runtime._linux._spawn import Keeper as Keeper
@@ -77,6 +81,7 @@ _LAZY = {
     "SandboxConfig": "_core._fleet",
     "load_fleet": "_core._fleet",
     "parse_fleet": "_core._fleet",
+    "ENTRY_POINT_GROUP": "_core._plugin_group",
     "Instance": "_core._instance",
     "Supervisor": "_control._service",
 }
@@ -98,6 +103,7 @@ if not TYPE_CHECKING:
 
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "CgroupError",
     "CgroupStats",
     "CheckpointError",

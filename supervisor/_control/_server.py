@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from events._server import bind_socket, peer_allowed, unbind_socket
+from events.unixsocket import bind_socket, peer_allowed, unbind_socket
 
 from .._errors import (
     CheckpointError,

@@ -43,10 +43,13 @@ import struct
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .._errors import SpecError
 from .._runtime._units import parse_duration
+
+if TYPE_CHECKING:
+    from events.segments import NumberedSegments
 
 __all__ = [
     "LineSplitter",
@@ -88,7 +91,8 @@ class LogWriter:
     sees a partial record only while it is being written. Rotation happens
     between records: every file holds whole records and at most
     ``max_bytes`` bytes (a single record larger than that gets a file of
-    its own). An existing file is appended to.
+    its own). An existing file is appended to. The files are
+    :class:`events.segments.NumberedSegments`.
 
     Not thread-safe: use one writer from one thread (the trio thread).
     """
@@ -110,32 +114,17 @@ class LogWriter:
         self.max_bytes = max_bytes
         self.max_files = max_files
         self.max_line = max_line
-        self._fd = -1
-        self._size = 0
-        # The file does not end with a newline: a record was torn by a crash
-        # or a failed write. The next write starts with a newline, so that
-        # only the torn record is lost, not the one glued to it.
-        self._torn = False
         self._ts_sec = -1
         self._ts_head = b""
-        # Files beyond max_files, left by an earlier configuration.
-        for k in _rotated_indices(path):
-            if k >= max_files:
-                try:
-                    os.unlink(f"{path}.{k}")
-                except FileNotFoundError:
-                    pass
-        self._open()
+        # Here, not at the top: importing the events package would cost the
+        # CLI's reading side (``corral logs``) some 30 ms for nothing.
+        from events.segments import NumberedSegments
 
-    def _open(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            self._torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd, self._size = fd, size
+        # A record torn by a crash is ended with a newline before the next
+        # one, so that only the torn record is lost, not the one glued to it.
+        self._files: NumberedSegments = NumberedSegments(
+            path, segment_bytes=max_bytes, max_files=max_files, mode=0o600, terminator=b"\n"
+        )
 
     def __enter__(self) -> LogWriter:
         return self
@@ -145,9 +134,7 @@ class LogWriter:
 
     def close(self) -> None:
         """Close the current file (idempotent)."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        self._files.close()
 
     def write_line(self, stream: str, tag: str, content: bytes, ts: float | None = None) -> None:
         """Append one record; *ts* defaults to now."""
@@ -166,7 +153,8 @@ class LogWriter:
         sbytes = _STREAMS.get(stream)
         if sbytes is None:
             raise ValueError(f"log {self.path}: stream must be stdout or stderr, got {stream!r}")
-        if self._fd < 0:
+        files = self._files
+        if files.closed:
             raise ValueError(f"log {self.path}: writer is closed")
         if ts is None:
             ns = time.time_ns()
@@ -183,31 +171,20 @@ class LogWriter:
             data = head + (b"\n" + head).join(contents) + b"\n"
             if b"".join(contents).find(b"\n") >= 0:  # memchr: count() is slower
                 raise ValueError(f"log {self.path}: record content contains a newline")
-            if self._size + len(data) <= self.max_bytes:
+            if files.current.size + len(data) <= self.max_bytes:
                 if contents:
-                    self._write(data)
+                    files.write(data)
                 return
             head = head[:-2]
-        batches: list[list[bytes]] = [[]]
-        size = self._size
-        fixed = len(head) + 3  # tag, space and newline
+        records: list[bytes] = []
         for tag, content in lines:
             tbytes = _TAGS.get(tag)
             if tbytes is None:
                 raise ValueError(f"log {self.path}: tag must be F or P, got {tag!r}")
             if b"\n" in content:
                 raise ValueError(f"log {self.path}: record content contains a newline")
-            n = fixed + len(content)
-            if size > 0 and size + n > self.max_bytes:
-                batches.append([])
-                size = 0
-            batches[-1] += (head, tbytes, b" ", content, b"\n")
-            size += n
-        for i, batch in enumerate(batches):
-            if i > 0:
-                self._rotate()
-            if batch:
-                self._write(b"".join(batch))
+            records.append(b"%s%s %s\n" % (head, tbytes, content))
+        files.write_records(records)
 
     def _format_ts(self, ns: int) -> bytes:
         sec, frac = divmod(ns, _NS)
@@ -215,43 +192,6 @@ class LogWriter:
             self._ts_head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode()
             self._ts_sec = sec
         return b"%s.%09dZ" % (self._ts_head, frac)
-
-    def _write(self, data: bytes) -> None:
-        if self._torn:
-            data = b"\n" + data
-        view = memoryview(data)
-        done = 0
-        try:
-            # A regular file takes the whole write unless the disk is full
-            # or quota is hit; the loop then gets the error.
-            while done < len(data):
-                n = os.write(self._fd, view[done:])
-                done += n
-                self._size += n
-        except OSError as exc:
-            if done:
-                self._torn = data[done - 1] != 0x0A
-            raise OSError(exc.errno, exc.strerror, self.path) from exc
-        self._torn = False
-
-    def _rotate(self) -> None:
-        self.close()
-        try:
-            if self.max_files == 1:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-            # Oldest first: path.{max_files-2} replaces (drops) the oldest.
-            for k in range(self.max_files - 1, 0, -1):
-                src = self.path if k == 1 else f"{self.path}.{k - 1}"
-                try:
-                    os.replace(src, f"{self.path}.{k}")
-                except FileNotFoundError:
-                    pass
-        finally:
-            # Even if a rename failed: keep writing somewhere.
-            self._open()
 
 
 class LineSplitter:

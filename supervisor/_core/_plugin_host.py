@@ -22,6 +22,7 @@ import trio
 import events
 
 from .._errors import CorralError
+from ._plugin_group import ENTRY_POINT_GROUP
 
 if TYPE_CHECKING:
     from .._runtime._checkpoint import CheckpointInfo
@@ -39,7 +40,6 @@ __all__ = [
     "run_plugin",
 ]
 
-ENTRY_POINT_GROUP = "corral.plugins"
 DEFAULT_PLUGINS = ("restart", "logging")
 """Loaded for every fleet (each does nothing unless configured)."""
 

@@ -1,0 +1,106 @@
+"""The Unix-socket helpers both servers use (events.unixsocket): binding, unbinding, admission."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from events import SocketError
+from events.unixsocket import bind_socket, peer_allowed, unbind_socket
+
+_CONNECT = (
+    "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.recv(1)"
+)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short private directory (socket paths are limited to 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="corral-us-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def test_bind_replaces_a_stale_socket_and_refuses_a_live_one(sock_dir: Path) -> None:
+    """A socket file nobody listens on is replaced; a live one is a SocketError naming the service."""
+    path = str(sock_dir / "s.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()
+
+    async def main() -> None:
+        sock = await bind_socket(path, None, 0o640, what="things")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        with pytest.raises(SocketError, match=f"cannot serve things at {path}: another server"):
+            await bind_socket(path, None, 0o640, what="things")
+        unbind_socket(sock, path, os.stat(path).st_ino)
+        assert not os.path.exists(path)
+
+    trio.run(main)
+
+
+def test_bind_refuses_to_remove_what_is_not_a_socket(sock_dir: Path) -> None:
+    """A plain file at the path is left alone."""
+    path = sock_dir / "s.sock"
+    path.write_text("data")
+    with pytest.raises(SocketError, match="it exists and is not a socket"):
+        trio.run(lambda: bind_socket(str(path), None, 0o660, what="control"))
+    assert path.read_text() == "data"
+
+
+def test_unbind_leaves_a_newer_servers_file(sock_dir: Path) -> None:
+    """Only the file this server bound is removed; unbinding twice is harmless."""
+    path = str(sock_dir / "s.sock")
+
+    async def main() -> None:
+        old = await bind_socket(path, None, 0o660, what="things")
+        ino = os.stat(path).st_ino
+        os.unlink(path)
+        newer = await bind_socket(path, None, 0o660, what="things")
+        unbind_socket(old, path, ino)
+        assert os.path.exists(path)
+        unbind_socket(old, path, ino)
+        unbind_socket(newer, path, os.stat(path).st_ino)
+        assert not os.path.exists(path)
+
+    trio.run(main)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_peer_allowed_by_the_credentials_at_connect(sock_dir: Path) -> None:
+    """Root and members of the group (primary or supplementary) are admitted, others not."""
+    os.chmod(sock_dir, 0o755)
+    path = str(sock_dir / "s.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    os.chmod(path, 0o666)
+    server.listen(1)
+    server.settimeout(30)  # a client that cannot connect fails the test, not hangs it
+
+    def admitted(socket_group: int | None, **ids: object) -> bool:
+        client = subprocess.Popen([sys.executable, "-c", _CONNECT, path], **ids)  # type: ignore[call-overload]
+        try:
+            conn, _ = server.accept()
+            with conn:
+                return peer_allowed(conn, socket_group)
+        finally:
+            client.wait(timeout=30)
+
+    with server:
+        assert admitted(None)  # root
+        assert not admitted(None, user=65534, group=65534, extra_groups=[])
+        assert not admitted(4242, user=65534, group=65534, extra_groups=[])
+        assert admitted(4242, user=65534, group=4242, extra_groups=[])
+        assert admitted(4242, user=65534, group=65534, extra_groups=[4242])
