@@ -31,15 +31,6 @@ EXIT_CORRAL = 125
 EXIT_NOEXEC = 126
 EXIT_NOTFOUND = 127
 
-_FORWARDED = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line and exit with corral's status."""
@@ -662,6 +653,7 @@ def _clock(wall: float) -> str:
 def _run(args: argparse.Namespace) -> int:
     # Imported here so that `corral --help` stays instant.
     from .._runtime._sandbox import Runtime, Sandbox
+    from .._runtime._signals import FORWARDED_SIGNALS
     from .._runtime._spec import (
         Limits,
         SandboxSpec,
@@ -729,7 +721,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             sandbox.send_signal(signum)
 
-    for sig in _FORWARDED:
+    for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
     runtime = Runtime(cgroup_parent=args.cgroup_parent)
     sandbox = runtime.create(spec)
