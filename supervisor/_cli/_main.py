@@ -551,7 +551,7 @@ def _state_dir() -> str:
 def _logs(args: argparse.Namespace) -> int:
     import time
 
-    from .._core._output import follow, format_record, parse_since, read_records
+    from ._output_reader import follow, format_record, parse_since, read_records
 
     logdir = os.path.join(_state_dir(), "logs")
     path = os.path.join(logdir, f"{args.name}.log")
