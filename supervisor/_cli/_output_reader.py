@@ -19,12 +19,10 @@ of the runtime's syscall layer is loaded only when :func:`follow` waits.
 from __future__ import annotations
 
 import calendar
-import ctypes
 import errno
 import os
 import re
 import select
-import struct
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from datetime import datetime
@@ -253,30 +251,23 @@ def read_records(path: str, *, since: float | None = None, tail: int | None = No
         _close(files)
 
 
-# inotify(7)
-_IN_MODIFY = 0x002
-_IN_MOVED_TO = 0x080
-_IN_CREATE = 0x100
-_IN_Q_OVERFLOW = 0x4000
-_IN_EVENT = struct.Struct("iIII")
-
-
 class _Watch:
     """Waits for changes to one file name in a directory: inotify, else polling."""
 
     def __init__(self, path: str) -> None:
+        # Here, not at the top: only -f waits, and the binding loads ctypes.
+        from .._runtime._linux import _syscalls as sc
+
         d, base = os.path.split(path)
         self._name = os.fsencode(base)
         self._fd = -1
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
-        except (OSError, AttributeError):
+            fd = sc.inotify_init()
+        except OSError:  # EMFILE: the user's inotify instances are used up
             return
-        if fd < 0:  # EMFILE: the user's inotify instances are used up
-            return
-        mask = _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO
-        if int(libc.inotify_add_watch(fd, os.fsencode(d or "."), mask)) < 0:
+        try:
+            sc.inotify_add_watch(fd, d or ".", sc.IN_MODIFY | sc.IN_CREATE | sc.IN_MOVED_TO)
+        except OSError:
             os.close(fd)
             return
         self._fd = fd
@@ -302,19 +293,10 @@ class _Watch:
 
     def _drain(self) -> bool:
         """Read the pending events; whether one was about our file."""
-        hit = False
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return hit
-            off = 0
-            while off < len(data):
-                _wd, mask, _cookie, n = _IN_EVENT.unpack_from(data, off)
-                name = data[off + 16 : off + 16 + n].rstrip(b"\0")
-                off += 16 + n
-                if name == self._name or mask & _IN_Q_OVERFLOW:
-                    hit = True
+        from .._runtime._linux import _syscalls as sc
+
+        events = sc.inotify_read(self._fd)
+        return any(name == self._name or mask & sc.IN_Q_OVERFLOW for mask, name in events)
 
 
 def follow(
