@@ -1,0 +1,35 @@
+"""The command line's layout: verbs dispatch through set_defaults, and the parser stays cheap."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from supervisor._cli._main import build_parser
+
+
+def test_every_verb_names_the_function_that_runs_it() -> None:
+    """Each sub-parser sets ``func``: main() dispatches on it, never on the verb's name."""
+    parser = build_parser()
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(groups) == 1
+    verbs = groups[0].choices
+    assert len(verbs) >= 19
+    for name, sub in verbs.items():
+        assert callable(sub.get_default("func")), f"{name} has no func"
+
+
+def test_building_the_parser_imports_none_of_what_verbs_use() -> None:
+    """Every verb pays for building the parser: it loads no layer below the CLI, nor signal."""
+    code = (
+        "import sys, json; from supervisor._cli._main import build_parser; build_parser();"
+        " print(json.dumps(sorted(sys.modules)))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    loaded = set(json.loads(p.stdout))
+    assert "supervisor._cli._run" in loaded
+    assert not loaded & {"trio", "msgpack", "pyroute2", "ctypes", "signal"}
+    assert not [m for m in loaded if m.startswith(("supervisor._runtime", "supervisor._core"))]
+    assert not [m for m in loaded if m.startswith(("supervisor._control", "events"))]
