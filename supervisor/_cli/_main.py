@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     sub.required = True
-    # In the order `corral --help` lists them.
+    # The order `corral --help` lists the verbs in; `checkpoints` has always come last.
     _run.add_parsers(sub)
     _fleet.add_parsers(sub)
     _checkpoints.add_parsers(sub)
