@@ -67,14 +67,14 @@ def command_after_dashes(words: Sequence[str], missing: str) -> list[str]:
 
 def state_dir() -> str:
     """Where sandboxes' logs and checkpoints are kept (``CORRAL_STATE_DIR``)."""
-    from .._runtime._sandbox import DEFAULT_STATE_DIR
+    from .._runtime._dirs import DEFAULT_STATE_DIR
 
     return os.environ.get("CORRAL_STATE_DIR") or DEFAULT_STATE_DIR
 
 
 def run_dir() -> str:
     """Where a running supervisor's sockets are (``CORRAL_RUN_DIR``)."""
-    from .._runtime._sandbox import DEFAULT_RUN_DIR
+    from .._runtime._dirs import DEFAULT_RUN_DIR
 
     return os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR
 
