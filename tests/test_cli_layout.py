@@ -33,3 +33,14 @@ def test_building_the_parser_imports_none_of_what_verbs_use() -> None:
     assert not loaded & {"trio", "msgpack", "pyroute2", "ctypes", "signal"}
     assert not [m for m in loaded if m.startswith(("supervisor._runtime", "supervisor._core"))]
     assert not [m for m in loaded if m.startswith(("supervisor._control", "events"))]
+
+
+def test_finding_the_sockets_and_state_does_not_load_the_runtime() -> None:
+    """A one-shot verb learns its directories without importing the sandbox runtime."""
+    code = (
+        "import sys, argparse; from supervisor._cli import _common;"
+        " _common.control_path(argparse.Namespace(socket=None)); _common.state_dir();"
+        " print('supervisor._runtime._sandbox' in sys.modules, 'ctypes' in sys.modules)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
+    assert p.stdout.split() == ["False", "False"]
