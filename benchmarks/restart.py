@@ -87,7 +87,7 @@ def corral_crash_loop(crasher: Path, scratch: Path, n: int) -> list[float]:
     logs = state / "logs"
     # The sandbox's output log has one record per line the crasher wrote;
     # take the lines back out to parse them like the peers' files.
-    from supervisor._core._output import read_records
+    from supervisor._cli._output_reader import read_records
 
     plain = scratch / "crash" / "timestamps"
     plain.write_bytes(b"".join(r.content + b"\n" for r in read_records(str(logs / "crash-0.log"))))

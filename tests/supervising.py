@@ -14,8 +14,8 @@ import trio
 
 import events
 from supervisor import Supervisor
+from supervisor._cli._output_reader import format_record, read_records
 from supervisor._core._fleet import Fleet, parse_fleet
-from supervisor._core._output import format_record, read_records
 
 from .conftest import Dirs
 

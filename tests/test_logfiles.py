@@ -18,18 +18,15 @@ import pytest
 import trio
 import trio.testing
 
-from supervisor._core import _output as _logfiles
-from supervisor._core._output import (
-    LineSplitter,
-    LogWriter,
-    Record,
+from supervisor._cli import _output_reader as _logfiles
+from supervisor._cli._output_reader import (
     _Watch,
     follow,
     format_record,
     parse_since,
-    pump,
     read_records,
 )
+from supervisor._core._output import LineSplitter, LogWriter, Record, pump
 
 RECORD_RE = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) [FP] [^\n]*")
 FILLER = bytes(range(0x20, 0x7F)) * 4

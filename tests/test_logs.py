@@ -11,7 +11,7 @@ import pytest
 
 import events
 from supervisor import Supervisor
-from supervisor._core._output import read_records
+from supervisor._cli._output_reader import read_records
 
 from .conftest import Dirs, corral, requires_root
 from .supervising import fleet, run, wait_event

@@ -6,8 +6,8 @@ import pytest
 
 from plugins._settings import SettingsError, duration, size
 from supervisor import SpecError, parse_duration, parse_size
+from supervisor._cli._output_reader import parse_since
 from supervisor._core._fleet import parse_fleet
-from supervisor._core._output import parse_since
 
 DURATIONS = [
     ("10s", 10.0),

@@ -26,18 +26,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .._errors import CommandNotExecutableError, CommandNotFoundError
+from .._runtime._signals import FORWARDED_SIGNALS
 from ._client import Client, ControlError, result_of
 
 __all__ = ["run_exec"]
 
-_FORWARDED = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 _CHUNK = 65536
 
 
@@ -88,7 +81,7 @@ def _signals() -> Iterator[int]:
     """Catch the forwarded signals and SIGWINCH; yield the fd they wake."""
     r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    old = {s: signal.signal(s, lambda *_: None) for s in (*_FORWARDED, signal.SIGWINCH)}
+    old = {s: signal.signal(s, lambda *_: None) for s in (*FORWARDED_SIGNALS, signal.SIGWINCH)}
     try:
         yield r
     finally:

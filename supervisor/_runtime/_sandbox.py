@@ -55,6 +55,7 @@ from ._checkpoint import (
     read_log,
     validate_tag,
 )
+from ._dirs import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
 from ._linux._child import INIT_PATH, LaunchConfig
@@ -74,8 +75,6 @@ __all__ = [
     "find_init_binary",
 ]
 
-DEFAULT_STATE_DIR = "/var/lib/corral"
-DEFAULT_RUN_DIR = "/run/corral"
 INIT_CANDIDATES = ("/usr/bin/tini-static", "/usr/sbin/tini-static", "/sbin/tini-static")
 
 Spawner = Callable[[LaunchConfig | ExecConfig, tuple[int, int, int]], Spawned]

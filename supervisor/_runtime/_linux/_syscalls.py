@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 
 __all__ = [
     "CLONE_NEWCGROUP",
@@ -25,7 +26,10 @@ __all__ = [
     "CLONE_NEWPID",
     "CLONE_NEWUSER",
     "CLONE_NEWUTS",
+    "IN_CREATE",
     "IN_MODIFY",
+    "IN_MOVED_TO",
+    "IN_Q_OVERFLOW",
     "MNT_DETACH",
     "MS_BIND",
     "MS_NODEV",
@@ -42,6 +46,7 @@ __all__ = [
     "idmapped_tree",
     "inotify_add_watch",
     "inotify_init",
+    "inotify_read",
     "load_seccomp",
     "mount",
     "pivot_root",
@@ -177,8 +182,12 @@ def set_dumpable(dumpable: bool) -> None:
 
 
 IN_MODIFY = 0x00000002
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_Q_OVERFLOW = 0x00004000
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
+_IN_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then name
 
 
 def inotify_init() -> int:
@@ -195,6 +204,26 @@ def inotify_add_watch(fd: int, path: str, mask: int) -> int:
     if wd < 0:
         raise _fail(f"inotify_add_watch {path}", path)
     return wd
+
+
+def inotify_read(fd: int) -> list[tuple[int, bytes]]:
+    """The events pending on the non-blocking inotify *fd*, as ``(mask, name)``.
+
+    Reads until none is left. *name* is the entry's name in a watched
+    directory (its NUL padding removed), ``b""`` for the watched file itself.
+    """
+    events: list[tuple[int, bytes]] = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return events
+        off = 0
+        while off < len(data):
+            _wd, mask, _cookie, n = _IN_EVENT.unpack_from(data, off)
+            off += _IN_EVENT.size
+            events.append((mask, data[off : off + n].rstrip(b"\0")))
+            off += n
 
 
 # rt_sigaction(2) by number: glibc's sigaction() refuses signals 32 and 33,

@@ -1,0 +1,111 @@
+"""What the groups of verbs share: exit statuses, usage errors, directories.
+
+Every group module imports this one while the parser is built, so it
+imports nothing but the standard library's cheapest modules and the
+exception tree; what a helper needs beyond that it imports when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn, TypeAlias
+
+from .._errors import CorralError
+
+__all__ = [
+    "EXIT_CORRAL",
+    "EXIT_NOEXEC",
+    "EXIT_NOTFOUND",
+    "Parser",
+    "UsageError",
+    "add_socket_option",
+    "command_after_dashes",
+    "control_path",
+    "human_size",
+    "run_dir",
+    "state_dir",
+    "warn_privileged",
+]
+
+EXIT_CORRAL = 125
+"""corral itself failed, or the input was bad."""
+EXIT_NOEXEC = 126
+"""The command cannot be executed."""
+EXIT_NOTFOUND = 127
+"""The command does not exist in the sandbox."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit with corral's status."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"corral: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_CORRAL)
+
+
+if TYPE_CHECKING:
+    Subparsers: TypeAlias = argparse._SubParsersAction[Parser]
+    """What ``add_subparsers`` returns; each group's ``add_parsers`` takes it."""
+
+
+class UsageError(CorralError):
+    """Bad command-line usage (reported like every error: one line, status 125)."""
+
+
+def command_after_dashes(words: Sequence[str], missing: str) -> list[str]:
+    """The command of ``VERB ... -- COMMAND [ARGS...]``; UsageError *missing* if there is none."""
+    command = list(words)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError(missing)
+    return command
+
+
+def state_dir() -> str:
+    """Where sandboxes' logs and checkpoints are kept (``CORRAL_STATE_DIR``)."""
+    from .._runtime._dirs import DEFAULT_STATE_DIR
+
+    return os.environ.get("CORRAL_STATE_DIR") or DEFAULT_STATE_DIR
+
+
+def run_dir() -> str:
+    """Where a running supervisor's sockets are (``CORRAL_RUN_DIR``)."""
+    from .._runtime._dirs import DEFAULT_RUN_DIR
+
+    return os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR
+
+
+def add_socket_option(parser: argparse.ArgumentParser) -> None:
+    """``--socket``, for a verb that talks to the supervisor's control socket."""
+    parser.add_argument("--socket", help="control socket (default: RUN_DIR/control.sock)")
+
+
+def control_path(args: argparse.Namespace) -> str:
+    """The control socket: ``--socket``, else the one in the run directory."""
+    from .._control._client import CONTROL_SOCKET
+
+    return args.socket or os.path.join(run_dir(), CONTROL_SOCKET)
+
+
+def human_size(n: int) -> str:
+    """Bytes for a person: ``512 B``, ``1.5 KiB``, ``64.0 MiB``, up to GiB."""
+    if n < 1024:
+        return f"{n} B"
+    size, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
+
+
+def warn_privileged(name: str) -> None:
+    """Say on stderr that sandbox *name* runs without its protections."""
+    sys.stderr.write(
+        f"corral: WARNING: sandbox {name!r} is privileged: it keeps every capability and"
+        " no_new_privs is off; its root is the host's root\n"
+    )

@@ -1,0 +1,368 @@
+"""The verbs that act on a running fleet through its control socket.
+
+``ps``, ``inspect``, ``stats``; ``stop``, ``start``, ``restart``, ``kill``,
+``pause``, ``resume``; ``exec``; ``add`` and ``rm`` (docs/control.md). Each
+is one request to the supervisor (``exec`` then relays the process's stdio
+and signals) and a table or JSON printed from its answer. No trio: the
+client is a blocking socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._common import (
+    EXIT_CORRAL,
+    UsageError,
+    add_socket_option,
+    command_after_dashes,
+    control_path,
+    human_size,
+)
+
+if TYPE_CHECKING:
+    from ._common import Subparsers
+
+__all__ = ["add_parsers"]
+
+_NAME_HELP = "an instance (web-0), or a sandbox (web: every instance of it)"
+
+
+def add_parsers(sub: Subparsers) -> None:
+    """Register the verbs that act on a running fleet through its control socket."""
+
+    def verb(
+        name: str, help: str, description: str, *, func: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description)
+        add_socket_option(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb(
+        "ps",
+        "list the sandboxes of a running fleet",
+        "One line per sandbox instance"
+        " of the running `corral up`: state, PID, uptime, restarts, memory, last exit.",
+        func=_ps,
+    )
+    p.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+
+    p = verb(
+        "inspect",
+        "show everything about one sandbox, as JSON",
+        "Spec, limits, cgroup,"
+        " PIDs, namespaces, counters and last events of one instance, as JSON.",
+        func=_inspect,
+    )
+    p.add_argument("name", metavar="NAME", help="an instance (web-0), or a sandbox (its first)")
+
+    p = verb(
+        "stop",
+        "stop sandboxes (they stay stopped)",
+        "SIGTERM, then SIGKILL after the"
+        " grace period; returns once stopped. Restart policies leave them alone.",
+        func=_stop,
+    )
+    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    p.add_argument("-t", "--time", type=float, metavar="SECONDS", help="grace period")
+
+    p = verb(
+        "start",
+        "start stopped sandboxes",
+        "Start the next generation of stopped"
+        " (or exited, failed) instances; returns once they run.",
+        func=_start,
+    )
+    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
+
+    p = verb(
+        "restart",
+        "restart sandboxes",
+        "Stop running instances gracefully and start their next generation; returns once they run.",
+        func=_restart,
+    )
+    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    p.add_argument("-t", "--time", type=float, metavar="SECONDS", help="grace period")
+
+    p = verb(
+        "kill",
+        "send a signal to sandboxes",
+        "Send a signal to the main process of each"
+        " instance, through its init (by pidfd: never a recycled PID).",
+        func=_kill,
+    )
+    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    p.add_argument("-s", "--signal", default="KILL", help="name or number (default KILL)")
+
+    p = verb(
+        "pause",
+        "freeze sandboxes",
+        "Freeze every process of the instances with the"
+        " cgroup freezer; returns once the kernel reports them frozen.",
+        func=_pause,
+    )
+    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    p = verb("resume", "thaw paused sandboxes", "Thaw paused instances.", func=_resume)
+    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
+
+    p = verb(
+        "exec",
+        "run a command in a running sandbox",
+        "Run COMMAND in a running"
+        " sandbox: its namespaces, cgroup, root and restrictions. The exit status is"
+        " the command's (125: corral failed; 126, 127: cannot run it).",
+        func=_exec,
+    )
+    p.add_argument("name", metavar="NAME", help="an instance (web-0), or a sandbox (its first)")
+    p.add_argument("-i", "--interactive", action="store_true", help="pass stdin on")
+    p.add_argument("-t", "--tty", action="store_true", help="give it a pseudo-terminal")
+    p.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="set a variable")
+    p.add_argument("--workdir", "-w", help="working directory inside (default: the sandbox's)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+    p = verb(
+        "stats",
+        "resource use of sandboxes",
+        "Memory (current, peak), CPU, tasks and"
+        " OOM counters of running instances, from their cgroups.",
+        func=_stats,
+    )
+    p.add_argument("names", metavar="NAME", nargs="*", help=_NAME_HELP + " (default: all)")
+    p.add_argument("--watch", action="store_true", help="refresh every second")
+    p.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+
+    p = verb(
+        "add",
+        "add sandboxes to a running fleet",
+        "Start the sandboxes of FLEET (a"
+        " fleet file with [[sandbox]] entries only) under the running supervisor.",
+        func=_add,
+    )
+    p.add_argument("fleet", metavar="FLEET", help="fleet file (TOML)")
+
+    p = verb(
+        "rm",
+        "remove sandboxes from a running fleet",
+        "Stop the instances and take"
+        " them out of the running fleet (their logs and checkpoints stay).",
+        func=_rm,
+    )
+    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    p.add_argument("-t", "--time", type=float, metavar="SECONDS", help="grace period")
+
+
+def _ps(args: argparse.Namespace) -> int:
+    import json
+
+    from .._control._client import call
+
+    rows = call(control_path(args), "ps")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_rows(rows)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .._control._client import call
+
+    print(json.dumps(call(control_path(args), "inspect", {"name": args.name}), indent=2))
+    return 0
+
+
+def _request(args: argparse.Namespace, method: str, **params: Any) -> Any:
+    """Send request *method* for the instances ``NAME`` names; its result."""
+    from .._control._client import call
+
+    return call(control_path(args), method, {"name": args.name, **params})
+
+
+def _grace(args: argparse.Namespace) -> dict[str, float]:
+    """``-t SECONDS`` as request parameters (none without it)."""
+    if args.time is None:
+        return {}
+    if args.time < 0:
+        raise UsageError(f"-t: expected seconds >= 0, got {args.time}")
+    return {"timeout": args.time}
+
+
+def _all_running(rows: list[dict[str, Any]]) -> int:
+    """The exit status of a verb that should leave *rows* running."""
+    return 0 if all(r["state"] == "running" for r in rows) else EXIT_CORRAL
+
+
+def _stop(args: argparse.Namespace) -> int:
+    _print_rows(_request(args, "stop", **_grace(args)))
+    return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    rows = _request(args, "start")
+    _print_rows(rows)
+    return _all_running(rows)
+
+
+def _restart(args: argparse.Namespace) -> int:
+    rows = _request(args, "restart", **_grace(args))
+    _print_rows(rows)
+    return _all_running(rows)
+
+
+def _kill(args: argparse.Namespace) -> int:
+    _print_rows(_request(args, "kill", signal=args.signal))
+    return 0
+
+
+def _pause(args: argparse.Namespace) -> int:
+    _print_rows(_request(args, "pause"))
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    _print_rows(_request(args, "resume"))
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    print("removed " + ", ".join(_request(args, "rm", **_grace(args))))
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from .._control._client import call
+
+    rows = call(control_path(args), "add", {"path": os.path.abspath(args.fleet)})
+    _print_rows(rows)
+    return _all_running(rows)
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from .._control._exec_client import run_exec
+    from .._runtime._spec import parse_env
+
+    path = control_path(args)
+    command = command_after_dashes(
+        args.command, "exec: expected a command after '--', e.g. corral exec web -- sh"
+    )
+    return run_exec(
+        path,
+        args.name,
+        command,
+        env=dict(parse_env(args.env, "--env")),
+        workdir=args.workdir,
+        interactive=args.interactive,
+        tty=args.tty,
+    )
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .._control._client import call
+
+    path = control_path(args)
+
+    def sample() -> tuple[float, list[dict[str, Any]]]:
+        return time.monotonic(), call(path, "stats", {"names": args.names})
+
+    if args.json and not args.watch:
+        print(json.dumps(sample()[1], indent=2))
+        return 0
+    before = sample()
+    while True:
+        # CPU use is a rate: two samples a moment apart.
+        time.sleep(0.5 if not args.watch else 1.0)
+        now = sample()
+        if args.json:
+            print(json.dumps(now[1]))
+        else:
+            if args.watch and sys.stdout.isatty():
+                sys.stdout.write("\x1b[H\x1b[2J")
+            _print_stats(before, now)
+        sys.stdout.flush()
+        if not args.watch:
+            return 0
+        before = now
+
+
+def _print_stats(
+    before: tuple[float, list[dict[str, Any]]], now: tuple[float, list[dict[str, Any]]]
+) -> None:
+    prev = {r["name"]: r for r in before[1]}
+    elapsed = max(now[0] - before[0], 1e-6)
+    print(
+        f"{'NAME':<20} {'STATE':<9} {'CPU %':>7}  {'MEM USAGE / LIMIT':<22} {'PEAK':>10}"
+        f" {'PIDS':>5} {'OOM KILLS':>9}"
+    )
+    for r in now[1]:
+        if "cpu_usage_ns" not in r:
+            print(
+                f"{r['name']:<20} {r['state']:<9} {'-':>7}  {'-':<22} {'-':>10} {'-':>5} {'-':>9}"
+            )
+            continue
+        p = prev.get(r["name"])
+        cpu = "-"
+        if p is not None and "cpu_usage_ns" in p:
+            cpu = f"{(r['cpu_usage_ns'] - p['cpu_usage_ns']) / 1e9 / elapsed * 100:.1f}"
+        peak = human_size(r["memory_peak"]) if r.get("memory_peak") is not None else "-"
+        print(
+            f"{r['name']:<20} {r['state']:<9} {cpu:>7}  "
+            f"{_memory(r['memory_current'], r['memory_limit']):<22} {peak:>10}"
+            f" {r['pids_current']:>5} {r['oom_kill']:>9}"
+        )
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _last_exit(last: dict[str, Any] | None) -> str:
+    if not last:
+        return "-"
+    if last.get("oom_killed"):
+        return f"{last['status']} (oom)"
+    if last.get("signal"):
+        import signal as sigmod
+
+        try:
+            return f"{last['status']} ({sigmod.Signals(last['signal']).name})"
+        except ValueError:
+            pass
+    return str(last["status"])
+
+
+def _memory(use: int | None, limit: int | None) -> str:
+    return f"{human_size(use) if use is not None else '-'} / {human_size(limit) if limit else '-'}"
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"{'NAME':<20} {'STATE':<9} {'PID':>8} {'UPTIME':>8} {'RESTARTS':>8}"
+        f"  {'MEMORY':<22} LAST EXIT"
+    )
+    for r in rows:
+        state = r["state"] + ("*" if r.get("busy") else "")
+        pid = str(r["pid"]) if r["pid"] is not None else "-"
+        print(
+            f"{r['name']:<20} {state:<9} {pid:>8} {_uptime(r['uptime']):>8}"
+            f" {r['restarts']:>8}  {_memory(r['memory'], r['memory_limit']):<22}"
+            f" {_last_exit(r['last_exit'])}"
+        )

@@ -1,0 +1,167 @@
+"""``corral up``, ``corral events`` and ``corral logs``: a fleet and what it says.
+
+``up`` runs a fleet under the supervisor in the foreground (the one verb
+that imports trio); ``events`` streams a running supervisor's events from
+its event socket; ``logs`` reads a sandbox's captured output from its files,
+while the fleet runs or after it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from .._errors import CorralError
+from ._common import UsageError, run_dir, state_dir, warn_privileged
+
+if TYPE_CHECKING:
+    from ._common import Subparsers
+
+__all__ = ["add_parsers"]
+
+
+def add_parsers(sub: Subparsers) -> None:
+    """Register ``up``, ``events`` and ``logs``."""
+    up = sub.add_parser(
+        "up",
+        help="run a fleet under the supervisor, in the foreground",
+        description="Start every sandbox of FLEET (a TOML file, see docs/fleet.md) and"
+        " supervise them; print events as they happen (human lines on a terminal, JSON"
+        " lines otherwise). SIGINT/SIGTERM stop the fleet gracefully; a second one"
+        " kills what is left.",
+    )
+    up.add_argument("fleet", metavar="FLEET", help="fleet file (TOML)")
+    up.add_argument("--json", action="store_true", default=None, help="JSON lines even on a TTY")
+
+    up.set_defaults(func=_up)
+
+    ev = sub.add_parser(
+        "events",
+        help="stream events from a running supervisor",
+        description="Connect to a running `corral up` and print its events: first those"
+        " since --since (from the journal), then live ones.",
+    )
+    ev.add_argument("--since", type=int, help="start at this sequence number (replay)")
+    ev.add_argument("--kind", action="append", help="only events of this kind (repeatable)")
+    ev.add_argument(
+        "--sandbox", action="append", metavar="PATTERN", help="only sandboxes matching (glob)"
+    )
+    ev.add_argument("--json", action="store_true", help="JSON lines instead of human lines")
+    ev.add_argument("--socket", help="event socket (default: RUN_DIR/events.sock)")
+
+    ev.set_defaults(func=_events)
+
+    lg = sub.add_parser(
+        "logs",
+        help="print a sandbox's output (stdout and stderr)",
+        description="Print what a sandbox instance wrote, from its rotated log files;"
+        " works while the fleet runs and after it stopped.",
+    )
+    lg.add_argument(
+        "name", metavar="NAME", help="an instance (web-0), or a sandbox (web: its first)"
+    )
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    lg.add_argument("--since", help="only output since a time: 10s, 5m, 2h or RFC 3339")
+    lg.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    lg.add_argument(
+        "-t", "--timestamps", action="store_true", help="prefix each line with its time"
+    )
+    lg.set_defaults(func=_logs)
+
+
+def _up(args: argparse.Namespace) -> int:
+    import trio
+
+    from .._control._service import Supervisor
+    from .._core._fleet import load_fleet
+    from .._core._supervisor_log import configure_logging
+
+    fleet = load_fleet(args.fleet)
+    for cfg in fleet.sandboxes:
+        if cfg.security.privileged:
+            warn_privileged(cfg.name)
+    configure_logging(json=args.json)
+    supervisor = Supervisor(fleet, handle_signals=True, log=True)
+    trio.run(supervisor.run)
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    import json
+
+    import events
+    from events import iter_events
+
+    path = args.socket or os.path.join(run_dir(), "events.sock")
+    human = not args.json
+    try:
+        for event in iter_events(path, kinds=args.kind, sandboxes=args.sandbox, since=args.since):
+            if human:
+                who = f" {event.sandbox}#{event.generation}" if event.sandbox else ""
+                data = " ".join(f"{k}={v}" for k, v in event.data().items())
+                line = f"{event.seq:>8} {_clock(event.wall)} {event.kind:<18}{who} {data}"
+            else:
+                line = json.dumps(
+                    {
+                        "seq": event.seq,
+                        "kind": event.kind,
+                        "sandbox": event.sandbox,
+                        "instance": event.instance,
+                        "generation": event.generation,
+                        "wall": event.wall,
+                        "mono": event.mono,
+                        "data": event.data(),
+                    },
+                    default=repr,  # plugin payloads may hold bytes
+                )
+            sys.stdout.write(line.rstrip() + "\n")
+            sys.stdout.flush()
+    except events.SocketError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, PermissionError):
+            raise CorralError(f"not allowed to connect to {path}") from None
+        if isinstance(cause, ConnectionRefusedError | FileNotFoundError):
+            raise CorralError(
+                f"no supervisor is listening on {path} (is `corral up` running?)"
+            ) from None
+        raise CorralError(f"event socket {path}: {exc}") from None
+    return 0
+
+
+def _clock(wall: float) -> str:
+    import time
+
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
+
+
+def _logs(args: argparse.Namespace) -> int:
+    import time
+
+    from ._output_reader import follow, format_record, parse_since, read_records
+
+    logdir = os.path.join(state_dir(), "logs")
+    path = os.path.join(logdir, f"{args.name}.log")
+    if not os.path.exists(path) and os.path.exists(os.path.join(logdir, f"{args.name}-0.log")):
+        path = os.path.join(logdir, f"{args.name}-0.log")
+    if not os.path.exists(path):
+        raise CorralError(f"no output logged for {args.name!r} (looked in {logdir})")
+    if args.tail is not None and args.tail < 0:
+        raise UsageError(f"--tail: expected a number of lines >= 0, got {args.tail}")
+    since = None
+    if args.since is not None:
+        try:
+            since = parse_since(args.since, time.time())
+        except ValueError as exc:
+            raise UsageError(f"--since: {exc}") from None
+    out = sys.stdout.buffer
+    if args.follow:
+        for record in follow(path, since=since, tail=args.tail):
+            out.write(format_record(record, timestamps=args.timestamps))
+            out.flush()
+        return 0
+    for record in read_records(path, since=since, tail=args.tail):
+        out.write(format_record(record, timestamps=args.timestamps))
+    out.flush()
+    return 0

@@ -1,0 +1,174 @@
+"""``corral run``: one sandbox in the foreground, removed when it ends.
+
+The library path without the supervisor: build a :class:`SandboxSpec` from
+the options, create the sandbox with a :class:`Runtime`, forward signals to
+it, wait, destroy it, and exit with the command's status. Nothing on this
+path imports trio: its start-up is part of every sandbox's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from .._errors import SpecError
+from ._common import command_after_dashes, warn_privileged
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from ._common import Subparsers
+
+__all__ = ["add_parsers"]
+
+
+def add_parsers(sub: Subparsers) -> None:
+    """Register ``run``."""
+    run = sub.add_parser(
+        "run",
+        help="run one sandbox in the foreground, then remove it",
+        description="Run COMMAND in a new sandbox in the foreground and remove the sandbox"
+        " when it ends (like 'docker run --rm'). The exit status is the command's.",
+    )
+    run.add_argument("--name", help="sandbox name (default: run-<random>)")
+    run.add_argument("--rootfs", default="busybox", help="'busybox' (built in) or a directory")
+    run.add_argument("--memory", help="memory limit, swap included, e.g. 64M or 1G")
+    run.add_argument("--cpus", help="CPU quota in CPUs, e.g. 0.5")
+    run.add_argument("--pids", help="maximum number of tasks, e.g. 64")
+    run.add_argument("--hostname", help="host name inside (default: the name)")
+    run.add_argument(
+        "--env", "-e", action="append", default=[], metavar="K=V", help="set a variable"
+    )
+    run.add_argument("--workdir", "-w", default="/", help="working directory inside")
+    run.add_argument("--cgroup-parent", help="cgroup to create the sandbox's cgroup in")
+    run.add_argument(
+        "--cap-add", action="append", default=[], metavar="CAP", help="keep a capability too"
+    )
+    run.add_argument(
+        "--cap-drop", action="append", default=[], metavar="CAP", help="drop a default one"
+    )
+    run.add_argument(
+        "--allow-new-privs", action="store_true", help="do not set no_new_privs (setuid works)"
+    )
+    run.add_argument(
+        "--seccomp",
+        default="default",
+        metavar="PROFILE",
+        help="'default', 'unconfined' or a Docker seccomp profile (JSON file)",
+    )
+    run.add_argument(
+        "--ulimit",
+        action="append",
+        default=[],
+        metavar="NAME=SOFT[:HARD]",
+        help="set an rlimit, e.g. nofile=4096 or core=0:unlimited",
+    )
+    run.add_argument(
+        "--userns",
+        action="store_true",
+        help="run in a user namespace: the sandbox's root is an unprivileged host user",
+    )
+    run.add_argument(
+        "--userns-base",
+        type=int,
+        metavar="UID",
+        help="with --userns: the host uid/gid of the sandbox's root (default: a free range)",
+    )
+    run.add_argument(
+        "--privileged",
+        action="store_true",
+        help="every capability, no no_new_privs: the sandbox's protections are OFF",
+    )
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    run.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: every other verb imports this module too.
+    import signal
+
+    from .._runtime._sandbox import Runtime, Sandbox
+    from .._runtime._signals import FORWARDED_SIGNALS
+    from .._runtime._spec import (
+        Limits,
+        SandboxSpec,
+        parse_cpus,
+        parse_env,
+        parse_pids,
+        parse_size,
+        validate_name,
+    )
+
+    command = command_after_dashes(
+        args.command, "run: expected a command after '--', e.g. corral run -- sh -c 'echo hi'"
+    )
+    name = validate_name(args.name, "--name") if args.name else f"run-{os.urandom(4).hex()}"
+    limits = Limits(
+        memory=parse_size(args.memory, "--memory") if args.memory is not None else None,
+        cpus=parse_cpus(args.cpus, "--cpus") if args.cpus is not None else None,
+        pids=parse_pids(args.pids, "--pids") if args.pids is not None else None,
+    )
+    from .._runtime._security import make_security
+
+    try:
+        rlimits: dict[str, str] = {}
+        for item in args.ulimit:
+            name, eq, value = item.partition("=")
+            if not eq or not name:
+                raise SpecError("ulimit", f"expected NAME=SOFT[:HARD], got {item!r}")
+            rlimits[name] = value
+        security = make_security(
+            args.cap_add,
+            args.cap_drop,
+            not args.allow_new_privs,
+            args.privileged,
+            args.seccomp,
+            rlimits,
+            args.userns,
+            args.userns_base,
+        )
+    except SpecError as exc:
+        option = "--" + exc.field.split(".")[0].replace("_", "-").replace("rlimits", "ulimit")
+        raise SpecError(option, str(exc).split(": ", 1)[1]) from None
+    spec = SandboxSpec(
+        name=name,
+        argv=tuple(command),
+        rootfs=args.rootfs,
+        hostname=args.hostname,
+        env=parse_env(args.env, "--env"),
+        workdir=args.workdir,
+        limits=limits,
+        security=security,
+    )
+    if security.privileged:
+        warn_privileged(name)
+
+    # Signals that arrive before the sandbox exists are kept and delivered
+    # once it does; after that each one is forwarded to its init.
+    sandbox: Sandbox | None = None
+    pending: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if sandbox is None:
+            pending.append(signum)
+        else:
+            sandbox.send_signal(signum)
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    runtime = Runtime(cgroup_parent=args.cgroup_parent)
+    sandbox = runtime.create(spec)
+    try:
+        for signum in pending:
+            sandbox.send_signal(signum)
+        result = sandbox.wait()
+    finally:
+        sandbox.destroy()
+    if result.oom_killed:
+        limit = f" (memory limit {args.memory})" if args.memory else ""
+        sys.stderr.write(
+            f"corral: sandbox {name!r} was OOM-killed{limit}: its memory use reached the limit\n"
+        )
+    return result.status
