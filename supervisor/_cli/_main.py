@@ -21,7 +21,6 @@ each verb imports what it uses when it runs.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -38,28 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``corral`` parser; every verb's namespace has ``func``, the verb to run."""
     from .. import __version__
 
-    # argparse translates its own strings ("options", the help of -h) with
-    # gettext in every parser it makes, and gettext looks for catalogues on
-    # disk at every call: some 60 lookups of the same few strings, ~2 ms of
-    # every corral command. The answers cannot change meanwhile, so while
-    # the parser is built each string is translated once.
-    translate = getattr(argparse, "_", None)
-    if translate is not None:
-        argparse._ = functools.cache(translate)  # type: ignore[attr-defined]
-    try:
-        parser = Parser(prog="corral", description="Run and supervise Linux sandboxes.")
-        parser.add_argument("--version", action="version", version=f"corral {__version__}")
-        sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
-        sub.required = True
-        # The order `corral --help` lists the verbs in; `checkpoints` has always come last.
-        _run.add_parsers(sub)
-        _fleet.add_parsers(sub)
-        _checkpoints.add_parsers(sub)
-        _control_verbs.add_parsers(sub)
-        _checkpoints.add_listing_parser(sub)
-    finally:
-        if translate is not None:
-            argparse._ = translate  # type: ignore[attr-defined]
+    parser = Parser(prog="corral", description="Run and supervise Linux sandboxes.")
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    sub.required = True
+    # The order `corral --help` lists the verbs in; `checkpoints` has always come last.
+    _run.add_parsers(sub)
+    _fleet.add_parsers(sub)
+    _checkpoints.add_parsers(sub)
+    _control_verbs.add_parsers(sub)
+    _checkpoints.add_listing_parser(sub)
     return parser
 
 
