@@ -19,7 +19,7 @@ segments its own way:
     ``PATH.{max_files-1}``. Rotating renames each ``PATH.k`` to
     ``PATH.k+1`` and ``PATH`` to ``PATH.1``, dropping the oldest: at most
     ``max_files`` files. Used by sandbox output capture
-    (``supervisor``'s ``LogWriter``) and the event log (``plugins.eventlog``).
+    (``supervisor``'s ``OutputWriter``) and the event log (``plugins.eventlog``).
 :class:`SeqSegments`
     ``DIR/{first:020d}{suffix}``: each segment named by the seq of its first
     record (20 digits, so names sort like numbers). Rotating starts a new

@@ -1,6 +1,6 @@
 """``corral logs``: read a sandbox's captured output back, and follow it.
 
-The files are those :class:`~supervisor._core._output.LogWriter` writes in
+The files are those :class:`~supervisor._core._output.OutputWriter` writes in
 the supervisor: k8s-file records (the format is defined and documented in
 :mod:`supervisor._core._output`), the current file ``path`` and the rotated
 ``path.1`` (newest) to ``path.N`` (oldest). Conmon's files (a local offset,

@@ -18,7 +18,7 @@ from .._errors import CorralError, SpecError
 from .._runtime._sandbox import ExecProcess, Runtime
 from ._fleet import Fleet
 from ._instance import Ident, Instance, ident
-from ._output import LogWriter
+from ._output import OutputWriter
 from ._plugin_host import PluginFn
 
 __all__ = ["SupervisorBase"]
@@ -34,7 +34,7 @@ class SupervisorBase:
     _by_name: dict[str, Instance]
     _stopping: trio.Event
     _stop_reason: str
-    _logs: dict[str, LogWriter]
+    _outputs: dict[str, OutputWriter]
     _janitor: trio.Nursery | None
     _fleet_nursery: trio.Nursery | None
     _exec_ids: int

@@ -14,7 +14,7 @@ longer than ``max_line`` (the pieces that follow are ``P`` too, the last one
 ``F``), or the bytes before end of file that had no newline. Content is
 kept byte for byte: files are written and read as bytes.
 
-Writing: one :class:`LogWriter` per sandbox; one :func:`pump` task per
+Writing: one :class:`OutputWriter` per sandbox; one :func:`pump` task per
 stream reads a pipe, splits it with a :class:`LineSplitter` and writes
 records. The current file is ``path``; when it would exceed ``max_bytes``
 it is renamed to ``path.1`` (``path.1`` to ``path.2`` and so on, the oldest
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TIMESTAMP_RE",
     "LineSplitter",
-    "LogWriter",
+    "OutputWriter",
     "Record",
     "pump",
 ]
@@ -71,7 +71,7 @@ class Record(NamedTuple):
 # --- writing -----------------------------------------------------------------
 
 
-class LogWriter:
+class OutputWriter:
     """Appends records to a sandbox's log file and rotates it.
 
     Each call writes its records with one ``os.write`` on an ``O_APPEND``
@@ -114,7 +114,7 @@ class LogWriter:
             path, segment_bytes=max_bytes, max_files=max_files, mode=0o600, terminator=b"\n"
         )
 
-    def __enter__(self) -> LogWriter:
+    def __enter__(self) -> OutputWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -234,7 +234,7 @@ class LineSplitter:
 async def pump(
     fd: int,
     stream: str,
-    writer: LogWriter,
+    writer: OutputWriter,
     *,
     chunk: int = 65536,
     on_error: Callable[[OSError], None] | None = None,

@@ -46,7 +46,7 @@ from .._runtime._sandbox import ExecProcess, Runtime, Sandbox
 from .._version import __version__
 from ._fleet import Fleet
 from ._instance import BUSY_PAUSE, Ident, Instance
-from ._output import LogWriter, pump
+from ._output import OutputWriter, pump
 from ._plugin_host import DEFAULT_PLUGINS, PluginHandle, load_plugin, run_plugin
 from ._restore import Checkpoints
 from ._verbs import Verbs
@@ -111,7 +111,7 @@ class Supervisor(Verbs, Checkpoints):
         self.runtime: Runtime | None = None
         self._stopping = trio.Event()
         self._stop_reason = "requested"
-        self._logs: dict[str, LogWriter] = {}
+        self._outputs: dict[str, OutputWriter] = {}
         self._janitor: trio.Nursery | None = None
         self._fleet_nursery: trio.Nursery | None = None
         self._exec_ids = 0
@@ -183,7 +183,7 @@ class Supervisor(Verbs, Checkpoints):
                 journal.close()
         finally:
             keeper.close()
-            for writer in self._logs.values():
+            for writer in self._outputs.values():
                 writer.close()
 
     async def _run_services(self, task_status: trio.TaskStatus[None]) -> None:
@@ -256,18 +256,18 @@ class Supervisor(Verbs, Checkpoints):
                 else:
                     self.stop(f"{name} received again", grace=0)
 
-    def _log_writer(self, inst: Instance) -> LogWriter:
+    def _output_writer(self, inst: Instance) -> OutputWriter:
         """The instance's output log (k8s-file format), kept across restarts."""
         assert self.runtime is not None
-        writer = self._logs.get(inst.name)
+        writer = self._outputs.get(inst.name)
         if writer is None:
             os.makedirs(os.path.join(self.runtime.state_dir, "logs"), mode=0o700, exist_ok=True)
-            writer = LogWriter(
-                log_path(self.runtime.state_dir, inst.name),
+            writer = OutputWriter(
+                output_path(self.runtime.state_dir, inst.name),
                 max_bytes=self.fleet.supervisor.log_max_bytes,
                 max_files=self.fleet.supervisor.log_max_files,
             )
-            self._logs[inst.name] = writer
+            self._outputs[inst.name] = writer
         return writer
 
     async def _supervise(self, inst: Instance) -> None:
@@ -307,7 +307,7 @@ class Supervisor(Verbs, Checkpoints):
         inst.checkpoint_stopped = False
         inst.set_state("starting")
         self.publish(Created(**ident))
-        writer = self._log_writer(inst)
+        writer = self._output_writer(inst)
         # stdout and stderr go through pipes to the instance's log writer:
         # each line is stamped and tagged, whole, and the file is rotated.
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -428,7 +428,7 @@ class Supervisor(Verbs, Checkpoints):
             self._janitor.start_soon(self._destroy, sb)
 
     @staticmethod
-    async def _pump(fd: int, stream: str, writer: LogWriter) -> None:
+    async def _pump(fd: int, stream: str, writer: OutputWriter) -> None:
         def full_disk(exc: OSError) -> None:
             pass  # keep draining: a blocked sandbox would be worse than lost output
 
@@ -498,7 +498,7 @@ class Supervisor(Verbs, Checkpoints):
         return True
 
 
-def log_path(state_dir: str, instance: str) -> str:
+def output_path(state_dir: str, instance: str) -> str:
     """Where an instance's output log lives."""
     return os.path.join(state_dir, "logs", f"{instance}.log")
 

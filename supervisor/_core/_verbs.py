@@ -387,7 +387,7 @@ class Verbs(SupervisorBase):
             self.instances.remove(inst)
             del self._by_name[inst.name]
             self.publish(Removed(**self._ident(inst)))
-            writer = self._logs.pop(inst.name, None)
+            writer = self._outputs.pop(inst.name, None)
             if writer is not None:
                 writer.close()
         left = {i.config.name for i in self.instances}

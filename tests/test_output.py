@@ -26,7 +26,7 @@ from supervisor._cli._output_reader import (
     parse_since,
     read_records,
 )
-from supervisor._core._output import LineSplitter, LogWriter, Record, pump
+from supervisor._core._output import LineSplitter, OutputWriter, Record, pump
 
 RECORD_RE = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) [FP] [^\n]*")
 FILLER = bytes(range(0x20, 0x7F)) * 4
@@ -112,7 +112,7 @@ def test_fifty_megabytes_keep_whole_records_and_the_tail(tmp_path: Path) -> None
 
     async def main() -> None:
         r, w = os.pipe()
-        with LogWriter(path, max_bytes=1 << 20, max_files=4) as writer:
+        with OutputWriter(path, max_bytes=1 << 20, max_files=4) as writer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.to_thread.run_sync, feed, w, data)
                 await pump(r, "stdout", writer)
@@ -154,7 +154,7 @@ def test_pump_does_not_starve_other_tasks(tmp_path: Path) -> None:
     async def main() -> None:
         nonlocal done
         r, w = os.pipe()
-        with LogWriter(str(tmp_path / "c.log"), max_bytes=1 << 20, max_files=4) as writer:
+        with OutputWriter(str(tmp_path / "c.log"), max_bytes=1 << 20, max_files=4) as writer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(spinner)
                 nursery.start_soon(timer)
@@ -180,7 +180,7 @@ def test_two_streams_concurrently_give_whole_records(tmp_path: Path) -> None:
     path = str(tmp_path / "c.log")
 
     async def main() -> None:
-        with LogWriter(path, max_bytes=64 << 20, max_line=1024) as writer:
+        with OutputWriter(path, max_bytes=64 << 20, max_line=1024) as writer:
             async with trio.open_nursery() as nursery:
                 for stream, lines in (("stdout", out), ("stderr", err)):
                     r, w = os.pipe()
@@ -207,7 +207,7 @@ def test_pump_long_line_and_eof_without_newline(tmp_path: Path) -> None:
 
     async def main() -> None:
         r, w = os.pipe()
-        with LogWriter(path, max_line=1000) as writer:
+        with OutputWriter(path, max_line=1000) as writer:
             async with trio.open_nursery() as nursery:
                 data = b"short\n" + b"x" * 2500 + b"\n" + b"tail"
                 nursery.start_soon(trio.to_thread.run_sync, feed, w, data)
@@ -233,7 +233,7 @@ def test_cancelled_pump_writes_what_it_read(tmp_path: Path) -> None:
     async def main() -> None:
         r, w = os.pipe()
         os.write(w, b"done\nhalf a li")
-        with LogWriter(path) as writer:
+        with OutputWriter(path) as writer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump, r, "stdout", writer)
                 await trio.testing.wait_all_tasks_blocked()
@@ -252,7 +252,7 @@ def test_cancelled_pump_writes_what_it_read(tmp_path: Path) -> None:
 def test_pump_write_errors_go_to_on_error_and_the_pipe_is_drained(tmp_path: Path) -> None:
     """With on_error, a failing disk does not stop the pump reading the pipe to its end."""
 
-    class Full(LogWriter):
+    class Full(OutputWriter):
         def write_lines(self, *args: object, **kwargs: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device", self.path)
 
@@ -273,7 +273,7 @@ def test_pump_write_errors_go_to_on_error_and_the_pipe_is_drained(tmp_path: Path
 def test_pump_write_errors_propagate_without_on_error(tmp_path: Path) -> None:
     """Without on_error a failed write ends the pump with the OSError."""
 
-    class Full(LogWriter):
+    class Full(OutputWriter):
         def write_lines(self, *args: object, **kwargs: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device", self.path)
 
@@ -332,13 +332,13 @@ def test_splitter_does_not_depend_on_chunking() -> None:
         assert got + s.flush() == expected
 
 
-# --- LogWriter -----------------------------------------------------------------
+# --- OutputWriter ----------------------------------------------------------------
 
 
 def test_writer_record_format(tmp_path: Path) -> None:
     """A record is timestamp, stream, tag and the raw bytes, one line."""
     path = str(tmp_path / "c.log")
-    with LogWriter(path) as w:
+    with OutputWriter(path) as w:
         w.write_line("stdout", "F", b"hello world \xff\x00 end", ts=1714564800.125)
         w.write_line("stderr", "P", b"", ts=1714564801)
     assert Path(path).read_bytes() == (
@@ -354,7 +354,7 @@ def test_writer_record_format(tmp_path: Path) -> None:
 def test_writer_rotates_between_records(tmp_path: Path) -> None:
     """Files stay under max_bytes, at most max_files of them, the oldest dropped."""
     path = str(tmp_path / "c.log")
-    with LogWriter(path, max_bytes=1000, max_files=3) as w:
+    with OutputWriter(path, max_bytes=1000, max_files=3) as w:
         for i in range(200):
             w.write_line("stdout", "F", b"line %05d" % i)
     sizes = {n: os.path.getsize(tmp_path / n) for n in os.listdir(tmp_path)}
@@ -369,7 +369,7 @@ def test_writer_rotates_between_records(tmp_path: Path) -> None:
 def test_writer_batch_spanning_a_rotation(tmp_path: Path) -> None:
     """One write_lines call larger than a file is split between files at record boundaries."""
     path = str(tmp_path / "c.log")
-    with LogWriter(path, max_bytes=500, max_files=10) as w:
+    with OutputWriter(path, max_bytes=500, max_files=10) as w:
         w.write_lines("stdout", [("F", b"r%03d" % i) for i in range(100)])
     check_files(path, 10)
     assert [r.content for r in read_records(path)] == [b"r%03d" % i for i in range(100)]
@@ -379,7 +379,7 @@ def test_writer_batch_spanning_a_rotation(tmp_path: Path) -> None:
 def test_writer_oversized_record_gets_a_file_of_its_own(tmp_path: Path) -> None:
     """A record bigger than max_bytes is written whole, alone in its file."""
     path = str(tmp_path / "c.log")
-    with LogWriter(path, max_bytes=100, max_files=3) as w:
+    with OutputWriter(path, max_bytes=100, max_files=3) as w:
         w.write_line("stdout", "F", b"small")
         w.write_line("stdout", "F", b"b" * 300)
         w.write_line("stdout", "F", b"after")
@@ -390,7 +390,7 @@ def test_writer_oversized_record_gets_a_file_of_its_own(tmp_path: Path) -> None:
 def test_writer_single_file_truncates(tmp_path: Path) -> None:
     """With max_files=1 a full file is replaced by a new one."""
     path = str(tmp_path / "c.log")
-    with LogWriter(path, max_bytes=200, max_files=1) as w:
+    with OutputWriter(path, max_bytes=200, max_files=1) as w:
         for i in range(50):
             w.write_line("stdout", "F", b"%02d" % i)
     assert os.listdir(tmp_path) == ["c.log"]
@@ -400,11 +400,11 @@ def test_writer_single_file_truncates(tmp_path: Path) -> None:
 def test_writer_appends_and_terminates_a_torn_record(tmp_path: Path) -> None:
     """Reopening appends; a torn last record is ended, so the next record is intact."""
     path = str(tmp_path / "c.log")
-    with LogWriter(path) as w:
+    with OutputWriter(path) as w:
         w.write_line("stdout", "F", b"one")
     with open(path, "ab") as f:
         f.write(b"2024-05-01T12:00:00.0000")  # a crash mid-record
-    with LogWriter(path) as w:
+    with OutputWriter(path) as w:
         w.write_line("stdout", "F", b"two")
     assert [r.content for r in read_records(path)] == [b"one", b"two"]
 
@@ -414,7 +414,7 @@ def test_writer_removes_files_beyond_max_files(tmp_path: Path) -> None:
     path = str(tmp_path / "c.log")
     for k in (1, 2, 3, 4):
         Path(f"{path}.{k}").write_bytes(b"")
-    LogWriter(path, max_files=3).close()
+    OutputWriter(path, max_files=3).close()
     assert sorted(os.listdir(tmp_path)) == ["c.log", "c.log.1", "c.log.2"]
 
 
@@ -431,14 +431,14 @@ def test_writer_rejects_bad_records(
 ) -> None:
     """A bad stream, tag or newline is a ValueError and writes nothing."""
     path = str(tmp_path / "c.log")
-    with LogWriter(path) as w, pytest.raises(ValueError, match=message):
+    with OutputWriter(path) as w, pytest.raises(ValueError, match=message):
         w.write_lines(stream, [("F", b"good"), (tag, content)])
     assert os.path.getsize(path) == 0
 
 
 def test_closed_writer_refuses(tmp_path: Path) -> None:
     """Writing after close is a ValueError naming the file."""
-    w = LogWriter(str(tmp_path / "c.log"))
+    w = OutputWriter(str(tmp_path / "c.log"))
     w.close()
     w.close()
     with pytest.raises(ValueError, match=r"c\.log: writer is closed"):
@@ -449,7 +449,7 @@ def test_closed_writer_refuses(tmp_path: Path) -> None:
 
 
 def write(path: str, records: list[Record], **kw: int) -> None:
-    with LogWriter(path, **kw) as w:
+    with OutputWriter(path, **kw) as w:
         for r in records:
             w.write_line(r.stream, "P" if r.partial else "F", r.content, ts=r.ts)
 
@@ -524,7 +524,7 @@ def test_read_conmon_timestamps(tmp_path: Path) -> None:
 def test_follow_sees_new_records_across_rotations(tmp_path: Path) -> None:
     """After the history, follow yields each record appended, through several rotations."""
     path = str(tmp_path / "c.log")
-    with LogWriter(path, max_bytes=300, max_files=10) as w:
+    with OutputWriter(path, max_bytes=300, max_files=10) as w:
         for i in range(5):
             w.write_line("stdout", "F", b"old %d" % i)
         gen = follow(path, tail=1)
@@ -541,7 +541,7 @@ def test_follow_sees_new_records_across_rotations(tmp_path: Path) -> None:
 def test_follow_far_behind_skips_what_was_dropped(tmp_path: Path) -> None:
     """A follower more than max_files rotations behind goes on with the oldest file left."""
     path = str(tmp_path / "c.log")
-    with LogWriter(path, max_bytes=200, max_files=3) as w:
+    with OutputWriter(path, max_bytes=200, max_files=3) as w:
         w.write_line("stdout", "F", b"%04d" % 0)
         gen = follow(path)
         assert next(gen).content == b"0000"
@@ -576,7 +576,7 @@ def test_follow_in_a_thread_with_inotify(tmp_path: Path) -> None:
     t = threading.Thread(target=consume)
     t.start()
     try:
-        with LogWriter(path, max_bytes=400, max_files=50) as w:
+        with OutputWriter(path, max_bytes=400, max_files=50) as w:
             w.write_line("stdout", "F", b"first")
             first = got.get(timeout=10)
             assert first is not None
@@ -679,7 +679,7 @@ def test_follow_in_a_thread_under_fast_rotation(tmp_path: Path) -> None:
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads often: more races
     try:
-        with LogWriter(path, max_bytes=200, max_files=100) as w:
+        with OutputWriter(path, max_bytes=200, max_files=100) as w:
             t.start()
             try:
                 for i in range(300):
@@ -700,7 +700,7 @@ def test_open_files_in_order_despite_rotations_midway(
     """Two rotations while the files are being opened: they still come oldest first, none missed."""
     path = str(tmp_path / "c.log")
     n = 0
-    with LogWriter(path, max_bytes=100, max_files=50) as w:
+    with OutputWriter(path, max_bytes=100, max_files=50) as w:
 
         def add(count: int) -> None:
             nonlocal n
