@@ -16,6 +16,7 @@ import events
 from supervisor import Supervisor
 from supervisor._cli._output_reader import format_record, read_records
 from supervisor._core._fleet import Fleet, parse_fleet
+from supervisor._core._supervisor import Supervisor as CoreSupervisor
 
 from .conftest import Dirs
 
@@ -31,7 +32,7 @@ def fleet(*sandboxes: dict[str, Any], **supervisor: Any) -> Fleet:
 
 
 async def wait_event(
-    sup: Supervisor, pred: Callable[[events.Event], bool], timeout: float = TIMEOUT
+    sup: CoreSupervisor, pred: Callable[[events.Event], bool], timeout: float = TIMEOUT
 ) -> events.Event:
     """The first event (past or future) matching *pred*."""
     assert sup.bus is not None

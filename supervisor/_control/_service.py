@@ -11,12 +11,10 @@ does.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import trio
 
 from .._core import _supervisor as core
-from .._core._fleet import Fleet
 from ._client import CONTROL_SOCKET
 from ._server import serve_control
 
@@ -38,26 +36,7 @@ async def control_service(
 
 class Supervisor(core.Supervisor):
     """Runs a fleet (see :class:`supervisor._core._supervisor.Supervisor`),
-    reachable over its control socket (``docs/control.md``).
+    reachable over its control socket (``docs/control.md``); services given
+    to it run after the control socket's."""
 
-    *services* come after the control socket's.
-    """
-
-    def __init__(
-        self,
-        fleet: Fleet,
-        *,
-        state_dir: str | None = None,
-        run_dir: str | None = None,
-        handle_signals: bool = False,
-        log: bool = False,
-        services: Sequence[core.Service] = (),
-    ) -> None:
-        super().__init__(
-            fleet,
-            state_dir=state_dir,
-            run_dir=run_dir,
-            handle_signals=handle_signals,
-            log=log,
-            services=(control_service, *services),
-        )
+    default_services = (control_service,)

@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Awaitable, Sequence
 from functools import partial
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import trio
 
@@ -70,7 +70,7 @@ class Service(Protocol):
     """
 
     def __call__(
-        self, supervisor: Supervisor, *, task_status: trio.TaskStatus[None]
+        self, supervisor: Supervisor, /, *, task_status: trio.TaskStatus[None]
     ) -> Awaitable[None]: ...
 
 
@@ -81,11 +81,15 @@ class Supervisor(Verbs, Checkpoints):
     SIGINT/SIGTERM arrives, with ``handle_signals``), then stops every
     sandbox gracefully and returns once all are gone and cleaned up.
     Plugins (restart policies, ...) run alongside and act through
-    :class:`~supervisor._core._plugin_host.PluginHandle`; *services* (the
-    control socket: :class:`supervisor.Supervisor` passes it) run beside.
-    The verbs are :class:`~._verbs.Verbs`', checkpoints and restores
+    :class:`~supervisor._core._plugin_host.PluginHandle`; services run
+    beside: :attr:`default_services`, then *services*. The verbs are
+    :class:`~._verbs.Verbs`', checkpoints and restores
     :class:`~._restore.Checkpoints`'; the instance tasks are here.
     """
+
+    default_services: ClassVar[tuple[Service, ...]] = ()
+    """Services every supervisor of this class runs (the control layer's
+    subclass, :class:`supervisor.Supervisor`, names its control socket)."""
 
     def __init__(
         self,
@@ -98,7 +102,7 @@ class Supervisor(Verbs, Checkpoints):
         services: Sequence[Service] = (),
     ) -> None:
         self.fleet = fleet
-        self._services = tuple(services)
+        self._services = (*self.default_services, *services)
         self._state_dir = state_dir
         self._run_dir = run_dir
         self._handle_signals = handle_signals
