@@ -35,7 +35,7 @@ __all__ = ["build_parser", "entry", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``corral`` parser; every verb's namespace has ``func``, the verb to run."""
-    from .. import __version__
+    from .._version import __version__
 
     parser = Parser(prog="corral", description="Run and supervise Linux sandboxes.")
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
