@@ -149,6 +149,29 @@ def test_duplicate_name_is_refused(dirs: Dirs) -> None:
         proc.communicate()
 
 
+def test_an_ulimit_does_not_rename_the_sandbox(dirs: Dirs) -> None:
+    """--ulimit NAME=... sets a limit, not the sandbox's name: two such runs do not collide."""
+    p = corral(dirs, "run", "--ulimit", "nofile=2048", "--", "sh", "-c", "hostname; ulimit -n")
+    assert p.returncode == 0, p.stderr
+    host, limit = p.stdout.decode().split()
+    assert host.startswith("run-") and limit == "2048"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", "--ulimit", "nofile=2048", "--",
+         "sh", "-c", "echo ready; read x"],
+        env=dirs.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        p = corral(dirs, "run", "--ulimit", "nofile=2048", "--", "true")
+        assert p.returncode == 0, p.stderr
+        proc.communicate(b"go\n", timeout=20)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 def test_not_root_is_refused(dirs: Dirs) -> None:
     """Run as an unprivileged user, corral says it needs root (one line, 125)."""
     # The file-access capabilities are kept (ambient) only so that the

@@ -115,10 +115,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         rlimits: dict[str, str] = {}
         for item in args.ulimit:
-            name, eq, value = item.partition("=")
-            if not eq or not name:
+            limit, eq, value = item.partition("=")
+            if not eq or not limit:
                 raise SpecError("ulimit", f"expected NAME=SOFT[:HARD], got {item!r}")
-            rlimits[name] = value
+            rlimits[limit] = value
         security = make_security(
             args.cap_add,
             args.cap_drop,
