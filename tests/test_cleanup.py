@@ -131,3 +131,17 @@ def test_a_crashed_creations_directories_are_reused_only_once_stale(runtime: Run
     with runtime.create(spec, stdio=(0, 2, 2)) as sb:
         assert sb.wait().status == 0
     assert not os.path.exists(sdir)
+
+
+def test_a_leftover_is_not_taken_for_live_by_a_longer_names_cgroup(runtime: Runtime) -> None:
+    """A record pointing at the init of 'w-0.10' does not keep 'w-0.1' in use."""
+    with runtime.create(
+        SandboxSpec(name="w-0.10", argv=("sleep", "100")), stdio=(0, 2, 2)
+    ) as other:
+        os.mkdir(os.path.join(runtime.state_dir, "sandboxes", "w-0.1"), 0o700)
+        record = os.path.join(runtime.run_dir, "sandboxes", "w-0.1.json")
+        Path(record).write_text(f'{{"pid": {other.pid}}}')
+        with runtime.create(SandboxSpec(name="w-0.1", argv=("true",)), stdio=(0, 2, 2)) as sb:
+            assert sb.wait().status == 0
+        other.kill()
+        other.wait()

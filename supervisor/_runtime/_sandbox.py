@@ -478,9 +478,12 @@ class Runtime:
             return True
         try:
             with open(f"/proc/{pid}/cgroup") as f:
-                return f"/corral-{name}" not in f.read()
+                # The cgroup's own name, exactly: corral-web-0.1 must not
+                # be found in corral-web-0.10.
+                paths = [line.rstrip("\n").split(":", 2)[-1] for line in f]
         except OSError:
             return True
+        return not any(os.path.basename(p) == f"corral-{name}" for p in paths)
 
     def _spawn_or_reap(
         self, cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int]
