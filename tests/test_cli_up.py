@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -41,16 +42,19 @@ def read_until(stream: object, pred: object, limit: int = 200) -> list[dict[str,
         lines.append(rec)
         if pred(rec):  # type: ignore[operator]
             return lines
+        # A sandbox that cannot start will never print what is awaited:
+        # fail now, not at the next line that never comes.
+        assert rec.get("event") != "start_failed", rec
     raise AssertionError(f"condition not met; got {lines}")
 
 
 @contextmanager
-def corral_up(dirs: Dirs, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+def corral_up(dirs: Dirs, tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
     """`corral up` on FLEET as a subprocess; killed if the test leaves it running."""
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(FLEET)
     up = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "up", str(fleet)],
+        [sys.executable, "-m", "supervisor", "up", *args, str(fleet)],
         env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -92,6 +96,57 @@ def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None
         tail = [json.loads(line)["event"] for line in out.splitlines()]
         assert tail[-1] == "supervisor_stopped"
         assert "stopped" in tail
+
+
+def test_up_runs_on_when_its_stdout_goes_away(dirs: Dirs, tmp_path: Path) -> None:
+    """`corral up | head`: when the reader leaves, the log is switched off, the fleet runs on."""
+    with corral_up(dirs, tmp_path) as up:
+        assert up.stdout is not None
+        read_until(up.stdout, lambda r: r["event"] == "started" and r.get("sandbox") == "web-0")
+        up.stdout.close()  # what `head` does when it has its lines
+        restart = corral(dirs, "restart", "web")  # more events to log, into the closed pipe
+        assert restart.returncode == 0, restart.stderr
+        ps = corral(dirs, "ps", "--json")
+        assert ps.returncode == 0, ps.stderr
+        assert {r["name"]: r["state"] for r in json.loads(ps.stdout)}["web-0"] == "running"
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=30)
+        assert up.returncode == 0, err
+        assert "corral: the supervisor log is off: cannot write it: Broken pipe" in err
+        assert "Traceback" not in err
+
+
+def _stop_reason(out: str) -> str:
+    stopping = [json.loads(line) for line in out.splitlines() if "supervisor_stopping" in line]
+    assert len(stopping) == 1, out
+    return str(stopping[0]["reason"])
+
+
+def test_sighup_stops_the_fleet_like_sigterm(dirs: Dirs, tmp_path: Path) -> None:
+    """A closed ssh session (SIGHUP) stops the fleet gracefully, not by dying."""
+    with corral_up(dirs, tmp_path) as up:
+        assert up.stdout is not None
+        read_until(up.stdout, lambda r: r["event"] == "started" and r.get("sandbox") == "web-0")
+        up.send_signal(signal.SIGHUP)
+        out, err = up.communicate(timeout=30)
+        assert up.returncode == 0, err
+        assert _stop_reason(out) == "SIGHUP received"
+        assert out.splitlines()[-1].count("supervisor_stopped") == 1
+
+
+def test_ignore_sighup_runs_on(dirs: Dirs, tmp_path: Path) -> None:
+    """With --ignore-sighup a SIGHUP is ignored: the SIGTERM after it is what stops the fleet."""
+    with corral_up(dirs, tmp_path, "--ignore-sighup") as up:
+        assert up.stdout is not None
+        read_until(up.stdout, lambda r: r["event"] == "started" and r.get("sandbox") == "web-0")
+        # Both pending at once are delivered lowest number first: HUP (1), then TERM (15).
+        os.kill(up.pid, signal.SIGSTOP)
+        up.send_signal(signal.SIGHUP)
+        up.send_signal(signal.SIGTERM)
+        os.kill(up.pid, signal.SIGCONT)
+        out, err = up.communicate(timeout=30)
+        assert up.returncode == 0, err
+        assert _stop_reason(out) == "SIGTERM received"
 
 
 def test_up_with_a_bad_fleet_reports_every_problem(dirs: Dirs, tmp_path: Path) -> None:

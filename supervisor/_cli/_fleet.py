@@ -29,11 +29,16 @@ def add_parsers(sub: Subparsers) -> None:
         help="run a fleet under the supervisor, in the foreground",
         description="Start every sandbox of FLEET (a TOML file, see docs/fleet.md) and"
         " supervise them; print events as they happen (human lines on a terminal, JSON"
-        " lines otherwise). SIGINT/SIGTERM stop the fleet gracefully; a second one"
-        " kills what is left.",
+        " lines otherwise). SIGINT, SIGTERM or SIGHUP stop the fleet gracefully; a second"
+        " one kills what is left.",
     )
     up.add_argument("fleet", metavar="FLEET", help="fleet file (TOML)")
     up.add_argument("--json", action="store_true", default=None, help="JSON lines even on a TTY")
+    up.add_argument(
+        "--ignore-sighup",
+        action="store_true",
+        help="run on when the terminal goes away (SIGHUP) instead of stopping the fleet",
+    )
 
     up.set_defaults(func=_up)
 
@@ -83,7 +88,7 @@ def _up(args: argparse.Namespace) -> int:
         if cfg.security.privileged:
             warn_privileged(cfg.name)
     configure_logging(json=args.json)
-    supervisor = Supervisor(fleet, handle_signals=True, log=True)
+    supervisor = Supervisor(fleet, handle_signals=True, ignore_hup=args.ignore_sighup, log=True)
     trio.run(supervisor.run)
     return 0
 

@@ -78,7 +78,8 @@ class Supervisor(Verbs, Checkpoints):
     """Runs a fleet and turns what the kernel reports into events.
 
     ``await Supervisor(fleet).run()`` runs until :meth:`stop` is called (or
-    SIGINT/SIGTERM arrives, with ``handle_signals``), then stops every
+    SIGINT, SIGTERM or SIGHUP arrives, with ``handle_signals``; SIGHUP is
+    ignored with ``ignore_hup``), then stops every
     sandbox gracefully and returns once all are gone and cleaned up.
     Plugins (restart policies, ...) run alongside and act through
     :class:`~supervisor._core._plugin_host.PluginHandle`; services run
@@ -98,10 +99,12 @@ class Supervisor(Verbs, Checkpoints):
         state_dir: str | None = None,
         run_dir: str | None = None,
         handle_signals: bool = False,
+        ignore_hup: bool = False,
         log: bool = False,
         services: Sequence[Service] = (),
     ) -> None:
         self.fleet = fleet
+        self._ignore_hup = ignore_hup
         self._services = (*self.default_services, *services)
         self._state_dir = state_dir
         self._run_dir = run_dir
@@ -252,9 +255,14 @@ class Supervisor(Verbs, Checkpoints):
             await service(self, task_status=task_status)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
-        with scope, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # SIGHUP (the terminal of an ssh session closed) stops the fleet
+        # like SIGTERM, cleanly, unless the supervisor is told to run on.
+        stop = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        with scope, trio.open_signal_receiver(*stop) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if signum == signal.SIGHUP and self._ignore_hup:
+                    continue
                 if not self._stopping.is_set():
                     self.stop(f"{name} received")
                 else:

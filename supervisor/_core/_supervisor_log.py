@@ -64,16 +64,40 @@ async def log_events(
     """Log every event on the bus, in order, recovering gaps from the journal.
 
     Returns after logging ``supervisor_stopped``, so the last lines are
-    never lost to cancellation.
+    never lost to cancellation. If the log's stream fails (``corral up |
+    head`` exits, the terminal of a closed ssh session, a full disk), the
+    log is switched off with one line on stderr and the fleet runs on: a
+    log is never worth a supervisor.
     """
     logger = structlog.get_logger("corral")
+    broken = False
+
+    def log(event: events.Event) -> None:
+        nonlocal broken
+        if broken:
+            return
+        try:
+            _log(logger, event)
+        except OSError as exc:
+            broken = True
+            _say(f"corral: the supervisor log is off: cannot write it: {exc.strerror or exc}")
+
     with bus.subscribe(maxsize=4096) as sub:
         task_status.started()
         async for event in sub:
             if isinstance(event, events.Gap):
                 for missed in bus.replay(event.first, event.last):
-                    _log(logger, missed)
+                    log(missed)
                 continue
-            _log(logger, event)
+            log(event)
             if isinstance(event, events.SupervisorStopped):
                 return
+
+
+def _say(line: str) -> None:
+    """One line on stderr, if stderr is still there."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
