@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor import SpecError
 from supervisor._core._fleet import FleetError, load_fleet, parse_fleet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,3 +130,38 @@ def test_parse_fleet_from_mapping() -> None:
     """parse_fleet takes an already decoded document (for `corral add`)."""
     fleet = parse_fleet({"sandbox": [{"name": "a", "command": ["true"], "replicas": 0}]})
     assert list(fleet.instances()) == []
+
+
+@pytest.mark.parametrize(("replicas", "longest"), [(1, 50), (10, 50), (11, 49), (1000, 48)])
+def test_a_name_is_checked_at_its_full_runtime_length(replicas: int, longest: int) -> None:
+    """NAME-INDEX.GENERATION fits in 63 at any generation, so the limit is checked up front."""
+    from supervisor._core._fleet import max_sandbox_name
+
+    assert max_sandbox_name(replicas) == longest
+
+    def doc(name: str) -> dict[str, object]:
+        return {"sandbox": [{"name": name, "command": "true", "replicas": replicas}]}
+
+    fleet = parse_fleet(doc("a" * longest))
+    last = fleet.sandboxes[0].instance_name(replicas - 1)
+    assert len(f"{last}.{10**10 - 1}") <= 63
+    too_long = "a" * (longest + 1)
+    with pytest.raises(FleetError) as err:
+        parse_fleet(doc(too_long))
+    assert err.value.problems == [
+        f"sandbox {too_long!r}: name: expected at most {longest} characters"
+        f" (NAME-INDEX.GENERATION must fit in 63 at any generation), got {too_long!r}"
+        f" ({longest + 1})"
+    ]
+
+
+def test_a_restore_as_name_has_room_for_its_generation() -> None:
+    """`restore --as NAME` is an instance name: at most 52 characters."""
+    from supervisor._core._fleet import MAX_INSTANCE_NAME, check_instance_name
+
+    assert MAX_INSTANCE_NAME == 52
+    assert check_instance_name("b" * 52, "as") == "b" * 52
+    with pytest.raises(
+        SpecError, match=r"^as: expected at most 52 characters .* got 'b{53}' \(53\)$"
+    ):
+        check_instance_name("b" * 53, "as")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
+import trio
 
 import events
 from supervisor import Supervisor
@@ -154,3 +156,38 @@ def test_outside_consumer_gets_replay_then_live(dirs: Dirs) -> None:
         assert plugin == [*range(1000), "live"]
 
     run(f, dirs, body)
+
+
+def test_a_spec_refused_at_start_fails_that_instance_only(dirs: Dirs) -> None:
+    """A runtime name grown too long (a generation past its room) is that
+    instance's start_failed; the supervisor and the other sandboxes run on."""
+    f = fleet(
+        {"name": "a" * 50, "command": "exec sleep 1000"},
+        {"name": "ok", "command": "exec sleep 1000"},
+    )
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.StartFailed))
+        await wait_event(sup, lambda e: isinstance(e, events.Started) and e.sandbox == "ok-0")
+
+    sup = Supervisor(f, state_dir=str(dirs.state), run_dir=str(dirs.run))
+    sup.instances[0].generation = 10**11  # 12 digits: past the room kept for it
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            try:
+                await body(sup)
+            finally:
+                sup.stop("test done")
+
+    trio.run(main)
+    journal = events.Journal(os.path.join(dirs.state, "journal"))
+    try:
+        evs = list(journal.replay(1))
+    finally:
+        journal.close()
+    failed = [e for e in evs if isinstance(e, events.StartFailed)]
+    assert [e.sandbox for e in failed] == ["a" * 50 + "-0"]
+    assert "name" in failed[0].error
+    assert any(isinstance(e, events.Started) and e.sandbox == "ok-0" for e in evs)

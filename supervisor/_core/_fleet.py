@@ -37,7 +37,17 @@ from .._runtime._spec import (
 )
 from .._runtime._units import parse_duration
 
-__all__ = ["Fleet", "FleetError", "SandboxConfig", "SupervisorConfig", "load_fleet", "parse_fleet"]
+__all__ = [
+    "MAX_INSTANCE_NAME",
+    "Fleet",
+    "FleetError",
+    "SandboxConfig",
+    "SupervisorConfig",
+    "check_instance_name",
+    "load_fleet",
+    "max_sandbox_name",
+    "parse_fleet",
+]
 
 T = TypeVar("T")
 
@@ -53,6 +63,30 @@ _SUPERVISOR_KEYS = {
 }  # fmt: skip
 _TOP_KEYS = {"supervisor", "defaults", "sandbox", "plugins"}
 MAX_REPLICAS = 1000
+GENERATION_ROOM = 11
+"""Characters kept for ``.GENERATION`` in a runtime name (a dot and up to ten
+digits): a generation number never makes a valid name too long."""
+MAX_INSTANCE_NAME = 63 - GENERATION_ROOM
+"""The longest instance name (``NAME-INDEX``, or a ``restore --as`` name)."""
+RUNTIME_NAME_RULE = "NAME-INDEX.GENERATION must fit in 63 at any generation"
+
+
+def check_instance_name(name: str, field: str) -> str:
+    """An instance name given whole (``restore --as``): valid, with room for
+    ``.GENERATION``. Raises :class:`SpecError` naming *field*."""
+    validate_name(name, field)
+    if len(name) > MAX_INSTANCE_NAME:
+        raise SpecError(
+            field,
+            f"expected at most {MAX_INSTANCE_NAME} characters ({RUNTIME_NAME_RULE}),"
+            f" got {name!r} ({len(name)})",
+        )
+    return name
+
+
+def max_sandbox_name(replicas: int) -> int:
+    """The longest sandbox name with *replicas* instances (room for ``-INDEX``)."""
+    return MAX_INSTANCE_NAME - len(f"-{max(replicas, 1) - 1}")
 
 
 class FleetError(CorralError):
@@ -329,15 +363,19 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
         if name is None:
             c.problems.append(f"{where}name: missing (every sandbox needs a name)")
         else:
-            # Replica names add "-INDEX"; keep room for it within 63.
             c.check(
                 where,
                 lambda name=name: validate_name(  # type: ignore[misc]
                     _typed(name, str, "name", "a string"), "name"
                 ),
             )
-            if isinstance(name, str) and len(name) > 56:
-                c.problems.append(f"{where}name: expected at most 56 characters, got {name!r}")
+            replicas = table.get("replicas", 1)
+            room = max_sandbox_name(replicas if isinstance(replicas, int) else 1)
+            if isinstance(name, str) and len(name) > room:
+                c.problems.append(
+                    f"{where}name: expected at most {room} characters ({RUNTIME_NAME_RULE}),"
+                    f" got {name!r} ({len(name)})"
+                )
             if isinstance(name, str) and name in seen:
                 c.problems.append(
                     f"{where}name: duplicate (sandbox #{seen[name]} has the same name)"

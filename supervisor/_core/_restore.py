@@ -12,9 +12,9 @@ from events import Checkpointed, CheckpointFailed, Restored
 from .._errors import CheckpointError, CorralError, SpecError, StateError
 from .._runtime._checkpoint import CheckpointInfo, check_criu, restore_weakens
 from .._runtime._sandbox import Sandbox
-from .._runtime._spec import SandboxSpec, validate_name
+from .._runtime._spec import SandboxSpec
 from ._base import SupervisorBase
-from ._fleet import SandboxConfig
+from ._fleet import SandboxConfig, check_instance_name
 from ._instance import BUSY_CHECKPOINT, Instance, PendingRestore
 from ._states import guard
 
@@ -111,7 +111,7 @@ class Checkpoints(SupervisorBase):
         try:
             info = await trio.to_thread.run_sync(find)
             if as_name is not None:
-                validate_name(as_name, "as")
+                check_instance_name(as_name, "as")
                 if as_name in self._by_name or any(
                     c.name == as_name or c.instance_name(0) == as_name for c in self.fleet.sandboxes
                 ):

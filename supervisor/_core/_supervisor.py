@@ -325,10 +325,12 @@ class Supervisor(Verbs, Checkpoints):
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        spec = inst.spec()
         pending, inst._pending_restore = inst._pending_restore, None
         sb: Sandbox | None = None
         try:
+            # Inside the try: a spec the runtime refuses is this instance's
+            # start failure, never the supervisor's.
+            spec = inst.spec()
             if pending is not None:
                 sb = await self._restore_generation(inst, pending, spec, (null, out_w, err_w))
                 if sb is None and not pending.fallback:
@@ -346,6 +348,9 @@ class Supervisor(Verbs, Checkpoints):
         except CorralError as exc:
             os.close(out_r)
             os.close(err_r)
+            if pending is not None and not pending.done.is_set():
+                pending.error = exc  # its requester is waiting for the outcome
+                pending.done.set()
             inst.set_state("failed")
             self.publish(StartFailed(**ident, error=str(exc)))
             inst._up.set()
