@@ -127,6 +127,28 @@ def test_exec_runs_in_the_sandbox_and_returns_its_status(dirs: Dirs) -> None:
     assert len(started) == len(exited) == 5
 
 
+def test_exec_i_streams_more_input_than_the_pipes_hold(dirs: Dirs) -> None:
+    """`corral exec -i` through a filter that writes more than it reads: 1 MiB
+    in, 3 MiB out, no deadlock (the pipes hold 128 KiB between them; the old
+    relay stopped after 64 KiB, blocked writing input nobody read)."""
+    f = fleet({"name": "web", "command": "exec sleep 1000"})
+    data = os.urandom(1 << 20)
+    expected = subprocess.run(
+        ["od", "-An", "-tx1", "-v"], input=data, capture_output=True, check=True
+    ).stdout
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        r = await corral(dirs, "exec", "-i", "web-0", "--", "od", "-An", "-tx1", "-v", input=data)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == expected
+        # A process that stops reading its input early does not hang the client.
+        r = await corral(dirs, "exec", "-i", "web-0", "--", "head", "-c", "10", input=data)
+        assert (r.returncode, r.stdout) == (0, data[:10])
+
+    run(f, dirs, body)
+
+
 def test_signals_to_the_client_reach_the_process(dirs: Dirs) -> None:
     f = fleet({"name": "web", "command": "exec sleep 1000"})
     script = "trap 'echo got INT; exit 4' INT; echo ready; while :; do sleep 0.05; done"

@@ -162,8 +162,28 @@ class _Relay:
         poller = select.poll()
         for fd in (sock, self.wakeup, *outputs):
             poller.register(fd, select.POLLIN)
+        # The process's input is written without blocking: a chunk read
+        # from our stdin waits here until its pipe takes it, and our stdin
+        # is not read meanwhile. A blocking write would stop the loop from
+        # draining the output, and a filter (cat, tr) whose output pipe is
+        # full stops reading its input: both would wait for ever.
+        pending = b""
         if stdin >= 0:
+            os.set_blocking(stdin_w, False)
             poller.register(stdin, select.POLLIN)
+
+        def close_input() -> None:
+            nonlocal stdin_w, stdin, pending
+            if stdin >= 0:
+                with contextlib.suppress(KeyError):
+                    poller.unregister(stdin)
+            if stdin_w >= 0:
+                with contextlib.suppress(KeyError):
+                    poller.unregister(stdin_w)
+                os.close(stdin_w)
+            stdin_w = stdin = -1
+            pending = b""
+
         while self.result is None:
             for fd, _ in _poll(poller):
                 if fd == sock:
@@ -175,14 +195,27 @@ class _Relay:
                     if not _copy_out(fd, outputs[fd]):
                         poller.unregister(fd)
                         del outputs[fd]
-                elif fd == stdin:
+                elif fd == stdin and stdin >= 0:
                     data = _read(stdin)
                     if data is None:
                         continue
-                    if not data or not _write_all(stdin_w, data):
-                        poller.unregister(stdin)
-                        os.close(stdin_w)
-                        stdin_w = stdin = -1
+                    if not data:
+                        close_input()  # end of file: the process sees it too
+                        continue
+                    pending = data
+                    poller.unregister(stdin)
+                    poller.register(stdin_w, select.POLLOUT)
+                elif fd == stdin_w and stdin_w >= 0:
+                    try:
+                        pending = pending[os.write(stdin_w, pending) :]
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # it closed its input: nothing more to give it
+                        close_input()
+                        continue
+                    if not pending:
+                        poller.unregister(stdin_w)
+                        poller.register(stdin, select.POLLIN)
         # It has ended: what it wrote is in the pipes now. Take that, but do
         # not wait for a background process that still holds them.
         for fd, out in outputs.items():
