@@ -65,9 +65,19 @@ async def wait_log(dirs: Dirs, name: str, text: str) -> None:
             await trio.sleep(0.01)
 
 
-def run(f: Fleet, dirs: Dirs, body: Callable[[Supervisor], Awaitable[None]]) -> list[events.Event]:
-    """Run the fleet, call *body*, stop the fleet; return every event from the journal."""
+def run(
+    f: Fleet,
+    dirs: Dirs,
+    body: Callable[[Supervisor], Awaitable[None]],
+    setup: Callable[[Supervisor], None] | None = None,
+) -> list[events.Event]:
+    """Run the fleet, call *body*, stop the fleet; return every event from the journal.
+
+    *setup*, if given, sees the supervisor before it runs.
+    """
     sup = Supervisor(f, state_dir=str(dirs.state), run_dir=str(dirs.run))
+    if setup is not None:
+        setup(sup)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -129,24 +131,34 @@ def test_missing_command_is_an_error(dirs: Dirs) -> None:
     assert "expected a command" in one_line_error(p)
 
 
-def test_duplicate_name_is_refused(dirs: Dirs) -> None:
-    """A name in use is refused without touching the running sandbox."""
+@contextmanager
+def waiting_run(dirs: Dirs, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A `corral run` (with *options*) whose command waits for a line on stdin.
+
+    Yields once it runs; leaving the block without answering it kills it.
+    """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "run", "--name", "twin", "--",
+        [sys.executable, "-m", "supervisor", "run", *options, "--",
          "sh", "-c", "echo ready; read x"],
         env=dirs.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_duplicate_name_is_refused(dirs: Dirs) -> None:
+    """A name in use is refused without touching the running sandbox."""
+    with waiting_run(dirs, "--name", "twin") as proc:
         p = corral(dirs, "run", "--name", "twin", "--", "true")
         assert p.returncode == 125
         assert "sandbox name 'twin' is in use" in one_line_error(p)
         proc.communicate(b"go\n", timeout=20)
         assert proc.returncode == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def test_an_ulimit_does_not_rename_the_sandbox(dirs: Dirs) -> None:
@@ -155,21 +167,11 @@ def test_an_ulimit_does_not_rename_the_sandbox(dirs: Dirs) -> None:
     assert p.returncode == 0, p.stderr
     host, limit = p.stdout.decode().split()
     assert host.startswith("run-") and limit == "2048"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "run", "--ulimit", "nofile=2048", "--",
-         "sh", "-c", "echo ready; read x"],
-        env=dirs.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    with waiting_run(dirs, "--ulimit", "nofile=2048") as proc:
         p = corral(dirs, "run", "--ulimit", "nofile=2048", "--", "true")
         assert p.returncode == 0, p.stderr
         proc.communicate(b"go\n", timeout=20)
         assert proc.returncode == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def test_not_root_is_refused(dirs: Dirs) -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest
-import trio
 
 import events
 from supervisor import Supervisor
@@ -170,23 +168,10 @@ def test_a_spec_refused_at_start_fails_that_instance_only(dirs: Dirs) -> None:
         await wait_event(sup, lambda e: isinstance(e, events.StartFailed))
         await wait_event(sup, lambda e: isinstance(e, events.Started) and e.sandbox == "ok-0")
 
-    sup = Supervisor(f, state_dir=str(dirs.state), run_dir=str(dirs.run))
-    sup.instances[0].generation = 10**11  # 12 digits: past the room kept for it
+    def setup(sup: Supervisor) -> None:
+        sup.instances[0].generation = 10**11  # 12 digits: past the room kept for it
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sup.run)
-            try:
-                await body(sup)
-            finally:
-                sup.stop("test done")
-
-    trio.run(main)
-    journal = events.Journal(os.path.join(dirs.state, "journal"))
-    try:
-        evs = list(journal.replay(1))
-    finally:
-        journal.close()
+    evs = run(f, dirs, body, setup)
     failed = [e for e in evs if isinstance(e, events.StartFailed)]
     assert [e.sandbox for e in failed] == ["a" * 50 + "-0"]
     assert "name" in failed[0].error
