@@ -212,7 +212,7 @@ class Bench:
         _rt._run_criu = p.wrap("criu", _rt._run_criu)
         _rt._copy_tree = p.wrap("cp", _rt._copy_tree)
         _rt._drop_network_lock = p.wrap("nft", _rt._drop_network_lock)
-        _rt._wait_pidfd = p.wrap("criu", _rt._wait_pidfd)
+        self.rt._wait_timeout = p.wrap("criu", self.rt._wait_timeout)  # type: ignore[method-assign]
         self.rt._spawn = p.wrap("criu", self.rt._spawn)
 
     def drop(self, info: CheckpointInfo) -> None:

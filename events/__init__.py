@@ -40,6 +40,7 @@ from ._errors import SocketError as SocketError
 from ._journal import Journal as Journal
 from ._types import EVENT_TYPES as EVENT_TYPES
 from ._types import Added as Added
+from ._types import Adopted as Adopted
 from ._types import Checkpointed as Checkpointed
 from ._types import CheckpointFailed as CheckpointFailed
 from ._types import Created as Created
@@ -110,6 +111,7 @@ __all__ = [
     "EVENT_TYPES",
     "SCHEMA_VERSION",
     "Added",
+    "Adopted",
     "Bus",
     "CheckpointFailed",
     "Checkpointed",

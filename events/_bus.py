@@ -41,11 +41,18 @@ class Bus:
     With a *journal*, every published event is appended to it and seqs
     continue after the journal's ``last_seq``; without one, seqs start at 1
     and gaps cannot be recovered (:meth:`replay` yields them back as a Gap).
-    The caller owns the journal: close it after the bus.
+    The caller owns the journal: close it after the bus. With
+    *write_through*, each event is written to the journal file (not
+    synced) as it is published, before any subscriber sees it; else
+    appends are buffered (see :meth:`flush_journal`).
     """
 
-    def __init__(self, journal: Journal | None = None) -> None:
+    def __init__(self, journal: Journal | None = None, *, write_through: bool = False) -> None:
         self._journal = journal
+        # Each event written (to the page cache: no fsync) before anyone
+        # sees it: a process killed right after cannot lose an event a
+        # consumer saw, so a successor never hands its seq out again.
+        self._write_through = write_through
         self._seq = journal.last_seq if journal is not None else 0
         self._subs: list[Subscription] = []
         # Synchronous observers (events.testing.capture_events).
@@ -94,7 +101,9 @@ class Bus:
             tap(event)
         if self._journal is not None:
             self._journal.append_encoded(seq, record)
-            if not self._dirty.is_set():
+            if self._write_through:
+                self._journal.flush()
+            elif not self._dirty.is_set():
                 self._dirty.set()
         return event
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "EVENT_TYPES",
+    "Adopted",
     "CheckpointFailed",
     "Checkpointed",
     "Created",
@@ -128,12 +129,28 @@ class Started(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Adopted(Event):
+    """A supervisor took back this running generation, left by a supervisor
+    that ended without stopping it (its init is host PID ``pid``).
+
+    ``changed``: the fleet file now describes it otherwise; it runs on as
+    it was unless the supervisor was told to recreate changed sandboxes.
+    """
+
+    KIND: ClassVar[str] = "adopted"
+    pid: int
+    changed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Exited(Event):
     """The sandbox's init ended.
 
     ``status`` is the shell-style status (the exit code, or 128 + signal);
-    exactly one of ``exit_code`` and ``signal`` is set. ``oom_killed`` says
-    whether the kernel's OOM killer killed it.
+    exactly one of ``exit_code`` and ``signal`` is set, or neither (and
+    ``status`` is -1) when how it ended was lost. ``oom_killed`` says
+    whether the kernel's OOM killer killed it. ``late``: it ended while no
+    supervisor ran, and this is the next supervisor reporting it.
     """
 
     KIND: ClassVar[str] = "exited"
@@ -141,6 +158,7 @@ class Exited(Event):
     exit_code: int | None
     signal: int | None
     oom_killed: bool
+    late: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -415,6 +433,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = MappingProxyType(
             SupervisorStopped,
             Created,
             Started,
+            Adopted,
             Exited,
             Oom,
             OomKill,

@@ -8,6 +8,7 @@ leaks fails even if its assertions passed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -107,10 +108,53 @@ def dirs(rootfs_cache: Path) -> Iterator[Dirs]:
                 if str(base) in line
             ],
         }
+        keeper = _live_keeper(run)
+        if keeper:
+            leftovers["keeper"] = [str(keeper)]
+            _rescue(keeper, run)
         leaked = {k: v for k, v in leftovers.items() if v}
         assert not leaked, f"the test left things behind: {leaked}"
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def _live_keeper(run: Path) -> int:
+    """The PID of a holder keeper still running for run directory *run*, or 0."""
+    try:
+        pid = int((run / "keeper.lock").read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pid if str(run) in cmdline and "_keeper" in cmdline else 0
+
+
+def _rescue(keeper: int, run: Path) -> None:
+    """Kill a leaked keeper and the sandboxes it holds, and remove their
+    cgroups: a failing test must not leave the machine dirty."""
+    import json
+    import signal
+    import time
+
+    children = Path(f"/proc/{keeper}/task/{keeper}/children").read_text().split()
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(int(pid), signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(keeper, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(keeper, 0)  # ours when its supervisor died before it (we are a subreaper)
+    for record in (run / "sandboxes").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            for path in json.loads(record.read_text())["cgroup"]:
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    try:
+                        os.rmdir(path)
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        time.sleep(0.05)  # its processes are still dying
 
 
 @pytest.fixture(scope="session")

@@ -129,7 +129,13 @@ def test_round_trip_every_kind(cls: type[Event]) -> None:
 def test_data_holds_only_the_kind_s_own_fields() -> None:
     """data() leaves the common fields out and returns a new dict each time."""
     e = Exited(sandbox="a", status=137, exit_code=None, signal=9, oom_killed=True)
-    assert e.data() == {"status": 137, "exit_code": None, "signal": 9, "oom_killed": True}
+    assert e.data() == {
+        "status": 137,
+        "exit_code": None,
+        "signal": 9,
+        "oom_killed": True,
+        "late": False,
+    }
     assert Started(sandbox="a", pid=1).data() is not Started(sandbox="a", pid=1).data()
 
 

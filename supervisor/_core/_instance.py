@@ -106,6 +106,8 @@ class Instance:
     _restart: bool = False
     _cycle: bool = False
     _task_alive: bool = False
+    _adopted: Any = None
+    """What a previous supervisor left of it (an ``_adopt.Found``), to take back first."""
 
     def __post_init__(self) -> None:
         self._idle.set()

@@ -4,6 +4,7 @@ from a checkpoint instead of started fresh."""
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -184,6 +185,7 @@ class Checkpoints(SupervisorBase):
         pending: PendingRestore,
         spec: SandboxSpec,
         stdio: tuple[int, int, int],
+        labels: dict[str, Any] | None = None,
     ) -> Sandbox | None:
         """Restore this generation from a checkpoint; None if that failed."""
         assert self.runtime is not None
@@ -194,7 +196,7 @@ class Checkpoints(SupervisorBase):
             # Shielded like a create; CRIU itself is bounded by a timeout.
             with trio.CancelScope(shield=True):
                 sb = await trio.to_thread.run_sync(
-                    lambda: runtime.restore(pending.info, spec, stdio=stdio)
+                    lambda: runtime.restore(pending.info, spec, stdio=stdio, labels=labels)
                 )
         except CorralError as exc:
             self.publish(

@@ -26,6 +26,7 @@ import trio
 
 import events
 from events import (
+    Adopted,
     Created,
     Exited,
     Oom,
@@ -40,10 +41,12 @@ from events import (
 )
 
 from .._errors import CheckpointError, CorralError
+from .._runtime._dirs import DEFAULT_RUN_DIR
 from .._runtime._linux._cgroups import OomWatch
 from .._runtime._linux._spawn import Keeper
 from .._runtime._sandbox import ExecProcess, Runtime, Sandbox
 from .._version import __version__
+from ._adopt import Found, Survey, changed, lock_run_dir, spec_data, survey
 from ._fleet import Fleet
 from ._instance import BUSY_PAUSE, Ident, Instance
 from ._output import OutputWriter, pump
@@ -102,8 +105,14 @@ class Supervisor(Verbs, Checkpoints):
         ignore_hup: bool = False,
         log: bool = False,
         services: Sequence[Service] = (),
+        recreate_changed: bool = False,
     ) -> None:
         self.fleet = fleet
+        self._recreate_changed = recreate_changed
+        self.keeper: Keeper | None = None
+        """The keeper: the sandboxes' parent and holder (see :class:`Keeper`)."""
+        self.survey: Survey | None = None
+        """What this supervisor found of its predecessor's at start-up."""
         self._ignore_hup = ignore_hup
         self._services = (*self.default_services, *services)
         self._state_dir = state_dir
@@ -163,11 +172,22 @@ class Supervisor(Verbs, Checkpoints):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the fleet until stopped; then stop it and clean everything up."""
         sup = self.fleet.supervisor
-        keeper = Keeper()
+        run_dir = self._run_dir or os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR
+        # One supervisor per run directory: a second one would fight the
+        # first over its sandboxes. Dropped by the kernel when we end.
+        lock = lock_run_dir(run_dir)
+        try:
+            # The holder of the sandboxes: one a predecessor left running
+            # (holding its sandboxes for us), or a new one.
+            keeper = await trio.to_thread.run_sync(Keeper, run_dir)
+        except BaseException:
+            os.close(lock)
+            raise
+        self.keeper = keeper
         try:
             self.runtime = Runtime(
                 state_dir=self._state_dir,
-                run_dir=self._run_dir,
+                run_dir=run_dir,
                 cgroup_parent=sup.cgroup_parent,
                 spawner=keeper.spawn,
             )
@@ -177,7 +197,11 @@ class Supervisor(Verbs, Checkpoints):
                 max_bytes=sup.journal_max_bytes,
             )
             try:
-                self.bus = events.Bus(journal)
+                # Written through: the log, the socket and plugins see an
+                # event only once it is in the journal, so a supervisor
+                # killed after never has its seqs handed out again.
+                self.bus = events.Bus(journal, write_through=True)
+                self.survey = await trio.to_thread.run_sync(self._take_back)
                 async with trio.open_nursery() as logs:
                     if self._log:
                         from ._supervisor_log import log_events
@@ -190,8 +214,42 @@ class Supervisor(Verbs, Checkpoints):
                 journal.close()
         finally:
             keeper.close()
+            os.close(lock)
             for writer in self._outputs.values():
                 writer.close()
+
+    def _take_back(self) -> Survey:
+        """Find what a predecessor left and give each instance its part
+        (blocking, at start-up, before any event: run in a thread)."""
+        assert self.runtime is not None and self.keeper is not None and self.bus is not None
+        bus = self.bus
+
+        def exit_published(instance: str, generation: int, since: int) -> bool:
+            return any(
+                ev.kind == "exited" and ev.generation == generation
+                for ev in bus.replay(max(since, 1), kinds=["exited"], sandboxes=[instance])
+            )
+
+        found = survey(self.runtime, self.keeper, exit_published)
+        for inst in self.instances:
+            f = found.current.pop(inst.name, None)
+            if f is None:
+                continue
+            if f.late and f.published:
+                # Its end was reported; the supervisor died before the
+                # clean-up. Swept; the instance starts afresh, as on any `up`.
+                found.sweep.append(f)
+                inst.generation = f.generation + 1
+            else:
+                inst._adopted = f
+                inst.generation = f.generation
+        # Generations older than the one taken back, of every instance:
+        # their names must not be reused while they are being swept.
+        for f in found.sweep:
+            owner = self._by_name.get(f.instance)
+            if owner is not None and owner._adopted is None:
+                owner.generation = max(owner.generation, f.generation + 1)
+        return found
 
     async def _run_services(self, task_status: trio.TaskStatus[None]) -> None:
         assert self.bus is not None
@@ -222,6 +280,9 @@ class Supervisor(Verbs, Checkpoints):
                 # that a restart never waits for a cgroup removal.
                 async with trio.open_nursery() as janitor:
                     self._janitor = janitor
+                    self._start_taking_back(janitor)
+                    keeper_watch = trio.CancelScope()
+                    janitor.start_soon(self._watch_keeper, keeper_watch)
                     async with trio.open_nursery() as fleet:
                         self._fleet_nursery = fleet
                         for inst in self.instances:
@@ -236,6 +297,7 @@ class Supervisor(Verbs, Checkpoints):
                                     "the fleet is stopping"
                                 )
                                 inst._pending_restore.done.set()
+                    keeper_watch.cancel()
                 self.publish(SupervisorStopped(sandbox=""))
                 # Closing the bus ends the services and plugins gracefully:
                 # every consumer (log, event log, socket clients) gets every
@@ -247,6 +309,74 @@ class Supervisor(Verbs, Checkpoints):
             signals.cancel()
             for scope in scopes:
                 scope.cancel()
+
+    def _start_taking_back(self, janitor: trio.Nursery) -> None:
+        """Sweep old generations, stop sandboxes no longer in the fleet."""
+        assert self.survey is not None
+        for f in self.survey.sweep:
+            janitor.start_soon(self._sweep, f)
+        for f in self.survey.current.values():
+            # Its instance is not in the fleet file (any more).
+            janitor.start_soon(self._stop_removed, f)
+        self.survey.current = {}
+
+    async def _sweep(self, f: Found) -> None:
+        """Remove an old generation a predecessor left (killing it if it runs)."""
+        f.close_pipes()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._destroy_sync, f.sandbox)
+
+    async def _stop_removed(self, f: Found) -> None:
+        """Stop a sandbox whose instance left the fleet file while no
+        supervisor ran: SIGTERM, the grace period, SIGKILL; its end is reported."""
+        sb = f.sandbox
+        ident: Ident = {"sandbox": f.instance, "instance": f.index, "generation": f.generation}
+        writer = self._output_writer_named(f.instance)
+        self._start_pumps(f.pipes, writer)
+        f.pipes = None
+        with trio.CancelScope(shield=True):
+            if not f.late:
+                grace = self.fleet.supervisor.grace_period
+                self.publish(Stopping(**ident, reason="not in the fleet file", grace=grace))
+                await trio.to_thread.run_sync(sb.send_signal, signal.SIGTERM)
+                with trio.move_on_after(grace):
+                    await trio.lowlevel.wait_readable(sb.pidfd)
+            result = await trio.to_thread.run_sync(sb.wait)
+            if not f.published:
+                self.publish(
+                    Exited(
+                        **ident,
+                        status=result.status,
+                        exit_code=result.exit_code,
+                        signal=result.signal,
+                        oom_killed=result.oom_killed,
+                        late=f.late,
+                    )
+                )
+            await trio.to_thread.run_sync(self._destroy_sync, sb)
+            self.publish(Stopped(**ident))
+
+    def _destroy_sync(self, sb: Sandbox) -> None:
+        """Destroy a sandbox; the keeper may then let go of its pipes."""
+        try:
+            sb.destroy()
+        finally:
+            if self.keeper is not None:
+                self.keeper.release(sb.name)
+
+    async def _watch_keeper(self, scope: trio.CancelScope) -> None:
+        """Replace the keeper if it dies (its connection reads end of file).
+
+        Its sandboxes are not lost: re-parented to us (the subreaper above
+        it), they are reaped here; the new keeper holds their pipes again.
+        """
+        assert self.keeper is not None
+        keeper = self.keeper
+        with scope:
+            while True:
+                await trio.lowlevel.wait_readable(keeper.fileno())
+                if not await trio.to_thread.run_sync(keeper.check):
+                    await trio.sleep(1)  # readable yet alive: never seen; no busy loop
 
     async def _run_service(
         self, service: Service, scope: trio.CancelScope, task_status: trio.TaskStatus[None]
@@ -270,17 +400,30 @@ class Supervisor(Verbs, Checkpoints):
 
     def _output_writer(self, inst: Instance) -> OutputWriter:
         """The instance's output log (k8s-file format), kept across restarts."""
+        return self._output_writer_named(inst.name)
+
+    def _output_writer_named(self, name: str) -> OutputWriter:
         assert self.runtime is not None
-        writer = self._outputs.get(inst.name)
+        writer = self._outputs.get(name)
         if writer is None:
             os.makedirs(os.path.join(self.runtime.state_dir, "logs"), mode=0o700, exist_ok=True)
             writer = OutputWriter(
-                output_path(self.runtime.state_dir, inst.name),
+                output_path(self.runtime.state_dir, name),
                 max_bytes=self.fleet.supervisor.log_max_bytes,
                 max_files=self.fleet.supervisor.log_max_files,
             )
-            self._outputs[inst.name] = writer
+            self._outputs[name] = writer
         return writer
+
+    def _start_pumps(self, pipes: tuple[int, int] | None, writer: OutputWriter) -> None:
+        """Copy a sandbox's stdout and stderr to its log until end of file."""
+        assert self._janitor is not None
+        if pipes is None:
+            return
+        # The pumps end by themselves at end of file, once every process of
+        # the sandbox is gone; they outlive the generation's task on purpose.
+        self._janitor.start_soon(self._pump, pipes[0], "stdout", writer)
+        self._janitor.start_soon(self._pump, pipes[1], "stderr", writer)
 
     async def _supervise(self, inst: Instance) -> None:
         """Run one instance, generation after generation, until it is stopped."""
@@ -312,13 +455,19 @@ class Supervisor(Verbs, Checkpoints):
     async def _run_generation(self, inst: Instance) -> None:
         """Create, watch, report and clean up one generation."""
         assert self.runtime is not None and self._janitor is not None
-        runtime = self.runtime
+        assert self.keeper is not None
+        runtime, keeper = self.runtime, self.keeper
         ident = self._ident(inst)
         if not inst._stop.is_set():
             inst._halt = trio.Event()
         inst.checkpoint_stopped = False
+        adopted: Found | None = inst._adopted
+        if adopted is not None:
+            inst._adopted = None
+            await self._take_back_generation(inst, adopted)
+            return
         inst.set_state("starting")
-        self.publish(Created(**ident))
+        created = self.publish(Created(**ident))
         writer = self._output_writer(inst)
         # stdout and stderr go through pipes to the instance's log writer:
         # each line is stamped and tagged, whole, and the file is rotated.
@@ -327,15 +476,30 @@ class Supervisor(Verbs, Checkpoints):
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         pending, inst._pending_restore = inst._pending_restore, None
         sb: Sandbox | None = None
+        # What a successor needs to take it back (see ._adopt).
+        labels = {
+            "instance": inst.name,
+            "index": inst.index,
+            "generation": inst.generation,
+            "created_seq": created.seq,
+        }
+        held = ""
         try:
             # Inside the try: a spec the runtime refuses is this instance's
             # start failure, never the supervisor's.
             spec = inst.spec()
+            # The keeper holds the pipes' read ends from before the start:
+            # the sandbox never writes into a pipe nobody holds.
+            held = spec.name
+            await trio.to_thread.run_sync(keeper.hold, held, out_r, err_r)
             if pending is not None:
-                sb = await self._restore_generation(inst, pending, spec, (null, out_w, err_w))
+                sb = await self._restore_generation(
+                    inst, pending, spec, (null, out_w, err_w), labels
+                )
                 if sb is None and not pending.fallback:
                     os.close(out_r)
                     os.close(err_r)
+                    await trio.to_thread.run_sync(keeper.release, held)
                     inst._up.set()
                     return
             if sb is None:
@@ -343,11 +507,15 @@ class Supervisor(Verbs, Checkpoints):
                 # nobody knows about. It takes milliseconds.
                 with trio.CancelScope(shield=True):
                     sb = await trio.to_thread.run_sync(
-                        lambda: runtime.create(spec, stdio=(null, out_w, err_w), stdin_devnull=True)
+                        lambda: runtime.create(
+                            spec, stdio=(null, out_w, err_w), stdin_devnull=True, labels=labels
+                        )
                     )
         except CorralError as exc:
             os.close(out_r)
             os.close(err_r)
+            if held:
+                await trio.to_thread.run_sync(keeper.release, held)
             if pending is not None and not pending.done.is_set():
                 pending.error = exc  # its requester is waiting for the outcome
                 pending.done.set()
@@ -363,13 +531,46 @@ class Supervisor(Verbs, Checkpoints):
         inst.set_state("running")
         inst.started_at = time.time()
         inst.oom_kills_reported = inst.oom_events_seen = 0
-        assert self._janitor is not None
-        # The pumps end by themselves at end of file, once every process of
-        # the sandbox is gone; they outlive this generation's task on purpose.
-        self._janitor.start_soon(self._pump, out_r, "stdout", writer)
-        self._janitor.start_soon(self._pump, err_r, "stderr", writer)
+        self._start_pumps((out_r, err_r), writer)
+        await self._watch_generation(inst, sb, ident)
+
+    async def _take_back_generation(self, inst: Instance, f: Found) -> None:
+        """Watch a generation a predecessor left: adopted if it runs, its
+        exit reported (late) if it ended while no supervisor ran."""
+        sb = f.sandbox
+        ident = self._ident(inst)
+        self._start_pumps(f.pipes, self._output_writer(inst))
+        f.pipes = None
+        inst.sandbox = sb
+        inst.set_state("starting")
+        inst.set_state("running")
+        inst.started_at = time.time() - (time.monotonic() - sb.started)
+        # What the OOM counters say now was reported by the predecessor (or
+        # is in this exit's oom_killed): only new kills are news.
         try:
-            await self._watch(inst, sb, ident)
+            inst.oom_events_seen, inst.oom_kills_reported = sb.cgroup.open_oom_watch().read()
+        except (CorralError, OSError):
+            inst.oom_events_seen = inst.oom_kills_reported = 0
+        announce = None
+        if not f.late:
+            now = spec_data(inst.spec())
+            differs = changed(f, now)
+            announce = Adopted(**ident, pid=sb.pid, changed=differs)
+            if differs and self._recreate_changed:
+                inst.request_cycle()
+        await self._watch_generation(inst, sb, ident, announce=announce, late=f.late)
+
+    async def _watch_generation(
+        self,
+        inst: Instance,
+        sb: Sandbox,
+        ident: Ident,
+        *,
+        announce: events.Event | None = None,
+        late: bool = False,
+    ) -> None:
+        try:
+            await self._watch(inst, sb, ident, announce=announce, late=late)
         except BaseException:
             # Cancelled (the supervisor is being torn down) or a bug: either
             # way the sandbox must not outlive its task.
@@ -379,22 +580,36 @@ class Supervisor(Verbs, Checkpoints):
                 # the kill makes CRIU fail at once, and only then may its
                 # cgroup and layer go (not under the checkpoint's feet).
                 await inst._idle.wait()
-                await trio.to_thread.run_sync(sb.destroy)
+                await trio.to_thread.run_sync(self._destroy_sync, sb)
             inst.sandbox = None
             raise
 
-    async def _watch(self, inst: Instance, sb: Sandbox, ident: Ident) -> None:
-        """Watch a running sandbox until it exits; report; remove it."""
+    async def _watch(
+        self,
+        inst: Instance,
+        sb: Sandbox,
+        ident: Ident,
+        *,
+        announce: events.Event | None = None,
+        late: bool = False,
+    ) -> None:
+        """Watch a running sandbox until it exits; report; remove it.
+
+        *announce* is published first (default: ``started``); a *late*
+        one (taken back after it ended) is reported at once.
+        """
         assert self._janitor is not None
         watch = sb.cgroup.open_oom_watch()
         try:
-            self.publish(Started(**ident, pid=sb.pid))
+            if not late:
+                self.publish(announce or Started(**ident, pid=sb.pid))
             inst._up.set()
-            async with trio.open_nursery() as watchers:
-                watchers.start_soon(self._watch_oom, inst, watch, ident)
-                watchers.start_soon(self._stop_when_asked, inst, sb, ident)
-                await trio.lowlevel.wait_readable(sb.pidfd)
-                watchers.cancel_scope.cancel()
+            if sb.pidfd >= 0:
+                async with trio.open_nursery() as watchers:
+                    watchers.start_soon(self._watch_oom, inst, watch, ident)
+                    watchers.start_soon(self._stop_when_asked, inst, sb, ident)
+                    await trio.lowlevel.wait_readable(sb.pidfd)
+                    watchers.cancel_scope.cancel()
             # It died during a checkpoint (an OOM kill just after the dump
             # thawed it): its outcome, checkpointed or checkpoint_failed,
             # comes first, so the exited that follows, and any restart from
@@ -425,6 +640,7 @@ class Supervisor(Verbs, Checkpoints):
                 exit_code=result.exit_code,
                 signal=result.signal,
                 oom_killed=result.oom_killed,
+                late=late,
             )
         )
         inst.last_exit = {
@@ -438,7 +654,7 @@ class Supervisor(Verbs, Checkpoints):
         inst.started_at = None
         if was_stopping:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(sb.destroy)
+                await trio.to_thread.run_sync(self._destroy_sync, sb)
             inst.set_state("stopped")
             self.publish(Stopped(**ident))
         else:
@@ -452,10 +668,9 @@ class Supervisor(Verbs, Checkpoints):
         with trio.CancelScope(shield=True):
             await pump(fd, stream, writer, on_error=full_disk)
 
-    @staticmethod
-    async def _destroy(sb: Sandbox) -> None:
+    async def _destroy(self, sb: Sandbox) -> None:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(sb.destroy)
+            await trio.to_thread.run_sync(self._destroy_sync, sb)
 
     async def _stop_when_asked(self, inst: Instance, sb: Sandbox, ident: Ident) -> None:
         await inst._halt.wait()

@@ -53,6 +53,8 @@ from ._checkpoint import (
     criu_frozen_seconds,
     dir_size,
     read_log,
+    spec_from_dict,
+    spec_to_dict,
     validate_tag,
 )
 from ._dirs import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
@@ -60,7 +62,8 @@ from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
 from ._linux._child import INIT_PATH, LaunchConfig
 from ._linux._exec import ExecConfig
-from ._linux._spawn import Spawned, SpawnFailed, spawn_direct
+from ._linux._proc import starttime
+from ._linux._spawn import ExitStatus, Reaper, Spawned, SpawnFailed, has_exited, spawn_direct
 from ._records import abandoned, record_path
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
@@ -98,7 +101,8 @@ class SandboxExit(NamedTuple):
     """How a sandbox ended."""
 
     status: int
-    """Shell-style status: the exit code, or 128+N after signal N."""
+    """Shell-style status: the exit code, or 128+N after signal N; -1 if
+    that was lost (see :class:`~._linux._spawn.ExitStatus`)."""
     exit_code: int | None
     """The init's exit code (tini passes on the command's), if it exited."""
     signal: int | None
@@ -125,19 +129,32 @@ class Sandbox:
         cgroup: Cgroup,
         state_path: str,
         cleanup: contextlib.ExitStack,
+        reaper: Reaper | None = None,
+        labels: Mapping[str, Any] | None = None,
     ) -> None:
         self.spec = spec
         self.pid = spawned.pid
         self.pidfd = spawned.pidfd
+        """A pidfd for the init; -1 for an adopted sandbox found already gone."""
+        self.starttime = spawned.starttime
+        """The init's start time: with :attr:`pid`, its identity (see :mod:`._linux._proc`)."""
         self.cgroup = cgroup
         self.state_path = state_path
+        self.labels: dict[str, Any] = dict(labels or {})
+        """What its creator recorded with it (see :meth:`Runtime.create`)."""
         self.started = time.monotonic()
+        self._proc = spawned
+        self._reaper = reaper or Reaper()
         self._cleanup = cleanup
         # Holding the mount namespace keeps its teardown (unmounting the
         # overlay, /proc, /dev, ...: RCU grace periods) out of the init's
         # exit, so the exit is reported sooner; destroy() lets it go.
         try:
-            self._mntns = os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            self._mntns = (
+                os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+                if self.pidfd >= 0
+                else -1
+            )
         except OSError:
             self._mntns = -1
         self._exit: SandboxExit | None = None
@@ -161,7 +178,7 @@ class Sandbox:
 
         Goes through the pidfd, so it can never hit a recycled PID.
         """
-        if self._exit is not None:
+        if self._exit is not None or self.pidfd < 0:
             return
         if sig not in (signal.SIGKILL, signal.SIGSTOP) and not self._signals_ready:
             self._wait_signals_ready(sig)
@@ -210,26 +227,21 @@ class Sandbox:
     def wait(self) -> SandboxExit:
         """Block until the init has exited; return how it ended."""
         while self._exit is None:
-            info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-            if info is not None:
-                self._finish(info)
+            status = self._reaper.reap(self._proc, block=True)
+            if status is not None:
+                self._finish(status)
         return self._exit
 
     def poll(self) -> SandboxExit | None:
         """Return how it ended if the init has exited, without blocking."""
         if self._exit is None:
-            info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
-            if info is not None and info.si_pid:
-                self._finish(info)
+            status = self._reaper.reap(self._proc, block=False)
+            if status is not None:
+                self._finish(status)
         return self._exit
 
-    def _finish(self, info: os.waitid_result) -> None:
-        if info.si_code == os.CLD_EXITED:
-            code, sig = info.si_status, None
-            status = code
-        else:
-            code, sig = None, info.si_status
-            status = 128 + sig
+    def _finish(self, result: ExitStatus) -> None:
+        code, sig, status = result.exit_code, result.signal, result.status
         try:
             stats: CgroupStats | None = self.cgroup.stats()
         except (CgroupError, OSError):
@@ -267,7 +279,9 @@ class Sandbox:
                     self._mntns = -1
                 self._cleanup.close()
             finally:
-                os.close(self.pidfd)
+                self._reaper.forget(self._proc)
+                if self.pidfd >= 0:
+                    os.close(self.pidfd)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -287,7 +301,7 @@ class ExecProcess:
     sandbox. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, sandbox: str, spawned: Spawned) -> None:
+    def __init__(self, sandbox: str, spawned: Spawned, reaper: Reaper | None = None) -> None:
         self.sandbox = sandbox
         """The name of the sandbox it runs in."""
         self.pid = spawned.pid
@@ -299,6 +313,8 @@ class ExecProcess:
         :meth:`close` unless taken with :meth:`take_pty_master`."""
         self._status: int | None = None
         self._closed = False
+        self._proc = spawned
+        self._reaper = reaper or Reaper()
 
     def take_pty_master(self) -> int | None:
         """Take ownership of the pty master: :meth:`close` no longer closes it."""
@@ -316,18 +332,20 @@ class ExecProcess:
         """Its shell-style status (the exit code, or 128+N after signal N)
         if it has exited, without blocking; else None."""
         if self._status is None:
-            info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
-            if info is not None and info.si_pid:
-                self._status = _shell_status(info)
+            self._collect(self._reaper.reap(self._proc, block=False))
         return self._status
 
     def wait(self) -> int:
         """Block until it has exited; return its shell-style status."""
         while self._status is None:
-            info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-            if info is not None:
-                self._status = _shell_status(info)
+            self._collect(self._reaper.reap(self._proc, block=True))
         return self._status
+
+    def _collect(self, result: ExitStatus | None) -> None:
+        if result is not None:
+            self._status = result.status
+            # Used: whoever kept it for us (the keeper) may drop it.
+            self._reaper.forget(self._proc)
 
     def close(self) -> None:
         """Kill it if still running, reap it, close its descriptors. Idempotent."""
@@ -349,10 +367,6 @@ class ExecProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _shell_status(info: os.waitid_result) -> int:
-    return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
 
 
 def _privileges(spec: SandboxSpec, cache_dir: str | None = None) -> dict[str, Any]:
@@ -389,14 +403,7 @@ def _shifted_rootfs(lower: str, base: int, size: int, state_dir: str) -> str:
 
 def _has_exited(sb: Sandbox) -> bool:
     """True if the sandbox's init has exited; never reaps it (its owner does)."""
-    import select
-
-    if sb.exit is not None:
-        return True
-    poller = select.poll()
-    poller.register(sb.pidfd, select.POLLIN)
-    # A pidfd polls readable once its process has exited.
-    return bool(poller.poll(0))
+    return sb.exit is not None or sb.pidfd < 0 or has_exited(sb.pidfd)
 
 
 class Runtime:
@@ -419,6 +426,7 @@ class Runtime:
         cgroup_root: str = "/sys/fs/cgroup",
         cgroup_parent: str | None = None,
         spawner: Spawner | None = None,
+        reaper: Reaper | None = None,
     ) -> None:
         if os.geteuid() != 0:
             raise NotPermittedError(
@@ -436,6 +444,10 @@ class Runtime:
         self.cgroups: Cgroups = open_cgroups(cgroup_root, cgroup_parent)
         self.init_binary = find_init_binary()
         self._spawn: Spawner = spawner or spawn_direct
+        # Who tells how a process ended: given, or the keeper whose spawn
+        # we use (its holder is the parent of what it starts), or waitid.
+        owner = getattr(spawner, "__self__", None)
+        self.reaper: Reaper = reaper or (owner if isinstance(owner, Reaper) else Reaper())
         # Inits are orphaned by the intermediate spawn process; keep them.
         _syscalls.set_child_subreaper()
 
@@ -471,19 +483,13 @@ class Runtime:
         """
         try:
             with open(record) as f:
-                pid = int(json.load(f)["pid"])
+                data = json.load(f)
+            pid, start = int(data["pid"]), int(data.get("starttime", 0))
         except FileNotFoundError:
             return abandoned(sdir, record)
         except (OSError, ValueError, KeyError, TypeError):
             return True
-        try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                # The cgroup's own name, exactly: corral-web-0.1 must not
-                # be found in corral-web-0.10.
-                paths = [line.rstrip("\n").split(":", 2)[-1] for line in f]
-        except OSError:
-            return True
-        return not any(os.path.basename(p) == f"corral-{name}" for p in paths)
+        return not _alive_in(pid, start, name)
 
     def _spawn_or_reap(
         self, cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int]
@@ -492,9 +498,10 @@ class Runtime:
         try:
             return self._spawn(cfg, stdio)
         except SpawnFailed as exc:
-            if exc.pidfd is not None:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitid(os.P_PIDFD, exc.pidfd, os.WEXITED)
+            if exc.pidfd is not None and exc.pid is not None:
+                failed = Spawned(exc.pid, exc.pidfd, starttime=exc.starttime)
+                self.reaper.reap(failed, block=True)
+                self.reaper.forget(failed)
                 os.close(exc.pidfd)
             raise
 
@@ -523,6 +530,7 @@ class Runtime:
         *,
         stdio: tuple[int, int, int] = (0, 1, 2),
         stdin_devnull: bool = False,
+        labels: Mapping[str, Any] | None = None,
     ) -> Sandbox:
         """Create and start a sandbox; return once its command has been exec'd.
 
@@ -530,7 +538,8 @@ class Runtime:
         nothing left behind if any step fails. With *stdin_devnull* the
         command's stdin is the sandbox's own /dev/null instead of
         ``stdio[0]`` (a sandbox that may be checkpointed must not hold a
-        host file).
+        host file). *labels* (plain data) are kept in its record, for
+        whoever takes it back (:meth:`adopt`).
         """
         lower = self.resolve_rootfs(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
@@ -580,11 +589,133 @@ class Runtime:
                     spawned = self._spawn_or_reap(cfg, stdio)
             except SpawnFailed as exc:
                 raise _translate(spec.name, exc) from None
-            with open(record, "w") as f:
-                json.dump({"name": spec.name, "pid": spawned.pid, "cgroup": list(cgroup.paths)}, f)
             undo.callback(_unlink, record)
-            return Sandbox(spec, spawned, cgroup, sdir, undo.pop_all())
+            try:
+                self._record(record, spec, spawned, cgroup, labels, None)
+            except BaseException:
+                self._kill_and_reap(spawned)
+                raise
+            return Sandbox(
+                spec, spawned, cgroup, sdir, undo.pop_all(), reaper=self.reaper, labels=labels
+            )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _record(
+        self,
+        path: str,
+        spec: SandboxSpec,
+        proc: Spawned,
+        cgroup: Cgroup,
+        labels: Mapping[str, Any] | None,
+        restored_from: str | None,
+    ) -> None:
+        """Write sandbox *spec*'s record: all a runtime needs to take it back."""
+        record = {
+            "name": spec.name,
+            "pid": proc.pid,
+            "starttime": proc.starttime,
+            "cgroup": list(cgroup.paths),
+            "spec": spec_to_dict(spec),
+            "created": time.time(),
+            "restored_from": restored_from,
+            "labels": dict(labels or {}),
+        }
+        try:
+            _write_record(path, record)
+        except OSError as exc:
+            raise SandboxError(
+                f"sandbox {spec.name!r}: cannot write its record {path}: {exc.strerror}"
+            ) from None
+
+    def _wait_timeout(self, proc: Spawned, timeout: float) -> int:
+        """Shell-style exit status of *proc*; -1 after killing it on timeout."""
+        if not has_exited(proc.pidfd, timeout):
+            _kill_pidfd(proc.pidfd)
+            self.reaper.reap(proc, block=True)
+            self.reaper.forget(proc)
+            return -1
+        result = self.reaper.reap(proc, block=True)
+        self.reaper.forget(proc)
+        assert result is not None
+        return result.status
+
+    def _kill_and_reap(self, proc: Spawned) -> None:
+        """End a sandbox that cannot be handed out (its record failed)."""
+        _kill_pidfd(proc.pidfd)
+        self.reaper.reap(proc, block=True)
+        self.reaper.forget(proc)
+        os.close(proc.pidfd)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records of the sandboxes this runtime's run directory knows
+        (live ones, and those whose creator died before removing them)."""
+        out = []
+        folder = os.path.join(self.run_dir, "sandboxes")
+        for entry in sorted(os.listdir(folder)):
+            if not entry.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(folder, entry)) as f:
+                    record = json.load(f)
+                if isinstance(record, dict) and "name" in record and "pid" in record:
+                    out.append(record)
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def adopt(self, record: Mapping[str, Any]) -> Sandbox:
+        """Take back the sandbox of *record* (from :meth:`records`), left
+        by a process that died: running, or ended and not yet destroyed.
+
+        Its identity is checked by start time and cgroup, never by PID
+        alone: a sandbox whose init is gone gets ``pidfd`` -1 and its exit
+        (from :attr:`reaper`, which may have kept the status; else lost)
+        on the first :meth:`Sandbox.poll`. Destroying it removes what
+        :meth:`create` made. Raises :class:`~supervisor.SandboxError` if
+        the record is unusable (what can be found of it is then removed).
+        """
+        name = str(record.get("name", ""))
+        try:
+            spec = spec_from_dict(record["spec"])
+            pid, start = int(record["pid"]), int(record["starttime"])
+            paths = [str(p) for p in record["cgroup"]]
+            if spec.name != name:
+                raise ValueError(f"the record of {name!r} holds the spec of {spec.name!r}")
+        except (KeyError, TypeError, ValueError, CorralError) as exc:
+            raise SandboxError(f"sandbox {name!r}: its record is unusable: {exc}") from None
+        sdir = os.path.join(self.state_dir, "sandboxes", name)
+        undo = contextlib.ExitStack()
+        undo.callback(shutil.rmtree, sdir, ignore_errors=True)
+        undo.callback(_release_userns, self.run_dir, name)
+        try:
+            cgroup = self.cgroups.attach(f"corral-{name}", paths)
+        except CorralError as exc:
+            undo.close()
+            _unlink(record_path(self.run_dir, name))
+            raise SandboxError(f"sandbox {name!r}: {exc}") from None
+        undo.callback(cgroup.remove)
+        undo.callback(_unlink, record_path(self.run_dir, name))
+        pidfd = -1
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(pid)
+        # The pidfd pins the process from here on; before, the PID could
+        # have been reused: it is the same init only with the same start
+        # time and in the sandbox's cgroup.
+        if pidfd >= 0 and not _alive_in(pid, start, name):
+            os.close(pidfd)
+            pidfd = -1
+        sb = Sandbox(
+            spec,
+            Spawned(pid, pidfd, starttime=start),
+            cgroup,
+            sdir,
+            undo,
+            reaper=self.reaper,
+            labels=record.get("labels") or {},
+        )
+        with contextlib.suppress(TypeError, ValueError):
+            sb.started -= max(0.0, time.time() - float(record["created"]))
+        return sb
 
     def _make_cgroup(self, spec: SandboxSpec, undo: contextlib.ExitStack) -> Cgroup:
         """The sandbox's cgroup, with its limits and (unless privileged) the
@@ -679,7 +810,7 @@ class Runtime:
             if exc.failure.kind == "setup" and _has_exited(sb):
                 raise SandboxError(not_running) from None
             raise _translate(sb.name, exc) from None
-        return ExecProcess(sb.name, spawned)
+        return ExecProcess(sb.name, spawned, self.reaper)
 
     # -- checkpoint and restore (CRIU) ------------------------------------------
 
@@ -850,6 +981,7 @@ class Runtime:
         *,
         stdio: tuple[int, int, int] = (0, 1, 2),
         timeout: float = CRIU_TIMEOUT,
+        labels: Mapping[str, Any] | None = None,
     ) -> Sandbox:
         """Bring a checkpoint back as a running sandbox; return it.
 
@@ -926,7 +1058,7 @@ class Runtime:
                     f"restore of {spec.name!r} failed: {exc.failure.step}: {exc.failure.message}"
                 ) from None
             try:
-                status = _wait_pidfd(criu_proc.pidfd, timeout)
+                status = self._wait_timeout(criu_proc, timeout)
             finally:
                 os.close(criu_proc.pidfd)
             if status != 0:
@@ -942,19 +1074,20 @@ class Runtime:
                 raise CheckpointError(
                     f"restore of {spec.name!r} failed: the restored init is gone ({exc})"
                 ) from None
+            restored = Spawned(pid, pidfd)
             try:
+                # Read with the pidfd held: the PID cannot be reused now.
+                restored = restored._replace(starttime=starttime(pid))
                 if info.network_lock == "nftables":
                     _drop_network_lock(pid, info.root_pid)
-                with open(record, "w") as f:
-                    json.dump({"name": spec.name, "pid": pid, "cgroup": list(cgroup.paths)}, f)
+                undo.callback(_unlink, record)
+                self._record(record, spec, restored, cgroup, labels, info.path)
             except BaseException:
-                _kill_pidfd(pidfd)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-                os.close(pidfd)
+                self._kill_and_reap(restored)
                 raise
-            undo.callback(_unlink, record)
-            sb = Sandbox(spec, Spawned(pid, pidfd), cgroup, sdir, undo.pop_all())
+            sb = Sandbox(
+                spec, restored, cgroup, sdir, undo.pop_all(), reaper=self.reaper, labels=labels
+            )
             sb.restored_from = info
             return sb
         raise AssertionError("unreachable")  # pragma: no cover
@@ -1020,17 +1153,11 @@ def _finish_copy(proc: subprocess.Popen[str]) -> str | None:
     return f"copying the writable layer {src}: {msg}"
 
 
-def _wait_pidfd(pidfd: int, timeout: float) -> int:
-    """Exit status of our child behind *pidfd*; -1 after killing it on timeout."""
-    import select
+def _release_userns(run_dir: str, name: str) -> None:
+    """Release every user-namespace id claim of sandbox *name*."""
+    from ._userns import release_all
 
-    if not select.select([pidfd], [], [], timeout)[0]:
-        _kill_pidfd(pidfd)
-        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-        return -1
-    info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-    assert info is not None
-    return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
+    release_all(run_dir, name)
 
 
 def _kill_pidfd(pidfd: int) -> None:
@@ -1083,6 +1210,33 @@ def _drop_network_lock(pid: int, old_root_pid: int) -> None:
         raise CheckpointError(f"{what}: nft timed out") from None
     if proc.returncode != 0 and "No such file" not in err:
         raise CheckpointError(f"{what}: " + (err.strip().splitlines() or ["nft failed"])[0])
+
+
+def _alive_in(pid: int, start: int, name: str) -> bool:
+    """True if process *pid* (started at *start*, if not 0) lives in sandbox *name*'s cgroup."""
+    try:
+        if start and starttime(pid) != start:
+            return False  # the PID was reused
+        with open(f"/proc/{pid}/cgroup") as f:
+            # The cgroup's own name, exactly: corral-web-0.1 must not
+            # be found in corral-web-0.10.
+            paths = [line.rstrip("\n").split(":", 2)[-1] for line in f]
+    except (OSError, ValueError, IndexError):
+        return False
+    return any(os.path.basename(p) == f"corral-{name}" for p in paths)
+
+
+def _write_record(path: str, record: Mapping[str, Any]) -> None:
+    """Write a sandbox's record atomically: a reader (a supervisor taking
+    the sandbox back) sees the old one or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def _unlink(path: str) -> None:

@@ -39,7 +39,7 @@ from .._errors import SandboxError
 from ._records import abandoned, record_path
 from ._security import USERNS_POOL, USERNS_SIZE, Security
 
-__all__ = ["allocate_range", "check_reachable", "shifted_rootfs"]
+__all__ = ["allocate_range", "check_reachable", "release_all", "shifted_rootfs"]
 
 
 def allocate_range(
@@ -94,6 +94,18 @@ def _stale(path: str, run_dir: str) -> bool:
     except FileNotFoundError:
         return True
     return abandoned(path, record_path(run_dir, owner))
+
+
+def release_all(run_dir: str, name: str) -> None:
+    """Release every id claim of sandbox *name* (one taken back from a
+    supervisor that died: its claims are known only by their owner)."""
+    claims = os.path.join(run_dir, "userns")
+    try:
+        entries = os.listdir(claims)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        _release(os.path.join(claims, entry), name)
 
 
 def _release(path: str, name: str) -> None:

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
 from ..._errors import CgroupError
@@ -173,6 +173,12 @@ class Cgroups(ABC):
     @abstractmethod
     def create(self, name: str, limits: Limits) -> Cgroup:
         """Make a new cgroup for a sandbox, limits applied; fails if it exists."""
+
+    @abstractmethod
+    def attach(self, name: str, paths: Sequence[str]) -> Cgroup:
+        """The existing cgroup *name* at *paths* (its :attr:`Cgroup.paths`,
+        as recorded when it was made); raises :class:`CgroupError` if it is
+        gone or does not belong to this layout."""
 
 
 # -- small file helpers ------------------------------------------------------
@@ -572,8 +578,21 @@ class V1Cgroups(Cgroups):
                     pass
             raise
 
+    # -- cgroup v2 ---------------------------------------------------------------
 
-# -- cgroup v2 ---------------------------------------------------------------
+    def attach(self, name: str, paths: Sequence[str]) -> V1Cgroup:
+        dirs: dict[str, str] = {}
+        for c, mount in self._mounts.items():
+            for p in paths:
+                if p.startswith(mount.rstrip("/") + "/") and os.path.basename(p) == name:
+                    dirs[c] = p
+                    break
+            else:
+                raise CgroupError(f"cgroup {name}: no directory in the {c} hierarchy")
+        for d in set(dirs.values()):
+            if not os.path.isdir(d):
+                raise CgroupError(f"cgroup {d} is gone")
+        return V1Cgroup(name, dirs, self._mounts)
 
 
 class V2Cgroup(Cgroup):
@@ -765,6 +784,14 @@ class V2Cgroups(Cgroups):
                 pass
             raise
         return cg
+
+    def attach(self, name: str, paths: Sequence[str]) -> V2Cgroup:
+        if len(paths) != 1 or os.path.basename(paths[0]) != name:
+            raise CgroupError(f"cgroup {name}: expected one cgroup v2 directory, got {list(paths)}")
+        path = paths[0]
+        if not path.startswith(self._mount.rstrip("/") + "/") or not os.path.isdir(path):
+            raise CgroupError(f"cgroup {path} is gone")
+        return V2Cgroup(name, path, self._mount)
 
 
 # -- detection ---------------------------------------------------------------

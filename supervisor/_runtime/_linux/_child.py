@@ -39,6 +39,7 @@ import struct
 from typing import Any, NamedTuple, NoReturn, Protocol
 
 from . import _syscalls as sc
+from ._proc import starttime
 
 __all__ = [
     "INIT_PATH",
@@ -242,7 +243,9 @@ def run_intermediate(
             if pid == 0:
                 _run_init(cfg, report)
         pidfd = os.pidfd_open(pid)
-        socket.send_fds(report, [b"P%d" % pid], [pidfd])
+        # With its start time: a PID alone is no identity once reaped
+        # (see ._proc); read while we are its parent, so it cannot be gone.
+        socket.send_fds(report, [b"P%d:%d" % (pid, starttime(pid))], [pidfd])
         os._exit(0)
     except BaseException as exc:
         _report(report, exc, step)

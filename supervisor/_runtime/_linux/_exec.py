@@ -74,6 +74,7 @@ from ._child import (
     enter_workdir_and_find,
     restrict_like_sandbox,
 )
+from ._proc import starttime
 
 __all__ = ["ExecConfig", "run_exec_intermediate"]
 
@@ -142,7 +143,10 @@ def run_exec_intermediate(
         # sandbox, before restrict_like_sandbox closes the rest: keep only
         # stdio, the report socket and the pidfd (a direct spawner's fork
         # inherits every descriptor of its process).
-        close_fds_except(report.fileno(), cfg.target_pidfd)
+        # The host's /proc, to read our child's start time once we are in
+        # the sandbox's mount namespace (its /proc shows its own PIDs).
+        proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        close_fds_except(report.fileno(), cfg.target_pidfd, proc)
         step = "join namespaces"
         # From the fork below until its exec, our child is a copy of the
         # host's Python visible in the sandbox's /proc. Undumpable, its
@@ -159,11 +163,12 @@ def run_exec_intermediate(
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             os.close(gate_w)
+            os.close(proc)  # the host's /proc stays out of the sandbox
             _run_exec_child(cfg, report, gate_r)
         os.close(gate_r)
         step = "report"
         pidfd = os.pidfd_open(pid)
-        socket.send_fds(report, [b"P%d" % pid], [pidfd])
+        socket.send_fds(report, [b"P%d:%d" % (pid, starttime(pid, proc))], [pidfd])
         os.write(gate_w, b"go")
         os._exit(0)
     except BaseException as exc:

@@ -1,15 +1,365 @@
-"""Entry point of the spawn keeper process (see :class:`._spawn.Keeper`).
+"""The keeper process (see :class:`._spawn.Keeper`): forks sandboxes and,
+as their holder, keeps them while no supervisor runs.
 
-Started with ``python -m supervisor._runtime._linux._keeper FD``. It imports only the
-standard library, msgpack and the spawn code, and checks that it is
-single-threaded before it forks anything.
+Started with ``python -m supervisor._runtime._linux._keeper FD [RUN_DIR]``.
+It imports only the standard library, msgpack and the spawn code, and
+checks that it is single-threaded before it forks anything.
+
+One loop, one thread, ``poll`` on: the connections of supervisors (the
+socket it was started with, and with *RUN_DIR* those accepted on
+``RUN_DIR/keeper.sock``), the listening socket, and a wake-up pipe for
+SIGCHLD. Requests are msgpack maps with one key, descriptors as
+SCM_RIGHTS:
+
+- ``launch`` / ``exec``: fork a sandbox or an exec (see :mod:`._spawn`);
+- ``hold`` KEY + the two read ends of a sandbox's output pipes; ``release`` KEY;
+- ``wait`` [PID, STARTTIME, BLOCK] + a reply socket: the exit status of a
+  child (``exited``), or ``running``, or ``unknown`` (not ours); with BLOCK
+  the answer waits for the exit;
+- ``forget`` [PID, STARTTIME]: the status has been used;
+- ``list`` + a reply socket: one ``held`` message per held key with its
+  pipes, then the kept exit statuses, then end of file;
+- ``hello`` + a reply socket: the keeper's PID (a supervisor connecting
+  checks that the keeper it reached is alive).
+
+As holder (with *RUN_DIR*) it is a child subreaper: every sandbox init
+and exec'd process ends up its child. It reaps each on SIGCHLD, keeps the
+status until forgotten, and writes it to ``RUN_DIR/exits/PID-START.json``
+(atomically) so that a keeper started after this one dies knows it too.
+It exits once no supervisor is connected and it holds no pipes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
 import sys
+import time
+from typing import Any
 
-from ._spawn import keeper_main
+from ._proc import parent_pid, starttime
+from ._spawn import KEEPER_SOCKET, decode_request, failure_json, recv_fds, run_child, thread_count
+
+Key = tuple[int, int]
+
+
+class _Keeper:
+    def __init__(self, first: socket.socket, run_dir: str | None) -> None:
+        self.run_dir = run_dir
+        self.poller = select.poll()
+        self.conns: dict[int, socket.socket] = {}
+        self.held: dict[str, list[int]] = {}
+        self.exits: dict[Key, tuple[int | None, int | None]] = {}
+        self.waiters: dict[Key, list[socket.socket]] = {}
+        self.listener: socket.socket | None = None
+        self.exits_dir = os.path.join(run_dir, "exits") if run_dir else None
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        # A handler (not SIG_DFL, which discards SIGCHLD) so the wake-up
+        # fd is written; the work is done in the loop.
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.poller.register(self.wake_r, select.POLLIN)
+        self._add(first)
+
+    def _add(self, conn: socket.socket) -> None:
+        self.conns[conn.fileno()] = conn
+        self.poller.register(conn, select.POLLIN)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.poller.unregister(conn)
+        del self.conns[conn.fileno()]
+        conn.close()
+
+    # -- holder set-up ------------------------------------------------------
+
+    def become_holder(self) -> bool:
+        """Lock the run directory, listen, load kept statuses; False if
+        another keeper holds the run directory already."""
+        assert self.run_dir is not None and self.exits_dir is not None
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        lock = os.open(
+            os.path.join(self.run_dir, "keeper.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            return False
+        # Held for our lifetime (the descriptor stays open): the socket
+        # path below is ours to replace. Our PID in it, for people.
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+        from . import _syscalls
+
+        _syscalls.set_child_subreaper()
+        path = os.path.join(self.run_dir, KEEPER_SOCKET)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old)
+        listener.listen(64)
+        self.listener = listener
+        self.poller.register(listener, select.POLLIN)
+        os.makedirs(self.exits_dir, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.exits_dir):
+            try:
+                with open(os.path.join(self.exits_dir, name)) as f:
+                    d = json.load(f)
+                self.exits[(int(d["pid"]), int(d["starttime"]))] = (d["exit_code"], d["signal"])
+            except (OSError, ValueError, KeyError, TypeError):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.exits_dir, name))
+        return True
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        self._reap()
+        while self.conns or self.held:
+            for fd, _ in self.poller.poll():
+                if fd == self.wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self.wake_r, 512):
+                            pass
+                    self._reap()
+                elif self.listener is not None and fd == self.listener.fileno():
+                    with contextlib.suppress(OSError):
+                        conn, _ = self.listener.accept()
+                        self._add(conn)
+                elif fd in self.conns:
+                    self._serve(self.conns[fd])
+        if self.listener is not None:
+            # Gone from the path first: a supervisor arriving now starts a
+            # new keeper instead of talking to one on its way out.
+            assert self.run_dir is not None
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.run_dir, KEEPER_SOCKET))
+            self.listener.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        import msgpack  # type: ignore[import-untyped]
+
+        try:
+            msg, fds, _, _ = recv_fds(conn, 1 << 20, 8)
+        except OSError:
+            msg, fds = b"", []
+        if not msg:
+            _close(fds)
+            self._drop(conn)
+            return
+        try:
+            request = msgpack.unpackb(msg)
+            if not isinstance(request, dict) or not request:
+                raise ValueError("expected a map")
+            kind = next(iter(request))
+        except Exception:
+            _close(fds)
+            return
+        handler = getattr(self, f"_do_{kind}", None)
+        if kind in ("launch", "exec"):
+            self._spawn(request, fds)
+        elif handler is not None:
+            try:
+                handler(request[kind], fds)
+            except Exception:
+                _close(fds)
+        else:
+            _close(fds)
+
+    # -- requests -------------------------------------------------------------
+
+    def _spawn(self, request: dict[str, Any], fds: list[int]) -> None:
+        if len(fds) < 4:  # not even a report socket and stdio: nobody to tell
+            _close(fds)
+            return
+        report = socket.socket(fileno=fds[0])
+        try:
+            cfg = decode_request(request, fds[4:])
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                report.send(b"E" + failure_json("keeper", f"bad request: {exc}"))
+            report.close()
+            _close(fds[1:])
+            return
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            self._in_child()
+            run_child(cfg, report, (fds[1], fds[2], fds[3]))
+        _close(fds[1:])
+        os.waitpid(pid, 0)
+        # Only now, with the intermediate reaped, may the requester see the
+        # end of file that means "exec'd": the intermediate closes its copy
+        # of the socket before the kernel hands its child on to the
+        # subreaper. A process that exits in between would be nobody's
+        # child yet, and a waitid for it would fail (ECHILD).
+        report.close()
+
+    def _in_child(self) -> None:  # pragma: no cover - runs in the child
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _close([self.wake_r, self.wake_w])
+        for conn in self.conns.values():
+            conn.close()
+        if self.listener is not None:
+            self.listener.close()
+        for fds in self.held.values():
+            _close(fds)
+
+    def _do_hello(self, _: Any, fds: list[int]) -> None:
+        self._reply(fds, {"pid": os.getpid(), "held": len(self.held)})
+
+    def _do_hold(self, key: Any, fds: list[int]) -> None:
+        if len(fds) != 2:
+            _close(fds)
+            return
+        old = self.held.pop(str(key), None)
+        if old is not None:
+            _close(old)
+        self.held[str(key)] = fds
+
+    def _do_release(self, key: Any, fds: list[int]) -> None:
+        _close(fds)
+        _close(self.held.pop(str(key), []))
+
+    def _do_forget(self, ident: Any, fds: list[int]) -> None:
+        _close(fds)
+        key = (int(ident[0]), int(ident[1]))
+        if self.exits.pop(key, None) is not None and self.exits_dir is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.exits_dir, f"{key[0]}-{key[1]}.json"))
+
+    def _do_wait(self, args: Any, fds: list[int]) -> None:
+        pid, start, block = int(args[0]), int(args[1]), bool(args[2])
+        key = (pid, start)
+        if key in self.exits:
+            self._reply(fds, {"exited": list(self.exits[key])})
+        elif not self._running_child(pid, start):
+            self._reply(fds, {"unknown": True})
+        elif not block:
+            self._reply(fds, {"running": True})
+        else:
+            if len(fds) != 1:
+                _close(fds)
+                return
+            self.waiters.setdefault(key, []).append(socket.socket(fileno=fds[0]))
+
+    def _do_list(self, _: Any, fds: list[int]) -> None:
+        import msgpack
+
+        if len(fds) != 1:
+            _close(fds)
+            return
+        with socket.socket(fileno=fds[0]) as reply:
+            try:
+                for key, pipes in self.held.items():
+                    socket.send_fds(reply, [msgpack.packb({"held": key})], pipes)
+                items = [[p, s, c, g] for (p, s), (c, g) in self.exits.items()]
+                for i in range(0, len(items), 1000):
+                    reply.send(msgpack.packb({"exits": items[i : i + 1000]}))
+            except OSError:
+                pass  # the asker is gone
+
+    @staticmethod
+    def _running_child(pid: int, start: int) -> bool:
+        try:
+            return parent_pid(pid) == os.getpid() and (not start or starttime(pid) == start)
+        except (OSError, ValueError, IndexError):
+            return False
+
+    @staticmethod
+    def _reply(fds: list[int], answer: dict[str, Any]) -> None:
+        import msgpack
+
+        if not fds:
+            return
+        with socket.socket(fileno=fds[0]) as reply, contextlib.suppress(OSError):
+            reply.send(msgpack.packb(answer))
+        _close(fds[1:])
+
+    # -- reaping --------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """Reap every child that has exited, keeping its status."""
+        while True:
+            try:
+                # Look first (WNOWAIT): the start time must be read while
+                # the zombie still has its /proc entry.
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or not info.si_pid:
+                return
+            pid = info.si_pid
+            try:
+                start = starttime(pid)
+            except (OSError, ValueError, IndexError):
+                start = 0
+            os.waitid(os.P_PID, pid, os.WEXITED)
+            if info.si_code == os.CLD_EXITED:
+                status: tuple[int | None, int | None] = (info.si_status, None)
+            else:
+                status = (None, info.si_status)
+            self._keep((pid, start), status)
+
+    def _keep(self, key: Key, status: tuple[int | None, int | None]) -> None:
+        import msgpack
+
+        self.exits[key] = status
+        if self.exits_dir is not None:
+            path = os.path.join(self.exits_dir, f"{key[0]}-{key[1]}.json")
+            tmp = path + ".tmp"
+            record = {
+                "pid": key[0],
+                "starttime": key[1],
+                "exit_code": status[0],
+                "signal": status[1],
+                "at": time.time(),
+            }
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(record, f)
+                os.replace(tmp, path)
+            except OSError:
+                # Kept in memory still; only a keeper that replaces this
+                # one would not know it.
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        for reply in self.waiters.pop(key, []):
+            with reply, contextlib.suppress(OSError):
+                reply.send(msgpack.packb({"exited": list(status)}))
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def main(argv: list[str]) -> None:
+    """Run the keeper on the inherited socket *argv[1]* (and as holder of *argv[2]*)."""
+    first = socket.socket(fileno=int(argv[1]))
+    n = thread_count()
+    if n != 1:
+        raise SystemExit(f"corral keeper: expected one thread, found {n}")
+    # Supervisors decide when we stop: when they close their sockets.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    keeper = _Keeper(first, argv[2] if len(argv) > 2 else None)
+    if keeper.run_dir is not None and not keeper.become_holder():
+        first.send(b"busy")
+        return
+    first.send(b"ready")
+    keeper.run()
+
 
 if __name__ == "__main__":
-    keeper_main(int(sys.argv[1]))
+    main(sys.argv)

@@ -23,16 +23,30 @@ the sandbox's init.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import socket
 import sys
+from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn
 
 from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
 from ._exec import ExecConfig, run_exec_intermediate
 
-__all__ = ["Keeper", "SpawnFailed", "Spawned", "collect", "spawn_direct"]
+__all__ = [
+    "KEEPER_SOCKET",
+    "LOST",
+    "ExitStatus",
+    "Keeper",
+    "KeeperError",
+    "Reaper",
+    "SpawnFailed",
+    "Spawned",
+    "collect",
+    "exit_status",
+    "has_exited",
+    "spawn_direct",
+]
 
 
 class Spawned(NamedTuple):
@@ -42,6 +56,8 @@ class Spawned(NamedTuple):
     pidfd: int
     pty_master: int | None = None
     """The master of the process's terminal (an exec with ``tty``); the caller owns it."""
+    starttime: int = 0
+    """Its start time (see :mod:`._proc`): with the PID, its identity."""
 
 
 class SpawnFailed(Exception):
@@ -51,14 +67,98 @@ class SpawnFailed(Exception):
     must reap it (it exits by itself right after reporting).
     """
 
-    def __init__(self, failure: SetupFailure, pid: int | None = None, pidfd: int | None = None):
+    def __init__(
+        self,
+        failure: SetupFailure,
+        pid: int | None = None,
+        pidfd: int | None = None,
+        starttime: int = 0,
+    ):
         super().__init__(failure.message)
         self.failure = failure
         self.pid = pid
         self.pidfd = pidfd
+        self.starttime = starttime
 
 
-def _recv_fds(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int, object]:
+class ExitStatus(NamedTuple):
+    """How a process ended: exactly one field is set, or neither if that was lost.
+
+    Lost means the process was nobody's child that could tell: the keeper
+    that held it died while no supervisor ran, and the host's init reaped it.
+    """
+
+    exit_code: int | None
+    signal: int | None
+
+    @property
+    def known(self) -> bool:
+        """False if how it ended was lost."""
+        return self.exit_code is not None or self.signal is not None
+
+    @property
+    def status(self) -> int:
+        """Shell-style: the exit code, 128 + the signal, or -1 if lost."""
+        if self.exit_code is not None:
+            return self.exit_code
+        return -1 if self.signal is None else 128 + self.signal
+
+
+LOST = ExitStatus(None, None)
+"""The status of a process whose end nobody could report."""
+
+
+def exit_status(info: os.waitid_result) -> ExitStatus:
+    """The :class:`ExitStatus` in a ``waitid`` result."""
+    if info.si_code == os.CLD_EXITED:
+        return ExitStatus(info.si_status, None)
+    return ExitStatus(None, info.si_status)
+
+
+def has_exited(pidfd: int, timeout: float | None = 0) -> bool:
+    """True once the process behind *pidfd* has exited (waiting up to
+    *timeout* seconds, forever if None); never reaps it."""
+    import select
+
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    # A pidfd polls readable once its process has exited (kernel 5.3+),
+    # whoever its parent is.
+    return bool(poller.poll(None if timeout is None else int(timeout * 1000)))
+
+
+class Reaper:
+    """Collects the exit statuses of the processes a runtime starts.
+
+    This one reaps direct children with ``waitid`` (the caller is a child
+    subreaper, so sandbox inits are its children). A process that is not
+    our child is asked about elsewhere (:meth:`_not_ours`, which a
+    :class:`Keeper` overrides); here its status is lost.
+    """
+
+    def reap(self, proc: Spawned, *, block: bool) -> ExitStatus | None:
+        """How *proc* ended, reaping it if it is our child; None while it
+        runs (only without *block*)."""
+        if proc.pidfd < 0:  # taken back after it was gone: only others know
+            return self._not_ours(proc, block)
+        try:
+            info = os.waitid(os.P_PIDFD, proc.pidfd, os.WEXITED | (0 if block else os.WNOHANG))
+        except ChildProcessError:
+            return self._not_ours(proc, block)
+        if info is None or not info.si_pid:
+            return None
+        return exit_status(info)
+
+    def _not_ours(self, proc: Spawned, block: bool) -> ExitStatus | None:
+        if proc.pidfd >= 0 and not has_exited(proc.pidfd, None if block else 0):
+            return None
+        return LOST
+
+    def forget(self, proc: Spawned) -> None:
+        """*proc*'s status has been used: whoever kept it may drop it."""
+
+
+def recv_fds(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int, object]:
     """``socket.recv_fds`` with every received descriptor close-on-exec.
 
     Received descriptors are inheritable, and Python's recvmsg does not
@@ -71,7 +171,7 @@ def _recv_fds(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[
     return msg, fds, flags, addr
 
 
-def _threads() -> int:
+def thread_count() -> int:
     with open("/proc/self/status", "rb") as f:
         for line in f:
             if line.startswith(b"Threads:"):
@@ -86,25 +186,26 @@ def collect(sock: socket.socket) -> Spawned:
     and nothing more); ``T`` with a pty master (an exec with a terminal
     only); then end-of-file, which means exec'd, or a failure ``E...``.
     """
-    msg, fds, _, _ = _recv_fds(sock, 65536, 1)
+    msg, fds, _, _ = recv_fds(sock, 65536, 1)
     if msg[:1] != b"P" or not fds:
         for fd in fds:
             os.close(fd)
         if msg[:1] == b"E":
             raise SpawnFailed(decode_failure(msg))
         raise SpawnFailed(SetupFailure("spawn", 0, "the setup process died without a report"))
-    pid, pidfd = int(msg[1:]), fds[0]
+    pid_s, _, start_s = msg[1:].partition(b":")
+    pid, start, pidfd = int(pid_s), int(start_s or 0), fds[0]
     pty_master: int | None = None
     try:
         while True:
-            msg, fds, _, _ = _recv_fds(sock, 65536, 1)
+            msg, fds, _, _ = recv_fds(sock, 65536, 1)
             if msg == b"T" and len(fds) == 1 and pty_master is None:
                 pty_master = fds[0]
                 continue
             for fd in fds:
                 os.close(fd)
             if not msg:
-                return Spawned(pid, pidfd, pty_master)
+                return Spawned(pid, pidfd, pty_master, start)
             failure = (
                 decode_failure(msg)
                 if msg[:1] == b"E"
@@ -115,7 +216,7 @@ def collect(sock: socket.socket) -> Spawned:
             # so, see keeper_main); reaping before would fail, and the
             # zombie left would keep its sandbox's init from ever exiting.
             _drain(sock)
-            raise SpawnFailed(failure, pid, pidfd)
+            raise SpawnFailed(failure, pid, pidfd, start)
     except BaseException:
         if pty_master is not None:
             os.close(pty_master)
@@ -125,14 +226,14 @@ def collect(sock: socket.socket) -> Spawned:
 def _drain(sock: socket.socket) -> None:
     """Read (and drop) reports until end of file."""
     while True:
-        msg, fds, _, _ = _recv_fds(sock, 65536, 1)
+        msg, fds, _, _ = recv_fds(sock, 65536, 1)
         for fd in fds:
             os.close(fd)
         if not msg:
             return
 
 
-def _run_child(
+def run_child(
     cfg: LaunchConfig | ExecConfig, report: socket.socket, stdio: tuple[int, int, int]
 ) -> NoReturn:  # pragma: no cover - runs in the child
     if isinstance(cfg, ExecConfig):
@@ -148,7 +249,7 @@ def spawn_direct(
 
     *stdio* are the file descriptors the new process gets as 0, 1 and 2.
     """
-    n = _threads()
+    n = thread_count()
     if n != 1:
         raise RuntimeError(
             f"spawn_direct needs a single-threaded process (this one has {n} threads); use a Keeper"
@@ -159,7 +260,7 @@ def spawn_direct(
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child
                 parent.close()
-                _run_child(cfg, child, stdio)
+                run_child(cfg, child, stdio)
         finally:
             child.close()
         try:
@@ -168,48 +269,199 @@ def spawn_direct(
             os.waitpid(pid, 0)
 
 
-class Keeper:
+KEEPER_SOCKET = "keeper.sock"
+"""The holder keeper's socket, in the run directory."""
+
+
+class KeeperError(Exception):
+    """The keeper could not be started or reached."""
+
+
+class Keeper(Reaper):
     """A fork server for spawning sandboxes from a multi-threaded process.
 
-    Start it before anything else needs it; it is a child of this process
-    (so inits it creates are re-parented to us) and exits when the control
-    socket closes.
+    Without *run_dir* it is a private helper: a child of this process (so
+    the inits it creates are re-parented to us, a child subreaper) that
+    exits when :meth:`close` closes its socket.
+
+    With *run_dir* it is also the **holder** of the sandboxes: their
+    parent (a child subreaper itself), the keeper of their exit statuses
+    (in memory and as ``RUN_DIR/exits/PID-STARTTIME.json``) and of the read
+    ends of their output pipes (:meth:`hold`), so that they outlive the
+    supervisor without dying of SIGPIPE or losing how they ended. It
+    listens on ``RUN_DIR/keeper.sock``; a keeper already running there is
+    connected to (:attr:`reconnected`) rather than a new one started. It
+    exits once no supervisor is connected and it holds nothing. If it dies,
+    the next request starts another (:attr:`restarts` counts them) and is
+    given every pipe held so far again; the sandboxes it was the parent of
+    are re-parented to its own parent's subreaper, so this process reaps
+    them directly (see :meth:`Reaper.reap`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str | None = None) -> None:
+        import threading
+
+        self.run_dir = run_dir
+        self.restarts = 0
+        """How many times a dead keeper was replaced."""
+        self.reconnected = False
+        """True if the keeper was running already (a supervisor before us started it)."""
+        self._lock = threading.Lock()
+        self._proc: Any = None  # subprocess.Popen of a keeper we started
+        self._pid = 0
+        # key -> our duplicates of the output pipes' read ends given to the
+        # keeper, to give them again to a keeper that replaces a dead one.
+        self._held: dict[str, tuple[int, int]] = {}
+        self._sock = self._connect_or_start()
+
+    # -- connection -------------------------------------------------------
+
+    def _connect_or_start(self) -> socket.socket:
+        if self.run_dir is not None:
+            sock = self._connect()
+            if sock is not None:
+                self.reconnected = True
+                return sock
+        return self._start()
+
+    def _connect(self) -> socket.socket | None:
+        assert self.run_dir is not None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(os.path.join(self.run_dir, KEEPER_SOCKET))
+            # A keeper on its way out may still accept: only an answer counts.
+            answer = _answer(sock, {"hello": None})
+        except OSError:
+            sock.close()
+            return None
+        if not isinstance(answer, dict) or "pid" not in answer:
+            sock.close()
+            return None
+        self._pid = int(answer["pid"])
+        return sock
+
+    def _start(self) -> socket.socket:
         import subprocess
 
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with theirs:
-            # subprocess forks and execs in C (posix_spawn / vfork): no
-            # Python runs in the child, so this is safe with threads around.
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor._runtime._linux._keeper", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                # Its own session: a Ctrl-C on the supervisor's terminal must
-                # reach the supervisor (which stops sandboxes gracefully),
-                # not the keeper and every sandbox directly.
-                start_new_session=True,
-            )
-        self._sock = ours
-        msg = self._sock.recv(16)
-        if msg != b"ready":
-            self.close()
-            raise RuntimeError("the spawn keeper failed to start")
+        for _ in range(3):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            argv = [sys.executable, "-m", "supervisor._runtime._linux._keeper"]
+            argv += [str(theirs.fileno())]
+            if self.run_dir is not None:
+                argv.append(self.run_dir)
+            # A holder outlives us: it must not hold our stdout and stderr
+            # (whoever reads them would wait for it); its own complaints
+            # go to RUN_DIR/keeper.log.
+            log: Any = None
+            if self.run_dir is not None:
+                os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+                log = open(  # noqa: SIM115 - closed below, once the child has it
+                    os.path.join(self.run_dir, "keeper.log"), "ab"
+                )
+            with theirs, log or contextlib.nullcontext():
+                # subprocess forks and execs in C (posix_spawn / vfork): no
+                # Python runs in the child, so this is safe with threads around.
+                proc = subprocess.Popen(
+                    argv,
+                    pass_fds=[theirs.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL if log else None,
+                    stderr=log,
+                    # Its own session: a Ctrl-C or a hang-up on the
+                    # supervisor's terminal must reach the supervisor (which
+                    # stops sandboxes gracefully), not the keeper.
+                    start_new_session=True,
+                )
+            msg = b""
+            with contextlib.suppress(OSError):
+                msg = ours.recv(64)
+            if msg == b"ready":
+                self._proc, self._pid = proc, proc.pid
+                return ours
+            ours.close()
+            proc.wait()
+            if msg == b"busy" and self.run_dir is not None:
+                # Another keeper holds the run directory (it was starting
+                # while we looked): use it.
+                sock = self._connect()
+                if sock is not None:
+                    self.reconnected = True
+                    return sock
+                continue
+            break
+        raise KeeperError("the spawn keeper failed to start")
+
+    def _current(self) -> socket.socket:
+        with self._lock:
+            return self._sock
+
+    def _replace(self, dead: socket.socket) -> socket.socket:
+        """A new keeper for the dead one behind *dead* (once, however many
+        threads found it dead), given every held pipe again."""
+        with self._lock:
+            if self._sock is not dead:
+                return self._sock
+            dead.close()
+            if self._proc is not None:
+                # Ours: collect it. It is dead (its socket said so).
+                with contextlib.suppress(Exception):
+                    self._proc.wait(timeout=5)
+                self._proc = None
+            sock = self._connect_or_start()
+            for key, fds in self._held.items():
+                with contextlib.suppress(OSError):
+                    _send(sock, {"hold": key}, list(fds))
+            self._sock = sock
+            self.restarts += 1
+            return sock
+
+    def _send(self, payload: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        sock = self._current()
+        try:
+            _send(sock, payload, fds)
+        except OSError:
+            _send(self._replace(sock), payload, fds)
+
+    def _ask(self, payload: dict[str, Any], fds: Sequence[int] = ()) -> Any:
+        """Send a request with a reply socket; return the decoded answer,
+        or None if the keeper died before answering."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with parent:
+            with child:
+                self._send(payload, [child.fileno(), *fds])
+            msg = parent.recv(1 << 16)
+        return _unpack(msg) if msg else None
 
     @property
     def pid(self) -> int:
         """The keeper's PID."""
-        return self._proc.pid
+        return self._pid
+
+    def fileno(self) -> int:
+        """The connection to the keeper: it polls readable (end of file)
+        only when the keeper has died; then call :meth:`check`."""
+        return self._current().fileno()
+
+    def check(self) -> bool:
+        """Replace the keeper if it has died; True if it was replaced."""
+        sock = self._current()
+        try:
+            dead = sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            dead = False
+        except OSError:
+            dead = True
+        if dead:
+            self._replace(sock)
+        return dead
+
+    # -- spawning ---------------------------------------------------------
 
     def request(self, cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int]) -> socket.socket:
         """Ask for a sandbox or an exec; returns the report socket to :func:`collect` from.
 
         *stdio* are the file descriptors the new process gets as 0, 1 and 2.
         """
-        import msgpack  # type: ignore[import-untyped]
-
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with child:
             fds = [child.fileno(), *stdio]
@@ -219,7 +471,7 @@ class Keeper:
                 fds.append(cfg.target_pidfd)
             else:
                 payload = {"launch": cfg.to_dict()}
-            socket.send_fds(self._sock, [msgpack.packb(payload)], fds)
+            self._send(payload, fds)
         return parent
 
     def spawn(
@@ -229,16 +481,112 @@ class Keeper:
         with self.request(cfg, stdio) as sock:
             return collect(sock)
 
+    # -- holding ----------------------------------------------------------
+
+    def hold(self, key: str, out_r: int, err_r: int) -> None:
+        """Have the keeper keep the read ends of sandbox *key*'s output
+        pipes open until :meth:`release`, so that it never dies of SIGPIPE
+        while no supervisor reads them (it blocks once a pipe is full)."""
+        dups = (os.dup(out_r), os.dup(err_r))
+        with self._lock:
+            old = self._held.pop(key, None)
+            self._held[key] = dups
+        if old is not None:
+            _close(old)
+        self._send({"hold": key}, list(dups))
+
+    def release(self, key: str) -> None:
+        """The keeper may close what it holds for sandbox *key*."""
+        with self._lock:
+            dups = self._held.pop(key, None)
+        if dups is not None:
+            _close(dups)
+        with contextlib.suppress(OSError):
+            self._send({"release": key})
+
+    def held(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[int, int], ExitStatus]]:
+        """What the keeper holds: the pipes' read ends by key (new
+        descriptors, the caller's), and the exit statuses it keeps by
+        (PID, start time). Pipes listed are held on from now on (as if by
+        :meth:`hold`)."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pipes: dict[str, tuple[int, int]] = {}
+        exits: dict[tuple[int, int], ExitStatus] = {}
+        with parent:
+            with child:
+                self._send({"list": None}, [child.fileno()])
+            while True:
+                msg, fds, _, _ = recv_fds(parent, 1 << 20, 2)
+                if not msg:
+                    break
+                answer = _unpack(msg)
+                if "held" in answer and len(fds) == 2:
+                    pipes[str(answer["held"])] = (fds[0], fds[1])
+                    continue
+                _close(fds)
+                for pid, start, code, sig in answer.get("exits", ()):
+                    exits[(pid, start)] = ExitStatus(code, sig)
+        with self._lock:
+            for key, (out_r, err_r) in pipes.items():
+                self._held[key] = (os.dup(out_r), os.dup(err_r))
+        return pipes, exits
+
+    # -- reaping ----------------------------------------------------------
+
+    def _not_ours(self, proc: Spawned, block: bool) -> ExitStatus | None:
+        while True:
+            answer = self._ask({"wait": [proc.pid, proc.starttime, block]})
+            if answer is None:
+                # The keeper died: its children are ours now (we are the
+                # subreaper above it), or the host's init's.
+                if proc.pidfd < 0:
+                    return LOST
+                try:
+                    info = os.waitid(
+                        os.P_PIDFD, proc.pidfd, os.WEXITED | (0 if block else os.WNOHANG)
+                    )
+                except ChildProcessError:
+                    continue  # ask the keeper that replaced it
+                if info is None or not info.si_pid:
+                    return None
+                return exit_status(info)
+            if "exited" in answer:
+                code, sig = answer["exited"]
+                return ExitStatus(code, sig)
+            if "running" in answer:
+                return None
+            return super()._not_ours(proc, block)
+
+    def forget(self, proc: Spawned) -> None:
+        with contextlib.suppress(OSError):
+            self._send({"forget": [proc.pid, proc.starttime]})
+
+    def forget_exit(self, pid: int, starttime: int) -> None:
+        """Drop the exit status the keeper keeps for (*pid*, *starttime*)."""
+        with contextlib.suppress(OSError):
+            self._send({"forget": [pid, starttime]})
+
+    # -- end --------------------------------------------------------------
+
     def close(self) -> None:
-        """Stop the keeper (sandboxes it started keep running)."""
+        """Disconnect. A keeper we started and that holds nothing exits;
+        one that holds sandboxes runs on for the next supervisor."""
         import subprocess
 
-        self._sock.close()
+        with self._lock:
+            self._sock.close()
+            held, self._held = self._held, {}
+        for fds in held.values():
+            _close(fds)
+        if self._proc is None:
+            return
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+            if self.run_dir is None:
+                self._proc.kill()
+                self._proc.wait()
+            # A holder still holding sandboxes stays, for the next supervisor.
 
     def __enter__(self) -> Keeper:
         return self
@@ -247,53 +595,36 @@ class Keeper:
         self.close()
 
 
-def keeper_main(fd: int) -> None:
-    """The keeper's loop: one request, one fork, until the socket closes."""
+def _send(sock: socket.socket, payload: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    import msgpack  # type: ignore[import-untyped]
+
+    socket.send_fds(sock, [msgpack.packb(payload)], list(fds))
+
+
+def _unpack(msg: bytes) -> Any:
     import msgpack
 
-    ctl = socket.socket(fileno=fd)
-    n = _threads()
-    if n != 1:
-        raise SystemExit(f"corral keeper: expected one thread, found {n}")
-    # The supervisor decides when we stop: when it closes the socket.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctl.send(b"ready")
-    while True:
-        try:
-            msg, fds, _, _ = _recv_fds(ctl, 1 << 20, 5)
-        except OSError:
-            return
-        if not msg:
-            return
-        if len(fds) < 4:  # not even a report socket and stdio: nobody to tell
-            for fd in fds:
-                os.close(fd)
-            continue
-        report = socket.socket(fileno=fds[0])
-        try:
-            cfg = _decode_request(msgpack.unpackb(msg), fds[4:])
-        except Exception as exc:
-            report.send(b"E" + _failure_json("keeper", f"bad request: {exc}"))
-            report.close()
-            for fd in fds[1:]:
-                os.close(fd)
-            continue
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            ctl.close()
-            _run_child(cfg, report, (fds[1], fds[2], fds[3]))
-        for fd in fds[1:]:
+    return msgpack.unpackb(msg)
+
+
+def _answer(sock: socket.socket, payload: dict[str, Any]) -> Any:
+    """Send *payload* on *sock* with a reply socket; the decoded answer."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with parent:
+        with child:
+            _send(sock, payload, [child.fileno()])
+        parent.settimeout(10)
+        msg = parent.recv(1 << 16)
+    return _unpack(msg) if msg else None
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        os.waitpid(pid, 0)
-        # Only now, with the intermediate reaped, may the requester see the
-        # end of file that means "exec'd": the intermediate closes its copy
-        # of the socket before the kernel hands its child on to the
-        # requester (a subreaper). A process that exits in between would be
-        # nobody's child to the requester yet, and its waitid fails (ECHILD).
-        report.close()
 
 
-def _decode_request(request: Any, extra_fds: list[int]) -> LaunchConfig | ExecConfig:
+def decode_request(request: Any, extra_fds: list[int]) -> LaunchConfig | ExecConfig:
     """The config of a keeper request; *extra_fds* are the descriptors after stdio."""
     if not isinstance(request, dict) or len(request) != 1:
         raise ValueError("expected a map with one key, 'launch' or 'exec'")
@@ -306,7 +637,8 @@ def _decode_request(request: Any, extra_fds: list[int]) -> LaunchConfig | ExecCo
     raise ValueError(f"a {kind!r} request with {len(extra_fds)} extra descriptors")
 
 
-def _failure_json(step: str, message: str) -> bytes:
+def failure_json(step: str, message: str) -> bytes:
+    """A failure report of the keeper itself (wire form, without the ``E``)."""
     import json
 
     return json.dumps({"step": step, "errno": 0, "message": message, "kind": "setup"}).encode()

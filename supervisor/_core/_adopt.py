@@ -1,0 +1,178 @@
+"""Taking back what a supervisor that ended left running (re-adoption).
+
+Sandboxes outlive their supervisor by design: the keeper (see
+:mod:`supervisor._runtime._linux._keeper`) is their parent and holds their
+exit statuses and the read ends of their output pipes. The next supervisor
+of the same run directory finds every sandbox it made by its record
+(``RUN_DIR/sandboxes/NAME.json``, written atomically by the runtime, with
+the labels below), checks its identity (start time and cgroup, through a
+pidfd: never the PID alone) and takes it back:
+
+- a running sandbox of an instance of the fleet is **adopted**;
+- one that ended while no supervisor ran is reported ``exited`` (``late``),
+  unless the journal shows its ``exited`` was published already;
+- an older generation of an instance, or one whose exit was published, is
+  swept (a supervisor killed between the exit and the clean-up);
+- one whose instance is no longer in the fleet file is stopped.
+
+One supervisor per run directory: :func:`lock_run_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .._errors import CorralError
+from .._runtime._checkpoint import spec_to_dict
+from .._runtime._linux._spawn import Keeper, has_exited
+from .._runtime._sandbox import Runtime, Sandbox
+
+__all__ = ["Found", "SupervisorRunningError", "Survey", "lock_run_dir", "survey"]
+
+LOCK_FILE = "supervisor.lock"
+
+
+class SupervisorRunningError(CorralError):
+    """Another supervisor runs the sandboxes of this run directory."""
+
+
+def lock_run_dir(run_dir: str) -> int:
+    """Take the run directory's supervisor lock; return its descriptor
+    (held until the process ends: the kernel drops it even on SIGKILL)."""
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = f" (pid {int(os.pread(fd, 32, 0).split()[0])})"
+        os.close(fd)
+        raise SupervisorRunningError(
+            f"a supervisor{holder} already runs the sandboxes of {run_dir}:"
+            " stop it first (its sandboxes are taken back by the next one)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@dataclass(eq=False)
+class Found:
+    """A sandbox a previous supervisor left, as found."""
+
+    sandbox: Sandbox
+    instance: str
+    """The instance's name (its events' ``sandbox``)."""
+    index: int
+    generation: int
+    spec: dict[str, object]
+    """Its spec as recorded (plain data), to tell whether the fleet changed it."""
+    pipes: tuple[int, int] | None = None
+    """The read ends of its stdout and stderr pipes, from the keeper (ours now)."""
+    late: bool = False
+    """It had ended when found."""
+    published: bool = False
+    """Its ``exited`` is in the journal already."""
+    created_seq: int = 0
+
+    def close_pipes(self) -> None:
+        """Close the pipes (when nobody will read them)."""
+        for fd in self.pipes or ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pipes = None
+
+
+@dataclass
+class Survey:
+    """What a supervisor found at start-up (see :func:`survey`)."""
+
+    current: dict[str, Found] = field(default_factory=dict)
+    """By instance name: its newest generation."""
+    sweep: list[Found] = field(default_factory=list)
+    """Older generations: ended (or to be ended) and removed."""
+    problems: list[str] = field(default_factory=list)
+    """Records that could not be used (what was left of them is removed)."""
+
+
+def survey(
+    runtime: Runtime,
+    keeper: Keeper,
+    exit_published: Callable[[str, int, int], bool],
+) -> Survey:
+    """Find the sandboxes a previous supervisor of *runtime*'s run
+    directory left (blocking: run it in a thread).
+
+    *exit_published(instance, generation, since_seq)* tells whether the
+    journal has that generation's ``exited`` already.
+    """
+    pipes, _ = keeper.held()
+    out = Survey()
+    for record in runtime.records():
+        labels = record.get("labels")
+        if not isinstance(labels, dict) or "instance" not in labels:
+            continue  # not a fleet's (a `corral run`)
+        try:
+            sb = runtime.adopt(record)
+            found = Found(
+                sandbox=sb,
+                instance=str(labels["instance"]),
+                index=int(labels.get("index", 0)),
+                generation=int(labels.get("generation", 0)),
+                spec=dict(record["spec"]),
+                pipes=pipes.pop(sb.name, None),
+                created_seq=int(labels.get("created_seq", 0)),
+            )
+        except (CorralError, KeyError, TypeError, ValueError) as exc:
+            out.problems.append(str(exc))
+            keeper.release(str(record.get("name", "")))
+            continue
+        found.late = sb.pidfd < 0 or has_exited(sb.pidfd)
+        if found.late:
+            found.published = exit_published(found.instance, found.generation, found.created_seq)
+        other = out.current.get(found.instance)
+        if other is None or other.generation < found.generation:
+            if other is not None:
+                out.sweep.append(other)
+            out.current[found.instance] = found
+        else:
+            out.sweep.append(found)
+    for key, fds in pipes.items():
+        # Held for a sandbox that has no record (its create failed while
+        # its supervisor died): nothing to read them for.
+        keeper.release(key)
+        for fd in fds:
+            os.close(fd)
+    return out
+
+
+def changed(found: Found, now: dict[str, object]) -> bool:
+    """True if the fleet file's spec *now* (plain data) differs from the recorded one."""
+    return _comparable(found.spec) != _comparable(now)
+
+
+def _comparable(spec: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in spec.items() if k != "name"}
+
+
+def spec_data(spec: object) -> dict[str, object]:
+    """Plain data of a runtime spec, as records hold it."""
+    import json
+
+    from .._runtime._spec import SandboxSpec
+
+    assert isinstance(spec, SandboxSpec)
+    # Through JSON, as the record went: tuples become lists alike.
+    data: dict[str, object] = json.loads(json.dumps(spec_to_dict(spec)))
+    return data
+
+
+def names(found: Iterable[Found]) -> list[str]:
+    """Their sandboxes' names, for a report."""
+    return sorted(f.sandbox.name for f in found)

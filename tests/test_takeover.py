@@ -1,0 +1,238 @@
+"""A supervisor that dies does not take its sandboxes with it, and the next
+one takes them back (issue 14): re-adoption through the keeper."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+import events
+from supervisor import Supervisor
+from supervisor._runtime._linux._proc import parent_pid
+
+from .conftest import Dirs, corral, requires_root
+from .supervising import fleet, run, wait_event
+
+pytestmark = [requires_root, pytest.mark.layout]
+
+FLEET = """
+[supervisor]
+grace_period = "2s"
+
+[[sandbox]]
+name = "w"
+replicas = 2
+command = "while :; do echo tick; sleep 0.1; done"
+
+[[sandbox]]
+name = "quit"
+command = "trap 'exit 3' TERM; while :; do sleep 0.1; done"
+"""
+TIMEOUT = 60
+
+
+class Up:
+    """`corral up` as a subprocess, its JSON log read line by line."""
+
+    def __init__(self, dirs: Dirs, fleet_file: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "up", *args, str(fleet_file)],
+            env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.log: list[dict[str, object]] = []
+
+    def until(self, pred: object) -> dict[str, object]:
+        """The first log record (read already, or next) matching *pred*."""
+        assert self.proc.stdout is not None
+        for old in self.log:
+            if pred(old):  # type: ignore[operator]
+                return old
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, f"corral up ended; log: {self.log}"
+            rec: dict[str, object] = json.loads(line)
+            self.log.append(rec)
+            assert rec.get("event") != "start_failed", json.dumps(rec)
+            if pred(rec):  # type: ignore[operator]
+                return rec
+
+    def events(self, kind: str) -> dict[str, dict[str, object]]:
+        return {str(r["sandbox"]): r for r in self.log if r.get("event") == kind}
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=TIMEOUT)
+        assert self.proc.returncode == 0, err
+        self.log += [json.loads(line) for line in out.splitlines()]
+        return err
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
+
+    def abort(self) -> None:
+        """A failed test: stop it (and its sandboxes) as cleanly as it can."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not _gone(pid):
+        assert time.monotonic() < deadline, f"process {pid} did not end"
+        time.sleep(0.01)
+
+
+def _log_size(dirs: Dirs, name: str) -> int:
+    return (dirs.state / "logs" / f"{name}.log").stat().st_size
+
+
+def test_a_killed_supervisor_s_sandboxes_are_taken_back(dirs: Dirs, tmp_path: Path) -> None:
+    """SIGKILL `corral up`: its sandboxes run on, held by the keeper; one
+    that ends meanwhile is reported late with its real status; the next
+    `corral up` adopts the others (same processes), continues the sequence
+    and their output, and stops them all cleanly."""
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(FLEET)
+    first = Up(dirs, fleet_file)
+    try:
+        for name in ("w-0", "w-1", "quit-0"):
+            first.until(lambda r, n=name: r["event"] == "started" and r["sandbox"] == n)
+    except BaseException:
+        first.abort()
+        raise
+    pids = {n: int(r["pid"]) for n, r in first.events("started").items()}  # type: ignore[call-overload]
+    last_seq = max(int(r["seq"]) for r in first.log)  # type: ignore[call-overload]
+    first.kill()
+
+    # Nobody supervises them now; the keeper is their parent.
+    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    assert keeper != first.proc.pid
+    for pid in pids.values():
+        assert not _gone(pid)
+        assert parent_pid(pid) == keeper
+    os.kill(pids["quit-0"], signal.SIGTERM)  # it exits with status 3, unsupervised
+    _wait_gone(pids["quit-0"])  # reaped: by the keeper, which keeps the status
+    size = _log_size(dirs, "w-0")
+
+    second = Up(dirs, fleet_file)
+    try:
+        second.until(lambda r: r["event"] == "exited" and r["sandbox"] == "quit-0")
+        for name in ("w-0", "w-1"):
+            second.until(lambda r, n=name: r["event"] == "adopted" and r["sandbox"] == n)
+        adopted = second.events("adopted")
+        assert {n: adopted[n]["pid"] for n in ("w-0", "w-1")} == {
+            n: pids[n] for n in ("w-0", "w-1")
+        }
+        assert all(adopted[n]["changed"] is False for n in ("w-0", "w-1"))
+        exited = second.events("exited")["quit-0"]
+        assert (exited["status"], exited["exit_code"], exited["late"]) == (3, 3, True)
+        assert not [r for r in second.log if r["event"] == "started" and r["sandbox"] != "quit-0"]
+        # The sequence continues where the first supervisor's ended.
+        seqs = [int(r["seq"]) for r in second.log]  # type: ignore[call-overload]
+        assert min(seqs) > last_seq
+        assert seqs == sorted(seqs)
+        # The adopted sandboxes' output is read again (it never stopped being held).
+        deadline = time.monotonic() + TIMEOUT
+        grown = size
+        while grown <= size + 100:
+            assert time.monotonic() < deadline, "the adopted sandbox's output is not read"
+            time.sleep(0.05)
+            grown = _log_size(dirs, "w-0")
+        ps = corral(dirs, "ps", "--json")
+        states = {r["name"]: r["state"] for r in json.loads(ps.stdout)}
+        assert states == {"w-0": "running", "w-1": "running", "quit-0": "exited"}
+        second.stop()
+    except BaseException:
+        second.abort()
+        raise
+    for pid in pids.values():
+        assert _gone(pid)
+    stopped = {str(r["sandbox"]) for r in second.log if r.get("event") == "stopped"}
+    assert {"w-0", "w-1"} <= stopped
+    # Exactly one exited per generation across both runs, in the journal.
+    with events.Journal(str(dirs.state / "journal")) as journal:
+        everything = list(journal.replay(1))
+    assert [e.seq for e in everything] == list(range(1, len(everything) + 1))
+    quit_exits = [e for e in everything if e.kind == "exited" and e.sandbox == "quit-0"]
+    assert len(quit_exits) == 1
+    # The keeper, with nothing left to hold, ended. (Its first supervisor
+    # died, so it was re-parented to the nearest subreaper: this test.)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(keeper, 0)
+    _wait_gone(keeper)
+
+
+def test_a_second_supervisor_of_a_live_fleet_refuses(dirs: Dirs, tmp_path: Path) -> None:
+    """Two supervisors would fight over the sandboxes: the second says so in one line."""
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(FLEET)
+    first = Up(dirs, fleet_file)
+    try:
+        first.until(lambda r: r["event"] == "started" and r["sandbox"] == "w-0")
+        second = subprocess.run(
+            [sys.executable, "-m", "supervisor", "up", str(fleet_file)],
+            env=dirs.env, capture_output=True, text=True, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert second.returncode != 0
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert f"(pid {first.proc.pid}) already runs the sandboxes of {dirs.run}" in lines[0]
+        ps = corral(dirs, "ps", "--json")
+        assert {r["state"] for r in json.loads(ps.stdout) if r["name"] != "quit-0"} == {"running"}
+        first.stop()
+    except BaseException:
+        first.abort()
+        raise
+
+
+def test_a_dead_keeper_is_replaced_and_its_sandboxes_are_not_lost(dirs: Dirs) -> None:
+    """SIGKILL the keeper: a new one takes its place for new sandboxes; the
+    old ones (re-parented to the supervisor) still report how they end."""
+    f = fleet(
+        {"name": "a", "command": "trap 'exit 5' TERM; while :; do sleep 0.1; done"},
+        {"name": "b", "command": "sleep 1000"},
+    )
+
+    async def body(sup: Supervisor) -> None:
+        assert sup.keeper is not None
+        started = await wait_event(sup, lambda e: e.kind == "started" and e.sandbox == "a-0")
+        await wait_event(sup, lambda e: e.kind == "started" and e.sandbox == "b-0")
+        old = sup.keeper.pid
+        os.kill(old, signal.SIGKILL)
+        with trio.fail_after(TIMEOUT):
+            while sup.keeper.restarts == 0:
+                await trio.sleep(0.01)
+        assert sup.keeper.pid != old
+        # An old sandbox: its end is still seen, with its status.
+        os.kill(started.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+        ended = await wait_event(sup, lambda e: e.kind == "exited" and e.sandbox == "a-0")
+        assert (ended.status, ended.late) == (5, False)  # type: ignore[attr-defined]
+        # A new one is started through the new keeper.
+        await sup.restart_sandbox("b-0")
+        again = await wait_event(
+            sup, lambda e: e.kind == "started" and e.sandbox == "b-0" and e.generation == 1
+        )
+        assert parent_pid(again.pid) == sup.keeper.pid  # type: ignore[attr-defined]
+
+    run(f, dirs, body)
