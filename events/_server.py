@@ -1,10 +1,12 @@
 """The event socket: outside consumers subscribe over a Unix stream socket.
 
-Per connection: check the peer (SO_PEERCRED), read one request map (see
-``_protocol``), subscribe to the bus, replay from the journal what the client
-asked for up to the moment of subscribing, then stream live events. Every
-event is sent as its msgpack map, back to back; what is ready is sent in one
-write.
+Per connection: check the peer (SO_PEERCRED), take a place among the
+connections its class may hold (root and our user apart from the group's
+members, so that they can never lock root out), read one request map (see
+``_protocol``) within the request timeout, subscribe to the bus, replay
+from the journal what the client asked for up to the moment of subscribing,
+then stream live events. Every event is sent as its msgpack map, back to
+back; what is ready is sent in one write.
 
 A client that reads slowly only slows its own connection task: the bus
 never waits for it, its subscription overflows instead, and the task fills
@@ -31,7 +33,15 @@ from ._errors import DecodeError
 from ._filter import Filter
 from ._protocol import MAX_REQUEST_BYTES, Request, decode_request
 from ._types import Gap
-from .unixsocket import bind_socket, peer_allowed, unbind_socket
+from .unixsocket import (
+    MAX_CONNECTIONS,
+    MAX_PRIVILEGED_CONNECTIONS,
+    ConnectionSlots,
+    bind_socket,
+    peer_allowed,
+    peer_privileged,
+    unbind_socket,
+)
 
 __all__ = ["serve_events"]
 
@@ -56,6 +66,8 @@ async def serve_events(
     mode: int = 0o660,
     request_timeout: float = 10.0,
     drain_timeout: float = 5.0,
+    max_connections: int = MAX_CONNECTIONS,
+    max_privileged_connections: int = MAX_PRIVILEGED_CONNECTIONS,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve *bus* on a Unix stream socket at *path*.
@@ -65,7 +77,14 @@ async def serve_events(
     file gets *mode* and, with *group*, that group. Peers are admitted by
     SO_PEERCRED: root, the server's own user, or (with *group*) a process
     whose primary or supplementary groups include *group*. A client must
-    send its request within *request_timeout* seconds.
+    send its request within *request_timeout* seconds; once subscribed it
+    is never idle (it receives) and stays until it or the server leaves.
+
+    At most *max_connections* connections of peers other than root and the
+    server's user are served at once, and apart from them at most
+    *max_privileged_connections* of those two: one more of a full class is
+    closed at once, without a word (the protocol has none before the
+    events), and the group's members can never take root's places.
 
     Start it with ``await nursery.start(serve_events, bus, path)``: it
     reports started once the socket accepts connections. It runs until
@@ -75,12 +94,13 @@ async def serve_events(
     """
     sock = await bind_socket(path, group, mode, what="events")
     ino = os.stat(path).st_ino
+    slots = ConnectionSlots(max_connections, max_privileged_connections)
     try:
         async with trio.open_nursery() as connections:
             try:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(
-                        _accept, bus, sock, path, connections, group, request_timeout
+                        _accept, bus, sock, path, connections, group, slots, request_timeout
                     )
                     task_status.started()
                     await bus._wait_closed()
@@ -100,6 +120,7 @@ async def _accept(
     path: str,
     connections: trio.Nursery,
     group: int | None,
+    slots: ConnectionSlots,
     request_timeout: float,
 ) -> None:
     while True:
@@ -111,24 +132,32 @@ async def _accept(
             log.warning("event socket %s: accept failed (%s); retrying", path, exc)
             await trio.sleep(0.1)
             continue
-        connections.start_soon(_serve_one, bus, conn, group, request_timeout)
+        connections.start_soon(_serve_one, bus, conn, group, slots, request_timeout)
 
 
 async def _serve_one(
-    bus: Bus, conn: trio.socket.SocketType, group: int | None, request_timeout: float
+    bus: Bus,
+    conn: trio.socket.SocketType,
+    group: int | None,
+    slots: ConnectionSlots,
+    request_timeout: float,
 ) -> None:
     stream = trio.SocketStream(conn)
     try:
         async with stream:
             if not peer_allowed(conn, group):
                 return
-            request = await _read_request(stream, request_timeout)
-            if request is None:
-                return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_hangup, stream, nursery.cancel_scope)
-                await _stream_events(bus, stream, request)
-                nursery.cancel_scope.cancel()
+            slot = slots.take(peer_privileged(conn))
+            if slot is None:
+                return  # busy: closed before the request, as for a bad one
+            with slot:
+                request = await _read_request(stream, request_timeout)
+                if request is None:
+                    return
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_watch_hangup, stream, nursery.cancel_scope)
+                    await _stream_events(bus, stream, request)
+                    nursery.cancel_scope.cancel()
     # except*: errors from the connection's nursery arrive in a group.
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client went away

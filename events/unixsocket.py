@@ -14,6 +14,10 @@ the same way:
   ``SO_PEERGROUPS``): root, the server's own user, or a member of the
   group. File modes alone are not trusted: a socket file may be reached
   through a descriptor or a bind mount.
+- :class:`ConnectionSlots` bounds how many connections are served at once,
+  counting *privileged* peers (:func:`peer_privileged`: root and the
+  server's own user) apart from everyone else, so that other users filling
+  their places can never lock root out.
 - :func:`unbind_socket` closes the listening socket and removes its file,
   unless another server has replaced it since.
 
@@ -34,7 +38,25 @@ import trio
 
 from ._errors import SocketError
 
-__all__ = ["bind_socket", "peer_allowed", "unbind_socket"]
+__all__ = [
+    "MAX_CONNECTIONS",
+    "MAX_PRIVILEGED_CONNECTIONS",
+    "ConnectionSlots",
+    "Slot",
+    "bind_socket",
+    "peer_allowed",
+    "peer_privileged",
+    "unbind_socket",
+]
+
+MAX_CONNECTIONS = 128
+"""Connections served at once to peers that are not privileged (the group's
+members): one more is refused."""
+MAX_PRIVILEGED_CONNECTIONS = 1024
+"""Connections served at once to privileged peers (root, the server's own
+user), counted apart from the others'. A bound still, so that a runaway
+script of root's cannot use up the server's descriptors; far above what the
+others get, as root's clients are the administrator's own."""
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
@@ -100,6 +122,19 @@ def _remove_stale(path: str, what: str) -> None:
         pass
 
 
+def _peer_ids(sock: trio.socket.SocketType | socket.socket) -> tuple[int, int]:
+    """The uid and gid of the peer when it connected (``SO_PEERCRED``)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, gid = struct.unpack("3i", creds)
+    return uid, gid
+
+
+def peer_privileged(sock: trio.socket.SocketType | socket.socket) -> bool:
+    """Whether the peer of the connected *sock* is root or the server's own
+    effective user (as it was when it connected)."""
+    return _peer_ids(sock)[0] in (0, os.geteuid())
+
+
 def peer_allowed(sock: trio.socket.SocketType | socket.socket, group: int | None) -> bool:
     """Whether the peer of the connected *sock* may talk to this server.
 
@@ -107,8 +142,7 @@ def peer_allowed(sock: trio.socket.SocketType | socket.socket, group: int | None
     process whose primary or supplementary groups included *group* when it
     connected.
     """
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, gid = struct.unpack("3i", creds)
+    uid, gid = _peer_ids(sock)
     if uid in (0, os.geteuid()):
         return True
     if group is None:
@@ -127,3 +161,73 @@ def peer_allowed(sock: trio.socket.SocketType | socket.socket, group: int | None
                 continue
             return False
         return group in array.array("I", raw[: len(raw) - len(raw) % 4])
+
+
+class Slot:
+    """One connection's place in a :class:`ConnectionSlots`; given back by
+    :meth:`release` or at the end of a ``with`` block (once, however often
+    it is called)."""
+
+    def __init__(self, slots: ConnectionSlots, privileged: bool) -> None:
+        self._slots: ConnectionSlots | None = slots
+        self.privileged = privileged
+        """Whether the place is one of the privileged peers'."""
+
+    def release(self) -> None:
+        """Give the place back (idempotent)."""
+        if self._slots is not None:
+            self._slots._live[self.privileged] -= 1
+            self._slots = None
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ConnectionSlots:
+    """How many connections a server serves at once: at most *limit* to
+    peers that are not privileged, and separately at most *privileged_limit*
+    to privileged ones (:func:`peer_privileged`).
+
+    The two are counted apart so that members of the socket's group, however
+    many connections they hold, never take root's places: root can always
+    connect to see what is going on and stop it. Counting is per server (one
+    :class:`ConnectionSlots` each), synchronous, and needs no lock: the
+    servers are trio tasks on one thread.
+    """
+
+    def __init__(
+        self, limit: int = MAX_CONNECTIONS, privileged_limit: int = MAX_PRIVILEGED_CONNECTIONS
+    ) -> None:
+        if limit < 1 or privileged_limit < 1:
+            raise ValueError(f"limits must be at least 1, got {limit} and {privileged_limit}")
+        self.limit = limit
+        self.privileged_limit = privileged_limit
+        # Live connections: [others, privileged] (indexed by the bool).
+        self._live = [0, 0]
+
+    def live(self, privileged: bool) -> int:
+        """Connections holding a place of that class now."""
+        return self._live[privileged]
+
+    def take(self, privileged: bool) -> Slot | None:
+        """A place for one more connection of that class, or None if the
+        class is full (the caller refuses the connection)."""
+        bound = self.privileged_limit if privileged else self.limit
+        if self._live[privileged] >= bound:
+            return None
+        self._live[privileged] += 1
+        return Slot(self, privileged)
+
+    def busy_message(self, privileged: bool) -> str:
+        """One line for a refused connection of that class."""
+        if privileged:
+            return (
+                f"{self.privileged_limit} connections of root and the server's user are open;"
+                " try again when one closes"
+            )
+        return (
+            f"{self.limit} connections of users other than root are open; try again when one closes"
+        )

@@ -9,6 +9,7 @@ import random
 import socket
 import subprocess
 import sys
+import textwrap
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -18,7 +19,7 @@ import trio
 import events
 from supervisor import Supervisor
 from supervisor._control._client import ControlError, call
-from supervisor._control._server import MAX_CONNECTIONS, MAX_FDS
+from supervisor._control._server import MAX_CONNECTIONS, MAX_FDS, MAX_PRIVILEGED_CONNECTIONS
 
 from .conftest import Dirs, requires_root
 from .helpers import wait_for
@@ -151,7 +152,9 @@ def test_hostile_clients_are_dropped_and_bounded(dirs: Dirs) -> None:
     """Truncated frames, random bytes, descriptor floods, too many
     connections, a client that never reads: each gets an error or is
     dropped; the fleet, the supervisor and other clients carry on."""
-    f = fleet({"name": "web", "command": "exec sleep 1000"})
+    # A long idle bound: held connections must not be closed for idling
+    # (and give their places back) while the test fills the bound.
+    f = fleet({"name": "web", "command": "exec sleep 1000"}, socket_idle_timeout="10m")
 
     async def body(sup: Supervisor) -> None:
         await wait_event(sup, lambda e: isinstance(e, events.Started))
@@ -225,22 +228,23 @@ def test_hostile_clients_are_dropped_and_bounded(dirs: Dirs) -> None:
                 with contextlib.suppress(BlockingIOError):
                     greedy.send(flood)
                 assert call(path, "ping")["pid"] == os.getpid()
-            # Connections beyond the bound are told so and closed.
+            # Connections beyond the bound are told so and closed: root has
+            # a bound of its own (the group's is tested below).
             held = []
             try:
-                for _ in range(MAX_CONNECTIONS + 1):
+                codes = []
+                for _ in range(MAX_PRIVILEGED_CONNECTIONS + 1):
                     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     held.append(c)
+                    c.connect(path)  # blocking: waits for room in the listen backlog
                     c.settimeout(30)
-                    c.connect(path)
-                codes = []
-                for c in held:
+                    # Answered before the next connects: each one served
+                    # holds its place, so only the last can be refused.
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         c.sendall(ping)  # a refused one was answered and closed
                     answer = msgpack.unpackb(c.recv(65536))
                     codes.append("ok" if answer["ok"] else answer["error"]["code"])
-                assert set(codes) == {"ok", "busy"}
-                assert codes.count("ok") <= MAX_CONNECTIONS
+                assert codes == ["ok"] * MAX_PRIVILEGED_CONNECTIONS + ["busy"]
             finally:
                 for c in held:
                     c.close()
@@ -283,6 +287,154 @@ def test_a_member_of_the_socket_group_is_admitted(dirs: Dirs) -> None:
             env={**os.environ, "PYTHONPATH": os.getcwd()},
         )
         assert r.stdout.decode().strip() == "web-0", r.stderr
+
+    run(f, dirs, body)
+
+
+# Run as a member of socket_group: holds N connections, each admitted (its
+# ping answered), then asks on one more; prints "OKS CODE", then keeps them
+# all open until its stdin closes.
+_HOLD_CONTROL = textwrap.dedent(
+    """
+    import socket, sys, msgpack
+    path, n = sys.argv[1], int(sys.argv[2])
+
+    def ping(s):
+        try:
+            s.sendall(msgpack.packb({"id": 1, "method": "ping"}))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused: its answer is waiting to be read
+        unpacker = msgpack.Unpacker(raw=False)
+        while data := s.recv(65536):
+            unpacker.feed(data)
+            for answer in unpacker:
+                return "ok" if answer["ok"] else answer["error"]["code"]
+        return "closed"
+
+    held, codes = [], []
+    for _ in range(n + 1):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)  # blocking: waits for room in the listen backlog
+        s.settimeout(30)
+        held.append(s)
+        codes.append(ping(s))
+    print(codes[:n].count("ok"), codes[n], flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_root_is_served_while_the_group_holds_every_place(dirs: Dirs) -> None:
+    """Members of socket_group holding all their places (idle) are told
+    ``busy`` for one more; root's ping is still answered."""
+    # A long idle bound: the held connections must outlast the test.
+    f = fleet(
+        {"name": "web", "command": "exec sleep 1000"},
+        socket_group=4242,
+        socket_idle_timeout="10m",
+    )
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        path = _sock(dirs)
+        for d in (dirs.run.parent, dirs.run):
+            os.chmod(d, 0o755)
+
+        def check() -> None:
+            # Leaving the block closes its stdin: it lets go and exits.
+            with subprocess.Popen(
+                [sys.executable, "-c", _HOLD_CONTROL, path, str(MAX_CONNECTIONS)],
+                user=65534,
+                group=65534,
+                extra_groups=[4242],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": os.getcwd()},
+            ) as holder:
+                assert holder.stdout is not None
+                assert holder.stdout.readline().split() == [str(MAX_CONNECTIONS), "busy"]
+                assert call(path, "ping")["pid"] == os.getpid()
+
+        await trio.to_thread.run_sync(check)
+
+    run(f, dirs, body)
+
+
+def _to_the_end(s: socket.socket) -> list[Any]:
+    """Every message until the server closes (the socket's timeout is the deadline)."""
+    unpacker = msgpack.Unpacker(raw=False)
+    while chunk := s.recv(65536):
+        unpacker.feed(chunk)
+    return list(unpacker)
+
+
+def test_an_idle_connection_is_told_so_and_closed(dirs: Dirs) -> None:
+    """With nothing in flight, a connection that sends no complete request
+    within socket_idle_timeout gets an ``idle`` answer and is closed: silent
+    from the start, after an answer, or stalled mid-request. A request that
+    runs longer than the bound keeps its connection open."""
+    f = fleet({"name": "web", "command": "exec sleep 1000"}, socket_idle_timeout="200ms")
+    idle = {
+        "id": None,
+        "ok": False,
+        "error": {"code": "idle", "message": "no request for 0.2s; the connection is closed"},
+    }
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        path = _sock(dirs)
+
+        def connect() -> socket.socket:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(30)
+            s.connect(path)
+            return s
+
+        def check() -> None:
+            ping = msgpack.packb({"id": 1, "method": "ping"})
+            with connect() as silent:
+                assert _to_the_end(silent) == [idle]
+            with connect() as done:
+                done.sendall(ping)
+                answer, *rest = _to_the_end(done)
+                assert answer["ok"] is True and rest == [idle]
+            with connect() as stalled:
+                stalled.sendall(ping[:-2])
+                assert _to_the_end(stalled) == [idle]
+            # An exec of cat waits for its input: its connection has a
+            # request in flight, and is kept while a later connection,
+            # made once it had started, is closed for idling.
+            stdin_r, stdin_w = os.pipe()
+            out_r, out_w = os.pipe()
+            with connect() as running:
+                request = {
+                    "id": 2,
+                    "method": "exec",
+                    "params": {"name": "web-0", "argv": ["cat"], "fds": 3},
+                }
+                fds = array.array("i", [stdin_r, out_w, out_w])
+                running.sendmsg(
+                    [msgpack.packb(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+                )
+                for fd in (stdin_r, out_w):
+                    os.close(fd)
+                unpacker = msgpack.Unpacker(raw=False)
+                while not (got := list(unpacker)):
+                    data = running.recv(65536)
+                    assert data, "closed before the exec started"
+                    unpacker.feed(data)
+                assert "progress" in got[0], got
+                with connect() as later:
+                    assert _to_the_end(later) == [idle]
+                os.write(stdin_w, b"still here\n")
+                os.close(stdin_w)
+                with os.fdopen(out_r, "rb") as out:
+                    assert out.read() == b"still here\n"
+                answers = got[1:] + _to_the_end(running)
+                assert answers == [{"id": 2, "ok": True, "result": {"status": 0}}, idle]
+
+        await trio.to_thread.run_sync(check)
 
     run(f, dirs, body)
 

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Iterator
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -205,6 +206,47 @@ async def test_a_silent_client_is_closed_after_the_timeout(
             assert await read_all(silent) == ([], False)
             assert trio.current_time() - t0 == pytest.approx(10.0)
         nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_connections_past_the_bound_are_closed_at_once(sock_dir: Path) -> None:
+    """Past max_privileged_connections (the test's peers are root or the
+    server's own user), one more connection is closed without a word; once
+    a client leaves, its place is served again."""
+    path = str(sock_dir / "events.sock")
+
+    async def connect() -> tuple[trio.SocketStream, bool]:
+        """A connection asking for a replay, and whether it is served (an
+        admitted one gets the journal's event at once)."""
+        stream = await trio.open_unix_socket(path)
+        try:
+            await stream.send_all(msgpack.packb({"v": 1, "since": 1}))
+            data = await stream.receive_some(1 << 16)
+        except trio.BrokenResourceError:
+            data = b""
+        return stream, bool(data)
+
+    with Journal(sock_dir / "journal") as j:
+        bus = Bus(j)
+        bus.publish(started())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(serve_events, bus, path, max_connections=1, max_privileged_connections=2)
+            )
+            (a, a_served), (b, b_served) = await connect(), await connect()
+            refused, served = await connect()
+            assert (a_served, b_served, served) == (True, True, False)
+            await refused.aclose()
+            await a.aclose()
+            with trio.fail_after(10):
+                while True:  # until the server has seen a leave
+                    c, served = await connect()
+                    if served:
+                        break
+                    await c.aclose()
+            for stream in (b, c):
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
 
 
 @trio_test

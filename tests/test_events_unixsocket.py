@@ -16,7 +16,13 @@ import pytest
 import trio
 
 from events import SocketError
-from events.unixsocket import bind_socket, peer_allowed, unbind_socket
+from events.unixsocket import (
+    ConnectionSlots,
+    bind_socket,
+    peer_allowed,
+    peer_privileged,
+    unbind_socket,
+)
 
 _CONNECT = (
     "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.recv(1)"
@@ -80,7 +86,8 @@ def test_unbind_leaves_a_newer_servers_file(sock_dir: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
 def test_peer_allowed_by_the_credentials_at_connect(sock_dir: Path) -> None:
-    """Root and members of the group (primary or supplementary) are admitted, others not."""
+    """Root and members of the group (primary or supplementary) are admitted,
+    others not; only root (here the server's user too) is privileged."""
     os.chmod(sock_dir, 0o755)
     path = str(sock_dir / "s.sock")
     server = socket.socket(socket.AF_UNIX)
@@ -89,18 +96,44 @@ def test_peer_allowed_by_the_credentials_at_connect(sock_dir: Path) -> None:
     server.listen(1)
     server.settimeout(30)  # a client that cannot connect fails the test, not hangs it
 
-    def admitted(socket_group: int | None, **ids: object) -> bool:
+    def admitted(socket_group: int | None, **ids: object) -> tuple[bool, bool]:
+        """(allowed, privileged) for a client started with *ids*."""
         client = subprocess.Popen([sys.executable, "-c", _CONNECT, path], **ids)  # type: ignore[call-overload]
         try:
             conn, _ = server.accept()
             with conn:
-                return peer_allowed(conn, socket_group)
+                return peer_allowed(conn, socket_group), peer_privileged(conn)
         finally:
             client.wait(timeout=30)
 
     with server:
-        assert admitted(None)  # root
-        assert not admitted(None, user=65534, group=65534, extra_groups=[])
-        assert not admitted(4242, user=65534, group=65534, extra_groups=[])
-        assert admitted(4242, user=65534, group=4242, extra_groups=[])
-        assert admitted(4242, user=65534, group=65534, extra_groups=[4242])
+        assert admitted(None) == (True, True)  # root
+        assert admitted(None, user=65534, group=65534, extra_groups=[]) == (False, False)
+        assert admitted(4242, user=65534, group=65534, extra_groups=[]) == (False, False)
+        assert admitted(4242, user=65534, group=4242, extra_groups=[]) == (True, False)
+        assert admitted(4242, user=65534, group=65534, extra_groups=[4242]) == (True, False)
+        # Root's groups do not make a member privileged, nor gid 0.
+        assert admitted(4242, user=65534, group=0, extra_groups=[4242]) == (True, False)
+
+
+def test_connection_slots_count_each_class_apart() -> None:
+    """Each class is refused past its own bound, whatever the other holds;
+    a place given back (once, however often released) is free again."""
+    slots = ConnectionSlots(limit=2, privileged_limit=3)
+    others = [slots.take(False), slots.take(False)]
+    assert None not in others and slots.take(False) is None
+    root = [slots.take(True) for _ in range(3)]
+    assert None not in root and slots.take(True) is None
+    assert (slots.live(False), slots.live(True)) == (2, 3)
+    first = others[0]
+    assert first is not None
+    first.release()
+    first.release()
+    assert slots.live(False) == 1
+    with slots.take(False) as again:  # type: ignore[union-attr]
+        assert not again.privileged and slots.live(False) == 2
+    assert (slots.live(False), slots.live(True)) == (1, 3)
+    assert slots.busy_message(False).startswith("2 connections of users other than root")
+    assert slots.busy_message(True).startswith("3 connections of root")
+    with pytest.raises(ValueError, match="at least 1"):
+        ConnectionSlots(limit=0)

@@ -15,6 +15,7 @@ GOOD = """
 [supervisor]
 grace_period = "2s"
 journal_max_bytes = "64M"
+socket_idle_timeout = "500ms"
 
 [defaults]
 memory = "64M"
@@ -48,6 +49,7 @@ def test_complete_fleet_parses(tmp_path: Path) -> None:
     """Defaults apply, sandboxes override them, replicas expand to named instances."""
     fleet = load_fleet(write(tmp_path, GOOD))
     assert fleet.supervisor.grace_period == 2.0
+    assert fleet.supervisor.socket_idle_timeout == 0.5
     web, batch = fleet.sandboxes
     assert web.limits.memory == 32 << 20 and web.limits.pids == 64
     assert batch.limits.memory == 64 << 20 and batch.limits.cpus == 0.5
@@ -94,6 +96,8 @@ BAD = [
     ("[unknown]\n" + BASE, "unknown: unknown key"),
     ("[supervisor]\ngrace_period = \"soon\"\n" + BASE, "supervisor: grace_period: expected a duration like 10s or 500ms, got 'soon'"),
     ("[supervisor]\nsocket_group = \"no-such-group-xyz\"\n" + BASE, "supervisor: socket_group: no such group 'no-such-group-xyz'"),
+    ("[supervisor]\nsocket_idle_timeout = 0\n" + BASE, "supervisor: socket_idle_timeout: expected a duration above 0, got 0"),
+    ("[supervisor]\nsocket_idle_timeout = \"2d\"\n" + BASE, "supervisor: socket_idle_timeout: expected a duration between 0 and 24h, got '2d'"),
     ("[supervisor]\nretries = 3\n" + BASE, "supervisor: retries: unknown key"),
     ("[defaults]\nmemory = \"lots\"\n" + BASE, "defaults: memory: expected a size like 64M or 1G, got 'lots'"),
     ("[defaults]\nname = \"x\"\n" + BASE, "defaults: name: unknown key"),

@@ -18,7 +18,10 @@ Peers are admitted by SO_PEERCRED (root, our user, or a member of the
 fleet's ``socket_group``), not by file modes alone. Anything malformed gets
 an ``invalid`` answer or the connection is dropped; nothing a client sends
 can stop the supervisor or affect other clients, and what one connection
-may hold is bounded (a frame, requests in flight, descriptors, connections).
+may hold is bounded (a frame, requests in flight, descriptors, connections,
+time: a connection with nothing in flight that sends no complete request
+within the idle bound is told ``idle`` and closed). Root and our own user
+have places of their own, which the group's members cannot fill.
 
 This module is the transport: connections, framing, descriptors, bounds and
 error codes. What each method does is :mod:`._methods`'.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import array
 import logging
+import math
 import os
 import socket
 from collections import deque
@@ -37,7 +41,15 @@ from typing import TYPE_CHECKING, Any
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from events.unixsocket import bind_socket, peer_allowed, unbind_socket
+from events.unixsocket import (
+    MAX_CONNECTIONS,
+    MAX_PRIVILEGED_CONNECTIONS,
+    ConnectionSlots,
+    bind_socket,
+    peer_allowed,
+    peer_privileged,
+    unbind_socket,
+)
 
 from .._errors import (
     CheckpointError,
@@ -54,7 +66,7 @@ from ._methods import METHODS, Context
 if TYPE_CHECKING:
     from .._core._supervisor import Supervisor
 
-__all__ = ["serve_control"]
+__all__ = ["IDLE_TIMEOUT", "MAX_CONNECTIONS", "MAX_PRIVILEGED_CONNECTIONS", "serve_control"]
 
 log = logging.getLogger("corral.control")
 
@@ -64,8 +76,13 @@ MAX_PENDING = 64
 """Requests one connection may have in flight; more wait for one to finish."""
 MAX_FDS = 16
 """Descriptors one connection may have sent and not yet used."""
-MAX_CONNECTIONS = 128
-"""Connections served at once; one more is told ``busy`` and closed."""
+# MAX_CONNECTIONS (128, the group's members) and MAX_PRIVILEGED_CONNECTIONS
+# (1024, root and our user) come from events.unixsocket: connections served
+# at once, each class counted apart; one more is told ``busy`` and closed.
+IDLE_TIMEOUT = 10.0
+"""Default idle bound (seconds): how long a connection with nothing in
+flight may go without sending a complete request (the fleet's
+``socket_idle_timeout``)."""
 SEND_TIMEOUT = 30.0
 """A client that does not read its answers for this long is dropped."""
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
@@ -97,12 +114,18 @@ async def serve_control(
     path: str,
     *,
     group: int | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the control protocol at *path* until cancelled."""
+    """Serve the control protocol at *path* until cancelled.
+
+    A connection that has nothing in flight and has not sent a complete
+    request for *idle_timeout* seconds (since it connected, or since its
+    last answer) is told ``idle`` and closed.
+    """
     sock = await bind_socket(path, group, 0o660, what="control")
     ino = os.stat(path).st_ino
-    live = [0]
+    slots = ConnectionSlots(MAX_CONNECTIONS, MAX_PRIVILEGED_CONNECTIONS)
     try:
         async with trio.open_nursery() as conns:
             task_status.started()
@@ -113,7 +136,7 @@ async def serve_control(
                     log.warning("control socket accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
-                conns.start_soon(_serve_one, sup, conn, group, live)
+                conns.start_soon(_serve_one, sup, conn, group, slots, idle_timeout)
     finally:
         unbind_socket(sock, path, ino)
 
@@ -123,13 +146,40 @@ def _error(rid: Any, code: str, message: str) -> dict[str, Any]:
 
 
 class _Connection:
-    """One client: its socket, the descriptors it sent, one writer at a time."""
+    """One client: its socket, the descriptors it sent, one writer at a time,
+    and its idle clock."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: trio.socket.SocketType, idle_timeout: float) -> None:
         self.sock = sock
         self.fds: deque[int] = deque()
         self._lock = trio.Lock()
         self.dead = False
+        self.idle_timeout = idle_timeout
+        self._in_flight = 0
+        self._idle_since = trio.current_time()
+        self.reading: trio.CancelScope | None = None
+        """The scope of the read that waits for the next request, if one
+        waits: its deadline is the idle deadline, moved as requests begin
+        and end."""
+
+    def idle_deadline(self) -> float:
+        """When the connection will have been idle too long (never while a
+        request is in flight: then its client waits for us, not we for it)."""
+        return math.inf if self._in_flight else self._idle_since + self.idle_timeout
+
+    def begin(self) -> None:
+        """A complete request arrived: not idle until it is answered."""
+        self._in_flight += 1
+        if self.reading is not None:
+            self.reading.deadline = self.idle_deadline()
+
+    def end(self) -> None:
+        """A request was answered; with none left, the idle clock starts again."""
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle_since = trio.current_time()
+        if self.reading is not None:
+            self.reading.deadline = self.idle_deadline()
 
     async def send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
         data = memoryview(msgpack.packb(msg, use_bin_type=True))
@@ -173,33 +223,38 @@ class _Connection:
 
 
 async def _serve_one(
-    sup: Supervisor, sock: trio.socket.SocketType, group: int | None, live: list[int]
+    sup: Supervisor,
+    sock: trio.socket.SocketType,
+    group: int | None,
+    slots: ConnectionSlots,
+    idle_timeout: float,
 ) -> None:
-    conn = _Connection(sock)
-    live[0] += 1
+    conn = _Connection(sock, idle_timeout)
     try:
         if not peer_allowed(sock, group):
             await conn.send(_error(None, "forbidden", "permission denied"))
             return
-        if live[0] > MAX_CONNECTIONS:
-            await conn.send(_error(None, "busy", f"more than {MAX_CONNECTIONS} connections"))
+        privileged = peer_privileged(sock)
+        slot = slots.take(privileged)
+        if slot is None:
+            await conn.send(_error(None, "busy", slots.busy_message(privileged)))
             return
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME, strict_map_key=False)
-        pending = trio.Semaphore(MAX_PENDING)
-        async with trio.open_nursery() as requests:
-            # Inside the nursery: an error here must end this connection
-            # only, not come out of the nursery as a group nobody expects.
-            try:
-                await _read_requests(sup, conn, unpacker, pending, requests)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            except Exception:  # a bug here must end this connection only
-                log.exception("control connection failed")
-            # Requests already running still answer (if the peer reads).
+        with slot:
+            unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME, strict_map_key=False)
+            pending = trio.Semaphore(MAX_PENDING)
+            async with trio.open_nursery() as requests:
+                # Inside the nursery: an error here must end this connection
+                # only, not come out of the nursery as a group nobody expects.
+                try:
+                    await _read_requests(sup, conn, unpacker, pending, requests)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                except Exception:  # a bug here must end this connection only
+                    log.exception("control connection failed")
+                # Requests already running still answer (if the peer reads).
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
-        live[0] -= 1
         conn.close_fds()
         conn.dead = True
         sock.close()
@@ -214,7 +269,20 @@ async def _read_requests(
 ) -> None:
     sock = conn.sock
     while not conn.dead:
-        data, ancdata, flags, _ = await sock.recvmsg(65536, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        # Only the wait for bytes is under the idle deadline: cancelled
+        # there, nothing has been read and no answer is cut in half.
+        with trio.CancelScope(deadline=conn.idle_deadline()) as reading:
+            conn.reading = reading
+            try:
+                data, ancdata, flags, _ = await sock.recvmsg(
+                    65536, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+            finally:
+                conn.reading = None
+        if reading.cancelled_caught:
+            message = f"no request for {conn.idle_timeout:g}s; the connection is closed"
+            await conn.send(_error(None, "idle", message))
+            return
         conn.fds.extend(received_fds(ancdata))
         if flags & socket.MSG_CTRUNC or len(conn.fds) > MAX_FDS:
             await conn.send(_error(None, "invalid", f"more than {MAX_FDS} descriptors"))
@@ -224,12 +292,24 @@ async def _read_requests(
         try:
             unpacker.feed(data)
             for req in unpacker:
+                # Only a complete request stops the idle clock: a client
+                # that trickles bytes, or stalls mid-request, is idle.
+                conn.begin()
                 try:
                     fds = conn.take_fds(_fd_count(req))
                 except SpecError as exc:
-                    await conn.send(_error(_rid(req), "invalid", str(exc)))
+                    try:
+                        await conn.send(_error(_rid(req), "invalid", str(exc)))
+                    finally:
+                        conn.end()
                     continue
-                await pending.acquire()
+                try:
+                    await pending.acquire()
+                except BaseException:
+                    for fd in fds:
+                        os.close(fd)
+                    conn.end()
+                    raise
                 requests.start_soon(_answer, sup, conn, pending, req, fds)
         except msgpack.BufferFull:
             await conn.send(_error(None, "invalid", "request too large"))
@@ -287,3 +367,4 @@ async def _answer(
     finally:
         ctx.close_fds()
         pending.release()
+        conn.end()

@@ -30,6 +30,7 @@ async def control_service(
         supervisor,
         os.path.join(supervisor.runtime.run_dir, CONTROL_SOCKET),
         group=supervisor.fleet.supervisor.socket_group,
+        idle_timeout=supervisor.fleet.supervisor.socket_idle_timeout,
         task_status=task_status,
     )
 

@@ -59,7 +59,7 @@ _SANDBOX_KEYS = {
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
     "grace_period", "journal_max_bytes", "journal_segment_bytes", "socket_group",
-    "cgroup_parent", "log_max_bytes", "log_max_files",
+    "socket_idle_timeout", "cgroup_parent", "log_max_bytes", "log_max_files",
 }  # fmt: skip
 _TOP_KEYS = {"supervisor", "defaults", "sandbox", "plugins"}
 MAX_REPLICAS = 1000
@@ -107,7 +107,13 @@ class SupervisorConfig:
     journal_max_bytes: int = 256 << 20
     journal_segment_bytes: int = 16 << 20
     socket_group: int | None = None
-    """Group (gid) allowed to connect to the event socket besides root."""
+    """Group (gid) allowed to connect to the event and control sockets besides root."""
+    socket_idle_timeout: float = 10.0
+    """Seconds a connection to the event or control socket may wait, with
+    nothing in flight, before sending a complete request; then it is closed.
+    Ten seconds: a client sends its request as soon as it has connected, so
+    this is ample even on a loaded host, and a connection left open by a
+    hung or careless client gives its place back soon."""
     cgroup_parent: str | None = None
     log_max_bytes: int = 10 << 20
     """Each sandbox's output log is rotated at this size ..."""
@@ -206,6 +212,13 @@ def _typed(value: object, kind: type | tuple[type, ...], field_name: str, what: 
     if not isinstance(value, kind):
         raise SpecError(field_name, f"expected {what}, got {value!r}")
     return value
+
+
+def _positive_duration(value: object, field_name: str) -> float:
+    seconds = parse_duration(value, field_name)
+    if seconds <= 0:
+        raise SpecError(field_name, f"expected a duration above 0, got {value!r}")
+    return seconds
 
 
 def _log_files(value: object) -> int:
@@ -311,6 +324,11 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
         if "grace_period" in sup_table:
             kw["grace_period"] = c.check(
                 "supervisor: ", lambda: parse_duration(sup_table["grace_period"], "grace_period")
+            )
+        if "socket_idle_timeout" in sup_table:
+            kw["socket_idle_timeout"] = c.check(
+                "supervisor: ",
+                lambda: _positive_duration(sup_table["socket_idle_timeout"], "socket_idle_timeout"),
             )
         if "log_max_files" in sup_table:
             kw["log_max_files"] = c.check(

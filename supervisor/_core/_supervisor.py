@@ -261,6 +261,7 @@ class Supervisor(Verbs, Checkpoints):
                     bus,
                     self.socket_path,
                     group=self.fleet.supervisor.socket_group,
+                    request_timeout=self.fleet.supervisor.socket_idle_timeout,
                 )
             )
             scopes = []
