@@ -183,6 +183,50 @@ def test_a_killed_supervisor_s_sandboxes_are_taken_back(dirs: Dirs, tmp_path: Pa
     _wait_gone(keeper)
 
 
+@pytest.mark.parametrize("recreate", [False, True])
+def test_a_sandbox_the_fleet_file_changed_is_reported_or_recreated(
+    dirs: Dirs, tmp_path: Path, recreate: bool
+) -> None:
+    """The fleet file changed while no supervisor ran: the sandbox it
+    changed is adopted as it is and flagged, or with --recreate-changed
+    restarted as the file now says; the one it did not change just runs on."""
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(FLEET)
+    first = Up(dirs, fleet_file)
+    try:
+        for name in ("w-0", "w-1", "quit-0"):
+            first.until(lambda r, n=name: r["event"] == "started" and r["sandbox"] == n)
+    except BaseException:
+        first.abort()
+        raise
+    first.kill()
+    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    fleet_file.write_text(FLEET.replace('sleep 0.1; done"\n', 'sleep 0.2; done"\n', 1))
+    second = Up(dirs, fleet_file, *(["--recreate-changed"] if recreate else []))
+    try:
+        for name in ("w-0", "w-1", "quit-0"):
+            second.until(lambda r, n=name: r["event"] == "adopted" and r["sandbox"] == n)
+        adopted = second.events("adopted")
+        assert (adopted["w-0"]["changed"], adopted["w-1"]["changed"]) == (True, True)
+        assert adopted["quit-0"]["changed"] is False
+        if recreate:
+            for name in ("w-0", "w-1"):
+                second.until(
+                    lambda r, n=name: (
+                        r["event"] == "started" and r["sandbox"] == n and r["generation"] == 1
+                    )
+                )
+        second.stop()
+    except BaseException:
+        second.abort()
+        raise
+    restarted = {str(r["sandbox"]) for r in second.log if r["event"] == "started"}
+    assert restarted == ({"w-0", "w-1"} if recreate else set())
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(keeper, 0)
+    _wait_gone(keeper)
+
+
 def test_a_second_supervisor_of_a_live_fleet_refuses(dirs: Dirs, tmp_path: Path) -> None:
     """Two supervisors would fight over the sandboxes: the second says so in one line."""
     fleet_file = tmp_path / "fleet.toml"

@@ -30,7 +30,8 @@ def add_parsers(sub: Subparsers) -> None:
         description="Start every sandbox of FLEET (a TOML file, see docs/fleet.md) and"
         " supervise them; print events as they happen (human lines on a terminal, JSON"
         " lines otherwise). SIGINT, SIGTERM or SIGHUP stop the fleet gracefully; a second"
-        " one kills what is left.",
+        " one kills what is left. Sandboxes a supervisor before this one left running (it"
+        " was killed or crashed) are taken back: see docs/fleet.md.",
     )
     up.add_argument("fleet", metavar="FLEET", help="fleet file (TOML)")
     up.add_argument("--json", action="store_true", default=None, help="JSON lines even on a TTY")
@@ -38,6 +39,12 @@ def add_parsers(sub: Subparsers) -> None:
         "--ignore-sighup",
         action="store_true",
         help="run on when the terminal goes away (SIGHUP) instead of stopping the fleet",
+    )
+    up.add_argument(
+        "--recreate-changed",
+        action="store_true",
+        help="restart a sandbox taken back from a previous supervisor if the fleet file now"
+        " describes it otherwise (default: it runs on as it is, reported as changed)",
     )
 
     up.set_defaults(func=_up)
@@ -88,7 +95,13 @@ def _up(args: argparse.Namespace) -> int:
         if cfg.security.privileged:
             warn_privileged(cfg.name)
     configure_logging(json=args.json)
-    supervisor = Supervisor(fleet, handle_signals=True, ignore_hup=args.ignore_sighup, log=True)
+    supervisor = Supervisor(
+        fleet,
+        handle_signals=True,
+        ignore_hup=args.ignore_sighup,
+        log=True,
+        recreate_changed=args.recreate_changed,
+    )
     trio.run(supervisor.run)
     return 0
 
