@@ -31,7 +31,15 @@ from .._runtime._checkpoint import spec_to_dict
 from .._runtime._linux._spawn import Keeper, has_exited
 from .._runtime._sandbox import Runtime, Sandbox
 
-__all__ = ["Found", "SupervisorRunningError", "Survey", "lock_run_dir", "survey"]
+__all__ = [
+    "Found",
+    "SupervisorRunningError",
+    "Survey",
+    "last_generations",
+    "lock_run_dir",
+    "note_generation",
+    "survey",
+]
 
 LOCK_FILE = "supervisor.lock"
 
@@ -99,18 +107,24 @@ class Survey:
     """Older generations: ended (or to be ended) and removed."""
     problems: list[str] = field(default_factory=list)
     """Records that could not be used (what was left of them is removed)."""
+    swept: list[str] = field(default_factory=list)
+    """Sandboxes without a record whose leftovers were removed (a supervisor
+    killed while it was creating or removing them)."""
 
 
 def survey(
     runtime: Runtime,
     keeper: Keeper,
     exit_published: Callable[[str, int, int], bool],
+    owned: Callable[[str], bool],
 ) -> Survey:
     """Find the sandboxes a previous supervisor of *runtime*'s run
     directory left (blocking: run it in a thread).
 
     *exit_published(instance, generation, since_seq)* tells whether the
-    journal has that generation's ``exited`` already.
+    journal has that generation's ``exited`` already; *owned(name)*
+    whether a sandbox name without a record is one of this fleet's (its
+    leftovers are then removed).
     """
     pipes, _ = keeper.held()
     out = Survey()
@@ -143,12 +157,43 @@ def survey(
             out.current[found.instance] = found
         else:
             out.sweep.append(found)
+    # Killed half way through a create or a removal: no record, but a
+    # layer or a cgroup (perhaps with a process in it) of one of ours.
+    out.swept = runtime.sweep(owned)
     for key, fds in pipes.items():
         # Held for a sandbox that has no record (its create failed while
         # its supervisor died): nothing to read them for.
         keeper.release(key)
         for fd in fds:
             os.close(fd)
+    return out
+
+
+def note_generation(state_dir: str, instance: str, generation: int) -> None:
+    """Record that *instance*'s *generation* is being started (blocking).
+
+    A successor numbers the instance's next generation after it, even when
+    nothing of this one is left: events name a generation once, across
+    supervisors. Atomic; not synced (a generation's number matters as long
+    as the journal that names it, which is not synced either).
+    """
+    folder = os.path.join(state_dir, "generations")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = os.path.join(folder, instance)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{generation}\n")
+    os.replace(tmp, path)
+
+
+def last_generations(state_dir: str) -> dict[str, int]:
+    """The last generation started of each instance (see :func:`note_generation`)."""
+    folder = os.path.join(state_dir, "generations")
+    out: dict[str, int] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(folder):
+            with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, entry)) as f:
+                out[entry] = int(f.read().strip())
     return out
 
 

@@ -40,13 +40,22 @@ from events import (
     SupervisorStopping,
 )
 
-from .._errors import CheckpointError, CorralError
+from .._errors import CheckpointError, CorralError, SandboxError
 from .._runtime._dirs import DEFAULT_RUN_DIR
 from .._runtime._linux._cgroups import OomWatch
-from .._runtime._linux._spawn import Keeper
+from .._runtime._linux._spawn import Keeper, KeeperError
 from .._runtime._sandbox import ExecProcess, Runtime, Sandbox
 from .._version import __version__
-from ._adopt import Found, Survey, changed, lock_run_dir, spec_data, survey
+from ._adopt import (
+    Found,
+    Survey,
+    changed,
+    last_generations,
+    lock_run_dir,
+    note_generation,
+    spec_data,
+    survey,
+)
 from ._fleet import Fleet
 from ._instance import BUSY_PAUSE, Ident, Instance
 from ._output import OutputWriter, pump
@@ -230,7 +239,18 @@ class Supervisor(Verbs, Checkpoints):
                 for ev in bus.replay(max(since, 1), kinds=["exited"], sandboxes=[instance])
             )
 
-        found = survey(self.runtime, self.keeper, exit_published)
+        def owned(name: str) -> bool:
+            # A generation of one of our instances: INSTANCE.GENERATION.
+            instance, _, generation = name.rpartition(".")
+            return instance in self._by_name and generation.isdigit()
+
+        found = survey(self.runtime, self.keeper, exit_published, owned)
+        # Generations are numbered on across supervisors, so that an
+        # event's (sandbox, generation) names one run, ever.
+        last = last_generations(self.runtime.state_dir)
+        for inst in self.instances:
+            if inst.name in last:
+                inst.generation = max(inst.generation, last[inst.name] + 1)
         for inst in self.instances:
             f = found.current.pop(inst.name, None)
             if f is None:
@@ -492,7 +512,17 @@ class Supervisor(Verbs, Checkpoints):
             # The keeper holds the pipes' read ends from before the start:
             # the sandbox never writes into a pipe nobody holds.
             held = spec.name
-            await trio.to_thread.run_sync(keeper.hold, held, out_r, err_r)
+            state_dir = runtime.state_dir
+
+            def prepare() -> None:
+                try:
+                    note_generation(state_dir, inst.name, inst.generation)
+                    keeper.hold(held, out_r, err_r)
+                except (OSError, KeeperError) as exc:
+                    why = f"sandbox {held!r}: cannot prepare its start: {exc}"
+                    raise SandboxError(why) from exc
+
+            await trio.to_thread.run_sync(prepare)
             if pending is not None:
                 sb = await self._restore_generation(
                     inst, pending, spec, (null, out_w, err_w), labels

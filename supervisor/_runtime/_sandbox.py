@@ -663,6 +663,36 @@ class Runtime:
                 continue
         return out
 
+    def sweep(self, owned: Callable[[str], bool]) -> list[str]:
+        """Remove what sandboxes without a record left (a writable layer, a
+        cgroup, with whatever still runs in it, id claims), for every name
+        *owned* says is the caller's; return those names.
+
+        Only for a caller that knows nobody is creating those names now (a
+        supervisor holding its run directory's lock): a creation in
+        progress has no record yet either.
+        """
+        folder = os.path.join(self.state_dir, "sandboxes")
+        recorded = {r["name"] for r in self.records()}
+        cgroups = {
+            name[len("corral-") :]: cg for name, cg in self.cgroups.existing("corral-").items()
+        }
+        names = set(cgroups)
+        with contextlib.suppress(OSError):
+            names.update(e for e in os.listdir(folder) if os.path.isdir(os.path.join(folder, e)))
+        swept = []
+        for name in sorted(names - recorded):
+            if not owned(name):
+                continue
+            cg = cgroups.get(name)
+            if cg is not None:
+                with contextlib.suppress(CorralError, OSError):
+                    cg.remove()  # kills what runs in it first
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            _release_userns(self.run_dir, name)
+            swept.append(name)
+        return swept
+
     def adopt(self, record: Mapping[str, Any]) -> Sandbox:
         """Take back the sandbox of *record* (from :meth:`records`), left
         by a process that died: running, or ended and not yet destroyed.

@@ -12,6 +12,7 @@ Errors are :class:`~supervisor.CgroupError` naming the path and operation.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -173,6 +174,10 @@ class Cgroups(ABC):
     @abstractmethod
     def create(self, name: str, limits: Limits) -> Cgroup:
         """Make a new cgroup for a sandbox, limits applied; fails if it exists."""
+
+    @abstractmethod
+    def existing(self, prefix: str) -> dict[str, Cgroup]:
+        """The cgroups below the parent whose names start with *prefix*, by name."""
 
     @abstractmethod
     def attach(self, name: str, paths: Sequence[str]) -> Cgroup:
@@ -580,6 +585,15 @@ class V1Cgroups(Cgroups):
 
     # -- cgroup v2 ---------------------------------------------------------------
 
+    def existing(self, prefix: str) -> dict[str, Cgroup]:
+        found: dict[str, dict[str, str]] = {}
+        for c, parent in self._parents.items():
+            with contextlib.suppress(OSError):
+                for entry in os.listdir(parent):
+                    if entry.startswith(prefix) and os.path.isdir(os.path.join(parent, entry)):
+                        found.setdefault(entry, {})[c] = os.path.join(parent, entry)
+        return {name: V1Cgroup(name, dirs, self._mounts) for name, dirs in found.items()}
+
     def attach(self, name: str, paths: Sequence[str]) -> V1Cgroup:
         dirs: dict[str, str] = {}
         for c, mount in self._mounts.items():
@@ -784,6 +798,15 @@ class V2Cgroups(Cgroups):
                 pass
             raise
         return cg
+
+    def existing(self, prefix: str) -> dict[str, Cgroup]:
+        out: dict[str, Cgroup] = {}
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(self._parent):
+                path = os.path.join(self._parent, entry)
+                if entry.startswith(prefix) and os.path.isdir(path):
+                    out[entry] = V2Cgroup(entry, path, self._mount)
+        return out
 
     def attach(self, name: str, paths: Sequence[str]) -> V2Cgroup:
         if len(paths) != 1 or os.path.basename(paths[0]) != name:

@@ -357,7 +357,12 @@ def main(argv: list[str]) -> None:
     if keeper.run_dir is not None and not keeper.become_holder():
         first.send(b"busy")
         return
-    first.send(b"ready")
+    try:
+        first.send(b"ready")
+    except OSError:
+        # Whoever started us died meanwhile: serve whoever comes next (or
+        # nobody: with no connection and nothing held, run() returns).
+        keeper._drop(first)
     keeper.run()
 
 
