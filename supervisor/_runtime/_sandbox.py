@@ -25,8 +25,9 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
@@ -145,6 +146,11 @@ class Sandbox:
         """The checkpoint it was restored from, if it was."""
         self._destroyed = False
         self._signals_ready = False
+        # Who holds the pidfd now (see _pidfd_held), and whether destroy()
+        # has let it go; the lock guards both, never a system call but close.
+        self._pidfd_lock = threading.Lock()
+        self._pidfd_users = 0
+        self._pidfd_released = False
 
     @property
     def name(self) -> str:
@@ -159,16 +165,56 @@ class Sandbox:
     def send_signal(self, sig: int) -> None:
         """Signal the sandbox's init (tini forwards it to the command).
 
-        Goes through the pidfd, so it can never hit a recycled PID.
+        Goes through the pidfd, so it can never hit a recycled PID. A no-op
+        once the sandbox has ended or been destroyed (by another thread
+        meanwhile too).
         """
         if self._exit is not None:
             return
         if sig not in (signal.SIGKILL, signal.SIGSTOP) and not self._signals_ready:
             self._wait_signals_ready(sig)
+        with self._pidfd_held() as pidfd:
+            if pidfd is None:
+                return  # destroyed meanwhile: nothing left to signal
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    @contextlib.contextmanager
+    def _pidfd_held(self) -> Iterator[int | None]:
+        """The pidfd, kept open until the block ends; None once destroyed.
+
+        :meth:`destroy` may run in one thread (the supervisor's janitor)
+        while another signals the sandbox or execs into it. A closed
+        descriptor's number goes to the next one opened, say another
+        sandbox's pidfd, and a signal through the old number would hit
+        that sandbox. So :meth:`destroy` closes the pidfd only once nobody
+        holds it: the last holder closes it then.
+        """
+        with self._pidfd_lock:
+            if self._pidfd_released:
+                fd = None
+            else:
+                fd = self.pidfd
+                self._pidfd_users += 1
         try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            pass
+            yield fd
+        finally:
+            if fd is not None:
+                with self._pidfd_lock:
+                    self._pidfd_users -= 1
+                    if self._pidfd_released and self._pidfd_users == 0:
+                        os.close(fd)
+
+    def _release_pidfd(self) -> None:
+        """Close the pidfd now, or when its last holder is done (destroy)."""
+        with self._pidfd_lock:
+            if self._pidfd_released:
+                return
+            self._pidfd_released = True
+            if self._pidfd_users == 0:
+                os.close(self.pidfd)
 
     def _wait_signals_ready(self, sig: int) -> None:
         """Wait until the init (tini) has blocked *sig* to collect it.
@@ -267,7 +313,7 @@ class Sandbox:
                     self._mntns = -1
                 self._cleanup.close()
             finally:
-                os.close(self.pidfd)
+                self._release_pidfd()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -387,14 +433,15 @@ def _shifted_rootfs(lower: str, base: int, size: int, state_dir: str) -> str:
     return shifted_rootfs(lower, base, size, state_dir)
 
 
-def _has_exited(sb: Sandbox) -> bool:
-    """True if the sandbox's init has exited; never reaps it (its owner does)."""
+def _has_exited(sb: Sandbox, pidfd: int) -> bool:
+    """True if the sandbox's init has exited; never reaps it (its owner does).
+    *pidfd* is its pidfd, held (see :meth:`Sandbox._pidfd_held`)."""
     import select
 
     if sb.exit is not None:
         return True
     poller = select.poll()
-    poller.register(sb.pidfd, select.POLLIN)
+    poller.register(pidfd, select.POLLIN)
     # A pidfd polls readable once its process has exited.
     return bool(poller.poll(0))
 
@@ -658,27 +705,31 @@ class Runtime:
                 raise SpecError("env", f"the value of {key} cannot contain NUL bytes")
             environment[key] = value
         not_running = f"sandbox {sb.name!r}: not running (its init has exited)"
-        if _has_exited(sb):
-            raise SandboxError(not_running)
-        cfg = ExecConfig(
-            argv=argv,
-            env=environment,
-            workdir=workdir,
-            cgroup_procs=list(sb.cgroup.procs_files()),
-            target_pidfd=sb.pidfd,
-            tty=tty,
-            winsize=list(winsize) if winsize else None,
-            userns=sb.spec.security.userns,
-            **_privileges(sb.spec, os.path.join(self.state_dir, "seccomp")),
-        )
-        try:
-            spawned = self._spawn_or_reap(cfg, stdio)
-        except SpawnFailed as exc:
-            # The init may have ended while we joined it: setns or the fork
-            # in its dying PID namespace then fails with a less clear errno.
-            if exc.failure.kind == "setup" and _has_exited(sb):
-                raise SandboxError(not_running) from None
-            raise _translate(sb.name, exc) from None
+        # Held until the spawn is done: the process joins the sandbox
+        # through this pidfd, so a destroy meanwhile must not free its
+        # number for another sandbox's.
+        with sb._pidfd_held() as pidfd:
+            if pidfd is None or _has_exited(sb, pidfd):
+                raise SandboxError(not_running)
+            cfg = ExecConfig(
+                argv=argv,
+                env=environment,
+                workdir=workdir,
+                cgroup_procs=list(sb.cgroup.procs_files()),
+                target_pidfd=pidfd,
+                tty=tty,
+                winsize=list(winsize) if winsize else None,
+                userns=sb.spec.security.userns,
+                **_privileges(sb.spec, os.path.join(self.state_dir, "seccomp")),
+            )
+            try:
+                spawned = self._spawn_or_reap(cfg, stdio)
+            except SpawnFailed as exc:
+                # The init may have ended while we joined it: setns or the fork
+                # in its dying PID namespace then fails with a less clear errno.
+                if exc.failure.kind == "setup" and _has_exited(sb, pidfd):
+                    raise SandboxError(not_running) from None
+                raise _translate(sb.name, exc) from None
         return ExecProcess(sb.name, spawned)
 
     # -- checkpoint and restore (CRIU) ------------------------------------------

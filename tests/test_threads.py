@@ -1,0 +1,99 @@
+"""Work shared between threads: a sandbox's pidfd, a worker thread's namespaces."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from supervisor import Runtime, SandboxSpec
+
+from .conftest import requires_root
+from .helpers import wait_for
+
+pytestmark = [requires_root]
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+def _pending(pid: int) -> int:
+    """The signals pending for process *pid* (its shared pending set)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("ShdPnd:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no ShdPnd line")
+
+
+def test_a_destroy_in_another_thread_never_frees_a_pidfd_in_use(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal on its way while another thread destroys the sandbox cannot
+    reach whatever gets the pidfd's number next (here: another process)."""
+    # The bystander: stopped, so that a SIGTERM sent to it stays pending,
+    # visible at once in /proc, instead of killing it some time later.
+    victim = subprocess.Popen(["sleep", "600"])
+    victim_fd = os.pidfd_open(victim.pid)
+    try:
+        os.kill(victim.pid, signal.SIGSTOP)
+        wait_for(
+            lambda: Path(f"/proc/{victim.pid}/stat").read_text().split()[2] == "T",
+            what="the bystander to stop",
+        )
+        with open(os.devnull, "rb") as null:
+            sb = runtime.create(
+                SandboxSpec(name="held", argv=("sleep", "600")), stdio=(null.fileno(),) * 3
+            )
+        number = sb.pidfd
+        real: Callable[[int, int], None] = signal.pidfd_send_signal
+        destroyed: list[BaseException | None] = []
+        reused: list[int] = []
+
+        def racing_send(fd: int, sig: int) -> None:
+            # The first signal is between taking the pidfd and the system
+            # call when another thread destroys the sandbox; then the next
+            # descriptor opened takes the lowest free number, which is ours
+            # if the destroy closed it (dup2 makes that certain).
+            if threading.current_thread() is threading.main_thread() and not destroyed:
+
+                def destroy() -> None:
+                    try:
+                        sb.destroy()
+                        destroyed.append(None)
+                    except BaseException as exc:  # reported by the assert below
+                        destroyed.append(exc)
+
+                worker = threading.Thread(target=destroy)
+                worker.start()
+                worker.join(timeout=30)
+                assert destroyed == [None], "the destroy did not finish"
+                if not _fd_open(fd):
+                    reused.append(os.dup2(victim_fd, fd))
+            real(fd, sig)
+
+        monkeypatch.setattr(signal, "pidfd_send_signal", racing_send)
+        sb.send_signal(signal.SIGTERM)
+        monkeypatch.undo()
+        assert not _pending(victim.pid) & (1 << (signal.SIGTERM - 1)), (
+            "the signal went to another process through a reused descriptor"
+        )
+        assert not _fd_open(number), "the last holder closes the pidfd"
+        sb.send_signal(signal.SIGTERM)  # destroyed: a no-op, no EBADF
+    finally:
+        for fd in (*reused, victim_fd):
+            os.close(fd)
+        victim.kill()
+        victim.wait()
