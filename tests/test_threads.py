@@ -9,7 +9,9 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,3 +99,43 @@ def test_a_destroy_in_another_thread_never_frees_a_pidfd_in_use(
             os.close(fd)
         victim.kill()
         victim.wait()
+
+
+def _net(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+def test_removing_the_network_lock_never_moves_the_calling_thread(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restored sandbox's leftover CRIU lock goes, and the thread that
+    asked (on the supervisor, a pooled worker thread) stays in the host's
+    network namespace, also while ``nft`` is being spawned."""
+    from supervisor._runtime import _sandbox
+
+    with open(os.devnull, "rb") as null:
+        sb = runtime.create(
+            SandboxSpec(name="netlock", argv=("sleep", "600")), stdio=(null.fileno(),) * 3
+        )
+    with sb, ThreadPoolExecutor(max_workers=1) as worker:
+        in_sandbox = ["nsenter", f"--net=/proc/{sb.pid}/ns/net", "--", "nft"]
+        subprocess.run([*in_sandbox, "add", "table", "inet", "CRIU-4242"], check=True)
+        host = _net("/proc/self/ns/net")
+        assert _net(f"/proc/{sb.pid}/ns/net") != host
+        tid = worker.submit(threading.get_native_id).result()
+        real_popen = subprocess.Popen
+        seen: list[int] = []
+
+        def watching_popen(*args: Any, **kwargs: Any) -> Any:
+            seen.append(_net(f"/proc/self/task/{tid}/ns/net"))
+            return real_popen(*args, **kwargs)
+
+        monkeypatch.setattr(subprocess, "Popen", watching_popen)
+        worker.submit(_sandbox._drop_network_lock, sb.pid, 4242).result()
+        monkeypatch.undo()
+        assert seen == [host], "the calling thread was moved to spawn nft"
+        assert worker.submit(_net, "/proc/thread-self/ns/net").result() == host
+        tables = subprocess.run(
+            [*in_sandbox, "list", "tables"], check=True, capture_output=True, text=True
+        ).stdout
+        assert "CRIU-4242" not in tables

@@ -1094,38 +1094,19 @@ def _drop_network_lock(pid: int, old_root_pid: int) -> None:
     sandbox. CRIU 3.17 dumps the lock with the namespace and, on restore,
     tries to delete it under the new init's PID, so the lock (drop every
     packet) would stay; it is named after the dumped init's PID.
-
-    ``nft`` is spawned from this thread while the thread is in the
-    sandbox's network namespace (a child starts in its parent thread's
-    namespaces): one exec, where ``nsenter ... nft`` takes two. Only this
-    thread moves, and only for the spawn.
     """
     argv = ["nft", "delete", "table", "inet", f"CRIU-{old_root_pid}"]
     what = "cannot remove CRIU's network lock from the restored sandbox"
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        try:
-            target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise CheckpointError(f"{what}: {exc.strerror}") from None
-        try:
-            _syscalls.setns(target, _syscalls.CLONE_NEWNET)
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            except OSError as exc:
-                raise CheckpointError(f"{what}: {exc} (is nftables installed?)") from None
-            finally:
-                _syscalls.setns(own, _syscalls.CLONE_NEWNET)
-        finally:
-            os.close(target)
+        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CheckpointError(f"{what}: {exc.strerror}") from None
+    try:
+        proc = _spawn_in_netns(target, argv)
+    except OSError as exc:
+        raise CheckpointError(f"{what}: {exc} (is nftables installed?)") from None
     finally:
-        os.close(own)
+        os.close(target)
     try:
         _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -1134,6 +1115,43 @@ def _drop_network_lock(pid: int, old_root_pid: int) -> None:
         raise CheckpointError(f"{what}: nft timed out") from None
     if proc.returncode != 0 and "No such file" not in err:
         raise CheckpointError(f"{what}: " + (err.strip().splitlines() or ["nft failed"])[0])
+
+
+def _spawn_in_netns(netns: int, argv: list[str]) -> subprocess.Popen[str]:
+    """Start *argv* in the network namespace *netns* (output piped).
+
+    A child starts in the namespaces of the thread that forks it, so a
+    thread that joins *netns* spawns it: one exec, where ``nsenter`` takes
+    two. That thread is made for this and ends with it, never to come
+    back: the caller may be one of the supervisor's pooled worker threads,
+    and a setns there and back that failed half way would leave every later
+    job of that thread, whatever it is, in the sandbox's network.
+    """
+    outcome: list[subprocess.Popen[str] | OSError] = []
+
+    def spawn() -> None:
+        try:
+            _syscalls.setns(netns, _syscalls.CLONE_NEWNET)
+            outcome.append(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=spawn, name="corral-netns-spawn")
+    thread.start()
+    thread.join()
+    if not outcome:  # pragma: no cover - spawn() catches what it can raise
+        raise OSError("the network namespace's spawn thread failed")
+    if isinstance(outcome[0], OSError):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _unlink(path: str) -> None:
