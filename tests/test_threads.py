@@ -1,4 +1,5 @@
-"""Work shared between threads: a sandbox's pidfd, a worker thread's namespaces."""
+"""Work in threads: the supervisor's limiter per kind of thread work, and
+what threads share (a sandbox's pidfd, a worker thread's namespaces)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
-from supervisor import Runtime, SandboxSpec
+import events
+from supervisor import Runtime, SandboxSpec, Supervisor
 
-from .conftest import requires_root
+from .conftest import Dirs, requires_root
 from .helpers import wait_for
+from .supervising import TIMEOUT, fleet, of, run, wait_event
 
 pytestmark = [requires_root]
 
@@ -139,3 +143,33 @@ def test_removing_the_network_lock_never_moves_the_calling_thread(
             [*in_sandbox, "list", "tables"], check=True, capture_output=True, text=True
         ).stdout
         assert "CRIU-4242" not in tables
+
+
+def test_checkpoints_holding_every_checkpoint_thread_starve_no_create_or_stop(
+    dirs: Dirs,
+) -> None:
+    """With every slot of the checkpoint limiter taken (say, slow CRIU dumps),
+    a sandbox is still created, signalled, stopped and created again."""
+    f = fleet({"name": "a", "command": "sleep 600"})
+
+    async def body(sup: Supervisor) -> None:
+        lims = sup.limiters
+        kinds = [lims.lifecycle, lims.checkpoint, lims.signals, lims.disk]
+        assert len({id(k) for k in [*kinds, trio.to_thread.current_default_thread_limiter()]}) == 5
+        holders = [object() for _ in range(int(lims.checkpoint.total_tokens))]
+        for holder in holders:
+            await lims.checkpoint.acquire_on_behalf_of(holder)
+        try:
+            with trio.fail_after(TIMEOUT):
+                await wait_event(sup, lambda e: isinstance(e, events.Started))
+                await sup.kill_sandbox("a", int(signal.SIGWINCH))  # tini ignores it
+                await sup.stop_sandbox("a")
+                (inst,) = await sup.start_sandbox("a")
+                assert inst.state == "running"
+        finally:
+            for holder in holders:
+                lims.checkpoint.release_on_behalf_of(holder)
+
+    evs = run(f, dirs, body)
+    assert [e.generation for e in of(evs, events.Started, "a-0")] == [0, 1]
+    assert len(of(evs, events.Stopped, "a-0")) == 2  # on request, then at the end

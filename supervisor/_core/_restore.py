@@ -66,7 +66,8 @@ class Checkpoints(SupervisorBase):
                         tag=tag,
                         leave_running=leave_running,
                         on_dumped=on_dumped,
-                    )
+                    ),
+                    limiter=self.limiters.checkpoint,
                 )
             return info
         except CorralError as exc:
@@ -109,7 +110,7 @@ class Checkpoints(SupervisorBase):
             return runtime.checkpoints.find(source.name, tag)
 
         try:
-            info = await trio.to_thread.run_sync(find)
+            info = await trio.to_thread.run_sync(find, limiter=self.limiters.disk)
             if as_name is not None:
                 check_instance_name(as_name, "as")
                 if as_name in self._by_name or any(
@@ -194,7 +195,8 @@ class Checkpoints(SupervisorBase):
             # Shielded like a create; CRIU itself is bounded by a timeout.
             with trio.CancelScope(shield=True):
                 sb = await trio.to_thread.run_sync(
-                    lambda: runtime.restore(pending.info, spec, stdio=stdio)
+                    lambda: runtime.restore(pending.info, spec, stdio=stdio),
+                    limiter=self.limiters.checkpoint,
                 )
         except CorralError as exc:
             self.publish(

@@ -46,6 +46,7 @@ from .._runtime._sandbox import ExecProcess, Runtime, Sandbox
 from .._version import __version__
 from ._fleet import Fleet
 from ._instance import BUSY_PAUSE, Ident, Instance
+from ._limiters import Limiters
 from ._output import OutputWriter, pump
 from ._plugin_host import DEFAULT_PLUGINS, PluginHandle, load_plugin, run_plugin
 from ._restore import Checkpoints
@@ -116,6 +117,7 @@ class Supervisor(Verbs, Checkpoints):
         self._by_name = {inst.name: inst for inst in self.instances}
         self.bus: events.Bus | None = None
         self.runtime: Runtime | None = None
+        self.limiters = Limiters.default()
         self._stopping = trio.Event()
         self._stop_reason = "requested"
         self._outputs: dict[str, OutputWriter] = {}
@@ -343,7 +345,10 @@ class Supervisor(Verbs, Checkpoints):
                 # nobody knows about. It takes milliseconds.
                 with trio.CancelScope(shield=True):
                     sb = await trio.to_thread.run_sync(
-                        lambda: runtime.create(spec, stdio=(null, out_w, err_w), stdin_devnull=True)
+                        lambda: runtime.create(
+                            spec, stdio=(null, out_w, err_w), stdin_devnull=True
+                        ),
+                        limiter=self.limiters.lifecycle,
                     )
         except CorralError as exc:
             os.close(out_r)
@@ -379,7 +384,7 @@ class Supervisor(Verbs, Checkpoints):
                 # the kill makes CRIU fail at once, and only then may its
                 # cgroup and layer go (not under the checkpoint's feet).
                 await inst._idle.wait()
-                await trio.to_thread.run_sync(sb.destroy)
+                await trio.to_thread.run_sync(sb.destroy, limiter=self.limiters.lifecycle)
             inst.sandbox = None
             raise
 
@@ -414,7 +419,7 @@ class Supervisor(Verbs, Checkpoints):
             # Killed while frozen (an OOM kill, a SIGKILL from outside):
             # what is left of it must be able to die.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(sb.cgroup.thaw)
+                await trio.to_thread.run_sync(sb.cgroup.thaw, limiter=self.limiters.lifecycle)
             inst.paused_at = None
         inst.sandbox = None
         inst.set_state("exited")
@@ -438,7 +443,7 @@ class Supervisor(Verbs, Checkpoints):
         inst.started_at = None
         if was_stopping:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(sb.destroy)
+                await trio.to_thread.run_sync(sb.destroy, limiter=self.limiters.lifecycle)
             inst.set_state("stopped")
             self.publish(Stopped(**ident))
         else:
@@ -452,10 +457,9 @@ class Supervisor(Verbs, Checkpoints):
         with trio.CancelScope(shield=True):
             await pump(fd, stream, writer, on_error=full_disk)
 
-    @staticmethod
-    async def _destroy(sb: Sandbox) -> None:
+    async def _destroy(self, sb: Sandbox) -> None:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(sb.destroy)
+            await trio.to_thread.run_sync(sb.destroy, limiter=self.limiters.lifecycle)
 
     async def _stop_when_asked(self, inst: Instance, sb: Sandbox, ident: Ident) -> None:
         await inst._halt.wait()
