@@ -173,3 +173,29 @@ def test_checkpoints_holding_every_checkpoint_thread_starve_no_create_or_stop(
     evs = run(f, dirs, body)
     assert [e.generation for e in of(evs, events.Started, "a-0")] == [0, 1]
     assert len(of(evs, events.Stopped, "a-0")) == 2  # on request, then at the end
+
+
+def test_a_stop_waits_for_a_new_init_in_a_worker_thread(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SIGTERM of a stop may wait (up to 1 s) for a just-started init to be
+    ready for it: that wait never runs on the trio thread."""
+    from supervisor._runtime._sandbox import Sandbox
+
+    real_wait = Sandbox._wait_signals_ready
+    waited_on: list[threading.Thread] = []
+
+    def recording_wait(self: Sandbox, sig: int) -> None:
+        waited_on.append(threading.current_thread())
+        real_wait(self, sig)
+
+    monkeypatch.setattr(Sandbox, "_wait_signals_ready", recording_wait)
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        with trio.fail_after(TIMEOUT):
+            await sup.stop_sandbox("a")
+
+    run(fleet({"name": "a", "command": "sleep 600"}), dirs, body)  # trio.run in this thread
+    assert waited_on, "the stop sent no SIGTERM"
+    assert threading.current_thread() not in waited_on

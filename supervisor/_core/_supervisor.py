@@ -479,7 +479,9 @@ class Supervisor(Verbs, Checkpoints):
         reason = self._stop_reason if self._stopping.is_set() else inst.stop_reason
         inst.set_state("stopping")
         self.publish(Stopping(**ident, reason=reason, grace=inst.grace))
-        sb.send_signal(signal.SIGTERM)
+        # In a thread: it may wait (up to 1 s, normally not at all) for a
+        # just-started init to be ready for the signal.
+        await trio.to_thread.run_sync(sb.send_signal, signal.SIGTERM, limiter=self.limiters.signals)
         # Cancelled as soon as the sandbox exits (its watcher nursery closes).
         while True:
             deadline = inst.grace
