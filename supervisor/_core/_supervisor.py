@@ -205,6 +205,7 @@ class Supervisor(Verbs, Checkpoints):
                     bus,
                     self.socket_path,
                     group=self.fleet.supervisor.socket_group,
+                    limiter=self.limiters.disk,
                 )
             )
             scopes = []
