@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -199,3 +201,79 @@ def test_a_stop_waits_for_a_new_init_in_a_worker_thread(
     run(fleet({"name": "a", "command": "sleep 600"}), dirs, body)  # trio.run in this thread
     assert waited_on, "the stop sent no SIGTERM"
     assert threading.current_thread() not in waited_on
+
+
+def _fake_checkpoint(state: Path, name: str, tag: str) -> Path:
+    """A checkpoint directory that the store lists (never restored: no images)."""
+    from supervisor._runtime._checkpoint import CheckpointInfo
+
+    path = state / "checkpoints" / name / tag
+    (path / "images").mkdir(parents=True)
+    (path / "upper").mkdir()
+    (path / "images" / "inventory.img").write_bytes(b"")
+    info = CheckpointInfo(
+        name=name, tag=tag, path=str(path), created=time.time(), size=1, duration=0.0,
+        frozen=0.0, criu_seconds=0.0, leave_running=True,
+        spec=SandboxSpec(name=name, argv=("true",)), lowerdir="/nonexistent", root_pid=1,
+        stdio=("", "", ""), network_lock="nftables",
+    )  # fmt: skip
+    (path / "checkpoint.json").write_text(json.dumps(info.to_json()))
+    return path
+
+
+def _record_threads(monkeypatch: pytest.MonkeyPatch, cls: type, method: str) -> list[bool]:
+    """Wrap *cls.method* to record, per call, whether it ran on this (the trio) thread."""
+    real = getattr(cls, method)
+    here = threading.current_thread()
+    calls: list[bool] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        calls.append(threading.current_thread() is here)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cls, method, recording)
+    return calls
+
+
+def test_plugins_list_and_delete_checkpoints_off_the_trio_thread(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin's checkpoint list and deletion (the checkpoint plugin's
+    pruning: a removal of CRIU images can take long) run in worker threads."""
+    from supervisor._core._plugin_host import PluginHandle
+    from supervisor._runtime._checkpoint import CheckpointStore
+
+    listed = _record_threads(monkeypatch, CheckpointStore, "list")
+    deleted = _record_threads(monkeypatch, CheckpointStore, "delete")
+    path = _fake_checkpoint(dirs.state, "a-0", "auto-1")
+
+    async def body(sup: Supervisor) -> None:
+        handle = PluginHandle(sup, "test")
+        assert [c.tag for c in await handle.checkpoints("a-0")] == ["auto-1"]
+        await handle.delete_checkpoint("a-0", "auto-1")
+        assert await handle.checkpoints("a-0") == []
+
+    run(fleet({"name": "a", "command": "sleep 600"}), dirs, body)
+    assert not path.exists()
+    assert listed and deleted
+    assert not any(listed) and not any(deleted), "on the trio thread"
+
+
+def test_a_restart_from_the_latest_checkpoint_looks_for_it_off_the_trio_thread(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """restart(from_checkpoint=True), a plain call of the restart plugin, finds
+    the latest checkpoint in a worker thread; with none, it starts afresh."""
+    from supervisor._runtime._checkpoint import CheckpointStore
+
+    listed = _record_threads(monkeypatch, CheckpointStore, "list")
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Exited))
+        assert sup.restart("a-0", from_checkpoint=True)
+        await wait_event(sup, lambda e: isinstance(e, events.Started) and e.generation == 1)
+
+    evs = run(fleet({"name": "a", "command": "true"}), dirs, body)
+    assert listed, "no checkpoint was looked for"
+    assert not any(listed), "on the trio thread"
+    assert not of(evs, events.CheckpointFailed, "a-0")

@@ -294,11 +294,8 @@ async def _restore(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any
 
 
 async def _checkpoints(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
-    assert sup.runtime is not None
-    store = sup.runtime.checkpoints
-    name = _str(params, "name")
-    names = [name] if name else list(store.names())
-    return [_checkpoint_result(i) for n in names for i in store.list(n)]
+    found = await sup.list_checkpoints(_str(params, "name") or None)
+    return [_checkpoint_result(i) for i in found]
 
 
 async def _ps(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:

@@ -52,10 +52,10 @@ class Verbs(SupervisorBase):
         inst = self._by_name.get(name)
         if inst is None or inst.stop_requested or inst.state not in ("exited", "failed"):
             return False
-        if from_checkpoint and self.runtime is not None:
-            found = self.runtime.checkpoints.list(inst.name)
-            if found:
-                inst._pending_restore = PendingRestore(found[-1], fallback=True)
+        if from_checkpoint:
+            # Which checkpoint is the latest is read from disk by the
+            # generation, in a worker thread: not here, on the trio thread.
+            inst._pending_restore = PendingRestore(None, fallback=True)
         inst.request_restart()
         return True
 
