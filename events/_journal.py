@@ -274,7 +274,11 @@ class Journal:
         self, since: int, until: int | None = None
     ) -> Iterator[dict[str, Any] | Gap]:
         """Like :meth:`replay`, but yielding the decoded msgpack maps as
-        stored (cheaper to relay: no event objects are built)."""
+        stored (cheaper to relay: no event objects are built).
+
+        The iterator may be advanced in another thread, one step at a time,
+        while this thread goes on appending (the socket server does).
+        """
         self.flush()
         end = self._last if until is None else min(until, self._last)
         return self._records(max(since, 1), end)
@@ -284,7 +288,9 @@ class Journal:
         # up afresh for each segment: appends may rotate old ones away while
         # a slow reader (the socket server) is in the middle.
         while want <= end:
-            segments = self._files.segments
+            # A copy: a replay may be read in a worker thread (the socket
+            # server's) while appends rotate segments on the trio thread.
+            segments = list(self._files.segments)
             firsts = [s.first for s in segments]
             i = bisect.bisect_right(firsts, want) - 1
             if i < 0:

@@ -11,7 +11,9 @@ back; what is ready is sent in one write.
 A client that reads slowly only slows its own connection task: the bus
 never waits for it, its subscription overflows instead, and the task fills
 the gap from the journal before sending anything newer. A Gap is forwarded
-only for events that are no longer on disk.
+only for events that are no longer on disk. The journal is read in worker
+threads, a batch at a time, never on the trio thread: a replay from the
+start reads up to the journal's whole size (256 MiB by default).
 
 Each connection lives in its own task and any failure closes that
 connection only; nothing a client sends can stop the server.
@@ -23,6 +25,8 @@ import errno
 import logging
 import os
 import select
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import trio
@@ -48,7 +52,8 @@ __all__ = ["serve_events"]
 log = logging.getLogger("corral.events")
 
 # One send carries at most about this much: large enough to amortise the
-# syscall, small enough not to hog the trio thread while replaying.
+# syscall (and, replaying, the trip to a worker thread), small enough not
+# to keep other connections waiting.
 _BATCH_BYTES = 256 << 10
 # A socket subscriber's queue holds references to encoded bytes; deep, as
 # each overflow means a trip to the journal.
@@ -68,6 +73,7 @@ async def serve_events(
     drain_timeout: float = 5.0,
     max_connections: int = MAX_CONNECTIONS,
     max_privileged_connections: int = MAX_PRIVILEGED_CONNECTIONS,
+    limiter: trio.CapacityLimiter | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve *bus* on a Unix stream socket at *path*.
@@ -85,6 +91,8 @@ async def serve_events(
     *max_privileged_connections* of those two: one more of a full class is
     closed at once, without a word (the protocol has none before the
     events), and the group's members can never take root's places.
+    Replays read the journal in worker threads under *limiter* (default:
+    trio's).
 
     Start it with ``await nursery.start(serve_events, bus, path)``: it
     reports started once the socket accepts connections. It runs until
@@ -100,7 +108,15 @@ async def serve_events(
             try:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(
-                        _accept, bus, sock, path, connections, group, slots, request_timeout
+                        _accept,
+                        bus,
+                        sock,
+                        path,
+                        connections,
+                        group,
+                        slots,
+                        request_timeout,
+                        limiter,
                     )
                     task_status.started()
                     await bus._wait_closed()
@@ -122,6 +138,7 @@ async def _accept(
     group: int | None,
     slots: ConnectionSlots,
     request_timeout: float,
+    limiter: trio.CapacityLimiter | None,
 ) -> None:
     while True:
         try:
@@ -132,7 +149,7 @@ async def _accept(
             log.warning("event socket %s: accept failed (%s); retrying", path, exc)
             await trio.sleep(0.1)
             continue
-        connections.start_soon(_serve_one, bus, conn, group, slots, request_timeout)
+        connections.start_soon(_serve_one, bus, conn, group, slots, request_timeout, limiter)
 
 
 async def _serve_one(
@@ -141,6 +158,7 @@ async def _serve_one(
     group: int | None,
     slots: ConnectionSlots,
     request_timeout: float,
+    limiter: trio.CapacityLimiter | None,
 ) -> None:
     stream = trio.SocketStream(conn)
     try:
@@ -156,7 +174,7 @@ async def _serve_one(
                     return
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_watch_hangup, stream, nursery.cancel_scope)
-                    await _stream_events(bus, stream, request)
+                    await _stream_events(bus, stream, request, limiter)
                     nursery.cancel_scope.cancel()
     # except*: errors from the connection's nursery arrive in a group.
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -209,17 +227,21 @@ async def _watch_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> N
         scope.cancel()
 
 
-async def _stream_events(bus: Bus, stream: trio.SocketStream, request: Request) -> None:
+async def _stream_events(
+    bus: Bus, stream: trio.SocketStream, request: Request, limiter: trio.CapacityLimiter | None
+) -> None:
     # Subscribe first, then replay up to the subscription point: everything
     # after it arrives live, so nothing falls between and nothing comes twice.
     with bus._subscribe(request.filter, _QUEUE, raw=True) as sub:
         upto = bus.last_seq
         if request.since is not None and request.since <= upto:
-            await _send_replay(bus, stream, request.filter, request.since, upto)
-        await _send_live(bus, stream, sub)
+            await _send_replay(bus, stream, request.filter, request.since, upto, limiter)
+        await _send_live(bus, stream, sub, limiter)
 
 
-async def _send_live(bus: Bus, stream: trio.SocketStream, sub: Subscription) -> None:
+async def _send_live(
+    bus: Bus, stream: trio.SocketStream, sub: Subscription, limiter: trio.CapacityLimiter | None
+) -> None:
     batch: list[bytes] = []
     size = 0
     while True:
@@ -233,7 +255,7 @@ async def _send_live(bus: Bus, stream: trio.SocketStream, sub: Subscription) -> 
                     await stream.send_all(b"".join(batch))
                     batch.clear()
                     size = 0
-                await _send_replay(bus, stream, sub.filter, item.first, item.last)
+                await _send_replay(bus, stream, sub.filter, item.first, item.last, limiter)
             else:
                 batch.append(item)
                 size += len(item)
@@ -252,7 +274,12 @@ async def _send_live(bus: Bus, stream: trio.SocketStream, sub: Subscription) -> 
 
 
 async def _send_replay(
-    bus: Bus, stream: trio.SocketStream, filter: Filter, first: int, last: int
+    bus: Bus,
+    stream: trio.SocketStream,
+    filter: Filter,
+    first: int,
+    last: int,
+    limiter: trio.CapacityLimiter | None,
 ) -> None:
     """Send the journaled events first..last that pass *filter*; a Gap for
     what is not on disk."""
@@ -261,9 +288,33 @@ async def _send_replay(
         if max(first, 1) <= last:
             await stream.send_all(encode(Gap(first=max(first, 1), last=last)))
         return
+    # Made here: it writes out the journal's buffer first, which is the
+    # writer's business and stays on this thread. Only reading moves.
+    records = journal.replay_records(first, last)
+    try:
+        while True:
+            batch, more = await trio.to_thread.run_sync(
+                _read_batch, records, filter, limiter=limiter
+            )
+            if batch:
+                await stream.send_all(b"".join(batch))
+            if not more:
+                return
+    finally:
+        # A generator: closing it closes the segment file it reads.
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()
+
+
+def _read_batch(
+    records: Iterator[dict[str, Any] | Gap], filter: Filter
+) -> tuple[list[bytes], bool]:
+    """The next records that pass *filter*, encoded, about one send's worth;
+    and whether more may follow. In a worker thread."""
     batch: list[bytes] = []
     size = 0
-    for record in journal.replay_records(first, last):
+    for record in records:
         if isinstance(record, Gap):
             data = encode(record)
         elif filter.matches(record["kind"], record["sandbox"]):
@@ -273,8 +324,5 @@ async def _send_replay(
         batch.append(data)
         size += len(data)
         if size >= _BATCH_BYTES:
-            await stream.send_all(b"".join(batch))
-            batch.clear()
-            size = 0
-    if batch:
-        await stream.send_all(b"".join(batch))
+            return batch, True
+    return batch, False

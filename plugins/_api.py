@@ -151,12 +151,13 @@ class Handle(Protocol):
         """Restore an instance (or a new one, *as_name*) from a checkpoint."""
         ...
 
-    def checkpoints(self, name: str) -> Sequence[CheckpointView]:
-        """An instance's checkpoints on disk, oldest first."""
+    async def checkpoints(self, name: str) -> Sequence[CheckpointView]:
+        """An instance's checkpoints on disk, oldest first (read in a worker
+        thread: a plugin's task waits, the supervisor does not)."""
         ...
 
-    def delete_checkpoint(self, name: str, tag: str) -> None:
-        """Remove one of an instance's checkpoints."""
+    async def delete_checkpoint(self, name: str, tag: str) -> None:
+        """Remove one of an instance's checkpoints (in a worker thread)."""
         ...
 
     def stop(self, name: str, grace: float | None = None) -> None:

@@ -132,14 +132,15 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
 
     counts: dict[str, int] = {}
 
-    def prune(name: str) -> None:
+    async def prune(name: str) -> None:
         by_instance = {
-            n: [c for c in handle.checkpoints(n) if c.tag.startswith(AUTO_PREFIX)] for n in policies
+            n: [c for c in await handle.checkpoints(n) if c.tag.startswith(AUTO_PREFIX)]
+            for n in policies
         }
         keep = {n: p.keep for n, p in policies.items()}
         doomed = to_prune(by_instance, keep, fleet_policy.max_disk)
         for c in doomed:
-            handle.delete_checkpoint(c.name, c.tag)
+            await handle.delete_checkpoint(c.name, c.tag)
         gone = {(c.name, c.tag) for c in doomed}
         left = [c for found in by_instance.values() for c in found if (c.name, c.tag) not in gone]
         handle.publish(
@@ -187,7 +188,7 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
                     # or CRIU's reason): try again next time.
                     pass
                 else:
-                    prune(name)
+                    await prune(name)
             # Periods are counted from the end of a checkpoint: a slow dump
             # never makes checkpoints pile up.
             next_at = max(next_at + interval, trio.current_time() + interval / 2)

@@ -170,11 +170,11 @@ class FakeHandle:
         """Record a restore."""
         self.calls.append(("restore", name, tag, as_name))
 
-    def checkpoints(self, name: str) -> list[FakeCheckpoint]:
+    async def checkpoints(self, name: str) -> list[FakeCheckpoint]:
         """The fake checkpoints of *name*, oldest first."""
         return list(self.checkpoints_.get(name, []))
 
-    def delete_checkpoint(self, name: str, tag: str) -> None:
+    async def delete_checkpoint(self, name: str, tag: str) -> None:
         """Record a deletion and forget the checkpoint."""
         self.calls.append(("delete_checkpoint", name, tag))
         self.checkpoints_[name] = [c for c in self.checkpoints_.get(name, []) if c.tag != tag]

@@ -78,7 +78,7 @@ def test_periodic_checkpoints_prune_and_report() -> None:
     made = [c for c in handle.calls if c[0] == "checkpoint"]
     assert len(made) == 4 and all(c[1] == "web-0" and c[3] is True for c in made)
     assert all(c[2].startswith("auto-") for c in made)
-    assert [c.tag for c in handle.checkpoints("web-0")] == [made[2][2], made[3][2]]
+    assert [c.tag for c in handle.checkpoints_["web-0"]] == [made[2][2], made[3][2]]
 
 
 def test_a_stopped_instance_is_not_checkpointed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -11,10 +12,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from functools import partial
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
@@ -124,6 +127,35 @@ async def test_since_replays_the_journal_then_streams_live(sock_dir: Path) -> No
                     bus.publish(started(i))
                 assert seqs(await take(stream, 5)) == list(range(1001, 1006))
             nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_replays_read_the_journal_in_worker_threads(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay reads the journal's files in worker threads, under the limiter
+    the server was given, never on the trio thread."""
+    path = str(sock_dir / "events.sock")
+    limiter = trio.CapacityLimiter(1)
+    reads: list[tuple[threading.Thread, int]] = []
+    real_read = Journal._read
+
+    def recording_read(self: Journal, seg: Any, want: int) -> Iterator[dict[str, Any]]:
+        reads.append((threading.current_thread(), int(limiter.borrowed_tokens)))
+        return real_read(self, seg, want)
+
+    monkeypatch.setattr(Journal, "_read", recording_read)
+    with Journal(sock_dir / "journal") as j:
+        bus = Bus(j)
+        for i in range(1000):
+            bus.publish(started(i))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_events, bus, path, limiter=limiter))
+            async with subscribe(path, since=1) as stream:
+                assert seqs(await take(stream, 1000)) == list(range(1, 1001))
+            nursery.cancel_scope.cancel()
+    assert reads
+    assert all(t is not threading.current_thread() and borrowed == 1 for t, borrowed in reads)
 
 
 @trio_test
@@ -425,6 +457,10 @@ async def test_closing_the_bus_drains_and_stops_the_server(
     end of stream; the socket file goes at once; serve_events returns, cutting
     off a client that does not read at the drain deadline."""
     path = str(sock_dir / "events.sock")
+    # Virtual time stands still until the reading client has everything:
+    # while a replay is read in a worker thread every task waits, and an
+    # autojump would reach the drain deadline in the middle.
+    mock_clock.autojump_threshold = math.inf
     with Journal(sock_dir / "journal") as j:
         bus = Bus(j)
         async with trio.open_nursery() as nursery:
@@ -441,6 +477,7 @@ async def test_closing_the_bus_drains_and_stops_the_server(
                 got = [e async for e in stream]
                 assert not os.path.exists(path)
             assert seqs(got) == list(range(1, 30_002))
+            mock_clock.autojump_threshold = 0
             # No cancel: the server returns by itself, after the drain timeout.
         assert trio.current_time() - t0 == pytest.approx(5.0)
         await stuck.aclose()

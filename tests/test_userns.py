@@ -259,11 +259,26 @@ def test_a_rootfs_that_cannot_be_idmapped_is_copied_shifted(
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def _age(claims: list[Path]) -> None:
+    """Make *claims* look older than STALE_AFTER."""
+    from supervisor._runtime._records import STALE_AFTER
+
+    for p in claims:
+        t = p.stat().st_mtime - STALE_AFTER - 5
+        os.utime(p, (t, t))
+
+
+def _owner(claim: Path) -> str:
+    from supervisor._runtime._userns import _read
+
+    return _read(str(claim))[0]
+
+
 def test_a_crashed_sandboxs_id_claim_is_taken_over_only_once_stale(tmp_path: Path) -> None:
-    """A claim whose owner has no record blocks its range until STALE_AFTER, then is reused."""
+    """A claim whose owner has no record and whose claimer is gone blocks its
+    range until STALE_AFTER, then is reused."""
     import contextlib
 
-    from supervisor._runtime._records import STALE_AFTER
     from supervisor._runtime._userns import allocate_range
 
     security = make_security(userns=True)
@@ -271,16 +286,103 @@ def test_a_crashed_sandboxs_id_claim_is_taken_over_only_once_stale(tmp_path: Pat
     with contextlib.ExitStack() as undo:
         first = allocate_range(security, "probe", run_dir, undo)
     assert not any((tmp_path / "userns").iterdir())  # released
-    with contextlib.ExitStack() as undo:
-        allocate_range(security, "ghost", run_dir, undo)
-        undo.pop_all()  # the "crash": the claim stays
+    # The crash: a process claims a range and dies before its sandbox exists.
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import contextlib, os, sys\n"
+            "from supervisor._runtime._security import make_security\n"
+            "from supervisor._runtime._userns import allocate_range\n"
+            "allocate_range(make_security(userns=True), 'ghost', sys.argv[1],"
+            " contextlib.ExitStack())\n"
+            "os._exit(0)\n",
+            run_dir,
+        ],
+        check=True,
+    )
     ghost = sorted((tmp_path / "userns").iterdir())
-    assert ghost and all(p.read_text() == "ghost" for p in ghost)
+    assert ghost and all(_owner(p) == "ghost" for p in ghost)
     with contextlib.ExitStack() as undo:
         assert allocate_range(security, "a", run_dir, undo) != first  # young: still the ghost's
-    for p in ghost:
-        t = p.stat().st_mtime - STALE_AFTER - 5
-        os.utime(p, (t, t))
+    _age(ghost)
     with contextlib.ExitStack() as undo:
         assert allocate_range(security, "b", run_dir, undo) == first  # stale: taken over
-        assert all(p.read_text() == "b" for p in ghost)
+        assert all(_owner(p) == "b" for p in ghost)
+
+
+def test_a_claim_is_kept_while_its_claimer_still_makes_the_sandbox(tmp_path: Path) -> None:
+    """A creation slower than STALE_AFTER (say, copying a large rootfs shifted)
+    keeps its range: no record yet, but the process that claimed it lives."""
+    import contextlib
+
+    from supervisor._runtime._userns import allocate_range
+
+    security = make_security(userns=True)
+    run_dir = str(tmp_path)
+    with contextlib.ExitStack() as slow:
+        mine = allocate_range(security, "slow", run_dir, slow)
+        _age(sorted((tmp_path / "userns").iterdir()))
+        with contextlib.ExitStack() as undo:
+            assert allocate_range(security, "other", run_dir, undo) != mine
+
+
+def test_two_takers_of_one_stale_claim_never_share_its_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two creations that both find one claim stale: one takes the range, the
+    other moves on; neither deletes the claim the other has just made."""
+    import contextlib
+    import fcntl
+
+    from supervisor._runtime import _userns
+
+    security = make_security(userns=True)
+    run_dir = str(tmp_path)
+    claims = tmp_path / "userns"
+    claims.mkdir()
+    # A crash's leftover: its claimer is gone (a PID that is not running).
+    dead = _dead_pid()
+    (claims / "0").write_text(f'{{"name": "ghost", "pid": {dead}, "start": 1}}')
+    _age([claims / "0"])
+    real_stale = _userns._stale
+    rival: list[tuple[int, int]] = []
+    undo = contextlib.ExitStack()
+
+    def stale_then_rival(path: str, run: str) -> bool:
+        # The first taker has judged the claim stale; the other comes in
+        # before it replaces the claim, unless the claims are locked.
+        verdict = real_stale(path, run)
+        if verdict and not rival:
+            fd = os.open(claims, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return verdict  # locked: the other can only come in after
+            finally:
+                os.close(fd)
+            rival.append(allocate_range_unhooked(security, "rival", run_dir, undo))
+        return verdict
+
+    def allocate_range_unhooked(*args: object) -> tuple[int, int]:
+        monkeypatch.setattr(_userns, "_stale", real_stale)
+        try:
+            return _userns.allocate_range(*args)  # type: ignore[arg-type]
+        finally:
+            monkeypatch.setattr(_userns, "_stale", stale_then_rival)
+
+    monkeypatch.setattr(_userns, "_stale", stale_then_rival)
+    with undo:
+        first = _userns.allocate_range(security, "first", run_dir, undo)
+        if not rival:
+            rival.append(allocate_range_unhooked(security, "rival", run_dir, undo))
+        assert first != rival[0], "two sandboxes got the same id range"
+        assert sorted(_owner(p) for p in claims.iterdir()) == ["first", "rival"]
+    assert list(claims.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

@@ -146,13 +146,15 @@ def summary(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
     }
 
 
-async def _all_stats(instances: Sequence[Instance]) -> list[CgroupStats | None]:
+async def _all_stats(sup: Supervisor, instances: Sequence[Instance]) -> list[CgroupStats | None]:
     # A few small files per sandbox: one worker thread for the lot.
-    return await trio.to_thread.run_sync(lambda: [_read_stats(i) for i in instances])
+    return await trio.to_thread.run_sync(
+        lambda: [_read_stats(i) for i in instances], limiter=sup.limiters.disk
+    )
 
 
-async def _rows(instances: Sequence[Instance]) -> list[dict[str, Any]]:
-    stats = await _all_stats(instances)
+async def _rows(sup: Supervisor, instances: Sequence[Instance]) -> list[dict[str, Any]]:
+    stats = await _all_stats(sup, instances)
     return [summary(i, s) for i, s in zip(instances, stats, strict=True)]
 
 
@@ -292,20 +294,17 @@ async def _restore(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any
 
 
 async def _checkpoints(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
-    assert sup.runtime is not None
-    store = sup.runtime.checkpoints
-    name = _str(params, "name")
-    names = [name] if name else list(store.names())
-    return [_checkpoint_result(i) for n in names for i in store.list(n)]
+    found = await sup.list_checkpoints(_str(params, "name") or None)
+    return [_checkpoint_result(i) for i in found]
 
 
 async def _ps(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
-    return await _rows(list(sup.instances))
+    return await _rows(sup, list(sup.instances))
 
 
 async def _inspect(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     inst = sup.resolve(_name(params))
-    (stats,) = await _all_stats([inst])
+    (stats,) = await _all_stats(sup, [inst])
     return inspect(inst, stats)
 
 
@@ -314,7 +313,7 @@ async def _stats(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise SpecError("names", "expected a list of sandbox or instance names")
     found = [i for n in names for i in sup.targets(n)] if names else list(sup.instances)
-    stats = await _all_stats(found)
+    stats = await _all_stats(sup, found)
     return [
         {"name": i.name, "state": i.state} | (_stats_dict(s, i.memory_limit) or {})
         for i, s in zip(found, stats, strict=True)
@@ -322,28 +321,28 @@ async def _stats(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
 
 
 async def _stop(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
-    return await _rows(await sup.stop_sandbox(_name(params), _seconds(params, "timeout")))
+    return await _rows(sup, await sup.stop_sandbox(_name(params), _seconds(params, "timeout")))
 
 
 async def _start(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
-    return await _rows(await sup.start_sandbox(_name(params)))
+    return await _rows(sup, await sup.start_sandbox(_name(params)))
 
 
 async def _restart(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
-    return await _rows(await sup.restart_sandbox(_name(params), _seconds(params, "timeout")))
+    return await _rows(sup, await sup.restart_sandbox(_name(params), _seconds(params, "timeout")))
 
 
 async def _kill(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     sig = parse_signal(params.get("signal", "KILL"))
-    return await _rows(await sup.kill_sandbox(_name(params), sig))
+    return await _rows(sup, await sup.kill_sandbox(_name(params), sig))
 
 
 async def _pause(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
-    return await _rows(await sup.pause_sandbox(_name(params)))
+    return await _rows(sup, await sup.pause_sandbox(_name(params)))
 
 
 async def _resume(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
-    return await _rows(await sup.resume_sandbox(_name(params)))
+    return await _rows(sup, await sup.resume_sandbox(_name(params)))
 
 
 async def _add(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
@@ -351,7 +350,7 @@ async def _add(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     assert path is not None
     if not os.path.isabs(path):
         raise SpecError("path", f"expected an absolute path to a fleet file, got {path!r}")
-    return await _rows(await sup.add_fleet(path))
+    return await _rows(sup, await sup.add_fleet(path))
 
 
 async def _rm(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:

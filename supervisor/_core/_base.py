@@ -18,6 +18,7 @@ from .._errors import CorralError, SpecError
 from .._runtime._sandbox import ExecProcess, Runtime
 from ._fleet import Fleet
 from ._instance import Ident, Instance, ident
+from ._limiters import Limiters
 from ._output import OutputWriter
 from ._plugin_host import PluginFn
 
@@ -31,6 +32,8 @@ class SupervisorBase:
     instances: list[Instance]
     bus: events.Bus | None
     runtime: Runtime | None
+    limiters: Limiters
+    """The worker-thread limiters, one per kind of work (see :mod:`._limiters`)."""
     _by_name: dict[str, Instance]
     _stopping: trio.Event
     _stop_reason: str

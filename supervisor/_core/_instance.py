@@ -36,7 +36,9 @@ BUSY_PAUSE = "it is being paused or resumed"
 class PendingRestore:
     """A restore the next generation performs instead of a fresh start."""
 
-    info: CheckpointInfo
+    info: CheckpointInfo | None
+    """The checkpoint; None: the instance's latest, looked up when the
+    generation starts (none yet: a fresh start)."""
     fallback: bool
     """Start fresh if the restore fails (restart-by-restore); else stay as before."""
     prev_state: str = "exited"

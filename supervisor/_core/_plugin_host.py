@@ -126,6 +126,8 @@ class PluginHost(Protocol):
     async def restore(
         self, name: str, *, tag: str | None = None, as_name: str | None = None
     ) -> Sandbox: ...
+    async def list_checkpoints(self, name: str | None = None) -> list[CheckpointInfo]: ...
+    async def delete_checkpoint(self, name: str, tag: str) -> None: ...
     def stop_instance(self, name: str, grace: float | None = None) -> None: ...
     def mark_failed(self, name: str, reason: str) -> None: ...
     def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None: ...
@@ -227,18 +229,13 @@ class PluginHandle:
         """Restore an instance (or a new one) from a checkpoint."""
         await self._sup.restore(name, tag=tag, as_name=as_name)
 
-    def checkpoints(self, name: str) -> list[CheckpointInfo]:
-        """An instance's checkpoints, oldest first."""
-        assert self._sup.runtime is not None
-        return self._sup.runtime.checkpoints.list(name)
+    async def checkpoints(self, name: str) -> list[CheckpointInfo]:
+        """An instance's checkpoints, oldest first (read in a worker thread)."""
+        return await self._sup.list_checkpoints(name)
 
-    def delete_checkpoint(self, name: str, tag: str) -> None:
-        """Remove one of an instance's checkpoints."""
-        assert self._sup.runtime is not None
-        store = self._sup.runtime.checkpoints
-        for info in store.list(name):
-            if info.tag == tag:
-                store.delete(info)
+    async def delete_checkpoint(self, name: str, tag: str) -> None:
+        """Remove one of an instance's checkpoints (in a worker thread)."""
+        await self._sup.delete_checkpoint(name, tag)
 
     def stop(self, name: str, grace: float | None = None) -> None:
         """Stop one instance; it stays stopped."""

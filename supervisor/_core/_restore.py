@@ -67,7 +67,8 @@ class Checkpoints(SupervisorBase):
                         tag=tag,
                         leave_running=leave_running,
                         on_dumped=on_dumped,
-                    )
+                    ),
+                    limiter=self.limiters.checkpoint,
                 )
             return info
         except CorralError as exc:
@@ -77,6 +78,31 @@ class Checkpoints(SupervisorBase):
             raise
         finally:
             inst.end()
+
+    async def list_checkpoints(self, name: str | None = None) -> list[CheckpointInfo]:
+        """The checkpoints on disk of instance *name* (of every name: None),
+        oldest first for each name. Read in a worker thread."""
+        assert self.runtime is not None
+        store = self.runtime.checkpoints
+
+        def read() -> list[CheckpointInfo]:
+            names = [name] if name is not None else list(store.names())
+            return [info for n in names for info in store.list(n)]
+
+        return await trio.to_thread.run_sync(read, limiter=self.limiters.disk)
+
+    async def delete_checkpoint(self, name: str, tag: str) -> None:
+        """Remove checkpoint *tag* of instance *name* (nothing if there is
+        none). The files are removed in a worker thread."""
+        assert self.runtime is not None
+        store = self.runtime.checkpoints
+
+        def delete() -> None:
+            for info in store.list(name):
+                if info.tag == tag:
+                    store.delete(info)
+
+        await trio.to_thread.run_sync(delete, limiter=self.limiters.disk)
 
     def _published_checkpoint(self, inst: Instance, info: CheckpointInfo) -> None:
         self.publish(
@@ -110,7 +136,7 @@ class Checkpoints(SupervisorBase):
             return runtime.checkpoints.find(source.name, tag)
 
         try:
-            info = await trio.to_thread.run_sync(find)
+            info = await trio.to_thread.run_sync(find, limiter=self.limiters.disk)
             if as_name is not None:
                 check_instance_name(as_name, "as")
                 if as_name in self._by_name or any(
@@ -191,18 +217,30 @@ class Checkpoints(SupervisorBase):
         assert self.runtime is not None
         runtime = self.runtime
         ident = self._ident(inst)
+        info = pending.info
+        if info is None:
+            # A restart from the latest checkpoint (a plugin's): which one
+            # that is, if any, is read now, off the trio thread. Shielded
+            # like the restore: the generation's pipes are open already.
+            with trio.CancelScope(shield=True):
+                found = await trio.to_thread.run_sync(
+                    runtime.checkpoints.list, inst.name, limiter=self.limiters.disk
+                )
+            if not found:
+                pending.done.set()
+                return None
+            info = pending.info = found[-1]
         start = trio.current_time()
         try:
             # Shielded like a create; CRIU itself is bounded by a timeout.
             with trio.CancelScope(shield=True):
                 sb = await trio.to_thread.run_sync(
-                    lambda: runtime.restore(pending.info, spec, stdio=stdio, labels=labels)
+                    lambda: runtime.restore(info, spec, stdio=stdio, labels=labels),
+                    limiter=self.limiters.checkpoint,
                 )
         except CorralError as exc:
             self.publish(
-                CheckpointFailed(
-                    **ident, operation="restore", tag=pending.info.tag, reason=str(exc)
-                )
+                CheckpointFailed(**ident, operation="restore", tag=info.tag, reason=str(exc))
             )
             if not pending.fallback:
                 inst.set_state(pending.prev_state)
@@ -213,8 +251,8 @@ class Checkpoints(SupervisorBase):
         self.publish(
             Restored(
                 **ident,
-                tag=pending.info.tag,
-                source=pending.info.name,
+                tag=info.tag,
+                source=info.name,
                 pid=sb.pid,
                 duration_ms=round((trio.current_time() - start) * 1000, 3),
                 weakened=restore_weakens(check_criu(), sb.spec.security),

@@ -58,6 +58,7 @@ from ._adopt import (
 )
 from ._fleet import Fleet
 from ._instance import BUSY_PAUSE, Ident, Instance
+from ._limiters import Limiters
 from ._output import OutputWriter, pump
 from ._plugin_host import DEFAULT_PLUGINS, PluginHandle, load_plugin, run_plugin
 from ._restore import Checkpoints
@@ -134,6 +135,7 @@ class Supervisor(Verbs, Checkpoints):
         self._by_name = {inst.name: inst for inst in self.instances}
         self.bus: events.Bus | None = None
         self.runtime: Runtime | None = None
+        self.limiters = Limiters.default()
         self._stopping = trio.Event()
         self._stop_reason = "requested"
         self._outputs: dict[str, OutputWriter] = {}
@@ -282,6 +284,7 @@ class Supervisor(Verbs, Checkpoints):
                     self.socket_path,
                     group=self.fleet.supervisor.socket_group,
                     request_timeout=self.fleet.supervisor.socket_idle_timeout,
+                    limiter=self.limiters.disk,
                 )
             )
             scopes = []
@@ -345,7 +348,9 @@ class Supervisor(Verbs, Checkpoints):
         """Remove an old generation a predecessor left (killing it if it runs)."""
         f.close_pipes()
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._destroy_sync, f.sandbox)
+            await trio.to_thread.run_sync(
+                self._destroy_sync, f.sandbox, limiter=self.limiters.lifecycle
+            )
 
     async def _stop_removed(self, f: Found) -> None:
         """Stop a sandbox whose instance left the fleet file while no
@@ -359,10 +364,12 @@ class Supervisor(Verbs, Checkpoints):
             if not f.late:
                 grace = self.fleet.supervisor.grace_period
                 self.publish(Stopping(**ident, reason="not in the fleet file", grace=grace))
-                await trio.to_thread.run_sync(sb.send_signal, signal.SIGTERM)
+                await trio.to_thread.run_sync(
+                    sb.send_signal, signal.SIGTERM, limiter=self.limiters.signals
+                )
                 with trio.move_on_after(grace):
                     await trio.lowlevel.wait_readable(sb.pidfd)
-            result = await trio.to_thread.run_sync(sb.wait)
+            result = await trio.to_thread.run_sync(sb.wait, limiter=self.limiters.lifecycle)
             if not f.published:
                 self.publish(
                     Exited(
@@ -374,7 +381,7 @@ class Supervisor(Verbs, Checkpoints):
                         late=f.late,
                     )
                 )
-            await trio.to_thread.run_sync(self._destroy_sync, sb)
+            await trio.to_thread.run_sync(self._destroy_sync, sb, limiter=self.limiters.lifecycle)
             self.publish(Stopped(**ident))
 
     def _destroy_sync(self, sb: Sandbox) -> None:
@@ -396,7 +403,7 @@ class Supervisor(Verbs, Checkpoints):
         with scope:
             while True:
                 await trio.lowlevel.wait_readable(keeper.fileno())
-                if not await trio.to_thread.run_sync(keeper.check):
+                if not await trio.to_thread.run_sync(keeper.check, limiter=self.limiters.lifecycle):
                     await trio.sleep(1)  # readable yet alive: never seen; no busy loop
 
     async def _run_service(
@@ -522,7 +529,7 @@ class Supervisor(Verbs, Checkpoints):
                     why = f"sandbox {held!r}: cannot prepare its start: {exc}"
                     raise SandboxError(why) from exc
 
-            await trio.to_thread.run_sync(prepare)
+            await trio.to_thread.run_sync(prepare, limiter=self.limiters.lifecycle)
             if pending is not None:
                 sb = await self._restore_generation(
                     inst, pending, spec, (null, out_w, err_w), labels
@@ -530,7 +537,9 @@ class Supervisor(Verbs, Checkpoints):
                 if sb is None and not pending.fallback:
                     os.close(out_r)
                     os.close(err_r)
-                    await trio.to_thread.run_sync(keeper.release, held)
+                    await trio.to_thread.run_sync(
+                        keeper.release, held, limiter=self.limiters.lifecycle
+                    )
                     inst._up.set()
                     return
             if sb is None:
@@ -540,13 +549,14 @@ class Supervisor(Verbs, Checkpoints):
                     sb = await trio.to_thread.run_sync(
                         lambda: runtime.create(
                             spec, stdio=(null, out_w, err_w), stdin_devnull=True, labels=labels
-                        )
+                        ),
+                        limiter=self.limiters.lifecycle,
                     )
         except CorralError as exc:
             os.close(out_r)
             os.close(err_r)
             if held:
-                await trio.to_thread.run_sync(keeper.release, held)
+                await trio.to_thread.run_sync(keeper.release, held, limiter=self.limiters.lifecycle)
             if pending is not None and not pending.done.is_set():
                 pending.error = exc  # its requester is waiting for the outcome
                 pending.done.set()
@@ -611,7 +621,9 @@ class Supervisor(Verbs, Checkpoints):
                 # the kill makes CRIU fail at once, and only then may its
                 # cgroup and layer go (not under the checkpoint's feet).
                 await inst._idle.wait()
-                await trio.to_thread.run_sync(self._destroy_sync, sb)
+                await trio.to_thread.run_sync(
+                    self._destroy_sync, sb, limiter=self.limiters.lifecycle
+                )
             inst.sandbox = None
             raise
 
@@ -649,7 +661,7 @@ class Supervisor(Verbs, Checkpoints):
                 await inst._idle.wait()
             result = sb.poll()
             if result is None:  # pragma: no cover - pidfd readable means exited
-                result = await trio.to_thread.run_sync(sb.wait)
+                result = await trio.to_thread.run_sync(sb.wait, limiter=self.limiters.lifecycle)
             # Read the counters once more before the cgroup goes away, so a
             # kill that raced the exit is never missed.
             self._report_oom(inst, watch.read(), ident, final=True)
@@ -660,7 +672,7 @@ class Supervisor(Verbs, Checkpoints):
             # Killed while frozen (an OOM kill, a SIGKILL from outside):
             # what is left of it must be able to die.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(sb.cgroup.thaw)
+                await trio.to_thread.run_sync(sb.cgroup.thaw, limiter=self.limiters.lifecycle)
             inst.paused_at = None
         inst.sandbox = None
         inst.set_state("exited")
@@ -685,7 +697,9 @@ class Supervisor(Verbs, Checkpoints):
         inst.started_at = None
         if was_stopping:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._destroy_sync, sb)
+                await trio.to_thread.run_sync(
+                    self._destroy_sync, sb, limiter=self.limiters.lifecycle
+                )
             inst.set_state("stopped")
             self.publish(Stopped(**ident))
         else:
@@ -701,7 +715,7 @@ class Supervisor(Verbs, Checkpoints):
 
     async def _destroy(self, sb: Sandbox) -> None:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._destroy_sync, sb)
+            await trio.to_thread.run_sync(self._destroy_sync, sb, limiter=self.limiters.lifecycle)
 
     async def _stop_when_asked(self, inst: Instance, sb: Sandbox, ident: Ident) -> None:
         await inst._halt.wait()
@@ -721,7 +735,9 @@ class Supervisor(Verbs, Checkpoints):
         reason = self._stop_reason if self._stopping.is_set() else inst.stop_reason
         inst.set_state("stopping")
         self.publish(Stopping(**ident, reason=reason, grace=inst.grace))
-        sb.send_signal(signal.SIGTERM)
+        # In a thread: it may wait (up to 1 s, normally not at all) for a
+        # just-started init to be ready for the signal.
+        await trio.to_thread.run_sync(sb.send_signal, signal.SIGTERM, limiter=self.limiters.signals)
         # Cancelled as soon as the sandbox exits (its watcher nursery closes).
         while True:
             deadline = inst.grace

@@ -52,10 +52,10 @@ class Verbs(SupervisorBase):
         inst = self._by_name.get(name)
         if inst is None or inst.stop_requested or inst.state not in ("exited", "failed"):
             return False
-        if from_checkpoint and self.runtime is not None:
-            found = self.runtime.checkpoints.list(inst.name)
-            if found:
-                inst._pending_restore = PendingRestore(found[-1], fallback=True)
+        if from_checkpoint:
+            # Which checkpoint is the latest is read from disk by the
+            # generation, in a worker thread: not here, on the trio thread.
+            inst._pending_restore = PendingRestore(None, fallback=True)
         inst.request_restart()
         return True
 
@@ -182,7 +182,7 @@ class Verbs(SupervisorBase):
             assert sb is not None
             # May wait (bounded, normally not at all) for a just-started
             # init to be ready for signals.
-            await trio.to_thread.run_sync(sb.send_signal, sig)
+            await trio.to_thread.run_sync(sb.send_signal, sig, limiter=self.limiters.signals)
             self.publish(Signaled(**self._ident(inst), signal=sig, name=signal.Signals(sig).name))
         return found
 
@@ -206,13 +206,13 @@ class Verbs(SupervisorBase):
         start = trio.current_time()
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(sb.cgroup.freeze)
+                await trio.to_thread.run_sync(sb.cgroup.freeze, limiter=self.limiters.lifecycle)
             except CorralError:
-                await trio.to_thread.run_sync(sb.cgroup.thaw)
+                await trio.to_thread.run_sync(sb.cgroup.thaw, limiter=self.limiters.lifecycle)
                 raise
         if inst.sandbox is not sb or inst.state != "running":
             # It exited while being frozen.
-            await trio.to_thread.run_sync(sb.cgroup.thaw)
+            await trio.to_thread.run_sync(sb.cgroup.thaw, limiter=self.limiters.lifecycle)
             raise StateError("pause", inst.name, inst.state, "it exited while being paused")
         inst.set_state("paused")
         inst.paused_at = trio.current_time()
@@ -235,7 +235,7 @@ class Verbs(SupervisorBase):
 
     async def _thaw(self, inst: Instance, sb: Sandbox, ident: Ident) -> None:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(sb.cgroup.thaw)
+            await trio.to_thread.run_sync(sb.cgroup.thaw, limiter=self.limiters.lifecycle)
         paused = trio.current_time() - (inst.paused_at or trio.current_time())
         inst.paused_at = None
         inst.set_state("running")
@@ -279,7 +279,8 @@ class Verbs(SupervisorBase):
                         stdio=stdio,
                         tty=tty,
                         winsize=winsize,
-                    )
+                    ),
+                    limiter=self.limiters.lifecycle,
                 )
         except SandboxError as exc:
             # Name the instance, not the runtime's generation name.
@@ -303,7 +304,7 @@ class Verbs(SupervisorBase):
             # reports "exec'd" only once the intermediate is reaped).
             status = proc.poll()
             if status is None:  # pragma: no cover - readable pidfd means exited
-                status = await trio.to_thread.run_sync(proc.wait)
+                status = await trio.to_thread.run_sync(proc.wait, limiter=self.limiters.lifecycle)
             self.publish(ExecExited(**ident, exec_id=exec_id, status=status))
             return status
         finally:
@@ -331,7 +332,7 @@ class Verbs(SupervisorBase):
         self._check_not_stopping()
         assert self._fleet_nursery is not None
         try:
-            added = await trio.to_thread.run_sync(load_fleet, path)
+            added = await trio.to_thread.run_sync(load_fleet, path, limiter=self.limiters.disk)
         except FleetError as exc:
             raise SpecError(path, "; ".join(exc.problems)) from None
         problems = []

@@ -5,6 +5,8 @@ and cgroup) once it is created; what is made for it before that (its
 directories, a user-namespace id claim) has no record for a few
 milliseconds. One rule says when such a thing is a crash's leftover, for
 every kind of leftover: no record, and older than :data:`STALE_AFTER`.
+(A user-namespace id claim must also have lost the process that made it:
+a range is worse to share than a directory to reuse; see :mod:`._userns`.)
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
@@ -162,6 +163,11 @@ class Sandbox:
         """The checkpoint it was restored from, if it was."""
         self._destroyed = False
         self._signals_ready = False
+        # Who holds the pidfd now (see _pidfd_held), and whether destroy()
+        # has let it go; the lock guards both, never a system call but close.
+        self._pidfd_lock = threading.Lock()
+        self._pidfd_users = 0
+        self._pidfd_released = False
 
     @property
     def name(self) -> str:
@@ -176,16 +182,56 @@ class Sandbox:
     def send_signal(self, sig: int) -> None:
         """Signal the sandbox's init (tini forwards it to the command).
 
-        Goes through the pidfd, so it can never hit a recycled PID.
+        Goes through the pidfd, so it can never hit a recycled PID. A no-op
+        once the sandbox has ended or been destroyed (by another thread
+        meanwhile too).
         """
         if self._exit is not None or self.pidfd < 0:
             return
         if sig not in (signal.SIGKILL, signal.SIGSTOP) and not self._signals_ready:
             self._wait_signals_ready(sig)
+        with self._pidfd_held() as pidfd:
+            if pidfd is None:
+                return  # destroyed meanwhile: nothing left to signal
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    @contextlib.contextmanager
+    def _pidfd_held(self) -> Iterator[int | None]:
+        """The pidfd, kept open until the block ends; None once destroyed.
+
+        :meth:`destroy` may run in one thread (the supervisor's janitor)
+        while another signals the sandbox or execs into it. A closed
+        descriptor's number goes to the next one opened, say another
+        sandbox's pidfd, and a signal through the old number would hit
+        that sandbox. So :meth:`destroy` closes the pidfd only once nobody
+        holds it: the last holder closes it then.
+        """
+        with self._pidfd_lock:
+            if self._pidfd_released or self.pidfd < 0:
+                fd = None
+            else:
+                fd = self.pidfd
+                self._pidfd_users += 1
         try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            pass
+            yield fd
+        finally:
+            if fd is not None:
+                with self._pidfd_lock:
+                    self._pidfd_users -= 1
+                    if self._pidfd_released and self._pidfd_users == 0:
+                        os.close(fd)
+
+    def _release_pidfd(self) -> None:
+        """Close the pidfd now, or when its last holder is done (destroy)."""
+        with self._pidfd_lock:
+            if self._pidfd_released:
+                return
+            self._pidfd_released = True
+            if self._pidfd_users == 0 and self.pidfd >= 0:
+                os.close(self.pidfd)
 
     def _wait_signals_ready(self, sig: int) -> None:
         """Wait until the init (tini) has blocked *sig* to collect it.
@@ -280,8 +326,7 @@ class Sandbox:
                 self._cleanup.close()
             finally:
                 self._reaper.forget(self._proc)
-                if self.pidfd >= 0:
-                    os.close(self.pidfd)
+                self._release_pidfd()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -401,9 +446,10 @@ def _shifted_rootfs(lower: str, base: int, size: int, state_dir: str) -> str:
     return shifted_rootfs(lower, base, size, state_dir)
 
 
-def _has_exited(sb: Sandbox) -> bool:
-    """True if the sandbox's init has exited; never reaps it (its owner does)."""
-    return sb.exit is not None or sb.pidfd < 0 or has_exited(sb.pidfd)
+def _has_exited(sb: Sandbox, pidfd: int) -> bool:
+    """True if the sandbox's init has exited; never reaps it (its owner does).
+    *pidfd* is its pidfd, held (see :meth:`Sandbox._pidfd_held`)."""
+    return sb.exit is not None or has_exited(pidfd)
 
 
 class Runtime:
@@ -819,27 +865,31 @@ class Runtime:
                 raise SpecError("env", f"the value of {key} cannot contain NUL bytes")
             environment[key] = value
         not_running = f"sandbox {sb.name!r}: not running (its init has exited)"
-        if _has_exited(sb):
-            raise SandboxError(not_running)
-        cfg = ExecConfig(
-            argv=argv,
-            env=environment,
-            workdir=workdir,
-            cgroup_procs=list(sb.cgroup.procs_files()),
-            target_pidfd=sb.pidfd,
-            tty=tty,
-            winsize=list(winsize) if winsize else None,
-            userns=sb.spec.security.userns,
-            **_privileges(sb.spec, os.path.join(self.state_dir, "seccomp")),
-        )
-        try:
-            spawned = self._spawn_or_reap(cfg, stdio)
-        except SpawnFailed as exc:
-            # The init may have ended while we joined it: setns or the fork
-            # in its dying PID namespace then fails with a less clear errno.
-            if exc.failure.kind == "setup" and _has_exited(sb):
-                raise SandboxError(not_running) from None
-            raise _translate(sb.name, exc) from None
+        # Held until the spawn is done: the process joins the sandbox
+        # through this pidfd, so a destroy meanwhile must not free its
+        # number for another sandbox's.
+        with sb._pidfd_held() as pidfd:
+            if pidfd is None or _has_exited(sb, pidfd):
+                raise SandboxError(not_running)
+            cfg = ExecConfig(
+                argv=argv,
+                env=environment,
+                workdir=workdir,
+                cgroup_procs=list(sb.cgroup.procs_files()),
+                target_pidfd=pidfd,
+                tty=tty,
+                winsize=list(winsize) if winsize else None,
+                userns=sb.spec.security.userns,
+                **_privileges(sb.spec, os.path.join(self.state_dir, "seccomp")),
+            )
+            try:
+                spawned = self._spawn_or_reap(cfg, stdio)
+            except SpawnFailed as exc:
+                # The init may have ended while we joined it: setns or the fork
+                # in its dying PID namespace then fails with a less clear errno.
+                if exc.failure.kind == "setup" and _has_exited(sb, pidfd):
+                    raise SandboxError(not_running) from None
+                raise _translate(sb.name, exc) from None
         return ExecProcess(sb.name, spawned, self.reaper)
 
     # -- checkpoint and restore (CRIU) ------------------------------------------
@@ -1200,38 +1250,19 @@ def _drop_network_lock(pid: int, old_root_pid: int) -> None:
     sandbox. CRIU 3.17 dumps the lock with the namespace and, on restore,
     tries to delete it under the new init's PID, so the lock (drop every
     packet) would stay; it is named after the dumped init's PID.
-
-    ``nft`` is spawned from this thread while the thread is in the
-    sandbox's network namespace (a child starts in its parent thread's
-    namespaces): one exec, where ``nsenter ... nft`` takes two. Only this
-    thread moves, and only for the spawn.
     """
     argv = ["nft", "delete", "table", "inet", f"CRIU-{old_root_pid}"]
     what = "cannot remove CRIU's network lock from the restored sandbox"
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        try:
-            target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise CheckpointError(f"{what}: {exc.strerror}") from None
-        try:
-            _syscalls.setns(target, _syscalls.CLONE_NEWNET)
-            try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            except OSError as exc:
-                raise CheckpointError(f"{what}: {exc} (is nftables installed?)") from None
-            finally:
-                _syscalls.setns(own, _syscalls.CLONE_NEWNET)
-        finally:
-            os.close(target)
+        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CheckpointError(f"{what}: {exc.strerror}") from None
+    try:
+        proc = _spawn_in_netns(target, argv)
+    except OSError as exc:
+        raise CheckpointError(f"{what}: {exc} (is nftables installed?)") from None
     finally:
-        os.close(own)
+        os.close(target)
     try:
         _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -1267,6 +1298,43 @@ def _write_record(path: str, record: Mapping[str, Any]) -> None:
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def _spawn_in_netns(netns: int, argv: list[str]) -> subprocess.Popen[str]:
+    """Start *argv* in the network namespace *netns* (output piped).
+
+    A child starts in the namespaces of the thread that forks it, so a
+    thread that joins *netns* spawns it: one exec, where ``nsenter`` takes
+    two. That thread is made for this and ends with it, never to come
+    back: the caller may be one of the supervisor's pooled worker threads,
+    and a setns there and back that failed half way would leave every later
+    job of that thread, whatever it is, in the sandbox's network.
+    """
+    outcome: list[subprocess.Popen[str] | OSError] = []
+
+    def spawn() -> None:
+        try:
+            _syscalls.setns(netns, _syscalls.CLONE_NEWNET)
+            outcome.append(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=spawn, name="corral-netns-spawn")
+    thread.start()
+    thread.join()
+    if not outcome:  # pragma: no cover - spawn() catches what it can raise
+        raise OSError("the network namespace's spawn thread failed")
+    if isinstance(outcome[0], OSError):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _unlink(path: str) -> None:

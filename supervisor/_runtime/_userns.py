@@ -11,9 +11,16 @@ Ranges: a sandbox that names its ``userns_base`` uses that (sandboxes naming
 the same base share the range, on purpose); the others get a range of their
 own from :data:`~supervisor._runtime._security.USERNS_POOL`, which no other live
 sandbox of this host uses. A range is claimed by creating
-``RUN_DIR/userns/SLOT`` exclusively, holding the sandbox's name, and is
-released when the sandbox is destroyed; a claim whose sandbox has no record
-any more (a crash) is taken over.
+``RUN_DIR/userns/SLOT`` exclusively, holding the sandbox's name and the
+claiming process (PID and start time), and is released when the sandbox is
+destroyed. A claim is a crash's leftover, and taken over, when its sandbox
+has no record, it is older than :data:`~._records.STALE_AFTER` (the one
+rule of :mod:`._records`) *and* the process that claimed it is gone: a
+creation that takes long (copying a large rootfs shifted) keeps its claim.
+Judging a claim stale and replacing it, and releasing one, happen under a
+lock on ``RUN_DIR/userns`` (``flock``, across processes): two creations
+that both judged the same claim stale would otherwise each delete it and
+make their own, the second deleting the first's, and share the range.
 
 Root file systems: inside the namespace, a file owned by host uid 0 belongs
 to nobody (the overflow id), so the sandbox's root could not write its own
@@ -30,10 +37,13 @@ sandbox's own writable layer is owned by ``base``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 
 from .._errors import SandboxError
 from ._records import abandoned, record_path
@@ -71,29 +81,83 @@ def allocate_range(
 
 
 def _claim(path: str, name: str, run_dir: str) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
+    if _create(path, name):
+        return True
+    with _locked(os.path.dirname(path)):
         if not _stale(path, run_dir):
             return False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            return False  # someone else took it over first
+        # Only a claimer without the lock can be first here, by creating
+        # the slot afresh: then the slot is its.
+        return _create(path, name)
+
+
+def _create(path: str, name: str) -> bool:
+    """Create the claim *path* for sandbox *name*; False if it exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    pid = os.getpid()
     with os.fdopen(fd, "w") as f:
-        f.write(name)
+        json.dump({"name": name, "pid": pid, "start": _start_time(pid)}, f)
     return True
+
+
+@contextlib.contextmanager
+def _locked(claims: str) -> Iterator[None]:
+    """Hold the lock of the claims directory (every process, every thread:
+    each call opens the directory afresh, and flock locks an open file)."""
+    fd = os.open(claims, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> tuple[str, tuple[int, int | None] | None]:
+    """A claim's sandbox name, and its claimer (PID, start time) if known.
+
+    Raises FileNotFoundError. A claim of an older corral holds just the
+    name; one read while being written may be empty (no record has that
+    name, and it is young).
+    """
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+        name, pid, start = data["name"], data["pid"], data["start"]
+    except (ValueError, KeyError, TypeError):
+        return text, None
+    if type(name) is not str or type(pid) is not int or type(start) not in (int, type(None)):
+        return text, None
+    return name, (pid, start)
 
 
 def _stale(path: str, run_dir: str) -> bool:
     try:
-        with open(path) as f:
-            owner = f.read()
+        owner, claimer = _read(path)
     except FileNotFoundError:
         return True
-    return abandoned(path, record_path(run_dir, owner))
+    if not abandoned(path, record_path(run_dir, owner)):
+        return False
+    # Its sandbox has no record, and it is old: a crash's, unless the
+    # process that claimed it is still making the sandbox.
+    return claimer is None or claimer[1] is None or _start_time(claimer[0]) != claimer[1]
+
+
+def _start_time(pid: int) -> int | None:
+    """When process *pid* started (clock ticks after boot), None if it is
+    gone: with the PID, it names a process even after the PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    # The command name, in parentheses, may hold spaces and parentheses.
+    return int(stat_line[stat_line.rindex(b")") + 2 :].split()[19])
 
 
 def release_all(run_dir: str, name: str) -> None:
@@ -109,13 +173,13 @@ def release_all(run_dir: str, name: str) -> None:
 
 
 def _release(path: str, name: str) -> None:
-    try:
-        with open(path) as f:
-            if f.read() != name:
+    with _locked(os.path.dirname(path)):
+        try:
+            if _read(path)[0] != name:
                 return  # taken over already
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def check_reachable(path: str, uid: int) -> None:
