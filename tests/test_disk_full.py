@@ -3,17 +3,79 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
+import events
+from events import Event, Gap, Journal, JournalError, Started, encode, stamped
 from events.segments import SeqSegment, SeqSegments
 
 from .conftest import requires_root
 from .helpers import fill_up, small_tmpfs
 
 pytestmark = requires_root
+
+
+def ev(seq: int) -> Event:
+    """A stamped event with this seq (all encode to the same size)."""
+    return stamped(Started(sandbox="web", pid=seq), seq, 1.0 + seq, 2.0 + seq)
+
+
+RECORD = len(encode(ev(100)))
+
+
+def seqs(items: Iterable[Event]) -> list[int | tuple[int, int]]:
+    """Seqs of events, (first, last) for gaps."""
+    return [(e.first, e.last) if isinstance(e, Gap) else e.seq for e in items]
+
+
+def covered(items: Iterable[Event]) -> list[int]:
+    """Every seq an event or a gap accounts for, in order."""
+    return [
+        s for e in items for s in (range(e.first, e.last + 1) if isinstance(e, Gap) else [e.seq])
+    ]
+
+
+def segment_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.journal"))
+
+
+def test_a_failed_write_is_cut_back_and_written_when_there_is_room(tmp_path: Path) -> None:
+    """On a full disk a flush fails part way: the segment keeps only whole
+    records, the journal is degraded, and once there is room again the same
+    events are written, none lost."""
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        with Journal(disk / "journal") as j:
+            for i in range(1, 11):
+                j.append(ev(i))
+            j.flush()
+            (seg,) = segment_files(disk / "journal")
+            filler = fill_up(disk)
+            # More than the rest of the segment's last block holds: the write
+            # gets part way before the disk says no.
+            for i in range(11, 111):
+                j.append(ev(i))
+            with pytest.raises(JournalError, match=r"No space left on device"):
+                j.flush()
+            assert seg.stat().st_size == 10 * RECORD
+            assert j.failure is not None and str(seg) in j.failure
+            # What waits in memory is not on disk yet: a replay says so.
+            assert seqs(j.replay(1)) == [*range(1, 11), (11, 110)]
+            filler.unlink()
+            j.flush()
+            assert j.failure is None
+            assert seqs(j.replay(1)) == list(range(1, 111))
+        with Journal(disk / "journal") as j:
+            assert j.last_seq == 110
+            assert seqs(j.replay(1)) == list(range(1, 111))
 
 
 def test_a_torn_record_that_cannot_be_cut_off_is_never_appended_to(tmp_path: Path) -> None:
@@ -47,3 +109,143 @@ def test_a_torn_record_that_cannot_be_cut_off_is_never_appended_to(tmp_path: Pat
                 assert f.read() == b"a" * 100 + b"c" * 10
         finally:
             files.close()
+
+
+# Opens the journal at PATH, then fills its disk, appends N events (the
+# writes fail) and is killed: a supervisor SIGKILLed on a full disk.
+CRASH_ON_A_FULL_DISK = """
+import os, signal, sys
+from events import Journal, Started, stamped
+j = Journal(os.path.join(sys.argv[1], "journal"))
+with open(os.path.join(sys.argv[1], "filler"), "ab", buffering=0) as f:
+    try:
+        while True:
+            f.write(bytes(65536))
+    except OSError:
+        pass
+for seq in range(1, int(sys.argv[2]) + 1):
+    try:
+        j.append(stamped(Started(sandbox="web", pid=seq), seq, 1.0, 2.0))
+    except Exception:
+        pass
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_seqs_stay_unique_across_a_crash_on_a_full_disk(tmp_path: Path) -> None:
+    """The high-water file has its block from the start, so reserving seqs
+    works on a full disk: after a crash there, with nothing written, the
+    next journal still continues above every seq handed out."""
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        proc = subprocess.run(
+            [sys.executable, "-c", CRASH_ON_A_FULL_DISK, str(disk), "3000"], check=False
+        )
+        assert proc.returncode == -signal.SIGKILL
+        (disk / "filler").unlink()
+        with Journal(disk / "journal") as j:
+            assert j.last_seq >= 3000
+            assert seqs(j.replay(1)) == [(1, j.last_seq)]
+
+
+def test_an_older_segment_with_a_torn_tail_replays_with_a_gap(tmp_path: Path) -> None:
+    """A record torn at the end of a finished segment (left by a crash) is a
+    Gap on replay, not an error, and the journal opens and replays the rest."""
+    with Journal(tmp_path, segment_bytes=10 * RECORD, max_bytes=100 * RECORD) as j:
+        for i in range(1, 26):
+            j.append(ev(i))
+    first, second, _ = segment_files(tmp_path)
+    os.truncate(first, 10 * RECORD - 5)
+    with Journal(tmp_path) as j:
+        assert seqs(j.replay(1)) == [*range(1, 10), (10, 10), *range(11, 26)]
+    assert second.stat().st_size == 10 * RECORD
+
+
+def test_the_bus_and_the_socket_run_on_while_the_journal_disk_is_full(tmp_path: Path) -> None:
+    """With the journal's disk full, every event is still delivered to a
+    subscriber and a socket client; journal_degraded comes once; when space
+    returns the journal recovers by itself (journal_recovered names the
+    events it had to give up); a replay then shows exactly those as a Gap,
+    and the journal reopens cleanly and continues."""
+    sock = str(tmp_path / "events.sock")
+    got_sub: list[Event] = []
+    got_socket: list[Event] = []
+    got_replaying: list[Event] = []
+
+    async def collect(
+        into: list[Event], since: int | None, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with events.subscribe(sock, since=since) as stream:
+            task_status.started()
+            async for e in stream:  # until the bus closes
+                into.append(e)
+
+    async def main(disk: Path) -> tuple[int, events.JournalRecovered]:
+        journal = Journal(disk / "journal")
+        bus = events.Bus(journal)
+        recovered: events.JournalRecovered | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(events.serve_events, bus, sock)
+                nursery.start_soon(partial(bus.flush_journal, retry=0.05))
+                with bus.subscribe(maxsize=100_000) as sub:
+                    await nursery.start(collect, got_socket, None)
+                    await trio.testing.wait_all_tasks_blocked()  # the server subscribed
+                    for i in range(10):
+                        bus.publish(Started(sandbox="web", pid=i))
+                    journal.flush()  # on disk before the disk fills (the flusher waits 0.2 s)
+                    assert journal.failure is None
+                    filler = fill_up(disk)
+                    # Past the write buffer, then past what is kept in memory:
+                    # some events must be given up.
+                    n = 0
+                    while n * RECORD < events._journal.KEEP_BYTES + 2 * 65536:
+                        for _ in range(500):
+                            bus.publish(Started(sandbox="web", pid=n))
+                            n += 1
+                        # The socket client reads everything before more come.
+                        await trio.testing.wait_all_tasks_blocked()
+                    assert journal.failure is not None
+                    await nursery.start(collect, got_replaying, 1)
+                    await trio.testing.wait_all_tasks_blocked()
+                    bus.publish(Started(sandbox="web", pid=-1))
+                    filler.unlink()
+                    with trio.fail_after(30):
+                        async for e in sub:
+                            got_sub.append(e)
+                            if isinstance(e, events.JournalRecovered):
+                                recovered = e
+                                break
+                    bus.publish(Started(sandbox="web", pid=-2))
+                    last = bus.last_seq
+                    while got_sub[-1].seq != last:
+                        got_sub.append(sub.receive_nowait())
+                    bus.close()
+        finally:
+            journal.close()
+        assert recovered is not None
+        return last, recovered
+
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        last, recovered = trio.run(main, disk)
+        # Everything reached the subscriber and the live socket client, in order.
+        assert [e.seq for e in got_sub] == list(range(1, last + 1))
+        assert [e.seq for e in got_socket] == list(range(1, last + 1))
+        kinds = [e.kind for e in got_sub]
+        assert kinds.count("journal_degraded") == kinds.count("journal_recovered") == 1
+        (degraded,) = [e for e in got_sub if isinstance(e, events.JournalDegraded)]
+        assert "No space left on device" in degraded.error
+        assert 10 < recovered.first <= recovered.last < recovered.seq
+        # The client that asked for a replay while the disk was full got the
+        # journal's part, a gap for the rest, then everything live: each
+        # seq once.
+        assert covered(got_replaying) == list(range(1, last + 1))
+        # The journal: what it gave up is one gap, everything else is there
+        # and decodes; it reopens at the last seq and continues.
+        with Journal(disk / "journal") as j:
+            assert j.last_seq == last
+            replayed = list(j.replay(1))
+            assert [e for e in replayed if isinstance(e, Gap)] == [
+                Gap(first=recovered.first, last=recovered.last)
+            ]
+            assert covered(replayed) == list(range(1, last + 1))
+            j.append(ev(last + 1))
