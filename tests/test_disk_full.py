@@ -17,8 +17,9 @@ import trio.testing
 import events
 from events import Event, Gap, Journal, JournalError, Started, encode, stamped
 from events.segments import SeqSegment, SeqSegments
+from supervisor import Keeper, Runtime, SandboxError, SandboxSpec
 
-from .conftest import requires_root
+from .conftest import Dirs, requires_root
 from .helpers import fill_up, small_tmpfs
 
 pytestmark = requires_root
@@ -249,3 +250,40 @@ def test_the_bus_and_the_socket_run_on_while_the_journal_disk_is_full(tmp_path: 
             ]
             assert covered(replayed) == list(range(1, last + 1))
             j.append(ev(last + 1))
+
+
+# --- one sandbox's disk writes -----------------------------------------------------
+
+
+def test_a_record_that_cannot_be_written_fails_that_create_and_leaves_nothing(
+    dirs: Dirs, session_keeper: Keeper
+) -> None:
+    """RUN_DIR on a full disk: create fails with one line naming the record
+    and the reason; the init it had started is killed and reaped, and its
+    cgroup and directories are gone (the fixtures check those)."""
+    with small_tmpfs(dirs.run.parent / "run-disk", "64k") as disk:
+        runtime = Runtime(state_dir=dirs.state, run_dir=disk, spawner=session_keeper.spawn)
+        fill_up(disk)
+        with pytest.raises(SandboxError) as err:
+            runtime.create(SandboxSpec(name="rec", argv=("sleep", "100")))
+        assert str(err.value) == (
+            f"sandbox 'rec': cannot write its record {disk}/sandboxes/rec.json:"
+            " No space left on device"
+        )
+        assert os.listdir(disk / "sandboxes") == []
+
+
+def test_a_rootfs_that_cannot_be_built_fails_that_create_and_leaves_nothing(
+    dirs: Dirs, session_keeper: Keeper
+) -> None:
+    """STATE_DIR too small for the busybox base: create fails with one line
+    naming the cache and the reason, and no half-built base is left."""
+    with small_tmpfs(dirs.state.parent / "state-disk", "256k") as disk:
+        runtime = Runtime(state_dir=disk, run_dir=dirs.run, spawner=session_keeper.spawn)
+        with pytest.raises(SandboxError) as err:
+            runtime.create(SandboxSpec(name="rfs", argv=("true",)))
+        assert str(err.value) == (
+            f"rootfs: cannot build the busybox base in {disk}/rootfs: No space left on device"
+        )
+        assert os.listdir(disk / "rootfs") == []
+        assert os.listdir(disk / "sandboxes") == []

@@ -41,6 +41,7 @@ from .._errors import (
     SandboxError,
     SandboxExistsError,
     SpecError,
+    os_failure,
 )
 from ._checkpoint import (
     CRIU_OPTIONS,
@@ -527,11 +528,21 @@ class Runtime:
         """Create and start a sandbox; return once its command has been exec'd.
 
         Raises :class:`~supervisor.SandboxError` (or a subclass) with
-        nothing left behind if any step fails. With *stdin_devnull* the
-        command's stdin is the sandbox's own /dev/null instead of
-        ``stdio[0]`` (a sandbox that may be checkpointed must not hold a
-        host file).
+        nothing left behind if any step fails, also when the disk is full:
+        an ``OSError`` becomes a SandboxError naming the path. With
+        *stdin_devnull* the command's stdin is the sandbox's own /dev/null
+        instead of ``stdio[0]`` (a sandbox that may be checkpointed must not
+        hold a host file).
         """
+        try:
+            return self._create(spec, stdio, stdin_devnull)
+        except OSError as exc:
+            # Every step undid itself on the way out; only the message is left.
+            raise SandboxError(f"sandbox {spec.name!r}: {os_failure(exc)}") from exc
+
+    def _create(
+        self, spec: SandboxSpec, stdio: tuple[int, int, int], stdin_devnull: bool
+    ) -> Sandbox:
         lower = self.resolve_rootfs(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
@@ -580,9 +591,11 @@ class Runtime:
                     spawned = self._spawn_or_reap(cfg, stdio)
             except SpawnFailed as exc:
                 raise _translate(spec.name, exc) from None
-            with open(record, "w") as f:
-                json.dump({"name": spec.name, "pid": spawned.pid, "cgroup": list(cgroup.paths)}, f)
-            undo.callback(_unlink, record)
+            try:
+                _write_record(record, spec.name, spawned.pid, cgroup, undo)
+            except BaseException:
+                _kill_and_reap(spawned.pidfd)  # running already: it must not outlive this
+                raise
             return Sandbox(spec, spawned, cgroup, sdir, undo.pop_all())
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -705,9 +718,23 @@ class Runtime:
         under *name* (default: the sandbox's name) and *tag* (default: the
         time). *on_dumped(info)* runs once the checkpoint is complete, before the
         kill. On failure the sandbox is thawed and left running, nothing is
-        stored, and :class:`CheckpointError` says why (CRIU's reason).
+        stored, and :class:`CheckpointError` says why (CRIU's reason, or the
+        path that could not be written when the disk is full).
         """
         key = name or sb.name
+        try:
+            return self._checkpoint(sb, key, tag, leave_running, on_dumped)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint of {key!r} failed: {os_failure(exc)}") from exc
+
+    def _checkpoint(
+        self,
+        sb: Sandbox,
+        key: str,
+        tag: str | None,
+        leave_running: bool,
+        on_dumped: Callable[[CheckpointInfo], None] | None,
+    ) -> CheckpointInfo:
         if sb.spec.security.userns:
             raise CheckpointError(
                 f"sandbox {key!r} runs in a user namespace (userns = true):"
@@ -724,9 +751,9 @@ class Runtime:
         partial = os.path.join(store.dir(key), f".{tag}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         images = os.path.join(partial, "images")
-        os.makedirs(images, mode=0o700)
         start = time.monotonic()
         try:
+            os.makedirs(images, mode=0o700)
             stdio = tuple(_fd_key(sb.pid, n) for n in (0, 1, 2))
             common = [
                 "--tree",
@@ -859,8 +886,21 @@ class Runtime:
         ones. The sandbox's stdout/stderr pipes are replaced by ``stdio``.
         On failure nothing is left (CRIU kills what it restored; the
         cgroup and directories are removed) and :class:`CheckpointError`
-        says why.
+        says why (an ``OSError``, such as a full disk, too, naming the path).
         """
+        try:
+            return self._restore(checkpoint, spec, stdio, timeout)
+        except OSError as exc:
+            what = f"restore of {spec.name!r}" if spec is not None else "restore"
+            raise CheckpointError(f"{what} failed: {os_failure(exc)}") from exc
+
+    def _restore(
+        self,
+        checkpoint: CheckpointInfo | str,
+        spec: SandboxSpec | None,
+        stdio: tuple[int, int, int],
+        timeout: float,
+    ) -> Sandbox:
         criu = check_criu()
         info = (
             checkpoint
@@ -945,15 +985,10 @@ class Runtime:
             try:
                 if info.network_lock == "nftables":
                     _drop_network_lock(pid, info.root_pid)
-                with open(record, "w") as f:
-                    json.dump({"name": spec.name, "pid": pid, "cgroup": list(cgroup.paths)}, f)
+                _write_record(record, spec.name, pid, cgroup, undo)
             except BaseException:
-                _kill_pidfd(pidfd)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-                os.close(pidfd)
+                _kill_and_reap(pidfd)
                 raise
-            undo.callback(_unlink, record)
             sb = Sandbox(spec, Spawned(pid, pidfd), cgroup, sdir, undo.pop_all())
             sb.restored_from = info
             return sb
@@ -1083,6 +1118,32 @@ def _drop_network_lock(pid: int, old_root_pid: int) -> None:
         raise CheckpointError(f"{what}: nft timed out") from None
     if proc.returncode != 0 and "No such file" not in err:
         raise CheckpointError(f"{what}: " + (err.strip().splitlines() or ["nft failed"])[0])
+
+
+def _write_record(
+    path: str, name: str, pid: int, cgroup: Cgroup, undo: contextlib.ExitStack
+) -> None:
+    """Record a live sandbox (RUN_DIR/sandboxes/NAME.json); *undo* removes it.
+
+    :class:`SandboxError` naming the file if it cannot be written (a full
+    disk); what was written of it is removed by *undo*.
+    """
+    undo.callback(_unlink, path)  # first: a failed write may leave part of it
+    try:
+        with open(path, "w") as f:
+            json.dump({"name": name, "pid": pid, "cgroup": list(cgroup.paths)}, f)
+    except OSError as exc:
+        raise SandboxError(
+            f"sandbox {name!r}: cannot write its record {path}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _kill_and_reap(pidfd: int) -> None:
+    """SIGKILL our child behind *pidfd*, reap it and close the pidfd."""
+    _kill_pidfd(pidfd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    os.close(pidfd)
 
 
 def _unlink(path: str) -> None:

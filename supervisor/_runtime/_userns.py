@@ -82,8 +82,14 @@ def _claim(path: str, name: str, run_dir: str) -> bool:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             return False  # someone else took it over first
-    with os.fdopen(fd, "w") as f:
-        f.write(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(name)
+    except BaseException:
+        # An empty claim names no owner: nobody would release it.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
     return True
 
 
