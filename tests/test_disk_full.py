@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
@@ -17,10 +17,11 @@ import trio.testing
 import events
 from events import Event, Gap, Journal, JournalError, Started, encode, stamped
 from events.segments import SeqSegment, SeqSegments
-from supervisor import Keeper, Runtime, SandboxError, SandboxSpec
+from supervisor import Keeper, Runtime, SandboxError, SandboxSpec, Supervisor
 
 from .conftest import Dirs, requires_root
 from .helpers import fill_up, small_tmpfs
+from .supervising import TIMEOUT, fleet, of, run, wait_event
 
 pytestmark = requires_root
 
@@ -287,3 +288,96 @@ def test_a_rootfs_that_cannot_be_built_fails_that_create_and_leaves_nothing(
         )
         assert os.listdir(disk / "rootfs") == []
         assert os.listdir(disk / "sandboxes") == []
+
+
+# --- the supervisor ---------------------------------------------------------------------
+
+
+def test_a_chatty_sandbox_fills_the_state_disk_and_stops_nothing(dirs: Dirs) -> None:
+    """STATE_DIR and RUN_DIR on a small tmpfs that one sandbox's output fills:
+    the supervisor runs on (journal_degraded), the chatty sandbox too, and
+    another sandbox's next start fails alone, naming its record and the
+    reason. With room again the journal recovers and that sandbox starts;
+    the fleet stops cleanly and the journal holds every event."""
+    disk = dirs.state.parent / "disk"
+    with small_tmpfs(disk, "8m"):
+        here = Dirs(disk / "state", disk / "run")
+        here.state.mkdir()
+        here.run.mkdir()
+        # The session's busybox base, as the dirs fixture shares it.
+        (here.state / "rootfs").symlink_to(os.readlink(dirs.state / "rootfs"))
+        f = fleet(
+            {"name": "chatty", "command": "yes 0123456789abcdef0123456789abcdef"},
+            {"name": "victim", "command": "true"},
+            log_max_bytes="64M",  # one file, never rotated: it fills the disk
+        )
+        record = here.run / "sandboxes" / "victim-0.1.json"
+
+        async def body(sup: Supervisor) -> None:
+            assert sup.bus is not None
+            await wait_event(
+                sup, lambda e: isinstance(e, events.Exited) and e.sandbox == "victim-0"
+            )
+            with trio.fail_after(TIMEOUT):
+                # Its first generation's record and layer go before the disk fills.
+                while (here.run / "sandboxes" / "victim-0.0.json").exists() or (
+                    here.state / "sandboxes" / "victim-0.0"
+                ).exists():
+                    await trio.sleep(0.01)
+                while os.statvfs(disk).f_bavail > 16:
+                    await trio.sleep(0.01)
+            # The blocks that failed writes gave back: now nothing is free
+            # (the output pumps and the journal write from this thread).
+            filler = fill_up(disk)
+            seen: list[events.Event] = []
+            with sup.bus.subscribe() as sub:
+
+                async def until(pred: Callable[[events.Event], bool]) -> events.Event:
+                    """The first event since subscribing that matches, waiting for it."""
+                    for e in seen:
+                        if pred(e):
+                            return e
+                    with trio.fail_after(TIMEOUT):
+                        async for e in sub:
+                            seen.append(e)
+                            if pred(e):
+                                return e
+                    raise AssertionError("unreachable")
+
+                # Larger than what is left in the last block of the journal's
+                # segment: its next write must fail.
+                sup.publish(
+                    events.PluginEvent(sandbox="", name="test.big", payload={"b": 8192 * b"x"})
+                )
+                (victim,) = await sup.start_sandbox("victim")
+                assert victim.state == "failed"
+                failed = await until(lambda e: isinstance(e, events.StartFailed))
+                assert (failed.sandbox, failed.generation) == ("victim-0", 1)
+                assert isinstance(failed, events.StartFailed)
+                assert failed.error == (
+                    f"sandbox 'victim-0.1': cannot write its record {record}:"
+                    " No space left on device"
+                )
+                degraded = await until(lambda e: isinstance(e, events.JournalDegraded))
+                assert isinstance(degraded, events.JournalDegraded)
+                assert "No space left on device" in degraded.error
+                chatty = sup.instance("chatty-0")
+                assert chatty is not None and chatty.state == "running"
+                # Room again: the journal recovers by itself, the victim starts.
+                await sup.stop_sandbox("chatty")
+                for log in (here.state / "logs").glob("chatty-0.log*"):
+                    os.truncate(log, 0)
+                filler.unlink()
+                await until(lambda e: isinstance(e, events.JournalRecovered))
+                await sup.start_sandbox("victim")
+                await until(lambda e: isinstance(e, events.Started) and e.sandbox == "victim-0")
+
+        evs = run(f, here, body)
+        kinds = [e.kind for e in evs]
+        assert kinds[-1] == "supervisor_stopped"
+        assert kinds.count("journal_degraded") == kinds.count("journal_recovered") == 1
+        assert not [e for e in evs if isinstance(e, Gap)]  # kept in memory, then written
+        assert [e.seq for e in evs] == list(range(1, len(evs) + 1))
+        assert of(evs, events.StartFailed, "chatty-0") == []
+        assert os.listdir(here.state / "sandboxes") == []
+        assert os.listdir(here.run / "sandboxes") == []

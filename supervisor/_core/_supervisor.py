@@ -39,7 +39,7 @@ from events import (
     SupervisorStopping,
 )
 
-from .._errors import CheckpointError, CorralError
+from .._errors import CheckpointError, CorralError, SandboxError, os_failure
 from .._runtime._linux._cgroups import OomWatch
 from .._runtime._linux._spawn import Keeper
 from .._runtime._sandbox import ExecProcess, Runtime, Sandbox
@@ -187,7 +187,13 @@ class Supervisor(Verbs, Checkpoints):
                         await logs.start(log_events, self.bus)
                     await self._run_services(task_status)
             finally:
-                journal.close()
+                try:
+                    journal.close()
+                except events.JournalError:
+                    # Still degraded at the end (journal_degraded was
+                    # published): the events it could not write are lost,
+                    # and seqs stay unique through its high-water file.
+                    pass
         finally:
             keeper.close()
             for writer in self._outputs.values():
@@ -319,7 +325,6 @@ class Supervisor(Verbs, Checkpoints):
         inst.checkpoint_stopped = False
         inst.set_state("starting")
         self.publish(Created(**ident))
-        writer = self._output_writer(inst)
         # stdout and stderr go through pipes to the instance's log writer:
         # each line is stamped and tagged, whole, and the file is rotated.
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -328,8 +333,10 @@ class Supervisor(Verbs, Checkpoints):
         pending, inst._pending_restore = inst._pending_restore, None
         sb: Sandbox | None = None
         try:
-            # Inside the try: a spec the runtime refuses is this instance's
-            # start failure, never the supervisor's.
+            # Inside the try: a spec the runtime refuses, or a log file that
+            # cannot be made (a full disk), is this instance's start
+            # failure, never the supervisor's.
+            writer = self._output_writer(inst)
             spec = inst.spec()
             if pending is not None:
                 sb = await self._restore_generation(inst, pending, spec, (null, out_w, err_w))
@@ -345,14 +352,17 @@ class Supervisor(Verbs, Checkpoints):
                     sb = await trio.to_thread.run_sync(
                         lambda: runtime.create(spec, stdio=(null, out_w, err_w), stdin_devnull=True)
                     )
-        except CorralError as exc:
+        except (CorralError, OSError) as exc:
+            # The runtime translates OSError; one it did not is still this
+            # instance's failure, said in one line with its path.
+            error = exc if isinstance(exc, CorralError) else SandboxError(os_failure(exc))
             os.close(out_r)
             os.close(err_r)
             if pending is not None and not pending.done.is_set():
-                pending.error = exc  # its requester is waiting for the outcome
+                pending.error = error  # its requester is waiting for the outcome
                 pending.done.set()
             inst.set_state("failed")
-            self.publish(StartFailed(**ident, error=str(exc)))
+            self.publish(StartFailed(**ident, error=str(error)))
             inst._up.set()
             return
         finally:
