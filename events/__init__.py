@@ -50,6 +50,8 @@ from ._types import ExecStarted as ExecStarted
 from ._types import Exited as Exited
 from ._types import Failed as Failed
 from ._types import Gap as Gap
+from ._types import JournalDegraded as JournalDegraded
+from ._types import JournalRecovered as JournalRecovered
 from ._types import LimitChanged as LimitChanged
 from ._types import Oom as Oom
 from ._types import OomKill as OomKill
@@ -127,7 +129,9 @@ __all__ = [
     "Failed",
     "Gap",
     "Journal",
+    "JournalDegraded",
     "JournalError",
+    "JournalRecovered",
     "LimitChanged",
     "Oom",
     "OomKill",

@@ -6,6 +6,12 @@ for anyone. A subscriber that falls behind loses events instead of slowing
 others; it learns exactly which ones from a :class:`Gap`, delivered before
 anything newer, and can fetch them from the journal with :meth:`Bus.replay`.
 
+The journal never stops the bus: when it cannot be written (a full disk)
+it is *degraded* and keeps what it can in memory; the bus goes on assigning
+seqs and delivering, publishes ``journal_degraded`` once, retries the
+journal from :meth:`Bus.flush_journal` and publishes ``journal_recovered``
+(with the seqs that could not be written) once a write succeeds again.
+
 How the gap gets in first: the subscription counts what is queued and admits
 an event only while fewer than ``maxsize`` are. Once one is refused, every
 later event is refused too (extending the lost range) until there is room;
@@ -15,6 +21,7 @@ than ``maxsize``, so the Gap always fits, even when the bus closes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -22,12 +29,14 @@ from typing import Any
 import trio
 
 from ._codec import encode
-from ._errors import EventsError
+from ._errors import EventsError, JournalError
 from ._filter import Filter
 from ._journal import Journal
-from ._types import Event, Gap, stamped
+from ._types import Event, Gap, JournalDegraded, JournalRecovered, stamped
 
 __all__ = ["Bus", "Subscription"]
+
+log = logging.getLogger("corral.events")
 
 DEFAULT_MAXSIZE = 1024
 # A receiver takes at most this many queued events before letting other
@@ -77,10 +86,11 @@ class Bus:
         deliver it to every matching subscriber. Never blocks.
 
         Returns the stamped event. Raises ``TypeError`` for an event that
-        cannot be encoded (before using up a seq), ``ValueError`` for a
-        :class:`Gap` (gaps are made per subscriber, not published), and
-        :class:`JournalError` if the journal cannot be written; in that case
-        the event was still delivered to subscribers.
+        cannot be encoded (before using up a seq) and ``ValueError`` for a
+        :class:`Gap` (gaps are made per subscriber, not published). Never
+        raises for the journal: one that cannot be written is degraded
+        (``journal_degraded`` is published after this event) and the event
+        is delivered all the same.
         """
         if self._closed:
             raise EventsError("publish on a closed bus")
@@ -92,6 +102,18 @@ class Bus:
         # server sends them, so no event is encoded twice.
         record = encode(event)
         self._seq = seq
+        journal = self._journal
+        if journal is not None:
+            # Journaled before it is delivered: the journal reserves the seq
+            # first, so that no one sees a seq a crash could hand out again.
+            try:
+                journal.append_encoded(seq, record)
+                if self._write_through and journal.failure is None:
+                    journal.flush()
+            except JournalError as exc:
+                self._journal_error(exc)
+            if not self._dirty.is_set():
+                self._dirty.set()
         kind = event.kind
         sandbox = event.sandbox
         for sub in self._subs:
@@ -99,13 +121,29 @@ class Bus:
                 sub._offer(record if sub._raw else event, seq)
         for tap in self._taps:
             tap(event)
-        if self._journal is not None:
-            self._journal.append_encoded(seq, record)
-            if self._write_through:
-                self._journal.flush()
-            elif not self._dirty.is_set():
-                self._dirty.set()
+        if journal is not None and journal._changes:
+            self._report_journal(journal)
         return event
+
+    def _journal_error(self, exc: JournalError) -> None:
+        # A degraded journal is reported as an event (by _report_journal);
+        # anything else (an old segment that could not be deleted) loses
+        # nothing, so a log line says it.
+        assert self._journal is not None
+        if self._journal.failure is None:
+            log.warning("event journal: %s", exc)
+
+    def _report_journal(self, journal: Journal) -> None:
+        """Publish the journal's changes of health, oldest first."""
+        # One at a time: publishing one may append the next (nested calls
+        # then publish it), and each is published once, in order.
+        while (change := journal._take_change()) is not None:
+            if self._closed:
+                continue  # nobody is left to tell
+            if change.failure is not None:
+                self.publish(JournalDegraded(error=change.failure))
+            else:
+                self.publish(JournalRecovered(first=change.first, last=change.last))
 
     def subscribe(
         self,
@@ -161,7 +199,7 @@ class Bus:
             if type(event) is Gap or filter.matches(event.kind, event.sandbox):
                 yield event
 
-    async def flush_journal(self, delay: float = 0.2) -> None:
+    async def flush_journal(self, delay: float = 0.2, retry: float = 1.0) -> None:
         """Write buffered journal appends at most *delay* seconds after
         they were published; return (after a last flush) when the bus closes.
 
@@ -169,15 +207,27 @@ class Bus:
         replay); run this in the supervisor's nursery so that a quiet
         period's events reach the disk soon even if the process is killed.
         It sleeps until something is published: an idle supervisor does
-        not wake up for it.
+        not wake up for it. While the journal is degraded it tries again
+        every *retry* seconds, events or not, so that it recovers as soon
+        as the disk takes writes again. It never raises for the journal.
         """
+        journal = self._journal
         while not self._closed:
-            await self._dirty.wait()
-            with trio.move_on_after(delay):
-                await self._closed_event.wait()
+            if journal is not None and journal.failure is not None:
+                with trio.move_on_after(retry):
+                    await self._closed_event.wait()
+            else:
+                await self._dirty.wait()
+                with trio.move_on_after(delay):
+                    await self._closed_event.wait()
             self._dirty = trio.Event()
-            if self._journal is not None:
-                self._journal.flush()
+            if journal is not None:
+                try:
+                    journal.flush()
+                except JournalError as exc:
+                    self._journal_error(exc)
+                if journal._changes:
+                    self._report_journal(journal)
 
     async def _wait_closed(self) -> None:
         await self._closed_event.wait()

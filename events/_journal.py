@@ -4,6 +4,7 @@ Layout of the directory::
 
     00000000000000000001.journal   events 1 .. 4711, msgpack maps back to back
     00000000000000004712.journal   events 4712 .. (the current segment)
+    high-water                     the highest seq handed out, or reserved
 
 A segment is named by the seq of its first event (20 digits, so names sort
 like numbers). Appends go to an in-memory buffer, written out when it holds
@@ -14,6 +15,24 @@ dropping segments and cutting off a torn record are :mod:`events.segments`'
 (:class:`~events.segments.SeqSegments`); the buffer, the sparse index and
 replay are the journal's own.
 
+**Seqs are never reused**, even after a crash that lost the buffer: before
+an event gets a seq above the one recorded in ``high-water``, the journal
+records a block of :data:`RESERVE_SEQS` seqs there (one ``pwrite`` of a file
+allocated at open, so it works on a full disk too), and a journal opened
+later continues after the larger of that and the last seq in the segments.
+Whatever a consumer saw (on the event socket, in a log) keeps its meaning.
+A clean close records the last seq itself, so only a crash skips seqs; a
+replay reports them as a :class:`Gap`.
+
+**A write that fails** (a full disk, EIO) does not stop the journal: it
+becomes *degraded* (:attr:`Journal.failure` says why), keeps what it could
+not write in memory, up to :data:`KEEP_BYTES`, and writes it at the next
+:meth:`~Journal.flush` that succeeds; what did not fit is dropped, and
+replay reports it as a :class:`Gap`. A failed write is cut back to the last
+whole record, so the segments never hold a torn or garbled one. The bus
+publishes ``journal_degraded`` and ``journal_recovered`` from the changes
+the journal records.
+
 The journal is synchronous and does not import trio: it is small file I/O,
 fine in the trio thread, and a one-shot CLI can read it without trio.
 """
@@ -21,10 +40,11 @@ fine in the trio thread, and a one-shot CLI can read it without trio.
 from __future__ import annotations
 
 import bisect
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack  # type: ignore[import-untyped]
 
@@ -33,7 +53,14 @@ from ._errors import JournalError
 from ._types import Event, Gap
 from .segments import SeqSegment, SeqSegments
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_SEGMENT_BYTES", "FLUSH_BYTES", "Journal"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_SEGMENT_BYTES",
+    "FLUSH_BYTES",
+    "KEEP_BYTES",
+    "RESERVE_SEQS",
+    "Journal",
+]
 
 DEFAULT_SEGMENT_BYTES = 16 << 20
 DEFAULT_MAX_BYTES = 256 << 20
@@ -41,11 +68,33 @@ FLUSH_BYTES = 64 << 10
 """Buffered bytes that trigger a write: large enough to amortise the syscall,
 small enough that a crash loses little."""
 
+KEEP_BYTES = 1 << 20
+"""While writes fail, unwritten events are kept in memory up to this many
+bytes, to be written when the disk takes them again; beyond it they are
+dropped (a gap in the journal)."""
+RESERVE_SEQS = 1024
+"""Seqs reserved in ``high-water`` at a time: one small write per this many
+events; a crash skips at most this many."""
+
 # A sparse index entry every this many bytes lets replay start near the seq
 # it wants instead of decoding a whole 16 MiB segment from its start.
 _INDEX_EVERY = 64 << 10
 _READ_CHUNK = 256 << 10
 _SUFFIX = ".journal"
+_HIGH_WATER = "high-water"
+_MARK = b"%020d\n"  # the high-water file's content
+_MARK_LEN = len(_MARK % 0)
+
+
+class _Change(NamedTuple):
+    """A change of the journal's health, for the bus to publish."""
+
+    failure: str | None
+    """Why writing failed (the journal became degraded), or None: it recovered."""
+    first: int
+    """On recovery: the first seq that could not be written (0: none was lost)."""
+    last: int
+    """On recovery: the last seq that could not be written."""
 
 
 class _Segment(SeqSegment):
@@ -89,9 +138,14 @@ class Journal:
     (the current one is never deleted). Seqs must increase; the bus appends
     consecutive ones.
 
-    Opening recovers ``last_seq`` from the newest segment; a truncated last
-    record (a crash in the middle of a write) is cut off. The directory is
-    locked (``flock``) against a second journal on it, in any process.
+    Opening recovers ``last_seq`` from the newest segment and the
+    ``high-water`` file; a truncated last record (a crash in the middle of a
+    write) is cut off. The directory is locked (``flock``) against a second
+    journal on it, in any process.
+
+    Writing never loses the journal's consistency: a failed write makes it
+    degraded (see the module's description) and raises
+    :class:`JournalError`; the journal stays usable.
     """
 
     def __init__(
@@ -110,8 +164,20 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
         self._buf = bytearray()
+        self._buf_first = 0  # the seq of the first record in _buf (0: empty)
         self._last = 0
         self._closed = False
+        # Degraded mode: why writing fails (None: it does not), the seqs
+        # dropped since it began, and the changes not yet taken by the bus.
+        self._failure: str | None = None
+        self._lost: tuple[int, int] | None = None
+        self._changes: list[_Change] = []
+        # high-water: its descriptor, the seq it records, and whether the
+        # last write of it failed (then it is retried at flush only).
+        self._mark_path = os.path.join(self.path, _HIGH_WATER)
+        self._mark_fd = -1
+        self._reserved = 0
+        self._mark_broken = False
         try:
             os.makedirs(self.path, mode=0o750, exist_ok=True)
             self._lock = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -134,6 +200,9 @@ class Journal:
             if isinstance(exc, OSError):
                 raise JournalError(f"cannot recover journal {self.path}: {exc}") from exc
             raise
+        # Seqs up to the high-water mark may have been seen by someone
+        # before a crash, even if they never reached a segment.
+        self._last = self._reserved = max(self._last, self._open_mark())
 
     # --- state -------------------------------------------------------------
 
@@ -145,13 +214,20 @@ class Journal:
 
     @property
     def last_seq(self) -> int:
-        """The newest seq appended (flushed or not); 0 if it is empty."""
+        """The newest seq appended (flushed or not), or handed out before a
+        crash; 0 if there was none."""
         return self._last
 
     @property
     def size(self) -> int:
         """Bytes in all segments, counting the unflushed buffer."""
         return sum(s.size for s in self._files.segments) + len(self._buf)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the journal cannot be written, while it cannot (it is
+        *degraded*); None while writes succeed."""
+        return self._failure
 
     # --- writing -------------------------------------------------------------
 
@@ -162,65 +238,200 @@ class Journal:
     def append_encoded(self, seq: int, record: bytes) -> None:
         """Add an event the caller has encoded already (the bus does, once).
 
-        *record* must be :func:`encode` of an event with this *seq*.
+        *record* must be :func:`encode` of an event with this *seq*. The
+        event is taken even when this raises :class:`JournalError` (a write
+        failed: the journal is degraded, see :attr:`failure`); only a closed
+        journal refuses it.
         """
         if self._closed:
             raise JournalError(f"journal {self.path} is closed")
         if seq <= self._last:
             raise ValueError(f"journal seqs must increase: got {seq} after {self._last}")
+        error: JournalError | None = None
+        if seq > self._reserved and not self._mark_broken:
+            # Before anyone can see this seq: a crash must not hand it out again.
+            try:
+                self._write_mark(seq + RESERVE_SEQS - 1)
+            except JournalError as exc:
+                error = exc
         files = self._files
         pending = len(self._buf)
         # A record larger than a segment gets one of its own.
         if files.needs_rotation(len(record), pending):
-            self._rotate(seq)
+            try:
+                self._rotate(seq)
+            except JournalError as exc:
+                error = error or exc
+            pending = 0
+        elif self._failure is not None and pending + len(record) > KEEP_BYTES:
+            self._drop()
             pending = 0
         seg = files.current
         assert seg is not None  # there is one after a rotation
         offset = seg.size + pending
         if offset >= seg.next_note:
             seg.note(seq, offset)
+        if not self._buf:
+            self._buf_first = seq
         self._buf += record
         self._last = seq
-        if len(self._buf) >= FLUSH_BYTES:
+        if error is not None:
+            raise error
+        # While degraded only flush() retries: not one failing write per event.
+        if len(self._buf) >= FLUSH_BYTES and self._failure is None:
             self.flush()
 
     def flush(self) -> None:
-        """Write the buffered events to the current segment."""
-        if not self._buf:
-            return
-        seg = self._files.current
-        assert seg is not None  # appending made one
-        start = seg.size
-        try:
-            self._files.write(self._buf)
-        except OSError as exc:
-            # The segment was cut back to its last whole record; the lost
-            # events show up as a Gap on replay.
-            self._buf.clear()
-            seg.forget_from(start)  # later records will reuse those offsets
-            raise JournalError(
-                f"cannot write journal segment {seg.path}: [Errno {exc.errno}] {exc.strerror}"
-            ) from exc
-        self._buf.clear()
+        """Write the buffered events to the current segment.
+
+        Also retries a failed write of ``high-water``. On failure the
+        journal is degraded (the events stay buffered, up to
+        :data:`KEEP_BYTES`) and :class:`JournalError` says why; once a flush
+        succeeds again it has recovered.
+        """
+        error: JournalError | None = None
+        if self._buf:
+            seg = self._files.current
+            assert seg is not None  # appending made one
+            try:
+                # On failure the segment is cut back to its last whole record.
+                self._files.write(self._buf)
+            except OSError as exc:
+                error = JournalError(f"cannot write journal segment {seg.path}: {_reason(exc)}")
+                error.__cause__ = exc
+            else:
+                self._buf.clear()
+                self._buf_first = 0
+        if self._mark_broken and error is None:
+            try:
+                self._write_mark(self._last + RESERVE_SEQS - 1)
+            except JournalError as exc:
+                error = exc
+        if error is not None:
+            self._fail(str(error))
+            raise error
+        self._recover()
 
     def _rotate(self, first: int) -> None:
         """Start a new segment whose first event is *first*."""
-        self.flush()
+        error: JournalError | None = None
+        try:
+            self.flush()
+        except JournalError as exc:
+            # The buffered events belong to the segment being finished.
+            error = exc
+            self._drop()
         try:
             self._files.rotate(first)
         except OSError as exc:
-            raise JournalError(f"cannot delete journal segment {exc.filename}: {exc}") from exc
+            # The new segment is started; the old one is kept, and deleted
+            # at a later rotation. Nothing is lost: not a degraded journal.
+            error = error or JournalError(
+                f"cannot delete journal segment {exc.filename}: {exc.strerror}"
+            )
+        if error is not None:
+            raise error
+
+    def _drop(self) -> None:
+        """Give up the buffered events: they become a gap in the journal."""
+        if not self._buf:
+            return
+        first = self._lost[0] if self._lost is not None else self._buf_first
+        self._lost = (first, self._last)
+        seg = self._files.current
+        assert seg is not None  # there are buffered events for it
+        seg.forget_from(seg.size)  # later records will reuse those offsets
+        self._buf.clear()
+        self._buf_first = 0
+
+    def _fail(self, failure: str) -> None:
+        if self._failure is None:
+            self._failure = failure
+            self._lost = None
+            self._changes.append(_Change(failure, 0, 0))
+
+    def _recover(self) -> None:
+        if self._failure is not None:
+            first, last = self._lost or (0, 0)
+            self._failure = self._lost = None
+            self._changes.append(_Change(None, first, last))
+
+    def _take_change(self) -> _Change | None:
+        """The oldest change of health not yet taken (by the bus), if any."""
+        return self._changes.pop(0) if self._changes else None
+
+    # --- high-water ------------------------------------------------------------
+
+    def _open_mark(self) -> int:
+        """Open ``high-water`` (making room for it now); the seq it records."""
+        try:
+            fd = os.open(self._mark_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            self._mark_broken = True
+            self._fail(f"cannot open {self._mark_path}: {_reason(exc)}")
+            return 0
+        self._mark_fd = fd
+        try:
+            data = os.pread(fd, _MARK_LEN, 0)
+        except OSError:
+            data = b""
+        try:
+            # Allocated now, a rewrite needs no new block when the disk is full.
+            os.posix_fallocate(fd, 0, _MARK_LEN)
+        except OSError:
+            pass  # a file system without fallocate: writes still work while there is room
+        try:
+            return int(data) if data else 0
+        except ValueError:
+            return 0  # not written by a journal: no seqs were reserved in it
+
+    def _write_mark(self, seq: int) -> None:
+        """Record *seq* in ``high-water``. JournalError (degraded) if that fails."""
+        data = _MARK % seq
+        try:
+            if self._mark_fd < 0:
+                self._mark_fd = os.open(
+                    self._mark_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640
+                )
+            if os.pwrite(self._mark_fd, data, 0) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            self._mark_broken = True
+            error = JournalError(f"cannot write {self._mark_path}: {_reason(exc)}")
+            self._fail(str(error))
+            raise error from exc
+        self._mark_broken = False
+        self._reserved = seq
 
     def close(self) -> None:
-        """Flush and release the directory. Closing twice is harmless."""
+        """Flush and release the directory. Closing twice is harmless.
+
+        :class:`JournalError` if the last flush failed (after releasing
+        everything): the events it held are lost.
+        """
         if self._closed:
             return
+        error: JournalError | None = None
         try:
             self.flush()
-        finally:
-            self._closed = True
-            self._files.close()
-            os.close(self._lock)
+        except JournalError as exc:
+            error = exc
+        if self._reserved > self._last and not self._mark_broken:
+            # A clean end: the next journal continues right after the last
+            # seq, without the skip a crash leaves. If this fails, it skips.
+            try:
+                self._write_mark(self._last)
+            except JournalError:
+                pass
+        self._closed = True
+        self._buf.clear()
+        self._files.close()
+        if self._mark_fd >= 0:
+            os.close(self._mark_fd)
+            self._mark_fd = -1
+        os.close(self._lock)
+        if error is not None:
+            raise error
 
     def __enter__(self) -> Journal:
         return self
@@ -263,9 +474,11 @@ class Journal:
         """Every journaled event with ``since <= seq <= until``, in order.
 
         ``until`` defaults to :attr:`last_seq` now. Buffered events are
-        flushed first. Where part of the range is not on disk (rotated away,
-        or lost to a write error) the iterator yields one :class:`Gap` for
-        each missing stretch, so that every seq in the range is accounted for.
+        flushed first (unless the journal is degraded). Where part of the
+        range is not on disk (rotated away, lost to a write error or a
+        crash, or still in memory while the journal is degraded) the
+        iterator yields one :class:`Gap` for each missing stretch, so that
+        every seq in the range is accounted for.
         """
         records = self.replay_records(since, until)  # flushes now, not at first next()
         return (r if isinstance(r, Gap) else from_map(r) for r in records)
@@ -279,7 +492,11 @@ class Journal:
         The iterator may be advanced in another thread, one step at a time,
         while this thread goes on appending (the socket server does).
         """
-        self.flush()
+        if self._buf and self._failure is None:
+            try:
+                self.flush()
+            except JournalError:
+                pass  # degraded now: what is not on disk comes out as a Gap
         end = self._last if until is None else min(until, self._last)
         return self._records(max(since, 1), end)
 
@@ -344,3 +561,10 @@ class Journal:
                 raise JournalError(
                     f"journal segment {seg.path} is corrupt near offset {unpacker.tell()}: {exc}"
                 ) from exc
+
+
+def _reason(exc: OSError) -> str:
+    """``[Errno 28] No space left on device``: the errno and its text, no path."""
+    if exc.errno is not None:
+        return f"[Errno {exc.errno}] {exc.strerror}"
+    return str(exc)

@@ -26,6 +26,8 @@ __all__ = [
     "Exited",
     "Failed",
     "Gap",
+    "JournalDegraded",
+    "JournalRecovered",
     "LimitChanged",
     "Oom",
     "OomKill",
@@ -108,6 +110,30 @@ class SupervisorStopped(Event):
 
     KIND: ClassVar[str] = "supervisor_stopped"
     sandbox: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JournalDegraded(Event):
+    """The journal cannot be written (``error`` says why and names the file,
+    e.g. a full disk). Events are still published and delivered; the
+    journal keeps what it cannot write in memory (up to 1 MiB) and retries.
+    ``journal_recovered`` follows when a write succeeds again."""
+
+    KIND: ClassVar[str] = "journal_degraded"
+    sandbox: str = ""
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JournalRecovered(Event):
+    """The journal is written again after ``journal_degraded``. The events
+    ``first`` to ``last`` could not be kept and are a gap in the journal
+    (both 0 if none was lost)."""
+
+    KIND: ClassVar[str] = "journal_recovered"
+    sandbox: str = ""
+    first: int
+    last: int
 
 
 # --- one sandbox instance ----------------------------------------------------
@@ -431,6 +457,8 @@ EVENT_TYPES: Mapping[str, type[Event]] = MappingProxyType(
             SupervisorStarted,
             SupervisorStopping,
             SupervisorStopped,
+            JournalDegraded,
+            JournalRecovered,
             Created,
             Started,
             Adopted,

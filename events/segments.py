@@ -40,7 +40,10 @@ ways, chosen by the record format:
 
 A failed write is undone: the file is cut back to its size before the
 write, so that it still holds whole records, and the ``OSError`` is raised
-naming the file.
+naming the file. Should cutting back fail too, records with a terminator
+are ended with it before the next one; records without one are cut off
+before anything more is written to the file (the write fails if that
+fails), so a record is never glued to a torn one.
 
 Nothing is fsync'd: the page cache survives a crash of the writing process,
 which is what these files are for. Synchronous and without trio; not
@@ -131,6 +134,10 @@ class SegmentFiles(Generic[S]):
         # torn by a crash. The next write starts with the terminator, so
         # that only the torn record is lost, not the one glued to it.
         self._torn = False
+        # Without a terminator a torn record cannot be ended, only cut off:
+        # the size to cut the current file back to before anything more is
+        # written to it, when cutting off a failed write failed (-1: none).
+        self._cut = -1
 
     def needs_rotation(self, n: int, pending: int = 0) -> bool:
         """Whether a record of *n* bytes must start a new segment.
@@ -186,6 +193,14 @@ class SegmentFiles(Generic[S]):
             self.open()
         seg = self.current
         assert seg is not None  # open() succeeded
+        if self._cut >= 0:
+            # Never append after a torn record that has no terminator: a
+            # reader would take the two for one garbled record.
+            try:
+                os.ftruncate(self._fd, self._cut)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, seg.path) from exc
+            self._cut = -1
         if self._torn:
             assert self.terminator is not None
             data = self.terminator + data
@@ -210,11 +225,15 @@ class SegmentFiles(Generic[S]):
         try:
             os.ftruncate(self._fd, start)
         except OSError:
+            if self.terminator is None:
+                # Cut it off before the next write (or when the file is
+                # closed); until then the file is not written to.
+                self._cut = start
+                return
             # Stuck with a torn record: account for it, and end it before
-            # the next record if records have a terminator.
+            # the next record.
             seg.size = start + len(written)
-            if self.terminator is not None:
-                self._torn = not written.endswith(self.terminator)
+            self._torn = not written.endswith(self.terminator)
 
     def close(self) -> None:
         """Close the current segment; writing after this is an error. Idempotent."""
@@ -224,6 +243,14 @@ class SegmentFiles(Generic[S]):
     def _close_fd(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
+            if self._cut >= 0:
+                # A last try: a reader stops at an incomplete last record of
+                # a file, so if this fails too only the failed write is lost.
+                try:
+                    os.ftruncate(fd, self._cut)
+                except OSError:
+                    pass
+                self._cut = -1
             os.close(fd)
 
 
@@ -379,8 +406,9 @@ class SeqSegments(SegmentFiles[SS]):
         """Finish the current segment (if any) and start one for the record *first*.
 
         *first* must be above every seq written so far. The new file is
-        created on the first write to it. OSError if deleting an old
-        segment fails (it is forgotten all the same).
+        created on the first write to it. OSError, naming the file, if
+        deleting an old segment fails: the new segment is started all the
+        same, and the old one kept (a later rotation tries again).
         """
         self._close_fd()
         seg = self._segment_type(self.path_of(first), first)
@@ -390,12 +418,15 @@ class SeqSegments(SegmentFiles[SS]):
         # passing max_bytes.
         total = sum(s.size for s in self.segments[:-1]) + self.segment_bytes
         while len(self.segments) > 1 and total > self.max_bytes:
-            old = self.segments.pop(0)
-            total -= old.size
+            old = self.segments[0]
             try:
                 os.unlink(old.path)
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, old.path) from exc
+            del self.segments[0]
+            total -= old.size
 
     def _recover(self, scan: Callable[[SS], int] | None) -> None:
         name = re.compile(r"(\d{20})" + re.escape(self.suffix))

@@ -87,12 +87,22 @@ def _find_busybox() -> str:
 
 
 def ensure_busybox(cache_dir: str | os.PathLike[str]) -> str:
-    """Return the path of the cached busybox base, building it first if needed."""
+    """Return the path of the cached busybox base, building it first if needed.
+
+    :class:`RootfsError` if it cannot be built (a full disk: the message
+    names the path and the reason); nothing of a failed build is left.
+    """
     dest = os.path.join(os.fspath(cache_dir), "busybox")
     # The fast path is one stat: it runs on every sandbox start.
     if os.path.isfile(os.path.join(dest, _MANIFEST)):
         return dest
-    _build_atomically(os.fspath(cache_dir), dest)
+    try:
+        _build_atomically(os.fspath(cache_dir), dest)
+    except OSError as exc:
+        # The directory, not exc.filename: a failed copy names its source.
+        raise RootfsError(
+            f"cannot build the busybox base in {cache_dir}: {exc.strerror or exc}"
+        ) from exc
     return dest
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "SandboxExistsError",
     "SpecError",
     "StateError",
+    "os_failure",
 ]
 
 
@@ -99,3 +100,10 @@ class StateError(CorralError):
         self.verb = verb
         self.name = name
         self.state = state
+
+
+def os_failure(exc: OSError) -> str:
+    """An ``OSError`` as a message's tail: the path, if it has one, and the
+    reason, e.g. ``/run/corral/sandboxes/web-0.json: No space left on device``."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename is not None else reason

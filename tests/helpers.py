@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 from supervisor import Runtime, SandboxExit, SandboxSpec
@@ -36,3 +40,36 @@ def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "conditio
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of *size* (``"1m"``) mounted at *path* (made if missing) for the
+    block, and unmounted after it."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0711", "corral-test", str(path)],
+        check=True,
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def fill_up(directory: Path, name: str = "filler") -> Path:
+    """Take every free block of *directory*'s file system with one file (its path).
+
+    Other writers may free blocks a moment later (a failed write is cut
+    back); calling this again takes those too.
+    """
+    filler = directory / name
+    chunk = bytes(64 << 10)
+    with open(filler, "ab", buffering=0) as f:
+        while True:
+            try:
+                f.write(chunk)  # a short write when the disk is nearly full
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return filler

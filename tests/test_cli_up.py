@@ -49,10 +49,13 @@ def read_until(stream: object, pred: object, limit: int = 200) -> list[dict[str,
 
 
 @contextmanager
-def corral_up(dirs: Dirs, tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
-    """`corral up` on FLEET as a subprocess; killed if the test leaves it running."""
+def corral_up(
+    dirs: Dirs, tmp_path: Path, *args: str, text: str = FLEET
+) -> Iterator[subprocess.Popen[str]]:
+    """`corral up` on a fleet (FLEET unless *text*) as a subprocess; killed if
+    the test leaves it running."""
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(FLEET)
+    fleet.write_text(text)
     up = subprocess.Popen(
         [sys.executable, "-m", "supervisor", "up", *args, str(fleet)],
         env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -185,3 +188,63 @@ def test_oom_alert_example_reacts_to_an_oom_kill(dirs: Dirs, tmp_path: Path) -> 
         up.send_signal(signal.SIGTERM)
         up.communicate(timeout=30)
         assert up.returncode == 0
+
+
+# One sandbox that can never start: nothing of it exists to outlive a
+# killed supervisor, and `corral start` makes events on demand.
+GHOST = """
+[[sandbox]]
+name = "ghost"
+rootfs = "/nonexistent-corral-rootfs"
+command = "true"
+"""
+
+
+def _keeper(supervisor: int) -> int:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    (keeper,) = [int(c) for c in children if "_keeper" in Path(f"/proc/{c}/cmdline").read_text()]
+    return keeper
+
+
+def test_seqs_a_client_saw_are_not_reused_after_a_sigkill(dirs: Dirs, tmp_path: Path) -> None:
+    """A supervisor SIGKILLed right after an event reached a socket client
+    (its journal write still buffered): the next supervisor's first seq is
+    greater than any the client saw."""
+    import events
+
+    sock = str(dirs.run / "events.sock")
+    with corral_up(dirs, tmp_path, text=GHOST) as up:
+        assert up.stdout is not None
+        read_until(up.stdout, lambda r: r["event"] == "supervisor_started")
+        # The client is subscribed once the replay brings it ghost's first failure.
+        stream = events.iter_events(sock, since=1, timeout=30)
+        for e in stream:
+            if e.kind == "start_failed":
+                break
+        start = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "start", "ghost"],
+            env=dirs.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            seen = next(stream)  # created, live: journaled but not yet flushed
+            assert seen.kind == "created"
+            keeper = _keeper(up.pid)
+            up.kill()
+            up.wait()
+        finally:
+            start.communicate(timeout=30)
+            stream.close()
+        # The keeper exits with its supervisor; as an orphan it may be ours.
+        try:
+            os.waitpid(keeper, 0)
+        except ChildProcessError:
+            pass
+    with corral_up(dirs, tmp_path, text=GHOST) as up:
+        assert up.stdout is not None
+        first = json.loads(up.stdout.readline())
+        assert first["event"] == "supervisor_started"
+        assert first["seq"] > seen.seq
+        read_until(up.stdout, lambda r: r["event"] == "start_failed")  # signals handled now
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=30)
+        assert up.returncode == 0, err

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,15 +125,31 @@ def test_reopen_continues_after_last_seq(tmp_path: Path) -> None:
 
 
 def test_truncated_last_record_is_cut_off(tmp_path: Path) -> None:
-    """A crash in the middle of a write leaves half a record: reopening drops it."""
+    """A crash in the middle of a write leaves half a record: reopening cuts it
+    off, and its seq, which someone may have seen, is not handed out again."""
     with Journal(tmp_path) as j:
         for i in range(1, 21):
             j.append(ev(i))
     (path,) = segments(tmp_path)
     os.truncate(path, 20 * RECORD - 3)
     with Journal(tmp_path) as j:
-        assert j.last_seq == 19
         assert path.stat().st_size == 19 * RECORD
+        assert j.last_seq == 20
+        j.append(ev(21))
+        assert seqs(j.replay(1)) == [*range(1, 20), (20, 20), 21]
+
+
+def test_without_high_water_the_segments_say_the_last_seq(tmp_path: Path) -> None:
+    """A journal whose high-water file is gone (an older corral's) continues
+    after the last whole record of its segments."""
+    with Journal(tmp_path) as j:
+        for i in range(1, 21):
+            j.append(ev(i))
+    (path,) = segments(tmp_path)
+    os.truncate(path, 20 * RECORD - 3)
+    (tmp_path / "high-water").unlink()
+    with Journal(tmp_path) as j:
+        assert j.last_seq == 19
         j.append(ev(20))
         assert seqs(j.replay(1)) == list(range(1, 21))
 
@@ -219,3 +238,31 @@ def test_replay_decodes_what_encode_accepts(tmp_path: Path) -> None:
         j.append(e)
     with Journal(tmp_path) as j:
         assert list(j.replay(1)) == [e]
+
+
+# A process that appends N events to the journal at PATH and is killed
+# before anything flushes them: the supervisor under a SIGKILL.
+CRASH = """
+import os, signal, sys
+from events import Journal, Started, stamped
+j = Journal(sys.argv[1])
+for seq in range(1, int(sys.argv[2]) + 1):
+    j.append(stamped(Started(sandbox="web", pid=seq), seq, 1.0, 2.0))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_seqs_handed_out_before_a_crash_are_never_reused(tmp_path: Path) -> None:
+    """A process killed with its appends still in the buffer: a journal opened
+    next continues above every seq it handed out, and replay says the rest
+    is a gap."""
+    proc = subprocess.run([sys.executable, "-c", CRASH, str(tmp_path), "5"], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert segments(tmp_path) == []  # nothing reached a segment
+    with Journal(tmp_path) as j:
+        last = j.last_seq
+        assert last >= 5
+        j.append(ev(last + 1))
+        assert seqs(j.replay(1)) == [(1, last), last + 1]
+    with Journal(tmp_path) as j:
+        assert j.last_seq == last + 1  # a clean close skips nothing

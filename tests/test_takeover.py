@@ -172,8 +172,10 @@ def test_a_killed_supervisor_s_sandboxes_are_taken_back(dirs: Dirs, tmp_path: Pa
     assert {"w-0", "w-1"} <= stopped
     # Exactly one exited per generation across both runs, in the journal.
     with events.Journal(str(dirs.state / "journal")) as journal:
-        everything = list(journal.replay(1))
-    assert [e.seq for e in everything] == list(range(1, len(everything) + 1))
+        # A killed supervisor's unused reservation of seqs is a Gap.
+        everything = [e for e in journal.replay(1) if not isinstance(e, events.Gap)]
+    seqs = [e.seq for e in everything]
+    assert seqs == sorted(set(seqs))
     quit_exits = [e for e in everything if e.kind == "exited" and e.sandbox == "quit-0"]
     assert len(quit_exits) == 1
     # The keeper, with nothing left to hold, ended. (Its first supervisor

@@ -137,9 +137,10 @@ def test_a_supervisor_killed_fifty_times_loses_nothing(dirs: Dirs, tmp_path: Pat
             pass
 
     with events.Journal(str(dirs.state / "journal")) as journal:
-        log = list(journal.replay(1))
+        # A killed supervisor's unused reservation of seqs is a Gap.
+        log = [e for e in journal.replay(1) if not isinstance(e, events.Gap)]
     seqs = [e.seq for e in log]
-    assert seqs == list(range(1, len(seqs) + 1)), f"seed {seed}: seqs not strictly increasing"
+    assert seqs == sorted(set(seqs)), f"seed {seed}: seqs not strictly increasing"
     ran: set[tuple[str, int]] = set()
     exits: Counter[tuple[str, int]] = Counter()
     for e in log:

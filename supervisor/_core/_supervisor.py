@@ -40,7 +40,7 @@ from events import (
     SupervisorStopping,
 )
 
-from .._errors import CheckpointError, CorralError, SandboxError
+from .._errors import CheckpointError, CorralError, SandboxError, os_failure
 from .._runtime._dirs import DEFAULT_RUN_DIR
 from .._runtime._linux._cgroups import OomWatch
 from .._runtime._linux._spawn import Keeper, KeeperError
@@ -222,7 +222,13 @@ class Supervisor(Verbs, Checkpoints):
                         await logs.start(log_events, self.bus)
                     await self._run_services(task_status)
             finally:
-                journal.close()
+                try:
+                    journal.close()
+                except events.JournalError:
+                    # Still degraded at the end (journal_degraded was
+                    # published): the events it could not write are lost,
+                    # and seqs stay unique through its high-water file.
+                    pass
         finally:
             keeper.close()
             os.close(lock)
@@ -496,7 +502,6 @@ class Supervisor(Verbs, Checkpoints):
             return
         inst.set_state("starting")
         created = self.publish(Created(**ident))
-        writer = self._output_writer(inst)
         # stdout and stderr go through pipes to the instance's log writer:
         # each line is stamped and tagged, whole, and the file is rotated.
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -513,8 +518,10 @@ class Supervisor(Verbs, Checkpoints):
         }
         held = ""
         try:
-            # Inside the try: a spec the runtime refuses is this instance's
-            # start failure, never the supervisor's.
+            # Inside the try: a spec the runtime refuses, or a log file that
+            # cannot be made (a full disk), is this instance's start
+            # failure, never the supervisor's.
+            writer = self._output_writer(inst)
             spec = inst.spec()
             # The keeper holds the pipes' read ends from before the start:
             # the sandbox never writes into a pipe nobody holds.
@@ -552,16 +559,19 @@ class Supervisor(Verbs, Checkpoints):
                         ),
                         limiter=self.limiters.lifecycle,
                     )
-        except CorralError as exc:
+        except (CorralError, OSError) as exc:
+            # The runtime translates OSError; one it did not is still this
+            # instance's failure, said in one line with its path.
+            error = exc if isinstance(exc, CorralError) else SandboxError(os_failure(exc))
             os.close(out_r)
             os.close(err_r)
             if held:
                 await trio.to_thread.run_sync(keeper.release, held, limiter=self.limiters.lifecycle)
             if pending is not None and not pending.done.is_set():
-                pending.error = exc  # its requester is waiting for the outcome
+                pending.error = error  # its requester is waiting for the outcome
                 pending.done.set()
             inst.set_state("failed")
-            self.publish(StartFailed(**ident, error=str(exc)))
+            self.publish(StartFailed(**ident, error=str(error)))
             inst._up.set()
             return
         finally:

@@ -23,6 +23,7 @@ _LEVELS = {
     "oom": "warning",
     "start_failed": "error",
     "gap": "warning",
+    "journal_degraded": "warning",
 }
 
 

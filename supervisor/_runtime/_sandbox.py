@@ -42,6 +42,7 @@ from .._errors import (
     SandboxError,
     SandboxExistsError,
     SpecError,
+    os_failure,
 )
 from ._checkpoint import (
     CRIU_OPTIONS,
@@ -581,12 +582,26 @@ class Runtime:
         """Create and start a sandbox; return once its command has been exec'd.
 
         Raises :class:`~supervisor.SandboxError` (or a subclass) with
-        nothing left behind if any step fails. With *stdin_devnull* the
-        command's stdin is the sandbox's own /dev/null instead of
-        ``stdio[0]`` (a sandbox that may be checkpointed must not hold a
-        host file). *labels* (plain data) are kept in its record, for
+        nothing left behind if any step fails, also when the disk is full:
+        an ``OSError`` becomes a SandboxError naming the path. With
+        *stdin_devnull* the command's stdin is the sandbox's own /dev/null
+        instead of ``stdio[0]`` (a sandbox that may be checkpointed must not
+        hold a host file). *labels* (plain data) are kept in its record, for
         whoever takes it back (:meth:`adopt`).
         """
+        try:
+            return self._create(spec, stdio, stdin_devnull, labels)
+        except OSError as exc:
+            # Every step undid itself on the way out; only the message is left.
+            raise SandboxError(f"sandbox {spec.name!r}: {os_failure(exc)}") from exc
+
+    def _create(
+        self,
+        spec: SandboxSpec,
+        stdio: tuple[int, int, int],
+        stdin_devnull: bool,
+        labels: Mapping[str, Any] | None,
+    ) -> Sandbox:
         lower = self.resolve_rootfs(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
@@ -916,9 +931,23 @@ class Runtime:
         under *name* (default: the sandbox's name) and *tag* (default: the
         time). *on_dumped(info)* runs once the checkpoint is complete, before the
         kill. On failure the sandbox is thawed and left running, nothing is
-        stored, and :class:`CheckpointError` says why (CRIU's reason).
+        stored, and :class:`CheckpointError` says why (CRIU's reason, or the
+        path that could not be written when the disk is full).
         """
         key = name or sb.name
+        try:
+            return self._checkpoint(sb, key, tag, leave_running, on_dumped)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint of {key!r} failed: {os_failure(exc)}") from exc
+
+    def _checkpoint(
+        self,
+        sb: Sandbox,
+        key: str,
+        tag: str | None,
+        leave_running: bool,
+        on_dumped: Callable[[CheckpointInfo], None] | None,
+    ) -> CheckpointInfo:
         if sb.spec.security.userns:
             raise CheckpointError(
                 f"sandbox {key!r} runs in a user namespace (userns = true):"
@@ -935,9 +964,9 @@ class Runtime:
         partial = os.path.join(store.dir(key), f".{tag}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         images = os.path.join(partial, "images")
-        os.makedirs(images, mode=0o700)
         start = time.monotonic()
         try:
+            os.makedirs(images, mode=0o700)
             stdio = tuple(_fd_key(sb.pid, n) for n in (0, 1, 2))
             common = [
                 "--tree",
@@ -1071,8 +1100,22 @@ class Runtime:
         ones. The sandbox's stdout/stderr pipes are replaced by ``stdio``.
         On failure nothing is left (CRIU kills what it restored; the
         cgroup and directories are removed) and :class:`CheckpointError`
-        says why.
+        says why (an ``OSError``, such as a full disk, too, naming the path).
         """
+        try:
+            return self._restore(checkpoint, spec, stdio, timeout, labels)
+        except OSError as exc:
+            what = f"restore of {spec.name!r}" if spec is not None else "restore"
+            raise CheckpointError(f"{what} failed: {os_failure(exc)}") from exc
+
+    def _restore(
+        self,
+        checkpoint: CheckpointInfo | str,
+        spec: SandboxSpec | None,
+        stdio: tuple[int, int, int],
+        timeout: float,
+        labels: Mapping[str, Any] | None,
+    ) -> Sandbox:
         criu = check_criu()
         info = (
             checkpoint

@@ -100,8 +100,14 @@ def _create(path: str, name: str) -> bool:
     except FileExistsError:
         return False
     pid = os.getpid()
-    with os.fdopen(fd, "w") as f:
-        json.dump({"name": name, "pid": pid, "start": _start_time(pid)}, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"name": name, "pid": pid, "start": _start_time(pid)}, f)
+    except BaseException:
+        # An empty claim names no owner: nobody would release it.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
     return True
 
 
