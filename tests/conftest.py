@@ -141,8 +141,10 @@ def _rescue(keeper: int, run: Path) -> None:
             os.kill(int(pid), signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.kill(keeper, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(keeper, 0)  # ours when its supervisor died before it (we are a subreaper)
+    # Each is ours to reap if its parent died before it (we are a subreaper).
+    for ours in [keeper, *map(int, children)]:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(ours, 0)
     for record in (run / "sandboxes").glob("*.json"):
         with contextlib.suppress(OSError, ValueError):
             for path in json.loads(record.read_text())["cgroup"]:

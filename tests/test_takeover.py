@@ -35,7 +35,7 @@ command = "while :; do echo tick; sleep 0.1; done"
 
 [[sandbox]]
 name = "quit"
-command = "trap 'exit 3' TERM; while :; do sleep 0.1; done"
+command = "trap 'exit 3' TERM; echo trapped; while :; do sleep 0.1; done"
 """
 TIMEOUT = 60
 
@@ -103,6 +103,15 @@ def _wait_gone(pid: int) -> None:
         time.sleep(0.01)
 
 
+def _wait_output(dirs: Dirs, name: str, text: str) -> None:
+    """Wait until sandbox *name*'s output log has *text*."""
+    log = dirs.state / "logs" / f"{name}.log"
+    deadline = time.monotonic() + TIMEOUT
+    while not (log.exists() and text in log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"{name} never wrote {text!r}"
+        time.sleep(0.01)
+
+
 def _log_size(dirs: Dirs, name: str) -> int:
     return (dirs.state / "logs" / f"{name}.log").stat().st_size
 
@@ -121,6 +130,9 @@ def test_a_killed_supervisor_s_sandboxes_are_taken_back(dirs: Dirs, tmp_path: Pa
     except BaseException:
         first.abort()
         raise
+    # Its trap is set only once its shell says so: a SIGTERM before
+    # would kill it (143), not make it exit 3.
+    _wait_output(dirs, "quit-0", "trapped")
     pids = {n: int(r["pid"]) for n, r in first.events("started").items()}  # type: ignore[call-overload]
     last_seq = max(int(r["seq"]) for r in first.log)  # type: ignore[call-overload]
     first.kill()
@@ -256,7 +268,7 @@ def test_a_dead_keeper_is_replaced_and_its_sandboxes_are_not_lost(dirs: Dirs) ->
     """SIGKILL the keeper: a new one takes its place for new sandboxes; the
     old ones (re-parented to the supervisor) still report how they end."""
     f = fleet(
-        {"name": "a", "command": "trap 'exit 5' TERM; while :; do sleep 0.1; done"},
+        {"name": "a", "command": "trap 'exit 5' TERM; echo trapped; while :; do sleep 0.1; done"},
         {"name": "b", "command": "sleep 1000"},
     )
 
@@ -264,6 +276,7 @@ def test_a_dead_keeper_is_replaced_and_its_sandboxes_are_not_lost(dirs: Dirs) ->
         assert sup.keeper is not None
         started = await wait_event(sup, lambda e: e.kind == "started" and e.sandbox == "a-0")
         await wait_event(sup, lambda e: e.kind == "started" and e.sandbox == "b-0")
+        await trio.to_thread.run_sync(_wait_output, dirs, "a-0", "trapped")
         old = sup.keeper.pid
         os.kill(old, signal.SIGKILL)
         with trio.fail_after(TIMEOUT):

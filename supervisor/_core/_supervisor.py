@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from functools import partial
 from typing import ClassVar, Protocol
 
@@ -71,6 +71,9 @@ __all__ = ["Instance", "Service", "Supervisor"]
 # the kill counter is still unchanged this long after is it a near miss.
 NEAR_MISS_DELAY = 0.05
 PLUGIN_DRAIN_TIMEOUT = 5.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""What stops the fleet (with ``handle_signals``): SIGHUP too (an ssh
+session's terminal closed), unless the supervisor is told to run on."""
 
 
 class Service(Protocol):
@@ -128,6 +131,7 @@ class Supervisor(Verbs, Checkpoints):
         self._state_dir = state_dir
         self._run_dir = run_dir
         self._handle_signals = handle_signals
+        self._receiver: AsyncIterator[int] | None = None
         self._log = log
         self.instances: list[Instance] = [
             Instance(cfg, i, grace=fleet.supervisor.grace_period) for cfg, i in fleet.instances()
@@ -182,6 +186,17 @@ class Supervisor(Verbs, Checkpoints):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the fleet until stopped; then stop it and clean everything up."""
+        if not self._handle_signals:
+            await self._run(task_status)
+            return
+        # Caught from the first moment: a SIGTERM while the fleet comes up
+        # (or is taken back) is a clean stop once it is up, never a death
+        # by the default action that leaves everything to a successor.
+        with trio.open_signal_receiver(*STOP_SIGNALS) as receiver:
+            self._receiver = receiver
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         sup = self.fleet.supervisor
         run_dir = self._run_dir or os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR
         # One supervisor per run directory: a second one would fight the
@@ -421,9 +436,9 @@ class Supervisor(Verbs, Checkpoints):
     async def _signals(self, scope: trio.CancelScope) -> None:
         # SIGHUP (the terminal of an ssh session closed) stops the fleet
         # like SIGTERM, cleanly, unless the supervisor is told to run on.
-        stop = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        with scope, trio.open_signal_receiver(*stop) as signals:
-            async for signum in signals:
+        assert self._receiver is not None
+        with scope:
+            async for signum in self._receiver:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP and self._ignore_hup:
                     continue
