@@ -200,10 +200,9 @@ command = "true"
 """
 
 
-def _keeper(supervisor: int) -> int:
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    (keeper,) = [int(c) for c in children if "_keeper" in Path(f"/proc/{c}/cmdline").read_text()]
-    return keeper
+def _keeper(dirs: Dirs) -> int:
+    """The PID of the keeper of *dirs*' run directory."""
+    return int((dirs.run / "keeper.lock").read_text().split()[0])
 
 
 def test_seqs_a_client_saw_are_not_reused_after_a_sigkill(dirs: Dirs, tmp_path: Path) -> None:
@@ -228,13 +227,14 @@ def test_seqs_a_client_saw_are_not_reused_after_a_sigkill(dirs: Dirs, tmp_path: 
         try:
             seen = next(stream)  # created, live: journaled but not yet flushed
             assert seen.kind == "created"
-            keeper = _keeper(up.pid)
+            keeper = _keeper(dirs)
             up.kill()
             up.wait()
         finally:
             start.communicate(timeout=30)
             stream.close()
-        # The keeper exits with its supervisor; as an orphan it may be ours.
+        # The keeper, holding nothing, exits once its supervisor is gone;
+        # as an orphan it may be ours (we are a subreaper).
         try:
             os.waitpid(keeper, 0)
         except ChildProcessError:

@@ -181,9 +181,16 @@ def note_generation(state_dir: str, instance: str, generation: int) -> None:
     os.makedirs(folder, mode=0o700, exist_ok=True)
     path = os.path.join(folder, instance)
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{generation}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{generation}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        # Named after the file, whichever step failed (a full disk fails
+        # the write, which names nothing).
+        raise OSError(exc.errno, exc.strerror, path) from exc
 
 
 def last_generations(state_dir: str) -> dict[str, int]:

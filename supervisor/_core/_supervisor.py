@@ -547,9 +547,10 @@ class Supervisor(Verbs, Checkpoints):
                 try:
                     note_generation(state_dir, inst.name, inst.generation)
                     keeper.hold(held, out_r, err_r)
-                except (OSError, KeeperError) as exc:
-                    why = f"sandbox {held!r}: cannot prepare its start: {exc}"
-                    raise SandboxError(why) from exc
+                except OSError as exc:
+                    raise SandboxError(f"sandbox {held!r}: cannot write {os_failure(exc)}") from exc
+                except KeeperError as exc:
+                    raise SandboxError(f"sandbox {held!r}: {exc}") from exc
 
             await trio.to_thread.run_sync(prepare, limiter=self.limiters.lifecycle)
             if pending is not None:
@@ -614,7 +615,11 @@ class Supervisor(Verbs, Checkpoints):
         # What the OOM counters say now was reported by the predecessor (or
         # is in this exit's oom_killed): only new kills are news.
         try:
-            inst.oom_events_seen, inst.oom_kills_reported = sb.cgroup.open_oom_watch().read()
+            watch = sb.cgroup.open_oom_watch()
+            try:
+                inst.oom_events_seen, inst.oom_kills_reported = watch.read()
+            finally:
+                watch.close()
         except (CorralError, OSError):
             inst.oom_events_seen = inst.oom_kills_reported = 0
         announce = None

@@ -215,12 +215,17 @@ def run_intermediate(
         _install_stdio(stdio)
         step = "join cgroup"
         _join_cgroup(cfg.cgroup_procs)
+        # The host's /proc, to read our child's start time: once the init
+        # has pivoted its root (ours too: we share the new mount
+        # namespace), "/proc" here may be the sandbox's.
+        proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if cfg.restore_argv is not None:
             # CRIU makes the namespaces itself and puts the restored tree in
             # the cgroup; only the restorer's private mount namespace is ours.
             step = "fork restorer"
             pid = os.fork()
             if pid == 0:
+                os.close(proc)
                 _run_restorer(cfg, report)
         else:
             lower_tree = None
@@ -241,11 +246,12 @@ def run_intermediate(
             step = "fork init"
             pid = os.fork()
             if pid == 0:
+                os.close(proc)  # the host's /proc stays out of the sandbox
                 _run_init(cfg, report)
         pidfd = os.pidfd_open(pid)
         # With its start time: a PID alone is no identity once reaped
         # (see ._proc); read while we are its parent, so it cannot be gone.
-        socket.send_fds(report, [b"P%d:%d" % (pid, starttime(pid))], [pidfd])
+        socket.send_fds(report, [b"P%d:%d" % (pid, starttime(pid, proc))], [pidfd])
         os._exit(0)
     except BaseException as exc:
         _report(report, exc, step)
