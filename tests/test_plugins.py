@@ -1,20 +1,25 @@
-"""Plugins as users write and configure them: loading, the event log, an example plugin."""
+"""Plugins as users write and configure them: loading, checking their settings,
+the event log, an example plugin."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import events
+from plugins import Handle, SettingsError, validate_with
 from supervisor import Supervisor
-from supervisor._core._fleet import load_fleet, parse_fleet
+from supervisor._control._client import ControlError, result_of
+from supervisor._core._fleet import FleetError, load_fleet, parse_fleet
 from supervisor._core._plugin_host import PluginError, load_plugin
 
-from .conftest import Dirs, requires_root
-from .supervising import of, run, wait_event
+from .conftest import Dirs, corral, requires_root
+from .supervising import of, request, run, wait_event
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,6 +53,140 @@ def test_a_typo_in_a_sandbox_plugin_table_fails_at_start() -> None:
     f = parse_fleet({"sandbox": [{"name": "a", "command": ["true"], "plugins": {"restrat": {}}}]})
     with pytest.raises(PluginError, match="plugin 'restrat' not found"):
         Supervisor(f)
+
+
+POLICY_EXPECTED = "expected no, on-failure, on-failure:N, always or unless-stopped"
+
+
+def _sandbox(name: str, **plugins: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "command": "true", "plugins": plugins}
+
+
+def _refused(doc: dict[str, Any]) -> list[str]:
+    """The problems a Supervisor of fleet *doc* is refused with."""
+    with pytest.raises(FleetError) as err:
+        Supervisor(parse_fleet(doc))
+    assert str(err.value).splitlines() == [f"<fleet>: {p}" for p in err.value.problems]
+    return err.value.problems
+
+
+def test_a_bad_per_sandbox_restart_setting_is_refused_at_start_up() -> None:
+    """A sandbox's bad restart setting is a fleet error naming the sandbox, the plugin,
+    the field and what was expected: before anything runs, not at that sandbox's first exit."""
+    doc = {
+        "sandbox": [
+            _sandbox("web", restart={"policy": "on-failure"}),
+            _sandbox("db", restart={"policy": "sometimes"}),
+        ]
+    }
+    assert _refused(doc) == [
+        f"sandbox 'db': plugin 'restart': policy: {POLICY_EXPECTED}, got 'sometimes'"
+    ]
+
+
+def test_every_plugin_table_is_checked_and_every_problem_reported() -> None:
+    """Each bad table is one line; a bad fleet-wide table is reported once, not per sandbox."""
+    doc = {
+        "plugins": {"restart": {"delay": "soon"}, "checkpoint": {}},
+        "sandbox": [
+            _sandbox("a", restart={"policy": "always"}, checkpoint={"max_disk": "1G"}),
+            _sandbox("b", restart={"policy": "always"}, logging={"max_files": 2}),
+            _sandbox("c", checkpoint={"interval": "0s"}, restart={}),
+        ],
+    }
+    assert _refused(doc) == [
+        "plugin 'restart': delay: expected a duration like 10s or 500ms, got 'soon'",
+        "sandbox 'a': plugin 'checkpoint': max_disk: fleet-wide only: set it in [plugins.checkpoint], not per sandbox",
+        "sandbox 'b': plugin 'logging': max_files: the event log has no per-sandbox settings: set it in [plugins.logging]",
+        "sandbox 'c': plugin 'checkpoint': interval: expected a duration > 0, got '0s'",
+    ]
+
+
+async def unchecked(handle: Handle, config: Mapping[str, Any]) -> None:
+    """A third-party plugin without a settings check."""
+
+
+def _strict(config: Mapping[str, Any], sandbox: Mapping[str, Any] | None) -> None:
+    if sandbox is not None and sandbox.get("level") not in (None, 1, 2):
+        raise SettingsError("level", f"expected 1 or 2, got {sandbox['level']!r}")
+
+
+@validate_with(_strict)
+async def checked(handle: Handle, config: Mapping[str, Any]) -> None:
+    """A third-party plugin with a settings check."""
+
+
+def _broken(config: Mapping[str, Any], sandbox: Mapping[str, Any] | None) -> None:
+    raise KeyError("oops")
+
+
+@validate_with(_broken)
+async def broken_check(handle: Handle, config: Mapping[str, Any]) -> None:
+    """A plugin whose settings check itself fails."""
+
+
+def test_third_party_plugins_are_checked_only_if_they_say_how() -> None:
+    """A plugin without a check takes any table, as before; one with a check (plugins.validate_with)
+    is checked like the built-ins; a check that crashes is one line too, not a traceback."""
+    modules = {
+        name: {"module": f"tests.test_plugins:{name}"}
+        for name in ("unchecked", "checked", "broken_check")
+    }
+    ok = {
+        "plugins": {k: v for k, v in modules.items() if k != "broken_check"},
+        "sandbox": [_sandbox("a", unchecked={"anything": [1]}, checked={"level": 2})],
+    }
+    Supervisor(parse_fleet(ok))
+    bad = {"plugins": modules, "sandbox": [_sandbox("a", checked={"level": 3})]}
+    assert _refused(bad) == [
+        "plugin 'broken_check': cannot check settings: KeyError: 'oops'",
+        "sandbox 'a': plugin 'checked': level: expected 1 or 2, got 3",
+    ]
+
+
+def test_up_with_a_bad_plugin_setting_is_one_line(dirs: Dirs, tmp_path: Path) -> None:
+    """`corral up` refuses a bad per-sandbox restart setting with one line and status 125."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[sandbox]]\nname = "web"\ncommand = "true"\n'
+        '[sandbox.plugins.restart]\npolicy = "sometimes"\n'
+    )
+    p = corral(dirs, "up", str(fleet))
+    assert (p.returncode, p.stdout) == (125, b"")
+    assert p.stderr.decode().splitlines() == [
+        f"corral: {fleet}: sandbox 'web': plugin 'restart': policy: {POLICY_EXPECTED}, got 'sometimes'"
+    ]
+
+
+@requires_root
+@pytest.mark.layout
+def test_add_with_a_bad_plugin_table_is_refused_and_adds_nothing(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """`add` of a file whose second sandbox has a bad restart table: refused with that line,
+    and neither sandbox of the file is added (no instance, no event)."""
+    f = parse_fleet({"sandbox": [{"name": "web", "command": "exec sleep 1000"}]})
+    extra = tmp_path / "extra.toml"
+    extra.write_text(
+        '[[sandbox]]\nname = "good"\ncommand = "exec sleep 1000"\n'
+        '[[sandbox]]\nname = "bad"\ncommand = "exec sleep 1000"\nreplicas = 2\n'
+        '[sandbox.plugins.restart]\npolicy = "always"\ndelay = "soon"\n'
+    )
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        with pytest.raises(ControlError) as err:
+            result_of(await request(str(dirs.run / "control.sock"), "add", {"path": str(extra)}))
+        assert err.value.code == "invalid"
+        assert str(err.value).splitlines() == [
+            f"{extra}: sandbox 'bad': plugin 'restart': delay: expected a duration like 10s or 500ms, got 'soon'"
+        ]
+        assert [i.name for i in sup.instances] == ["web-0"]
+        assert [c.name for c in sup.fleet.sandboxes] == ["web"]
+
+    evs = run(f, dirs, body)
+    assert {e.sandbox for e in evs} == {"", "web-0"}
+    assert not [e for e in evs if isinstance(e, events.Added)]
 
 
 @requires_root

@@ -5,6 +5,10 @@ by name in the ``corral.plugins`` entry point group (built-ins included,
 see pyproject.toml), or by a ``module = "pkg.mod:attr"`` key in its
 ``[plugins.NAME]`` table. :class:`PluginHandle` implements the narrow
 ``plugins.Handle`` interface structurally.
+
+A plugin's settings are checked before anything runs
+(:func:`settings_problems`) by the check the plugin carries as its
+``validate_settings`` attribute (``plugins.validate_with``), if it has one.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ._plugin_group import ENTRY_POINT_GROUP
 if TYPE_CHECKING:
     from .._runtime._checkpoint import CheckpointInfo
     from .._runtime._sandbox import Runtime, Sandbox
-    from ._fleet import Fleet
+    from ._fleet import Fleet, SandboxConfig
     from ._instance import Instance
 
 __all__ = [
@@ -38,12 +42,18 @@ __all__ = [
     "PluginHost",
     "load_plugin",
     "run_plugin",
+    "settings_problems",
 ]
 
 DEFAULT_PLUGINS = ("restart", "logging")
 """Loaded for every fleet (each does nothing unless configured)."""
 
 PluginFn = Callable[[Any, Mapping[str, Any]], Awaitable[None]]
+SettingsCheck = Callable[[Mapping[str, Any], Mapping[str, Any] | None], None]
+
+SETTINGS_HOOK = "validate_settings"
+"""Where a plugin carries its settings check (``plugins.SETTINGS_HOOK``; the
+supervisor cannot import the plugins package, so the name is repeated)."""
 
 # A plugin that raises is restarted after 1 s, 2 s, ...; after this many
 # failures it is disabled.
@@ -103,6 +113,60 @@ def _load_file(name: str, path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def settings_problems(
+    plugins: Mapping[str, tuple[PluginFn, Mapping[str, Any]]],
+    sandboxes: Iterable[SandboxConfig],
+    *,
+    fleet_wide: bool = True,
+) -> list[str]:
+    """Check plugin settings with each plugin's own check; one line per problem.
+
+    *plugins* maps each loaded plugin's name to it and its fleet-wide
+    settings. With *fleet_wide*, those are checked first; then the table of
+    every sandbox in *sandboxes* for each plugin it names (a sandbox is
+    skipped for a plugin whose fleet-wide table is already wrong, which
+    would otherwise be reported once per sandbox). A plugin without a check
+    is not checked here: it sees its settings when it runs, as before.
+    """
+    problems: list[str] = []
+    checks: dict[str, SettingsCheck] = {}
+    for name, (fn, config) in plugins.items():
+        check = getattr(fn, SETTINGS_HOOK, None)
+        if not callable(check):
+            continue
+        if fleet_wide:
+            problem = _run_check(check, config, None)
+            if problem is not None:
+                problems.append(f"plugin {name!r}: {problem}")
+                continue
+        checks[name] = check
+    for cfg in sandboxes:
+        for name, table in cfg.plugins.items():
+            if name in checks:
+                problem = _run_check(checks[name], plugins[name][1], table)
+                if problem is not None:
+                    problems.append(f"sandbox {cfg.name!r}: plugin {name!r}: {problem}")
+    return problems
+
+
+def _run_check(
+    check: SettingsCheck, config: Mapping[str, Any], sandbox: Mapping[str, Any] | None
+) -> str | None:
+    """What is wrong (``FIELD: what was expected``), or None."""
+    try:
+        # Copies: a check that changes its arguments must not change the fleet.
+        check(dict(config), None if sandbox is None else dict(sandbox))
+    except ValueError as exc:
+        return _one_line(str(exc)) or "invalid settings"
+    except Exception as exc:  # a bug in the check is the plugin's, reported as one line
+        return _one_line(f"cannot check settings: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _one_line(text: str) -> str:
+    return text.splitlines()[0] if text else ""
 
 
 class PluginHost(Protocol):
