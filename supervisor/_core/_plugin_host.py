@@ -211,13 +211,21 @@ async def run_plugin(fn: PluginFn, config: Mapping[str, Any], handle: PluginHand
                 events.PluginFailed(
                     sandbox="",
                     plugin=handle.plugin,
-                    error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                    error=_describe(exc),
                     action=action,
                 )
             )
         if failure < PLUGIN_MAX_FAILURES:
             await trio.sleep(delay)
             delay *= 2
+
+
+def _describe(exc: BaseException) -> str:
+    """One line saying what went wrong: a plugin's error raised in its own
+    nursery arrives wrapped in an exception group of one, which says nothing."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return _one_line(f"{type(exc).__name__}: {exc}")
 
 
 class PluginHandle:
