@@ -1,7 +1,8 @@
 """Plugins: the interface, and the built-in plugins.
 
-- :data:`Plugin`, :class:`Handle`, :class:`InstanceView`: what a plugin is
-  and the narrow handle on the supervisor it acts through (docs/plugins.md).
+- :data:`Plugin`, :class:`Handle`, :class:`InstanceView`,
+  :class:`Subscription`: what a plugin is and the narrow handle on the
+  supervisor it acts through (docs/plugins.md).
 - :class:`SettingsError` and the helpers in ``plugins._settings`` for
   validating a plugin's settings with errors that name the field;
   :func:`validate_with` and :data:`SettingsCheck`: how a plugin has the
@@ -23,6 +24,7 @@ from ._api import Handle as Handle
 from ._api import InstanceView as InstanceView
 from ._api import Plugin as Plugin
 from ._api import SettingsCheck as SettingsCheck
+from ._api import Subscription as Subscription
 from ._api import validate_with as validate_with
 from ._settings import SettingsError as SettingsError
 
@@ -33,5 +35,6 @@ __all__ = [
     "Plugin",
     "SettingsCheck",
     "SettingsError",
+    "Subscription",
     "validate_with",
 ]

@@ -23,7 +23,8 @@ plugin failure at some sandbox's first exit.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar
 
 import events
 
@@ -34,6 +35,7 @@ __all__ = [
     "InstanceView",
     "Plugin",
     "SettingsCheck",
+    "Subscription",
     "validate_with",
 ]
 
@@ -96,6 +98,44 @@ class CheckpointView(Protocol):
         ...
 
 
+class Subscription(Protocol):
+    """What :meth:`Handle.subscribe` returns: the matching events in publish
+    order, with an ``events.Gap`` where some were lost.
+
+    An ``events.Subscription`` is one. The supervisor's also resumes: when
+    a plugin is restarted after an error, the first subscription it opens
+    again with the same filter starts with the events after the last one
+    the previous run was given (from the journal), then goes on live.
+    """
+
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+    def __aiter__(self) -> Self: ...
+    async def __anext__(self) -> events.Event: ...
+
+    async def receive(self) -> events.Event:
+        """The next event, waiting for one (``trio.EndOfChannel`` once the
+        supervisor has stopped and everything was received)."""
+        ...
+
+    def receive_nowait(self) -> events.Event:
+        """The next event if one is at hand, else ``trio.WouldBlock``."""
+        ...
+
+    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
+        """Journaled events with this subscription's filter, e.g. to fill a gap."""
+        ...
+
+    def close(self) -> None:
+        """Unsubscribe (``with`` does it on exit)."""
+        ...
+
+
 class Handle(Protocol):
     """The narrow, documented handle a plugin acts through."""
 
@@ -114,8 +154,9 @@ class Handle(Protocol):
         kinds: Iterable[str] | None = None,
         sandboxes: Iterable[str] | None = None,
         maxsize: int = 1024,
-    ) -> events.Subscription:
-        """Subscribe to the event bus (see :meth:`events.Bus.subscribe`)."""
+    ) -> Subscription:
+        """Subscribe to the event bus (see :meth:`events.Bus.subscribe`); a
+        restarted plugin's subscription resumes (:class:`Subscription`)."""
         ...
 
     def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
