@@ -5,23 +5,32 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 import events
 from plugins import Handle, SettingsError, validate_with
 from supervisor import Supervisor
 from supervisor._control._client import ControlError, result_of
 from supervisor._core._fleet import FleetError, load_fleet, parse_fleet
-from supervisor._core._plugin_host import PluginError, load_plugin
+from supervisor._core._plugin_host import PluginError, PluginHandle, load_plugin
+from supervisor._core._plugin_subscription import REPLAY_CHUNK
 
 from .conftest import Dirs, corral, requires_root
 from .supervising import of, request, run, wait_event
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _conforms(handle: PluginHandle) -> Handle:
+    # Not a test: mypy checks here that the supervisor's handle is a plugins.Handle.
+    return handle
 
 
 def test_builtin_plugins_load_by_entry_point() -> None:
@@ -187,6 +196,97 @@ def test_add_with_a_bad_plugin_table_is_refused_and_adds_nothing(
     evs = run(f, dirs, body)
     assert {e.sandbox for e in evs} == {"", "web-0"}
     assert not [e for e in evs if isinstance(e, events.Added)]
+
+
+@dataclass
+class _Recording:
+    """What the `recorder` plugin was given, run by run."""
+
+    runs: int = 0
+    seqs: list[int] = field(default_factory=list)
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    # Opened by the test to let the restarted plugin subscribe again: until
+    # then it is down, for as long as the test needs.
+    back: trio.Event = field(default_factory=trio.Event)
+
+
+RECORDING = _Recording()
+RECORDED_KINDS = ["plugin", "exited", "supervisor_stopped"]
+
+
+async def recorder(handle: Handle, config: Mapping[str, Any]) -> None:
+    """Records the seq of every event it is given; raises on a `test.poison` plugin event."""
+    RECORDING.runs += 1
+    if RECORDING.runs > 1:
+        await RECORDING.back.wait()
+    with handle.subscribe(kinds=RECORDED_KINDS) as sub:
+        async for ev in sub:
+            if isinstance(ev, events.Gap):
+                RECORDING.gaps.append((ev.first, ev.last))
+                continue
+            RECORDING.seqs.append(ev.seq)
+            if isinstance(ev, events.PluginEvent) and ev.name == "test.poison":
+                raise RuntimeError("poisoned")
+
+
+def _tick(n: int) -> events.PluginEvent:
+    return events.PluginEvent(sandbox="", name="test.tick", payload={"n": n})
+
+
+@requires_root
+@pytest.mark.layout
+def test_a_restarted_plugin_gets_every_event_it_missed_once(dirs: Dirs) -> None:
+    """A plugin that raised on one event is restarted and is given, first, every matching event
+    published since the last one it was given (more than a journal read's chunk, an exit among
+    them), then the live ones: no gap, none twice, none of the kinds it did not ask for."""
+    global RECORDING
+    RECORDING = _Recording()
+    f = parse_fleet(
+        {
+            "plugins": {"recorder": {"module": "tests.test_plugins:recorder"}},
+            "sandbox": [{"name": "job", "command": "exec sleep 1000"}],
+        }
+    )
+    down = 2 * REPLAY_CHUNK + 10
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        with trio.fail_after(60):
+            while not RECORDING.seqs:  # wait until it listens
+                sup.publish(_tick(-1))
+                await trio.sleep(0.01)
+        sup.publish(events.PluginEvent(sandbox="", name="test.poison", payload={}))
+        await wait_event(sup, lambda e: isinstance(e, events.PluginFailed))
+        # While it is down: ticks, and an exit (with a `signaled` it did not ask for).
+        for n in range(down):
+            sup.publish(_tick(n))
+        await sup.kill_sandbox("job-0", int(signal.SIGTERM))
+        await wait_event(sup, lambda e: isinstance(e, events.Exited))
+        assert sup.bus is not None
+        missed = sup.bus.last_seq
+        RECORDING.back.set()
+        with trio.fail_after(60):
+            n = down
+            while RECORDING.seqs[-1] <= missed:  # until it is given live ones again
+                sup.publish(_tick(n))
+                n += 1
+                await trio.sleep(0.01)
+
+    evs = run(f, dirs, body)
+    assert RECORDING.runs == 2 and RECORDING.gaps == []
+    first = RECORDING.seqs[0]
+    assert RECORDING.seqs == [e.seq for e in evs if e.kind in RECORDED_KINDS and e.seq >= first]
+    given = {e.seq: e for e in evs if e.seq in set(RECORDING.seqs)}
+    ticks = [
+        e.payload["n"]
+        for e in given.values()
+        if isinstance(e, events.PluginEvent) and e.name == "test.tick"
+    ]
+    assert ticks == sorted(ticks) and set(range(down + 1)) <= set(ticks)
+    assert [e.sandbox for e in given.values() if isinstance(e, events.Exited)] == ["job-0"]
+    assert [(e.plugin, e.action) for e in evs if isinstance(e, events.PluginFailed)] == [
+        ("recorder", "restart")
+    ]
 
 
 @requires_root

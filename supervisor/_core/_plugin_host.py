@@ -9,6 +9,9 @@ see pyproject.toml), or by a ``module = "pkg.mod:attr"`` key in its
 A plugin's settings are checked before anything runs
 (:func:`settings_problems`) by the check the plugin carries as its
 ``validate_settings`` attribute (``plugins.validate_with``), if it has one.
+A plugin that raises is restarted (:func:`run_plugin`), and its
+subscriptions resume where they stopped
+(:mod:`._plugin_subscription`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import events
 
 from .._errors import CorralError
 from ._plugin_group import ENTRY_POINT_GROUP
+from ._plugin_subscription import PluginSubscription, PluginSubscriptions
 
 if TYPE_CHECKING:
     from .._runtime._checkpoint import CheckpointInfo
@@ -199,13 +203,21 @@ class PluginHost(Protocol):
 
 async def run_plugin(fn: PluginFn, config: Mapping[str, Any], handle: PluginHandle) -> None:
     """Run a plugin; if it raises, report it (``plugin_failed``) and restart
-    it after a growing delay, or give up after :data:`PLUGIN_MAX_FAILURES`."""
+    it after a growing delay, or give up after :data:`PLUGIN_MAX_FAILURES`.
+
+    A restarted plugin misses nothing: the first subscription it opens again
+    with a filter it had starts with the events after the last one that
+    subscription gave it (see :mod:`._plugin_subscription`).
+    """
     delay = PLUGIN_RESTART_DELAY
     for failure in range(1, PLUGIN_MAX_FAILURES + 1):
+        handle._subscriptions.begin_run()
         try:
             await fn(handle, config)
             return
         except Exception as exc:  # a plugin's bug must not stop the fleet
+            # Ended before plugin_failed: the next run is given that event too.
+            handle._subscriptions.end_run(handle._sup.bus)
             action = "disable" if failure == PLUGIN_MAX_FAILURES else "restart"
             handle.publish(
                 events.PluginFailed(
@@ -215,6 +227,10 @@ async def run_plugin(fn: PluginFn, config: Mapping[str, Any], handle: PluginHand
                     action=action,
                 )
             )
+        finally:
+            # Returned or cancelled (or raised, above): what it left open is
+            # closed, its cursors kept for a next run.
+            handle._subscriptions.end_run(handle._sup.bus)
         if failure < PLUGIN_MAX_FAILURES:
             await trio.sleep(delay)
             delay *= 2
@@ -234,6 +250,7 @@ class PluginHandle:
     def __init__(self, supervisor: PluginHost, plugin: str) -> None:
         self._sup = supervisor
         self._plugin = plugin
+        self._subscriptions = PluginSubscriptions()
 
     @property
     def plugin(self) -> str:
@@ -253,10 +270,11 @@ class PluginHandle:
         kinds: Iterable[str] | None = None,
         sandboxes: Iterable[str] | None = None,
         maxsize: int = 1024,
-    ) -> events.Subscription:
-        """Subscribe to the event bus."""
+    ) -> PluginSubscription:
+        """Subscribe to the event bus; after a restart of the plugin, from
+        where its previous run's subscription of the same filter stopped."""
         assert self._sup.bus is not None
-        return self._sup.bus.subscribe(kinds, sandboxes, maxsize)
+        return self._subscriptions.open(self._sup.bus, kinds, sandboxes, maxsize)
 
     def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
         """Events from the journal."""
