@@ -147,6 +147,33 @@ def test_only_what_the_error_closed_resumes_from_its_place(journal: events.Journ
     trio.run(fail_after(main))
 
 
+def test_a_subscription_opened_again_in_the_same_run_takes_the_old_ones_place(
+    journal: events.Journal,
+) -> None:
+    """A plugin that catches its own error and subscribes anew resumes, after a later
+    failure, from the new subscription's place, not the old one's: nothing twice."""
+
+    async def main() -> None:
+        bus = events.Bus(journal)
+        subs = PluginSubscriptions()
+        subs.begin_run()
+        for n in range(3):
+            with pytest.raises(RuntimeError), subs.open(bus, ["plugin"], None, 10) as sub:
+                bus.publish(tick(n))
+                assert ticks([await sub.receive()]) == [n]
+                raise RuntimeError("caught by the plugin, which subscribes again")
+        subs.end_run(bus)
+        bus.publish(tick(3))
+        subs.begin_run()
+        sub = subs.open(bus, ["plugin"], None, 10)
+        assert ticks(await take(sub, 1)) == [3]
+        assert drain(sub) == []
+        subs.end_run(bus)
+        bus.close()
+
+    trio.run(fail_after(main))
+
+
 def test_a_long_backlog_is_read_in_chunks_without_loss(journal: events.Journal) -> None:
     """Several chunks' worth of missed events come in order, then the live ones; what is
     read so far is at hand without waiting, the rest only by awaiting."""

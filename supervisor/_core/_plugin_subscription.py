@@ -125,6 +125,11 @@ class PluginSubscriptions:
             elif key not in self._opened:
                 since = self._ended_at
         self._opened.add(key)
+        left = self._left.get(key)
+        if left:
+            # Opened again in the same run (the plugin caught its own error
+            # and subscribed anew): this one takes that one's place.
+            left.pop(0)
         backlog = _Backlog(bus, live, since + 1, upto) if since < upto else None
         sub = PluginSubscription(self, key, bus, live, _Cursor(since), backlog)
         self._open.add(sub)
