@@ -256,7 +256,9 @@ def test_a_restarted_plugin_gets_every_event_it_missed_once(dirs: Dirs) -> None:
                 sup.publish(_tick(-1))
                 await trio.sleep(0.01)
         sup.publish(events.PluginEvent(sandbox="", name="test.poison", payload={}))
-        await wait_event(sup, lambda e: isinstance(e, events.PluginFailed))
+        await wait_event(
+            sup, lambda e: isinstance(e, events.PluginFailed) and e.plugin == "recorder"
+        )
         # While it is down: ticks, and an exit (with a `signaled` it did not ask for).
         for n in range(down):
             sup.publish(_tick(n))

@@ -195,7 +195,9 @@ def test_the_restart_plugin_restarts_what_exited_while_it_was_down(dirs: Dirs) -
     )  # fmt: skip
 
     async def body(sup: Supervisor) -> None:
-        await wait_event(sup, lambda e: isinstance(e, events.PluginFailed))
+        await wait_event(
+            sup, lambda e: isinstance(e, events.PluginFailed) and e.plugin == "unchecked_restart"
+        )
         await wait_event(sup, lambda e: isinstance(e, events.Started) and e.sandbox == "svc-0")
         await sup.kill_sandbox("svc-0", int(signal.SIGTERM))
         await wait_event(sup, lambda e: isinstance(e, events.Exited) and e.sandbox == "svc-0")
