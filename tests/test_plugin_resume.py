@@ -147,6 +147,38 @@ def test_only_what_the_error_closed_resumes_from_its_place(journal: events.Journ
     trio.run(fail_after(main))
 
 
+def test_subscriptions_with_one_filter_resume_in_the_order_they_were_opened(
+    journal: events.Journal,
+) -> None:
+    """Nested subscriptions with the same filter are closed by the error inner first; in the
+    next run the first one opened continues the first one opened before."""
+
+    async def main() -> None:
+        bus = events.Bus(journal)
+        subs = PluginSubscriptions()
+        subs.begin_run()
+        with (
+            pytest.raises(RuntimeError),
+            subs.open(bus, ["plugin"], None, 10) as outer,
+            subs.open(bus, ["plugin"], None, 10) as inner,  # left first
+        ):
+            for n in range(3):
+                bus.publish(tick(n))
+            assert ticks(await take(outer, 1)) == [0]
+            assert ticks(await take(inner, 2)) == [0, 1]
+            raise RuntimeError("the plugin's bug")
+        subs.end_run(bus)
+        subs.begin_run()
+        outer = subs.open(bus, ["plugin"], None, 10)
+        inner = subs.open(bus, ["plugin"], None, 10)
+        assert ticks(await take(outer, 2)) == [1, 2]
+        assert ticks(await take(inner, 1)) == [2]
+        subs.end_run(bus)
+        bus.close()
+
+    trio.run(fail_after(main))
+
+
 def test_a_subscription_opened_again_in_the_same_run_takes_the_old_ones_place(
     journal: events.Journal,
 ) -> None:

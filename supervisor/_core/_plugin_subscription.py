@@ -22,6 +22,7 @@ own replay does (the journal's writes all stay on the trio thread).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -65,11 +66,15 @@ class PluginSubscriptions:
     def __init__(self) -> None:
         self._runs = 0
         self._ended = False
+        self._opens = 0  # subscriptions opened so far: their order
         self._open: set[PluginSubscription] = set()
-        # Cursors left by subscriptions of ended runs, oldest first per
-        # filter, for the next run to take; and those this run leaves.
+        # Cursors left by subscriptions of ended runs, for the next run to
+        # take: per filter, in the order the subscriptions were opened, so
+        # that the first one opened again continues the first one opened
+        # before (whatever order the error closed them in). And those this
+        # run leaves, with that order.
         self._resumable: dict[_Key, list[_Cursor]] = {}
-        self._left: dict[_Key, list[_Cursor]] = {}
+        self._left: dict[_Key, list[tuple[int, _Cursor]]] = {}
         # Filters opened in this run: a filter without a cursor resumes only
         # the first time (a plugin that closes and reopens a subscription in
         # one run expects it live).
@@ -93,8 +98,8 @@ class PluginSubscriptions:
             sub._close(resume=True)
         # Cursors no run has taken yet stay: a run that fails before it
         # subscribes again must not lose its predecessor's place.
-        for key, cursors in self._left.items():
-            self._resumable.setdefault(key, []).extend(cursors)
+        for key, left in self._left.items():
+            self._resumable.setdefault(key, []).extend(cursor for _, cursor in left)
         self._left = {}
         if bus is not None:
             self._ended_at = bus.last_seq
@@ -131,14 +136,15 @@ class PluginSubscriptions:
             # and subscribed anew): this one takes that one's place.
             left.pop(0)
         backlog = _Backlog(bus, live, since + 1, upto) if since < upto else None
-        sub = PluginSubscription(self, key, bus, live, _Cursor(since), backlog)
+        self._opens += 1
+        sub = PluginSubscription(self, key, self._opens, bus, live, _Cursor(since), backlog)
         self._open.add(sub)
         return sub
 
     def _closed(self, sub: PluginSubscription, cursor: _Cursor, resume: bool) -> None:
         self._open.discard(sub)
         if resume:
-            self._left.setdefault(sub._key, []).append(cursor)
+            bisect.insort(self._left.setdefault(sub._key, []), (sub._order, cursor))
 
 
 class _Backlog:
@@ -235,6 +241,7 @@ class PluginSubscription:
         self,
         owner: PluginSubscriptions,
         key: _Key,
+        order: int,
         bus: events.Bus,
         live: events.Subscription,
         cursor: _Cursor,
@@ -242,6 +249,7 @@ class PluginSubscription:
     ) -> None:
         self._owner = owner
         self._key = key
+        self._order = order
         self._bus = bus
         self._live = live
         self._cursor = cursor
