@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import events
 from supervisor._core._plugin_subscription import (
@@ -233,6 +234,38 @@ def test_a_long_backlog_is_read_in_chunks_without_loss(journal: events.Journal) 
         with pytest.raises(trio.EndOfChannel):
             await sub.receive()
         subs.end_run(bus)
+
+    trio.run(fail_after(main))
+
+
+def test_the_journal_is_read_in_threads_of_the_limiter_given(journal: events.Journal) -> None:
+    """The backlog's reads take the limiter they are given (the supervisor's disk work):
+    while it has no thread to spare, the restarted plugin waits, and the trio thread does not."""
+
+    async def main() -> None:
+        bus = events.Bus(journal)
+        subs = PluginSubscriptions()
+        subs.begin_run()
+        subs.open(bus, None, None, 10)
+        subs.end_run(bus)
+        bus.publish(tick(0))
+        disk = trio.CapacityLimiter(1)
+        got: list[events.Event] = []
+        async with trio.open_nursery() as nursery:
+            await disk.acquire()  # every thread of the kind busy elsewhere
+            subs.begin_run()
+            sub = subs.open(bus, None, None, 10, limiter=disk)
+
+            async def plugin() -> None:
+                got.append(await sub.receive())
+
+            nursery.start_soon(plugin)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [] and disk.statistics().tasks_waiting == 1
+            disk.release()
+        assert ticks(got) == [0]
+        subs.end_run(bus)
+        bus.close()
 
     trio.run(fail_after(main))
 

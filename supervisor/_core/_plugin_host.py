@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .._runtime._sandbox import Runtime, Sandbox
     from ._fleet import Fleet, SandboxConfig
     from ._instance import Instance
+    from ._limiters import Limiters
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -184,6 +185,7 @@ class PluginHost(Protocol):
     instances: list[Instance]
     bus: events.Bus | None
     runtime: Runtime | None
+    limiters: Limiters
 
     def publish(self, event: events.Event) -> events.Event: ...
     def instance(self, name: str) -> Instance | None: ...
@@ -274,7 +276,9 @@ class PluginHandle:
         """Subscribe to the event bus; after a restart of the plugin, from
         where its previous run's subscription of the same filter stopped."""
         assert self._sup.bus is not None
-        return self._subscriptions.open(self._sup.bus, kinds, sandboxes, maxsize)
+        return self._subscriptions.open(
+            self._sup.bus, kinds, sandboxes, maxsize, limiter=self._sup.limiters.disk
+        )
 
     def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
         """Events from the journal."""

@@ -15,9 +15,10 @@ cursor left starts where the failed run ended (what was published while
 the plugin was down); a subscription closed on purpose leaves none, as the
 plugin had stopped listening.
 
-Reading the journal is disk I/O, so it runs in a worker thread, a chunk at a
-time; the trio thread only flushes the journal's buffer first, as the bus's
-own replay does (the journal's writes all stay on the trio thread).
+Reading the journal is disk I/O, so it runs in a worker thread (under the
+limiter of disk work, as the event socket's replays), a chunk at a time;
+the trio thread only makes the reader, which flushes the journal's buffer
+(the journal's writes all stay on the trio thread).
 """
 
 from __future__ import annotations
@@ -110,9 +111,12 @@ class PluginSubscriptions:
         kinds: Iterable[str] | None,
         sandboxes: Iterable[str] | None,
         maxsize: int,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
     ) -> PluginSubscription:
         """A subscription for the plugin: live, or in a restarted run, the
-        missed events from the journal first."""
+        missed events from the journal first, read in threads of *limiter*
+        (default: trio's)."""
         live = bus.subscribe(kinds, sandboxes, maxsize)
         # Nothing can be published between subscribing and reading this (no
         # await): every event after it arrives live, every one up to it is
@@ -135,7 +139,7 @@ class PluginSubscriptions:
             # Opened again in the same run (the plugin caught its own error
             # and subscribed anew): this one takes that one's place.
             left.pop(0)
-        backlog = _Backlog(bus, live, since + 1, upto) if since < upto else None
+        backlog = _Backlog(bus, live, since + 1, upto, limiter) if since < upto else None
         self._opens += 1
         sub = PluginSubscription(self, key, self._opens, bus, live, _Cursor(since), backlog)
         self._open.add(sub)
@@ -151,14 +155,21 @@ class _Backlog:
     """The journaled events ``first..upto`` that pass *live*'s filter, read
     in a worker thread a chunk at a time; a Gap for what the journal lacks."""
 
-    def __init__(self, bus: events.Bus, live: events.Subscription, first: int, upto: int) -> None:
+    def __init__(
+        self,
+        bus: events.Bus,
+        live: events.Subscription,
+        first: int,
+        upto: int,
+        limiter: trio.CapacityLimiter | None,
+    ) -> None:
         self._bus = bus
         self._filter = live.filter
+        self._limiter = limiter
         self._next = first  # the first seq not yet read
         self.upto = upto
         self._items: deque[events.Event] = deque()
         self._reader: Iterator[events.Event] | None = None
-        self._reopened = False
         self._start()
 
     def _start(self) -> None:
@@ -194,17 +205,7 @@ class _Backlog:
         while not self._items and self._reader is not None:
             reader = self._reader
             try:
-                chunk = await trio.to_thread.run_sync(_read_chunk, reader)
-            except LookupError:
-                # The segment list changed under the reader (old segments
-                # rotated away as it looked them up): look again, once.
-                self._reader = None
-                if not self._reopened:
-                    self._reopened = True
-                    self._start()
-                else:
-                    self._give_up()
-                continue
+                chunk = await trio.to_thread.run_sync(_read_chunk, reader, limiter=self._limiter)
             except (events.JournalError, OSError):
                 self._give_up()
                 continue
