@@ -21,17 +21,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import events
-from plugins import Handle, SettingsError
+from plugins import Handle, SettingsError, validate_with
 
 
-async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
-    """Append a line per OOM kill to the report file."""
+def check(config: Mapping[str, Any], sandbox: Mapping[str, Any] | None) -> None:
+    """Checked by the supervisor before anything starts: a typo is a one-line
+    fleet file error, not a failure of the plugin at the first OOM kill."""
+    if sandbox:
+        raise SettingsError(sorted(sandbox)[0], "no per-sandbox settings: one report file")
     unknown = set(config) - {"path"}
     if unknown:
         raise SettingsError(sorted(unknown)[0], "unknown key (expected: path)")
+    if not isinstance(config.get("path", ""), str):
+        raise SettingsError("path", f"expected a file path, got {config['path']!r}")
+
+
+@validate_with(check)
+async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
+    """Append a line per OOM kill to the report file."""
     path = config.get("path", os.path.join(handle.state_dir, "oom-report.txt"))
-    if not isinstance(path, str):
-        raise SettingsError("path", f"expected a file path, got {path!r}")
     kills: dict[str, int] = {}
     # The memory limit each generation ran under: what limit_changed events
     # say, never the instance's current state (another plugin may already

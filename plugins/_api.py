@@ -12,16 +12,32 @@ The handle is the only way in: a plugin never touches supervisor
 internals, and the supervisor never imports a plugin (it loads them by
 name: the entry point group ``corral.plugins``, or a ``module = "pkg.mod:attr"``
 key in the plugin's table). Both sides meet in these structural types.
+
+A plugin may also say how its settings are checked, with
+:func:`validate_with`: the supervisor then checks the fleet-wide table and
+every sandbox's table when it starts and when a sandbox is added, so that
+a bad setting is a one-line fleet file error before anything runs, not a
+plugin failure at some sandbox's first exit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar
 
 import events
 
-__all__ = ["CheckpointView", "Handle", "InstanceView", "Plugin"]
+__all__ = [
+    "SETTINGS_HOOK",
+    "CheckpointView",
+    "Handle",
+    "InstanceView",
+    "Plugin",
+    "SettingsCheck",
+    "Subscription",
+    "validate_with",
+]
 
 
 class InstanceView(Protocol):
@@ -82,6 +98,44 @@ class CheckpointView(Protocol):
         ...
 
 
+class Subscription(Protocol):
+    """What :meth:`Handle.subscribe` returns: the matching events in publish
+    order, with an ``events.Gap`` where some were lost.
+
+    An ``events.Subscription`` is one. The supervisor's also resumes: when
+    a plugin is restarted after an error, the first subscription it opens
+    again with the same filter starts with the events after the last one
+    the previous run was given (from the journal), then goes on live.
+    """
+
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+    def __aiter__(self) -> Self: ...
+    async def __anext__(self) -> events.Event: ...
+
+    async def receive(self) -> events.Event:
+        """The next event, waiting for one (``trio.EndOfChannel`` once the
+        supervisor has stopped and everything was received)."""
+        ...
+
+    def receive_nowait(self) -> events.Event:
+        """The next event if one is at hand, else ``trio.WouldBlock``."""
+        ...
+
+    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
+        """Journaled events with this subscription's filter, e.g. to fill a gap."""
+        ...
+
+    def close(self) -> None:
+        """Unsubscribe (``with`` does it on exit)."""
+        ...
+
+
 class Handle(Protocol):
     """The narrow, documented handle a plugin acts through."""
 
@@ -100,8 +154,9 @@ class Handle(Protocol):
         kinds: Iterable[str] | None = None,
         sandboxes: Iterable[str] | None = None,
         maxsize: int = 1024,
-    ) -> events.Subscription:
-        """Subscribe to the event bus (see :meth:`events.Bus.subscribe`)."""
+    ) -> Subscription:
+        """Subscribe to the event bus (see :meth:`events.Bus.subscribe`); a
+        restarted plugin's subscription resumes (:class:`Subscription`)."""
         ...
 
     def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
@@ -177,3 +232,44 @@ class Handle(Protocol):
 
 Plugin = Callable[[Handle, Mapping[str, Any]], Awaitable[None]]
 """A plugin: an async callable taking the handle and its fleet-wide settings."""
+
+
+SettingsCheck = Callable[[Mapping[str, Any], Mapping[str, Any] | None], None]
+"""How a plugin's settings are checked: ``check(config, sandbox)``.
+
+*config* is the fleet-wide ``[plugins.NAME]`` table (without ``module``);
+*sandbox* is one sandbox's ``[sandbox.plugins.NAME]`` table, or None when
+the fleet-wide table is checked on its own. The supervisor calls it once
+with None, then once for every sandbox that has a table for the plugin
+(at start-up, and at ``corral add``). It returns nothing and raises
+:class:`~plugins.SettingsError` (any ``ValueError`` will do) whose message
+is ``FIELD: what was expected``; the supervisor adds the sandbox and the
+plugin's name.
+"""
+
+SETTINGS_HOOK = "validate_settings"
+"""The attribute of a plugin the supervisor looks for its
+:data:`SettingsCheck` under (set by :func:`validate_with`, or a method of
+that name on a plugin object). A plugin without it is not checked up front."""
+
+P = TypeVar("P", bound=Callable[..., Awaitable[None]])
+
+
+def validate_with(check: SettingsCheck) -> Callable[[P], P]:
+    """Decorate a plugin with the :data:`SettingsCheck` the supervisor runs
+    on its settings before anything starts::
+
+        def check(config, sandbox):
+            parse_settings({**config, **(sandbox or {})})  # raises SettingsError
+
+        @validate_with(check)
+        async def plugin(handle, config): ...
+    """
+
+    def attach(plugin: P) -> P:
+        # An attribute, not a registry: the supervisor finds the check on the
+        # object it loaded by name, without importing this package.
+        setattr(plugin, SETTINGS_HOOK, check)
+        return plugin
+
+    return attach

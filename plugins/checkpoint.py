@@ -46,10 +46,17 @@ import trio
 
 import events
 
-from ._api import CheckpointView, Handle
+from ._api import CheckpointView, Handle, validate_with
 from ._settings import SettingsError, duration, number, per_instance, size
 
-__all__ = ["AUTO_PREFIX", "CheckpointPolicy", "parse_policy", "plugin", "to_prune"]
+__all__ = [
+    "AUTO_PREFIX",
+    "CheckpointPolicy",
+    "check_settings",
+    "parse_policy",
+    "plugin",
+    "to_prune",
+]
 
 AUTO_PREFIX = "auto-"
 _KEYS = {"interval", "keep", "max_disk", "module"}
@@ -119,6 +126,19 @@ def to_prune(
     return doomed
 
 
+def check_settings(config: Mapping[str, Any], sandbox: Mapping[str, Any] | None) -> None:
+    """The supervisor's up-front check (``plugins.SettingsCheck``): the
+    fleet-wide settings, or one sandbox's as the plugin will read them.
+    ``max_disk`` bounds all instances together, so a sandbox's own is refused
+    rather than silently ignored."""
+    if sandbox is not None and "max_disk" in sandbox:
+        raise SettingsError(
+            "max_disk", "fleet-wide only: set it in [plugins.checkpoint], not per sandbox"
+        )
+    parse_policy(config if sandbox is None else {**config, **sandbox})
+
+
+@validate_with(check_settings)
 async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
     """The checkpoint plugin's task: one periodic loop per configured instance."""
     fleet_policy = parse_policy(config)

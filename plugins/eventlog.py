@@ -30,10 +30,10 @@ from typing import Any
 import events
 from events.segments import NumberedSegments
 
-from ._api import Handle
+from ._api import Handle, validate_with
 from ._settings import SettingsError, number, size
 
-__all__ = ["EventLog", "plugin"]
+__all__ = ["EventLog", "check_settings", "plugin"]
 
 _KEYS = {"events_file", "max_bytes", "max_files"}
 
@@ -94,18 +94,40 @@ class EventLog:
         self._files.close()
 
 
-def _settings(handle: Handle, config: Mapping[str, Any]) -> EventLog:
+def _parse(config: Mapping[str, Any]) -> tuple[str | None, int, int]:
+    """``events_file`` (None: the default in the state directory),
+    ``max_bytes`` and ``max_files``, checked."""
     for key in config:
         if key not in _KEYS:
             raise SettingsError(key, f"unknown key (expected one of: {', '.join(sorted(_KEYS))})")
-    path = config.get("events_file", os.path.join(handle.state_dir, "events.jsonl"))
-    if not isinstance(path, str) or not path:
+    path = config.get("events_file")
+    if path is not None and (not isinstance(path, str) or not path):
         raise SettingsError("events_file", f"expected a file path, got {path!r}")
     max_bytes = size(config.get("max_bytes", 64 << 20), "max_bytes")
     max_files = int(number(config.get("max_files", 5), "max_files", low=1, high=1000, whole=True))
+    return path, max_bytes, max_files
+
+
+def check_settings(config: Mapping[str, Any], sandbox: Mapping[str, Any] | None) -> None:
+    """The supervisor's up-front check (``plugins.SettingsCheck``). The event
+    log is one file for the fleet: a sandbox's own table would do nothing,
+    so one with settings is refused."""
+    if sandbox:
+        raise SettingsError(
+            sorted(sandbox)[0],
+            "the event log has no per-sandbox settings: set it in [plugins.logging]",
+        )
+    _parse(config)
+
+
+def _settings(handle: Handle, config: Mapping[str, Any]) -> EventLog:
+    path, max_bytes, max_files = _parse(config)
+    if path is None:
+        path = os.path.join(handle.state_dir, "events.jsonl")
     return EventLog(path, max_bytes, max_files)
 
 
+@validate_with(check_settings)
 async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
     """Write every event to the event log file, in order, gaps filled.
 

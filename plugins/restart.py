@@ -45,10 +45,18 @@ import trio
 
 import events
 
-from ._api import Handle
+from ._api import Handle, validate_with
 from ._settings import SettingsError, duration, number, per_instance, size
 
-__all__ = ["Decision", "InstanceHistory", "RestartPolicy", "decide", "parse_policy", "plugin"]
+__all__ = [
+    "Decision",
+    "InstanceHistory",
+    "RestartPolicy",
+    "check_settings",
+    "decide",
+    "parse_policy",
+    "plugin",
+]
 
 Mode = Literal["no", "on-failure", "always", "unless-stopped"]
 _POLICY_RE = re.compile(r"^(no|always|unless-stopped|on-failure)(?::(\d+))?$")
@@ -213,9 +221,19 @@ def decide(
     return Decision("restart", why, delay=max(0.0, delay), attempt=history.attempt, memory=memory)
 
 
+def check_settings(config: Mapping[str, Any], sandbox: Mapping[str, Any] | None) -> None:
+    """The supervisor's up-front check (``plugins.SettingsCheck``): the
+    fleet-wide policy, or one sandbox's policy as the plugin will read it
+    (its table over the fleet-wide one)."""
+    parse_policy(config if sandbox is None else {**config, **sandbox})
+
+
+@validate_with(check_settings)
 async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
     """The restart plugin's task: watch exits, apply each sandbox's policy."""
-    parse_policy(config)  # a bad fleet-wide table fails the plugin at once
+    # Checked up front by the supervisor (check_settings); parsed again here
+    # for a host that does not check, where a bad table fails the plugin.
+    parse_policy(config)
     policy_for = per_instance(handle.settings, parse_policy)
     histories: dict[str, InstanceHistory] = {}
     rng = random.Random()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 import trio
 
 import events
+from plugins import Handle
+from plugins import restart as restart_plugin
 from supervisor import Supervisor
+from supervisor._core._fleet import parse_fleet
 
 from .conftest import Dirs, requires_root
 from .supervising import fleet, of, run, wait_event
@@ -150,3 +157,62 @@ def test_a_raising_plugin_is_reported_and_the_rest_goes_on(dirs: Dirs) -> None:
     assert failures[0].error == "RuntimeError: boom"
     # The restart plugin kept working throughout.
     assert [e.generation for e in of(evs, events.Exited, "flaky-0")] == [0, 1, 2]
+
+
+class _Gate:
+    """Holds the `unchecked_restart` plugin down after its first failure."""
+
+    runs = 0
+    back = trio.Event()
+
+
+async def unchecked_restart(handle: Handle, config: Mapping[str, Any]) -> None:
+    """The restart plugin as a third-party copy without its settings check, so a bad
+    per-sandbox table fails it at that sandbox's first exit; once restarted, it stays
+    down until the test opens the gate."""
+    _Gate.runs += 1
+    if _Gate.runs > 1:
+        await _Gate.back.wait()
+    await restart_plugin.plugin(handle, config)
+
+
+def test_the_restart_plugin_restarts_what_exited_while_it_was_down(dirs: Dirs) -> None:
+    """The restart plugin fails on one sandbox's bad table; a sandbox that exits while it is
+    down is restarted once it is back: it resumes from the last event it was given."""
+    _Gate.runs, _Gate.back = 0, trio.Event()
+    plugin = {"module": "tests.test_restart:unchecked_restart"}
+    f = parse_fleet(
+        {
+            "plugins": {"unchecked_restart": plugin},
+            "supervisor": {"grace_period": "1s"},
+            "sandbox": [
+                {"name": "svc", "command": "exec sleep 1000",
+                 "plugins": {"unchecked_restart": {"policy": "on-failure", "delay": 0}}},
+                {"name": "bad", "command": "exit 1",
+                 "plugins": {"unchecked_restart": {"policy": "sometimes"}}},
+            ],
+        }
+    )  # fmt: skip
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(
+            sup, lambda e: isinstance(e, events.PluginFailed) and e.plugin == "unchecked_restart"
+        )
+        await wait_event(sup, lambda e: isinstance(e, events.Started) and e.sandbox == "svc-0")
+        await sup.kill_sandbox("svc-0", int(signal.SIGTERM))
+        await wait_event(sup, lambda e: isinstance(e, events.Exited) and e.sandbox == "svc-0")
+        _Gate.back.set()
+        await wait_event(
+            sup,
+            lambda e: isinstance(e, events.Started) and e.sandbox == "svc-0" and e.generation == 1,
+        )
+
+    evs = run(f, dirs, body)
+    (failure,) = [e for e in evs if isinstance(e, events.PluginFailed)]
+    assert (failure.plugin, failure.action) == ("unchecked_restart", "restart")
+    assert "policy: sandbox 'bad-0': expected no, on-failure" in failure.error
+    (exit0,) = [e for e in of(evs, events.Exited, "svc-0") if e.generation == 0]
+    assert exit0.seq > failure.seq  # it exited while the plugin was down
+    (restarting,) = of(evs, events.Restarting, "svc-0")
+    assert (restarting.generation, restarting.reason) == (0, "exited with status 143")
+    assert _Gate.runs == 2

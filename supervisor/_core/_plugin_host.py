@@ -5,6 +5,13 @@ by name in the ``corral.plugins`` entry point group (built-ins included,
 see pyproject.toml), or by a ``module = "pkg.mod:attr"`` key in its
 ``[plugins.NAME]`` table. :class:`PluginHandle` implements the narrow
 ``plugins.Handle`` interface structurally.
+
+A plugin's settings are checked before anything runs
+(:func:`settings_problems`) by the check the plugin carries as its
+``validate_settings`` attribute (``plugins.validate_with``), if it has one.
+A plugin that raises is restarted (:func:`run_plugin`), and its
+subscriptions resume where they stopped
+(:mod:`._plugin_subscription`).
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import events
 
 from .._errors import CorralError
 from ._plugin_group import ENTRY_POINT_GROUP
+from ._plugin_subscription import PluginSubscription, PluginSubscriptions
 
 if TYPE_CHECKING:
     from .._runtime._checkpoint import CheckpointInfo
     from .._runtime._sandbox import Runtime, Sandbox
-    from ._fleet import Fleet
+    from ._fleet import Fleet, SandboxConfig
     from ._instance import Instance
+    from ._limiters import Limiters
 
 __all__ = [
     "DEFAULT_PLUGINS",
@@ -38,12 +47,18 @@ __all__ = [
     "PluginHost",
     "load_plugin",
     "run_plugin",
+    "settings_problems",
 ]
 
 DEFAULT_PLUGINS = ("restart", "logging")
 """Loaded for every fleet (each does nothing unless configured)."""
 
 PluginFn = Callable[[Any, Mapping[str, Any]], Awaitable[None]]
+SettingsCheck = Callable[[Mapping[str, Any], Mapping[str, Any] | None], None]
+
+SETTINGS_HOOK = "validate_settings"
+"""Where a plugin carries its settings check (``plugins.SETTINGS_HOOK``; the
+supervisor cannot import the plugins package, so the name is repeated)."""
 
 # A plugin that raises is restarted after 1 s, 2 s, ...; after this many
 # failures it is disabled.
@@ -105,6 +120,60 @@ def _load_file(name: str, path: str) -> ModuleType:
     return module
 
 
+def settings_problems(
+    plugins: Mapping[str, tuple[PluginFn, Mapping[str, Any]]],
+    sandboxes: Iterable[SandboxConfig],
+    *,
+    fleet_wide: bool = True,
+) -> list[str]:
+    """Check plugin settings with each plugin's own check; one line per problem.
+
+    *plugins* maps each loaded plugin's name to it and its fleet-wide
+    settings. With *fleet_wide*, those are checked first; then the table of
+    every sandbox in *sandboxes* for each plugin it names (a sandbox is
+    skipped for a plugin whose fleet-wide table is already wrong, which
+    would otherwise be reported once per sandbox). A plugin without a check
+    is not checked here: it sees its settings when it runs, as before.
+    """
+    problems: list[str] = []
+    checks: dict[str, SettingsCheck] = {}
+    for name, (fn, config) in plugins.items():
+        check = getattr(fn, SETTINGS_HOOK, None)
+        if not callable(check):
+            continue
+        if fleet_wide:
+            problem = _run_check(check, config, None)
+            if problem is not None:
+                problems.append(f"plugin {name!r}: {problem}")
+                continue
+        checks[name] = check
+    for cfg in sandboxes:
+        for name, table in cfg.plugins.items():
+            if name in checks:
+                problem = _run_check(checks[name], plugins[name][1], table)
+                if problem is not None:
+                    problems.append(f"sandbox {cfg.name!r}: plugin {name!r}: {problem}")
+    return problems
+
+
+def _run_check(
+    check: SettingsCheck, config: Mapping[str, Any], sandbox: Mapping[str, Any] | None
+) -> str | None:
+    """What is wrong (``FIELD: what was expected``), or None."""
+    try:
+        # Copies: a check that changes its arguments must not change the fleet.
+        check(dict(config), None if sandbox is None else dict(sandbox))
+    except ValueError as exc:
+        return _one_line(str(exc)) or "invalid settings"
+    except Exception as exc:  # a bug in the check is the plugin's, reported as one line
+        return _one_line(f"cannot check settings: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _one_line(text: str) -> str:
+    return text.splitlines()[0] if text else ""
+
+
 class PluginHost(Protocol):
     """What a :class:`PluginHandle` needs of the supervisor, and nothing more.
 
@@ -116,6 +185,7 @@ class PluginHost(Protocol):
     instances: list[Instance]
     bus: events.Bus | None
     runtime: Runtime | None
+    limiters: Limiters
 
     def publish(self, event: events.Event) -> events.Event: ...
     def instance(self, name: str) -> Instance | None: ...
@@ -135,25 +205,45 @@ class PluginHost(Protocol):
 
 async def run_plugin(fn: PluginFn, config: Mapping[str, Any], handle: PluginHandle) -> None:
     """Run a plugin; if it raises, report it (``plugin_failed``) and restart
-    it after a growing delay, or give up after :data:`PLUGIN_MAX_FAILURES`."""
+    it after a growing delay, or give up after :data:`PLUGIN_MAX_FAILURES`.
+
+    A restarted plugin misses nothing: the first subscription it opens again
+    with a filter it had starts with the events after the last one that
+    subscription gave it (see :mod:`._plugin_subscription`).
+    """
     delay = PLUGIN_RESTART_DELAY
     for failure in range(1, PLUGIN_MAX_FAILURES + 1):
+        handle._subscriptions.begin_run()
         try:
             await fn(handle, config)
             return
         except Exception as exc:  # a plugin's bug must not stop the fleet
+            # Ended before plugin_failed: the next run is given that event too.
+            handle._subscriptions.end_run(handle._sup.bus)
             action = "disable" if failure == PLUGIN_MAX_FAILURES else "restart"
             handle.publish(
                 events.PluginFailed(
                     sandbox="",
                     plugin=handle.plugin,
-                    error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                    error=_describe(exc),
                     action=action,
                 )
             )
+        finally:
+            # Returned or cancelled (or raised, above): what it left open is
+            # closed, its cursors kept for a next run.
+            handle._subscriptions.end_run(handle._sup.bus)
         if failure < PLUGIN_MAX_FAILURES:
             await trio.sleep(delay)
             delay *= 2
+
+
+def _describe(exc: BaseException) -> str:
+    """One line saying what went wrong: a plugin's error raised in its own
+    nursery arrives wrapped in an exception group of one, which says nothing."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return _one_line(f"{type(exc).__name__}: {exc}")
 
 
 class PluginHandle:
@@ -162,6 +252,7 @@ class PluginHandle:
     def __init__(self, supervisor: PluginHost, plugin: str) -> None:
         self._sup = supervisor
         self._plugin = plugin
+        self._subscriptions = PluginSubscriptions()
 
     @property
     def plugin(self) -> str:
@@ -181,10 +272,13 @@ class PluginHandle:
         kinds: Iterable[str] | None = None,
         sandboxes: Iterable[str] | None = None,
         maxsize: int = 1024,
-    ) -> events.Subscription:
-        """Subscribe to the event bus."""
+    ) -> PluginSubscription:
+        """Subscribe to the event bus; after a restart of the plugin, from
+        where its previous run's subscription of the same filter stopped."""
         assert self._sup.bus is not None
-        return self._sup.bus.subscribe(kinds, sandboxes, maxsize)
+        return self._subscriptions.open(
+            self._sup.bus, kinds, sandboxes, maxsize, limiter=self._sup.limiters.disk
+        )
 
     def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
         """Events from the journal."""

@@ -56,11 +56,17 @@ from ._adopt import (
     spec_data,
     survey,
 )
-from ._fleet import Fleet
+from ._fleet import Fleet, FleetError
 from ._instance import BUSY_PAUSE, Ident, Instance
 from ._limiters import Limiters
 from ._output import OutputWriter, pump
-from ._plugin_host import DEFAULT_PLUGINS, PluginHandle, load_plugin, run_plugin
+from ._plugin_host import (
+    DEFAULT_PLUGINS,
+    PluginHandle,
+    load_plugin,
+    run_plugin,
+    settings_problems,
+)
 from ._restore import Checkpoints
 from ._verbs import Verbs
 
@@ -156,6 +162,12 @@ class Supervisor(Verbs, Checkpoints):
         self._plugins = {
             name: load_plugin(name, fleet.plugins.get(name, {}), base) for name in names
         }
+        # And every plugin table, with the plugin's own check: a bad setting
+        # of one sandbox is a fleet file error now, not a plugin failure at
+        # that sandbox's first exit (which would stop the plugin for all).
+        problems = settings_problems(self._plugins, fleet.sandboxes)
+        if problems:
+            raise FleetError(fleet.source, problems)
 
     @property
     def socket_path(self) -> str:

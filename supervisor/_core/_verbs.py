@@ -29,6 +29,7 @@ from .._errors import CorralError, SandboxError, SpecError, StateError
 from .._runtime._spec import Limits
 from ._base import SupervisorBase
 from ._instance import BUSY_PAUSE, Ident, Instance, PendingRestore
+from ._plugin_host import settings_problems
 from ._states import guard
 
 if TYPE_CHECKING:
@@ -324,8 +325,9 @@ class Verbs(SupervisorBase):
         start them; return once each runs or failed to start.
 
         All or nothing: a name already in the fleet, a plugin this
-        supervisor does not run, or a ``[supervisor]`` table fails the whole
-        file, and nothing is added.
+        supervisor does not run, a plugin table its plugin's check refuses,
+        or a ``[supervisor]`` table fails the whole file, and nothing is
+        added.
         """
         from ._fleet import FleetError, SupervisorConfig, load_fleet
 
@@ -351,6 +353,9 @@ class Verbs(SupervisorBase):
                     f"sandbox {cfg.name!r}: plugin {unknown[0]!r} is not running in this"
                     " supervisor (plugins are loaded at start-up)"
                 )
+        # Each plugin checks the new sandboxes' tables as at start-up: a bad
+        # one refuses the add instead of failing the plugin at an exit later.
+        problems += settings_problems(self._plugins, added.sandboxes, fleet_wide=False)
         if added.plugins:
             problems.append("[plugins] tables apply to the whole fleet: set them at start-up")
         if added.supervisor != SupervisorConfig():
