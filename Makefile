@@ -90,6 +90,7 @@ bench: setup-bench setup-vm
 	$(PY) benchmarks/event_stream.py
 	$(PY) benchmarks/restart.py
 	$(PY) benchmarks/control.py
+	$(PY) benchmarks/takeover.py
 	$(MAKE) --no-print-directory bench-checkpoint
 
 # CRIU needs a kernel it knows: the checkpoint benchmark runs in the VM lane
