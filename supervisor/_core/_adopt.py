@@ -194,11 +194,18 @@ def note_generation(state_dir: str, instance: str, generation: int) -> None:
 
 
 def last_generations(state_dir: str) -> dict[str, int]:
-    """The last generation started of each instance (see :func:`note_generation`)."""
+    """The last generation started of each instance (see :func:`note_generation`).
+
+    Removes notes whose write a kill cut short: call it holding the run
+    directory's lock."""
     folder = os.path.join(state_dir, "generations")
     out: dict[str, int] = {}
     with contextlib.suppress(FileNotFoundError):
         for entry in os.listdir(folder):
+            if entry.endswith(".tmp"):  # a note's write cut short by a kill
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, entry))
+                continue
             with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, entry)) as f:
                 out[entry] = int(f.read().strip())
     return out

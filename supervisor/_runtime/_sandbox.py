@@ -734,6 +734,13 @@ class Runtime:
         progress has no record yet either.
         """
         folder = os.path.join(self.state_dir, "sandboxes")
+        records = os.path.join(self.run_dir, "sandboxes")
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(records):
+                # A record's write cut short by a kill (ours only: a `corral
+                # run` may be writing its own right now).
+                if entry.endswith(".json.tmp") and owned(entry[: -len(".json.tmp")]):
+                    _unlink(os.path.join(records, entry))
         recorded = {r["name"] for r in self.records()}
         cgroups = {
             name[len("corral-") :]: cg for name, cg in self.cgroups.existing("corral-").items()
