@@ -293,12 +293,18 @@ class NumberedSegments(SegmentFiles[Segment]):
         self.max_files = max_files
         """How many files there may be, the current one included."""
         self.current = Segment(path)
-        for k in rotated_numbers(path):
-            if k >= max_files:
-                try:
-                    os.unlink(f"{path}.{k}")
-                except FileNotFoundError:
-                    pass
+        # Leftovers of a larger max_files start at PATH.{max_files}, as
+        # rotations keep the files numbered 1, 2, ... without a hole. Only
+        # then is the directory listed: it holds a fleet's logs (one per
+        # instance, each opening them all), and listing it for every one
+        # made opening a fleet's logs quadratic.
+        if os.path.lexists(f"{path}.{max_files}"):
+            for k in rotated_numbers(path):
+                if k >= max_files:
+                    try:
+                        os.unlink(f"{path}.{k}")
+                    except FileNotFoundError:
+                        pass
         self.open()
 
     def rotate(self) -> None:
