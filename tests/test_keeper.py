@@ -87,3 +87,32 @@ def test_closed_keeper_exits(keeper: Keeper) -> None:
     keeper.close()
     # close() waits for it: the process is gone (reaped), not a zombie.
     assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_failure_reported_before_the_pid_still_gives_the_pid() -> None:
+    """The init may fail and report before the intermediate has sent its
+    PID (nothing orders the two): collect still returns the PID and pidfd
+    with the failure, so that the caller reaps the init (seen as a zombie
+    left in CI)."""
+    import json
+    import socket
+    import subprocess
+
+    from supervisor._runtime._linux._spawn import SpawnFailed, collect
+
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: only its number matters here
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        failure = {"step": "mount /proc", "errno": 2, "message": "no", "kind": "setup"}
+        theirs.send(b"E" + json.dumps(failure).encode())
+        pidfd = os.pidfd_open(os.getpid())  # any pidfd will do
+        socket.send_fds(theirs, [b"P%d:%d" % (child.pid, 42)], [pidfd])
+        os.close(pidfd)
+        theirs.close()
+        with pytest.raises(SpawnFailed) as err:
+            collect(ours)
+    assert (err.value.pid, err.value.starttime) == (child.pid, 42)
+    assert err.value.pidfd is not None
+    os.close(err.value.pidfd)
+    assert err.value.failure.step == "mount /proc"

@@ -191,7 +191,14 @@ def collect(sock: socket.socket) -> Spawned:
         for fd in fds:
             os.close(fd)
         if msg[:1] == b"E":
-            raise SpawnFailed(decode_failure(msg))
+            # The init may fail and report before the intermediate's "P"
+            # (nothing orders the two): that still comes, with the pidfd
+            # the caller needs to reap the init. Without it the init would
+            # be left a zombie.
+            found = _drain(sock)
+            if found is None:
+                raise SpawnFailed(decode_failure(msg))
+            raise SpawnFailed(decode_failure(msg), *found)
         raise SpawnFailed(SetupFailure("spawn", 0, "the setup process died without a report"))
     pid_s, _, start_s = msg[1:].partition(b":")
     pid, start, pidfd = int(pid_s), int(start_s or 0), fds[0]
@@ -223,14 +230,20 @@ def collect(sock: socket.socket) -> Spawned:
         raise
 
 
-def _drain(sock: socket.socket) -> None:
-    """Read (and drop) reports until end of file."""
+def _drain(sock: socket.socket) -> tuple[int, int, int] | None:
+    """Read reports until end of file; the (PID, pidfd, start time) of a
+    "P" among them, if any (the pidfd is the caller's), else None."""
+    found: tuple[int, int, int] | None = None
     while True:
         msg, fds, _, _ = recv_fds(sock, 65536, 1)
+        if msg[:1] == b"P" and len(fds) == 1 and found is None:
+            pid_s, _, start_s = msg[1:].partition(b":")
+            found = (int(pid_s), fds[0], int(start_s or 0))
+            continue
         for fd in fds:
             os.close(fd)
         if not msg:
-            return
+            return found
 
 
 def run_child(
