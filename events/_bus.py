@@ -77,6 +77,11 @@ class Bus:
         return self._journal
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called: publishing is an error then."""
+        return self._closed
+
+    @property
     def last_seq(self) -> int:
         """The seq of the last published event (0 before the first)."""
         return self._seq

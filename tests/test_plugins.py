@@ -315,3 +315,34 @@ def test_example_plugin_and_event_log(dirs: Dirs, tmp_path: Path) -> None:
     logged = [json.loads(line) for line in lines]
     assert [r["seq"] for r in logged] == [e.seq for e in evs]
     assert logged[-1]["kind"] == "supervisor_stopped"
+
+
+async def late_publisher(handle: Any, config: Mapping[str, Any]) -> None:
+    """A plugin still at work when the fleet has stopped (as a checkpoint
+    prune under way is): it publishes after the bus has closed, then fails."""
+    with handle.subscribe() as sub:
+        async for _ in sub:
+            pass  # ends when the bus closes
+    handle.publish(events.PluginEvent(sandbox="", name="test.late", payload={}))
+    raise RuntimeError("too late")
+
+
+@requires_root
+def test_a_plugin_at_work_after_the_fleet_stopped_does_not_fail_the_stop(dirs: Dirs) -> None:
+    """Its event is dropped and its end is no failure: the supervisor stops cleanly
+    (seen in CI: a prune's publish after the bus closed ended the supervisor)."""
+    f = parse_fleet(
+        {
+            "plugins": {"late": {"module": "tests.test_plugins:late_publisher"}},
+            "sandbox": [{"name": "job", "command": "exec sleep 1000"}],
+        }
+    )
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: e.kind == "started")
+
+    evs = run(f, dirs, body)
+    assert evs[-1].kind == "supervisor_stopped"
+    assert not [
+        e for e in evs if e.kind in ("plugin_failed",) or getattr(e, "name", "") == "test.late"
+    ]

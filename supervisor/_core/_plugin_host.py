@@ -218,6 +218,9 @@ async def run_plugin(fn: PluginFn, config: Mapping[str, Any], handle: PluginHand
             await fn(handle, config)
             return
         except Exception as exc:  # a plugin's bug must not stop the fleet
+            bus = handle._sup.bus
+            if bus is not None and bus.closed:
+                return  # the fleet has stopped: nobody to tell, nothing to restart for
             # Ended before plugin_failed: the next run is given that event too.
             handle._subscriptions.end_run(handle._sup.bus)
             action = "disable" if failure == PLUGIN_MAX_FAILURES else "restart"
@@ -286,7 +289,16 @@ class PluginHandle:
         return self._sup.bus.replay(since, until)
 
     def publish(self, event: events.Event) -> events.Event:
-        """Publish an event."""
+        """Publish an event; returns it stamped.
+
+        Once the fleet has stopped (the bus is closed: a plugin draining
+        after ``supervisor_stopped``, say a checkpoint prune that was under
+        way), the event is dropped and returned as it was: nobody is left
+        to tell, and the plugin must not fail for it.
+        """
+        bus = self._sup.bus
+        if bus is not None and bus.closed:
+            return event
         return self._sup.publish(event)
 
     def instances(self) -> list[Instance]:
