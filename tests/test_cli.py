@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import select
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -172,6 +176,36 @@ def test_an_ulimit_does_not_rename_the_sandbox(dirs: Dirs) -> None:
         assert p.returncode == 0, p.stderr
         proc.communicate(b"go\n", timeout=20)
         assert proc.returncode == 0
+
+
+def test_a_killed_run_takes_its_sandbox_along_and_the_next_run_sweeps(dirs: Dirs) -> None:
+    """SIGKILL of a `corral run` kills its sandbox (parent-death signal);
+    the next `corral run` removes the cgroup, layer and record it left."""
+    with waiting_run(dirs, "--name", "orphan") as proc:
+        claim = json.loads((dirs.run / "claims" / "orphan.json").read_text())
+        record = json.loads((dirs.run / "sandboxes" / "orphan.json").read_text())
+        init = os.pidfd_open(record["pid"])
+        try:
+            proc.kill()
+            proc.wait()
+            # A bound, not a wait: the kernel kills it as its parent dies.
+            readable, _, _ = select.select([init], [], [], 30)
+            assert readable, "the sandbox outlived its corral run"
+            try:
+                # Re-parented to us (the test session is a subreaper).
+                info = os.waitid(os.P_PIDFD, init, os.WEXITED)
+                assert info is not None and info.si_status == signal.SIGKILL
+            except ChildProcessError:
+                pass  # re-parented to another subreaper, which reaps it
+        finally:
+            os.close(init)
+    left = [Path(p) for p in claim["cgroup"]] + [dirs.state / "sandboxes" / "orphan"]
+    assert all(p.exists() for p in left)
+    p = corral(dirs, "run", "--", "true")
+    assert p.returncode == 0, p.stderr
+    assert [p for p in left if p.exists()] == []
+    assert not (dirs.run / "sandboxes" / "orphan.json").exists()
+    assert list((dirs.run / "claims").iterdir()) == []
 
 
 def test_not_root_is_refused(dirs: Dirs) -> None:

@@ -158,7 +158,10 @@ def _run(args: argparse.Namespace) -> int:
 
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
-    runtime = Runtime(cgroup_parent=args.cgroup_parent)
+    # The sandbox dies with this process, however it ends (a SIGKILL too);
+    # what a killed `corral run` left is swept by the next one (or `up`).
+    runtime = Runtime(cgroup_parent=args.cgroup_parent, die_with_caller=True)
+    runtime.sweep_claims()
     sandbox = runtime.create(spec)
     try:
         for signum in pending:

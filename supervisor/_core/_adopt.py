@@ -160,6 +160,8 @@ def survey(
     # Killed half way through a create or a removal: no record, but a
     # layer or a cgroup (perhaps with a process in it) of one of ours.
     out.swept = runtime.sweep(owned)
+    # And what killed `corral run`s left (their sandboxes died with them).
+    out.swept += runtime.sweep_claims()
     for key, fds in pipes.items():
         # Held for a sandbox that has no record (its create failed while
         # its supervisor died): nothing to read them for.

@@ -59,6 +59,7 @@ from ._checkpoint import (
     spec_to_dict,
     validate_tag,
 )
+from ._claims import Claim, ClaimInUse, dead_claims
 from ._dirs import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
@@ -463,6 +464,11 @@ class Runtime:
     cgroups go below this process's own cgroup. *spawner* is how process
     trees are started: the default forks from this process, which must then
     be single-threaded; a multi-threaded program passes a keeper's spawn.
+
+    With *die_with_caller* (the default spawner only) every sandbox it
+    creates is killed when this process dies, however it dies, and what
+    is left of it is removed by the next :meth:`sweep_claims` of any
+    runtime on the same run directory: what ``corral run`` uses.
     """
 
     def __init__(
@@ -474,7 +480,12 @@ class Runtime:
         cgroup_parent: str | None = None,
         spawner: Spawner | None = None,
         reaper: Reaper | None = None,
+        die_with_caller: bool = False,
     ) -> None:
+        if die_with_caller and spawner is not None:
+            # The parent-death signal follows the init's parent: this
+            # process only if it spawned the init itself.
+            raise ValueError("die_with_caller needs the default spawner")
         if os.geteuid() != 0:
             raise NotPermittedError(
                 "corral must run as root: sandboxes need namespaces, mounts and cgroups"
@@ -489,6 +500,7 @@ class Runtime:
         except OSError as exc:
             raise CorralError(f"cannot create {exc.filename}: {exc.strerror}") from exc
         self.cgroups: Cgroups = open_cgroups(cgroup_root, cgroup_parent)
+        self._die_with_caller = die_with_caller
         self.init_binary = find_init_binary()
         self._spawn: Spawner = spawner or spawn_direct
         # Who tells how a process ended: given, or the keeper whose spawn
@@ -606,6 +618,8 @@ class Runtime:
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo:
+            if self._die_with_caller:
+                self._claim(spec.name, undo)
             self._make_state_dir(spec.name, sdir, record, undo)
             userns = None
             idmap = False
@@ -635,6 +649,7 @@ class Runtime:
                 userns=userns,
                 idmap_lower=idmap,
                 idmap_target=os.path.join(sdir, "lower"),
+                die_with=os.getpid() if self._die_with_caller else 0,
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
@@ -757,6 +772,46 @@ class Runtime:
                 with contextlib.suppress(CorralError, OSError):
                     cg.remove()  # kills what runs in it first
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            _release_userns(self.run_dir, name)
+            swept.append(name)
+        return swept
+
+    def _claim(self, name: str, undo: contextlib.ExitStack) -> None:
+        """Hold the claim of sandbox *name* until it is destroyed (see :mod:`._claims`)."""
+        try:
+            where = {
+                "state_dir": self.state_dir,
+                "cgroup": list(self.cgroups.paths_of(f"corral-{name}")),
+                "pid": os.getpid(),
+            }
+            claim = Claim(self.run_dir, name, where)
+        except ClaimInUse:
+            raise SandboxExistsError(
+                f"sandbox name {name!r} is in use (by a live `corral run`)"
+            ) from None
+        undo.callback(claim.release)
+
+    def sweep_claims(self) -> list[str]:
+        """Remove what sandboxes of dead processes that made them with
+        *die_with_caller* left (a killed ``corral run``): cgroup (with
+        anything still in it), writable layer, record, id claims; return
+        their names. Safe at any time: a live maker's claim is skipped."""
+        swept = []
+        for name, where in dead_claims(self.run_dir):
+            state_dir = str(where.get("state_dir") or self.state_dir)
+            record = record_path(self.run_dir, name)
+            paths = [str(p) for p in where.get("cgroup", ()) if isinstance(p, str)]
+            try:
+                self.cgroups.attach(f"corral-{name}", paths).remove()  # kills what is in it
+            except (CorralError, OSError):
+                # Never made, or only in part (v1: killed between two
+                # hierarchies); nothing can run in a part.
+                for path in paths:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(path)
+            shutil.rmtree(os.path.join(state_dir, "sandboxes", name), ignore_errors=True)
+            _unlink(record)
+            _unlink(f"{record}.tmp")
             _release_userns(self.run_dir, name)
             swept.append(name)
         return swept

@@ -180,6 +180,10 @@ class Cgroups(ABC):
         """The cgroups below the parent whose names start with *prefix*, by name."""
 
     @abstractmethod
+    def paths_of(self, name: str) -> tuple[str, ...]:
+        """The :attr:`Cgroup.paths` that :meth:`create` of *name* makes."""
+
+    @abstractmethod
     def attach(self, name: str, paths: Sequence[str]) -> Cgroup:
         """The existing cgroup *name* at *paths* (its :attr:`Cgroup.paths`,
         as recorded when it was made); raises :class:`CgroupError` if it is
@@ -594,6 +598,10 @@ class V1Cgroups(Cgroups):
                         found.setdefault(entry, {})[c] = os.path.join(parent, entry)
         return {name: V1Cgroup(name, dirs, self._mounts) for name, dirs in found.items()}
 
+    def paths_of(self, name: str) -> tuple[str, ...]:
+        dirs = {c: os.path.join(parent, name) for c, parent in self._parents.items()}
+        return V1Cgroup(name, dirs, self._mounts).paths
+
     def attach(self, name: str, paths: Sequence[str]) -> V1Cgroup:
         dirs: dict[str, str] = {}
         for c, mount in self._mounts.items():
@@ -807,6 +815,9 @@ class V2Cgroups(Cgroups):
                 if entry.startswith(prefix) and os.path.isdir(path):
                     out[entry] = V2Cgroup(entry, path, self._mount)
         return out
+
+    def paths_of(self, name: str) -> tuple[str, ...]:
+        return (os.path.join(self._parent, name),)
 
     def attach(self, name: str, paths: Sequence[str]) -> V2Cgroup:
         if len(paths) != 1 or os.path.basename(paths[0]) != name:

@@ -32,6 +32,7 @@ import fcntl
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import stat
@@ -39,7 +40,7 @@ import struct
 from typing import Any, NamedTuple, NoReturn, Protocol
 
 from . import _syscalls as sc
-from ._proc import starttime
+from ._proc import parent_pid, starttime
 
 __all__ = [
     "INIT_PATH",
@@ -149,6 +150,10 @@ class LaunchConfig(NamedTuple):
     restore_argv: list[str] | None = None
     """Instead of starting a command, run this CRIU restore command in a
     private mount namespace holding the overlay root (see :func:`_run_restorer`)."""
+    die_with: int = 0
+    """The PID of the process whose death must kill the sandbox (0: none).
+    It must be the subreaper the init is re-parented to when the
+    intermediate exits: the init's parent-death signal is then SIGKILL."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for the keeper protocol."""
@@ -243,9 +248,13 @@ def run_intermediate(
                 sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
                 sc.attach_tree(lower_tree, cfg.idmap_target)
                 os.close(lower_tree)
+            # Our own pidfd: the init waits on it for our exit (see _die_with).
+            me = os.pidfd_open(os.getpid()) if cfg.die_with else -1
             step = "fork init"
             pid = os.fork()
             if pid == 0:
+                if cfg.die_with:
+                    _die_with(cfg.die_with, me, proc, report)
                 os.close(proc)  # the host's /proc stays out of the sandbox
                 _run_init(cfg, report)
         pidfd = os.pidfd_open(pid)
@@ -372,6 +381,33 @@ def _join_cgroup(procs_files: list[str]) -> None:
             os.write(fd, b"0")
         finally:
             os.close(fd)
+
+
+def _die_with(owner: int, intermediate: int, proc: int, report: socket.socket) -> None:
+    """Make the init die (SIGKILL) when *owner*, the process it is
+    re-parented to, dies: what makes a `corral run`'s sandbox end with it.
+
+    The parent-death signal follows the parent at the time it is set, and
+    our parent is the *intermediate* until it exits: set before, its exit
+    would kill us. Its pidfd turns readable only once the kernel has
+    re-parented its children (``exit_notify``), so the wait is exact. Then
+    the parent (read in the host's *proc*: ours is 0 in a new PID
+    namespace) must be *owner*; if *owner* died already, nobody would send
+    the signal, so the init ends here.
+    """
+    try:
+        poller = select.poll()
+        poller.register(intermediate, select.POLLIN)
+        while not poller.poll():
+            pass
+        os.close(intermediate)
+        sc.set_parent_death_signal(signal.SIGKILL)
+        me = int(os.readlink("self", dir_fd=proc))
+        if parent_pid(me, proc) != owner:
+            os._exit(137)  # as if the signal had come: the owner is gone
+    except BaseException as exc:
+        _report(report, exc, "parent-death signal")
+        os._exit(127)
 
 
 def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:

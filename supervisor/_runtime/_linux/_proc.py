@@ -40,6 +40,9 @@ def starttime(pid: int, proc: int | None = None) -> int:
     return int(_fields(pid, proc)[19])
 
 
-def parent_pid(pid: int) -> int:
-    """The PID of *pid*'s parent; raises OSError if there is no such process."""
-    return int(_fields(pid)[1])
+def parent_pid(pid: int, proc: int | None = None) -> int:
+    """The PID of *pid*'s parent; raises OSError if there is no such process.
+
+    *proc*: see :func:`_fields`.
+    """
+    return int(_fields(pid, proc)[1])

@@ -54,6 +54,7 @@ __all__ = [
     "restrict_capabilities",
     "set_child_subreaper",
     "set_dumpable",
+    "set_parent_death_signal",
     "setns",
     "umount2",
     "unshare",
@@ -78,6 +79,7 @@ MS_PRIVATE = 1 << 18
 
 MNT_DETACH = 2
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -168,6 +170,19 @@ def set_child_subreaper() -> None:
     """
     if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send *signum* to the calling process when its
+    parent (thread) dies (``PR_SET_PDEATHSIG``).
+
+    It applies to the parent at the time of the call: a process about to be
+    re-parented must wait until it has been, or the old parent's exit sends
+    the signal. The kernel clears it at a fork and at a credential change
+    that is not a plain loss of capabilities.
+    """
+    if _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        raise _fail("prctl(PR_SET_PDEATHSIG)")
 
 
 def set_dumpable(dumpable: bool) -> None:
