@@ -1,5 +1,6 @@
-"""Fault injection: a busy fleet whose supervisor is SIGKILLed at random
-moments, 50 times in a row, restarted each time (issue 14).
+"""Fault injection (issue 14): a busy fleet whose supervisor is SIGKILLed
+at random moments, 50 times in a row, restarted each time; and one whose
+keeper (the holder of the sandboxes) is SIGKILLed 50 times instead.
 
 Afterwards every sandbox is accounted for (each generation that ran has
 exactly one ``exited``), no instance ever ran twice at once, the journal's
@@ -22,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import events
-from supervisor._runtime._linux._proc import starttime
+from supervisor._runtime._linux._proc import parent_pid, starttime
 
 from .conftest import Dirs, requires_root
 
@@ -125,8 +126,13 @@ def test_a_supervisor_killed_fifty_times_loses_nothing(dirs: Dirs, tmp_path: Pat
             with contextlib.suppress(OSError):
                 proc.kill()
             proc.wait()
-    # Keepers that ended (each one whose supervisor died before it held
-    # anything) were re-parented to us, a subreaper: reap them.
+    _reap_keeper(dirs)
+    _check_journal(dirs, seed)
+
+
+def _reap_keeper(dirs: Dirs) -> None:
+    """Reap keepers that ended and were re-parented to us, a subreaper
+    (each one whose supervisor died before it held anything)."""
     keeper_lock = dirs.run / "keeper.lock"
     keeper = int(keeper_lock.read_text().split()[0]) if keeper_lock.exists() else 0
     if keeper:
@@ -136,6 +142,10 @@ def test_a_supervisor_killed_fifty_times_loses_nothing(dirs: Dirs, tmp_path: Pat
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass
 
+
+def _check_journal(dirs: Dirs, seed: int) -> None:
+    """Every generation that ran has exactly one exit, none of SIGPIPE;
+    the seqs strictly increase; the fleet was busy."""
     with events.Journal(str(dirs.state / "journal")) as journal:
         # A killed supervisor's unused reservation of seqs is a Gap.
         log = [e for e in journal.replay(1) if not isinstance(e, events.Gap)]
@@ -156,5 +166,77 @@ def test_a_supervisor_killed_fifty_times_loses_nothing(dirs: Dirs, tmp_path: Pat
     assert not twice, f"seed {seed}: exits reported twice: {twice}"
     unaccounted = sorted(k for k in ran if exits[k] != 1)
     assert not unaccounted, f"seed {seed}: generations that ran with no exit: {unaccounted}"
-    assert len(ran) > ROUNDS  # the fleet was busy: crash loops and OOM kills restarted
+    # The fleet was busy: crash loops and OOM kills restarted.
+    kinds = Counter(e.kind for e in log)
+    failures = [str(getattr(e, "error", "")) for e in log if e.kind == "start_failed"][-3:]
+    assert len(ran) > ROUNDS, f"seed {seed}: {len(ran)} ran; {dict(kinds)}; {failures}"
     print(f"seed {seed}: {len(log)} events, {len(ran)} generations ran")
+
+
+def _kill_keeper(up: subprocess.Popen[bytes], dirs: Dirs) -> bool:
+    """SIGKILL the keeper of supervisor *up*, if one runs; True if killed.
+
+    By pidfd, and only a child of *up*: a PID read from a file may be
+    reused, and we kill only what our test started.
+    """
+    try:
+        pid = int((dirs.run / "keeper.lock").read_text().split()[0])
+        pidfd = os.pidfd_open(pid)
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        if parent_pid(pid) != up.pid:
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def test_a_keeper_killed_fifty_times_loses_nothing(dirs: Dirs, tmp_path: Path) -> None:
+    """The holder dies at random moments: the supervisor replaces it each
+    time, and no sandbox, exit or event is lost or doubled."""
+    seed = int(os.environ.get("CORRAL_FAULT_SEED", random.randrange(1 << 30)))
+    rnd = random.Random(seed)
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(FLEET)
+    argv = [sys.executable, "-m", "supervisor", "up", "--json", str(fleet_file)]
+    up = subprocess.Popen(argv, env=dirs.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    execs: list[subprocess.Popen[bytes]] = []
+    killed = 0
+    try:
+        for n in range(ROUNDS):
+            # A random moment: while it creates, restarts, reaps or execs.
+            time.sleep(rnd.uniform(0.05, 0.4))
+            if rnd.random() < 0.3:
+                execs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "supervisor", "exec", "steady-0", "--", "true"],
+                        env=dirs.env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            killed += _kill_keeper(up, dirs)
+            if up.poll() is not None:
+                tail = up.communicate()[1].decode()[-3000:]
+                raise AssertionError(f"seed {seed}, round {n}: the supervisor ended: {tail}")
+            double = {k: v for k, v in _running_per_instance(dirs.run).items() if v > 1}
+            assert not double, f"seed {seed}, round {n}: instances running twice: {double}"
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=60)
+        assert up.returncode == 0, (seed, err.decode())
+        assert b"Traceback" not in err, (seed, err.decode())
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+        for proc in execs:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+    assert killed > ROUNDS // 2, f"seed {seed}: only {killed} keepers were killed"
+    _reap_keeper(dirs)
+    _check_journal(dirs, seed)

@@ -435,8 +435,17 @@ class Supervisor(Verbs, Checkpoints):
         keeper = self.keeper
         with scope:
             while True:
-                await trio.lowlevel.wait_readable(keeper.fileno())
-                if not await trio.to_thread.run_sync(keeper.check, limiter=self.limiters.lifecycle):
+                restarts = keeper.restarts
+                fd = keeper.watch_fd()
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                finally:
+                    trio.lowlevel.notify_closing(fd)
+                    os.close(fd)
+                replaced = await trio.to_thread.run_sync(
+                    keeper.check, limiter=self.limiters.lifecycle
+                )
+                if not replaced and keeper.restarts == restarts:
                     await trio.sleep(1)  # readable yet alive: never seen; no busy loop
 
     async def _run_service(

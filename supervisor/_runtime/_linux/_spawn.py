@@ -179,6 +179,10 @@ def thread_count() -> int:
     return 0
 
 
+NO_REPORT = "the setup process died without a report"
+"""The failure of a spawn whose report socket closed before any report."""
+
+
 def collect(sock: socket.socket) -> Spawned:
     """Read the children's reports until the new process has exec'd (blocking).
 
@@ -199,7 +203,7 @@ def collect(sock: socket.socket) -> Spawned:
             if found is None:
                 raise SpawnFailed(decode_failure(msg))
             raise SpawnFailed(decode_failure(msg), *found)
-        raise SpawnFailed(SetupFailure("spawn", 0, "the setup process died without a report"))
+        raise SpawnFailed(SetupFailure("spawn", 0, NO_REPORT))
     pid_s, _, start_s = msg[1:].partition(b":")
     pid, start, pidfd = int(pid_s), int(start_s or 0), fds[0]
     pty_master: int | None = None
@@ -450,10 +454,17 @@ class Keeper(Reaper):
         """The keeper's PID."""
         return self._pid
 
-    def fileno(self) -> int:
-        """The connection to the keeper: it polls readable (end of file)
-        only when the keeper has died; then call :meth:`check`."""
-        return self._current().fileno()
+    def watch_fd(self) -> int:
+        """A descriptor of the connection to the keeper, the caller's to
+        close: it polls readable (end of file) only when that keeper has
+        died; then call :meth:`check`.
+
+        A copy, not the connection itself: whichever thread finds the
+        keeper dead closes the connection, and an event loop still
+        polling a closed descriptor would poll whatever reuses its number.
+        """
+        with self._lock:
+            return os.dup(self._sock.fileno())
 
     def check(self) -> bool:
         """Replace the keeper if it has died; True if it was replaced."""
@@ -490,9 +501,24 @@ class Keeper(Reaper):
     def spawn(
         self, cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int] = (0, 1, 2)
     ) -> Spawned:
-        """Blocking convenience: request and collect."""
-        with self.request(cfg, stdio) as sock:
-            return collect(sock)
+        """Blocking convenience: request and collect.
+
+        A request the keeper died with before it forked (the report socket
+        closed with no report, and the keeper is dead: a forked
+        intermediate would hold the socket and report) is made once more,
+        to the keeper that replaces it: a keeper's death costs no sandbox.
+        """
+        for attempt in (1, 2):
+            keeper = self._current()
+            with self.request(cfg, stdio) as sock:
+                try:
+                    return collect(sock)
+                except SpawnFailed as exc:
+                    if attempt == 2 or exc.pid is not None or exc.failure.message != NO_REPORT:
+                        raise
+                    if keeper is self._current() and not self.check():
+                        raise  # the keeper lives: its child died (not a retry case)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- holding ----------------------------------------------------------
 
