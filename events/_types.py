@@ -161,11 +161,13 @@ class Adopted(Event):
 
     ``changed``: the fleet file now describes it otherwise; it runs on as
     it was unless the supervisor was told to recreate changed sandboxes.
+    ``paused``: it was paused (frozen), and stays so until resumed.
     """
 
     KIND: ClassVar[str] = "adopted"
     pid: int
     changed: bool = False
+    paused: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -53,29 +53,6 @@ TCP_COUNTER = (
 )
 
 
-def _criu_error() -> str | None:
-    try:
-        check_criu()
-    except CriuUnavailableError as exc:
-        return str(exc)
-    return None
-
-
-@pytest.fixture
-def criu() -> None:
-    """Skip where CRIU cannot work (the host lane); those tests run in the VM lanes."""
-    error = _criu_error()
-    if error is not None:
-        pytest.skip(f"CRIU does not work on this kernel ({error}); runs in the VM lanes")
-
-
-@pytest.fixture
-def criu_broken() -> None:
-    """Skip where CRIU works: the unavailable path needs a kernel it rejects (host lane)."""
-    if _criu_error() is None:
-        pytest.skip("criu check passes on this kernel; the unavailable path runs on the host lane")
-
-
 def values(dirs: Dirs, name: str) -> list[int]:
     """The numbers a counter printed, in order."""
     return [int(line) for line in output(dirs, name).split() if line.isdigit()]

@@ -295,3 +295,113 @@ def test_a_dead_keeper_is_replaced_and_its_sandboxes_are_not_lost(dirs: Dirs) ->
         assert parent_pid(again.pid) == sup.keeper.pid  # type: ignore[attr-defined]
 
     run(f, dirs, body)
+
+
+def _reap_strays() -> None:
+    """Reap what was re-parented to us, a subreaper, and has ended (a
+    keeper whose supervisor was killed, a CRIU cut off from its caller)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def test_a_paused_sandbox_is_taken_back_paused(dirs: Dirs, tmp_path: Path) -> None:
+    """A paused sandbox stays paused across a supervisor's death: the next
+    one adopts it as paused (not as running while its processes are
+    frozen), and it resumes on request."""
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(FLEET)
+    first = Up(dirs, fleet_file)
+    try:
+        for name in ("w-0", "w-1", "quit-0"):
+            first.until(lambda r, n=name: r["event"] == "started" and r["sandbox"] == n)
+        p = corral(dirs, "pause", "w-0")
+        assert p.returncode == 0, p.stderr
+        first.until(lambda r: r["event"] == "paused" and r["sandbox"] == "w-0")
+    except BaseException:
+        first.abort()
+        raise
+    first.kill()
+    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    second = Up(dirs, fleet_file)
+    try:
+        for name in ("w-0", "w-1", "quit-0"):
+            second.until(lambda r, n=name: r["event"] == "adopted" and r["sandbox"] == n)
+        adopted = second.events("adopted")
+        assert (adopted["w-0"]["paused"], adopted["w-1"]["paused"]) == (True, False)
+        ps = corral(dirs, "ps", "--json")
+        states = {r["name"]: r["state"] for r in json.loads(ps.stdout)}
+        assert (states["w-0"], states["w-1"]) == ("paused", "running")
+        p = corral(dirs, "resume", "w-0")
+        assert p.returncode == 0, p.stderr
+        second.until(lambda r: r["event"] == "resumed" and r["sandbox"] == "w-0")
+        size = _log_size(dirs, "w-0")
+        _wait_output_grows(dirs, "w-0", size)
+        second.stop()
+    except BaseException:
+        second.abort()
+        raise
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(keeper, 0)
+    _wait_gone(keeper)
+
+
+def _wait_output_grows(dirs: Dirs, name: str, size: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while _log_size(dirs, name) <= size:
+        assert time.monotonic() < deadline, f"{name} writes nothing: is it still frozen?"
+        time.sleep(0.02)
+
+
+@pytest.mark.criu
+def test_a_supervisor_killed_during_a_checkpoint(dirs: Dirs, tmp_path: Path, criu: None) -> None:
+    """SIGKILL `corral up` while CRIU dumps a sandbox (frozen for it): the
+    next one lets that CRIU finish, removes the partial checkpoint, thaws
+    the sandbox (it was not paused) and says the checkpoint failed."""
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(
+        '[[sandbox]]\nname = "c"\n'
+        'command = "i=0; while :; do i=$((i+1)); echo $i; usleep 50000; done"\n'
+    )
+    first = Up(dirs, fleet_file)
+    try:
+        first.until(lambda r: r["event"] == "started" and r["sandbox"] == "c-0")
+        _wait_output(dirs, "c-0", " 3\n")  # its third line
+        checkpoint = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "checkpoint", "c-0", "--tag", "cut"],
+            env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        # CRIU is dumping it (frozen: no pre-dump without --leave-running).
+        criu_pid = dirs.state / "checkpoints" / "c-0" / ".cut.partial" / "criu.pid"
+        deadline = time.monotonic() + TIMEOUT
+        while not criu_pid.exists():
+            assert time.monotonic() < deadline, "the checkpoint never started CRIU"
+            assert checkpoint.poll() is None, checkpoint.communicate()
+            time.sleep(0.005)
+    except BaseException:
+        first.abort()
+        raise
+    first.kill()
+    assert checkpoint.wait(TIMEOUT) != 0  # its supervisor died under it
+    checkpoint.communicate()
+    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    second = Up(dirs, fleet_file)
+    try:
+        adopted = second.until(lambda r: r["event"] == "adopted" and r["sandbox"] == "c-0")
+        assert adopted["paused"] is False
+        failed = second.until(lambda r: r["event"] == "checkpoint_failed")
+        assert (failed["sandbox"], failed["tag"]) == ("c-0", "cut")
+        assert "supervisor ended during the checkpoint" in str(failed["reason"])
+        assert list((dirs.state / "checkpoints" / "c-0").iterdir()) == []
+        # Thawed: it counts on.
+        _wait_output_grows(dirs, "c-0", _log_size(dirs, "c-0"))
+        ps = corral(dirs, "ps", "--json")
+        assert {r["name"]: r["state"] for r in json.loads(ps.stdout)} == {"c-0": "running"}
+        second.stop()
+    except BaseException:
+        second.abort()
+        raise
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(keeper, 0)
+    _wait_gone(keeper)
+    _reap_strays()

@@ -88,6 +88,9 @@ class Found:
     published: bool = False
     """Its ``exited`` is in the journal already."""
     created_seq: int = 0
+    interrupted: list[str] = field(default_factory=list)
+    """Tags of its checkpoints that were being taken when the supervisor
+    ended (their partial dumps are removed; it may still be frozen)."""
 
     def close_pipes(self) -> None:
         """Close the pipes (when nobody will read them)."""
@@ -159,6 +162,13 @@ def survey(
             out.sweep.append(found)
     # Killed half way through a create or a removal: no record, but a
     # layer or a cgroup (perhaps with a process in it) of one of ours.
+    # Checkpoints cut short by the supervisor's death: their CRIU finishes
+    # (or is killed after a bound), their partial dumps go.
+    for name in list(runtime.checkpoints.names()):
+        tags = runtime.settle_checkpoints(name)
+        found_now = out.current.get(name)
+        if tags and found_now is not None:
+            found_now.interrupted = tags
     out.swept = runtime.sweep(owned)
     # And what killed `corral run`s left (their sandboxes died with them).
     out.swept += runtime.sweep_claims()

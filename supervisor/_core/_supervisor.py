@@ -27,6 +27,7 @@ import trio
 import events
 from events import (
     Adopted,
+    CheckpointFailed,
     Created,
     Exited,
     Oom,
@@ -643,14 +644,43 @@ class Supervisor(Verbs, Checkpoints):
                 watch.close()
         except (CorralError, OSError):
             inst.oom_events_seen = inst.oom_kills_reported = 0
-        announce = None
+        announce: list[events.Event] = []
         if not f.late:
+            paused = await trio.to_thread.run_sync(
+                self._thaw_after_checkpoint,
+                sb,
+                bool(f.interrupted),
+                limiter=self.limiters.lifecycle,
+            )
+            if paused:
+                inst.set_state("paused")
+                inst.paused_at = trio.current_time()
             now = spec_data(inst.spec())
             differs = changed(f, now)
-            announce = Adopted(**ident, pid=sb.pid, changed=differs)
+            announce.append(Adopted(**ident, pid=sb.pid, changed=differs, paused=paused))
             if differs and self._recreate_changed:
                 inst.request_cycle()
+        for tag in f.interrupted:
+            reason = "the supervisor ended during the checkpoint; its partial dump was removed"
+            announce.append(
+                CheckpointFailed(**ident, operation="checkpoint", tag=tag, reason=reason)
+            )
         await self._watch_generation(inst, sb, ident, announce=announce, late=f.late)
+
+    @staticmethod
+    def _thaw_after_checkpoint(sb: Sandbox, interrupted: bool) -> bool:
+        """Thaw an adopted sandbox left frozen by a checkpoint cut short
+        (only a running one is checkpointed); True if it is frozen
+        otherwise: it was paused, and stays so."""
+        try:
+            if not sb.cgroup.is_frozen():
+                return False
+            if interrupted:
+                sb.cgroup.thaw()
+                return False
+        except (CorralError, OSError):
+            return False  # it is gone: its exit is about to be seen
+        return True
 
     async def _watch_generation(
         self,
@@ -658,7 +688,7 @@ class Supervisor(Verbs, Checkpoints):
         sb: Sandbox,
         ident: Ident,
         *,
-        announce: events.Event | None = None,
+        announce: Sequence[events.Event] = (),
         late: bool = False,
     ) -> None:
         try:
@@ -684,7 +714,7 @@ class Supervisor(Verbs, Checkpoints):
         sb: Sandbox,
         ident: Ident,
         *,
-        announce: events.Event | None = None,
+        announce: Sequence[events.Event] = (),
         late: bool = False,
     ) -> None:
         """Watch a running sandbox until it exits; report; remove it.
@@ -695,8 +725,10 @@ class Supervisor(Verbs, Checkpoints):
         assert self._janitor is not None
         watch = sb.cgroup.open_oom_watch()
         try:
-            if not late:
-                self.publish(announce or Started(**ident, pid=sb.pid))
+            if not late and not announce:
+                self.publish(Started(**ident, pid=sb.pid))
+            for event in announce:
+                self.publish(event)
             inst._up.set()
             if sb.pidfd >= 0:
                 async with trio.open_nursery() as watchers:

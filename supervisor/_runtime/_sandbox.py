@@ -1002,6 +1002,33 @@ class Runtime:
         except OSError as exc:
             raise CheckpointError(f"checkpoint of {key!r} failed: {os_failure(exc)}") from exc
 
+    def settle_checkpoints(self, name: str, timeout: float = CRIU_TIMEOUT) -> list[str]:
+        """Clear up after checkpoints of *name* that the death of the
+        process taking them interrupted; return their tags.
+
+        Each left a partial checkpoint, and perhaps a CRIU still at work:
+        killed mid-dump, CRIU would leave the sandbox with its parasite code
+        in it, so it is left to finish (up to *timeout*, then killed). Then
+        the partial checkpoint is removed. The sandbox may still be frozen
+        (the freeze and thaw around the dump are the caller's): the caller
+        decides, as only it knows whether it was paused before (blocking:
+        run it in a thread).
+        """
+        folder = self.checkpoints.dir(name)
+        try:
+            partials = sorted(
+                e for e in os.listdir(folder) if e.startswith(".") and e.endswith(".partial")
+            )
+        except OSError:
+            return []
+        tags = []
+        for entry in partials:
+            path = os.path.join(folder, entry)
+            _wait_for_criu(os.path.join(path, CRIU_PID), timeout)
+            shutil.rmtree(path, ignore_errors=True)
+            tags.append(entry[1 : -len(".partial")])
+        return tags
+
     def _checkpoint(
         self,
         sb: Sandbox,
@@ -1049,7 +1076,7 @@ class Runtime:
                 os.mkdir(pre, 0o700)
                 argv = [criu.binary, "pre-dump", *common, "--images-dir", pre]
                 pre_start = time.monotonic()
-                proc = _run_criu([*argv, "--log-file", "pre-dump.log", "--track-mem"])
+                proc = _run_criu([*argv, "--log-file", "pre-dump.log", "--track-mem"], partial)
                 pre_seconds = time.monotonic() - pre_start
                 if proc.returncode != 0:
                     if sb.poll() is not None:
@@ -1087,7 +1114,7 @@ class Runtime:
                 )
                 try:
                     criu_start = time.monotonic()
-                    proc = _run_criu(argv)
+                    proc = _run_criu(argv, partial)
                     criu_seconds = time.monotonic() - criu_start
                 except BaseException:
                     copy.kill()
@@ -1285,22 +1312,75 @@ def _fd_key(pid: int, fd: int) -> str:
         return ""
 
 
-def _run_criu(argv: list[str]) -> subprocess.CompletedProcess[str]:
+CRIU_PID = "criu.pid"
+"""In a partial checkpoint: ``PID STARTTIME`` of the CRIU writing it, for
+a supervisor that takes over after its predecessor died mid-checkpoint
+(see :meth:`Runtime.settle_checkpoints`)."""
+
+
+def _run_criu(argv: list[str], partial: str) -> subprocess.CompletedProcess[str]:
+    """Run CRIU (blocking), its identity noted in *partial* while it runs."""
     try:
-        return subprocess.run(
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            timeout=CRIU_TIMEOUT,
-            check=False,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise CheckpointError(f"criu {argv[1]} timed out after {CRIU_TIMEOUT:g} s") from exc
     except OSError as exc:
         raise CheckpointError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    pidfile = os.path.join(partial, CRIU_PID)
+    try:
+        with contextlib.suppress(OSError):
+            _write_atomic(pidfile, f"{proc.pid} {starttime(proc.pid)}\n")
+        try:
+            _, err = proc.communicate(timeout=CRIU_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            proc.communicate()
+            raise CheckpointError(f"criu {argv[1]} timed out after {CRIU_TIMEOUT:g} s") from exc
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        raise
+    finally:
+        _unlink(pidfile)
+    return subprocess.CompletedProcess(argv, proc.returncode, None, err)
+
+
+def _wait_for_criu(pidfile: str, timeout: float) -> None:
+    """Wait for the CRIU *pidfile* names, if it still runs; kill it after *timeout*."""
+    try:
+        with open(pidfile) as f:
+            pid, start = (int(x) for x in f.read().split())
+        pidfd = os.pidfd_open(pid)
+    except (OSError, ValueError):
+        return  # gone already (or never started)
+    try:
+        try:
+            if starttime(pid) != start:
+                return  # its PID was reused: that CRIU is gone
+        except OSError:
+            return
+        if not has_exited(pidfd, timeout):
+            _kill_pidfd(pidfd)
+            has_exited(pidfd, 5.0)
+    finally:
+        os.close(pidfd)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 _CP = ("cp", "-a", "--reflink=auto")
@@ -1395,14 +1475,7 @@ def _alive_in(pid: int, start: int, name: str) -> bool:
 def _write_record(path: str, record: Mapping[str, Any]) -> None:
     """Write a sandbox's record atomically: a reader (a supervisor taking
     the sandbox back) sees the old one or the new one, never half of one."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    _write_atomic(path, json.dumps(record))
 
 
 def _spawn_in_netns(netns: int, argv: list[str]) -> subprocess.Popen[str]:

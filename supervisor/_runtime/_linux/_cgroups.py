@@ -139,6 +139,10 @@ class Cgroup(ABC):
         """Let the cgroup's processes run again."""
 
     @abstractmethod
+    def is_frozen(self) -> bool:
+        """True if the cgroup is frozen, or being frozen (its freezer says so)."""
+
+    @abstractmethod
     def relative_paths(self) -> dict[str, str]:
         """The cgroup's path below each hierarchy's root, keyed by the
         hierarchy's controllers (``"memory"``, ``"cpu,cpuacct"``; ``""`` on v2)."""
@@ -515,6 +519,9 @@ class V1Cgroup(Cgroup):
     def thaw(self) -> None:
         _write(os.path.join(self.freezer_dir, "freezer.state"), "THAWED")
 
+    def is_frozen(self) -> bool:
+        return _read(os.path.join(self.freezer_dir, "freezer.state")).strip() != "THAWED"
+
     def relative_paths(self) -> dict[str, str]:
         by_dir: dict[str, list[str]] = {}
         for c, d in self._dirs.items():
@@ -687,6 +694,9 @@ class V2Cgroup(Cgroup):
 
     def thaw(self) -> None:
         _write(self._f("cgroup.freeze"), "0")
+
+    def is_frozen(self) -> bool:
+        return _read(self._f("cgroup.freeze")).strip() == "1"
 
     def relative_paths(self) -> dict[str, str]:
         return {"": "/" + os.path.relpath(self._path, self._mount).lstrip("./")}
