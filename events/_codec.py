@@ -195,6 +195,12 @@ def _optional_int(value: Any) -> int | None:
     return value
 
 
+def _strs(value: Any) -> tuple[str, ...]:
+    if type(value) not in (list, tuple) or not all(type(v) is str for v in value):
+        raise _Invalid("array of str")
+    return tuple(value)
+
+
 def _map(value: Any) -> dict[str, Any]:
     if type(value) is not dict or not all(type(k) is str for k in value):
         raise _Invalid("map with str keys")
@@ -211,6 +217,7 @@ _CHECKS: dict[str, _Check] = {
     "bool": _bool,
     "int | None": _optional_int,
     "dict[str, Any]": _map,
+    "tuple[str, ...]": _strs,
 }
 
 _HEADER: tuple[tuple[str, _Check], ...] = (

@@ -87,12 +87,19 @@ class Event:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SupervisorStarted(Event):
-    """The supervisor is up: its socket is listening, sandboxes come next."""
+    """The supervisor is up: its socket is listening, sandboxes come next.
+
+    ``swept``: sandboxes a predecessor or a killed ``corral run`` left half
+    made or half removed, whose leftovers it removed; ``problems``: what it
+    found and could not use (a record, an added sandbox), one line each.
+    """
 
     KIND: ClassVar[str] = "supervisor_started"
     sandbox: str = ""
     pid: int
     version: str
+    swept: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,32 @@ def test_a_restore_as_name_has_room_for_its_generation() -> None:
         SpecError, match=r"^as: expected at most 52 characters .* got 'b{53}' \(53\)$"
     ):
         check_instance_name("b" * 53, "as")
+
+
+def test_additions_round_trip_and_bad_entries_are_named(tmp_path: Path) -> None:
+    """What `add` and `restore --as` record reads back equal; an entry
+    that cannot be used is left out with one line naming it."""
+    from supervisor._core._additions import Addition, load_additions, save_additions
+
+    fleet = parse_fleet(
+        {
+            "sandbox": [
+                {"name": "a", "command": "sleep 1", "replicas": 2, "memory": "64M",
+                 "env": {"K": "v"}, "plugins": {"restart": {"policy": "always"}}},
+            ]
+        }
+    )  # fmt: skip
+    added = [
+        Addition(fleet.sandboxes[0], None, "/x/extra.toml"),
+        Addition(fleet.sandboxes[0], "copy", "restore --as"),
+    ]
+    save_additions(str(tmp_path), added)
+    assert load_additions(str(tmp_path)) == (added, [])
+    data = json.loads((tmp_path / "added.json").read_text())
+    data["sandboxes"].append({"name": "bad", "replicas": 1, "spec": {"argv": []}})
+    (tmp_path / "added.json").write_text(json.dumps(data))
+    got, problems = load_additions(str(tmp_path))
+    assert got == added
+    assert len(problems) == 1 and "the added sandbox 'bad' cannot be used" in problems[0]
+    save_additions(str(tmp_path), [])
+    assert not (tmp_path / "added.json").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -404,4 +405,81 @@ def test_a_supervisor_killed_during_a_checkpoint(dirs: Dirs, tmp_path: Path, cri
     with contextlib.suppress(ChildProcessError):
         os.waitpid(keeper, 0)
     _wait_gone(keeper)
+    _reap_strays()
+
+
+def test_sandboxes_added_at_run_time_are_taken_back(dirs: Dirs, tmp_path: Path) -> None:
+    """`corral add` is recorded in the state directory: the next supervisor
+    adopts the added sandbox like the fleet file's (not stopped as a
+    stranger), and `corral rm` drops the record."""
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(FLEET)
+    extra = tmp_path / "extra.toml"
+    extra.write_text('[[sandbox]]\nname = "extra"\ncommand = "while :; do sleep 0.1; done"\n')
+    first = Up(dirs, fleet_file)
+    try:
+        first.until(lambda r: r["event"] == "started" and r["sandbox"] == "w-0")
+        p = corral(dirs, "add", str(extra))
+        assert p.returncode == 0, p.stderr
+        started = first.until(lambda r: r["event"] == "started" and r["sandbox"] == "extra-0")
+    except BaseException:
+        first.abort()
+        raise
+    first.kill()
+    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    second = Up(dirs, fleet_file)
+    try:
+        adopted = second.until(lambda r: r["event"] == "adopted" and r["sandbox"] == "extra-0")
+        assert adopted["pid"] == started["pid"]
+        ps = corral(dirs, "ps", "--json")
+        assert {r["name"]: r["state"] for r in json.loads(ps.stdout)}["extra-0"] == "running"
+        p = corral(dirs, "rm", "extra")
+        assert p.returncode == 0, p.stderr
+        second.until(lambda r: r["event"] == "removed" and r["sandbox"] == "extra-0")
+        assert not (dirs.state / "added.json").exists()
+        second.stop()
+    except BaseException:
+        second.abort()
+        raise
+    # Taken back, never stopped as a stranger to the fleet file.
+    reasons = [r["reason"] for r in second.log if r["event"] == "stopping"]
+    assert "not in the fleet file" not in reasons
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(keeper, 0)
+    _wait_gone(keeper)
+
+
+def test_what_a_killed_corral_run_left_is_swept_and_reported_by_up(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """A `corral run` killed by SIGKILL takes its sandbox along; `corral up`
+    removes what it left and names it in supervisor_started.swept."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", "--name", "lost", "--",
+         "sh", "-c", "echo ready; sleep 1000"],
+        env=dirs.env, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert run.stdout is not None and run.stdout.readline() == b"ready\n"
+    record = json.loads((dirs.run / "sandboxes" / "lost.json").read_text())
+    init = os.pidfd_open(int(record["pid"]))
+    try:
+        run.kill()
+        run.communicate()
+        assert select.select([init], [], [], TIMEOUT)[0], "the sandbox outlived its corral run"
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, init, os.WEXITED)  # re-parented to us, a subreaper
+    finally:
+        os.close(init)
+    assert (dirs.state / "sandboxes" / "lost").exists()
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(FLEET)
+    up = Up(dirs, fleet_file)
+    try:
+        started = up.until(lambda r: r["event"] == "supervisor_started")
+        assert started["swept"] == ["lost"] and started["problems"] == []
+        assert not (dirs.state / "sandboxes" / "lost").exists()
+        up.stop()
+    except BaseException:
+        up.abort()
+        raise
     _reap_strays()

@@ -14,8 +14,9 @@ import trio
 
 import events
 
-from .._errors import CorralError, SpecError
+from .._errors import CorralError, SpecError, os_failure
 from .._runtime._sandbox import ExecProcess, Runtime
+from ._additions import Addition, save_additions
 from ._fleet import Fleet
 from ._instance import Ident, Instance, ident
 from ._limiters import Limiters
@@ -43,6 +44,7 @@ class SupervisorBase:
     _exec_ids: int
     _execs: dict[int, ExecProcess]
     _plugins: dict[str, tuple[PluginFn, dict[str, object]]]
+    _additions: list[Addition]
 
     def publish(self, event: events.Event) -> events.Event:
         """Publish on the bus (stamping sequence number and times)."""
@@ -75,6 +77,32 @@ class SupervisorBase:
     def _check_not_stopping(self) -> None:
         if self._stopping.is_set():
             raise CorralError("the fleet is stopping")
+
+    async def _save_additions(self, additions: list[Addition]) -> None:
+        """Record the sandboxes added at run time (see :mod:`._additions`);
+        raises CorralError (one line) if it cannot."""
+        assert self.runtime is not None
+        try:
+            await trio.to_thread.run_sync(
+                save_additions, self.runtime.state_dir, additions, limiter=self.limiters.disk
+            )
+        except OSError as exc:
+            raise CorralError(
+                f"cannot record the sandboxes added at run time: {os_failure(exc)}"
+            ) from None
+        self._additions = additions
+
+    def _additions_left(self) -> list[Addition]:
+        """The recorded additions whose instances are still in the fleet."""
+        return [
+            a
+            for a in self._additions
+            if (
+                a.alias in self._by_name
+                if a.alias
+                else any(c.name == a.config.name for c in self.fleet.sandboxes)
+            )
+        ]
 
     async def _supervise(self, inst: Instance) -> None:
         """Run one instance, generation after generation (the instance task)."""

@@ -3,6 +3,7 @@ from a checkpoint instead of started fresh."""
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any
 
@@ -14,6 +15,7 @@ from .._errors import CheckpointError, CorralError, SpecError, StateError
 from .._runtime._checkpoint import CheckpointInfo, check_criu, restore_weakens
 from .._runtime._sandbox import Sandbox
 from .._runtime._spec import SandboxSpec
+from ._additions import Addition
 from ._base import SupervisorBase
 from ._fleet import SandboxConfig, check_instance_name
 from ._instance import BUSY_CHECKPOINT, Instance, PendingRestore
@@ -161,6 +163,10 @@ class Checkpoints(SupervisorBase):
                     grace=source.grace,
                 )
                 target.alias = as_name
+                # Recorded first: the next supervisor takes it back too.
+                await self._save_additions(
+                    [*self._additions, Addition(target.config, as_name, "restore --as")]
+                )
                 pending = PendingRestore(info, fallback=False)
                 target._pending_restore = pending
                 target.set_state("starting")
@@ -201,6 +207,8 @@ class Checkpoints(SupervisorBase):
                 self.instances.remove(target)
                 self._by_name.pop(target.name, None)
                 target.request_stop()
+                with contextlib.suppress(CorralError):
+                    await self._save_additions(self._additions_left())
             raise pending.error
         assert pending.sandbox is not None
         return pending.sandbox

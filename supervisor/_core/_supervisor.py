@@ -15,10 +15,12 @@ event socket are fed from there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import ClassVar, Protocol
 
@@ -47,6 +49,7 @@ from .._runtime._linux._cgroups import OomWatch
 from .._runtime._linux._spawn import Keeper, KeeperError
 from .._runtime._sandbox import ExecProcess, Runtime, Sandbox
 from .._version import __version__
+from ._additions import Addition, load_additions, save_additions
 from ._adopt import (
     Found,
     Survey,
@@ -153,6 +156,8 @@ class Supervisor(Verbs, Checkpoints):
         self._janitor: trio.Nursery | None = None
         self._fleet_nursery: trio.Nursery | None = None
         self._exec_ids = 0
+        self._additions: list[Addition] = []
+        """The sandboxes added at run time, as recorded (see :mod:`._additions`)."""
         self._execs: dict[int, ExecProcess] = {}
         # Resolve every plugin now: a typo in a fleet file is an error at
         # start-up, not a surprise at the first crash.
@@ -280,7 +285,9 @@ class Supervisor(Verbs, Checkpoints):
             instance, _, generation = name.rpartition(".")
             return instance in self._by_name and generation.isdigit()
 
+        additions_problems = self._take_back_additions(self.runtime.state_dir)
         found = survey(self.runtime, self.keeper, exit_published, owned)
+        found.problems[:0] = additions_problems
         # Generations are numbered on across supervisors, so that an
         # event's (sandbox, generation) names one run, ever.
         last = last_generations(self.runtime.state_dir)
@@ -307,6 +314,54 @@ class Supervisor(Verbs, Checkpoints):
                 owner.generation = max(owner.generation, f.generation + 1)
         return found
 
+    def _take_back_additions(self, state_dir: str) -> list[str]:
+        """Make the instances of the sandboxes added at run time to the
+        predecessor's fleet (``corral add``, ``restore --as``), unless the
+        fleet file now has their names or they need a plugin this
+        supervisor does not run; return the problems (blocking)."""
+        additions, problems = load_additions(state_dir)
+        kept = []
+        for addition in additions:
+            cfg = addition.config
+            names = (
+                [addition.alias]
+                if addition.alias
+                else [cfg.instance_name(i) for i in range(cfg.replicas)]
+            )
+            clash = [n for n in names if n in self._by_name]
+            if clash or any(c.name == cfg.name for c in self.fleet.sandboxes):
+                problems.append(
+                    f"the sandbox {cfg.name!r} added at run time is now in the fleet file:"
+                    " the file's entry is used"
+                )
+                continue
+            unknown = [p for p in cfg.plugins if p not in self._plugins]
+            if unknown:
+                problems.append(
+                    f"the sandbox {cfg.name!r} added at run time needs plugin {unknown[0]!r},"
+                    " which this supervisor does not run: it is stopped"
+                )
+                continue
+            kept.append(addition)
+            if addition.alias:
+                inst = Instance(cfg, 0, grace=self.fleet.supervisor.grace_period)
+                inst.alias = addition.alias
+                new = [inst]
+            else:
+                self.fleet = replace(self.fleet, sandboxes=(*self.fleet.sandboxes, cfg))
+                new = [
+                    Instance(cfg, i, grace=self.fleet.supervisor.grace_period)
+                    for i in range(cfg.replicas)
+                ]
+            for inst in new:
+                self.instances.append(inst)
+                self._by_name[inst.name] = inst
+        self._additions = kept
+        if len(kept) != len(additions):
+            with contextlib.suppress(OSError):
+                save_additions(state_dir, kept)
+        return problems
+
     async def _run_services(self, task_status: trio.TaskStatus[None]) -> None:
         assert self.bus is not None
         bus = self.bus
@@ -330,7 +385,16 @@ class Supervisor(Verbs, Checkpoints):
             signals = trio.CancelScope()
             if self._handle_signals:
                 services.start_soon(self._signals, signals)
-            self.publish(SupervisorStarted(sandbox="", pid=os.getpid(), version=_version()))
+            found = self.survey
+            self.publish(
+                SupervisorStarted(
+                    sandbox="",
+                    pid=os.getpid(),
+                    version=_version(),
+                    swept=tuple(found.swept) if found else (),
+                    problems=tuple(found.problems) if found else (),
+                )
+            )
             async with trio.open_nursery() as plugins:
                 for name, (fn, config) in self._plugins.items():
                     plugins.start_soon(run_plugin, fn, config, PluginHandle(self, name))

@@ -4,6 +4,7 @@ of a running fleet. Each starts with the state guard of :mod:`._states`.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ from events import (
 
 from .._errors import CorralError, SandboxError, SpecError, StateError
 from .._runtime._spec import Limits
+from ._additions import Addition
 from ._base import SupervisorBase
 from ._instance import BUSY_PAUSE, Ident, Instance, PendingRestore
 from ._plugin_host import settings_problems
@@ -362,6 +364,10 @@ class Verbs(SupervisorBase):
             problems.append("[supervisor] settings apply to the whole fleet: set them at start-up")
         if problems:
             raise SpecError(path, "; ".join(problems))
+        # Recorded first: the next supervisor takes them back with the rest.
+        await self._save_additions(
+            [*self._additions, *(Addition(cfg, None, path) for cfg in added.sandboxes)]
+        )
         self.fleet = replace(self.fleet, sandboxes=self.fleet.sandboxes + added.sandboxes)
         new = [
             Instance(cfg, i, grace=self.fleet.supervisor.grace_period)
@@ -400,4 +406,10 @@ class Verbs(SupervisorBase):
         self.fleet = replace(
             self.fleet, sandboxes=tuple(c for c in self.fleet.sandboxes if c.name in left)
         )
+        additions = self._additions_left()
+        if additions != self._additions:
+            with contextlib.suppress(CorralError):
+                # Removed already; at worst the next supervisor finds it
+                # recorded and not running, and starts it again.
+                await self._save_additions(additions)
         return found
