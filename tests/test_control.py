@@ -293,6 +293,40 @@ def test_a_member_of_the_socket_group_is_admitted(dirs: Dirs) -> None:
     run(f, dirs, body)
 
 
+def test_a_member_of_the_socket_group_cannot_replace_the_supervisor(dirs: Dirs) -> None:
+    """handover (what `corral up --takeover` asks) is root's: a group
+    member may drive sandboxes, not end who supervises them."""
+    f = fleet({"name": "web", "command": "exec sleep 1000"}, socket_group=4242)
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        path = _sock(dirs)
+        for d in (dirs.run.parent, dirs.run):
+            os.chmod(d, 0o755)
+        code = (
+            "import sys; from supervisor._control._client import ControlError, call\n"
+            "try:\n    call(sys.argv[1], 'handover')\n"
+            "except ControlError as exc:\n    print(exc.code, exc)\n"
+        )
+        r = await trio.run_process(
+            [sys.executable, "-c", code, path],
+            user=65534,
+            group=65534,
+            extra_groups=[4242],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        assert r.stdout.decode().strip() == (
+            "forbidden handover: only root may replace the supervisor"
+        ), r.stderr
+        assert not sup._stopping.is_set()
+
+    evs = run(f, dirs, body)
+    assert not [e for e in evs if e.kind == "supervisor_stopping" and "handed" in e.reason]  # type: ignore[attr-defined]
+
+
 # Run as a member of socket_group: holds N connections, each admitted (its
 # ping answered), then asks on one more; prints "OKS CODE", then keeps them
 # all open until its stdin closes.

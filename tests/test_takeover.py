@@ -483,3 +483,49 @@ def test_what_a_killed_corral_run_left_is_swept_and_reported_by_up(
         up.abort()
         raise
     _reap_strays()
+
+
+def test_a_live_upgrade_replaces_the_supervisor_without_stopping_anything(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """`corral up --takeover` on a live fleet: the running supervisor hands
+    over (its last events say so; it stops nothing) and ends; the new one
+    adopts every sandbox (same processes), and the sequence continues."""
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(FLEET)
+    first = Up(dirs, fleet_file)
+    try:
+        for name in ("w-0", "w-1", "quit-0"):
+            first.until(lambda r, n=name: r["event"] == "started" and r["sandbox"] == n)
+    except BaseException:
+        first.abort()
+        raise
+    pids = {n: int(r["pid"]) for n, r in first.events("started").items()}  # type: ignore[call-overload]
+    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    second = Up(dirs, fleet_file, "--takeover")
+    try:
+        out, err = first.proc.communicate(timeout=TIMEOUT)
+        assert first.proc.returncode == 0, err
+        first.log += [json.loads(line) for line in out.splitlines()]
+        (stopping,) = [r for r in first.log if r["event"] == "supervisor_stopping"]
+        assert stopping["reason"] == "handed over to a new supervisor"
+        kinds = {str(r["event"]) for r in first.log if r.get("sandbox")}
+        assert kinds == {"created", "started"}, first.log
+        for name in ("w-0", "w-1", "quit-0"):
+            second.until(lambda r, n=name: r["event"] == "adopted" and r["sandbox"] == n)
+        adopted = second.events("adopted")
+        assert {n: adopted[n]["pid"] for n in pids} == pids
+        seqs = [int(r["seq"]) for r in first.log + second.log]  # type: ignore[call-overload]
+        assert seqs == sorted(set(seqs))
+        _wait_output_grows(dirs, "w-0", _log_size(dirs, "w-0"))
+        second.stop()
+    except BaseException:
+        second.abort()
+        raise
+    stopped = {str(r["sandbox"]) for r in second.log if r.get("event") == "stopped"}
+    assert stopped == set(pids)
+    # The keeper the first supervisor started, re-parented to us when it
+    # ended, ends once nothing is held.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(keeper, 0)
+    _wait_gone(keeper)

@@ -46,6 +46,12 @@ def add_parsers(sub: Subparsers) -> None:
         help="restart a sandbox taken back from a previous supervisor if the fleet file now"
         " describes it otherwise (default: it runs on as it is, reported as changed)",
     )
+    up.add_argument(
+        "--takeover",
+        action="store_true",
+        help="if a supervisor already runs these sandboxes, replace it without stopping any"
+        " (a live upgrade): it hands them over and ends, and this one takes them back",
+    )
 
     up.set_defaults(func=_up)
 
@@ -101,6 +107,7 @@ def _up(args: argparse.Namespace) -> int:
         ignore_hup=args.ignore_sighup,
         log=True,
         recreate_changed=args.recreate_changed,
+        takeover=args.takeover,
     )
     trio.run(supervisor.run)
     return 0

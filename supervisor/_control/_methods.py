@@ -20,6 +20,7 @@ import trio
 from .._errors import CorralError, SpecError
 from .._runtime._checkpoint import check_criu, restore_weakens
 from .._runtime._linux._cgroups import CgroupStats
+from ._client import ControlError
 
 if TYPE_CHECKING:
     from .._core._instance import Instance
@@ -236,10 +237,12 @@ class Context:
     """What a method gets besides its parameters: the descriptors sent with
     the request, and a way to send ``progress`` before the answer."""
 
-    def __init__(self, send: Send, rid: int, fds: list[int]) -> None:
+    def __init__(self, send: Send, rid: int, fds: list[int], *, privileged: bool = False) -> None:
         self._send = send
         self._rid = rid
         self.fds = fds
+        self.privileged = privileged
+        """The client is root or the supervisor's own user."""
 
     async def progress(self, data: dict[str, Any], fds: Sequence[int] = ()) -> None:
         """Send ``{"id": ..., "progress": data}``, with *fds* attached."""
@@ -424,6 +427,15 @@ async def _exec_signal(sup: Supervisor, params: dict[str, Any], ctx: Context) ->
     return None
 
 
+async def _handover(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    # Ending the supervisor is root's (or its own user's): a member of
+    # socket_group may drive sandboxes, not replace who supervises them.
+    if not ctx.privileged:
+        raise ControlError("forbidden", "handover: only root may replace the supervisor")
+    sup.hand_over()
+    return {"pid": os.getpid()}
+
+
 METHODS: dict[str, Method] = {
     "ping": _ping,
     "ps": _ps,
@@ -442,4 +454,5 @@ METHODS: dict[str, Method] = {
     "checkpoint": _checkpoint,
     "restore": _restore,
     "checkpoints": _checkpoints,
+    "handover": _handover,
 }

@@ -157,6 +157,8 @@ class _Connection:
         self.idle_timeout = idle_timeout
         self._in_flight = 0
         self._idle_since = trio.current_time()
+        self.privileged = False
+        """The peer is root or our own user (some methods are theirs only)."""
         self.reading: trio.CancelScope | None = None
         """The scope of the read that waits for the next request, if one
         waits: its deadline is the idle deadline, moved as requests begin
@@ -234,7 +236,7 @@ async def _serve_one(
         if not peer_allowed(sock, group):
             await conn.send(_error(None, "forbidden", "permission denied"))
             return
-        privileged = peer_privileged(sock)
+        privileged = conn.privileged = peer_privileged(sock)
         slot = slots.take(privileged)
         if slot is None:
             await conn.send(_error(None, "busy", slots.busy_message(privileged)))
@@ -340,7 +342,7 @@ async def _answer(
     req: Any,
     fds: list[int],
 ) -> None:
-    ctx = Context(conn.send, _rid(req) or 0, fds)
+    ctx = Context(conn.send, _rid(req) or 0, fds, privileged=conn.privileged)
     try:
         rid = _rid(req)
         if rid is None:

@@ -15,7 +15,7 @@ import os
 import trio
 
 from .._core import _supervisor as core
-from ._client import CONTROL_SOCKET
+from ._client import CONTROL_SOCKET, call
 from ._server import serve_control
 
 __all__ = ["Supervisor", "control_service"]
@@ -41,3 +41,7 @@ class Supervisor(core.Supervisor):
     to it run after the control socket's."""
 
     default_services = (control_service,)
+
+    def _ask_to_hand_over(self, run_dir: str) -> int:
+        answer = call(os.path.join(run_dir, CONTROL_SOCKET), "handover")
+        return int(answer["pid"])

@@ -48,6 +48,13 @@ class SupervisorRunningError(CorralError):
     """Another supervisor runs the sandboxes of this run directory."""
 
 
+def lock_holder(run_dir: str) -> int:
+    """The PID the run directory's supervisor lock names (its holder's,
+    while it is held); raises OSError or ValueError if there is none."""
+    with open(os.path.join(run_dir, LOCK_FILE)) as f:
+        return int(f.read().split()[0])
+
+
 def lock_run_dir(run_dir: str) -> int:
     """Take the run directory's supervisor lock; return its descriptor
     (held until the process ends: the kernel drops it even on SIGKILL)."""
@@ -63,7 +70,8 @@ def lock_run_dir(run_dir: str) -> int:
         os.close(fd)
         raise SupervisorRunningError(
             f"a supervisor{holder} already runs the sandboxes of {run_dir}:"
-            " stop it first (its sandboxes are taken back by the next one)"
+            " stop it first (its sandboxes are taken back by the next one), or replace it"
+            " with corral up --takeover"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -52,9 +52,11 @@ from .._version import __version__
 from ._additions import Addition, load_additions, save_additions
 from ._adopt import (
     Found,
+    SupervisorRunningError,
     Survey,
     changed,
     last_generations,
+    lock_holder,
     lock_run_dir,
     note_generation,
     spec_data,
@@ -100,6 +102,11 @@ class Service(Protocol):
     ) -> Awaitable[None]: ...
 
 
+HANDOVER_TIMEOUT = 300.0
+"""Seconds a supervisor asked to hand over may take to end (it first
+finishes the operations in progress, such as a checkpoint)."""
+
+
 class Supervisor(Verbs, Checkpoints):
     """Runs a fleet and turns what the kernel reports into events.
 
@@ -129,9 +136,11 @@ class Supervisor(Verbs, Checkpoints):
         log: bool = False,
         services: Sequence[Service] = (),
         recreate_changed: bool = False,
+        takeover: bool = False,
     ) -> None:
         self.fleet = fleet
         self._recreate_changed = recreate_changed
+        self._takeover = takeover
         self.keeper: Keeper | None = None
         """The keeper: the sandboxes' parent and holder (see :class:`Keeper`)."""
         self.survey: Survey | None = None
@@ -157,6 +166,8 @@ class Supervisor(Verbs, Checkpoints):
         self._fleet_nursery: trio.Nursery | None = None
         self._exec_ids = 0
         self._additions: list[Addition] = []
+        self._handing_over = False
+        self._pump_scopes: set[trio.CancelScope] = set()
         """The sandboxes added at run time, as recorded (see :mod:`._additions`)."""
         self._execs: dict[int, ExecProcess] = {}
         # Resolve every plugin now: a typo in a fleet file is an error at
@@ -219,7 +230,12 @@ class Supervisor(Verbs, Checkpoints):
         run_dir = self._run_dir or os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR
         # One supervisor per run directory: a second one would fight the
         # first over its sandboxes. Dropped by the kernel when we end.
-        lock = lock_run_dir(run_dir)
+        try:
+            lock = lock_run_dir(run_dir)
+        except SupervisorRunningError:
+            if not self._takeover:
+                raise
+            lock = await self._take_over(run_dir)
         try:
             # The holder of the sandboxes: one a predecessor left running
             # (holding its sandboxes for us), or a new one.
@@ -412,6 +428,8 @@ class Supervisor(Verbs, Checkpoints):
                         task_status.started()
                         await self._stopping.wait()
                         self.publish(SupervisorStopping(sandbox="", reason=self._stop_reason))
+                        if self._handing_over:
+                            await self._let_go(fleet)
                         for inst in self.instances:
                             inst.request_stop()
                             if inst._pending_restore is not None:
@@ -420,6 +438,11 @@ class Supervisor(Verbs, Checkpoints):
                                 )
                                 inst._pending_restore.done.set()
                     keeper_watch.cancel()
+                    if self._handing_over:
+                        # The keeper holds the pipes: what is in them is the
+                        # successor's to read.
+                        for scope in self._pump_scopes:
+                            scope.cancel()
                 self.publish(SupervisorStopped(sandbox=""))
                 # Closing the bus ends the services and plugins gracefully:
                 # every consumer (log, event log, socket clients) gets every
@@ -431,6 +454,60 @@ class Supervisor(Verbs, Checkpoints):
             signals.cancel()
             for scope in scopes:
                 scope.cancel()
+
+    async def _take_over(self, run_dir: str) -> int:
+        """Have the supervisor that runs *run_dir*'s sandboxes hand them
+        over (see :meth:`hand_over`), wait for it to end, and take the run
+        directory's lock; return it."""
+        try:
+            pid = lock_holder(run_dir)
+            pidfd = os.pidfd_open(pid)
+        except (OSError, ValueError):
+            return lock_run_dir(run_dir)  # it ended meanwhile
+        try:
+            answer = await trio.to_thread.run_sync(self._ask_to_hand_over, run_dir)
+            if answer != pid:
+                raise CorralError(
+                    f"--takeover: the lock of {run_dir} is held by pid {pid}, but pid {answer}"
+                    " answered the control socket"
+                )
+            with trio.move_on_after(HANDOVER_TIMEOUT):
+                await trio.lowlevel.wait_readable(pidfd)
+                return lock_run_dir(run_dir)
+            raise CorralError(
+                f"--takeover: the supervisor (pid {pid}) did not end within"
+                f" {HANDOVER_TIMEOUT:g} s of handing over"
+            )
+        finally:
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
+
+    def _ask_to_hand_over(self, run_dir: str) -> int:
+        """Ask the supervisor of *run_dir* to hand over; its PID (blocking).
+        The core has no control plane: :class:`supervisor.Supervisor` does."""
+        raise CorralError("--takeover needs a supervisor with a control socket")
+
+    def hand_over(self) -> None:
+        """End this supervisor and leave every sandbox running, for a
+        successor to take back (``corral up --takeover``: a live upgrade).
+
+        Operations in progress (a checkpoint, a create) finish first; then
+        each instance lets go of its sandbox as it is, and the supervisor
+        ends as on a stop, but without stopping anything.
+        """
+        self._check_not_stopping()
+        self._handing_over = True
+        self._stop_reason = "handed over to a new supervisor"
+        self._stopping.set()
+
+    async def _let_go(self, fleet: trio.Nursery) -> None:
+        """Wait for the operations in progress, then end every instance task
+        without touching its sandbox (see :meth:`hand_over`)."""
+        for inst in self.instances:
+            if inst._pending_restore is not None:
+                await inst._pending_restore.done.wait()
+            await inst._idle.wait()
+        fleet.cancel_scope.cancel()
 
     def _start_taking_back(self, janitor: trio.Nursery) -> None:
         """Sweep old generations, stop sandboxes no longer in the fleet."""
@@ -758,6 +835,11 @@ class Supervisor(Verbs, Checkpoints):
         try:
             await self._watch(inst, sb, ident, announce=announce, late=late)
         except BaseException:
+            if self._handing_over:
+                # Cancelled for a successor, which takes it back as it is.
+                sb.detach()
+                inst.sandbox = None
+                raise
             # Cancelled (the supervisor is being torn down) or a bug: either
             # way the sandbox must not outlive its task.
             with trio.CancelScope(shield=True):
@@ -852,13 +934,18 @@ class Supervisor(Verbs, Checkpoints):
         else:
             self._janitor.start_soon(self._destroy, sb)
 
-    @staticmethod
-    async def _pump(fd: int, stream: str, writer: OutputWriter) -> None:
+    async def _pump(self, fd: int, stream: str, writer: OutputWriter) -> None:
         def full_disk(exc: OSError) -> None:
             pass  # keep draining: a blocked sandbox would be worse than lost output
 
-        with trio.CancelScope(shield=True):
-            await pump(fd, stream, writer, on_error=full_disk)
+        # Shielded: it drains to the end, even while the supervisor is torn
+        # down; only a hand-over cancels it (see _let_go).
+        with trio.CancelScope(shield=True) as scope:
+            self._pump_scopes.add(scope)
+            try:
+                await pump(fd, stream, writer, on_error=full_disk)
+            finally:
+                self._pump_scopes.discard(scope)
 
     async def _destroy(self, sb: Sandbox) -> None:
         with trio.CancelScope(shield=True):

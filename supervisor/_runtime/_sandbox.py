@@ -330,6 +330,19 @@ class Sandbox:
                 self._reaper.forget(self._proc)
                 self._release_pidfd()
 
+    def detach(self) -> None:
+        """Let go of the sandbox without touching it: it runs on, recorded,
+        for whoever takes it back next (:meth:`Runtime.adopt`). Only our
+        descriptors are closed; :meth:`destroy` then does nothing."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self._cleanup.pop_all()  # the removal steps are the next owner's now
+        if self._mntns >= 0:
+            os.close(self._mntns)
+            self._mntns = -1
+        self._release_pidfd()
+
     def __enter__(self) -> Sandbox:
         return self
 

@@ -619,6 +619,10 @@ class Keeper(Reaper):
             _close(fds)
         if self._proc is None:
             return
+        if held and self.run_dir is not None:
+            # A holder still holding sandboxes stays, for the next
+            # supervisor (a hand-over must not wait for it).
+            return
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
