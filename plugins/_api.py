@@ -22,7 +22,7 @@ plugin failure at some sandbox's first exit.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
@@ -102,7 +102,8 @@ class Subscription(Protocol):
     """What :meth:`Handle.subscribe` returns: the matching events in publish
     order, with an ``events.Gap`` where some were lost.
 
-    An ``events.Subscription`` is one. The supervisor's also resumes: when
+    An ``events.Subscription`` is one. To fill a gap, a plugin replays it
+    with :meth:`Handle.replay`. The supervisor's also resumes: when
     a plugin is restarted after an error, the first subscription it opens
     again with the same filter starts with the events after the last one
     the previous run was given (from the journal), then goes on live.
@@ -125,10 +126,6 @@ class Subscription(Protocol):
 
     def receive_nowait(self) -> events.Event:
         """The next event if one is at hand, else ``trio.WouldBlock``."""
-        ...
-
-    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
-        """Journaled events with this subscription's filter, e.g. to fill a gap."""
         ...
 
     def close(self) -> None:
@@ -159,8 +156,10 @@ class Handle(Protocol):
         restarted plugin's subscription resumes (:class:`Subscription`)."""
         ...
 
-    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
-        """Events from the journal, e.g. to recover a gap."""
+    def replay(self, since: int, until: int | None = None) -> AsyncIterator[events.Event]:
+        """Events from the journal, e.g. to recover a gap: ``async for ev in
+        handle.replay(since)`` (read in a worker thread: a replay may be
+        the whole journal, never read on the supervisor's trio thread)."""
         ...
 
     def publish(self, event: events.Event) -> events.Event:

@@ -138,12 +138,12 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
     log = _settings(handle, config)
     try:
         with handle.subscribe(maxsize=4096) as sub:
-            for missed in handle.replay(log.last_seq + 1):
+            async for missed in handle.replay(log.last_seq + 1):
                 if not isinstance(missed, events.Gap):
                     log.write(missed)
             async for event in sub:
                 if isinstance(event, events.Gap):
-                    for missed in handle.replay(event.first, event.last):
+                    async for missed in handle.replay(event.first, event.last):
                         if not isinstance(missed, events.Gap):
                             log.write(missed)
                 elif event.seq > log.last_seq:

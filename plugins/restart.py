@@ -290,7 +290,7 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
         async with trio.open_nursery() as nursery:
             async for ev in sub:
                 if isinstance(ev, events.Gap):
-                    for missed in handle.replay(ev.first, ev.last):
+                    async for missed in handle.replay(ev.first, ev.last):
                         await handle_event(nursery, missed)
                     continue
                 await handle_event(nursery, ev)

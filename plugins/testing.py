@@ -22,7 +22,7 @@ the same events the supervisor would (``failed``, ``limit_changed``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,9 +86,10 @@ class FakeHandle:
         """Subscribe to the in-memory bus."""
         return self.bus.subscribe(kinds, sandboxes, maxsize)
 
-    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
+    async def replay(self, since: int, until: int | None = None) -> AsyncIterator[events.Event]:
         """No journal here: a replay is one gap."""
-        return self.bus.replay(since, until)
+        for event in self.bus.replay(since, until):
+            yield event
 
     def publish(self, event: events.Event) -> events.Event:
         """Publish on the in-memory bus (also how a test injects events)."""

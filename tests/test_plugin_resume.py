@@ -315,3 +315,37 @@ def test_without_a_journal_the_missed_events_are_a_gap() -> None:
         subs.end_run(bus)
 
     trio.run(fail_after(main))
+
+
+def test_a_plugin_s_replay_reads_the_journal_in_chunks_off_the_trio_thread(
+    journal: events.Journal,
+) -> None:
+    """handle.replay (and a subscription's) is an async iterator: the
+    range, filtered, read REPLAY_CHUNK at a time in a worker thread."""
+    from events._filter import Filter
+    from supervisor._core._plugin_subscription import replay
+
+    bus = events.Bus(journal)
+    total = REPLAY_CHUNK * 3 + 7
+    for n in range(total):
+        bus.publish(exited("a") if n % 2 else tick(n))
+    threads: set[object] = set()
+    real = trio.to_thread.run_sync
+
+    async def spy(fn: Callable[..., object], *args: object, **kw: object) -> object:
+        threads.add(fn)
+        return await real(fn, *args, **kw)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        trio.to_thread.run_sync = spy  # type: ignore[assignment]
+        try:
+            every = [e.seq async for e in replay(bus, Filter(None, None), 5, None, None)]
+            assert every == list(range(5, total + 1))
+            a = [e.seq async for e in replay(bus, Filter(None, ["a"]), 1, 20, None)]
+            assert a == list(range(2, 21, 2))
+            assert [e async for e in replay(bus, Filter(None, None), total + 1, None, None)] == []
+        finally:
+            trio.to_thread.run_sync = real
+
+    trio.run(fail_after(main))
+    assert threads, "the journal was read on the trio thread"

@@ -12,7 +12,7 @@ import trio
 import events
 from plugins import Handle
 from plugins import restart as restart_plugin
-from supervisor import Supervisor
+from supervisor import SpecError, Supervisor
 from supervisor._core._fleet import parse_fleet
 
 from .conftest import Dirs, requires_root
@@ -199,7 +199,10 @@ def test_the_restart_plugin_restarts_what_exited_while_it_was_down(dirs: Dirs) -
             sup, lambda e: isinstance(e, events.PluginFailed) and e.plugin == "unchecked_restart"
         )
         await wait_event(sup, lambda e: isinstance(e, events.Started) and e.sandbox == "svc-0")
-        await sup.kill_sandbox("svc-0", int(signal.SIGTERM))
+        # As a plugin would pass it: an IntEnum, encoded as the int it is.
+        await sup.kill_sandbox("svc-0", signal.SIGTERM)
+        with pytest.raises(SpecError, match="signal: expected a signal number, got 999"):
+            await sup.kill_sandbox("svc-0", 999)
         await wait_event(sup, lambda e: isinstance(e, events.Exited) and e.sandbox == "svc-0")
         _Gate.back.set()
         await wait_event(
@@ -209,6 +212,8 @@ def test_the_restart_plugin_restarts_what_exited_while_it_was_down(dirs: Dirs) -
 
     evs = run(f, dirs, body)
     (failure,) = [e for e in evs if isinstance(e, events.PluginFailed)]
+    (signaled,) = of(evs, events.Signaled, "svc-0")
+    assert (type(signaled.signal), signaled.signal, signaled.name) == (int, 15, "SIGTERM")
     assert (failure.plugin, failure.action) == ("unchecked_restart", "restart")
     assert "policy: sandbox 'bad-0': expected no, on-failure" in failure.error
     (exit0,) = [e for e in of(evs, events.Exited, "svc-0") if e.generation == 0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from importlib.metadata import entry_points
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 import events
+from events._filter import Filter
 
 from .._errors import CorralError
 from ._plugin_group import ENTRY_POINT_GROUP
-from ._plugin_subscription import PluginSubscription, PluginSubscriptions
+from ._plugin_subscription import PluginSubscription, PluginSubscriptions, replay
 
 if TYPE_CHECKING:
     from .._runtime._checkpoint import CheckpointInfo
@@ -283,10 +284,10 @@ class PluginHandle:
             self._sup.bus, kinds, sandboxes, maxsize, limiter=self._sup.limiters.disk
         )
 
-    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
-        """Events from the journal."""
+    def replay(self, since: int, until: int | None = None) -> AsyncIterator[events.Event]:
+        """Events from the journal, read in a worker thread (``async for``)."""
         assert self._sup.bus is not None
-        return self._sup.bus.replay(since, until)
+        return replay(self._sup.bus, Filter(None, None), since, until, self._sup.limiters.disk)
 
     def publish(self, event: events.Event) -> events.Event:
         """Publish an event; returns it stamped.

@@ -26,11 +26,12 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 import trio
 
 import events
+from events._filter import Filter
 
 __all__ = ["REPLAY_CHUNK", "PluginSubscription", "PluginSubscriptions"]
 
@@ -139,9 +140,11 @@ class PluginSubscriptions:
             # Opened again in the same run (the plugin caught its own error
             # and subscribed anew): this one takes that one's place.
             left.pop(0)
-        backlog = _Backlog(bus, live, since + 1, upto, limiter) if since < upto else None
+        backlog = _Backlog(bus, live.filter, since + 1, upto, limiter) if since < upto else None
         self._opens += 1
-        sub = PluginSubscription(self, key, self._opens, bus, live, _Cursor(since), backlog)
+        sub = PluginSubscription(
+            self, key, self._opens, bus, live, _Cursor(since), backlog, limiter
+        )
         self._open.add(sub)
         return sub
 
@@ -158,13 +161,13 @@ class _Backlog:
     def __init__(
         self,
         bus: events.Bus,
-        live: events.Subscription,
+        filter: Filter,
         first: int,
         upto: int,
         limiter: trio.CapacityLimiter | None,
     ) -> None:
         self._bus = bus
-        self._filter = live.filter
+        self._filter = filter
         self._limiter = limiter
         self._next = first  # the first seq not yet read
         self.upto = upto
@@ -220,6 +223,29 @@ class _Backlog:
                 self._give_up()
 
 
+async def replay(
+    bus: events.Bus,
+    filter: Filter,
+    since: int,
+    until: int | None,
+    limiter: trio.CapacityLimiter | None,
+) -> AsyncIterator[events.Event]:
+    """The journaled events *since*..*until* (default: the last published)
+    that pass *filter*, read a chunk at a time in a worker thread (a
+    replay may be the whole journal, never read on the trio thread); a
+    Gap for what the journal lacks."""
+    upto = bus.last_seq if until is None else min(until, bus.last_seq)
+    if max(since, 1) > upto:
+        return
+    backlog = _Backlog(bus, filter, max(since, 1), upto, limiter)
+    while True:
+        await backlog.fill()
+        ev = backlog.take_nowait()
+        if ev is None:
+            return
+        yield ev
+
+
 def _read_chunk(reader: Iterator[events.Event]) -> list[events.Event]:
     # In a worker thread, one at a time per reader (the caller awaits it).
     return list(itertools.islice(reader, REPLAY_CHUNK))
@@ -247,7 +273,9 @@ class PluginSubscription:
         live: events.Subscription,
         cursor: _Cursor,
         backlog: _Backlog | None,
+        limiter: trio.CapacityLimiter | None = None,
     ) -> None:
+        self._limiter = limiter
         self._owner = owner
         self._key = key
         self._order = order
@@ -300,9 +328,10 @@ class PluginSubscription:
         self._cursor.seq = max(self._cursor.seq, backlog.upto)
         self._backlog = None
 
-    def replay(self, since: int, until: int | None = None) -> Iterator[events.Event]:
-        """:meth:`events.Bus.replay` with this subscription's filter."""
-        return self._live.replay(since, until)
+    def replay(self, since: int, until: int | None = None) -> AsyncIterator[events.Event]:
+        """:meth:`events.Bus.replay` with this subscription's filter, read
+        in a worker thread: ``async for ev in sub.replay(gap.first, gap.last)``."""
+        return replay(self._bus, self._live.filter, since, until, self._limiter)
 
     def close(self) -> None:
         """Unsubscribe: the plugin has stopped listening, and a run after a

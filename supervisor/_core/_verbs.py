@@ -77,14 +77,28 @@ class Verbs(SupervisorBase):
             return
         old = inst.memory_limit
         inst.memory_override, inst.memory_overridden = limit, True
-        if inst.sandbox is not None and limit is not None:
+        ident = self._ident(inst)
+        self.publish(LimitChanged(**ident, limit="memory", old=old, new=limit, reason=reason))
+        sb = inst.sandbox
+        if sb is None or limit is None or self._janitor is None:
+            return
+
+        async def apply() -> None:
+            # In a worker thread: lowering memory.max makes the writer
+            # reclaim the difference, which may take long.
             try:
-                inst.sandbox.cgroup.apply(Limits(memory=limit))
-            except CorralError as exc:
-                reason = f"{reason} (applies from the next start: {exc})"
-        self.publish(
-            LimitChanged(**self._ident(inst), limit="memory", old=old, new=limit, reason=reason)
-        )
+                await trio.to_thread.run_sync(
+                    sb.cgroup.apply, Limits(memory=limit), limiter=self.limiters.lifecycle
+                )
+            except (CorralError, OSError) as exc:
+                if inst.sandbox is sb and sb.poll() is None:
+                    # Still running under the old limit: say so.
+                    why = f"{reason}: cannot be applied live ({exc}); applies from the next start"
+                    self.publish(
+                        LimitChanged(**ident, limit="memory", old=limit, new=old, reason=why)
+                    )
+
+        self._janitor.start_soon(apply)
 
     # -- the control socket's (docs/control.md) ----------------------------------
 
@@ -179,6 +193,12 @@ class Verbs(SupervisorBase):
         PID; tini passes it on to the command (SIGKILL and SIGSTOP it cannot
         catch: those end, or stop, the whole sandbox).
         """
+        try:
+            # An int, whatever it came as (a plugin's signal.SIGTERM is an
+            # IntEnum, which the event codec refuses): and a real signal.
+            sig = int(signal.Signals(sig))
+        except (ValueError, TypeError):
+            raise SpecError("signal", f"expected a signal number, got {sig!r}") from None
         found = self._guarded("kill", name)
         for inst in found:
             sb = inst.sandbox
