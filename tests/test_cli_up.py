@@ -250,3 +250,77 @@ def test_seqs_a_client_saw_are_not_reused_after_a_sigkill(dirs: Dirs, tmp_path: 
         os.waitpid(keeper, 0)
     except ChildProcessError:
         pass
+
+
+def test_running_out_of_descriptors_fails_starts_not_the_supervisor(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """With too few descriptors for the fleet (each sandbox takes about
+    eight), the instances that cannot get theirs fail to start, one line
+    each; the others run, and the supervisor stops them cleanly."""
+    fleet_file = tmp_path / "fleet.toml"
+    replicas = 60
+    fleet_file.write_text(
+        f'[[sandbox]]\nname = "m"\nreplicas = {replicas}\ncommand = "sleep 1000"\n'
+    )
+    proc = subprocess.Popen(
+        ["prlimit", "--nofile=256:256", sys.executable, "-m", "supervisor", "up", "--json",
+         str(fleet_file)],
+        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    outcome: dict[str, dict[str, object]] = {}
+    try:
+        while len(outcome) < replicas:
+            line = proc.stdout.readline()
+            assert line, f"corral up ended: {proc.communicate()[1][-2000:]}"
+            rec = json.loads(line)
+            if rec["event"] in ("started", "start_failed"):
+                outcome[str(rec["sandbox"])] = rec
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    started = {n for n, r in outcome.items() if r["event"] == "started"}
+    failed = [r for r in outcome.values() if r["event"] == "start_failed"]
+    assert started and failed
+    assert all("Too many open files" in str(r["error"]) for r in failed), failed[:3]
+    stopped = {json.loads(x)["sandbox"] for x in out.splitlines() if '"stopped"' in x}
+    assert started <= stopped
+
+
+def test_a_log_reader_that_stops_reading_does_not_stop_the_supervisor(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """`corral up | less`, paused: the log's pipe fills, and the supervisor
+    goes on (a crash loop keeps restarting, `ps` answers); its log falls
+    behind and catches up from the journal; it still ends on SIGTERM."""
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(
+        '[plugins.restart]\npolicy = "always"\ndelay = "1ms"\nmax_delay = "1ms"\n'
+        "intensity = 1000000\n\n"
+        '[[sandbox]]\nname = "loop"\ncommand = "exit 1"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "up", "--json", str(fleet_file)],
+        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        # A pipe holds 64 KiB, some 400 lines: 200 restarts (5 lines each)
+        # are well past the point where an unread log would block it.
+        restarts = 0
+        for _ in range(1000):  # each `ps` takes tens of ms: a bound, not a wait
+            p = corral(dirs, "ps", "--json", timeout=30)
+            if p.returncode == 0:
+                restarts = int(json.loads(p.stdout)[0]["restarts"])
+                if restarts >= 200:
+                    break
+        assert restarts >= 200, restarts
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    log = [json.loads(line) for line in out.decode().splitlines()]
+    # Everything up to its end, in order (caught up from the journal).
+    seqs = [int(r["seq"]) for r in log]
+    assert seqs == list(range(1, len(seqs) + 1)) and log[-1]["event"] == "supervisor_stopped"

@@ -74,6 +74,7 @@ from ._plugin_host import (
     settings_problems,
 )
 from ._restore import Checkpoints
+from ._supervisor_log import say
 from ._verbs import Verbs
 
 __all__ = ["Instance", "Service", "Supervisor"]
@@ -83,6 +84,9 @@ __all__ = ["Instance", "Service", "Supervisor"]
 # the kill counter is still unchanged this long after is it a near miss.
 NEAR_MISS_DELAY = 0.05
 PLUGIN_DRAIN_TIMEOUT = 5.0
+LOG_DRAIN_TIMEOUT = 10.0
+"""Seconds the supervisor's log may take to write its last lines once the
+fleet has stopped (a reader that stopped reading gets no more)."""
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """What stops the fleet (with ``handle_signals``): SIGHUP too (an ssh
 session's terminal closed), unless the supervisor is told to run on."""
@@ -267,9 +271,12 @@ class Supervisor(Verbs, Checkpoints):
                         from ._supervisor_log import log_events
 
                         # Not cancelled at the end: it returns after logging
-                        # supervisor_stopped, so the log is complete.
+                        # supervisor_stopped, so the log is complete; unless
+                        # its reader stopped reading, which must not keep
+                        # the supervisor from ending.
                         await logs.start(log_events, self.bus)
                     await self._run_services(task_status)
+                    logs.cancel_scope.deadline = trio.current_time() + LOG_DRAIN_TIMEOUT
             finally:
                 try:
                     journal.close()
@@ -560,12 +567,21 @@ class Supervisor(Verbs, Checkpoints):
             self.publish(Stopped(**ident))
 
     def _destroy_sync(self, sb: Sandbox) -> None:
-        """Destroy a sandbox; the keeper may then let go of its pipes."""
+        """Destroy a sandbox; the keeper may then let go of its pipes.
+
+        A removal that fails (a cgroup the kernel will not let go, a layer
+        that cannot be removed) is said on stderr and left for the next
+        supervisor's sweep: one sandbox's leftovers never end the others'
+        supervisor.
+        """
         try:
             sb.destroy()
+        except (CorralError, OSError) as exc:
+            say(f"corral: sandbox {sb.name!r}: its removal failed, left for the next sweep: {exc}")
         finally:
             if self.keeper is not None:
-                self.keeper.release(sb.name)
+                with contextlib.suppress(KeeperError, OSError):
+                    self.keeper.release(sb.name)
 
     async def _watch_keeper(self, scope: trio.CancelScope) -> None:
         """Replace the keeper if it dies (its connection reads end of file).
@@ -682,9 +698,17 @@ class Supervisor(Verbs, Checkpoints):
         created = self.publish(Created(**ident))
         # stdout and stderr go through pipes to the instance's log writer:
         # each line is stamped and tagged, whole, and the file is rotated.
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            out_r, out_w, err_r, err_w, null = _open_stdio()
+        except OSError as exc:
+            # Out of descriptors, say: this instance fails to start, the
+            # fleet runs on.
+            inst.set_state("failed")
+            self.publish(
+                StartFailed(**ident, error=f"cannot make its output pipes: {os_failure(exc)}")
+            )
+            inst._up.set()
+            return
         pending, inst._pending_restore = inst._pending_restore, None
         sb: Sandbox | None = None
         # What a successor needs to take it back (see ._adopt).
@@ -869,7 +893,14 @@ class Supervisor(Verbs, Checkpoints):
         one (taken back after it ended) is reported at once.
         """
         assert self._janitor is not None
-        watch = sb.cgroup.open_oom_watch()
+        watch: OomWatch | None
+        try:
+            watch = sb.cgroup.open_oom_watch()
+        except (CorralError, OSError) as exc:
+            # Out of descriptors (inotify, eventfd), say: it runs on, its
+            # OOM kills read from the cgroup's counters at its exit.
+            say(f"corral: sandbox {sb.name!r}: OOM kills not watched live: {exc}")
+            watch = None
         try:
             if not late and not announce:
                 self.publish(Started(**ident, pid=sb.pid))
@@ -878,7 +909,8 @@ class Supervisor(Verbs, Checkpoints):
             inst._up.set()
             if sb.pidfd >= 0:
                 async with trio.open_nursery() as watchers:
-                    watchers.start_soon(self._watch_oom, inst, watch, ident)
+                    if watch is not None:
+                        watchers.start_soon(self._watch_oom, inst, watch, ident)
                     watchers.start_soon(self._stop_when_asked, inst, sb, ident)
                     await trio.lowlevel.wait_readable(sb.pidfd)
                     watchers.cancel_scope.cancel()
@@ -893,9 +925,12 @@ class Supervisor(Verbs, Checkpoints):
                 result = await trio.to_thread.run_sync(sb.wait, limiter=self.limiters.lifecycle)
             # Read the counters once more before the cgroup goes away, so a
             # kill that raced the exit is never missed.
-            self._report_oom(inst, watch.read(), ident, final=True)
+            counters = _read_oom_counters(sb, watch)
+            if counters is not None:
+                self._report_oom(inst, counters, ident, final=True)
         finally:
-            watch.close()
+            if watch is not None:
+                watch.close()
         was_stopping = inst.state == "stopping" or inst.checkpoint_stopped
         if inst.state == "paused":
             # Killed while frozen (an OOM kill, a SIGKILL from outside):
@@ -1018,3 +1053,34 @@ def output_path(state_dir: str, instance: str) -> str:
 
 def _version() -> str:
     return __version__
+
+
+def _read_oom_counters(sb: Sandbox, watch: OomWatch | None) -> tuple[int, int] | None:
+    """The cgroup's OOM counters (events, kills), through *watch* or, if
+    there is none, a watch opened for the read; None if they cannot be read."""
+    try:
+        if watch is not None:
+            return watch.read()
+        once = sb.cgroup.open_oom_watch()
+        try:
+            return once.read()
+        finally:
+            once.close()
+    except (CorralError, OSError):
+        return None
+
+
+def _open_stdio() -> tuple[int, int, int, int, int]:
+    """A generation's stdio: (stdout read, write, stderr read, write,
+    /dev/null); nothing is left open if one cannot be made."""
+    made: list[int] = []
+    try:
+        made += os.pipe2(os.O_CLOEXEC)
+        made += os.pipe2(os.O_CLOEXEC)
+        made.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in made:
+            os.close(fd)
+        raise
+    out_r, out_w, err_r, err_w, null = made
+    return out_r, out_w, err_r, err_w, null

@@ -68,34 +68,51 @@ async def log_events(
     never lost to cancellation. If the log's stream fails (``corral up |
     head`` exits, the terminal of a closed ssh session, a full disk), the
     log is switched off with one line on stderr and the fleet runs on: a
-    log is never worth a supervisor.
+    log is never worth a supervisor. Lines are written in a worker thread,
+    a batch at a time: a reader that stops reading (``corral up | less``,
+    paused) blocks this task alone, never the supervisor; it falls behind,
+    and what it missed comes from the journal once it reads again.
     """
+    from ._plugin_subscription import replay
+
     logger = structlog.get_logger("corral")
     broken = False
+    writer = trio.CapacityLimiter(1)
 
-    def log(event: events.Event) -> None:
+    def write(batch: list[events.Event]) -> None:
         nonlocal broken
-        if broken:
-            return
-        try:
-            _log(logger, event)
-        except OSError as exc:
-            broken = True
-            _say(f"corral: the supervisor log is off: cannot write it: {exc.strerror or exc}")
+        for event in batch:
+            if broken:
+                return
+            try:
+                _log(logger, event)
+            except OSError as exc:
+                broken = True
+                say(f"corral: the supervisor log is off: cannot write it: {exc.strerror or exc}")
 
     with bus.subscribe(maxsize=4096) as sub:
         task_status.started()
-        async for event in sub:
-            if isinstance(event, events.Gap):
-                for missed in bus.replay(event.first, event.last):
-                    log(missed)
-                continue
-            log(event)
-            if isinstance(event, events.SupervisorStopped):
+        async for first in sub:
+            batch = [first]
+            while len(batch) < 1024:
+                try:
+                    batch.append(sub.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break  # the bus closed: the loop ends once this batch is out
+            lines: list[events.Event] = []
+            for event in batch:
+                if isinstance(event, events.Gap):
+                    lines += [
+                        e async for e in replay(bus, sub.filter, event.first, event.last, None)
+                    ]
+                else:
+                    lines.append(event)
+            await trio.to_thread.run_sync(write, lines, limiter=writer, abandon_on_cancel=True)
+            if any(isinstance(e, events.SupervisorStopped) for e in lines):
                 return
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """One line on stderr, if stderr is still there."""
     try:
         sys.stderr.write(line + "\n")

@@ -727,12 +727,16 @@ class V2Cgroup(Cgroup):
             return False
         try:
             _syscalls.inotify_add_watch(fd, events_file, _syscalls.IN_MODIFY)
+            # poll, not select: a supervisor of many sandboxes has
+            # descriptors past select's 1024.
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
             deadline = time.monotonic() + timeout
             while _keyed(events_file).get(key, 0) != value:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                if select.select([fd], [], [], left)[0]:
+                if poller.poll(max(1, int(left * 1000))):
                     try:
                         while os.read(fd, 4096):
                             pass
