@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -50,6 +51,32 @@ def _raw(path: str, data: bytes) -> list[Any]:
         except ConnectionResetError:
             pass
         return list(unpacker)
+
+
+_CALL_AS_NOBODY = (
+    "import sys; from supervisor._control._client import ControlError, call\n"
+    "try:\n    print(call(sys.argv[1], sys.argv[2]))\n"
+    "except ControlError as exc:\n    print(exc.code, exc)\n"
+)
+
+
+async def _call_as_nobody(dirs: Dirs, method: str, groups: Sequence[int] = ()) -> str:
+    """*method* called on the control socket by user nobody (in *groups*
+    too): what it printed, the result or ``CODE message``."""
+    for d in (dirs.run.parent, dirs.run):
+        os.chmod(d, 0o755)
+    r = await trio.run_process(
+        [sys.executable, "-c", _CALL_AS_NOBODY, _sock(dirs), method],
+        user=65534,
+        group=65534,
+        extra_groups=list(groups),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert not r.stderr, r.stderr.decode()
+    return r.stdout.decode().strip()
 
 
 def test_requests_and_typed_errors(dirs: Dirs) -> None:
@@ -123,27 +150,9 @@ def test_a_peer_that_is_not_root_nor_in_the_group_is_refused(dirs: Dirs) -> None
 
     async def body(sup: Supervisor) -> None:
         await wait_event(sup, lambda e: isinstance(e, events.Started))
-        path = _sock(dirs)
         # Open the file modes wide, so only SO_PEERCRED can refuse.
-        for d in (dirs.run.parent, dirs.run):
-            os.chmod(d, 0o755)
-        os.chmod(path, 0o666)
-        code = (
-            "import sys; from supervisor._control._client import call, ControlError\n"
-            "try:\n call(sys.argv[1], 'ping')\n"
-            "except ControlError as e:\n print(e.code, e)\n"
-        )
-        r = await trio.run_process(
-            [sys.executable, "-c", code, path],
-            user=65534,
-            group=65534,
-            extra_groups=[],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env={**os.environ, "PYTHONPATH": os.getcwd()},
-        )
-        assert r.stdout.decode().strip() == "forbidden permission denied", r.stderr
+        os.chmod(_sock(dirs), 0o666)
+        assert await _call_as_nobody(dirs, "ping") == "forbidden permission denied"
 
     run(f, dirs, body)
 
@@ -274,21 +283,7 @@ def test_a_member_of_the_socket_group_is_admitted(dirs: Dirs) -> None:
 
     async def body(sup: Supervisor) -> None:
         await wait_event(sup, lambda e: isinstance(e, events.Started))
-        path = _sock(dirs)
-        for d in (dirs.run.parent, dirs.run):
-            os.chmod(d, 0o755)
-        code = "import sys; from supervisor._control._client import call\nprint(call(sys.argv[1], 'ps')[0]['name'])\n"
-        r = await trio.run_process(
-            [sys.executable, "-c", code, path],
-            user=65534,
-            group=65534,
-            extra_groups=[4242],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env={**os.environ, "PYTHONPATH": os.getcwd()},
-        )
-        assert r.stdout.decode().strip() == "web-0", r.stderr
+        assert "'name': 'web-0'" in await _call_as_nobody(dirs, "ps", [4242])
 
     run(f, dirs, body)
 
@@ -300,27 +295,9 @@ def test_a_member_of_the_socket_group_cannot_replace_the_supervisor(dirs: Dirs) 
 
     async def body(sup: Supervisor) -> None:
         await wait_event(sup, lambda e: isinstance(e, events.Started))
-        path = _sock(dirs)
-        for d in (dirs.run.parent, dirs.run):
-            os.chmod(d, 0o755)
-        code = (
-            "import sys; from supervisor._control._client import ControlError, call\n"
-            "try:\n    call(sys.argv[1], 'handover')\n"
-            "except ControlError as exc:\n    print(exc.code, exc)\n"
-        )
-        r = await trio.run_process(
-            [sys.executable, "-c", code, path],
-            user=65534,
-            group=65534,
-            extra_groups=[4242],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env={**os.environ, "PYTHONPATH": os.getcwd()},
-        )
-        assert r.stdout.decode().strip() == (
+        assert await _call_as_nobody(dirs, "handover", [4242]) == (
             "forbidden handover: only root may replace the supervisor"
-        ), r.stderr
+        )
         assert not sup._stopping.is_set()
 
     evs = run(f, dirs, body)

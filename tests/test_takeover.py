@@ -89,6 +89,23 @@ class Up:
             self.kill()
 
 
+def _up_and_running(dirs: Dirs, fleet_file: Path, *args: str) -> Up:
+    """A `corral up` of FLEET, once its three sandboxes have started."""
+    up = Up(dirs, fleet_file, *args)
+    try:
+        for name in ("w-0", "w-1", "quit-0"):
+            up.until(lambda r, n=name: r["event"] == "started" and r["sandbox"] == n)
+    except BaseException:
+        up.abort()
+        raise
+    return up
+
+
+def _keeper_pid(dirs: Dirs) -> int:
+    """The PID of the keeper of *dirs*' run directory."""
+    return int((dirs.run / "keeper.lock").read_text().split()[0])
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -124,13 +141,7 @@ def test_a_killed_supervisor_s_sandboxes_are_taken_back(dirs: Dirs, tmp_path: Pa
     and their output, and stops them all cleanly."""
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(FLEET)
-    first = Up(dirs, fleet_file)
-    try:
-        for name in ("w-0", "w-1", "quit-0"):
-            first.until(lambda r, n=name: r["event"] == "started" and r["sandbox"] == n)
-    except BaseException:
-        first.abort()
-        raise
+    first = _up_and_running(dirs, fleet_file)
     # Its trap is set only once its shell says so: a SIGTERM before
     # would kill it (143), not make it exit 3.
     _wait_output(dirs, "quit-0", "trapped")
@@ -139,7 +150,7 @@ def test_a_killed_supervisor_s_sandboxes_are_taken_back(dirs: Dirs, tmp_path: Pa
     first.kill()
 
     # Nobody supervises them now; the keeper is their parent.
-    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    keeper = _keeper_pid(dirs)
     assert keeper != first.proc.pid
     for pid in pids.values():
         assert not _gone(pid)
@@ -207,15 +218,9 @@ def test_a_sandbox_the_fleet_file_changed_is_reported_or_recreated(
     restarted as the file now says; the one it did not change just runs on."""
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(FLEET)
-    first = Up(dirs, fleet_file)
-    try:
-        for name in ("w-0", "w-1", "quit-0"):
-            first.until(lambda r, n=name: r["event"] == "started" and r["sandbox"] == n)
-    except BaseException:
-        first.abort()
-        raise
+    first = _up_and_running(dirs, fleet_file)
     first.kill()
-    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    keeper = _keeper_pid(dirs)
     fleet_file.write_text(FLEET.replace('sleep 0.1; done"\n', 'sleep 0.2; done"\n', 1))
     second = Up(dirs, fleet_file, *(["--recreate-changed"] if recreate else []))
     try:
@@ -312,10 +317,8 @@ def test_a_paused_sandbox_is_taken_back_paused(dirs: Dirs, tmp_path: Path) -> No
     frozen), and it resumes on request."""
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(FLEET)
-    first = Up(dirs, fleet_file)
+    first = _up_and_running(dirs, fleet_file)
     try:
-        for name in ("w-0", "w-1", "quit-0"):
-            first.until(lambda r, n=name: r["event"] == "started" and r["sandbox"] == n)
         p = corral(dirs, "pause", "w-0")
         assert p.returncode == 0, p.stderr
         first.until(lambda r: r["event"] == "paused" and r["sandbox"] == "w-0")
@@ -323,7 +326,7 @@ def test_a_paused_sandbox_is_taken_back_paused(dirs: Dirs, tmp_path: Path) -> No
         first.abort()
         raise
     first.kill()
-    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    keeper = _keeper_pid(dirs)
     second = Up(dirs, fleet_file)
     try:
         for name in ("w-0", "w-1", "quit-0"):
@@ -385,7 +388,7 @@ def test_a_supervisor_killed_during_a_checkpoint(dirs: Dirs, tmp_path: Path, cri
     first.kill()
     assert checkpoint.wait(TIMEOUT) != 0  # its supervisor died under it
     checkpoint.communicate()
-    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    keeper = _keeper_pid(dirs)
     second = Up(dirs, fleet_file)
     try:
         adopted = second.until(lambda r: r["event"] == "adopted" and r["sandbox"] == "c-0")
@@ -426,7 +429,7 @@ def test_sandboxes_added_at_run_time_are_taken_back(dirs: Dirs, tmp_path: Path) 
         first.abort()
         raise
     first.kill()
-    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    keeper = _keeper_pid(dirs)
     second = Up(dirs, fleet_file)
     try:
         adopted = second.until(lambda r: r["event"] == "adopted" and r["sandbox"] == "extra-0")
@@ -493,15 +496,9 @@ def test_a_live_upgrade_replaces_the_supervisor_without_stopping_anything(
     adopts every sandbox (same processes), and the sequence continues."""
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(FLEET)
-    first = Up(dirs, fleet_file)
-    try:
-        for name in ("w-0", "w-1", "quit-0"):
-            first.until(lambda r, n=name: r["event"] == "started" and r["sandbox"] == n)
-    except BaseException:
-        first.abort()
-        raise
+    first = _up_and_running(dirs, fleet_file)
     pids = {n: int(r["pid"]) for n, r in first.events("started").items()}  # type: ignore[call-overload]
-    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    keeper = _keeper_pid(dirs)
     second = Up(dirs, fleet_file, "--takeover")
     try:
         out, err = first.proc.communicate(timeout=TIMEOUT)

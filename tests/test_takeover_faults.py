@@ -60,6 +60,17 @@ command = "sleep 100000"
 """
 
 
+def _exec_in_steady(dirs: Dirs) -> subprocess.Popen[bytes]:
+    """A `corral exec` into steady-0, not waited for (it may meet a dying
+    supervisor or keeper: its outcome is not the point)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "exec", "steady-0", "--", "true"],
+        env=dirs.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _live(record: dict[str, object]) -> bool:
     """The record's init runs (same PID and start time)."""
     try:
@@ -93,14 +104,7 @@ def test_a_supervisor_killed_fifty_times_loses_nothing(dirs: Dirs, tmp_path: Pat
             # A random moment: before, during or after it took the fleet back.
             time.sleep(rnd.uniform(0.05, 0.6))
             if rnd.random() < 0.3:
-                execs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "supervisor", "exec", "steady-0", "--", "true"],
-                        env=dirs.env,
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
+                execs.append(_exec_in_steady(dirs))
             up.kill()
             _, err = up.communicate()
             assert b"Traceback" not in err, (seed, n, err.decode())
@@ -211,14 +215,7 @@ def test_a_keeper_killed_fifty_times_loses_nothing(dirs: Dirs, tmp_path: Path) -
             # A random moment: while it creates, restarts, reaps or execs.
             time.sleep(rnd.uniform(0.05, 0.4))
             if rnd.random() < 0.3:
-                execs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "supervisor", "exec", "steady-0", "--", "true"],
-                        env=dirs.env,
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
+                execs.append(_exec_in_steady(dirs))
             killed += _kill_keeper(up, dirs)
             if up.poll() is not None:
                 tail = up.communicate()[1].decode()[-3000:]
