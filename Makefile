@@ -15,10 +15,11 @@ PKGS  := supervisor events plugins rootfs
 
 # Runtime needs: busybox-static (the built-in rootfs), tini (PID 1 in every
 # sandbox), python3-venv. Checkpoints: CRIU, and nft to lift the network
-# lock CRIU 3.17 leaves in a restored sandbox (docs/checkpoint.md). The VM
-# lane: QEMU and Debian's own kernel (CRIU works there; see tests/vm/run).
+# lock CRIU 3.17 leaves in a restored sandbox (docs/checkpoint.md). Images:
+# mmdebstrap (the debian builder, docs/images.md). The VM lane: QEMU and
+# Debian's own kernel (CRIU works there; see tests/vm/run).
 APT_RUNTIME := busybox-static tini python3-venv python3-dev iproute2 util-linux procps \
-               criu nftables libseccomp2
+               criu nftables libseccomp2 mmdebstrap
 APT_VM      := qemu-system-x86 linux-image-amd64
 # The escape tests compile a static probe program into a test rootfs.
 APT_TEST    := gcc libc6-dev

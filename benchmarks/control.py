@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
     runc: RuncServicePeer | None = None
     problems: list[str] = []
     try:
-        rootfs = ensure_busybox(scratch / "state" / "rootfs")
+        rootfs = ensure_busybox(scratch / "state" / "images")
         if not (verdict := RuncPeer.available(rootfs)):
             raise BenchError(f"runc is not available ({verdict.reason}): no ratio possible")
         runc = peer = RuncServicePeer(rootfs, scratch / "runc")

@@ -1,19 +1,71 @@
 """Root file systems: building, caching and configuring sandbox bases.
 
-A base is a read-only directory in the cache; each sandbox runs on an
-overlayfs with a private writable layer on top of it (mounted by the
-runtime in :mod:`supervisor`). Builders:
+Images live in a content-addressed store (:class:`ImageStore`, below
+``STATE_DIR/images``) as stacks of shared read-only layers; each sandbox
+runs on an overlayfs with its image's layers below and a private writable
+layer on top (mounted by the runtime in :mod:`supervisor`). Builders:
 
 - ``busybox``: from the host's static busybox, offline; the default.
+
+The names are imported when first used: ``corral --version`` and the
+verbs that need no image do not pay for the store's imports.
 """
 
 from __future__ import annotations
 
-from ._busybox import ensure_busybox as ensure_busybox
-from ._busybox import is_static_elf as is_static_elf
+from typing import TYPE_CHECKING, Any
+
 from ._errors import RootfsError as RootfsError
 
-BUILTIN_BASES = ("busybox",)
-"""Names accepted as ``rootfs`` besides a directory path."""
+if TYPE_CHECKING:
+    from ._busybox import busybox_image as busybox_image
+    from ._busybox import ensure_busybox as ensure_busybox
+    from ._busybox import is_static_elf as is_static_elf
+    from ._store import BuildContext as BuildContext
+    from ._store import Image as Image
+    from ._store import ImageStore as ImageStore
+    from ._store import StoreError as StoreError
+    from ._store import layer_id_of_recipe as layer_id_of_recipe
+    from ._store import reverting as reverting
 
-__all__ = ["BUILTIN_BASES", "RootfsError", "ensure_busybox", "is_static_elf"]
+BUILTIN_BASES = ("busybox",)
+"""Names accepted as ``rootfs`` besides an image of the store or a directory path."""
+
+_LAZY = {
+    "busybox_image": "_busybox",
+    "ensure_busybox": "_busybox",
+    "is_static_elf": "_busybox",
+    "BuildContext": "_store",
+    "Image": "_store",
+    "ImageStore": "_store",
+    "StoreError": "_store",
+    "layer_id_of_recipe": "_store",
+    "reverting": "_store",
+}
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'rootfs' has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
+
+
+__all__ = [
+    "BUILTIN_BASES",
+    "BuildContext",
+    "Image",
+    "ImageStore",
+    "RootfsError",
+    "StoreError",
+    "busybox_image",
+    "ensure_busybox",
+    "is_static_elf",
+    "layer_id_of_recipe",
+    "reverting",
+]

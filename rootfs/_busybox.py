@@ -1,10 +1,9 @@
 """The built-in ``busybox`` base: a complete tiny rootfs from one static binary.
 
 Built once from the host's static busybox (Debian's ``busybox-static``)
-into the cache, atomically: everything happens in a temporary directory
-beside the final one, which is renamed into place at the end. An
-interrupted build leaves nothing behind, and two concurrent builds both
-succeed (the loser removes its copy).
+into the image store (:mod:`._store`) as the image ``busybox``: one layer,
+built in the store's scratch space and renamed into place; an interrupted
+build leaves nothing behind, and concurrent builds wait for one.
 
 The configure step does what the seed's LXC template does where it applies
 to a sandbox: the usual top-level directories, ``/var/run -> ../run``, a
@@ -18,13 +17,13 @@ import os
 import struct
 
 from ._errors import RootfsError
+from ._store import Image, ImageStore, layer_id_of_recipe
 
-__all__ = ["BUSYBOX_CANDIDATES", "ensure_busybox", "is_static_elf"]
+__all__ = ["BUSYBOX_CANDIDATES", "busybox_image", "ensure_busybox", "is_static_elf"]
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 """Where the host's busybox is looked for (Debian's busybox-static installs /bin/busybox)."""
 
-_MANIFEST = ".corral-rootfs.json"
 _FORMAT = 1
 
 _DIRS = {
@@ -86,51 +85,63 @@ def _find_busybox() -> str:
     raise RootfsError("no busybox found on the host (apt-get install busybox-static)")
 
 
-def ensure_busybox(cache_dir: str | os.PathLike[str]) -> str:
-    """Return the path of the cached busybox base, building it first if needed.
+RECIPE = {"builder": "busybox", "format": _FORMAT}
+"""The busybox base's recipe: the host's static busybox, configured."""
+
+
+def busybox_image(store: ImageStore) -> Image:
+    """The store's ``busybox`` image, built first if needed (atomically;
+    concurrent callers wait for one build).
 
     :class:`RootfsError` if it cannot be built (a full disk: the message
-    names the path and the reason); nothing of a failed build is left.
+    names the store and the reason); nothing of a failed build is left.
     """
-    dest = os.path.join(os.fspath(cache_dir), "busybox")
-    # The fast path is one stat: it runs on every sandbox start.
-    if os.path.isfile(os.path.join(dest, _MANIFEST)):
-        return dest
+    # The fast path reads one name and one description: it runs on every
+    # sandbox start.
+    img = store.tagged("busybox")
+    if img is not None and img.source.get("key") == _KEY and _present(store, img):
+        return img
     try:
-        _build_atomically(os.fspath(cache_dir), dest)
+        with store.building(_KEY) as build:
+            img = store.tagged("busybox")  # built while we waited for the lock
+            if img is not None and img.source.get("key") == _KEY and _present(store, img):
+                return img
+            layer = layer_id_of_recipe(RECIPE)
+            if not build.has_layer(layer):
+                work = build.scratch("busybox")
+                _build(work, _find_busybox())
+                build.commit_layer(layer, work)
+            config = {
+                "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+                "entrypoint": None,
+                "cmd": ["/bin/sh"],
+                "workdir": "/",
+                "user": "",
+                "exposed_ports": [],
+            }
+            return build.commit_image([layer], config, {**RECIPE, "key": _KEY}, "busybox")
     except OSError as exc:
-        # The directory, not exc.filename: a failed copy names its source.
+        # The store, not exc.filename: a failed copy names its source.
         raise RootfsError(
-            f"cannot build the busybox base in {cache_dir}: {exc.strerror or exc}"
+            f"cannot build the busybox base in {store.root}: {exc.strerror or exc}"
         ) from exc
-    return dest
 
 
-def _build_atomically(cache: str, dest: str) -> None:
-    import shutil
-    import tempfile
+_KEY = "busybox/" + layer_id_of_recipe(RECIPE)
 
-    source = _find_busybox()
-    os.makedirs(cache, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".busybox.build-", dir=cache)
-    try:
-        _build(tmp, source)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not os.path.isfile(os.path.join(dest, _MANIFEST)):
-                # A leftover without a manifest is a broken base: replace it.
-                shutil.rmtree(dest, ignore_errors=True)
-                os.rename(tmp, dest)
-    finally:
-        # Reached with tmp still there on failure, interruption, or a lost race.
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+
+def _present(store: ImageStore, img: Image) -> bool:
+    return all(os.path.isdir(store.layer_path(layer)) for layer in img.layers)
+
+
+def ensure_busybox(store_root: str | os.PathLike[str]) -> str:
+    """The directory of the busybox base in the image store at
+    *store_root* (``STATE_DIR/images``), built first if needed."""
+    store = ImageStore(store_root)
+    return store.lowerdirs(busybox_image(store))[0]
 
 
 def _build(tmp: str, source: str) -> None:
-    import json
     import shutil
     import subprocess
     from pathlib import Path
@@ -161,6 +172,3 @@ def _build(tmp: str, source: str) -> None:
         shutil.copyfile("/etc/localtime", root / "etc/localtime")
     except OSError:
         pass
-    (root / _MANIFEST).write_text(
-        json.dumps({"format": _FORMAT, "builder": "busybox", "source": source}) + "\n"
-    )

@@ -92,7 +92,7 @@ def dirs(rootfs_cache: Path) -> Iterator[Dirs]:
     state.mkdir()
     run.mkdir()
     # Share the session's busybox base instead of rebuilding it per test.
-    (state / "rootfs").symlink_to(rootfs_cache)
+    (state / "images").symlink_to(rootfs_cache)
     probe = Runtime(state_dir=state, run_dir=run) if os.geteuid() == 0 else None
     before = set(_cgroup_leftovers(_cgroup_parents(probe))) if probe else set()
     try:

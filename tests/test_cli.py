@@ -113,7 +113,7 @@ def test_non_executable_command_is_126(dirs: Dirs) -> None:
         (["--pids", "lots"], "--pids: expected a whole number of tasks >= 2, got 'lots'"),
         (
             ["--rootfs", "/no/such/rootfs"],
-            "rootfs: expected 'busybox' or a directory, got '/no/such/rootfs'",
+            "rootfs: expected 'busybox', an image or a directory, got '/no/such/rootfs'",
         ),
         (["--name", "bad name"], "--name: expected 1-63 letters"),
         (["--env", "NOEQUALS"], "--env: expected KEY=VALUE, got 'NOEQUALS'"),

@@ -284,9 +284,16 @@ def test_a_rootfs_that_cannot_be_built_fails_that_create_and_leaves_nothing(
         with pytest.raises(SandboxError) as err:
             runtime.create(SandboxSpec(name="rfs", argv=("true",)))
         assert str(err.value) == (
-            f"rootfs: cannot build the busybox base in {disk}/rootfs: No space left on device"
+            f"rootfs: cannot build the busybox base in {disk}/images: No space left on device"
         )
-        assert os.listdir(disk / "rootfs") == []
+        # Nothing of the build is left: no layer, no image, no scratch (a
+        # build's lock file, empty, may stay).
+        left = [
+            str(p.relative_to(disk / "images"))
+            for p in (disk / "images").rglob("*")
+            if p.is_file() and p.parent.name != "locks"
+        ]
+        assert left == []
         assert os.listdir(disk / "sandboxes") == []
 
 
@@ -305,7 +312,7 @@ def test_a_chatty_sandbox_fills_the_state_disk_and_stops_nothing(dirs: Dirs) -> 
         here.state.mkdir()
         here.run.mkdir()
         # The session's busybox base, as the dirs fixture shares it.
-        (here.state / "rootfs").symlink_to(os.readlink(dirs.state / "rootfs"))
+        (here.state / "images").symlink_to(os.readlink(dirs.state / "images"))
         f = fleet(
             {"name": "chatty", "command": "yes 0123456789abcdef0123456789abcdef"},
             {"name": "victim", "command": "true"},

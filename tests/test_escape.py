@@ -322,7 +322,7 @@ def battery() -> Iterator[Battery]:
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe = _compile(tmp)
-        rootfs = ensure_busybox(tmp / "cache")
+        rootfs = ensure_busybox(tmp / "images")
         shutil.copy(probe, Path(rootfs) / "probe")
         os.chmod(Path(rootfs) / "probe", 0o755)
         tcp.bind(("127.0.0.1", 0))

@@ -26,8 +26,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from rootfs import RootfsError
+
 from .._errors import CommandNotExecutableError, CommandNotFoundError, CorralError
-from . import _checkpoints, _control_verbs, _fleet, _run
+from . import _checkpoints, _control_verbs, _fleet, _images, _run
 from ._common import EXIT_CORRAL, EXIT_NOEXEC, EXIT_NOTFOUND, Parser
 
 __all__ = ["build_parser", "entry", "main"]
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fleet.add_parsers(sub)
     _checkpoints.add_parsers(sub)
     _control_verbs.add_parsers(sub)
+    _images.add_parsers(sub)
     _checkpoints.add_listing_parser(sub)
     return parser
 
@@ -62,14 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandNotExecutableError as exc:
         sys.stderr.write(f"corral: {exc}\n")
         return EXIT_NOEXEC
-    except CorralError as exc:
+    except (CorralError, RootfsError) as exc:
         for line in str(exc).splitlines():
             sys.stderr.write(f"corral: {line}\n")
         return EXIT_CORRAL
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         import signal  # here: its enums cost ~0.4 ms that most verbs do not need
 
-        return 128 + int(signal.SIGINT)
+        # A build that SIGTERM or SIGHUP interrupted (rootfs.reverting) says which.
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except BrokenPipeError:
         # Our stderr went away; nothing useful left to say.
         os._exit(EXIT_CORRAL)

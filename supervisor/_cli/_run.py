@@ -33,7 +33,12 @@ def add_parsers(sub: Subparsers) -> None:
         " when it ends (like 'docker run --rm'). The exit status is the command's.",
     )
     run.add_argument("--name", help="sandbox name (default: run-<random>)")
-    run.add_argument("--rootfs", default="busybox", help="'busybox' (built in) or a directory")
+    run.add_argument(
+        "--rootfs",
+        "--image",
+        default="busybox",
+        help="'busybox' (built in), an image of the store (corral image ls) or a directory",
+    )
     run.add_argument("--memory", help="memory limit, swap included, e.g. 64M or 1G")
     run.add_argument("--cpus", help="CPU quota in CPUs, e.g. 0.5")
     run.add_argument("--pids", help="maximum number of tasks, e.g. 64")

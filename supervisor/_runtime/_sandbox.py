@@ -30,7 +30,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from rootfs import BUILTIN_BASES, RootfsError, ensure_busybox, is_static_elf
+from rootfs import (
+    BUILTIN_BASES,
+    ImageStore,
+    RootfsError,
+    StoreError,
+    busybox_image,
+    is_static_elf,
+)
 
 from .._errors import (
     CgroupError,
@@ -523,26 +530,46 @@ class Runtime:
         # Inits are orphaned by the intermediate spawn process; keep them.
         _syscalls.set_child_subreaper()
 
+    @property
+    def images(self) -> ImageStore:
+        """The image store (``STATE_DIR/images``)."""
+        return ImageStore(os.path.join(self.state_dir, "images"))
+
     def resolve_rootfs(self, rootfs: str) -> str:
-        """The lower directory for a built-in base name or a rootfs path."""
+        """The overlayfs lower directories of *rootfs*, top first and
+        joined by ``:``: a built-in base, an image of the store (a name or
+        an id), or a directory (a path, or a name that is one here)."""
+        store = self.images
         try:
             if rootfs in BUILTIN_BASES:
-                path = ensure_busybox(os.path.join(self.state_dir, "rootfs"))
-            else:
+                paths = store.lowerdirs(busybox_image(store))
+            elif rootfs.startswith(("/", ".")) or os.path.isdir(rootfs):
                 path = os.path.realpath(rootfs)
                 if not os.path.isdir(path):
                     raise SpecError(
                         "rootfs",
-                        f"expected {' or '.join(map(repr, BUILTIN_BASES))} or a directory,"
-                        f" got {rootfs!r} (no such directory)",
+                        f"expected {' or '.join(map(repr, BUILTIN_BASES))}, an image or a"
+                        f" directory, got {rootfs!r} (no such directory)",
                     )
+                paths = [path]
+            else:
+                try:
+                    image = store.find(rootfs)
+                except StoreError:
+                    raise SpecError(
+                        "rootfs",
+                        f"expected {' or '.join(map(repr, BUILTIN_BASES))}, an image of the store"
+                        f" (corral image ls) or a directory, got {rootfs!r}",
+                    ) from None
+                paths = store.lowerdirs(image)
         except RootfsError as exc:
             raise SandboxError(f"rootfs: {exc}") from exc
-        if any(c in path for c in ",:\n"):
-            raise SpecError(
-                "rootfs", f"the path cannot contain ',' or ':' (overlayfs), got {path!r}"
-            )
-        return path
+        for path in paths:
+            if any(c in path for c in ",:\n"):
+                raise SpecError(
+                    "rootfs", f"the path cannot contain ',' or ':' (overlayfs), got {path!r}"
+                )
+        return ":".join(paths)
 
     @staticmethod
     def _stale(name: str, sdir: str, record: str) -> bool:
@@ -637,6 +664,12 @@ class Runtime:
             userns = None
             idmap = False
             if spec.security.userns:
+                if ":" in lower:
+                    raise SpecError(
+                        "rootfs",
+                        f"a sandbox in a user namespace needs a one-layer image for now;"
+                        f" {spec.rootfs!r} has {lower.count(':') + 1} layers",
+                    )
                 userns = self._userns(spec, sdir, undo)
                 # An idmapped mount of the rootfs where its file system can
                 # (tried once per file system), else a shifted copy.

@@ -1,0 +1,218 @@
+"""``corral image``: the image store (``STATE_DIR/images``, see
+:mod:`rootfs._store`): ``ls``, ``inspect``, ``build``, ``rm``, ``prune``.
+
+No supervisor needed: the store is files. An image a sandbox uses (any
+sandbox of this run directory: a ``corral run`` or one of a fleet) is
+never removed; ``rm`` says which sandbox uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._common import run_dir, state_dir
+
+if TYPE_CHECKING:
+    from rootfs import Image, ImageStore
+
+    from ._common import Subparsers
+
+__all__ = ["add_parsers"]
+
+
+def add_parsers(sub: Subparsers) -> None:
+    """Register ``image`` and its verbs."""
+    image = sub.add_parser(
+        "image",
+        help="list, build, inspect and remove images",
+        description="The image store below STATE_DIR/images: root file systems as stacks of"
+        " shared read-only layers (docs/images.md).",
+    )
+    image.set_defaults(func=lambda args: _no_verb(image))  # argparse requires a verb anyway
+    verbs = image.add_subparsers(dest="image_verb", metavar="VERB", required=True)
+    ls = verbs.add_parser("ls", help="list the images")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(func=_ls)
+    inspect = verbs.add_parser("inspect", help="show one image")
+    inspect.add_argument("ref", metavar="IMAGE", help="a name (busybox) or an id (prefix)")
+    inspect.set_defaults(func=_inspect)
+    build = verbs.add_parser(
+        "build",
+        help="build an image: busybox, or debian (mmdebstrap from Debian's mirror)",
+        description="Build an image into the store, or find it there: a recipe is built once"
+        " (docs/images.md). An interrupted build (SIGINT, SIGTERM, SIGHUP) leaves nothing.",
+    )
+    build.add_argument("recipe", metavar="RECIPE", choices=["busybox", "debian"])
+    build.add_argument("--tag", help="the image's name (default: busybox, debian:SUITE...)")
+    deb = build.add_argument_group("debian")
+    deb.add_argument("--suite", default="bookworm", help="the Debian suite (default: bookworm)")
+    deb.add_argument("--variant", default="minbase", help="mmdebstrap's variant (minbase)")
+    deb.add_argument(
+        "--package", action="append", default=[], help="extra packages (repeat, or a,b)"
+    )
+    deb.add_argument("--mirror", help="the Debian mirror (default: the one the host's apt uses)")
+    deb.add_argument(
+        "--root-password-hash", help="a crypt(3) hash for root (default: root is locked)"
+    )
+    build.set_defaults(func=_build)
+    rm = verbs.add_parser("rm", help="remove images (refused while a sandbox uses one)")
+    rm.add_argument("refs", metavar="IMAGE", nargs="+", help="names or ids")
+    rm.set_defaults(func=_rm)
+    prune = verbs.add_parser(
+        "prune", help="remove unnamed images, unused layers and what killed builds left"
+    )
+    prune.add_argument("--json", action="store_true", help="what was removed, as JSON")
+    prune.set_defaults(func=_prune)
+
+
+def _no_verb(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _store() -> ImageStore:
+    from rootfs import ImageStore
+
+    return ImageStore(os.path.join(state_dir(), "images"))
+
+
+def _users(store: ImageStore) -> dict[str, list[str]]:
+    """The sandboxes of this run directory, by the image id they run on."""
+    from rootfs import BUILTIN_BASES, StoreError
+
+    folder = os.path.join(run_dir(), "sandboxes")
+    out: dict[str, list[str]] = {}
+    try:
+        entries = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        if not entry.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, entry)) as f:
+                record = json.load(f)
+            ref = str(record["spec"]["rootfs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if ref.startswith(("/", ".")):
+            continue  # a directory, not an image
+        try:
+            image = store.find("busybox" if ref in BUILTIN_BASES else ref)
+        except StoreError:
+            continue
+        out.setdefault(image.id, []).append(str(record.get("name", entry[:-5])))
+    return out
+
+
+def _row(image: Image, store: ImageStore) -> dict[str, Any]:
+    return {
+        "id": image.id,
+        "tags": list(image.tags),
+        "layers": len(image.layers),
+        "builder": image.source.get("builder", ""),
+        "created": image.created,
+        "size": sum(_du(store.layer_path(layer)) for layer in image.layers),
+    }
+
+
+def _du(path: str) -> int:
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from ._common import human_size
+
+    store = _store()
+    rows = [_row(i, store) for i in store.images()]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    if not rows:
+        print("no images (corral image build busybox, or a sandbox on busybox, makes one)")
+        return 0
+    print(f"{'NAME':<30} {'ID':<14} {'LAYERS':>6} {'SIZE':>10}  {'BUILDER':<10} CREATED")
+    for row in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+        for name in row["tags"] or ["<none>"]:
+            print(
+                f"{name:<30} {row['id'][7:19]:<14} {row['layers']:>6}"
+                f" {human_size(row['size']):>10}  {row['builder']:<10} {created}"
+            )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    store = _store()
+    image = store.find(args.ref)
+    print(json.dumps(image.describe() | {"lowerdirs": store.lowerdirs(image)}, indent=2))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    import sys
+
+    from rootfs import busybox_image, reverting
+
+    store = _store()
+    with reverting():
+        if args.recipe == "busybox":
+            image = busybox_image(store)
+            if args.tag:
+                store.tag(image, args.tag)
+        else:
+            from rootfs._debian import DebianRecipe, build_debian, host_mirror, parse_packages
+
+            recipe = DebianRecipe(
+                suite=args.suite,
+                variant=args.variant,
+                packages=parse_packages(args.package),
+                mirror=args.mirror or host_mirror(),
+                root_password=args.root_password_hash,
+            ).check()
+
+            def output(line: str) -> None:
+                sys.stderr.write(f"  {line}\n")
+
+            sys.stderr.write(
+                f"corral: building {args.tag or recipe.default_tag} from {recipe.mirror}"
+                " (once; later builds of this recipe are found in the store)\n"
+            )
+            image = build_debian(store, recipe, args.tag, output)
+    print(f"{', '.join(image.tags) or args.recipe}: {image.id}")
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    store = _store()
+    users = _users(store)
+    for ref in args.refs:
+        image = store.remove(ref, lambda i: users.get(i.id, []))
+        print(f"removed {ref} ({image.short_id})")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    store = _store()
+    users = _users(store)
+    removed = store.prune(keep=lambda image_id: image_id in users)
+    if args.json:
+        print(json.dumps(removed))
+    else:
+        print(
+            f"removed {len(removed['images'])} images, {len(removed['layers'])} layers,"
+            f" {len(removed['builds'])} leftovers of killed builds"
+        )
+    return 0
