@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from rootfs import ImageStore, busybox_image
+
 from .conftest import Dirs, corral, requires_root
 
 pytestmark = [requires_root, pytest.mark.layout]
@@ -255,37 +257,42 @@ def test_seqs_a_client_saw_are_not_reused_after_a_sigkill(dirs: Dirs, tmp_path: 
 def test_running_out_of_descriptors_fails_starts_not_the_supervisor(
     dirs: Dirs, tmp_path: Path
 ) -> None:
-    """With too few descriptors for the fleet (each sandbox takes about
+    """With too few descriptors for what is added (each sandbox takes about
     eight), the instances that cannot get theirs fail to start, one line
-    each; the others run, and the supervisor stops them cleanly."""
+    each; those running already run on, and the supervisor stops them all
+    cleanly."""
+    busybox_image(ImageStore(dirs.state / "images"))  # built: nothing waits for it
     fleet_file = tmp_path / "fleet.toml"
-    replicas = 60
-    fleet_file.write_text(
-        f'[[sandbox]]\nname = "m"\nreplicas = {replicas}\ncommand = "sleep 1000"\n'
-    )
+    fleet_file.write_text('[[sandbox]]\nname = "base"\nreplicas = 4\ncommand = "sleep 1000"\n')
+    more = tmp_path / "more.toml"
+    more.write_text('[[sandbox]]\nname = "m"\nreplicas = 60\ncommand = "sleep 1000"\n')
     proc = subprocess.Popen(
         ["prlimit", "--nofile=256:256", sys.executable, "-m", "supervisor", "up", "--json",
          str(fleet_file)],
         env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
-    outcome: dict[str, dict[str, object]] = {}
     try:
-        while len(outcome) < replicas:
+        started: set[str] = set()
+        while len(started) < 4:
             line = proc.stdout.readline()
             assert line, f"corral up ended: {proc.communicate()[1][-2000:]}"
             rec = json.loads(line)
-            if rec["event"] in ("started", "start_failed"):
-                outcome[str(rec["sandbox"])] = rec
+            assert rec["event"] != "start_failed", rec
+            if rec["event"] == "started":
+                started.add(rec["sandbox"])
+        corral(dirs, "add", str(more), timeout=120)  # answers once each is up or failed
+        ps = {r["name"]: r["state"] for r in json.loads(corral(dirs, "ps", "--json").stdout)}
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
-    started = {n for n, r in outcome.items() if r["event"] == "started"}
-    failed = [r for r in outcome.values() if r["event"] == "start_failed"]
-    assert started and failed
-    assert all("Too many open files" in str(r["error"]) for r in failed), failed[:3]
-    stopped = {json.loads(x)["sandbox"] for x in out.splitlines() if '"stopped"' in x}
+    assert {n: ps[n] for n in started} == dict.fromkeys(started, "running")
+    log = [json.loads(x) for x in out.splitlines()]
+    failed = [r for r in log if r["event"] == "start_failed"]
+    assert failed and all("Too many open files" in str(r["error"]) for r in failed), failed[:3]
+    assert {r["sandbox"] for r in failed} == {n for n, state in ps.items() if state == "failed"}
+    stopped = {r["sandbox"] for r in log if r["event"] == "stopped"}
     assert started <= stopped
 
 

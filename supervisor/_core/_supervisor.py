@@ -733,11 +733,15 @@ class Supervisor(Verbs, Checkpoints):
             def prepare() -> None:
                 try:
                     note_generation(state_dir, inst.name, inst.generation)
-                    keeper.hold(held, out_r, err_r)
                 except OSError as exc:
                     raise SandboxError(f"sandbox {held!r}: cannot write {os_failure(exc)}") from exc
-                except KeeperError as exc:
-                    raise SandboxError(f"sandbox {held!r}: {exc}") from exc
+                try:
+                    keeper.hold(held, out_r, err_r)
+                except (KeeperError, OSError) as exc:
+                    reason = os_failure(exc) if isinstance(exc, OSError) else str(exc)
+                    raise SandboxError(
+                        f"sandbox {held!r}: cannot give the keeper its output pipes: {reason}"
+                    ) from exc
 
             await trio.to_thread.run_sync(prepare, limiter=self.limiters.lifecycle)
             if pending is not None:
