@@ -204,6 +204,7 @@ def test_the_cli_lists_inspects_and_refuses_to_remove_a_used_image(dirs: Dirs) -
     assert p.returncode == 125 and p.stderr.decode().count("\n") == 1
 
 
+@pytest.mark.layout  # overlayfs with several lower layers and a whiteout: both lanes
 def test_a_sandbox_runs_on_a_layered_image(dirs: Dirs) -> None:
     """rootfs = an image of the store: its layers stacked, top first, a
     whiteout in the top one hiding a file of the base."""
