@@ -23,7 +23,7 @@ APT_RUNTIME := busybox-static tini python3-venv python3-dev iproute2 util-linux 
 APT_VM      := qemu-system-x86 linux-image-amd64
 # The escape tests compile a static probe program into a test rootfs.
 APT_TEST    := gcc libc6-dev
-APT_BENCH   := runc lxc gcc libc6-dev
+APT_BENCH   := runc lxc gcc libc6-dev debootstrap
 
 .PHONY: setup setup-vm setup-bench demo test test-host test-vm test-vm-v1 lint bench \
         bench-checkpoint clean
@@ -92,6 +92,7 @@ bench: setup-bench setup-vm
 	$(PY) benchmarks/restart.py
 	$(PY) benchmarks/control.py
 	$(PY) benchmarks/takeover.py
+	$(PY) benchmarks/images.py
 	$(MAKE) --no-print-directory bench-checkpoint
 
 # CRIU needs a kernel it knows: the checkpoint benchmark runs in the VM lane
