@@ -261,8 +261,11 @@ def _host_nameservers(path: str = "/etc/resolv.conf") -> str:
 def _set_root_password(root: str, hashed: str | None) -> None:
     """Root's password: *hashed*, or locked (``*``: no password logs in)."""
     path = os.path.join(root, "etc", "shadow")
-    with open(path) as f:
-        lines = f.read().splitlines()
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return  # no shadow file (the essential variant has no passwd): no password to lock
     out = []
     for line in lines:
         fields = line.split(":")

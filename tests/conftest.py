@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,14 @@ from supervisor._runtime._checkpoint import check_criu
 from supervisor._runtime._linux._cgroups import V1Cgroups, V2Cgroups
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Tests interrupt CLI processes with SIGINT, as a user's Ctrl-C does. A
+# test run started in the background by a shell without job control (`make
+# test &`, a CI runner) inherits SIGINT ignored, and so would every child:
+# the interruption would never arrive. Handled here, it is reset to its
+# default in every child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 requires_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: sandboxes use namespaces, mounts and cgroups"
