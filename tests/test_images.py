@@ -235,3 +235,28 @@ def test_an_image_is_described_as_plain_data(tmp_path: Path) -> None:
     img = Image("sha256:" + "a" * 64, ("sha256:" + "b" * 64,), {}, {"builder": "x"}, 1.0, ("n",))
     assert img.short_id == "a" * 12
     assert img.describe()["tags"] == ["n"]
+
+
+def test_an_image_s_defaults_apply_unless_the_sandbox_says_otherwise(dirs: Dirs) -> None:
+    """An image's Env, WorkingDir and Entrypoint + Cmd are a sandbox's
+    defaults: `corral run --image X` with no command runs the image's;
+    `--env` wins over the image's."""
+    store = ImageStore(dirs.state / "images")
+    base = busybox_image(store)
+    with store.building("defaults") as build:
+        top = _layer(build, {"defaults": 1}, {"srv/.keep": ""})
+        config = {
+            "env": ["FOO=from-image", "PATH=/bin:/usr/bin"],
+            "entrypoint": ["sh", "-c"],
+            "cmd": ['echo "$FOO $PWD $PATH"'],
+            "workdir": "/srv",
+            "user": "",
+        }
+        build.commit_image([*base.layers, top], config, {"key": "defaults"}, "defaults:1")
+    p = corral(dirs, "run", "--image", "defaults:1")
+    assert (p.returncode, p.stdout.decode()) == (0, "from-image /srv /bin:/usr/bin\n"), p.stderr
+    p = corral(dirs, "run", "--image", "defaults:1", "--env", "FOO=mine", "--", "sh", "-c",
+               'echo "$FOO $PWD"')  # fmt: skip
+    assert (p.returncode, p.stdout.decode()) == (0, "mine /srv\n"), p.stderr
+    p = corral(dirs, "run", "--image", "busybox")
+    assert p.returncode == 125 and "expected a command after '--'" in p.stderr.decode()

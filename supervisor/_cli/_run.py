@@ -14,7 +14,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .._errors import SpecError
-from ._common import command_after_dashes, warn_privileged
+from ._common import UsageError, command_after_dashes, warn_privileged
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -106,9 +106,15 @@ def _run(args: argparse.Namespace) -> int:
         validate_name,
     )
 
-    command = command_after_dashes(
-        args.command, "run: expected a command after '--', e.g. corral run -- sh -c 'echo hi'"
-    )
+    try:
+        command = command_after_dashes(
+            args.command, "run: expected a command after '--', e.g. corral run -- sh -c 'echo hi'"
+        )
+    except UsageError:
+        # An image may say what it runs (an OCI image's Entrypoint and Cmd).
+        command = _image_command(args.rootfs)
+        if not command:
+            raise
     name = validate_name(args.name, "--name") if args.name else f"run-{os.urandom(4).hex()}"
     limits = Limits(
         memory=parse_size(args.memory, "--memory") if args.memory is not None else None,
@@ -180,3 +186,19 @@ def _run(args: argparse.Namespace) -> int:
             f"corral: sandbox {name!r} was OOM-killed{limit}: its memory use reached the limit\n"
         )
     return result.status
+
+
+def _image_command(rootfs: str) -> list[str]:
+    """The command image *rootfs* runs by default (Entrypoint + Cmd), if
+    it is an image of the store that has one."""
+    from rootfs import BUILTIN_BASES, ImageStore, StoreError
+
+    from ._common import state_dir
+
+    if rootfs in BUILTIN_BASES or rootfs.startswith(("/", ".")) or os.path.isdir(rootfs):
+        return []
+    try:
+        config = ImageStore(os.path.join(state_dir(), "images")).find(rootfs).config
+    except StoreError:
+        return []
+    return [*(config.get("entrypoint") or []), *(config.get("cmd") or [])]

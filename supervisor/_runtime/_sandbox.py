@@ -571,6 +571,18 @@ class Runtime:
                 )
         return ":".join(paths)
 
+    def image_defaults(self, rootfs: str) -> dict[str, Any]:
+        """What the image *rootfs* gives a sandbox by default (``env``,
+        ``entrypoint``, ``cmd``, ``workdir``, ``user``, ``exposed_ports``;
+        see :class:`rootfs.Image`): empty for a directory, and for the
+        built-in base, whose defaults are corral's own."""
+        if rootfs in BUILTIN_BASES or rootfs.startswith(("/", ".")) or os.path.isdir(rootfs):
+            return {}
+        try:
+            return dict(self.images.find(rootfs).config)
+        except StoreError:
+            return {}
+
     @staticmethod
     def _stale(name: str, sdir: str, record: str) -> bool:
         """True if the sandbox's directories are left over from a crash.
@@ -655,6 +667,7 @@ class Runtime:
         labels: Mapping[str, Any] | None,
     ) -> Sandbox:
         lower = self.resolve_rootfs(spec.rootfs)
+        defaults = self.image_defaults(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo:
@@ -681,9 +694,9 @@ class Runtime:
             cgroup = self._make_cgroup(spec, undo)
             cfg = LaunchConfig(
                 argv=list(spec.argv),
-                env=spec.environment(),
+                env=_environment(spec, defaults),
                 hostname=spec.effective_hostname,
-                workdir=spec.workdir,
+                workdir=spec.workdir if spec.workdir != "/" else defaults.get("workdir") or "/",
                 lowerdir=lower,
                 upperdir=os.path.join(sdir, "upper"),
                 workdir_overlay=os.path.join(sdir, "work"),
@@ -1516,6 +1529,17 @@ def _alive_in(pid: int, start: int, name: str) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return any(os.path.basename(p) == f"corral-{name}" for p in paths)
+
+
+def _environment(spec: SandboxSpec, defaults: Mapping[str, Any]) -> dict[str, str]:
+    """The command's environment: corral's defaults, then the image's
+    (``Env`` of an OCI image: its PATH, say), then the spec's."""
+    env = spec.environment()
+    for item in defaults.get("env") or ():
+        key, eq, value = str(item).partition("=")
+        if eq and key not in spec.env:
+            env[key] = value
+    return env
 
 
 def _write_record(path: str, record: Mapping[str, Any]) -> None:
