@@ -7,6 +7,10 @@ layer on top (mounted by the runtime in :mod:`supervisor`). Builders:
 
 - ``busybox``: from the host's static busybox, offline; the default.
 
+OCI images (a layout directory, an ``oci-archive`` or a ``docker save``
+tarball) are read by :func:`open_image`, and each of their layers is turned
+into an overlayfs lower layer by :func:`apply_layer`.
+
 The names are imported when first used: ``corral --version`` and the
 verbs that need no image do not pay for the store's imports.
 """
@@ -21,6 +25,12 @@ if TYPE_CHECKING:
     from ._busybox import busybox_image as busybox_image
     from ._busybox import ensure_busybox as ensure_busybox
     from ._busybox import is_static_elf as is_static_elf
+    from ._oci import ImageConfig as ImageConfig
+    from ._oci import Layer as Layer
+    from ._oci import OciError as OciError
+    from ._oci import OciImage as OciImage
+    from ._oci import apply_layer as apply_layer
+    from ._oci import open_image as open_image
     from ._store import BuildContext as BuildContext
     from ._store import Image as Image
     from ._store import ImageStore as ImageStore
@@ -35,6 +45,12 @@ _LAZY = {
     "busybox_image": "_busybox",
     "ensure_busybox": "_busybox",
     "is_static_elf": "_busybox",
+    "ImageConfig": "_oci",
+    "Layer": "_oci",
+    "OciError": "_oci",
+    "OciImage": "_oci",
+    "apply_layer": "_oci",
+    "open_image": "_oci",
     "BuildContext": "_store",
     "Image": "_store",
     "ImageStore": "_store",
@@ -60,12 +76,18 @@ __all__ = [
     "BUILTIN_BASES",
     "BuildContext",
     "Image",
+    "ImageConfig",
     "ImageStore",
+    "Layer",
+    "OciError",
+    "OciImage",
     "RootfsError",
     "StoreError",
+    "apply_layer",
     "busybox_image",
     "ensure_busybox",
     "is_static_elf",
     "layer_id_of_recipe",
+    "open_image",
     "reverting",
 ]
