@@ -21,8 +21,9 @@ PKGS  := supervisor events plugins rootfs
 APT_RUNTIME := busybox-static tini python3-venv python3-dev iproute2 util-linux procps \
                criu nftables libseccomp2 mmdebstrap
 APT_VM      := qemu-system-x86 linux-image-amd64
-# The escape tests compile a static probe program into a test rootfs.
-APT_TEST    := gcc libc6-dev
+# The escape tests compile a static probe program into a test rootfs; the OCI
+# tests also read image layouts that skopeo and umoci write (offline).
+APT_TEST    := gcc libc6-dev skopeo umoci
 APT_BENCH   := runc lxc gcc libc6-dev debootstrap
 
 .PHONY: setup setup-vm setup-bench demo test test-host test-vm test-vm-v1 lint bench \
