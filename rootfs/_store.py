@@ -448,7 +448,10 @@ def _remove_tree(path: str) -> bool:
         os.rename(path, doomed)
     except OSError:
         return False
-    shutil.rmtree(doomed, ignore_errors=True)
+    if os.path.islink(doomed):
+        os.unlink(doomed)  # a layer shared from elsewhere: only the link is ours
+    else:
+        shutil.rmtree(doomed, ignore_errors=True)
     return True
 
 

@@ -63,12 +63,33 @@ class Dirs:
 
 @pytest.fixture(scope="session")
 def rootfs_cache() -> Iterator[Path]:
-    """One busybox base for the whole session (built once, ~100 ms)."""
+    """An image store with the busybox base, built once for the session."""
     d = Path(tempfile.mkdtemp(prefix="corral-test-cache-", dir=_scratch_base()))
     try:
         yield d
     finally:
         subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+def seeded_store(store: Path, cache: Path) -> None:
+    """A test's own image store at *store*, holding the session's busybox
+    image: its layer a symlink to the session's (never built twice), its
+    description and name copies. A test may add, remove and prune images
+    in it without touching another test's."""
+    from rootfs import ImageStore, busybox_image
+
+    image = busybox_image(ImageStore(cache))
+    own = ImageStore(store)
+    for layer in image.layers:
+        path = Path(own.layer_path(layer))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(ImageStore(cache).layer_path(layer))
+    hexpart = image.id.removeprefix("sha256:")
+    (store / "images" / "sha256").mkdir(parents=True)
+    (store / "images" / "sha256" / f"{hexpart}.json").write_bytes(
+        (cache / "images" / "sha256" / f"{hexpart}.json").read_bytes()
+    )
+    own.tag(image, "busybox")
 
 
 def _cgroup_leftovers(parents: Sequence[str]) -> list[str]:
@@ -100,8 +121,8 @@ def dirs(rootfs_cache: Path) -> Iterator[Dirs]:
     state, run = base / "state", base / "run"
     state.mkdir()
     run.mkdir()
-    # Share the session's busybox base instead of rebuilding it per test.
-    (state / "images").symlink_to(rootfs_cache)
+    # The session's busybox base, in a store of the test's own.
+    seeded_store(state / "images", rootfs_cache)
     probe = Runtime(state_dir=state, run_dir=run) if os.geteuid() == 0 else None
     before = set(_cgroup_leftovers(_cgroup_parents(probe))) if probe else set()
     try:

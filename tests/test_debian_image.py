@@ -10,6 +10,7 @@ so that only the first run pays for the cold build (about 25 s here).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ CACHE = Path(os.environ.get("CORRAL_TEST_IMAGE_CACHE", "/var/cache/corral-tests/
 def cached(dirs: Dirs) -> Iterator[Dirs]:
     """*dirs* whose image store is the persistent test cache."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    (dirs.state / "images").unlink()
+    shutil.rmtree(dirs.state / "images")
     (dirs.state / "images").symlink_to(CACHE)
     yield dirs
 
@@ -81,7 +82,7 @@ def test_an_interrupted_debian_build_leaves_nothing(dirs: Dirs, signame: str) ->
     no layer, image, scratch or mount, and says so in its status."""
     sig = getattr(signal, signame)
     store = dirs.state / "images"
-    store.unlink()  # a store of its own: nothing else in it
+    shutil.rmtree(store)  # an empty store: nothing else in it
     store.mkdir()
     proc = subprocess.Popen(
         # A recipe no other test builds: never in a cache.

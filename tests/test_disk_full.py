@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,7 +313,7 @@ def test_a_chatty_sandbox_fills_the_state_disk_and_stops_nothing(dirs: Dirs) -> 
         here.state.mkdir()
         here.run.mkdir()
         # The session's busybox base, as the dirs fixture shares it.
-        (here.state / "images").symlink_to(os.readlink(dirs.state / "images"))
+        shutil.copytree(dirs.state / "images", here.state / "images", symlinks=True)
         f = fleet(
             {"name": "chatty", "command": "yes 0123456789abcdef0123456789abcdef"},
             {"name": "victim", "command": "true"},

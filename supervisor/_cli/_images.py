@@ -1,5 +1,6 @@
 """``corral image``: the image store (``STATE_DIR/images``, see
-:mod:`rootfs._store`): ``ls``, ``inspect``, ``build``, ``rm``, ``prune``.
+:mod:`rootfs._store`): ``ls``, ``inspect``, ``build``, ``import``, ``rm``,
+``prune``.
 
 No supervisor needed: the store is files. An image a sandbox uses (any
 sandbox of this run directory: a ``corral run`` or one of a fleet) is
@@ -59,6 +60,19 @@ def add_parsers(sub: Subparsers) -> None:
         "--root-password-hash", help="a crypt(3) hash for root (default: root is locked)"
     )
     build.set_defaults(func=_build)
+    imp = verbs.add_parser(
+        "import",
+        help="import an OCI image: a layout directory, an oci-archive or a docker save tarball",
+        description="Import an OCI image into the store (docs/images.md): every digest is"
+        " verified, every layer becomes a shared store layer; a hostile layer is refused in"
+        " one line and leaves nothing.",
+    )
+    imp.add_argument("source", metavar="SOURCE", help="a layout directory or a tarball")
+    imp.add_argument(
+        "ref", metavar="REF", nargs="?", help="a tag or sha256:DIGEST (default: the only image)"
+    )
+    imp.add_argument("--tag", help="the image's name (default: REF, or oci:SHORT-ID)")
+    imp.set_defaults(func=_import)
     rm = verbs.add_parser("rm", help="remove images (refused while a sandbox uses one)")
     rm.add_argument("refs", metavar="IMAGE", nargs="+", help="names or ids")
     rm.set_defaults(func=_rm)
@@ -192,6 +206,32 @@ def _build(args: argparse.Namespace) -> int:
             )
             image = build_debian(store, recipe, args.tag, output)
     print(f"{', '.join(image.tags) or args.recipe}: {image.id}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    import sys
+
+    from rootfs import reverting
+    from rootfs._import import ImportProgress, import_oci
+
+    from ._common import human_size
+
+    tty = sys.stderr.isatty()
+
+    def progress(p: ImportProgress) -> None:
+        # On a terminal one line, rewritten; otherwise a line per layer.
+        what = "in the store already" if p.cached else human_size(p.size)
+        line = f"layer {p.index} of {p.count} {p.digest[7:19]} {what}, {p.elapsed:.1f} s"
+        if tty:
+            sys.stderr.write("\r\033[K" + line + ("\n" if p.index == p.count else ""))
+        else:
+            sys.stderr.write(f"corral: {line}\n")
+        sys.stderr.flush()
+
+    with reverting():
+        image = import_oci(_store(), args.source, args.ref, args.tag, progress)
+    print(f"{', '.join(image.tags)}: {image.id}")
     return 0
 
 

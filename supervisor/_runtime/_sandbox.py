@@ -564,6 +564,9 @@ class Runtime:
                 paths = store.lowerdirs(image)
         except RootfsError as exc:
             raise SandboxError(f"rootfs: {exc}") from exc
+        # The real directories: a layer may be a link to one shared from
+        # elsewhere, and a caller copying "the rootfs" must get its files.
+        paths = [os.path.realpath(p) for p in paths]
         for path in paths:
             if any(c in path for c in ",:\n"):
                 raise SpecError(

@@ -1,0 +1,151 @@
+"""``corral image import``: an OCI image (written by the tests' own
+builders in tests/test_oci.py, and by skopeo where it is installed) into
+the store, shared layers stored once, a sandbox on it with the image's
+defaults, and a hostile image refused in one line with nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from rootfs import ImageStore, busybox_image
+
+from .conftest import Dirs, corral, requires_root
+from .test_oci import build, docker_archive, file, layout, make_tar, special, symlink
+
+pytestmark = [requires_root]
+
+
+def _tar_of(root: str) -> bytes:
+    """The tree at *root* as an uncompressed layer tar (owners, modes, links kept)."""
+    out = Path(root).parent / (Path(root).name + ".tar")
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(root, arcname=".")
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+CONFIG: dict[str, object] = {
+    "architecture": "amd64",
+    "os": "linux",
+    "config": {
+        "Env": ["PATH=/bin:/usr/bin", "GREETING=from-the-image"],
+        "Entrypoint": ["sh", "-c"],
+        "Cmd": ['echo "$GREETING in $PWD"; test -e /etc/motd || echo "motd whited out"'],
+        "WorkingDir": "/srv",
+    },
+}
+
+
+def _images(dirs: Dirs, tmp_path: Path) -> tuple[bytes, Path, Path]:
+    """A busybox base tar, and two layouts of images on it (app:1, app:2)."""
+    store = ImageStore(dirs.state / "images")
+    (lower,) = store.lowerdirs(busybox_image(store))
+    base_root = tmp_path / "base"
+    shutil.copytree(lower, base_root, symlinks=True)
+    (base_root / "etc" / "motd").write_text("hello\n")
+    base = _tar_of(str(base_root))
+    one = make_tar(file("srv/app", b"1\n"), file("etc/.wh.motd", b""))
+    two = make_tar(file("srv/app", b"2\n"))
+    a = layout(tmp_path / "app1", build([base, one], [True, False], CONFIG), "app:1")
+    b = layout(tmp_path / "app2", build([base, two], [True, True], CONFIG), "app:2")
+    return base, a, b
+
+
+def test_an_imported_image_runs_with_its_defaults_and_shares_its_base(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    _, a, b = _images(dirs, tmp_path)
+    p = corral(dirs, "image", "import", str(a), "app:1")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode().startswith("app:1: sha256:")
+    first = p.stdout
+    progress = p.stderr.decode().splitlines()
+    assert progress[0].startswith("corral: layer 1 of 2 ") and progress[1].startswith(
+        "corral: layer 2 of 2 "
+    )
+    p = corral(dirs, "image", "import", str(b), "app:2", "--tag", "other")
+    assert p.returncode == 0, p.stderr
+    assert "layer 1 of 2 " in p.stderr.decode() and "in the store already" in p.stderr.decode()
+    store = ImageStore(dirs.state / "images")
+    one, two = store.find("app:1"), store.find("other")
+    assert one.layers[0] == two.layers[0] and one.layers[1] != two.layers[1]
+    assert one.config["env"] == ["PATH=/bin:/usr/bin", "GREETING=from-the-image"]
+    assert one.source["builder"] == "oci"
+    run = corral(dirs, "run", "--image", "app:1")
+    assert (run.returncode, run.stdout.decode()) == (
+        0, "from-the-image in /srv\nmotd whited out\n"
+    ), run.stderr  # fmt: skip
+    run = corral(dirs, "run", "--image", "other", "--", "cat", "/srv/app", "/etc/motd")
+    assert (run.returncode, run.stdout.decode()) == (0, "2\nhello\n"), run.stderr
+    # The same import again finds everything in the store.
+    again = corral(dirs, "image", "import", str(a), "app:1")
+    assert (again.returncode, again.stdout) == (0, first)
+    assert corral(dirs, "image", "rm", "app:1", "other").returncode == 0
+    assert corral(dirs, "image", "prune").returncode == 0
+    assert sorted(os.listdir(dirs.state / "images" / "layers" / "sha256")) == sorted(
+        layer[7:] for layer in busybox_image(store).layers
+    )
+
+
+def test_a_docker_save_tarball_is_imported_by_its_repo_tag(dirs: Dirs, tmp_path: Path) -> None:
+    base, _, _ = _images(dirs, tmp_path)
+    image = build([base, make_tar(file("srv/app", b"d\n"))], [False, False], CONFIG)
+    archive = docker_archive(tmp_path / "saved.tar", [(image, ["example/app:7"])])
+    p = corral(dirs, "image", "import", str(archive), "example/app:7")
+    assert p.returncode == 0, p.stderr
+    run = corral(dirs, "run", "--image", "example/app:7", "--", "cat", "/srv/app")
+    assert (run.returncode, run.stdout.decode()) == (0, "d\n"), run.stderr
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        ([file("../escape", b"x")], "'../escape'"),
+        ([symlink("etc", "/etc"), file("etc/passwd", b"x")], "'etc/passwd'"),
+        ([special("dev/sda", tarfile.BLKTYPE, 8, 0)], "device files are not allowed"),
+    ],
+)
+def test_a_hostile_image_is_refused_in_one_line_and_leaves_nothing(
+    dirs: Dirs, tmp_path: Path, entries: list[object], expected: str
+) -> None:
+    store_root = dirs.state / "images"
+    shutil.rmtree(store_root)  # an empty store, to see that nothing is left
+    store_root.mkdir()
+    bad = layout(tmp_path / "bad", build([make_tar(*entries)], [False], CONFIG), "bad")  # type: ignore[arg-type]
+    p = corral(dirs, "image", "import", str(bad), "bad")
+    assert p.returncode == 125
+    err = p.stderr.decode()
+    assert err.count("\n") == 1 and expected in err, err
+    left = [
+        str(x.relative_to(store_root))
+        for x in store_root.rglob("*")
+        if not x.is_dir() and x.parent.name != "locks"
+    ]
+    assert left == []
+
+
+@pytest.mark.skipif(
+    shutil.which("skopeo") is None, reason="skopeo is not installed (make setup-vm)"
+)
+def test_a_layout_skopeo_wrote_is_imported(dirs: Dirs, tmp_path: Path) -> None:
+    base, _, _ = _images(dirs, tmp_path)
+    image = build([base, make_tar(file("srv/app", b"s\n"))], [False, False], CONFIG)
+    archive = docker_archive(tmp_path / "saved.tar", [(image, ["skopeo/app:1"])])
+    out = tmp_path / "skopeo-layout"
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", f"docker-archive:{archive}", f"oci:{out}:app"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert json.loads((out / "index.json").read_text())["manifests"]
+    p = corral(dirs, "image", "import", str(out), "app", "--tag", "skopeo:app")
+    assert p.returncode == 0, p.stderr
+    run = corral(dirs, "run", "--image", "skopeo:app", "--", "cat", "/srv/app")
+    assert (run.returncode, run.stdout.decode()) == (0, "s\n"), run.stderr
