@@ -96,6 +96,8 @@ class Found:
     published: bool = False
     """Its ``exited`` is in the journal already."""
     created_seq: int = 0
+    frozen: bool = False
+    """Its cgroup was frozen when found: paused, or a checkpoint cut short."""
     interrupted: list[str] = field(default_factory=list)
     """Tags of its checkpoints that were being taken when the supervisor
     ended (their partial dumps are removed; it may still be frozen)."""
@@ -159,6 +161,10 @@ def survey(
             keeper.release(str(record.get("name", "")))
             continue
         found.late = sb.pidfd < 0 or has_exited(sb.pidfd)
+        if not found.late:
+            # Read here, in the survey's thread: not a thread hop per sandbox.
+            with contextlib.suppress(CorralError, OSError):
+                found.frozen = sb.cgroup.is_frozen()
         if found.late:
             found.published = exit_published(found.instance, found.generation, found.created_seq)
         other = out.current.get(found.instance)

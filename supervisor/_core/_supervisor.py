@@ -815,12 +815,13 @@ class Supervisor(Verbs, Checkpoints):
             inst.oom_events_seen = inst.oom_kills_reported = 0
         announce: list[events.Event] = []
         if not f.late:
-            paused = await trio.to_thread.run_sync(
-                self._thaw_after_checkpoint,
-                sb,
-                bool(f.interrupted),
-                limiter=self.limiters.lifecycle,
-            )
+            paused = f.frozen and not f.interrupted
+            if f.frozen and f.interrupted:
+                # Frozen for a checkpoint cut short (only a running sandbox is
+                # checkpointed): it runs on.
+                await trio.to_thread.run_sync(
+                    self._thaw_checkpointed, sb, limiter=self.limiters.lifecycle
+                )
             if paused:
                 inst.set_state("paused")
                 inst.paused_at = trio.current_time()
@@ -837,19 +838,9 @@ class Supervisor(Verbs, Checkpoints):
         await self._watch_generation(inst, sb, ident, announce=announce, late=f.late)
 
     @staticmethod
-    def _thaw_after_checkpoint(sb: Sandbox, interrupted: bool) -> bool:
-        """Thaw an adopted sandbox left frozen by a checkpoint cut short
-        (only a running one is checkpointed); True if it is frozen
-        otherwise: it was paused, and stays so."""
-        try:
-            if not sb.cgroup.is_frozen():
-                return False
-            if interrupted:
-                sb.cgroup.thaw()
-                return False
-        except (CorralError, OSError):
-            return False  # it is gone: its exit is about to be seen
-        return True
+    def _thaw_checkpointed(sb: Sandbox) -> None:
+        with contextlib.suppress(CorralError, OSError):
+            sb.cgroup.thaw()  # gone: its exit is about to be seen
 
     async def _watch_generation(
         self,
