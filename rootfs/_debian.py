@@ -141,7 +141,9 @@ def build_debian(
                 return store.find(name)
         if not build.has_layer(layer):
             work = build.scratch("debian")
-            _mmdebstrap(recipe, work, output)
+            # Its temporary files (a gpg home...) in the build's scratch
+            # space too: an interrupted build removes them with the rest.
+            _mmdebstrap(recipe, work, output, tmpdir=build.scratch("debian-tmp"))
             _configure(recipe, work)
             build.commit_layer(layer, work)
         config = {
@@ -155,7 +157,9 @@ def build_debian(
         return build.commit_image([layer], config, {**data, "key": key}, name)
 
 
-def _mmdebstrap(recipe: DebianRecipe, target: str, output: Callable[[str], None] | None) -> None:
+def _mmdebstrap(
+    recipe: DebianRecipe, target: str, output: Callable[[str], None] | None, tmpdir: str
+) -> None:
     argv: list[str] = [
         "unshare", "--mount", "--propagation", "private", "--",
         "mmdebstrap", "--mode=root", f"--variant={recipe.variant}",
@@ -178,6 +182,7 @@ def _mmdebstrap(recipe: DebianRecipe, target: str, output: Callable[[str], None]
         text=True,
         errors="replace",
         start_new_session=True,
+        env={**os.environ, "TMPDIR": tmpdir},
     )
     tail: list[str] = []
     try:

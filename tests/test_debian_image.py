@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def test_an_interrupted_debian_build_leaves_nothing(dirs: Dirs, signame: str) ->
     store = dirs.state / "images"
     shutil.rmtree(store)  # an empty store: nothing else in it
     store.mkdir()
+    before = set(Path(tempfile.gettempdir()).glob("mmdebstrap.*"))
     proc = subprocess.Popen(
         # A recipe no other test builds: never in a cache.
         [sys.executable, "-m", "supervisor", "image", "build", "debian",
@@ -105,3 +107,5 @@ def test_an_interrupted_debian_build_leaves_nothing(dirs: Dirs, signame: str) ->
     assert left == []
     assert list((store / "tmp").iterdir()) == []
     assert str(store) not in Path("/proc/self/mountinfo").read_text()
+    # Nor anything of mmdebstrap's own (its gpg home) outside the store.
+    assert set(Path(tempfile.gettempdir()).glob("mmdebstrap.*")) <= before
