@@ -16,6 +16,7 @@ from typing import Any
 
 from .._errors import CorralError
 from .._runtime._checkpoint import spec_from_dict, spec_to_dict
+from .._runtime._records import write_atomic
 from ._fleet import SandboxConfig
 
 __all__ = ["ADDED", "Addition", "load_additions", "save_additions"]
@@ -98,14 +99,4 @@ def save_additions(state_dir: str, additions: list[Addition]) -> None:
         except FileNotFoundError:
             pass
         return
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump({"sandboxes": [a.to_data() for a in additions]}, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, json.dumps({"sandboxes": [a.to_data() for a in additions]}, indent=1))

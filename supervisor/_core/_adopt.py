@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from .._errors import CorralError
 from .._runtime._checkpoint import spec_to_dict
 from .._runtime._linux._spawn import Keeper, has_exited
+from .._runtime._records import write_atomic
 from .._runtime._sandbox import Runtime, Sandbox
 
 __all__ = [
@@ -205,18 +206,7 @@ def note_generation(state_dir: str, instance: str, generation: int) -> None:
     """
     folder = os.path.join(state_dir, "generations")
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    path = os.path.join(folder, instance)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(f"{generation}\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        # Named after the file, whichever step failed (a full disk fails
-        # the write, which names nothing).
-        raise OSError(exc.errno, exc.strerror, path) from exc
+    write_atomic(os.path.join(folder, instance), f"{generation}\n")
 
 
 def last_generations(state_dir: str) -> dict[str, int]:

@@ -11,10 +11,11 @@ a range is worse to share than a directory to reuse; see :mod:`._userns`.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
-__all__ = ["STALE_AFTER", "abandoned", "record_path"]
+__all__ = ["STALE_AFTER", "abandoned", "record_path", "write_atomic"]
 
 STALE_AFTER = 60.0
 """Seconds after which something made for a sandbox that still has no
@@ -36,3 +37,21 @@ def abandoned(path: str, record: str) -> bool:
     except OSError:
         return True
     return age > STALE_AFTER and not os.path.exists(record)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write *path* whole or not at all (a temporary file renamed over it):
+    a reader, or a successor after a crash, sees the old content or the
+    new, never half of it. An OSError names *path*, whichever step failed
+    (a full disk fails the write, which names nothing). Not synced."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, path) from exc
+        raise

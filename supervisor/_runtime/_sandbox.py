@@ -74,7 +74,7 @@ from ._linux._child import INIT_PATH, LaunchConfig
 from ._linux._exec import ExecConfig
 from ._linux._proc import starttime
 from ._linux._spawn import ExitStatus, Reaper, Spawned, SpawnFailed, has_exited, spawn_direct
-from ._records import abandoned, record_path
+from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
 
@@ -539,7 +539,20 @@ class Runtime:
         """The overlayfs lower directories of *rootfs*, top first and
         joined by ``:``: a built-in base, an image of the store (a name or
         an id), or a directory (a path, or a name that is one here)."""
+        return self._resolve(rootfs)[0]
+
+    def image_defaults(self, rootfs: str) -> dict[str, Any]:
+        """What the image *rootfs* gives a sandbox by default (``env``,
+        ``entrypoint``, ``cmd``, ``workdir``, ``user``, ``exposed_ports``;
+        see :class:`rootfs.Image`): empty for a directory, and for the
+        built-in base, whose defaults are corral's own."""
+        return self._resolve(rootfs)[1]
+
+    def _resolve(self, rootfs: str) -> tuple[str, dict[str, Any]]:
+        """:meth:`resolve_rootfs` and :meth:`image_defaults` at once: a
+        sandbox's create looks its image up once."""
         store = self.images
+        defaults: dict[str, Any] = {}
         try:
             if rootfs in BUILTIN_BASES:
                 paths = store.lowerdirs(busybox_image(store))
@@ -554,7 +567,9 @@ class Runtime:
                 paths = [path]
             else:
                 try:
-                    image = store.find(rootfs)
+                    # A name is one file read (every start pays this); an id
+                    # or a prefix lists the store.
+                    image = store.tagged(rootfs) or store.find(rootfs)
                 except StoreError:
                     raise SpecError(
                         "rootfs",
@@ -562,6 +577,7 @@ class Runtime:
                         f" (corral image ls) or a directory, got {rootfs!r}",
                     ) from None
                 paths = store.lowerdirs(image)
+                defaults = dict(image.config)
         except RootfsError as exc:
             raise SandboxError(f"rootfs: {exc}") from exc
         # The real directories: a layer may be a link to one shared from
@@ -572,19 +588,7 @@ class Runtime:
                 raise SpecError(
                     "rootfs", f"the path cannot contain ',' or ':' (overlayfs), got {path!r}"
                 )
-        return ":".join(paths)
-
-    def image_defaults(self, rootfs: str) -> dict[str, Any]:
-        """What the image *rootfs* gives a sandbox by default (``env``,
-        ``entrypoint``, ``cmd``, ``workdir``, ``user``, ``exposed_ports``;
-        see :class:`rootfs.Image`): empty for a directory, and for the
-        built-in base, whose defaults are corral's own."""
-        if rootfs in BUILTIN_BASES or rootfs.startswith(("/", ".")) or os.path.isdir(rootfs):
-            return {}
-        try:
-            return dict(self.images.find(rootfs).config)
-        except StoreError:
-            return {}
+        return ":".join(paths), defaults
 
     @staticmethod
     def _stale(name: str, sdir: str, record: str) -> bool:
@@ -669,8 +673,7 @@ class Runtime:
         stdin_devnull: bool,
         labels: Mapping[str, Any] | None,
     ) -> Sandbox:
-        lower = self.resolve_rootfs(spec.rootfs)
-        defaults = self.image_defaults(spec.rootfs)
+        lower, defaults = self._resolve(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo:
@@ -1396,7 +1399,7 @@ def _run_criu(argv: list[str], partial: str) -> subprocess.CompletedProcess[str]
     pidfile = os.path.join(partial, CRIU_PID)
     try:
         with contextlib.suppress(OSError):
-            _write_atomic(pidfile, f"{proc.pid} {starttime(proc.pid)}\n")
+            write_atomic(pidfile, f"{proc.pid} {starttime(proc.pid)}\n")
         try:
             _, err = proc.communicate(timeout=CRIU_TIMEOUT)
         except subprocess.TimeoutExpired as exc:
@@ -1432,17 +1435,6 @@ def _wait_for_criu(pidfile: str, timeout: float) -> None:
             has_exited(pidfd, 5.0)
     finally:
         os.close(pidfd)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
 
 
 _CP = ("cp", "-a", "--reflink=auto")
@@ -1548,7 +1540,7 @@ def _environment(spec: SandboxSpec, defaults: Mapping[str, Any]) -> dict[str, st
 def _write_record(path: str, record: Mapping[str, Any]) -> None:
     """Write a sandbox's record atomically: a reader (a supervisor taking
     the sandbox back) sees the old one or the new one, never half of one."""
-    _write_atomic(path, json.dumps(record))
+    write_atomic(path, json.dumps(record))
 
 
 def _spawn_in_netns(netns: int, argv: list[str]) -> subprocess.Popen[str]:

@@ -42,6 +42,7 @@ import sys
 import time
 from typing import Any
 
+from .._records import write_atomic
 from ._proc import parent_pid, starttime
 from ._spawn import KEEPER_SOCKET, decode_request, failure_json, recv_fds, run_child, thread_count
 
@@ -316,7 +317,6 @@ class _Keeper:
         self.exits[key] = status
         if self.exits_dir is not None:
             path = os.path.join(self.exits_dir, f"{key[0]}-{key[1]}.json")
-            tmp = path + ".tmp"
             record = {
                 "pid": key[0],
                 "starttime": key[1],
@@ -324,15 +324,10 @@ class _Keeper:
                 "signal": status[1],
                 "at": time.time(),
             }
-            try:
-                with open(tmp, "w") as f:
-                    json.dump(record, f)
-                os.replace(tmp, path)
-            except OSError:
-                # Kept in memory still; only a keeper that replaces this
-                # one would not know it.
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            # Kept in memory still if this fails; only a keeper that
+            # replaces this one would not know it.
+            with contextlib.suppress(OSError):
+                write_atomic(path, json.dumps(record))
         for reply in self.waiters.pop(key, []):
             with reply, contextlib.suppress(OSError):
                 reply.send(msgpack.packb({"exited": list(status)}))
