@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 import pytest
 
-from supervisor import Keeper, Runtime, SandboxSpec
+from supervisor import Keeper, Runtime, SandboxError, SandboxSpec
+from supervisor._runtime._linux._spawn import KeeperError
 
 from .conftest import Dirs, requires_root
 
@@ -116,3 +120,67 @@ def test_a_failure_reported_before_the_pid_still_gives_the_pid() -> None:
     assert err.value.pidfd is not None
     os.close(err.value.pidfd)
     assert err.value.failure.step == "mount /proc"
+
+
+def _flaky_keeper(counter: Path) -> type[Keeper]:
+    """A Keeper class whose keeper process SIGKILLs itself before it says
+    it is ready, as many times as *counter* says: a real process killed at
+    the worst moment, at a moment of the test's choosing."""
+    script = (
+        'n=$(cat "$0"); if [ "$n" -gt 0 ]; then echo $((n - 1)) > "$0"; kill -9 $$; fi; '
+        'exec "$1" -m supervisor._runtime._linux._keeper "$2" "$3"'
+    )
+
+    class Flaky(Keeper):
+        command = ("sh", "-c", script, str(counter), sys.executable)
+
+    return Flaky
+
+
+def test_a_keeper_killed_before_it_is_ready_is_followed_by_another(
+    dirs: Dirs, tmp_path: Path, alarm: None
+) -> None:
+    """Seen in CI: the holder SIGKILLed between taking the run directory and
+    saying ready ended the supervisor. Such a start is made again."""
+    counter = tmp_path / "kills"
+    counter.write_text("2")
+    keeper = _flaky_keeper(counter)(str(dirs.run))
+    try:
+        assert counter.read_text().strip() == "0"  # two were killed, the third serves
+        rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+        with rt.create(SandboxSpec(name="after", argv=("sh", "-c", "exit 7"))) as sb:
+            assert sb.wait().status == 7
+    finally:
+        keeper.close()
+
+
+def test_a_keeper_that_cannot_be_replaced_now_is_replaced_later(
+    dirs: Dirs, tmp_path: Path, alarm: None
+) -> None:
+    """A keeper whose replacement fails leaves no half state: the failure is
+    each caller's own (a sandbox that cannot start), and the next check() replaces it."""
+    counter = tmp_path / "kills"
+    counter.write_text("0")
+    keeper = _flaky_keeper(counter)(str(dirs.run))
+    try:
+        counter.write_text(str(Keeper.START_ATTEMPTS))  # every replacement dies
+        fd = keeper.watch_fd()
+        os.kill(keeper.pid, signal.SIGKILL)  # ours: we started it
+        select.select([fd], [], [])  # its connection ends when it is dead
+        os.close(fd)
+        with pytest.raises(KeeperError, match="failed to start"):
+            keeper.check()
+        with pytest.raises(OSError):
+            keeper.watch_fd()
+        rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+        counter.write_text(str(Keeper.START_ATTEMPTS))
+        with pytest.raises(SandboxError, match="'none': the spawn keeper failed to start"):
+            rt.create(SandboxSpec(name="none", argv=("true",)))
+        assert not (dirs.state / "sandboxes" / "none").exists()
+        counter.write_text("0")
+        assert keeper.check()
+        os.close(keeper.watch_fd())
+        with rt.create(SandboxSpec(name="after", argv=("sh", "-c", "exit 7"))) as sb:
+            assert sb.wait().status == 7
+    finally:
+        keeper.close()

@@ -87,6 +87,10 @@ PLUGIN_DRAIN_TIMEOUT = 5.0
 LOG_DRAIN_TIMEOUT = 10.0
 """Seconds the supervisor's log may take to write its last lines once the
 fleet has stopped (a reader that stopped reading gets no more)."""
+KEEPER_RETRY_MIN = 0.5
+KEEPER_RETRY_MAX = 30.0
+"""Seconds between attempts to replace a keeper that could not be
+replaced, doubling from the first to the second."""
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """What stops the fleet (with ``handle_signals``): SIGHUP too (an ssh
 session's terminal closed), unless the supervisor is told to run on."""
@@ -591,18 +595,36 @@ class Supervisor(Verbs, Checkpoints):
         """
         assert self.keeper is not None
         keeper = self.keeper
+        delay = KEEPER_RETRY_MIN
         with scope:
             while True:
                 restarts = keeper.restarts
-                fd = keeper.watch_fd()
                 try:
-                    await trio.lowlevel.wait_readable(fd)
-                finally:
-                    trio.lowlevel.notify_closing(fd)
-                    os.close(fd)
-                replaced = await trio.to_thread.run_sync(
-                    keeper.check, limiter=self.limiters.lifecycle
-                )
+                    fd = keeper.watch_fd()
+                except OSError:
+                    fd = -1  # no keeper: its replacement failed; try again
+                if fd >= 0:
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    finally:
+                        trio.lowlevel.notify_closing(fd)
+                        os.close(fd)
+                try:
+                    replaced = await trio.to_thread.run_sync(
+                        keeper.check, limiter=self.limiters.lifecycle
+                    )
+                except KeeperError as exc:
+                    # No keeper for now: starts fail (each its own sandbox's
+                    # failure) and running sandboxes are reaped here, so the
+                    # fleet goes on while we try again, more slowly each time.
+                    say(
+                        f"corral: the spawn keeper could not be replaced ({exc});"
+                        f" trying again in {delay:g} s"
+                    )
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, KEEPER_RETRY_MAX)
+                    continue
+                delay = KEEPER_RETRY_MIN
                 if not replaced and keeper.restarts == restarts:
                     await trio.sleep(1)  # readable yet alive: never seen; no busy loop
 

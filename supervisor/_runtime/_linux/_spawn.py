@@ -290,8 +290,13 @@ KEEPER_SOCKET = "keeper.sock"
 """The holder keeper's socket, in the run directory."""
 
 
-class KeeperError(Exception):
-    """The keeper could not be started or reached."""
+class KeeperError(OSError):
+    """The keeper could not be started or reached.
+
+    An OSError: every caller that survives a keeper's death (an
+    ``OSError`` on its connection) survives a keeper that cannot be
+    replaced just now in the same way; the next call tries again.
+    """
 
 
 class Keeper(Reaper):
@@ -314,6 +319,14 @@ class Keeper(Reaper):
     are re-parented to its own parent's subreaper, so this process reaps
     them directly (see :meth:`Reaper.reap`).
     """
+
+    command: tuple[str, ...] = (sys.executable, "-m", "supervisor._runtime._linux._keeper")
+    """The keeper's program; it is given its socket's descriptor and the
+    run directory as arguments."""
+
+    START_ATTEMPTS = 3
+    """Keepers started, at most, for one start: one killed before it said
+    it was ready is followed by another."""
 
     def __init__(self, run_dir: str | None = None) -> None:
         import threading
@@ -360,10 +373,9 @@ class Keeper(Reaper):
     def _start(self) -> socket.socket:
         import subprocess
 
-        for _ in range(3):
+        for _ in range(self.START_ATTEMPTS):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            argv = [sys.executable, "-m", "supervisor._runtime._linux._keeper"]
-            argv += [str(theirs.fileno())]
+            argv = [*self.command, str(theirs.fileno())]
             if self.run_dir is not None:
                 argv.append(self.run_dir)
             # A holder outlives us: it must not hold our stdout and stderr
@@ -405,6 +417,10 @@ class Keeper(Reaper):
                     self.reconnected = True
                     return sock
                 continue
+            if msg == b"" and proc.returncode < 0:
+                # Killed before it could say ready (by a signal: an OOM
+                # kill, an operator): a fresh one may well start.
+                continue
             break
         raise KeeperError("the spawn keeper failed to start")
 
@@ -418,6 +434,8 @@ class Keeper(Reaper):
         with self._lock:
             if self._sock is not dead:
                 return self._sock
+            # Closed even if no keeper can be started now: every later
+            # call finds it closed (an OSError) and tries again.
             dead.close()
             if self._proc is not None:
                 # Ours: collect it. It is dead (its socket said so).
@@ -457,7 +475,8 @@ class Keeper(Reaper):
     def watch_fd(self) -> int:
         """A descriptor of the connection to the keeper, the caller's to
         close: it polls readable (end of file) only when that keeper has
-        died; then call :meth:`check`.
+        died; then call :meth:`check`. An OSError if there is no keeper
+        (its replacement failed): call :meth:`check` to try again.
 
         A copy, not the connection itself: whichever thread finds the
         keeper dead closes the connection, and an event loop still
@@ -495,7 +514,11 @@ class Keeper(Reaper):
                 fds.append(cfg.target_pidfd)
             else:
                 payload = {"launch": cfg.to_dict()}
-            self._send(payload, fds)
+            try:
+                self._send(payload, fds)
+            except BaseException:
+                parent.close()
+                raise
         return parent
 
     def spawn(
