@@ -596,3 +596,66 @@ def test_a_failed_dump_leaves_the_sandbox_running(
             os.read(r, 4096)
     assert runtime.checkpoints.list("c") == []
     assert os.listdir(runtime.checkpoints.dir("c")) == []
+
+
+@pytest.mark.criu
+@requires_root
+def test_volumes_tmpfs_and_a_read_only_root_survive_a_checkpoint(
+    runtime: Runtime, criu: None, tmp_path: Path
+) -> None:
+    """A host directory and a named volume are CRIU externals (their files
+    stay where they are; the restore mounts them again); a tmpfs's files
+    are dumped and come back; the root stays read-only."""
+    from supervisor._runtime._mounts import parse_tmpfs, parse_volume
+
+    host = tmp_path / "host"
+    host.mkdir()
+    script = "echo kept > /t/f; echo 1 > /v/n; echo go; while :; do sleep 1; done"
+    spec = SandboxSpec(
+        "vc",
+        ["sh", "-c", script],
+        mounts=(
+            parse_volume(f"{host}:/h"),
+            parse_volume("ckpt-vol:/v"),
+            parse_tmpfs("/t:size=1M"),
+        ),
+        read_only=True,
+    )
+    r, w = os.pipe()
+    try:
+        with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
+            os.close(w)
+            w = -1
+            assert os.read(r, 16) == b"go\n"
+            info = runtime.checkpoint(sb, tag="v")
+            assert sb.wait().signal == 9
+        with runtime.restore(info, stdio=(0, 2, 2)) as back:
+            with tempfile_out() as (fd, read):
+                with runtime.exec(
+                    back,
+                    ["sh", "-c", "cat /t/f /v/n; echo h > /h/x; touch /y || echo ro"],
+                    stdio=(0, fd, fd),
+                ) as proc:
+                    assert proc.wait() == 0
+                lines = read().splitlines()
+                assert lines[:2] == ["kept", "1"] and lines[-1] == "ro", lines
+            back.kill()
+        assert (host / "x").read_text() == "h\n"
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+
+
+@contextlib.contextmanager
+def tempfile_out() -> Iterator[tuple[int, Callable[[], str]]]:
+    """A temporary file's descriptor, and a function reading what was written to it."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as f:
+
+        def read() -> str:
+            f.seek(0)
+            return f.read().decode()
+
+        yield f.fileno(), read

@@ -123,6 +123,7 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument("-t", "--tty", action="store_true", help="give it a pseudo-terminal")
     p.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="set a variable")
     p.add_argument("--workdir", "-w", help="working directory inside (default: the sandbox's)")
+    p.add_argument("--user", "-u", help="UID[:GID] or NAME[:GROUP] (default: the sandbox's)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     p = verb(
@@ -246,6 +247,7 @@ def _add(args: argparse.Namespace) -> int:
 
 def _exec(args: argparse.Namespace) -> int:
     from .._control._exec_client import run_exec
+    from .._runtime._mounts import parse_user
     from .._runtime._spec import parse_env
 
     path = control_path(args)
@@ -260,6 +262,7 @@ def _exec(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         interactive=args.interactive,
         tty=args.tty,
+        user=parse_user(args.user, "--user") if args.user is not None else None,
     )
 
 

@@ -86,6 +86,23 @@ def add_parsers(sub: Subparsers) -> None:
         action="store_true",
         help="every capability, no no_new_privs: the sandbox's protections are OFF",
     )
+    run.add_argument(
+        "--volume",
+        "-v",
+        action="append",
+        default=[],
+        metavar="SRC:TARGET[:ro]",
+        help="mount a host path (SRC starts with / or .) or a named volume (SRC is a name)",
+    )
+    run.add_argument(
+        "--tmpfs",
+        action="append",
+        default=[],
+        metavar="TARGET[:OPTS]",
+        help="mount a tmpfs, e.g. /tmp or /run:size=16M,mode=755",
+    )
+    run.add_argument("--user", "-u", help="UID[:GID] or NAME[:GROUP] to run the command as")
+    run.add_argument("--read-only", action="store_true", help="make the root file system read-only")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     run.set_defaults(func=_run)
 
@@ -143,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
     except SpecError as exc:
         option = "--" + exc.field.split(".")[0].replace("_", "-").replace("rlimits", "ulimit")
         raise SpecError(option, str(exc).split(": ", 1)[1]) from None
+    from .._runtime._mounts import parse_tmpfs, parse_user, parse_volume
+
     spec = SandboxSpec(
         name=name,
         argv=tuple(command),
@@ -152,6 +171,10 @@ def _run(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         limits=limits,
         security=security,
+        mounts=[parse_volume(_absolute_source(v), "--volume") for v in args.volume]
+        + [parse_tmpfs(t, "--tmpfs") for t in args.tmpfs],
+        user=parse_user(args.user, "--user") if args.user is not None else None,
+        read_only=args.read_only,
     )
     if security.privileged:
         warn_privileged(name)
@@ -186,6 +209,15 @@ def _run(args: argparse.Namespace) -> int:
             f"corral: sandbox {name!r} was OOM-killed{limit}: its memory use reached the limit\n"
         )
     return result.status
+
+
+def _absolute_source(volume: str) -> str:
+    """``./dir:/data`` means the directory here (a name alone is a named
+    volume): the spec takes absolute host paths only."""
+    source, sep, rest = volume.partition(":")
+    if sep and source.startswith("."):
+        return f"{os.path.abspath(source)}:{rest}"
+    return volume
 
 
 def _image_command(rootfs: str) -> list[str]:

@@ -43,11 +43,14 @@ def run_exec(
     workdir: str | None,
     interactive: bool,
     tty: bool,
+    user: str | None = None,
 ) -> int:
     """Run *argv* in sandbox *name* through the supervisor at *path*; its status."""
     params: dict[str, Any] = {"name": name, "argv": list(argv), "env": env, "tty": tty}
     if workdir is not None:
         params["workdir"] = workdir
+    if user is not None:
+        params["user"] = user
     with Client(path) as client, _signals() as wakeup:
         if tty:
             size = _winsize()

@@ -366,6 +366,7 @@ async def _exec(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     argv = _strings(params, "argv")
     env = _env(params)
     workdir = _str(params, "workdir")
+    user = _str(params, "user")
     tty = _bool(params, "tty")
     winsize = params.get("winsize")
     if winsize is not None and (
@@ -410,11 +411,12 @@ async def _exec(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
                 tty=True,
                 winsize=(winsize[0], winsize[1]) if winsize else None,
                 stdio=(n, n, n),
+                user=user,
                 started=started,
             )
     else:
         status = await sup.exec_in(
-            name, argv, env=env, workdir=workdir, stdio=stdio, started=started
+            name, argv, env=env, workdir=workdir, stdio=stdio, user=user, started=started
         )
     return {"status": status}
 

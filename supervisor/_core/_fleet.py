@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .._errors import CorralError, SpecError
+from .._runtime._mounts import Mount, parse_tmpfs, parse_user, parse_volume
 from .._runtime._seccomp import parse_seccomp
 from .._runtime._security import (
     DEFAULT_SECURITY,
@@ -54,7 +55,8 @@ T = TypeVar("T")
 _SANDBOX_KEYS = {
     "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
     "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged", "seccomp",
-    "rlimits", "userns", "userns_base", "userns_size",
+    "rlimits", "userns", "userns_base", "userns_size", "volumes", "tmpfs", "user",
+    "read_only_rootfs",
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -138,6 +140,11 @@ class SandboxConfig:
     security: Security = DEFAULT_SECURITY
     """Capabilities and no_new_privs (``cap_add``, ``cap_drop``, ``no_new_privs``,
     ``privileged``)."""
+    mounts: tuple[Mount, ...] = ()
+    """``volumes`` and ``tmpfs``."""
+    user: str | None = None
+    read_only: bool = False
+    """``read_only_rootfs``."""
 
     def instance_name(self, instance: int) -> str:
         """The runtime name of one replica: ``NAME-INDEX``."""
@@ -154,6 +161,9 @@ class SandboxConfig:
             workdir=self.workdir,
             limits=self.limits,
             security=self.security,
+            mounts=self.mounts,
+            user=self.user,
+            read_only=self.read_only,
         )
 
 
@@ -306,7 +316,34 @@ def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[s
         out["seccomp"] = c.check(where, lambda: parse_seccomp(table["seccomp"]))
     if "rlimits" in table and c.check(where, lambda: parse_rlimits(table["rlimits"])) is not None:
         out["rlimits"] = dict(table["rlimits"])
+    for key, parse in (("volumes", parse_volume), ("tmpfs", parse_tmpfs)):
+        if key in table:
+            items = table[key]
+            if not isinstance(items, list):
+                c.problems.append(f"{where}{key}: expected a list of strings, got {items!r:.60}")
+                continue
+            mounts = [c.check(where, lambda i=i, p=parse, k=key: p(i, k)) for i in items]  # type: ignore[misc]
+            if all(m is not None for m in mounts):
+                out[key] = mounts
+    if "user" in table:
+        out["user"] = c.check(where, lambda: parse_user(table["user"]))
+    if "read_only_rootfs" in table:
+        ro = table["read_only_rootfs"]
+        if isinstance(ro, bool):
+            out["read_only_rootfs"] = ro
+        else:
+            c.problems.append(f"{where}read_only_rootfs: expected true or false, got {ro!r}")
     return out
+
+
+def _merge_mounts(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> list[Mount]:
+    """The defaults' volumes and tmpfs, then the sandbox's: one of its own
+    with the target of a default replaces that default."""
+    mine = [m for key in ("volumes", "tmpfs") for m in own.get(key) or ()]
+    targets = {m.target for m in mine}
+    inherited = [m for key in ("volumes", "tmpfs") for m in defaults.get(key) or ()]
+    # Two mounts of one target in one table stay, for the spec to refuse.
+    return [m for m in inherited if m.target not in targets] + mine
 
 
 def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
@@ -448,6 +485,9 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             hostname=hostname,
             plugins=plugins,
             security=security,
+            mounts=tuple(_merge_mounts(defaults, own)),
+            user=fields.get("user"),
+            read_only=fields.get("read_only_rootfs", False),
         )
         if c.check(where, lambda cfg=cfg: cfg.spec(0)) is not None:  # type: ignore[misc]
             sandboxes.append(cfg)

@@ -17,7 +17,7 @@ import events
 
 from .._errors import CorralError
 from .._runtime._checkpoint import CheckpointInfo
-from .._runtime._spec import SandboxSpec
+from .._runtime._spec import SandboxSpec, validate_name
 from ._fleet import SandboxConfig
 from ._states import check_transition
 
@@ -164,15 +164,11 @@ class Instance:
         """
         base = self.config.spec(self.index)
         limits = base.limits._replace(memory=self.memory_limit)
-        return SandboxSpec(
-            name=f"{self.name}.{self.generation}",
-            argv=base.argv,
-            rootfs=base.rootfs,
+        # _replace: base was validated whole, and so is what replaces its parts.
+        return base._replace(
+            name=validate_name(f"{self.name}.{self.generation}"),
             hostname=self.config.hostname or _hostname(self.name),
-            env=base.env,
-            workdir=base.workdir,
             limits=limits,
-            security=base.security,
         )
 
     def request_stop(self, reason: str | None = None) -> None:

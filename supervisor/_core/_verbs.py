@@ -274,6 +274,7 @@ class Verbs(SupervisorBase):
         tty: bool = False,
         winsize: tuple[int, int] | None = None,
         stdio: tuple[int, int, int],
+        user: str | None = None,
         started: Callable[[int, ExecProcess], Awaitable[None]] | None = None,
     ) -> int:
         """Run *argv* in the running instance *name* (see :meth:`Runtime.exec`);
@@ -302,6 +303,7 @@ class Verbs(SupervisorBase):
                         stdio=stdio,
                         tty=tty,
                         winsize=winsize,
+                        user=user,
                     ),
                     limiter=self.limiters.lifecycle,
                 )

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from .._errors import CheckpointError, CriuUnavailableError
+from ._mounts import mount_from_dict
 from ._security import Security, make_security
 from ._spec import Limits, SandboxSpec
 
@@ -227,6 +228,9 @@ def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
         "workdir": spec.workdir,
         "limits": spec.limits._asdict(),
         "security": spec.security.to_dict(),
+        "mounts": [m.to_dict() for m in spec.mounts],
+        "user": spec.user,
+        "read_only": spec.read_only,
     }
 
 
@@ -244,6 +248,9 @@ def spec_from_dict(d: dict[str, Any]) -> SandboxSpec:
         security=make_security(**d["security"])
         if "security" in d
         else make_security(privileged=True, no_new_privs=False),
+        mounts=[mount_from_dict(m) for m in d.get("mounts") or ()],
+        user=d.get("user"),
+        read_only=bool(d.get("read_only", False)),
     )
 
 

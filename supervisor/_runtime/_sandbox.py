@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -74,6 +75,7 @@ from ._linux._child import INIT_PATH, LaunchConfig
 from ._linux._exec import ExecConfig
 from ._linux._proc import starttime
 from ._linux._spawn import ExitStatus, Reaper, Spawned, SpawnFailed, has_exited, spawn_direct
+from ._mounts import Mount, parse_user
 from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
@@ -698,6 +700,7 @@ class Runtime:
                 else:
                     lower = _shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
             cgroup = self._make_cgroup(spec, undo)
+            mounts = self._mount_sources(spec, userns)
             cfg = LaunchConfig(
                 argv=list(spec.argv),
                 env=_environment(spec, defaults),
@@ -715,6 +718,9 @@ class Runtime:
                 idmap_lower=idmap,
                 idmap_target=os.path.join(sdir, "lower"),
                 die_with=os.getpid() if self._die_with_caller else 0,
+                mounts=mounts or None,
+                read_only=spec.read_only,
+                user=_user(spec, defaults),
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
@@ -935,6 +941,47 @@ class Runtime:
             sb.started -= max(0.0, time.time() - float(record["created"]))
         return sb
 
+    def volume_path(self, name: str) -> str:
+        """Where the named volume *name* is kept: ``STATE_DIR/volumes/NAME``."""
+        return os.path.join(self.state_dir, "volumes", name)
+
+    def _mount_sources(self, spec: SandboxSpec, userns: list[int] | None) -> list[list[Any]]:
+        """The spec's mounts as the init makes them (:class:`LaunchConfig`):
+        each host source checked, each named volume made on first use."""
+        out: list[list[Any]] = []
+        for m in spec.mounts:
+            is_dir = True
+            source = m.source
+            if m.kind == "bind":
+                try:
+                    is_dir = stat.S_ISDIR(os.stat(source).st_mode)
+                except OSError as exc:
+                    raise SpecError(
+                        "volumes", f"{m.describe()}: {os_failure(exc)} on the host"
+                    ) from None
+            elif m.kind == "volume":
+                source = self._volume(m.source, userns)
+            if userns is not None and m.kind != "tmpfs":
+                from ._userns import check_reachable
+
+                check_reachable(os.path.dirname(source), userns[0], f"the volume {source}")
+            out.append([m.kind, source, m.target, m.read_only, m.size, m.mode, m.noexec, is_dir])
+        return out
+
+    def _volume(self, name: str, userns: list[int] | None) -> str:
+        """The named volume's directory, made on first use. A new one is
+        owned by the root of the sandbox that makes it (in a user
+        namespace: its host id), as Docker makes volumes."""
+        path = self.volume_path(name)
+        os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            return path
+        if userns is not None:
+            os.chown(path, userns[0], userns[0])
+        return path
+
     def _make_cgroup(self, spec: SandboxSpec, undo: contextlib.ExitStack) -> Cgroup:
         """The sandbox's cgroup, with its limits and (unless privileged) the
         device policy; *undo* removes it."""
@@ -971,6 +1018,7 @@ class Runtime:
         stdio: tuple[int, int, int] = (0, 1, 2),
         tty: bool = False,
         winsize: tuple[int, int] | None = None,
+        user: str | None = None,
     ) -> ExecProcess:
         """Start *argv* in the running sandbox *sb*, like ``docker exec``;
         return once it has been exec'd.
@@ -982,7 +1030,8 @@ class Runtime:
         privilege than the sandbox's own processes. Its fds 0, 1, 2 are
         *stdio*, or with *tty* a new terminal of the sandbox's devpts whose
         master is :attr:`ExecProcess.pty_master`, sized *winsize* (rows,
-        columns) before the command runs.
+        columns) before the command runs. It runs as *user* (``UID[:GID]``
+        or ``NAME[:GROUP]``), by default the sandbox's own.
 
         It becomes a child of this process (see :class:`ExecProcess`).
         Raises :class:`~supervisor.CommandNotFoundError`,
@@ -999,7 +1048,19 @@ class Runtime:
             workdir = sb.spec.workdir
         elif not workdir.startswith("/") or "\0" in workdir:
             raise SpecError("workdir", f"expected an absolute path, got {workdir!r}")
-        environment = sb.spec.environment()
+        if user is not None:
+            parse_user(user)
+        try:
+            defaults = self.image_defaults(sb.spec.rootfs)
+        except CorralError:
+            defaults = {}  # its image is gone from the store: corral's defaults
+        user = user or _user(sb.spec, defaults)
+        environment = _environment(sb.spec, defaults)
+        if user is not None and user.partition(":")[0] not in ("0", "root"):
+            if "HOME" not in sb.spec.env:
+                environment.pop("HOME", None)  # the user's, from /etc/passwd
+        elif "HOME" not in environment:
+            environment["HOME"] = "/root"
         for key, value in (env or {}).items():
             if not _ENV_KEY_RE.match(key):
                 raise SpecError("env", f"expected KEY=VALUE, got key {key!r}")
@@ -1022,6 +1083,7 @@ class Runtime:
                 tty=tty,
                 winsize=list(winsize) if winsize else None,
                 userns=sb.spec.security.userns,
+                user=user,
                 **_privileges(sb.spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
@@ -1127,6 +1189,11 @@ class Runtime:
                 str(sb.pid),
                 "--external",
                 f"mnt[{INIT_PATH}]:{INIT_KEY}",
+                *(
+                    arg
+                    for target, name, _ in _external_mounts(sb.spec)
+                    for arg in ("--external", f"mnt[{target}]:{name}")
+                ),
                 "--freeze-cgroup",
                 sb.cgroup.freezer_dir,
                 *CRIU_OPTIONS,
@@ -1307,6 +1374,9 @@ class Runtime:
                 f"mnt[{INIT_KEY}]:{self.init_binary}",
                 *CRIU_OPTIONS,
             ]
+            for _, name, m in _external_mounts(spec):
+                source = m.source if m.kind == "bind" else self._volume(m.source, None)
+                argv += ["--external", f"mnt[{name}]:{source}"]
             for controllers, path in cgroup.relative_paths().items():
                 argv += ["--cgroup-root", f"{controllers}:{path}" if controllers else path]
             mapped: set[str] = set()
@@ -1327,6 +1397,7 @@ class Runtime:
                 cgroup_procs=[],
                 confine=not spec.security.privileged,
                 restore_argv=argv,
+                read_only=spec.read_only,
             )
             try:
                 criu_proc = self._spawn_or_reap(cfg, stdio)
@@ -1526,10 +1597,35 @@ def _alive_in(pid: int, start: int, name: str) -> bool:
     return any(os.path.basename(p) == f"corral-{name}" for p in paths)
 
 
+def _external_mounts(spec: SandboxSpec) -> list[tuple[str, str, Mount]]:
+    """The sandbox's mounts of host trees (volumes), as CRIU names them:
+    (target, key, mount). CRIU dumps a tmpfs's files but cannot dump a
+    host directory; it records where one was mounted, under a key, and the
+    restore mounts what the key is given as."""
+    mounts = [m for m in spec.mounts if m.kind != "tmpfs"]
+    return [(m.target, f"corral-volume-{n}", m) for n, m in enumerate(mounts)]
+
+
+def _user(spec: SandboxSpec, defaults: Mapping[str, Any]) -> str | None:
+    """Who the command runs as: the spec's user, else the image's
+    (``User`` of an OCI image), else None (root)."""
+    if spec.user is not None:
+        return spec.user
+    user = str(defaults.get("user") or "") or None
+    if user is not None:
+        try:
+            parse_user(user)
+        except SpecError:
+            raise SpecError(
+                "user", f"the image {spec.rootfs!r} names its user {user!r}: set user to override"
+            ) from None
+    return user
+
+
 def _environment(spec: SandboxSpec, defaults: Mapping[str, Any]) -> dict[str, str]:
     """The command's environment: corral's defaults, then the image's
     (``Env`` of an OCI image: its PATH, say), then the spec's."""
-    env = spec.environment()
+    env = spec.environment(str(defaults.get("user") or "") or None)
     for item in defaults.get("env") or ():
         key, eq, value = str(item).partition("=")
         if eq and key not in spec.env:

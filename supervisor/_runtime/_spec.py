@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from .._errors import SpecError
 from . import _units
+from ._mounts import Mount, check_mounts, parse_user
 from ._security import DEFAULT_SECURITY, Security
 
 __all__ = [
@@ -139,6 +140,13 @@ class _SpecFields(NamedTuple):
     limits: Limits
     security: Security
     """Capabilities and no_new_privs (Docker's defaults unless told otherwise)."""
+    mounts: tuple[Mount, ...]
+    """Volumes (host paths, named volumes) and tmpfs, parents first."""
+    user: str | None
+    """``UID[:GID]`` or ``NAME[:GROUP]`` the command runs as (None: the
+    image's, else root)."""
+    read_only: bool
+    """The root file system is read-only (volumes and tmpfs are as given)."""
 
 
 class SandboxSpec(_SpecFields):
@@ -160,6 +168,9 @@ class SandboxSpec(_SpecFields):
         workdir: str = "/",
         limits: Limits = NO_LIMITS,
         security: Security = DEFAULT_SECURITY,
+        mounts: Sequence[Mount] = (),
+        user: str | None = None,
+        read_only: bool = False,
     ) -> SandboxSpec:
         validate_name(name)
         argv = tuple(argv)
@@ -178,7 +189,23 @@ class SandboxSpec(_SpecFields):
         for key in env:
             if not _ENV_KEY_RE.match(key):
                 raise SpecError("env", f"expected KEY=VALUE, got key {key!r}")
-        return super().__new__(cls, name, argv, rootfs, hostname, env, workdir, limits, security)
+        mounts = check_mounts(mounts)
+        if user is not None:
+            parse_user(user)
+        return super().__new__(
+            cls,
+            name,
+            argv,
+            rootfs,
+            hostname,
+            env,
+            workdir,
+            limits,
+            security,
+            mounts,
+            user,
+            bool(read_only),
+        )
 
     @property
     def effective_hostname(self) -> str:
@@ -188,8 +215,16 @@ class SandboxSpec(_SpecFields):
         h = re.sub(r"[^A-Za-z0-9-]", "-", self.name)[:63].strip("-")
         return h or "sandbox"
 
-    def environment(self) -> dict[str, str]:
-        """The command's environment: sane defaults overridden by ``env``."""
-        env = {"PATH": DEFAULT_PATH, "HOSTNAME": self.effective_hostname, "HOME": "/root"}
+    def environment(self, image_user: str | None = None) -> dict[str, str]:
+        """The command's environment: sane defaults overridden by ``env``.
+
+        HOME is /root for root. For another user (the spec's, else the
+        image's *image_user*) it is left out, for the sandbox to set from
+        its own ``/etc/passwd`` (as Docker does), unless ``env`` sets it.
+        """
+        env = {"PATH": DEFAULT_PATH, "HOSTNAME": self.effective_hostname}
+        user = self.user or image_user
+        if user is None or user.partition(":")[0] in ("0", "root"):
+            env["HOME"] = "/root"
         env.update(self.env)
         return env

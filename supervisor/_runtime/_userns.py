@@ -188,9 +188,10 @@ def _release(path: str, name: str) -> None:
             pass
 
 
-def check_reachable(path: str, uid: int) -> None:
+def check_reachable(path: str, uid: int, what: str = "the sandbox's layers") -> None:
     """Raise :class:`SandboxError` unless host user *uid* (whose only group
-    is the same number) may search every directory from / to *path*."""
+    is the same number) may search every directory from / to *path*
+    (which leads to *what* the sandbox's root mounts)."""
     parts = os.path.abspath(path).split("/")
     for i in range(1, len(parts)):
         d = "/".join(parts[: i + 1]) or "/"
@@ -204,7 +205,7 @@ def check_reachable(path: str, uid: int) -> None:
         if not st.st_mode & bit:
             raise SandboxError(
                 f"userns: {d} is not searchable by the sandbox's root (host uid {uid}),"
-                f" which mounts the sandbox's layers: allow it (chmod o+x {d})"
+                f" which mounts {what}: allow it (chmod o+x {d})"
                 " or use a state directory it can reach (CORRAL_STATE_DIR)"
             )
 

@@ -27,6 +27,7 @@ entering a sandbox may keep.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -44,12 +45,14 @@ from ._proc import parent_pid, starttime
 
 __all__ = [
     "INIT_PATH",
+    "Identity",
     "LaunchConfig",
     "Privileges",
     "SetupFailure",
     "become_userns_root",
     "close_fds_except",
     "enter_new_userns",
+    "resolve_user",
     "restrict_like_sandbox",
     "run_intermediate",
 ]
@@ -154,6 +157,15 @@ class LaunchConfig(NamedTuple):
     """The PID of the process whose death must kill the sandbox (0: none).
     It must be the subreaper the init is re-parented to when the
     intermediate exits: the init's parent-death signal is then SIGKILL."""
+    mounts: list[list[Any]] | None = None
+    """Volumes and tmpfs, parents first: ``[kind, source, target,
+    read_only, size, mode, noexec, is_dir]``, *source* a host path (``bind``
+    and ``volume``) or ``tmpfs`` (see :func:`_mount_volumes`)."""
+    read_only: bool = False
+    """Make the root read-only once the volumes are mounted."""
+    user: str | None = None
+    """``UID[:GID]`` or ``NAME[:GROUP]`` to run as, names resolved in the
+    sandbox's own ``/etc/passwd`` and ``/etc/group`` (None: root)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for the keeper protocol."""
@@ -421,6 +433,12 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         os.setsid()
         step = "mount root"
         _mount_root(cfg)
+        if cfg.mounts:
+            step = "volumes"
+            _mount_volumes(cfg)
+        if cfg.read_only:
+            step = "read-only root"
+            _make_root_read_only(cfg)
         step = "set hostname"
         socket.sethostname(cfg.hostname)
         step = "bring up loopback"
@@ -439,9 +457,15 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         # Nothing of the host's may be reachable through /proc/self/fd as a
         # workdir (runc CVE-2024-21626): close every descriptor first.
         close_fds_except(report.fileno())
+        identity = None
+        if cfg.user is not None:
+            step = "user"
+            identity = resolve_user(cfg.user)
+            cfg.env.setdefault("HOME", identity.home)
+        step = "workdir"
         path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
         step = "restrict"
-        restrict_like_sandbox(report, cfg)
+        restrict_like_sandbox(report, cfg, identity)
         step = "exec init"
         os.execve(INIT_PATH, ["init", "--", path, *cfg.argv[1:]], cfg.env)
     except BaseException as exc:
@@ -472,6 +496,10 @@ def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         sc.unshare(sc.CLONE_NEWNS)
         step = "mount root"
         _mount_overlay(cfg)
+        if cfg.read_only:
+            # CRIU takes the root mount's flags from --root, not the dump.
+            step = "read-only root"
+            _make_root_read_only(cfg)
         step = "exec criu"
         for target, fd in enumerate(os.dup(n) for n in (0, 1, 2)):
             os.dup2(fd, 3 + target)
@@ -523,7 +551,86 @@ class Privileges(Protocol):
     def rlimits(self) -> list[list[int]] | None: ...
 
 
-def restrict_like_sandbox(report: socket.socket, cfg: Privileges) -> None:
+class Identity(NamedTuple):
+    """Who a sandbox's command runs as (:func:`resolve_user`)."""
+
+    uid: int
+    gid: int
+    groups: list[int]
+    """Supplementary groups: every group of ``/etc/group`` that lists the user."""
+    home: str
+    """Its home directory (``/`` for an id ``/etc/passwd`` does not know)."""
+
+
+_DB_MAX = 4 << 20
+
+
+def _read_db(path: str) -> list[list[str]]:
+    """The entries of the sandbox's ``/etc/passwd`` or ``/etc/group``
+    (none if it has no such file). The image's file, so never trusted: a
+    FIFO, a device or an endless file gives a clear error, not a hang."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        return []
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Step("user", f"{path} in the sandbox is not a regular file", errno.EINVAL)
+        data = os.read(fd, _DB_MAX + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _DB_MAX:
+        raise _Step("user", f"{path} in the sandbox is larger than 4 MiB", errno.EFBIG)
+    out = []
+    for line in data.decode(errors="replace").splitlines():
+        if line and not line.startswith("#"):
+            out.append(line.split(":"))
+    return out
+
+
+def resolve_user(spec: str) -> Identity:
+    """``UID[:GID]`` or ``NAME[:GROUP]`` as the sandbox's own ``/etc/passwd``
+    and ``/etc/group`` say (the current root must be the sandbox's).
+
+    As Docker does: a number unknown to ``/etc/passwd`` is that uid with
+    gid 0 and home ``/``; a name unknown to it is an error.
+    """
+    user, _, group = spec.partition(":")
+    entry = None
+    for fields in _read_db("/etc/passwd"):
+        if len(fields) >= 7 and (fields[2] == user if user.isdigit() else fields[0] == user):
+            entry = fields
+            break
+    if entry is None and not user.isdigit():
+        raise _Step("user", f"user {user!r}: no such user in the sandbox's /etc/passwd")
+    try:
+        uid = int(user) if user.isdigit() else int(entry[2])  # type: ignore[index]
+        gid = int(entry[3]) if entry is not None else 0
+    except ValueError:
+        raise _Step(
+            "user", f"user {user!r}: a malformed line in the sandbox's /etc/passwd"
+        ) from None
+    groups_db = _read_db("/etc/group")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            found = [g for g in groups_db if len(g) >= 3 and g[0] == group and g[2].isdigit()]
+            if not found:
+                raise _Step("user", f"group {group!r}: no such group in the sandbox's /etc/group")
+            gid = int(found[0][2])
+    name = entry[0] if entry is not None else None
+    groups = {gid}
+    for g in groups_db:
+        if len(g) >= 4 and name is not None and name in g[3].split(",") and g[2].isdigit():
+            groups.add(int(g[2]))
+    home = entry[5] if entry is not None and entry[5] else "/"
+    return Identity(uid, gid, sorted(groups), home)
+
+
+def restrict_like_sandbox(
+    report: socket.socket, cfg: Privileges, identity: Identity | None = None
+) -> None:
     """Leave a process about to exec in a sandbox exactly the sandbox's
     privileges; the last step before ``execve``, for the init and for every
     process ``corral exec`` adds alike.
@@ -533,7 +640,10 @@ def restrict_like_sandbox(report: socket.socket, cfg: Privileges) -> None:
     blocked; umask 022; the rlimits; only the capabilities ``cfg.caps``
     (numbers up to ``cfg.last_cap``; None keeps every one: a privileged
     sandbox), no inheritable or ambient ones, ``no_new_privs`` if asked, and
-    the seccomp filter (see :mod:`supervisor._runtime._security`).
+    the seccomp filter (see :mod:`supervisor._runtime._security`). With
+    *identity*, as that user: its groups, gid and uid; a user other than
+    root then has no capability left once it execs (the kernel clears
+    them, as for any non-root process without file capabilities).
     """
     # The exec path clears the flag before it joins the sandbox's PID
     # namespace, which is when the window opens; this keeps the rule here
@@ -551,8 +661,11 @@ def restrict_like_sandbox(report: socket.socket, cfg: Privileges) -> None:
     # the same); the filter then must allow what follows (capset, prctl).
     if cfg.seccomp is not None and not cfg.no_new_privs:
         sc.load_seccomp(cfg.seccomp)
+    who = None if identity is None else (identity.uid, identity.gid, identity.groups)
     if cfg.caps is not None:  # None: privileged, which also means no no_new_privs
-        sc.restrict_capabilities(cfg.caps, cfg.last_cap, cfg.no_new_privs)
+        sc.restrict_capabilities(cfg.caps, cfg.last_cap, cfg.no_new_privs, who)
+    elif who is not None:
+        sc.switch_user(*who)
     if cfg.seccomp is not None and cfg.no_new_privs:
         sc.load_seccomp(cfg.seccomp)
 
@@ -583,6 +696,13 @@ def _mount_overlay(cfg: LaunchConfig) -> None:
         f"lowerdir={cfg.idmap_target if cfg.idmap_lower else cfg.lowerdir},"
         f"upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}",
     )
+
+
+def _make_root_read_only(cfg: LaunchConfig) -> None:
+    """Make the root's own mount read-only (volumes and tmpfs mounted on it
+    keep their own modes)."""
+    flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY
+    sc.mount(None, cfg.merged, None, flags | (sc.MS_NODEV if cfg.confine else 0))
 
 
 def _mount_root(cfg: LaunchConfig) -> None:
@@ -632,6 +752,116 @@ def _mount_root(cfg: LaunchConfig) -> None:
         # Nothing can be created in /dev now (a node made with CAP_MKNOD
         # lands on a nodev mount or nowhere); the nodes in it still work.
         sc.mount(None, dev, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID)
+
+
+def _mount_volumes(cfg: LaunchConfig) -> None:
+    """Mount the volumes and tmpfs of ``cfg.mounts`` (parents first) in
+    the new root, before the pivot.
+
+    Every target is resolved inside the root (``openat2`` with
+    ``RESOLVE_IN_ROOT``: a symlink of the image's, absolute or with ``..``,
+    cannot lead out of it: the runc CVE-2021-30465 family), made if
+    missing, and mounted on through its descriptor, never looked up by
+    path again. A bind mount is a recursive copy of the host's tree with
+    its attributes set on every mount of it before it is attached, so a
+    read-only volume has no writable submount.
+    """
+    assert cfg.mounts is not None
+    root = os.open(cfg.merged, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for kind, source, target, read_only, size, mode, noexec, is_dir in cfg.mounts:
+            try:
+                where = _mount_point(root, target, is_dir)
+            except OSError as exc:
+                err = exc.errno or 0
+                raise _Step("volumes", f"{target}: {os.strerror(err)}", err) from None
+            try:
+                attrs = sc.MOUNT_ATTR_NOSUID | (sc.MOUNT_ATTR_NODEV if cfg.confine else 0)
+                if read_only:
+                    attrs |= sc.MOUNT_ATTR_RDONLY
+                if kind == "tmpfs":
+                    options = f"mode={0o1777 if mode is None else mode:o}"
+                    if size is not None:
+                        options += f",size={size}"
+                    flags = sc.MS_NOSUID | sc.MS_NODEV
+                    flags |= (sc.MS_RDONLY if read_only else 0) | (sc.MS_NOEXEC if noexec else 0)
+                    sc.mount("tmpfs", f"/proc/self/fd/{where}", "tmpfs", flags, options)
+                else:
+                    tree = sc.bind_tree(source, attrs)
+                    try:
+                        sc.attach_tree_at(tree, where, target)
+                    finally:
+                        os.close(tree)
+            finally:
+                os.close(where)
+    finally:
+        os.close(root)
+
+
+def _mount_point(root: int, target: str, is_dir: bool) -> int:
+    """An ``O_PATH`` descriptor of *target* inside *root*, made (with its
+    missing parents, in the writable layer) if it does not exist.
+
+    A symlink on the way that leads nowhere yet is followed inside the
+    root, and what it names is made there (as ``docker run -v`` does).
+    """
+    resolve = sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS
+    parts = [p for p in target.split("/") if p]
+    links = 0
+    n = 1
+    while n <= len(parts):
+        path = "/".join(parts[:n])
+        try:
+            fd = sc.openat2(root, path, os.O_PATH, resolve)
+        except FileNotFoundError:
+            parent = sc.openat2(root, "/".join(parts[: n - 1]) or ".", os.O_PATH, resolve)
+            try:
+                try:
+                    link: str | None = os.readlink(parts[n - 1], dir_fd=parent)
+                except OSError:
+                    link = None  # not a symlink: missing
+                if link is None and (n < len(parts) or is_dir):
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(parts[n - 1], 0o755, dir_fd=parent)
+                elif link is None:
+                    with contextlib.suppress(FileExistsError):
+                        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                        os.close(os.open(parts[n - 1], flags, 0o644, dir_fd=parent))
+            finally:
+                os.close(parent)
+            if link is not None:
+                # A dangling symlink: go on from what it names, inside the
+                # root (openat2 resolves the '..' in it physically, there).
+                links += 1
+                if links > 40:
+                    raise _Step(
+                        "volumes", f"{target}: too many levels of symlinks", errno.ELOOP
+                    ) from None
+                head = [] if link.startswith("/") else parts[: n - 1]
+                parts = head + [p for p in link.split("/") if p] + parts[n:]
+                n = 1
+                continue
+            fd = sc.openat2(root, path, os.O_PATH, resolve)
+        if n < len(parts):
+            os.close(fd)
+            n += 1
+            continue
+        st = os.fstat(fd)
+        top = os.fstat(root)
+        if (st.st_dev, st.st_ino) == (top.st_dev, top.st_ino):
+            os.close(fd)
+            raise _Step("volumes", f"{target} in the sandbox leads to its root (refusing)")
+        kind = "directory" if is_dir else "file"
+        if stat.S_ISDIR(st.st_mode) != is_dir:
+            os.close(fd)
+            raise _Step("volumes", f"{target} in the sandbox is not a {kind}, as its source is")
+        # Not over what corral mounted itself (a symlink in the image may
+        # point there): /proc and /sys are the runtime's.
+        if sc.fs_type(f"/proc/self/fd/{fd}") in (sc.PROC_SUPER_MAGIC, sc.SYSFS_MAGIC):
+            os.close(fd)
+            raise _Step("volumes", f"{target} in the sandbox leads into /proc or /sys (refusing)")
+        return fd
+    raise _Step("volumes", f"{target} in the sandbox leads to its root (refusing)")
 
 
 def _mask_proc_and_sys(root: str, null: str) -> None:

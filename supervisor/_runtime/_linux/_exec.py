@@ -72,6 +72,7 @@ from ._child import (
     become_userns_root,
     close_fds_except,
     enter_workdir_and_find,
+    resolve_user,
     restrict_like_sandbox,
 )
 from ._proc import starttime
@@ -113,6 +114,9 @@ class ExecConfig(NamedTuple):
     winsize: list[int] | None = None
     """The terminal's initial rows and columns: set before the command runs,
     which may ask at once (the client's SIGWINCH updates come later)."""
+    user: str | None = None
+    """``UID[:GID]`` or ``NAME[:GROUP]`` to run as, resolved in the
+    sandbox's ``/etc/passwd`` (None: root)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for the keeper protocol."""
@@ -192,13 +196,21 @@ def _run_exec_child(cfg: ExecConfig, report: socket.socket, gate: int) -> NoRetu
         # Never in the caller's session nor under its controlling terminal
         # (with a terminal, the session is needed to acquire the new one).
         os.setsid()
+        identity = None
+        if cfg.user is not None:
+            step = "user"
+            identity = resolve_user(cfg.user)
+            cfg.env.setdefault("HOME", identity.home)
         step = "workdir"
         path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
         if cfg.tty:
             step = "open a terminal"
             _open_tty(report, cfg.winsize)
+            if identity is not None:
+                # The terminal is the user's, as a login would make it.
+                os.fchown(0, identity.uid, -1)
         step = "restrict"
-        restrict_like_sandbox(report, cfg)
+        restrict_like_sandbox(report, cfg, identity)
         step = "exec"
         try:
             os.execve(path, cfg.argv, cfg.env)

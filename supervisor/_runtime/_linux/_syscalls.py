@@ -31,6 +31,10 @@ __all__ = [
     "IN_MOVED_TO",
     "IN_Q_OVERFLOW",
     "MNT_DETACH",
+    "MOUNT_ATTR_NODEV",
+    "MOUNT_ATTR_NOEXEC",
+    "MOUNT_ATTR_NOSUID",
+    "MOUNT_ATTR_RDONLY",
     "MS_BIND",
     "MS_NODEV",
     "MS_NOEXEC",
@@ -40,8 +44,12 @@ __all__ = [
     "MS_REC",
     "MS_REMOUNT",
     "PROC_SUPER_MAGIC",
+    "RESOLVE_IN_ROOT",
+    "RESOLVE_NO_MAGICLINKS",
     "SYSFS_MAGIC",
     "attach_tree",
+    "attach_tree_at",
+    "bind_tree",
     "fs_type",
     "idmapped_tree",
     "inotify_add_watch",
@@ -49,6 +57,7 @@ __all__ = [
     "inotify_read",
     "load_seccomp",
     "mount",
+    "openat2",
     "pivot_root",
     "reset_signals",
     "restrict_capabilities",
@@ -56,6 +65,7 @@ __all__ = [
     "set_dumpable",
     "set_parent_death_signal",
     "setns",
+    "switch_user",
     "umount2",
     "unshare",
 ]
@@ -275,6 +285,7 @@ def reset_signals() -> None:
 
 
 _PR_CAPBSET_DROP = 24
+_PR_SET_KEEPCAPS = 8
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -293,17 +304,43 @@ class _CapData(ctypes.Structure):
     ]
 
 
-def restrict_capabilities(keep: list[int], last_cap: int, no_new_privs: bool) -> None:
+def switch_user(uid: int, gid: int, groups: list[int]) -> None:
+    """Become *uid*, with *gid* and the supplementary *groups* (needs
+    CAP_SETUID and CAP_SETGID; the effective capabilities go with a uid
+    other than 0, the permitted ones too unless ``PR_SET_KEEPCAPS``)."""
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def restrict_capabilities(
+    keep: list[int],
+    last_cap: int,
+    no_new_privs: bool,
+    user: tuple[int, int, list[int]] | None = None,
+) -> None:
     """Keep only the capabilities *keep*: drop the rest from the bounding
     set (so no exec can bring them back), clear the ambient set, set the
     permitted and effective sets to *keep* and the inheritable set empty;
-    then ``no_new_privs`` if asked. Needs CAP_SETPCAP (dropped last)."""
+    then ``no_new_privs`` if asked. Needs CAP_SETPCAP (dropped last).
+
+    With *user* (uid, gid, groups), become that user after the bounding
+    set is dropped and before the sets are set: with ``PR_SET_KEEPCAPS``
+    the permitted set survives the change of uid, so the capset that
+    follows works whichever of CAP_SETUID, CAP_SETGID and CAP_SETPCAP
+    *keep* lacks (runc's order)."""
     wanted = set(keep)
     for cap in range(last_cap + 1):
         if cap not in wanted and _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise _fail(f"prctl(PR_CAPBSET_DROP, {cap})")
     if _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
         raise _fail("prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    if user is not None:
+        if _libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
+            raise _fail("prctl(PR_SET_KEEPCAPS)")
+        switch_user(*user)
+        if _libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0:
+            raise _fail("prctl(PR_SET_KEEPCAPS)")
     mask = sum(1 << c for c in wanted)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
@@ -427,3 +464,91 @@ def attach_tree(fd: int, target: str) -> None:
         != 0
     ):
         raise _fail("move_mount", target)
+
+
+_MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+
+def bind_tree(path: str, attr_set: int) -> int:
+    """A detached recursive copy of the mount tree at *path* (``rbind``)
+    with the mount attributes *attr_set* (``MOUNT_ATTR_RDONLY``...) set on
+    every mount of it: read-only really is read-only, submounts too (a
+    ``MS_REMOUNT`` would reach the top mount only). Its descriptor
+    (close-on-exec), for :func:`attach_tree_at`."""
+    fd = _libc.syscall(
+        _SYS_OPEN_TREE,
+        ctypes.c_int(-100),  # AT_FDCWD
+        os.fsencode(path),
+        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE),
+    )
+    if fd < 0:
+        raise _fail("open_tree", path)
+    if attr_set:
+        attr = _MountAttr(attr_set, 0, 0, 0)
+        if (
+            _libc.syscall(
+                _SYS_MOUNT_SETATTR,
+                ctypes.c_int(fd),
+                b"",
+                ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
+            )
+            != 0
+        ):
+            err = _fail("mount_setattr", path)
+            os.close(fd)
+            raise err
+    return int(fd)
+
+
+def attach_tree_at(fd: int, target_fd: int, what: str) -> None:
+    """Attach the detached mount tree *fd* on the file or directory that
+    the ``O_PATH`` descriptor *target_fd* is (no path is looked up again:
+    what was resolved safely is what is mounted on)."""
+    if (
+        _libc.syscall(
+            _SYS_MOVE_MOUNT,
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_int(target_fd),
+            b"",
+            ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH),
+        )
+        != 0
+    ):
+        raise _fail("move_mount", what)
+
+
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """``openat2(2)`` (Linux 5.6): with ``RESOLVE_IN_ROOT`` every symlink
+    and ``..`` in *path* is resolved as if *dirfd* were ``/``, so nothing
+    can lead out of it (what ``chroot`` would do, for one lookup)."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _libc.syscall(
+        _SYS_OPENAT2,
+        ctypes.c_int(dirfd),
+        os.fsencode(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if fd < 0:
+        raise _fail("openat2", path)
+    return int(fd)
