@@ -159,17 +159,19 @@ class LxcTemplateRecipe:
         name, and the content of the host files it is known to copy (see
         docs/images.md). Reads those files; one line if one cannot be read."""
         path = self.template_path
-        script = _sha256(path, "template")
-        with open(path, "rb") as f:
-            mentions_busybox = b"busybox" in f.read()
+        try:
+            with open(path, "rb") as f:
+                script = f.read()
+        except OSError as exc:
+            raise RootfsError(f"lxc-template: template: {path}: {exc.strerror}") from None
         # lxc-busybox (and templates like it) copy the host's busybox: a
         # new busybox is a new image. The one the template finds on its PATH.
-        busybox = shutil.which("busybox", path=_PATH) if mentions_busybox else None
+        busybox = shutil.which("busybox", path=_PATH) if b"busybox" in script else None
         return {
             "builder": "lxc-template",
             "format": _FORMAT,
             "template": path,
-            "template_sha256": script,
+            "template_sha256": hashlib.sha256(script).hexdigest(),
             "options": list(self.options),
             "name": self.container_name,
             "files": [[f, _sha256(f, "options")] for f in _option_files(self.options)],
@@ -330,16 +332,15 @@ def _run_template(
 def _check_rootfs(recipe: LxcTemplateRecipe, rootfs: str) -> None:
     """The template made a rootfs where it was told to."""
     try:
-        st = os.lstat(rootfs)
-        empty = stat.S_ISDIR(st.st_mode) and not os.listdir(rootfs)
+        is_dir = stat.S_ISDIR(os.lstat(rootfs).st_mode)
     except FileNotFoundError:
-        st, empty = None, True
-    if st is None or not stat.S_ISDIR(st.st_mode):
+        is_dir = False
+    if not is_dir:
         raise RootfsError(
-            f"lxc-template: {recipe.template_path} replaced its --rootfs with something"
-            " that is not a directory"
+            f"lxc-template: {recipe.template_path} left no directory at its --rootfs"
+            " (a symlink is not one)"
         )
-    if empty:
+    if not os.listdir(rootfs):
         raise RootfsError(
             f"lxc-template: {recipe.template_path} made nothing in its --rootfs"
             " (does it write where --rootfs says?)"

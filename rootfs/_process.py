@@ -36,14 +36,18 @@ def stop_group(proc: subprocess.Popen[str], grace: float) -> None:
     its group, and wait for them all: SIGTERM first, so that the tool's own
     clean-up runs (a template's ``trap revert``), SIGKILL after *grace*
     seconds, then reap what outlived *proc* and was re-parented to us."""
-    if proc.poll() is None:
+    try:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+    finally:
+        # Also when a second Ctrl-C cuts the grace short: the user wants
+        # out, and nothing of the tool may outlive the build.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    with contextlib.suppress(ChildProcessError):
-        while True:
-            os.waitpid(-proc.pid, 0)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with contextlib.suppress(ChildProcessError):
+            while True:
+                os.waitpid(-proc.pid, 0)
