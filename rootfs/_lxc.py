@@ -235,34 +235,41 @@ def build_lxc_template(
     data = recipe.data()
     layer = layer_id_of_recipe(data)
     key = "lxc-template/" + layer[7:]
-    with store.building(key) as build:
-        for img in store.images():
-            if img.source.get("key") == key and all(build.has_layer(x) for x in img.layers):
-                store.tag(img, name)
-                return store.find(name)
-        # LXC's layout: LXCPATH/NAME is the container's directory (--path),
-        # with its config and its rootfs; all of it in the scratch space.
-        path = os.path.join(build.scratch("lxc"), recipe.container_name)
-        rootfs = os.path.join(path, "rootfs")
-        os.mkdir(path, 0o755)
-        os.mkdir(rootfs, 0o755)
-        config_file = os.path.join(path, "config")
-        with open(config_file, "w") as f:
-            f.write(f"lxc.rootfs.path = dir:{rootfs}\n")
-        _run_template(recipe, path, rootfs, output, tmpdir=build.scratch("lxc-tmp"))
-        _check_rootfs(recipe, rootfs)
-        _settle_dev(rootfs)
-        _refuse_devices(recipe, rootfs)
-        try:
-            with open(config_file, errors="replace") as f:
-                lxc_config = f.read()
-        except FileNotFoundError:
-            lxc_config = ""  # a template may replace it; without one, LXC's defaults
-        lxc = _parse_config(lxc_config)
-        config = _defaults(lxc, rootfs)
-        build.commit_layer(layer, rootfs)
-        source = {**data, "key": key, "lxc_config": lxc_config.replace(path, "$LXC_PATH")}
-        return build.commit_image([layer], config, source, name)
+    try:
+        with store.building(key) as build:
+            for img in store.images():
+                if img.source.get("key") == key and all(build.has_layer(x) for x in img.layers):
+                    store.tag(img, name)
+                    return store.find(name)
+            # LXC's layout: LXCPATH/NAME is the container's directory (--path),
+            # with its config and its rootfs; all of it in the scratch space.
+            path = os.path.join(build.scratch("lxc"), recipe.container_name)
+            rootfs = os.path.join(path, "rootfs")
+            os.mkdir(path, 0o755)
+            os.mkdir(rootfs, 0o755)
+            config_file = os.path.join(path, "config")
+            with open(config_file, "w") as f:
+                f.write(f"lxc.rootfs.path = dir:{rootfs}\n")
+            _run_template(recipe, path, rootfs, output, tmpdir=build.scratch("lxc-tmp"))
+            _check_rootfs(recipe, rootfs)
+            _settle_dev(rootfs)
+            _refuse_devices(recipe, rootfs)
+            try:
+                with open(config_file, errors="replace") as f:
+                    lxc_config = f.read()
+            except FileNotFoundError:
+                lxc_config = ""  # a template may replace it; without one, LXC's defaults
+            lxc = _parse_config(lxc_config)
+            config = _defaults(lxc, rootfs)
+            build.commit_layer(layer, rootfs)
+            source = {**data, "key": key, "lxc_config": lxc_config.replace(path, "$LXC_PATH")}
+            return build.commit_image([layer], config, source, name)
+    except OSError as exc:
+        # A full disk, say: one line naming the store (not exc.filename,
+        # which for a failed copy is its source).
+        raise RootfsError(
+            f"lxc-template: cannot build in {store.root}: {exc.strerror or exc}"
+        ) from exc
 
 
 def _run_template(
