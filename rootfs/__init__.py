@@ -6,6 +6,10 @@ runs on an overlayfs with its image's layers below and a private writable
 layer on top (mounted by the runtime in :mod:`supervisor`). Builders:
 
 - ``busybox``: from the host's static busybox, offline; the default.
+- ``debian``: Debian's mmdebstrap from the host's apt mirror
+  (:mod:`rootfs._debian`).
+- ``lxc-template``: an LXC template script (``lxc-busybox``, the seed's
+  ``lxc-centos``...) run as lxc-create runs it (:mod:`rootfs._lxc`).
 
 OCI images (a layout directory, an ``oci-archive`` or a ``docker save``
 tarball) are read by :func:`open_image`, and each of their layers is turned

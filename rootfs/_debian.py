@@ -23,15 +23,14 @@ recipe sets one; no getty or console setup: tini is PID 1.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ._errors import RootfsError
+from ._process import set_child_subreaper, stop_group
 from ._store import Image, ImageStore, layer_id_of_recipe
 
 __all__ = ["DebianRecipe", "build_debian", "host_mirror", "parse_packages"]
@@ -173,7 +172,7 @@ def _mmdebstrap(
     # Its own process group: a terminal's Ctrl-C reaches us, and we stop it
     # (and wait for it), not it half way on its own. We are the subreaper of
     # what it starts, so that an interrupted build leaves no process behind.
-    _set_child_subreaper()
+    set_child_subreaper()
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -194,7 +193,9 @@ def _mmdebstrap(
                 output(line)
         proc.wait()
     except BaseException:
-        _stop(proc)
+        # Its mounts are in its own namespace: once it and what it started
+        # are gone, its target is plain files and no apt or dpkg of it runs on.
+        stop_group(proc, grace=30)
         raise
     if proc.returncode != 0:
         reason = next((x for x in reversed(tail) if x.startswith("E:")), tail[-1] if tail else "")
@@ -202,38 +203,6 @@ def _mmdebstrap(
             f"debian: mmdebstrap {recipe.suite} from {recipe.mirror} failed"
             f" (status {proc.returncode}): {reason.removeprefix('E: ')}"
         )
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    """Stop an interrupted mmdebstrap and everything it started, and wait
-    for them all: its mounts are in its own namespace, so once they are
-    gone its target is plain files, and no apt or dpkg of it runs on.
-
-    Its process group is its own (a new session); what it started that
-    outlives it is re-parented to us, a subreaper for the build, and
-    reaped here by process group, never anything else of ours.
-    """
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    with contextlib.suppress(ChildProcessError):
-        while True:
-            os.waitpid(-proc.pid, 0)
-
-
-def _set_child_subreaper() -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def _configure(recipe: DebianRecipe, root: str) -> None:

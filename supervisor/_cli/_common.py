@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn, TypeAlias
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar, overload
 
 from .._errors import CorralError
 
@@ -30,6 +30,8 @@ __all__ = [
     "warn_privileged",
 ]
 
+_N = TypeVar("_N")
+
 EXIT_CORRAL = 125
 """corral itself failed, or the input was bad."""
 EXIT_NOEXEC = 126
@@ -40,6 +42,38 @@ EXIT_NOTFOUND = 127
 
 class Parser(argparse.ArgumentParser):
     """argparse, but errors are one line and exit with corral's status."""
+
+    after_dashes: str | None = None
+    """If set, the words after the first ``--`` are not parsed but kept, as
+    a list, in the namespace attribute of this name (``[]`` without a
+    ``--``). argparse alone cannot take ``VERB RECIPE --opt X -- WORDS``: it
+    gives a trailing positional its (empty) share at the first positional,
+    and the words after ``--`` are then unrecognized."""
+
+    @overload
+    def parse_known_args(
+        self, args: Iterable[str] | None = None, namespace: None = None
+    ) -> tuple[argparse.Namespace, list[str]]: ...
+    @overload
+    def parse_known_args(
+        self, args: Iterable[str] | None, namespace: _N
+    ) -> tuple[_N, list[str]]: ...
+    @overload
+    def parse_known_args(self, *, namespace: _N) -> tuple[_N, list[str]]: ...
+    def parse_known_args(
+        self, args: Iterable[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        """argparse's, with :attr:`after_dashes` applied."""
+        if self.after_dashes is None or args is None:
+            return super().parse_known_args(args, namespace)
+        words = list(args)
+        tail: list[str] = []
+        if "--" in words:
+            cut = words.index("--")
+            words, tail = words[:cut], words[cut + 1 :]
+        parsed, extras = super().parse_known_args(words, namespace)
+        setattr(parsed, self.after_dashes, tail)
+        return parsed, extras
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"corral: {message} (see '{self.prog} --help')\n")

@@ -15,7 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._common import run_dir, state_dir
+from ._common import UsageError, run_dir, state_dir
 
 if TYPE_CHECKING:
     from rootfs import Image, ImageStore
@@ -43,12 +43,23 @@ def add_parsers(sub: Subparsers) -> None:
     inspect.set_defaults(func=_inspect)
     build = verbs.add_parser(
         "build",
-        help="build an image: busybox, or debian (mmdebstrap from Debian's mirror)",
+        help="build an image: busybox, debian (mmdebstrap from Debian's mirror) or"
+        " lxc-template (an LXC template script)",
         description="Build an image into the store, or find it there: a recipe is built once"
         " (docs/images.md). An interrupted build (SIGINT, SIGTERM, SIGHUP) leaves nothing.",
+        usage="%(prog)s [-h] RECIPE [--tag TAG] [options] [-- TEMPLATE-OPTIONS...]",
     )
-    build.add_argument("recipe", metavar="RECIPE", choices=["busybox", "debian"])
-    build.add_argument("--tag", help="the image's name (default: busybox, debian:SUITE...)")
+    # lxc-create's `-- OPTIONS`: the template's own arguments.
+    build.after_dashes = "template_options"
+    build.add_argument(
+        "recipe",
+        metavar="RECIPE",
+        choices=["busybox", "debian", "lxc-template"],
+        help="busybox, debian or lxc-template",
+    )
+    build.add_argument(
+        "--tag", help="the image's name (default: busybox, debian:SUITE, lxc-TEMPLATE...)"
+    )
     deb = build.add_argument_group("debian")
     deb.add_argument("--suite", default="bookworm", help="the Debian suite (default: bookworm)")
     deb.add_argument("--variant", default="minbase", help="mmdebstrap's variant (minbase)")
@@ -59,6 +70,16 @@ def add_parsers(sub: Subparsers) -> None:
     deb.add_argument(
         "--root-password-hash", help="a crypt(3) hash for root (default: root is locked)"
     )
+    lxc = build.add_argument_group(
+        "lxc-template", "after a '--': more arguments for the template, after LXC's own"
+    )
+    lxc.add_argument(
+        "--template",
+        metavar="NAME|PATH",
+        default="",
+        help="a template of /usr/share/lxc/templates (busybox: lxc-busybox) or a script's path",
+    )
+    lxc.add_argument("--name", help="the container's name given to it (default: the template's)")
     build.set_defaults(func=_build)
     imp = verbs.add_parser(
         "import",
@@ -157,13 +178,13 @@ def _ls(args: argparse.Namespace) -> int:
     if not rows:
         print("no images (corral image build busybox, or a sandbox on busybox, makes one)")
         return 0
-    print(f"{'NAME':<30} {'ID':<14} {'LAYERS':>6} {'SIZE':>10}  {'BUILDER':<10} CREATED")
+    print(f"{'NAME':<30} {'ID':<14} {'LAYERS':>6} {'SIZE':>10}  {'BUILDER':<12} CREATED")
     for row in rows:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
         for name in row["tags"] or ["<none>"]:
             print(
                 f"{name:<30} {row['id'][7:19]:<14} {row['layers']:>6}"
-                f" {human_size(row['size']):>10}  {row['builder']:<10} {created}"
+                f" {human_size(row['size']):>10}  {row['builder']:<12} {created}"
             )
     return 0
 
@@ -180,12 +201,34 @@ def _build(args: argparse.Namespace) -> int:
 
     from rootfs import busybox_image, reverting
 
+    def output(line: str) -> None:
+        sys.stderr.write(f"  {line}\n")
+
     store = _store()
+    if args.template_options and args.recipe != "lxc-template":
+        raise UsageError(
+            f"image build {args.recipe}: arguments after '--' are an LXC template's"
+            f" (lxc-template only), got {args.template_options[0]!r}"
+        )
     with reverting():
         if args.recipe == "busybox":
             image = busybox_image(store)
             if args.tag:
                 store.tag(image, args.tag)
+        elif args.recipe == "lxc-template":
+            from rootfs._lxc import LxcTemplateRecipe, build_lxc_template
+
+            template = LxcTemplateRecipe(
+                template=args.template,
+                options=tuple(args.template_options),
+                name=args.name,
+                tag=args.tag,
+            ).check()
+            sys.stderr.write(
+                f"corral: building {template.default_tag} from {template.template_path}"
+                " (once; later builds of this recipe are found in the store)\n"
+            )
+            image = build_lxc_template(store, template, output=output)
         else:
             from rootfs._debian import DebianRecipe, build_debian, host_mirror, parse_packages
 
@@ -196,10 +239,6 @@ def _build(args: argparse.Namespace) -> int:
                 mirror=args.mirror or host_mirror(),
                 root_password=args.root_password_hash,
             ).check()
-
-            def output(line: str) -> None:
-                sys.stderr.write(f"  {line}\n")
-
             sys.stderr.write(
                 f"corral: building {args.tag or recipe.default_tag} from {recipe.mirror}"
                 " (once; later builds of this recipe are found in the store)\n"
