@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from ._oci import OciImage as OciImage
     from ._oci import apply_layer as apply_layer
     from ._oci import open_image as open_image
+    from ._prepare import is_prepared_ref as is_prepared_ref
+    from ._prepare import prepare_image as prepare_image
     from ._store import BuildContext as BuildContext
     from ._store import Image as Image
     from ._store import ImageStore as ImageStore
@@ -55,6 +57,8 @@ _LAZY = {
     "OciImage": "_oci",
     "apply_layer": "_oci",
     "open_image": "_oci",
+    "is_prepared_ref": "_prepare",
+    "prepare_image": "_prepare",
     "BuildContext": "_store",
     "Image": "_store",
     "ImageStore": "_store",
@@ -90,8 +94,10 @@ __all__ = [
     "apply_layer",
     "busybox_image",
     "ensure_busybox",
+    "is_prepared_ref",
     "is_static_elf",
     "layer_id_of_recipe",
     "open_image",
+    "prepare_image",
     "reverting",
 ]

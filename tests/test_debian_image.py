@@ -109,3 +109,18 @@ def test_an_interrupted_debian_build_leaves_nothing(dirs: Dirs, signame: str) ->
     assert str(store) not in Path("/proc/self/mountinfo").read_text()
     # Nor anything of mmdebstrap's own (its gpg home) outside the store.
     assert set(Path(tempfile.gettempdir()).glob("mmdebstrap.*")) <= before
+
+
+def test_debian_suite_is_built_on_first_use(cached: Dirs) -> None:
+    """``debian:SUITE`` names the default recipe's image, built the first
+    time a sandbox names it (cached in the persistent test store after)."""
+    p = corral(
+        cached, "run", "--image", "debian:bookworm", "--", "sh", "-c",
+        "cat /etc/debian_version; readlink /var/run",
+        timeout=900,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    version, run_link = p.stdout.decode().splitlines()
+    assert version.startswith("12.") and run_link == "/run"
+    again = corral(cached, "run", "--image", "debian:bookworm", "--", "true")
+    assert again.returncode == 0 and again.stderr == b""  # found, not built

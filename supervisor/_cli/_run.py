@@ -123,13 +123,14 @@ def _run(args: argparse.Namespace) -> int:
         validate_name,
     )
 
+    rootfs = _prepared(args.rootfs)
     try:
         command = command_after_dashes(
             args.command, "run: expected a command after '--', e.g. corral run -- sh -c 'echo hi'"
         )
     except UsageError:
         # An image may say what it runs (an OCI image's Entrypoint and Cmd).
-        command = _image_command(args.rootfs)
+        command = _image_command(rootfs)
         if not command:
             raise
     name = validate_name(args.name, "--name") if args.name else f"run-{os.urandom(4).hex()}"
@@ -165,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = SandboxSpec(
         name=name,
         argv=tuple(command),
-        rootfs=args.rootfs,
+        rootfs=rootfs,
         hostname=args.hostname,
         env=parse_env(args.env, "--env"),
         workdir=args.workdir,
@@ -209,6 +210,28 @@ def _run(args: argparse.Namespace) -> int:
             f"corral: sandbox {name!r} was OOM-killed{limit}: its memory use reached the limit\n"
         )
     return result.status
+
+
+def _prepared(rootfs: str) -> str:
+    """*rootfs*, its image imported or built now if it is made on first
+    use (``oci:/PATH[:REF]``, a missing ``debian:SUITE``), with progress on
+    stderr; an interrupt reverts the build."""
+    from rootfs import ImageStore, RootfsError, is_prepared_ref, prepare_image, reverting
+
+    from ._common import state_dir
+
+    if not is_prepared_ref(rootfs):
+        return rootfs
+
+    def output(line: str) -> None:
+        sys.stderr.write(f"corral: {line}\n")
+        sys.stderr.flush()
+
+    try:
+        with reverting():
+            return prepare_image(ImageStore(os.path.join(state_dir(), "images")), rootfs, output)
+    except RootfsError as exc:
+        raise SpecError("--image", str(exc).removeprefix("rootfs: ")) from None
 
 
 def _absolute_source(volume: str) -> str:

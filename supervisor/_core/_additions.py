@@ -63,6 +63,9 @@ class Addition:
             hostname=spec.hostname,
             plugins={str(k): dict(v) for k, v in dict(d.get("plugins") or {}).items()},
             security=spec.security,
+            mounts=spec.mounts,
+            user=spec.user,
+            read_only=spec.read_only,
         )
         alias = d.get("alias")
         return cls(config, str(alias) if alias else None, str(d.get("source", "")))

@@ -56,7 +56,7 @@ _SANDBOX_KEYS = {
     "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
     "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged", "seccomp",
     "rlimits", "userns", "userns_base", "userns_size", "volumes", "tmpfs", "user",
-    "read_only_rootfs",
+    "read_only_rootfs", "image",
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -276,13 +276,30 @@ def _replicas(value: object) -> int:
     return value
 
 
+def _rootfs(value: object, key: str) -> str:
+    """A ``rootfs`` (or ``image``): a name, an id, a directory, or an image
+    made on first use (``oci:/PATH[:REF]``, ``debian:SUITE``)."""
+    ref = _typed(value, str, key, "an image name, oci:/PATH[:TAG] or a directory")
+    if ref.startswith("oci:"):
+        from rootfs import RootfsError
+        from rootfs._prepare import split_oci
+
+        try:
+            split_oci(ref, key)
+        except RootfsError as exc:
+            field, _, message = str(exc).partition(": ")
+            raise SpecError(field, message) from None
+    return str(ref)
+
+
 def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[str, Any]:
     """Check the keys that [defaults] and [[sandbox]] share."""
     out: dict[str, Any] = {}
-    if "rootfs" in table:
-        out["rootfs"] = c.check(
-            where, lambda: _typed(table["rootfs"], str, "rootfs", "'busybox' or a directory")
-        )
+    if "rootfs" in table and "image" in table:
+        c.problems.append(f"{where}image: rootfs says the same: set one of them")
+    for key in ("rootfs", "image"):
+        if key in table:
+            out["rootfs"] = c.check(where, lambda k=key: _rootfs(table[k], k))  # type: ignore[misc]
     for key, parser in (("memory", parse_size), ("cpus", parse_cpus), ("pids", parse_pids)):
         if key in table:
             v = table[key]

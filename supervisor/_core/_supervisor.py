@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import replace
@@ -48,6 +49,7 @@ from .._runtime._dirs import DEFAULT_RUN_DIR
 from .._runtime._linux._cgroups import OomWatch
 from .._runtime._linux._spawn import Keeper, KeeperError
 from .._runtime._sandbox import ExecProcess, Runtime, Sandbox
+from .._runtime._spec import SandboxSpec
 from .._version import __version__
 from ._additions import Addition, load_additions, save_additions
 from ._adopt import (
@@ -178,6 +180,10 @@ class Supervisor(Verbs, Checkpoints):
         self._pump_scopes: set[trio.CancelScope] = set()
         """The sandboxes added at run time, as recorded (see :mod:`._additions`)."""
         self._execs: dict[int, ExecProcess] = {}
+        self._prepared: dict[str, str] = {}
+        """Images made on first use (``oci:...``, ``debian:SUITE``), once
+        per supervisor: the ref, and what the sandboxes name for it."""
+        self._preparing: dict[str, trio.Lock] = {}
         # Resolve every plugin now: a typo in a fleet file is an error at
         # start-up, not a surprise at the first crash.
         names = dict.fromkeys([*DEFAULT_PLUGINS, *fleet.plugins])
@@ -587,6 +593,42 @@ class Supervisor(Verbs, Checkpoints):
                 with contextlib.suppress(KeeperError, OSError):
                     self.keeper.release(sb.name)
 
+    async def _prepare_rootfs(self, spec: SandboxSpec) -> SandboxSpec:
+        """*spec* on its image, made now if it is made on first use
+        (``oci:PATH[:REF]`` imported, a missing ``debian:SUITE`` built; see
+        :mod:`rootfs._prepare`). Replicas wait for one import or build."""
+        from rootfs import is_prepared_ref
+
+        ref = spec.rootfs
+        if not is_prepared_ref(ref):
+            return spec
+        lock = self._preparing.setdefault(ref, trio.Lock())
+        async with lock:
+            done = self._prepared.get(ref)
+            if done is None:
+                done = await self._run_prepare(ref)
+                self._prepared[ref] = done
+        return spec._replace(rootfs=done)
+
+    async def _run_prepare(self, ref: str) -> str:
+        """Import or build *ref* in a child process: a supervisor stopped
+        meanwhile stops the build (which reverts), with no thread left."""
+        assert self.runtime is not None
+        store = os.path.join(self.runtime.state_dir, "images")
+        say(f"corral: preparing the image {ref} (once; a build can take minutes)")
+        result = await trio.run_process(
+            [sys.executable, "-m", "rootfs._prepare", store, ref],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            deliver_cancel=_stop_build,
+        )
+        lines = result.stderr.decode(errors="replace").strip().splitlines()
+        if result.returncode != 0:
+            said = lines[-1] if lines else f"its preparation ended with status {result.returncode}"
+            raise SandboxError(said if said.startswith("rootfs") else f"rootfs {ref!r}: {said}")
+        return result.stdout.decode().strip().splitlines()[-1]
+
     async def _watch_keeper(self, scope: trio.CancelScope) -> None:
         """Replace the keeper if it dies (its connection reads end of file).
 
@@ -746,7 +788,7 @@ class Supervisor(Verbs, Checkpoints):
             # cannot be made (a full disk), is this instance's start
             # failure, never the supervisor's.
             writer = self._output_writer(inst)
-            spec = inst.spec()
+            spec = await self._prepare_rootfs(inst.spec())
             # The keeper holds the pipes' read ends from before the start:
             # the sandbox never writes into a pipe nobody holds.
             held = spec.name
@@ -1085,6 +1127,20 @@ def _read_oom_counters(sb: Sandbox, watch: OomWatch | None) -> tuple[int, int] |
             once.close()
     except (CorralError, OSError):
         return None
+
+
+BUILD_STOP_TIMEOUT = 40.0
+"""Seconds an image build stopped with the supervisor has to revert (the
+debian builder gives mmdebstrap 30) before it is killed."""
+
+
+async def _stop_build(proc: trio.Process) -> None:
+    """Stop an image preparation: SIGTERM (it reverts), then SIGKILL."""
+    proc.terminate()
+    with trio.move_on_after(BUILD_STOP_TIMEOUT):
+        await proc.wait()
+        return
+    proc.kill()
 
 
 def _open_stdio() -> tuple[int, int, int, int, int]:

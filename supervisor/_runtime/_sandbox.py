@@ -37,6 +37,7 @@ from rootfs import (
     RootfsError,
     StoreError,
     busybox_image,
+    is_prepared_ref,
     is_static_elf,
 )
 
@@ -573,10 +574,13 @@ class Runtime:
                     # or a prefix lists the store.
                     image = store.tagged(rootfs) or store.find(rootfs)
                 except StoreError:
+                    hint = ""
+                    if is_prepared_ref(rootfs):
+                        hint = " (not made yet: prepare_image makes it, as corral run and up do)"
                     raise SpecError(
                         "rootfs",
                         f"expected {' or '.join(map(repr, BUILTIN_BASES))}, an image of the store"
-                        f" (corral image ls) or a directory, got {rootfs!r}",
+                        f" (corral image ls) or a directory, got {rootfs!r}{hint}",
                     ) from None
                 paths = store.lowerdirs(image)
                 defaults = dict(image.config)
