@@ -20,6 +20,7 @@ from rootfs import (
     busybox_image,
     layer_id_of_recipe,
 )
+from supervisor import Runtime
 
 from .conftest import Dirs, corral, requires_root
 
@@ -229,6 +230,88 @@ def test_a_sandbox_runs_on_a_layered_image(dirs: Dirs) -> None:
     assert "expected 'busybox', an image of the store (corral image ls) or a directory" in (
         bad.stderr.decode()
     )
+
+
+def _tall_image(dirs: Dirs, count: int) -> str:
+    """An image of busybox and *count* layers on it, layer i holding
+    /layers/i (and hiding /layers/{i-1}'s sibling /gone/i-1 with a
+    whiteout); its name."""
+    store = ImageStore(dirs.state / "images")
+    base = busybox_image(store)
+    layers = list(base.layers)
+    with store.building(f"tall-{count}") as build:
+        for i in range(count):
+            layer = layer_id_of_recipe({"tall": count, "i": i})
+            work = Path(build.scratch("tall"))
+            (work / "layers").mkdir()
+            (work / "layers" / str(i)).write_text(f"{i}\n")
+            (work / "gone").mkdir()
+            (work / "gone" / str(i)).write_text("x\n")
+            if i:
+                os.mknod(work / "gone" / str(i - 1), 0o600 | 0o020000, os.makedev(0, 0))
+            build.commit_layer(layer, str(work))
+            layers.append(layer)
+        # The store lists layers bottom first.
+        build.commit_image(layers, CONFIG, {"key": f"tall-{count}"}, f"tall:{count}")
+    return f"tall:{count}"
+
+
+@pytest.mark.layout  # overlayfs and mount options: both lanes
+@pytest.mark.parametrize("userns", [False, True], ids=["root", "userns"])
+def test_an_image_of_sixty_layers_is_mounted_through_short_names(dirs: Dirs, userns: bool) -> None:
+    """mount(2) takes one page of options, which some 40 layers' paths
+    fill: the layers are then named by short links (or, in a user
+    namespace, by the numbers of their idmapped mounts), as Docker's
+    overlay2 does. Every layer is there, whiteouts work, and a sandbox in a
+    user namespace sees them owned by its own root."""
+    image = _tall_image(dirs, 60)
+    probe = (
+        "cat /layers/0 /layers/59; ls /gone; stat -c %u /layers/30;"
+        " grep '^overlay / ' /proc/mounts | sed 's/.*lowerdir=//; s/,.*//' | cut -d: -f1-3"
+    )
+    args = ["run", "--image", image, *(["--userns"] if userns else []), "--", "sh", "-c", probe]
+    p = corral(dirs, *args)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode().splitlines() == ["0", "59", "59", "0", "0:1:2"]
+
+
+@pytest.mark.layout
+def test_a_user_namespace_sandbox_on_a_layered_image_from_shifted_copies(
+    dirs: Dirs, runtime: Runtime
+) -> None:
+    """Where the layers' file system cannot be idmapped, each layer is a
+    shifted copy (cached per layer and range): forced here by telling the
+    runtime idmapping failed on this device, as it learns on a kernel that
+    refuses it."""
+    from supervisor import SandboxSpec
+    from supervisor._runtime import _sandbox
+    from supervisor._runtime._security import make_security
+
+    from .helpers import run_capture
+
+    image = _tall_image(dirs, 3)
+    layers = runtime.resolve_rootfs(image).split(":")
+    devices = {os.stat(p).st_dev for p in layers}
+    saved = {d: _sandbox._IDMAP_WORKS.get(d) for d in devices}
+    try:
+        for d in devices:
+            _sandbox._IDMAP_WORKS[d] = False
+        spec = SandboxSpec(
+            name="shifted",
+            argv=("sh", "-c", "cat /layers/2; ls /gone; stat -c %u /layers/1; id -u"),
+            rootfs=image,
+            security=make_security(userns=True),
+        )
+        result, out, err = run_capture(runtime, spec)
+    finally:
+        for d, v in saved.items():
+            if v is None:
+                _sandbox._IDMAP_WORKS.pop(d, None)
+            else:
+                _sandbox._IDMAP_WORKS[d] = v
+    assert result.status == 0, err
+    assert out.splitlines() == ["2", "2", "0", "0"]
+    assert len(os.listdir(dirs.state / "rootfs-userns")) == 4  # busybox and three layers
 
 
 def test_an_image_is_described_as_plain_data(tmp_path: Path) -> None:

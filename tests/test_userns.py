@@ -229,7 +229,7 @@ def test_the_rootfs_is_idmapped_where_its_file_system_can_be(runtime: Runtime, d
     assert out.splitlines()[-1].split()[2:4] == ["0", "0"]  # root's, inside
     copies = dirs.state / "rootfs-userns"
     if expect_idmap:
-        assert _lowerdir(out).endswith("/sandboxes/u-idmap/lower")
+        assert _lowerdir(out).endswith("/sandboxes/u-idmap/lower/0")
         assert not copies.exists()
     else:
         assert "/rootfs-userns/" in _lowerdir(out)

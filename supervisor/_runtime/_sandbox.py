@@ -688,21 +688,19 @@ class Runtime:
             self._make_state_dir(spec.name, sdir, record, undo)
             userns = None
             idmap = False
+            layers = lower.split(":")
             if spec.security.userns:
-                if ":" in lower:
-                    raise SpecError(
-                        "rootfs",
-                        f"a sandbox in a user namespace needs a one-layer image for now;"
-                        f" {spec.rootfs!r} has {lower.count(':') + 1} layers",
-                    )
                 userns = self._userns(spec, sdir, undo)
-                # An idmapped mount of the rootfs where its file system can
-                # (tried once per file system), else a shifted copy.
-                idmap = _IDMAP_WORKS.get(os.stat(lower).st_dev, True)
+                # An idmapped mount of each layer where their file systems
+                # can (tried once per file system), else shifted copies.
+                idmap = all(_IDMAP_WORKS.get(os.stat(p).st_dev, True) for p in layers)
                 if idmap:
                     os.mkdir(os.path.join(sdir, "lower"), 0o755)
+                    for n in range(len(layers)):
+                        os.mkdir(os.path.join(sdir, "lower", str(n)), 0o755)
                 else:
-                    lower = _shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
+                    lower = self._shifted_layers(lower, userns)
+            links = _lower_links(sdir, lower) if not idmap else ""
             cgroup = self._make_cgroup(spec, undo)
             mounts = self._mount_sources(spec, userns)
             cfg = LaunchConfig(
@@ -721,6 +719,7 @@ class Runtime:
                 userns=userns,
                 idmap_lower=idmap,
                 idmap_target=os.path.join(sdir, "lower"),
+                lower_links=links,
                 die_with=os.getpid() if self._die_with_caller else 0,
                 mounts=mounts or None,
                 read_only=spec.read_only,
@@ -733,10 +732,15 @@ class Runtime:
                 except SpawnFailed as exc:
                     if exc.failure.kind != "noidmap" or userns is None:
                         raise
-                    # Nothing was mounted yet: the same sandbox, from a copy.
-                    _IDMAP_WORKS[os.stat(lower).st_dev] = False
-                    shifted = _shifted_rootfs(lower, userns[0], userns[1], self.state_dir)
-                    cfg = cfg._replace(lowerdir=shifted, idmap_lower=False)
+                    # Nothing was mounted yet: the same sandbox, from copies.
+                    for p in layers:
+                        _IDMAP_WORKS[os.stat(p).st_dev] = False
+                    shifted = self._shifted_layers(lower, userns)
+                    cfg = cfg._replace(
+                        lowerdir=shifted,
+                        idmap_lower=False,
+                        lower_links=_lower_links(sdir, shifted),
+                    )
                     spawned = self._spawn_or_reap(cfg, stdio)
             except SpawnFailed as exc:
                 raise _translate(spec.name, exc) from None
@@ -944,6 +948,12 @@ class Runtime:
         with contextlib.suppress(TypeError, ValueError):
             sb.started -= max(0.0, time.time() - float(record["created"]))
         return sb
+
+    def _shifted_layers(self, lower: str, userns: list[int]) -> str:
+        """*lower*'s layers as copies whose owners are shifted into the
+        sandbox's id range (each cached, shared by the images that have it)."""
+        base, size = userns
+        return ":".join(_shifted_rootfs(p, base, size, self.state_dir) for p in lower.split(":"))
 
     def volume_path(self, name: str) -> str:
         """Where the named volume *name* is kept: ``STATE_DIR/volumes/NAME``."""
@@ -1394,6 +1404,7 @@ class Runtime:
                 hostname=spec.effective_hostname,
                 workdir="/",
                 lowerdir=lower,
+                lower_links=_lower_links(sdir, lower),
                 upperdir=os.path.join(sdir, "upper"),
                 workdir_overlay=os.path.join(sdir, "work"),
                 merged=os.path.join(sdir, "merged"),
@@ -1599,6 +1610,24 @@ def _alive_in(pid: int, start: int, name: str) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return any(os.path.basename(p) == f"corral-{name}" for p in paths)
+
+
+LOWER_LINKS_OVER = 3000
+"""Bytes of lower layers' paths from which they are named through short
+links (``_lower_option`` in ``_linux/_child.py``; mount options fit in a page)."""
+
+
+def _lower_links(sdir: str, lower: str) -> str:
+    """For an image of many layers, ``SDIR/layers`` holding a symlink per
+    layer, ``0`` for the top one (removed with the sandbox's directory);
+    else ``""``, the layers named by their paths."""
+    if len(lower) <= LOWER_LINKS_OVER:
+        return ""
+    links = os.path.join(sdir, "layers")
+    os.mkdir(links, 0o755)
+    for n, path in enumerate(lower.split(":")):
+        os.symlink(path, os.path.join(links, str(n)))
+    return links
 
 
 def _external_mounts(spec: SandboxSpec) -> list[tuple[str, str, Mount]]:

@@ -145,11 +145,17 @@ class LaunchConfig(NamedTuple):
     """``[base, size]``: run in a new user namespace whose ids 0 to size - 1
     are the host's base to base + size - 1 (None: no user namespace)."""
     idmap_lower: bool = False
-    """With ``userns``: see ``lowerdir`` through an idmapped mount (attached
-    at ``idmap_target`` in the sandbox's mount namespace) instead of using
-    it as it is (then a copy whose owners are shifted already)."""
+    """With ``userns``: see each layer of ``lowerdir`` through an idmapped
+    mount (attached at ``idmap_target/N`` in the sandbox's mount namespace,
+    N counting from the top) instead of using it as it is (then copies
+    whose owners are shifted already)."""
     idmap_target: str = ""
-    """Where the idmapped lower layer is attached (an empty directory)."""
+    """The directory of the empty directories ``0``, ``1``... where the
+    idmapped lower layers are attached."""
+    lower_links: str = ""
+    """A directory of symlinks ``0``, ``1``... to the layers of
+    ``lowerdir``, top first: the overlay is then mounted from there with
+    short relative names (see :func:`_lower_option`)."""
     restore_argv: list[str] | None = None
     """Instead of starting a command, run this CRIU restore command in a
     private mount namespace holding the overlay root (see :func:`_run_restorer`)."""
@@ -245,21 +251,22 @@ def run_intermediate(
                 os.close(proc)
                 _run_restorer(cfg, report)
         else:
-            lower_tree = None
+            lower_trees: list[int] = []
             if cfg.userns is not None:
                 step = "user namespace"
                 base, size = cfg.userns
-                lower_tree = enter_new_userns(
-                    base, size, idmap=cfg.lowerdir if cfg.idmap_lower else None
+                lower_trees = enter_new_userns(
+                    base, size, idmap=cfg.lowerdir.split(":") if cfg.idmap_lower else None
                 )
             step = "unshare namespaces"
             sc.unshare(_NS_FLAGS)
-            if lower_tree is not None:
+            if lower_trees:
                 # In the sandbox's own mount namespace: nothing on the host.
                 step = "idmapped rootfs"
                 sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-                sc.attach_tree(lower_tree, cfg.idmap_target)
-                os.close(lower_tree)
+                for n, tree in enumerate(lower_trees):
+                    sc.attach_tree(tree, f"{cfg.idmap_target}/{n}")
+                    os.close(tree)
             # Our own pidfd: the init waits on it for our exit (see _die_with).
             me = os.pidfd_open(os.getpid()) if cfg.die_with else -1
             step = "fork init"
@@ -279,7 +286,7 @@ def run_intermediate(
         os._exit(1)
 
 
-def enter_new_userns(base: int, size: int, idmap: str | None = None) -> int | None:
+def enter_new_userns(base: int, size: int, idmap: list[str] | None = None) -> list[int]:
     """Move this process into a new user namespace whose ids 0 to size - 1
     are host ids base to base + size - 1, and become its root.
 
@@ -291,10 +298,10 @@ def enter_new_userns(base: int, size: int, idmap: str | None = None) -> int | No
     namespace and its root may mount proc, sysfs and the rest in them.
 
     With *idmap*, the helper also makes an idmapped copy of the mount at
-    that path (which only the parent namespace's root may make) and hands
-    it over: its descriptor is returned, to attach once the new mount
-    namespace exists. Where the file system cannot be idmapped the failure
-    is reported with ``kind = "noidmap"``.
+    each of those paths (which only the parent namespace's root may make)
+    and hands them over: their descriptors are returned, in order, to
+    attach once the new mount namespace exists. Where a file system cannot
+    be idmapped the failure is reported with ``kind = "noidmap"``.
     """
     me = os.getpid()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -308,7 +315,7 @@ def enter_new_userns(base: int, size: int, idmap: str | None = None) -> int | No
             sc.unshare(sc.CLONE_NEWUSER)
         finally:
             ours.send(b"go")
-            msg, fds, _, _ = socket.recv_fds(ours, 256, 1)
+            msg, fds, _, _ = socket.recv_fds(ours, 256, max(1, len(idmap or ())))
     finally:
         ours.close()
         _, status = os.waitpid(mapper, 0)
@@ -318,7 +325,7 @@ def enter_new_userns(base: int, size: int, idmap: str | None = None) -> int | No
         err = int(msg[1:])
         raise _Step(
             "user namespace",
-            f"cannot idmap {idmap}: {os.strerror(err)}",
+            f"cannot idmap the layers {':'.join(idmap or ())}: {os.strerror(err)}",
             err,
             kind="noidmap",
         )
@@ -333,11 +340,11 @@ def enter_new_userns(base: int, size: int, idmap: str | None = None) -> int | No
             err,
         )
     become_userns_root()
-    return fds[0] if fds else None
+    return list(fds)
 
 
 def _map_ids(  # pragma: no cover - runs in the child
-    sock: socket.socket, pid: int, base: int, size: int, idmap: str | None
+    sock: socket.socket, pid: int, base: int, size: int, idmap: list[str] | None
 ) -> NoReturn:
     """The helper of :func:`enter_new_userns`: never returns."""
     try:
@@ -355,13 +362,15 @@ def _map_ids(  # pragma: no cover - runs in the child
         if idmap is None:
             sock.send(b"M")
             os._exit(0)
+        trees = []
         try:
             userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-            tree = sc.idmapped_tree(idmap, userns)
+            for path in idmap:
+                trees.append(sc.idmapped_tree(path, userns))
         except OSError as exc:
             sock.send(b"N%d" % (exc.errno or 0))
             os._exit(0)
-        socket.send_fds(sock, [b"M"], [tree])
+        socket.send_fds(sock, [b"M"], trees)
         os._exit(0)
     except BaseException:
         os._exit(1)
@@ -686,16 +695,47 @@ def _rlimit_failure(resource_: int, soft: int, hard: int) -> str:
     )
 
 
+OVERLAY_OPTIONS_MAX = 3800
+"""Bytes of overlay options mounted as they are: ``mount(2)`` takes one page
+of them (4096 bytes), which some 40 store layers' paths fill."""
+
+
+def _lower_option(cfg: LaunchConfig) -> tuple[str, str | None]:
+    """The overlay's ``lowerdir``, and the directory to mount from (None:
+    the paths are absolute). Many layers are named from a directory of
+    links (``lower_links``, or the idmapped layers' ``idmap_target``) by
+    their numbers, relative to it (overlayfs resolves them from the mounting
+    process's working directory, as Docker's overlay2 does with its ``l/``):
+    five bytes a layer, not a hundred."""
+    count = cfg.lowerdir.count(":") + 1
+    if cfg.idmap_lower:
+        base = cfg.idmap_target
+    elif cfg.lower_links:
+        base = cfg.lower_links
+    else:
+        return cfg.lowerdir, None
+    full = ":".join(f"{base}/{n}" for n in range(count))
+    if len(full) + len(cfg.upperdir) + len(cfg.workdir_overlay) < OVERLAY_OPTIONS_MAX:
+        return full, None
+    return ":".join(str(n) for n in range(count)), base
+
+
 def _mount_overlay(cfg: LaunchConfig) -> None:
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-    sc.mount(
-        "overlay",
-        cfg.merged,
-        "overlay",
-        sc.MS_NODEV if cfg.confine else 0,
-        f"lowerdir={cfg.idmap_target if cfg.idmap_lower else cfg.lowerdir},"
-        f"upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}",
-    )
+    lower, cwd = _lower_option(cfg)
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        sc.mount(
+            "overlay",
+            cfg.merged,
+            "overlay",
+            sc.MS_NODEV if cfg.confine else 0,
+            f"lowerdir={lower},upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}",
+        )
+    finally:
+        if cwd is not None:
+            os.chdir("/")
 
 
 def _make_root_read_only(cfg: LaunchConfig) -> None:
