@@ -132,15 +132,18 @@ def _users(store: ImageStore) -> dict[str, list[str]]:
             with open(os.path.join(folder, entry)) as f:
                 record = json.load(f)
             ref = str(record["spec"]["rootfs"])
-        except (OSError, ValueError, KeyError, TypeError):
+            image_id = record.get("image")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if ref.startswith(("/", ".")):
-            continue  # a directory, not an image
-        try:
-            image = store.find("busybox" if ref in BUILTIN_BASES else ref)
-        except StoreError:
-            continue
-        out.setdefault(image.id, []).append(str(record.get("name", entry[:-5])))
+        if not isinstance(image_id, str):
+            # A record of an older corral: what its rootfs names now.
+            if ref.startswith(("/", ".")):
+                continue  # a directory, not an image
+            try:
+                image_id = store.find("busybox" if ref in BUILTIN_BASES else ref).id
+            except StoreError:
+                continue
+        out.setdefault(image_id, []).append(str(record.get("name", entry[:-5])))
     return out
 
 
