@@ -196,6 +196,17 @@ def test_what_cannot_be_committed_is_refused_in_one_line(
         pytest.raises(StoreError, match="image name: expected a name"),
     ):
         commit(runtime, "onimage", "../x")
+    # A device node made with CAP_MKNOD (a whiteout is one too, 0:0: that one is fine).
+    with _ended(
+        runtime,
+        SandboxSpec(name="mknod", argv=("sh", "-c", "mknod -m 666 /disk b 8 0; rm /etc/hostname")),
+    ):
+        with pytest.raises(SandboxError) as info:
+            commit(runtime, "mknod", "x:1")
+        assert str(info.value) == (
+            "sandbox 'mknod': its writable layer holds a block device /disk (8:0),"
+            " which an image may not: remove it first"
+        )
     assert _store_files(dirs) == before
 
 

@@ -21,6 +21,9 @@ which are also the options corral mounts with):
   a metacopy file's data is not in the layer at all: a layer holding either
   (which corral's mounts cannot make) is refused, as is any other
   ``trusted.overlay.*`` attribute this code does not know.
+- A device node other than a whiteout is refused: a sandbox with
+  ``CAP_MKNOD`` can make one (unusable on its ``nodev`` overlay), and in the
+  store, which the host's users can reach, it would open the device.
 - A sandbox in a user namespace (``userns``) wrote its files as host ids
   ``base`` and up: they are shifted back to the image's ids. Its overlay is
   mounted without ``userxattr``, so it cannot mark a directory opaque
@@ -42,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -124,7 +128,7 @@ def _commit(
         work = build.scratch("commit")
         with _frozen(runtime, record, name, on_frozen):
             _copy(upper, work, name)
-        _clean(work)
+        _clean(work, name)
         if shift is not None:
             from ._userns import shift_owners
 
@@ -291,20 +295,32 @@ def _copy(upper: str, work: str, name: str) -> None:
         raise SandboxError(f"sandbox {name!r}: copying its writable layer: {lines[-1]}")
 
 
-def _clean(top: str) -> None:
-    """Drop the overlay attributes that tie the copied upper directory to its
-    mount; refuse those a lower layer cannot do without (module docstring)."""
+def _clean(top: str, name: str) -> None:
+    """Drop the overlay attributes that tie sandbox *name*'s copied upper
+    directory (*top*) to its mount; refuse what a layer may not hold
+    (see the module's docstring)."""
 
     def fail(exc: OSError) -> None:
         raise exc
 
-    _clean_one(top, top)
+    _clean_one(top, top, name)
     for root, dirs, files in os.walk(top, onerror=fail):
         for n in dirs + files:
-            _clean_one(os.path.join(root, n), top)
+            _clean_one(os.path.join(root, n), top, name)
 
 
-def _clean_one(path: str, top: str) -> None:
+def _clean_one(path: str, top: str, name: str) -> None:
+    st = os.lstat(path)
+    if stat.S_ISBLK(st.st_mode) or (stat.S_ISCHR(st.st_mode) and st.st_rdev != 0):
+        # A sandbox with CAP_MKNOD can make one (unusable on its nodev
+        # overlay); in the store, which the host's users can reach, it
+        # would be a door to the device. The OCI importer refuses them too.
+        kind = "block" if stat.S_ISBLK(st.st_mode) else "character"
+        raise SandboxError(
+            f"sandbox {name!r}: its writable layer holds a {kind} device"
+            f" {_inside(path, top)} ({os.major(st.st_rdev)}:{os.minor(st.st_rdev)}),"
+            " which an image may not: remove it first"
+        )
     for attr in os.listxattr(path, follow_symlinks=False):
         if not attr.startswith("trusted.overlay."):
             continue
@@ -312,11 +328,17 @@ def _clean_one(path: str, top: str) -> None:
         if what in _DROPPED:
             os.removexattr(path, attr, follow_symlinks=False)
         elif what not in _KEPT:
-            rel = "/" + os.path.relpath(path, top).removeprefix(".")
             raise SandboxError(
-                f"the writable layer has an overlayfs attribute a commit cannot keep: {attr}"
-                f" on {rel.rstrip('/') or '/'} (made by a mount with redirect_dir or metacopy?)"
+                f"sandbox {name!r}: its writable layer has an overlayfs attribute a commit"
+                f" cannot keep: {attr} on {_inside(path, top)}"
+                " (made by a mount with redirect_dir or metacopy?)"
             )
+
+
+def _inside(path: str, top: str) -> str:
+    """*path* as the sandbox saw it (below its root *top*)."""
+    rel = os.path.relpath(path, top)
+    return "/" if rel == "." else "/" + rel
 
 
 @dataclass(frozen=True)
@@ -442,4 +464,4 @@ def _run(
                 message += " (it printed nothing)"
             raise RootfsError(message)
         _copy(os.path.join(sandbox.state_path, "upper"), work, name)
-    _clean(work)
+    _clean(work, name)
