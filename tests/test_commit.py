@@ -71,6 +71,11 @@ def test_a_sandbox_on_a_commit_sees_what_the_committed_one_left(
     with _ended(runtime, SandboxSpec(name="maker", argv=("sh", "-c", CHANGES))) as (status, out):
         assert status == 0, out
         image = commit(runtime, "maker", "made:1")
+        # A record of an older corral names no image id: its rootfs's image.
+        path = dirs.run / "sandboxes" / "maker.json"
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                    if k != "image"}))  # fmt: skip
+        assert commit(runtime, "maker", "made:2").layers[:-1] == base.layers
     assert image.tags == ("made:1",)
     assert image.layers[:-1] == base.layers and len(image.layers) == len(base.layers) + 1
     assert image.config == base.config  # the base's defaults
@@ -341,6 +346,8 @@ def test_a_fleet_s_sandbox_is_committed_as_it_runs(dirs: Dirs, tmp_path: Path) -
         assert p.returncode == 0, p.stderr
         p = corral(dirs, "commit", "web-0", "web:1")
         assert p.returncode == 0, p.stderr
+        p = corral(dirs, "commit", "web", "web:2")  # a fleet's sandbox: its first instance
+        assert p.returncode == 0, p.stderr
         p = corral(dirs, "exec", "web-0", "--", "cat", "/made")
         assert p.stdout == b"fleet\n", p.stderr  # thawed: it answers
         p = corral(dirs, "image", "rm", "busybox")  # the fleet's base, still in use
@@ -348,8 +355,9 @@ def test_a_fleet_s_sandbox_is_committed_as_it_runs(dirs: Dirs, tmp_path: Path) -
         up.terminate()
         _, err = up.communicate(timeout=30)
         assert up.returncode == 0, err
-    p = corral(dirs, "run", "--image", "web:1", "--", "cat", "/made")
-    assert p.stdout == b"fleet\n", p.stderr
+    for image in ("web:1", "web:2"):
+        p = corral(dirs, "run", "--image", image, "--", "cat", "/made")
+        assert p.stdout == b"fleet\n", p.stderr
 
 
 @contextmanager

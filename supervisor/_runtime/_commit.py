@@ -91,10 +91,12 @@ def commit(
 
     A running sandbox is frozen while its layer is copied (*on_frozen* is
     called then, before the copy) and thawed after, however the copy ends;
-    one that has exited but is not removed yet is copied as it is. Raises
+    one that has exited but is not removed yet is copied as it is. *name*
+    is a sandbox's, or a fleet's instance (``web-0``). Raises
     :class:`~supervisor.SandboxError` (one line) for a sandbox that is not
-    there or runs on a directory rather than an image; nothing is left in
-    the store by a commit that fails or is interrupted.
+    there or runs on a directory rather than an image, or whose layer holds
+    what an image may not; :class:`rootfs.StoreError` for a bad *tag*.
+    Nothing is left in the store by a commit that fails or is interrupted.
     """
     try:
         return _commit(runtime, name, tag, on_frozen)
@@ -389,6 +391,18 @@ def build_run(
     Named *tag* if given. :class:`RootfsError` with the command's status and
     last lines if it fails; nothing is left of a failed or interrupted build
     (the sandbox is removed either way)."""
+    try:
+        return _build_run(runtime, recipe, tag, output)
+    except OSError as exc:
+        raise RootfsError(f"run: {os_failure(exc)}") from exc
+
+
+def _build_run(
+    runtime: Runtime,
+    recipe: RunRecipe,
+    tag: str | None,
+    output: Callable[[str], None] | None,
+) -> Image:
     recipe.check()
     if tag is not None:
         check_tag(tag)
