@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ._store import Image as Image
     from ._store import ImageStore as ImageStore
     from ._store import StoreError as StoreError
+    from ._store import check_tag as check_tag
     from ._store import layer_id_of_recipe as layer_id_of_recipe
     from ._store import reverting as reverting
 
@@ -63,6 +64,7 @@ _LAZY = {
     "Image": "_store",
     "ImageStore": "_store",
     "StoreError": "_store",
+    "check_tag": "_store",
     "layer_id_of_recipe": "_store",
     "reverting": "_store",
 }
@@ -93,6 +95,7 @@ __all__ = [
     "StoreError",
     "apply_layer",
     "busybox_image",
+    "check_tag",
     "ensure_busybox",
     "is_prepared_ref",
     "is_static_elf",

@@ -56,7 +56,7 @@ from typing import Any
 
 from ._errors import RootfsError
 from ._process import set_child_subreaper, stop_group
-from ._store import Image, ImageStore, _check_tag, layer_id_of_recipe
+from ._store import Image, ImageStore, check_tag, layer_id_of_recipe
 
 __all__ = ["TEMPLATES_DIR", "LxcTemplateRecipe", "build_lxc_template"]
 
@@ -150,7 +150,7 @@ class LxcTemplateRecipe:
                 f" '-', at most 64), got {self.container_name!r}"
             )
         if self.tag is not None:
-            _check_tag(self.tag)
+            check_tag(self.tag)
         return self
 
     def data(self) -> dict[str, Any]:
@@ -231,7 +231,7 @@ def build_lxc_template(
         )
     if shutil.which("unshare") is None:
         raise RootfsError("lxc-template: unshare not found (apt-get install util-linux)")
-    name = _check_tag(tag or recipe.default_tag)
+    name = check_tag(tag or recipe.default_tag)
     data = recipe.data()
     layer = layer_id_of_recipe(data)
     key = "lxc-template/" + layer[7:]

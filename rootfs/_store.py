@@ -51,6 +51,7 @@ __all__ = [
     "Image",
     "ImageStore",
     "StoreError",
+    "check_tag",
     "layer_id_of_recipe",
     "reverting",
 ]
@@ -114,7 +115,10 @@ def _hex(digest: str, what: str) -> str:
     return hexpart
 
 
-def _check_tag(name: str) -> str:
+def check_tag(name: str) -> str:
+    """*name* if it can name an image (``debian:bookworm``, ``app:1``),
+    else a :class:`StoreError` saying what a name looks like: checked
+    before a build, so that a bad name never leaves an unnamed image."""
     if not name or len(name) > 200 or name.startswith((".", "/")) or "\n" in name:
         raise StoreError(f"image name: expected a name like debian:bookworm, got {name!r}")
     if name.startswith("sha256:"):
@@ -139,7 +143,7 @@ class ImageStore:
 
     def _tag_path(self, name: str) -> str:
         # Quoted: a name like "library/debian:12" is one file.
-        return os.path.join(self.root, "tags", urllib.parse.quote(_check_tag(name), safe=""))
+        return os.path.join(self.root, "tags", urllib.parse.quote(check_tag(name), safe=""))
 
     def lowerdirs(self, image: Image) -> list[str]:
         """The overlayfs lower directories of *image*, top layer first."""

@@ -386,3 +386,47 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+@requires_root
+def test_a_shifted_copy_keeps_hard_links_set_id_bits_capabilities_and_acls(dirs: Dirs) -> None:
+    """A rootfs copied shifted into a range, and shifted back (what a commit
+    of a userns sandbox does): a hard-linked file moves once, and what chown
+    would lose (set-id bits, file capabilities, ACL ids) moves with it."""
+    import struct
+
+    from supervisor._runtime._userns import shift_owners, shifted_rootfs
+
+    base, size = USERNS_POOL[0], USERNS_SIZE
+    root = dirs.state / "root"
+    (root / "bin").mkdir(parents=True)
+    tool = root / "bin" / "tool"
+    tool.write_text("x")
+    os.link(tool, root / "bin" / "alias")
+    os.chown(tool, 0, 7)
+    tool.chmod(0o4755)
+    # cap_net_raw, effective (a v2 vfs_cap_data: root id 0).
+    caps = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
+    os.setxattr(tool, "security.capability", caps)
+    # An ACL: user::rw-, user:1000:r--, group::r--, mask::r--, other::---
+    acl = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, ident)
+        for tag, perm, ident in ((1, 6, 0xFFFFFFFF), (2, 4, 1000), (4, 4, 0xFFFFFFFF),
+                                 (0x10, 4, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF))
+    )  # fmt: skip
+    os.setxattr(root / "bin", "system.posix_acl_access", acl)
+    shifted = Path(shifted_rootfs(str(root), base, size, str(dirs.state)))
+    st = (shifted / "bin" / "tool").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (base, base + 7, 0o4755)
+    assert (shifted / "bin" / "alias").stat().st_ino == st.st_ino
+    moved = os.getxattr(shifted / "bin" / "tool", "security.capability")
+    assert moved == struct.pack("<6I", 0x03000001, 1 << 13, 0, 0, 0, base)  # v3: its root id
+    assert struct.unpack_from("<I", os.getxattr(shifted / "bin", "system.posix_acl_access"),
+                              16)[0] == base + 1000  # fmt: skip
+    shift_owners(str(shifted), -base, base, size)
+    st = (shifted / "bin" / "tool").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 7, 0o4755)
+    assert os.getxattr(shifted / "bin" / "tool", "security.capability") == caps
+    assert os.getxattr(shifted / "bin", "system.posix_acl_access") == acl
+    with pytest.raises(SandboxError, match=rf"is owned by 0:0, outside the 65536 ids from {base}"):
+        shift_owners(str(shifted), -base, base, size)

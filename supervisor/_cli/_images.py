@@ -1,6 +1,6 @@
 """``corral image``: the image store (``STATE_DIR/images``, see
 :mod:`rootfs._store`): ``ls``, ``inspect``, ``build``, ``import``, ``rm``,
-``prune``.
+``prune``. ``build run`` runs a sandbox (:mod:`supervisor._runtime._commit`).
 
 No supervisor needed: the store is files. An image a sandbox uses (any
 sandbox of this run directory: a ``corral run`` or one of a fleet) is
@@ -43,8 +43,8 @@ def add_parsers(sub: Subparsers) -> None:
     inspect.set_defaults(func=_inspect)
     build = verbs.add_parser(
         "build",
-        help="build an image: busybox, debian (mmdebstrap from Debian's mirror) or"
-        " lxc-template (an LXC template script)",
+        help="build an image: busybox, debian (mmdebstrap from Debian's mirror),"
+        " lxc-template (an LXC template script) or run (a command on another image)",
         description="Build an image into the store, or find it there: a recipe is built once"
         " (docs/images.md). An interrupted build (SIGINT, SIGTERM, SIGHUP) leaves nothing.",
         usage="%(prog)s [-h] RECIPE [--tag TAG] [options] [-- TEMPLATE-OPTIONS...]",
@@ -54,8 +54,8 @@ def add_parsers(sub: Subparsers) -> None:
     build.add_argument(
         "recipe",
         metavar="RECIPE",
-        choices=["busybox", "debian", "lxc-template"],
-        help="busybox, debian or lxc-template",
+        choices=["busybox", "debian", "lxc-template", "run"],
+        help="busybox, debian, lxc-template or run",
     )
     build.add_argument(
         "--tag", help="the image's name (default: busybox, debian:SUITE, lxc-TEMPLATE...)"
@@ -80,6 +80,12 @@ def add_parsers(sub: Subparsers) -> None:
         help="a template of /usr/share/lxc/templates (busybox: lxc-busybox) or a script's path",
     )
     lxc.add_argument("--name", help="the container's name given to it (default: the template's)")
+    run = build.add_argument_group("run")
+    run.add_argument("--from", dest="base", metavar="IMAGE", help="the image to build on")
+    run.add_argument("--run", metavar="CMD", help="the command (sh -c) whose changes are kept")
+    run.add_argument(
+        "--env", "-e", action="append", default=[], metavar="K=V", help="set a variable for it"
+    )
     build.set_defaults(func=_build)
     imp = verbs.add_parser(
         "import",
@@ -132,15 +138,18 @@ def _users(store: ImageStore) -> dict[str, list[str]]:
             with open(os.path.join(folder, entry)) as f:
                 record = json.load(f)
             ref = str(record["spec"]["rootfs"])
-        except (OSError, ValueError, KeyError, TypeError):
+            image_id = record.get("image")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if ref.startswith(("/", ".")):
-            continue  # a directory, not an image
-        try:
-            image = store.find("busybox" if ref in BUILTIN_BASES else ref)
-        except StoreError:
-            continue
-        out.setdefault(image.id, []).append(str(record.get("name", entry[:-5])))
+        if not isinstance(image_id, str):
+            # A record of an older corral: what its rootfs names now.
+            if ref.startswith(("/", ".")):
+                continue  # a directory, not an image
+            try:
+                image_id = store.find("busybox" if ref in BUILTIN_BASES else ref).id
+            except StoreError:
+                continue
+        out.setdefault(image_id, []).append(str(record.get("name", entry[:-5])))
     return out
 
 
@@ -210,6 +219,8 @@ def _build(args: argparse.Namespace) -> int:
             f"image build {args.recipe}: arguments after '--' are an LXC template's"
             f" (lxc-template only), got {args.template_options[0]!r}"
         )
+    if args.recipe == "run":
+        return _build_run(args)
     with reverting():
         if args.recipe == "busybox":
             image = busybox_image(store)
@@ -245,6 +256,32 @@ def _build(args: argparse.Namespace) -> int:
             )
             image = build_debian(store, recipe, args.tag, output)
     print(f"{', '.join(image.tags) or args.recipe}: {image.id}")
+    return 0
+
+
+def _build_run(args: argparse.Namespace) -> int:
+    """``build run``: the command in a sandbox on ``--from``, its changes a layer on top."""
+    import sys
+
+    from rootfs import reverting
+
+    from .._runtime._commit import RunRecipe, build_run
+    from .._runtime._sandbox import Runtime
+
+    if args.base is None or args.run is None:
+        raise UsageError("image build run: expected --from IMAGE and --run 'COMMAND'")
+    recipe = RunRecipe(base=args.base, command=args.run, env=tuple(args.env)).check()
+
+    def output(line: str) -> None:
+        sys.stderr.write(f"  {line}\n")
+
+    # The sandbox dies with this process, however it ends; what a killed
+    # build left is swept by the next `corral run` or build (as `run` does).
+    runtime = Runtime(die_with_caller=True)
+    runtime.sweep_claims()
+    with reverting():
+        image = build_run(runtime, recipe, args.tag, output)
+    print(f"{', '.join(image.tags) or 'run'}: {image.id}")
     return 0
 
 

@@ -5,8 +5,9 @@ registers its sub-parsers and sets, with ``set_defaults(func=...)``, the
 function that runs each verb; :func:`main` parses and calls ``args.func``.
 The groups: :mod:`._run` (``run``), :mod:`._fleet` (``up``, ``events``,
 ``logs``), :mod:`._checkpoints` (``checkpoint``, ``restore``,
-``checkpoints``) and :mod:`._control_verbs` (``ps`` ... ``rm``, through the
-control socket).
+``checkpoints``), :mod:`._control_verbs` (``ps`` ... ``rm``, through the
+control socket), :mod:`._commit` (``commit``) and :mod:`._images`
+(``image``).
 
 Exit statuses follow ``docker run``: the sandbox's own status when it ran
 (128+N after signal N, 137 after an OOM kill); 125 when corral itself
@@ -29,7 +30,7 @@ from typing import NoReturn
 from rootfs import RootfsError
 
 from .._errors import CommandNotExecutableError, CommandNotFoundError, CorralError
-from . import _checkpoints, _control_verbs, _fleet, _images, _run
+from . import _checkpoints, _commit, _control_verbs, _fleet, _images, _run
 from ._common import EXIT_CORRAL, EXIT_NOEXEC, EXIT_NOTFOUND, Parser
 
 __all__ = ["build_parser", "entry", "main"]
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fleet.add_parsers(sub)
     _checkpoints.add_parsers(sub)
     _control_verbs.add_parsers(sub)
+    _commit.add_parsers(sub)
     _images.add_parsers(sub)
     _checkpoints.add_listing_parser(sub)
     return parser

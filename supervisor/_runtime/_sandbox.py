@@ -11,7 +11,7 @@ Layout on disk::
     STATE_DIR/sandboxes/NAME/merged      mount point of the overlay (mounted
                                          only inside the sandbox's mount
                                          namespace, so it can never leak)
-    RUN_DIR/sandboxes/NAME.json          pid and cgroup of a live sandbox
+    RUN_DIR/sandboxes/NAME.json          pid, cgroup and image of a live sandbox
 
 Every step of :meth:`Runtime.create` registers its undo; a failure at any
 step undoes the ones before, so nothing half-made is left behind.
@@ -551,14 +551,19 @@ class Runtime:
         built-in base, whose defaults are corral's own."""
         return self._resolve(rootfs)[1]
 
-    def _resolve(self, rootfs: str) -> tuple[str, dict[str, Any]]:
-        """:meth:`resolve_rootfs` and :meth:`image_defaults` at once: a
-        sandbox's create looks its image up once."""
+    def _resolve(self, rootfs: str) -> tuple[str, dict[str, Any], str | None]:
+        """:meth:`resolve_rootfs` and :meth:`image_defaults` at once, with
+        the image's id (None for a directory): a sandbox's create looks its
+        image up once, and records which image it runs on (a name may
+        name another image later; ``corral commit`` builds on this one)."""
         store = self.images
         defaults: dict[str, Any] = {}
+        image_id = None
         try:
             if rootfs in BUILTIN_BASES:
-                paths = store.lowerdirs(busybox_image(store))
+                builtin = busybox_image(store)
+                paths = store.lowerdirs(builtin)
+                image_id = builtin.id
             elif rootfs.startswith(("/", ".")) or os.path.isdir(rootfs):
                 path = os.path.realpath(rootfs)
                 if not os.path.isdir(path):
@@ -584,6 +589,7 @@ class Runtime:
                     ) from None
                 paths = store.lowerdirs(image)
                 defaults = dict(image.config)
+                image_id = image.id
         except RootfsError as exc:
             raise SandboxError(f"rootfs: {exc}") from exc
         # The real directories: a layer may be a link to one shared from
@@ -594,7 +600,7 @@ class Runtime:
                 raise SpecError(
                     "rootfs", f"the path cannot contain ',' or ':' (overlayfs), got {path!r}"
                 )
-        return ":".join(paths), defaults
+        return ":".join(paths), defaults, image_id
 
     @staticmethod
     def _stale(name: str, sdir: str, record: str) -> bool:
@@ -679,7 +685,7 @@ class Runtime:
         stdin_devnull: bool,
         labels: Mapping[str, Any] | None,
     ) -> Sandbox:
-        lower, defaults = self._resolve(spec.rootfs)
+        lower, defaults, image = self._resolve(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo:
@@ -746,7 +752,7 @@ class Runtime:
                 raise _translate(spec.name, exc) from None
             undo.callback(_unlink, record)
             try:
-                self._record(record, spec, spawned, cgroup, labels, None)
+                self._record(record, spec, spawned, cgroup, labels, None, image)
             except BaseException:
                 self._kill_and_reap(spawned)
                 raise
@@ -763,14 +769,17 @@ class Runtime:
         cgroup: Cgroup,
         labels: Mapping[str, Any] | None,
         restored_from: str | None,
+        image: str | None,
     ) -> None:
-        """Write sandbox *spec*'s record: all a runtime needs to take it back."""
+        """Write sandbox *spec*'s record: all a runtime needs to take it back,
+        and the id of the image it runs on (None: a directory)."""
         record = {
             "name": spec.name,
             "pid": proc.pid,
             "starttime": proc.starttime,
             "cgroup": list(cgroup.paths),
             "spec": spec_to_dict(spec),
+            "image": image,
             "created": time.time(),
             "restored_from": restored_from,
             "labels": dict(labels or {}),
@@ -1358,7 +1367,7 @@ class Runtime:
             else CheckpointInfo.load(checkpoint)
         )
         spec = spec or info.spec
-        lower = self.resolve_rootfs(spec.rootfs)
+        lower, _, image = self._resolve(spec.rootfs)
         if lower != info.lowerdir:
             raise CheckpointError(
                 f"checkpoint {info.path} was taken on rootfs {info.lowerdir}, not {lower}"
@@ -1444,7 +1453,7 @@ class Runtime:
                 if info.network_lock == "nftables":
                     _drop_network_lock(pid, info.root_pid)
                 undo.callback(_unlink, record)
-                self._record(record, spec, restored, cgroup, labels, info.path)
+                self._record(record, spec, restored, cgroup, labels, info.path, image)
             except BaseException:
                 self._kill_and_reap(restored)
                 raise

@@ -42,6 +42,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 from collections.abc import Iterator
 
@@ -49,7 +50,13 @@ from .._errors import SandboxError
 from ._records import abandoned, record_path
 from ._security import USERNS_POOL, USERNS_SIZE, Security
 
-__all__ = ["allocate_range", "check_reachable", "release_all", "shifted_rootfs"]
+__all__ = [
+    "allocate_range",
+    "check_reachable",
+    "release_all",
+    "shift_owners",
+    "shifted_rootfs",
+]
 
 
 def allocate_range(
@@ -234,7 +241,7 @@ def shifted_rootfs(lower: str, base: int, size: int, state_dir: str) -> str:
             capture_output=True,
             text=True,
         )
-        _shift(tmp, base, limit=size)
+        shift_owners(tmp, base, 0, size)
         os.rename(tmp, final)
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,21 +259,114 @@ def shifted_rootfs(lower: str, base: int, size: int, state_dir: str) -> str:
     return final
 
 
-def _shift(top: str, base: int, limit: int | None) -> None:
-    _shift_one(top, base, limit)
-    for root, dirs, files in os.walk(top):
+def shift_owners(top: str, delta: int, first: int, count: int) -> None:
+    """Move the owner of every file below *top* (and of *top*) by *delta*:
+    a rootfs into a sandbox's id range (``delta`` = its base), or a
+    user-namespace sandbox's files back to the image's ids (``-base``).
+
+    Every owner must be one of the *count* ids from *first*; a file whose
+    owner is not is named in a :class:`SandboxError`. Each file is moved
+    once however many hard links it has; what ``chown`` would lose is kept:
+    set-id bits, file capabilities (their root id moved too), and the ids
+    of POSIX ACL entries are moved with the owner.
+    """
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    seen: set[tuple[int, int]] = set()
+    _shift_one(top, delta, first, count, seen)
+    for root, dirs, files in os.walk(top, onerror=fail):
         for n in dirs + files:
-            _shift_one(os.path.join(root, n), base, limit)
+            _shift_one(os.path.join(root, n), delta, first, count, seen)
 
 
-def _shift_one(entry: str, base: int, limit: int | None) -> None:
+_CAPS = "security.capability"
+_ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+
+
+def _shift_one(entry: str, delta: int, first: int, count: int, seen: set[tuple[int, int]]) -> None:
     st = os.lstat(entry)
-    if limit is not None and (st.st_uid >= limit or st.st_gid >= limit):
-        raise SandboxError(
-            f"userns: {entry} is owned by {st.st_uid}:{st.st_gid}, outside the"
-            f" sandbox's {limit} ids"
-        )
-    os.lchown(entry, st.st_uid + base, st.st_gid + base)
-    # chown clears the set-id bits of a file; the copy keeps them.
-    if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+    if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+        if (st.st_dev, st.st_ino) in seen:
+            return  # moved through another of its links already
+        seen.add((st.st_dev, st.st_ino))
+    for owner in (st.st_uid, st.st_gid):
+        if not first <= owner < first + count:
+            raise SandboxError(
+                f"userns: {entry} is owned by {st.st_uid}:{st.st_gid}, outside the"
+                f" {count} ids from {first}"
+            )
+    link = stat.S_ISLNK(st.st_mode)
+    caps = None
+    if not link and stat.S_ISREG(st.st_mode):
+        with contextlib.suppress(OSError):  # ENODATA: none; EOPNOTSUPP: none possible
+            caps = os.getxattr(entry, _CAPS, follow_symlinks=False)
+    os.lchown(entry, st.st_uid + delta, st.st_gid + delta)
+    # chown clears the set-id bits and the capabilities of a file; the
+    # copy keeps them.
+    if not link and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         os.chmod(entry, stat.S_IMODE(st.st_mode))
+    if caps is not None:
+        os.setxattr(
+            entry, _CAPS, _moved_caps(caps, delta, first, count, entry), follow_symlinks=False
+        )
+    if not link:
+        for name in _ACLS:
+            try:
+                acl = os.getxattr(entry, name, follow_symlinks=False)
+            except OSError:
+                continue
+            os.setxattr(
+                entry, name, _moved_acl(acl, delta, first, count, entry), follow_symlinks=False
+            )
+
+
+_CAP_V2, _CAP_V3 = 0x02000000, 0x03000000
+_CAP_REVISION = 0xFF000000
+
+
+def _moved_caps(raw: bytes, delta: int, first: int, count: int, entry: str) -> bytes:
+    """A ``security.capability`` value whose root id is moved by *delta*
+    (``vfs_cap_data``: revision 2 has root id 0; revision 3 names one, and
+    is what a user namespace's root id other than 0 needs)."""
+    (magic,) = struct.unpack_from("<I", raw)
+    revision = magic & _CAP_REVISION
+    if revision == _CAP_V2 and len(raw) >= 20:
+        rootid = 0
+    elif revision == _CAP_V3 and len(raw) >= 24:
+        (rootid,) = struct.unpack_from("<I", raw, 20)
+    else:
+        raise SandboxError(f"userns: {entry}: file capabilities of an unknown format")
+    if not first <= rootid < first + count:
+        raise SandboxError(
+            f"userns: {entry}: file capabilities for root id {rootid}, outside the"
+            f" {count} ids from {first}"
+        )
+    rootid += delta
+    body = raw[4:20]
+    flags = magic & ~_CAP_REVISION
+    if rootid == 0:
+        return struct.pack("<I", _CAP_V2 | flags) + body
+    return struct.pack("<I", _CAP_V3 | flags) + body + struct.pack("<I", rootid)
+
+
+_ACL_USER, _ACL_GROUP = 0x02, 0x08
+
+
+def _moved_acl(raw: bytes, delta: int, first: int, count: int, entry: str) -> bytes:
+    """A POSIX ACL xattr (version 2: entries of tag, permissions, id) with
+    the ids of its named users and groups moved by *delta*."""
+    if len(raw) < 4 or (len(raw) - 4) % 8:
+        raise SandboxError(f"userns: {entry}: a POSIX ACL of an unknown format")
+    out = bytearray(raw)
+    for at in range(4, len(raw), 8):
+        tag, _, qualifier = struct.unpack_from("<HHI", raw, at)
+        if tag in (_ACL_USER, _ACL_GROUP):
+            if not first <= qualifier < first + count:
+                raise SandboxError(
+                    f"userns: {entry}: a POSIX ACL entry for id {qualifier}, outside the"
+                    f" {count} ids from {first}"
+                )
+            struct.pack_into("<I", out, at + 4, qualifier + delta)
+    return bytes(out)
