@@ -103,8 +103,10 @@ _CHUNK = 1 << 20
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 _WHITEOUT_META = ".wh..wh."  # aufs bookkeeping (.wh..wh.plnk, ...): nothing for overlayfs
-_OVERLAY_OPAQUE = "trusted.overlay.opaque"
-_OVERLAY_XATTRS = "trusted.overlay."
+_OVERLAY_OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
+"""Both: overlayfs reads the first, and with ``userxattr`` (the mounts of
+user-namespace sandboxes, whose root cannot read ``trusted.*``) the second."""
+_OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
 _PAX_XATTR = "SCHILY.xattr."
 _NO_ID = 2**32 - 1
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1074,7 +1076,8 @@ class _Extractor:
     def _opaque(self, dir_parts: tuple[str, ...]) -> None:
         fd = self._opendir(dir_parts, create=True)
         try:
-            os.setxattr(fd, _OVERLAY_OPAQUE, b"y")
+            for name in _OVERLAY_OPAQUE:
+                os.setxattr(fd, name, b"y")
         finally:
             os.close(fd)
 

@@ -225,9 +225,22 @@ class ImageStore:
 
     # -- writing -------------------------------------------------------------
 
+    def _private(self) -> None:
+        """Make the store's root reachable by root alone (0700), as it is
+        made and whenever something is written in it: its layers hold what
+        images hold (setuid binaries, an image's secrets) with their owners
+        and modes, and a host user must not run or read those from there
+        (Docker keeps ``/var/lib/docker`` 0710 for the same reason). No
+        sandbox needs to reach it: user-namespace sandboxes see layers
+        through idmapped mounts, or shifted copies, made by root."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        if os.stat(self.root).st_mode & 0o077:
+            os.chmod(self.root, 0o700)
+
     def tag(self, image: Image, name: str) -> None:
         """Name *image* *name* (atomically; replacing what the name named)."""
         path = self._tag_path(name)
+        self._private()
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         _write_atomic(path, image.id + "\n")
 
@@ -236,6 +249,7 @@ class ImageStore:
         """A build of recipe *key*: waits for another build of the same
         recipe, then yields a context to make layers and the image in;
         everything it made is removed if the block fails."""
+        self._private()
         os.makedirs(os.path.join(self.root, "locks"), mode=0o755, exist_ok=True)
         lock_path = os.path.join(
             self.root, "locks", hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"

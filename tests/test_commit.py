@@ -52,7 +52,7 @@ def _store_files(dirs: Dirs) -> list[str]:
 
 
 def _overlay_xattrs(layer: Path) -> dict[str, list[str]]:
-    """Every trusted.overlay.* attribute in *layer*, by path."""
+    """Every trusted.overlay.* and user.overlay.* attribute in *layer*, by path."""
     out = {}
     for p in [layer, *layer.rglob("*")]:
         names = [x for x in os.listxattr(p, follow_symlinks=False) if "overlay" in x]
@@ -87,8 +87,11 @@ def test_a_sandbox_on_a_commit_sees_what_the_committed_one_left(
     layer = Path(runtime.images.layer_path(image.layers[-1]))
     whiteout = (layer / "etc" / "hostname").lstat()
     assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
-    # Only what a lower layer reads: no origin, impure or uuid of the sandbox's mount.
-    assert _overlay_xattrs(layer) == {"/usr/sbin": ["trusted.overlay.opaque"]}
+    # Only what a lower layer reads: no origin, impure or uuid of the
+    # sandbox's mount; the opaque mark for mounts with and without userxattr.
+    assert _overlay_xattrs(layer) == {
+        "/usr/sbin": ["trusted.overlay.opaque", "user.overlay.opaque"]
+    }
     result, out, err = run_capture(runtime, SandboxSpec(name="viewer", argv=("sh", "-c", SEES),
                                                         rootfs="made:1"))  # fmt: skip
     assert result.status == 0, err

@@ -149,3 +149,25 @@ def test_a_layout_skopeo_wrote_is_imported(dirs: Dirs, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     run = corral(dirs, "run", "--image", "skopeo:app", "--", "cat", "/srv/app")
     assert (run.returncode, run.stdout.decode()) == (0, "s\n"), run.stderr
+
+
+@pytest.mark.layout  # overlayfs in a user namespace: both lanes
+@pytest.mark.parametrize("userns", [False, True], ids=["root", "userns"])
+def test_an_opaque_directory_hides_what_is_below_for_every_sandbox(
+    dirs: Dirs, tmp_path: Path, userns: bool
+) -> None:
+    """A layer's opaque directory (.wh..wh..opq) is marked for overlayfs
+    both ways: trusted.overlay.opaque, and user.overlay.opaque, which is
+    what an overlay mounted by a user-namespace root reads (userxattr).
+    There, replacing a directory of the image works too (seen failing with
+    EIO before)."""
+    base, _, _ = _images(dirs, tmp_path)
+    below = make_tar(file("d/old", b"old\n"))
+    above = make_tar(file("d/.wh..wh..opq", b""), file("d/new", b"new\n"))
+    config = {**CONFIG, "config": {**CONFIG["config"], "WorkingDir": "/"}}  # type: ignore[dict-item]
+    image = build([base, below, above], [False, False, False], config)
+    layout(tmp_path / "opq", image, "opq")
+    assert corral(dirs, "image", "import", str(tmp_path / "opq"), "opq").returncode == 0
+    args = ["run", "--image", "opq", *(["--userns"] if userns else []), "--"]
+    p = corral(dirs, *args, "sh", "-c", "ls /d; rm -r /etc && mkdir /etc && ls -a /etc | wc -l")
+    assert (p.returncode, p.stdout.decode()) == (0, "new\n2\n"), p.stderr

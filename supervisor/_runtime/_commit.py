@@ -76,6 +76,7 @@ _DROPPED = frozenset({"origin", "impure", "nlink", "uuid"})
 mount (see the module's docstring): dropped from a committed layer."""
 _KEPT = frozenset({"opaque"})
 """``trusted.overlay.*`` attributes a lower layer reads: kept."""
+_PREFIXES = ("trusted.overlay.", "user.overlay.")
 
 
 def commit(
@@ -324,11 +325,18 @@ def _clean_one(path: str, top: str, name: str) -> None:
             " which an image may not: remove it first"
         )
     for attr in os.listxattr(path, follow_symlinks=False):
-        if not attr.startswith("trusted.overlay."):
+        # user.overlay.*: what an overlay mounted with userxattr (a sandbox
+        # in a user namespace) writes instead.
+        prefix = next((p for p in _PREFIXES if attr.startswith(p)), None)
+        if prefix is None:
             continue
-        what = attr[len("trusted.overlay.") :]
+        what = attr[len(prefix) :]
         if what in _DROPPED:
             os.removexattr(path, attr, follow_symlinks=False)
+        elif what == "opaque":
+            # Both markers, so that every mount reads it (see rootfs._oci).
+            for p in _PREFIXES:
+                os.setxattr(path, p + what, b"y", follow_symlinks=False)
         elif what not in _KEPT:
             raise SandboxError(
                 f"sandbox {name!r}: its writable layer has an overlayfs attribute a commit"

@@ -731,7 +731,11 @@ def _mount_overlay(cfg: LaunchConfig) -> None:
             cfg.merged,
             "overlay",
             sc.MS_NODEV if cfg.confine else 0,
-            f"lowerdir={lower},upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}",
+            f"lowerdir={lower},upperdir={cfg.upperdir},workdir={cfg.workdir_overlay}"
+            # The sandbox's root cannot use trusted.* attributes: overlayfs
+            # then keeps its own (opaque directories...) as user.overlay.*,
+            # which the store's layers carry too.
+            + (",userxattr" if cfg.userns is not None else ""),
         )
     finally:
         if cwd is not None:
