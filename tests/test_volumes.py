@@ -384,3 +384,30 @@ def test_corral_run_options(dirs: Dirs, tmp_path: Path) -> None:
     assert p.returncode == 125 and p.stderr.decode().count("\n") == 1
     assert "--user" in p.stderr.decode()
     assert stat.S_ISDIR(os.stat(host).st_mode)
+
+
+def test_corral_volume_ls_and_rm(runtime: Runtime, dirs: Dirs) -> None:
+    """Named volumes are listed with who mounts them; one in use is not
+    removed (one line naming the sandbox); one that is not, is."""
+    import json
+    import signal
+
+    vol = (parse_volume("data:/data"),)
+    with runtime.create(_spec("echo hi > /data/f; exec sleep 60", mounts=vol)) as sb:
+        p = corral(dirs, "volume", "ls", "--json")
+        assert p.returncode == 0, p.stderr
+        (row,) = [json.loads(line) for line in p.stdout.decode().splitlines()]
+        assert (row["name"], row["used_by"]) == ("data", ["vol"])
+        p = corral(dirs, "volume", "rm", "data")
+        assert p.returncode == 125
+        assert p.stderr.decode() == (
+            "corral: volume 'data' is mounted by sandbox 'vol': remove the sandbox first\n"
+        )
+        sb.send_signal(signal.SIGKILL)
+        sb.wait()
+    assert (dirs.state / "volumes" / "data").is_dir()
+    p = corral(dirs, "volume", "rm", "data")
+    assert (p.returncode, p.stdout.decode()) == (0, "removed data\n"), p.stderr
+    assert os.listdir(dirs.state / "volumes") == []
+    p = corral(dirs, "volume", "rm", "data")
+    assert p.returncode == 125 and "no volume 'data'" in p.stderr.decode()

@@ -30,7 +30,7 @@ from typing import NoReturn
 from rootfs import RootfsError
 
 from .._errors import CommandNotExecutableError, CommandNotFoundError, CorralError
-from . import _checkpoints, _commit, _control_verbs, _fleet, _images, _run
+from . import _checkpoints, _commit, _control_verbs, _fleet, _images, _run, _volumes
 from ._common import EXIT_CORRAL, EXIT_NOEXEC, EXIT_NOTFOUND, Parser
 
 __all__ = ["build_parser", "entry", "main"]
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _control_verbs.add_parsers(sub)
     _commit.add_parsers(sub)
     _images.add_parsers(sub)
+    _volumes.add_parsers(sub)
     _checkpoints.add_listing_parser(sub)
     return parser
 
