@@ -102,6 +102,12 @@ def add_parsers(sub: Subparsers) -> None:
         help="mount a tmpfs, e.g. /tmp or /run:size=16M,mode=755",
     )
     run.add_argument("--user", "-u", help="UID[:GID] or NAME[:GROUP] to run the command as")
+    run.add_argument(
+        "--network",
+        default="none",
+        metavar="MODE",
+        help="none (lo only, the default), bridge (corral's bridge, NAT out) or host",
+    )
     run.add_argument("--read-only", action="store_true", help="make the root file system read-only")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     run.set_defaults(func=_run)
@@ -162,6 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         option = "--" + exc.field.split(".")[0].replace("_", "-").replace("rlimits", "ulimit")
         raise SpecError(option, str(exc).split(": ", 1)[1]) from None
     from .._runtime._mounts import parse_tmpfs, parse_user, parse_volume
+    from .._runtime._net import parse_network
 
     spec = SandboxSpec(
         name=name,
@@ -176,6 +183,7 @@ def _run(args: argparse.Namespace) -> int:
         + [parse_tmpfs(t, "--tmpfs") for t in args.tmpfs],
         user=parse_user(args.user, "--user") if args.user is not None else None,
         read_only=args.read_only,
+        network=parse_network(args.network, "--network"),
     )
     if security.privileged:
         warn_privileged(name)

@@ -31,6 +31,7 @@ def add_parsers(sub: Subparsers) -> None:
         description="Named volumes: directories corral keeps in STATE_DIR/volumes for the"
         ' sandboxes that mount them (volumes = ["NAME:/TARGET"]).',
     )
+    volume.set_defaults(func=lambda args: _no_verb(volume))  # argparse requires a verb anyway
     verbs = volume.add_subparsers(dest="volume_verb", metavar="VERB", required=True)
     ls = verbs.add_parser("ls", help="list the volumes, their size and who mounts them")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -38,6 +39,11 @@ def add_parsers(sub: Subparsers) -> None:
     rm = verbs.add_parser("rm", help="remove volumes (refused while a sandbox mounts one)")
     rm.add_argument("names", metavar="NAME", nargs="+")
     rm.set_defaults(func=_rm)
+
+
+def _no_verb(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
 
 
 def _folder() -> str:

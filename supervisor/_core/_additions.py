@@ -66,6 +66,7 @@ class Addition:
             mounts=spec.mounts,
             user=spec.user,
             read_only=spec.read_only,
+            network=spec.network,
         )
         alias = d.get("alias")
         return cls(config, str(alias) if alias else None, str(d.get("source", "")))

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from .._errors import CorralError, SpecError
 from .._runtime._mounts import Mount, parse_tmpfs, parse_user, parse_volume
+from .._runtime._net import parse_network
 from .._runtime._seccomp import parse_seccomp
 from .._runtime._security import (
     DEFAULT_SECURITY,
@@ -56,7 +57,7 @@ _SANDBOX_KEYS = {
     "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
     "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged", "seccomp",
     "rlimits", "userns", "userns_base", "userns_size", "volumes", "tmpfs", "user",
-    "read_only_rootfs", "image",
+    "read_only_rootfs", "image", "network",
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -142,6 +143,7 @@ class SandboxConfig:
     ``privileged``)."""
     mounts: tuple[Mount, ...] = ()
     """``volumes`` and ``tmpfs``."""
+    network: str = "none"
     user: str | None = None
     read_only: bool = False
     """``read_only_rootfs``."""
@@ -164,6 +166,7 @@ class SandboxConfig:
             mounts=self.mounts,
             user=self.user,
             read_only=self.read_only,
+            network=self.network,
         )
 
 
@@ -344,6 +347,8 @@ def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[s
                 out[key] = mounts
     if "user" in table:
         out["user"] = c.check(where, lambda: parse_user(table["user"]))
+    if "network" in table:
+        out["network"] = c.check(where, lambda: parse_network(table["network"]))
     if "read_only_rootfs" in table:
         ro = table["read_only_rootfs"]
         if isinstance(ro, bool):
@@ -505,6 +510,7 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             mounts=tuple(_merge_mounts(defaults, own)),
             user=fields.get("user"),
             read_only=fields.get("read_only_rootfs", False),
+            network=fields.get("network", "none"),
         )
         if c.check(where, lambda cfg=cfg: cfg.spec(0)) is not None:  # type: ignore[misc]
             sandboxes.append(cfg)

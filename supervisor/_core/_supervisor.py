@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import ClassVar, Protocol
@@ -184,6 +184,7 @@ class Supervisor(Verbs, Checkpoints):
         """Images made on first use (``oci:...``, ``debian:SUITE``), once
         per supervisor: the ref, and what the sandboxes name for it."""
         self._preparing: dict[str, trio.Lock] = {}
+        self._hosts_changed = trio.Event()
         # Resolve every plugin now: a typo in a fleet file is an error at
         # start-up, not a surprise at the first crash.
         names = dict.fromkeys([*DEFAULT_PLUGINS, *fleet.plugins])
@@ -438,6 +439,8 @@ class Supervisor(Verbs, Checkpoints):
                     self._start_taking_back(janitor)
                     keeper_watch = trio.CancelScope()
                     janitor.start_soon(self._watch_keeper, keeper_watch)
+                    hosts = trio.CancelScope()
+                    janitor.start_soon(self._run_cancellable, self._keep_hosts, hosts)
                     async with trio.open_nursery() as fleet:
                         self._fleet_nursery = fleet
                         for inst in self.instances:
@@ -455,6 +458,7 @@ class Supervisor(Verbs, Checkpoints):
                                 )
                                 inst._pending_restore.done.set()
                     keeper_watch.cancel()
+                    hosts.cancel()
                     if self._handing_over:
                         # The keeper holds the pipes: what is in them is the
                         # successor's to read.
@@ -966,6 +970,8 @@ class Supervisor(Verbs, Checkpoints):
             for event in announce:
                 self.publish(event)
             inst._up.set()
+            if sb.network:
+                self._hosts_changed.set()
             if sb.pidfd >= 0:
                 async with trio.open_nursery() as watchers:
                     if watch is not None:
@@ -1044,6 +1050,38 @@ class Supervisor(Verbs, Checkpoints):
     async def _destroy(self, sb: Sandbox) -> None:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._destroy_sync, sb, limiter=self.limiters.lifecycle)
+        if sb.network:
+            self._hosts_changed.set()
+
+    @staticmethod
+    async def _run_cancellable(fn: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+        with scope:
+            await fn()
+
+    async def _keep_hosts(self) -> None:
+        """Keep every bridged sandbox's ``/etc/hosts`` listing its fleet's
+        others, by instance name (``web-0``) and sandbox name (``web``, every
+        replica), as they come and go. A burst of changes (a fleet starting)
+        is one rewrite: the task catches up with what has changed since."""
+        assert self.runtime is not None
+        runtime = self.runtime
+        while True:
+            await self._hosts_changed.wait()
+            self._hosts_changed = trio.Event()
+            running = [
+                (inst, inst.sandbox)
+                for inst in self.instances
+                if inst.sandbox is not None and inst.sandbox.network and inst.state == "running"
+            ]
+            peers = [
+                (str(sb.network["lease"]["address"]), f"{inst.name} {inst.config.name}")
+                for inst, sb in running
+                if sb.network is not None
+            ]
+
+            await trio.to_thread.run_sync(
+                _write_hosts, runtime, [sb for _, sb in running], peers, limiter=self.limiters.disk
+            )
 
     async def _stop_when_asked(self, inst: Instance, sb: Sandbox, ident: Ident) -> None:
         await inst._halt.wait()
@@ -1127,6 +1165,14 @@ def _read_oom_counters(sb: Sandbox, watch: OomWatch | None) -> tuple[int, int] |
             once.close()
     except (CorralError, OSError):
         return None
+
+
+def _write_hosts(runtime: Runtime, sandboxes: list[Sandbox], peers: list[tuple[str, str]]) -> None:
+    for sb in sandboxes:
+        try:
+            runtime.write_hosts(sb, peers)
+        except OSError as exc:
+            say(f"corral: sandbox {sb.name!r}: cannot update its /etc/hosts: {exc}")
 
 
 BUILD_STOP_TIMEOUT = 40.0

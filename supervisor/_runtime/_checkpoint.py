@@ -231,6 +231,7 @@ def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
         "mounts": [m.to_dict() for m in spec.mounts],
         "user": spec.user,
         "read_only": spec.read_only,
+        "network": spec.network,
     }
 
 
@@ -251,6 +252,7 @@ def spec_from_dict(d: dict[str, Any]) -> SandboxSpec:
         mounts=[mount_from_dict(m) for m in d.get("mounts") or ()],
         user=d.get("user"),
         read_only=bool(d.get("read_only", False)),
+        network=str(d.get("network", "none")),
     )
 
 

@@ -29,7 +29,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from rootfs import (
     BUILTIN_BASES,
@@ -75,8 +75,19 @@ from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
 from ._linux._child import INIT_PATH, LaunchConfig
 from ._linux._exec import ExecConfig
 from ._linux._proc import starttime
-from ._linux._spawn import ExitStatus, Reaper, Spawned, SpawnFailed, has_exited, spawn_direct
+from ._linux._spawn import (
+    ExitStatus,
+    OnPid,
+    Reaper,
+    Spawned,
+    SpawnFailed,
+    has_exited,
+    spawn_direct,
+)
 from ._mounts import Mount, parse_user
+from ._net._bridge import BridgeNetwork, hosts_file, resolv_conf
+from ._net._ipam import Lease
+from ._net._links import veth_name
 from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
@@ -93,7 +104,19 @@ __all__ = [
 
 INIT_CANDIDATES = ("/usr/bin/tini-static", "/usr/sbin/tini-static", "/sbin/tini-static")
 
-Spawner = Callable[[LaunchConfig | ExecConfig, tuple[int, int, int]], Spawned]
+
+class Spawner(Protocol):
+    """How processes are spawned: :func:`spawn_direct`, or a keeper's ``spawn``."""
+
+    def __call__(
+        self,
+        cfg: LaunchConfig | ExecConfig,
+        stdio: tuple[int, int, int] = (0, 1, 2),
+        *,
+        on_pid: OnPid | None = None,
+    ) -> Spawned: ...
+
+
 """How a sandbox's process tree (or an exec'd process) is started:
 :func:`spawn_direct` or a keeper."""
 
@@ -155,6 +178,8 @@ class Sandbox:
         self.state_path = state_path
         self.labels: dict[str, Any] = dict(labels or {})
         """What its creator recorded with it (see :meth:`Runtime.create`)."""
+        self.network: dict[str, Any] | None = None
+        """A bridged sandbox's ``mode``, ``lease`` (its address...) and ``veth``."""
         self.started = time.monotonic()
         self._proc = spawned
         self._reaper = reaper or Reaper()
@@ -622,11 +647,14 @@ class Runtime:
         return not _alive_in(pid, start, name)
 
     def _spawn_or_reap(
-        self, cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int]
+        self,
+        cfg: LaunchConfig | ExecConfig,
+        stdio: tuple[int, int, int],
+        on_pid: OnPid | None = None,
     ) -> Spawned:
         """Spawn; on a reported failure reap the child that reported it, then raise."""
         try:
-            return self._spawn(cfg, stdio)
+            return self._spawn(cfg, stdio, on_pid=on_pid)
         except SpawnFailed as exc:
             if exc.pidfd is not None and exc.pid is not None:
                 failed = Spawned(exc.pid, exc.pidfd, starttime=exc.starttime)
@@ -709,6 +737,7 @@ class Runtime:
             links = _lower_links(sdir, lower) if not idmap else ""
             cgroup = self._make_cgroup(spec, undo)
             mounts = self._mount_sources(spec, userns)
+            on_pid, net = self._network(spec, sdir, mounts, undo)
             cfg = LaunchConfig(
                 argv=list(spec.argv),
                 env=_environment(spec, defaults),
@@ -730,11 +759,13 @@ class Runtime:
                 mounts=mounts or None,
                 read_only=spec.read_only,
                 user=_user(spec, defaults),
+                network=spec.network,
+                wait_go=on_pid is not None,
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
                 try:
-                    spawned = self._spawn_or_reap(cfg, stdio)
+                    spawned = self._spawn_or_reap(cfg, stdio, on_pid)
                 except SpawnFailed as exc:
                     if exc.failure.kind != "noidmap" or userns is None:
                         raise
@@ -747,18 +778,20 @@ class Runtime:
                         idmap_lower=False,
                         lower_links=_lower_links(sdir, shifted),
                     )
-                    spawned = self._spawn_or_reap(cfg, stdio)
+                    spawned = self._spawn_or_reap(cfg, stdio, on_pid)
             except SpawnFailed as exc:
                 raise _translate(spec.name, exc) from None
             undo.callback(_unlink, record)
             try:
-                self._record(record, spec, spawned, cgroup, labels, None, image)
+                self._record(record, spec, spawned, cgroup, labels, None, image, net)
             except BaseException:
                 self._kill_and_reap(spawned)
                 raise
-            return Sandbox(
+            sb = Sandbox(
                 spec, spawned, cgroup, sdir, undo.pop_all(), reaper=self.reaper, labels=labels
             )
+            sb.network = net
+            return sb
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _record(
@@ -770,6 +803,7 @@ class Runtime:
         labels: Mapping[str, Any] | None,
         restored_from: str | None,
         image: str | None,
+        network: Mapping[str, Any] | None = None,
     ) -> None:
         """Write sandbox *spec*'s record: all a runtime needs to take it back,
         and the id of the image it runs on (None: a directory)."""
@@ -783,6 +817,7 @@ class Runtime:
             "created": time.time(),
             "restored_from": restored_from,
             "labels": dict(labels or {}),
+            "network": dict(network) if network is not None else None,
         }
         try:
             _write_record(path, record)
@@ -862,7 +897,20 @@ class Runtime:
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
             _release_userns(self.run_dir, name)
             swept.append(name)
+        # Leases of sandboxes that are gone (a supervisor killed while it set
+        # one up, or before it gave it back), with their veths; the bridge
+        # and rules go too if nothing else uses them.
+        self._sweep_network(lambda n: n in recorded or not owned(n))
         return swept
+
+    def _sweep_network(self, alive: Callable[[str], bool]) -> list[str]:
+        if not os.path.isdir(os.path.join(self.state_dir, "network")):
+            return []
+        try:
+            return self.bridge.sweep(alive)
+        except (CorralError, OSError) as exc:
+            _say(f"corral: the network's leftovers could not be swept: {exc}")
+            return []
 
     def _claim(self, name: str, undo: contextlib.ExitStack) -> None:
         """Hold the claim of sandbox *name* until it is destroyed (see :mod:`._claims`)."""
@@ -902,6 +950,9 @@ class Runtime:
             _unlink(f"{record}.tmp")
             _release_userns(self.run_dir, name)
             swept.append(name)
+        if swept:
+            gone = set(swept)
+            self._sweep_network(lambda n: n not in gone)
         return swept
 
     def adopt(self, record: Mapping[str, Any]) -> Sandbox:
@@ -936,6 +987,10 @@ class Runtime:
             raise SandboxError(f"sandbox {name!r}: {exc}") from None
         undo.callback(cgroup.remove)
         undo.callback(_unlink, record_path(self.run_dir, name))
+        net = record.get("network")
+        if isinstance(net, dict) and isinstance(net.get("lease"), dict):
+            with contextlib.suppress(TypeError):
+                undo.callback(self.bridge.detach, Lease(**net["lease"]), str(net.get("veth")))
         pidfd = -1
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(pid)
@@ -956,6 +1011,8 @@ class Runtime:
         )
         with contextlib.suppress(TypeError, ValueError):
             sb.started -= max(0.0, time.time() - float(record["created"]))
+        if isinstance(net, dict):
+            sb.network = dict(net)
         return sb
 
     def _shifted_layers(self, lower: str, userns: list[int]) -> str:
@@ -963,6 +1020,53 @@ class Runtime:
         sandbox's id range (each cached, shared by the images that have it)."""
         base, size = userns
         return ":".join(_shifted_rootfs(p, base, size, self.state_dir) for p in lower.split(":"))
+
+    @property
+    def bridge(self) -> BridgeNetwork:
+        """corral's bridge network (made when a bridged sandbox first needs it)."""
+        return BridgeNetwork(self.state_dir, self.run_dir, say=_say)
+
+    def _network(
+        self, spec: SandboxSpec, sdir: str, mounts: list[list[Any]], undo: contextlib.ExitStack
+    ) -> tuple[OnPid | None, dict[str, Any] | None]:
+        """For a bridged sandbox: its lease (given back by *undo*), its
+        ``/etc/hosts`` and ``/etc/resolv.conf`` (added to *mounts*), and
+        what gives its waiting init its interface; with what its record
+        keeps. Nothing for the other modes."""
+        if spec.network != "bridge":
+            return None, None
+        bridge = self.bridge
+        lease = bridge.attach(spec.name)
+        veth = veth_name(spec.name)
+        undo.callback(bridge.detach, lease, veth)
+        for name, text in (
+            ("hosts", hosts_file(lease.address, spec.effective_hostname)),
+            ("resolv.conf", resolv_conf()),
+        ):
+            path = os.path.join(sdir, name)
+            with open(path, "w") as f:
+                f.write(text)
+            # The sandbox's own copies, bind-mounted (as Docker does): what it
+            # writes there stays its own, and corral can rewrite them in place.
+            mounts.append(["bind", path, f"/etc/{name}", False, None, None, False, False])
+
+        def on_pid(pid: int) -> None:
+            bridge.plug(pid, spec.name, lease)
+
+        return on_pid, {"mode": "bridge", "lease": lease._asdict(), "veth": veth}
+
+    def write_hosts(self, sb: Sandbox, peers: Sequence[tuple[str, str]]) -> None:
+        """Rewrite bridged sandbox *sb*'s ``/etc/hosts`` with *peers*
+        (address, names) besides its own name: in place, the file being
+        bind-mounted (a rename would leave the sandbox the old one)."""
+        if not sb.network or not isinstance(sb.network.get("lease"), dict):
+            return
+        address = str(sb.network["lease"].get("address"))
+        text = hosts_file(address, sb.spec.effective_hostname, peers)
+        path = os.path.join(sb.state_path, "hosts")
+        with contextlib.suppress(FileNotFoundError), open(path, "r+") as f:  # gone: destroyed
+            f.truncate(0)
+            f.write(text)
 
     def volume_path(self, name: str) -> str:
         """Where the named volume *name* is kept: ``STATE_DIR/volumes/NAME``."""
@@ -1191,6 +1295,11 @@ class Runtime:
             raise CheckpointError(
                 f"sandbox {key!r} runs in a user namespace (userns = true):"
                 " checkpoints of those are not supported yet"
+            )
+        if sb.spec.network != "none":
+            raise CheckpointError(
+                f"sandbox {key!r} has network = {sb.spec.network!r}:"
+                " checkpoints of those are not supported yet (docs/network.md)"
             )
         criu = check_criu()
         store = self.checkpoints
@@ -1646,6 +1755,16 @@ def _external_mounts(spec: SandboxSpec) -> list[tuple[str, str, Mount]]:
     restore mounts what the key is given as."""
     mounts = [m for m in spec.mounts if m.kind != "tmpfs"]
     return [(m.target, f"corral-volume-{n}", m) for n, m in enumerate(mounts)]
+
+
+def _say(line: str) -> None:
+    """One line on stderr, for what the operator must know (the runtime
+    turned a host setting on)."""
+    import sys
+
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def _user(spec: SandboxSpec, defaults: Mapping[str, Any]) -> str | None:

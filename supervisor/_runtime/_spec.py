@@ -15,6 +15,7 @@ from typing import NamedTuple
 from .._errors import SpecError
 from . import _units
 from ._mounts import Mount, check_mounts, parse_user
+from ._net._model import parse_network
 from ._security import DEFAULT_SECURITY, Security
 
 __all__ = [
@@ -147,6 +148,9 @@ class _SpecFields(NamedTuple):
     image's, else root)."""
     read_only: bool
     """The root file system is read-only (volumes and tmpfs are as given)."""
+    network: str
+    """``none`` (``lo`` only), ``bridge`` (an interface on corral's bridge,
+    NAT to the outside) or ``host`` (the host's network: not isolated)."""
 
 
 class SandboxSpec(_SpecFields):
@@ -171,6 +175,7 @@ class SandboxSpec(_SpecFields):
         mounts: Sequence[Mount] = (),
         user: str | None = None,
         read_only: bool = False,
+        network: str = "none",
     ) -> SandboxSpec:
         validate_name(name)
         argv = tuple(argv)
@@ -205,6 +210,7 @@ class SandboxSpec(_SpecFields):
             mounts,
             user,
             bool(read_only),
+            parse_network(network),
         )
 
     @property

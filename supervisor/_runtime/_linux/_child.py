@@ -152,6 +152,13 @@ class LaunchConfig(NamedTuple):
     idmap_target: str = ""
     """The directory of the empty directories ``0``, ``1``... where the
     idmapped lower layers are attached."""
+    wait_go: bool = False
+    """Wait, before the exec, for ``G`` on the report socket (the spawner's
+    ``on_pid`` has made what the command needs, its network interface)."""
+    network: str = "none"
+    """``none`` (a network namespace with ``lo`` only), ``bridge`` (the
+    same, given an interface by the runtime while the init waits) or
+    ``host`` (the host's network namespace: no isolation of the network)."""
     lower_links: str = ""
     """A directory of symlinks ``0``, ``1``... to the layers of
     ``lowerdir``, top first: the overlay is then mounted from there with
@@ -259,7 +266,7 @@ def run_intermediate(
                     base, size, idmap=cfg.lowerdir.split(":") if cfg.idmap_lower else None
                 )
             step = "unshare namespaces"
-            sc.unshare(_NS_FLAGS)
+            sc.unshare(_NS_FLAGS if cfg.network != "host" else _NS_FLAGS & ~sc.CLONE_NEWNET)
             if lower_trees:
                 # In the sandbox's own mount namespace: nothing on the host.
                 step = "idmapped rootfs"
@@ -450,8 +457,9 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             _make_root_read_only(cfg)
         step = "set hostname"
         socket.sethostname(cfg.hostname)
-        step = "bring up loopback"
-        _loopback_up()
+        if cfg.network != "host":
+            step = "bring up loopback"
+            _loopback_up()
         step = "pivot_root"
         os.chdir(cfg.merged)
         sc.pivot_root(".", ".")
@@ -473,6 +481,10 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             cfg.env.setdefault("HOME", identity.home)
         step = "workdir"
         path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
+        if cfg.wait_go:
+            step = "network"
+            if report.recv(16) != b"G":
+                os._exit(1)  # the runtime gave up (and says why)
         step = "restrict"
         restrict_like_sandbox(report, cfg, identity)
         step = "exec init"

@@ -27,7 +27,7 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, NoReturn
 
 from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
@@ -39,6 +39,7 @@ __all__ = [
     "ExitStatus",
     "Keeper",
     "KeeperError",
+    "OnPid",
     "Reaper",
     "SpawnFailed",
     "Spawned",
@@ -183,12 +184,23 @@ NO_REPORT = "the setup process died without a report"
 """The failure of a spawn whose report socket closed before any report."""
 
 
-def collect(sock: socket.socket) -> Spawned:
+OnPid = Callable[[int], None]
+"""Called with the new init's PID before it may exec (see :func:`collect`)."""
+
+
+def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
     """Read the children's reports until the new process has exec'd (blocking).
 
     The reports, in order: ``P<pid>`` with a pidfd (or a failure ``E...``
     and nothing more); ``T`` with a pty master (an exec with a terminal
     only); then end-of-file, which means exec'd, or a failure ``E...``.
+
+    With *on_pid* (a launch whose ``wait_go`` is set), it is called with
+    the PID once the init exists and while it waits, before its exec, for
+    ``G`` on this socket: what must be ready before the command runs (its
+    network interface) is made there. If it raises, the init is told to
+    give up (``X``) and the failure is a :class:`SpawnFailed` of step
+    ``network`` with the init's PID, for the caller to reap.
     """
     msg, fds, _, _ = recv_fds(sock, 65536, 1)
     if msg[:1] != b"P" or not fds:
@@ -207,6 +219,17 @@ def collect(sock: socket.socket) -> Spawned:
     pid_s, _, start_s = msg[1:].partition(b":")
     pid, start, pidfd = int(pid_s), int(start_s or 0), fds[0]
     pty_master: int | None = None
+    if on_pid is not None:
+        try:
+            on_pid(pid)
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                sock.send(b"X")
+            _drain(sock)
+            raise SpawnFailed(SetupFailure("network", 0, str(exc)), pid, pidfd, start) from exc
+        # An init that failed meanwhile has closed its end: its report follows.
+        with contextlib.suppress(OSError):
+            sock.send(b"G")
     try:
         while True:
             msg, fds, _, _ = recv_fds(sock, 65536, 1)
@@ -259,7 +282,10 @@ def run_child(
 
 
 def spawn_direct(
-    cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int] = (0, 1, 2)
+    cfg: LaunchConfig | ExecConfig,
+    stdio: tuple[int, int, int] = (0, 1, 2),
+    *,
+    on_pid: OnPid | None = None,
 ) -> Spawned:
     """Fork the sandbox (or the exec'd process) from this single-threaded
     process and wait for exec.
@@ -281,7 +307,7 @@ def spawn_direct(
         finally:
             child.close()
         try:
-            return collect(parent)
+            return collect(parent, on_pid)
         finally:
             os.waitpid(pid, 0)
 
@@ -522,7 +548,11 @@ class Keeper(Reaper):
         return parent
 
     def spawn(
-        self, cfg: LaunchConfig | ExecConfig, stdio: tuple[int, int, int] = (0, 1, 2)
+        self,
+        cfg: LaunchConfig | ExecConfig,
+        stdio: tuple[int, int, int] = (0, 1, 2),
+        *,
+        on_pid: OnPid | None = None,
     ) -> Spawned:
         """Blocking convenience: request and collect.
 
@@ -535,7 +565,7 @@ class Keeper(Reaper):
             keeper = self._current()
             with self.request(cfg, stdio) as sock:
                 try:
-                    return collect(sock)
+                    return collect(sock, on_pid)
                 except SpawnFailed as exc:
                     if attempt == 2 or exc.pid is not None or exc.failure.message != NO_REPORT:
                         raise

@@ -1,0 +1,139 @@
+"""Addresses of a corral network, leased to sandboxes and kept on disk.
+
+``STATE_DIR/network/NET/``::
+
+    config.json     the network: bridge, subnet, gateway (chosen once)
+    leases/ADDRESS  one lease: the sandbox it belongs to (JSON)
+    lock            taken while the network is set up or torn down
+
+A lease is made whole or not at all: written to a temporary file, then
+``link``-ed to its address's name, which fails if the address is taken. So
+two sandboxes never get one address, and a crash leaves a whole lease (of
+a sandbox that is gone: the start-up sweep removes it) or none. Leases
+outlive the supervisor, so a sandbox taken back keeps its address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from ..._errors import SandboxError
+from .._records import write_atomic
+
+__all__ = ["Lease", "NetworkDir", "mac_of"]
+
+
+class Lease(NamedTuple):
+    """One address of the network, held by one sandbox."""
+
+    address: str
+    sandbox: str
+    prefix: int
+    gateway: str
+    mac: str
+
+
+def mac_of(address: str) -> str:
+    """A stable, locally administered MAC for *address* (``02:c0:`` and its
+    four bytes): the same address always has the same MAC, so peers' ARP
+    caches stay right across restarts."""
+    octets = ipaddress.IPv4Address(address).packed
+    return "02:c0:" + ":".join(f"{b:02x}" for b in octets)
+
+
+class NetworkDir:
+    """The on-disk state of one network (see the module's docstring)."""
+
+    def __init__(self, state_dir: str, name: str) -> None:
+        self.name = name
+        self.path = os.path.join(state_dir, "network", name)
+        self.leases_dir = os.path.join(self.path, "leases")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the network's lock (set-up and tear-down take turns)."""
+        os.makedirs(self.leases_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def config(self) -> dict[str, str] | None:
+        """The network's recorded settings, or None before its first use."""
+        try:
+            with open(os.path.join(self.path, "config.json")) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise SandboxError(
+                f"network {self.name!r}: cannot read its config.json: {exc}"
+            ) from exc
+        return {str(k): str(v) for k, v in data.items()}
+
+    def save_config(self, config: dict[str, str]) -> None:
+        """Record the network's settings (atomically)."""
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        write_atomic(os.path.join(self.path, "config.json"), json.dumps(config, indent=1))
+
+    def lease(self, sandbox: str, subnet: str, gateway: str) -> Lease:
+        """A free address of *subnet* for *sandbox*, leased (see the module)."""
+        net = ipaddress.IPv4Network(subnet)
+        taken = set(self._names())
+        tmp = os.path.join(self.leases_dir, f".{sandbox}.{os.getpid()}.tmp")
+        for host in net.hosts():
+            address = str(host)
+            if address == gateway or address in taken:
+                continue
+            lease = Lease(address, sandbox, net.prefixlen, gateway, mac_of(address))
+            with open(tmp, "w") as f:
+                json.dump(lease._asdict(), f)
+            try:
+                os.link(tmp, os.path.join(self.leases_dir, address))
+            except FileExistsError:
+                continue  # taken meanwhile by another supervisor's sandbox
+            finally:
+                os.unlink(tmp)
+            return lease
+        raise SandboxError(
+            f"network {self.name!r}: no free address in {subnet} ({len(taken)} leased)"
+        )
+
+    def release(self, lease: Lease) -> None:
+        """Give *lease*'s address back (if it is still this sandbox's)."""
+        path = os.path.join(self.leases_dir, lease.address)
+        with contextlib.suppress(FileNotFoundError):
+            if self._read(lease.address) == lease.sandbox:
+                os.unlink(path)
+
+    def leases(self) -> list[Lease]:
+        """Every lease of the network."""
+        out = []
+        for name in self._names():
+            try:
+                with open(os.path.join(self.leases_dir, name)) as f:
+                    out.append(Lease(**json.load(f)))
+            except (OSError, ValueError, TypeError):
+                continue
+        return out
+
+    def _names(self) -> list[str]:
+        try:
+            return [n for n in os.listdir(self.leases_dir) if not n.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    def _read(self, address: str) -> str | None:
+        try:
+            with open(os.path.join(self.leases_dir, address)) as f:
+                return str(json.load(f).get("sandbox"))
+        except (OSError, ValueError, AttributeError):
+            return None

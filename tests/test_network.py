@@ -1,0 +1,332 @@
+"""Bridge networking, for real, without touching the host's network.
+
+Every test runs corral inside a network namespace the test makes (the
+"host" H), with a second one behind it (the "outside" O: a server there
+stands for the Internet, reached through H's NAT). corral's bridge, its
+nftables table and the forwarding switch are H's; traffic goes only to
+addresses inside H, O and the sandboxes. Both lanes run these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from supervisor import Runtime
+
+from .conftest import Dirs, requires_root
+from .helpers import wait_for
+
+pytestmark = [requires_root, pytest.mark.layout]
+
+OUTSIDE = "198.51.100.2"  # TEST-NET-2: an address that exists only in O
+UPLINK = "198.51.100.1"
+
+
+@dataclass
+class Host:
+    """The namespaces a test runs corral in (H) and talks to (O)."""
+
+    h: int
+    o: int
+
+    def run(self, *argv: str, ns: str = "h", **kw: object) -> subprocess.CompletedProcess[str]:
+        pid = self.h if ns == "h" else self.o
+        return subprocess.run(  # type: ignore[call-overload,no-any-return]
+            ["nsenter", f"--net=/proc/{pid}/ns/net", "--", *argv],
+            capture_output=True, text=True, timeout=60, **kw,
+        )  # fmt: skip
+
+    def popen(self, *argv: str, ns: str = "h", **kw: object) -> subprocess.Popen[str]:
+        pid = self.h if ns == "h" else self.o
+        return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+            ["nsenter", f"--net=/proc/{pid}/ns/net", "--", *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+        )  # fmt: skip
+
+    def corral(self, dirs: Dirs, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(sys.executable, "-m", "supervisor", *args, env=dirs.env)
+
+    def corral_bg(self, dirs: Dirs, *args: str) -> subprocess.Popen[str]:
+        return self.popen(sys.executable, "-m", "supervisor", *args, env=dirs.env)
+
+
+def _holder() -> subprocess.Popen[bytes]:
+    """A process in a new network namespace of its own, holding it."""
+    return subprocess.Popen(["unshare", "--net", "--", "sleep", "infinity"])
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    h, o = _holder(), _holder()
+    try:
+        for proc in (h, o):
+            # unshare has exec'd sleep once its namespace is no longer ours.
+            while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+                os.sched_yield()
+        env = Host(h.pid, o.pid)
+        setup = [
+            ("h", "ip", "link", "set", "lo", "up"),
+            ("o", "ip", "link", "set", "lo", "up"),
+            ("h", "ip", "link", "add", "up0", "type", "veth", "peer", "name", "out0",
+             "netns", f"/proc/{o.pid}/ns/net"),
+            ("h", "ip", "addr", "add", f"{UPLINK}/24", "dev", "up0"),
+            ("h", "ip", "link", "set", "up0", "up"),
+            ("o", "ip", "addr", "add", f"{OUTSIDE}/24", "dev", "out0"),
+            ("o", "ip", "link", "set", "out0", "up"),
+            ("h", "ip", "route", "add", "default", "via", OUTSIDE),
+        ]  # fmt: skip
+        for ns, *argv in setup:
+            p = env.run(*argv, ns=ns)
+            assert p.returncode == 0, (argv, p.stderr)
+        yield env
+    finally:
+        for proc in (h, o):
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def _server(host: Host, tmp_path: Path) -> Iterator[None]:
+    """An HTTP server in O at OUTSIDE:8000 serving "hello from outside"."""
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index.html").write_text("hello from outside\n")
+    proc = host.popen(
+        sys.executable, "-u", "-m", "http.server", "--bind", OUTSIDE, "--directory",
+        str(tmp_path / "www"), "8000", ns="o",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once it listens
+        assert "Serving HTTP" in line, line + (proc.stderr.read() if proc.stderr else "")
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate()
+
+
+def _nothing_left(host: Host, dirs: Dirs) -> None:
+    links = host.run("ip", "-o", "link").stdout
+    assert "corral0" not in links and " vc" not in links, links
+    assert host.run("nft", "list", "tables").stdout.strip() == ""
+    assert host.run("cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0"
+    leases = dirs.state / "network" / "corral" / "leases"
+    assert not leases.exists() or os.listdir(leases) == []
+
+
+def test_a_bridged_sandbox_reaches_the_outside_through_nat(
+    host: Host, dirs: Dirs, tmp_path: Path
+) -> None:
+    with _server(host, tmp_path):
+        p = host.corral(
+            dirs, "run", "--network", "bridge", "--", "sh", "-c",
+            f"ip -4 -o addr show eth0 | cut -d' ' -f7; ip route | head -1;"
+            f" wget -qO- http://{OUTSIDE}:8000/",
+        )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    address, route, body = p.stdout.splitlines()
+    assert address.startswith("10.213.") and address.endswith("/24")
+    assert route.startswith("default via 10.213.")
+    assert body == "hello from outside"
+    # Forwarding was off in H: said in one line, and off again after.
+    assert p.stderr.count("turned IPv4 forwarding on") == 1
+    _nothing_left(host, dirs)
+
+
+def test_without_a_network_there_is_only_lo(host: Host, dirs: Dirs, tmp_path: Path) -> None:
+    with _server(host, tmp_path):
+        p = host.corral(
+            dirs, "run", "--", "sh", "-c",
+            f"ls /sys/class/net; wget -T 2 -qO- http://{OUTSIDE}:8000/ || echo unreachable",
+        )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["lo", "unreachable"]
+    _nothing_left(host, dirs)
+
+
+def test_two_bridged_sandboxes_talk_and_leave_nothing(host: Host, dirs: Dirs) -> None:
+    server = host.corral_bg(
+        dirs, "run", "--name", "srv", "--network", "bridge", "--", "sh", "-c",
+        "ip -4 -o addr show eth0 | cut -d' ' -f7 | cut -d/ -f1;"
+        " exec nc -l -p 7000 -e echo hi-from-srv",
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        address = server.stdout.readline().strip()
+        assert address.startswith("10.213."), server.stderr.read() if server.stderr else ""
+        # nc listens right after printing; a refused connection is retried.
+        p = host.corral(
+            dirs, "run", "--network", "bridge", "--", "sh", "-c",
+            f"until nc {address} 7000 </dev/null; do :; done",
+        )  # fmt: skip
+        assert (p.returncode, p.stdout) == (0, "hi-from-srv\n"), p.stderr
+        _, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    _nothing_left(host, dirs)
+
+
+def test_host_network_is_the_hosts(host: Host, dirs: Dirs) -> None:
+    p = host.corral(dirs, "run", "--network", "host", "--", "sh", "-c", "ls /sys/class/net")
+    assert p.returncode == 0, p.stderr
+    assert sorted(p.stdout.split()) == ["lo", "up0"]
+
+
+def test_a_bad_network_mode_is_one_line(dirs: Dirs) -> None:
+    from .conftest import corral
+
+    p = corral(dirs, "run", "--network", "bridged", "--", "true")
+    assert p.returncode == 125
+    assert p.stderr.decode() == (
+        "corral: --network: expected one of none, bridge, host, got 'bridged'\n"
+    )
+
+
+def test_the_supervisor_runs_bridged_replicas(host: Host, dirs: Dirs, tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[sandbox]]\nname = "web"\nreplicas = 3\nnetwork = "bridge"\n'
+        f'command = ["sh", "-c", "wget -qO- http://{OUTSIDE}:8000/ && exec sleep 60"]\n'
+    )
+    with _server(host, tmp_path):
+        up = host.corral_bg(dirs, "up", str(fleet))
+        try:
+            for i in range(3):
+                log = dirs.state / "logs" / f"web-{i}.log"
+                wait_for(
+                    lambda log=log: (
+                        up.poll() is not None  # type: ignore[misc]
+                        or "hello from outside" in (log.read_text() if log.exists() else "")
+                    ),
+                    timeout=60,
+                    what=f"web-{i} to reach the outside",
+                )
+                assert up.poll() is None, up.stderr.read() if up.stderr else ""
+            leases = os.listdir(dirs.state / "network" / "corral" / "leases")
+            assert len(leases) == 3
+        finally:
+            up.send_signal(signal.SIGTERM)
+            _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    _nothing_left(host, dirs)
+
+
+def test_what_a_killed_corral_run_left_is_swept(host: Host, dirs: Dirs) -> None:
+    """A `corral run` SIGKILLed with its bridged sandbox running: the
+    sandbox dies with it, its lease, the bridge and the rules stay; the
+    next `corral run` sweeps them."""
+    run = host.corral_bg(
+        dirs, "run", "--network", "bridge", "--", "sh", "-c", "echo up; exec sleep 60"
+    )
+    try:
+        assert run.stdout is not None and run.stdout.readline() == "up\n"
+        (name,) = os.listdir(dirs.run / "sandboxes")
+        record = json.loads((dirs.run / "sandboxes" / name).read_text())
+        init = os.pidfd_open(record["pid"])
+    finally:
+        run.kill()  # ours, by its Popen
+        run.communicate()
+    try:
+        # A bound, not a wait: the kernel kills it as its parent dies.
+        assert select.select([init], [], [], 30)[0], "the sandbox outlived its corral run"
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, init, os.WEXITED)  # re-parented to us, a subreaper
+    finally:
+        os.close(init)
+    leases = dirs.state / "network" / "corral" / "leases"
+    assert len(os.listdir(leases)) == 1
+    p = host.corral(dirs, "run", "--", "true")
+    assert p.returncode == 0, p.stderr
+    _nothing_left(host, dirs)
+
+
+def test_two_hundred_bridged_sandboxes_leave_nothing(
+    host: Host, dirs: Dirs, tmp_path: Path
+) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[sandbox]]\nname = "many"\nreplicas = 200\nnetwork = "bridge"\n'
+        'command = ["sleep", "600"]\n'
+    )
+    up = host.corral_bg(dirs, "up", str(fleet))
+    try:
+        wait_for(
+            lambda: (
+                up.poll() is not None or host.run("ip", "-o", "link").stdout.count(" vc") == 200
+            ),
+            timeout=120,
+            what="200 veths",
+        )
+        assert up.poll() is None, up.stderr.read() if up.stderr else ""
+        assert len(os.listdir(dirs.state / "network" / "corral" / "leases")) == 200
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=120)
+    assert up.returncode == 0, err
+    _nothing_left(host, dirs)
+
+
+def test_fleet_peers_find_each_other_by_name(host: Host, dirs: Dirs, tmp_path: Path) -> None:
+    """Inside a fleet, /etc/hosts lists every running bridged instance by
+    its instance name (web-1) and its sandbox name (web: every replica),
+    kept current as they start. Resolved by glibc (the busybox image's
+    static binary cannot resolve names), so the client runs on Debian."""
+    from .test_debian_image import CACHE
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    shutil.rmtree(dirs.state / "images")
+    (dirs.state / "images").symlink_to(CACHE)
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[defaults]\nnetwork = "bridge"\n'
+        '[[sandbox]]\nname = "web"\nreplicas = 2\n'
+        'command = ["sh", "-c", "while :; do nc -l -p 7000 -e echo hi-from-$HOSTNAME; done"]\n'
+        '[[sandbox]]\nname = "client"\nimage = "debian:bookworm"\n'
+        'command = ["bash", "-c", "until [ $(getent ahostsv4 web | cut -d\' \' -f1 | sort -u'
+        " | wc -l) = 2 ]; do :; done; echo both; until cat < /dev/tcp/web-1/7000; do :; done;"
+        ' exec sleep 60"]\n'
+    )
+    up = host.corral_bg(dirs, "up", str(fleet))
+    log = dirs.state / "logs" / "client-0.log"
+    try:
+        wait_for(
+            lambda: (
+                up.poll() is not None
+                or "hi-from-web-1" in (log.read_text() if log.exists() else "")
+            ),
+            timeout=900,  # the first run builds debian:bookworm into the cache
+            what="the client to reach web-1 by name",
+        )
+        assert up.poll() is None, up.stderr.read() if up.stderr else ""
+        assert "both" in log.read_text()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    _nothing_left(host, dirs)
+
+
+def test_checkpoints_of_networked_sandboxes_are_refused_in_one_line(runtime: Runtime) -> None:
+    from supervisor import SandboxSpec
+    from supervisor._errors import CheckpointError
+
+    spec = SandboxSpec(name="hostnet", argv=("sleep", "60"), network="host")
+    with runtime.create(spec, stdin_devnull=True) as sb:
+        with pytest.raises(CheckpointError, match="network = 'host': checkpoints of those are"):
+            runtime.checkpoint(sb)
+        sb.kill()
