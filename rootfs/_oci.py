@@ -1076,8 +1076,14 @@ class _Extractor:
     def _opaque(self, dir_parts: tuple[str, ...]) -> None:
         fd = self._opendir(dir_parts, create=True)
         try:
-            for name in _OVERLAY_OPAQUE:
-                os.setxattr(fd, name, b"y")
+            os.setxattr(fd, _OVERLAY_OPAQUE[0], b"y")
+            try:
+                os.setxattr(fd, _OVERLAY_OPAQUE[1], b"y")
+            except OSError as exc:
+                # A file system without user attributes (tmpfs before Linux
+                # 6.6): only user-namespace sandboxes lose the mark.
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
         finally:
             os.close(fd)
 

@@ -73,3 +73,21 @@ def fill_up(directory: Path, name: str = "filler") -> Path:
                 if exc.errno != errno.ENOSPC:
                     raise
                 return filler
+
+
+def user_xattrs_work(directory: Path) -> bool:
+    """Whether the file system of *directory* takes ``user.*`` attributes
+    (tmpfs does only from Linux 6.6: the VM lanes' state directories)."""
+    import os
+
+    probe = directory / ".user-xattr-probe"
+    probe.write_text("")
+    try:
+        os.setxattr(probe, "user.corral-probe", b"1")
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        return False
+    finally:
+        probe.unlink()

@@ -43,6 +43,7 @@ and the environment.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import stat
@@ -336,7 +337,13 @@ def _clean_one(path: str, top: str, name: str) -> None:
         elif what == "opaque":
             # Both markers, so that every mount reads it (see rootfs._oci).
             for p in _PREFIXES:
-                os.setxattr(path, p + what, b"y", follow_symlinks=False)
+                try:
+                    os.setxattr(path, p + what, b"y", follow_symlinks=False)
+                except OSError as exc:
+                    # No user attributes here (tmpfs before Linux 6.6): the
+                    # trusted one is what a mount without userxattr reads.
+                    if exc.errno != errno.EOPNOTSUPP or p == _PREFIXES[0]:
+                        raise
         elif what not in _KEPT:
             raise SandboxError(
                 f"sandbox {name!r}: its writable layer has an overlayfs attribute a commit"
