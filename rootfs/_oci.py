@@ -948,7 +948,7 @@ class _Damaged(Exception):
     """A tar that tarfile read to an end that is not the end of the archive."""
 
 
-def apply_layer(layer: Layer, dest: str) -> None:
+def apply_layer(layer: Layer, dest: str, *, stop: threading.Event | None = None) -> None:
     """Extract *layer* into the empty directory *dest*, as an overlayfs lower layer.
 
     Whiteouts become 0:0 character devices and opaque markers the
@@ -960,7 +960,9 @@ def apply_layer(layer: Layer, dest: str) -> None:
     :class:`OciError`, one line naming the entry where there is one, for a
     hostile or damaged layer or a mismatch; nothing is ever written outside
     *dest*, but what was extracted before the error is left for the caller
-    to delete.
+    to delete. Once *stop* is set (from another thread: layers are applied
+    side by side), the extraction ends at the next entry with
+    :class:`OciError` ``...: stopped``.
     """
     what = f"layer {_short(layer.digest)}"
     if _is_zstd(layer.media_type):
@@ -977,12 +979,14 @@ def apply_layer(layer: Layer, dest: str) -> None:
         except OSError as exc:
             raise OciError(f"{what}: cannot open its blob: {exc.strerror or exc}") from exc
         with blob:
-            _apply(layer, blob, root, what)
+            _apply(layer, blob, root, what, stop)
     finally:
         os.close(root)
 
 
-def _apply(layer: Layer, blob: BinaryIO, root: int, what: str) -> None:
+def _apply(
+    layer: Layer, blob: BinaryIO, root: int, what: str, stop: threading.Event | None
+) -> None:
     try:
         feed = _Feed(blob, what, layer.size)
     except OSError as exc:
@@ -992,6 +996,8 @@ def _apply(layer: Layer, blob: BinaryIO, root: int, what: str) -> None:
     try:
         with tarfile.open(fileobj=feed, mode="r|") as tf:
             for member in tf:
+                if stop is not None and stop.is_set():
+                    raise OciError(f"{what}: stopped")
                 try:
                     extractor.add(tf, member)
                 except _Bad as exc:
