@@ -70,18 +70,21 @@ def import_oci(
                 work[layer.diff_id] = build.scratch("oci-layer")
         count = len(image.layers)
         reported = 0
-        applied: set[str] = set()
+        applied: set[str] = set()  # by the threads, not committed yet
+        committed: set[str] = set()
 
         def report_ready() -> None:
-            # In the image's order: each layer once it and those below it are in.
+            # In the image's order: each layer once it and those below it are
+            # in; one listed again is in the store already by then.
             nonlocal reported
             while reported < count:
                 layer = image.layers[reported]
-                cached = layer.diff_id not in work
+                cached = layer.diff_id not in work or layer.diff_id in committed
                 if not cached:
                     if layer.diff_id not in applied:
                         return
-                    build.commit_layer(layer.diff_id, work.pop(layer.diff_id))
+                    build.commit_layer(layer.diff_id, work[layer.diff_id])
+                    committed.add(layer.diff_id)
                 reported += 1
                 if progress is not None:
                     progress(

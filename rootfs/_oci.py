@@ -955,7 +955,8 @@ def apply_layer(layer: Layer, dest: str, *, stop: threading.Event | None = None)
     ``trusted.overlay.opaque`` attribute (this needs root). Owners, modes,
     times and ``SCHILY.xattr`` attributes are kept. The blob is verified
     while it streams: its bytes against ``layer.digest`` and ``layer.size``,
-    the uncompressed tar against ``layer.diff_id``.
+    the uncompressed tar against ``layer.diff_id`` (a thread of its own
+    reads, inflates and hashes it ahead of the extraction).
 
     :class:`OciError`, one line naming the entry where there is one, for a
     hostile or damaged layer or a mismatch; nothing is ever written outside
