@@ -29,6 +29,7 @@ truncated or damaged tar or gzip stream.
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -36,10 +37,12 @@ import io
 import json
 import os
 import posixpath
+import queue
 import re
 import shutil
 import stat
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -735,85 +738,208 @@ def _select_docker(store: _Store, entries: list[_DockerEntry], ref: str | None) 
 # --------------------------------------------------------------------------- applying
 
 
-class _Verifier:
-    """A read-only stream over *source* that counts and hashes what it reads.
+class _Feed:
+    """A layer's tar, read and verified in a thread of its own while the caller extracts it.
 
-    A stream at most *limit* bytes long, if given: more is an error at once,
-    not after the whole of a hostile blob has been read.
+    The thread reads the blob as stored in large chunks, hashes and counts
+    them (a blob longer than *limit* is an error at once, not after the
+    whole of a hostile blob has been read), inflates it if it is gzip, hashes
+    the tar, and queues the tar's bytes. The caller reads them in order (as
+    tarfile reads a stream: once, front to back); an error the thread met is
+    raised to the caller after the bytes that came before it. Inflating and
+    hashing release the GIL: they run on another core while the caller's
+    thread extracts, whose time goes to the kernel creating files.
     """
 
-    _TAIL = 1 << 16  # well over what tarfile reads ahead (one 10 KiB record)
+    _TAIL = 1 << 16  # bytes kept behind the read position: well over tarfile's read-ahead
+    _QUEUED = 8  # chunks read ahead of the extraction (8 MiB at most)
 
-    def __init__(self, source: BinaryIO | gzip.GzipFile, what: str, limit: int | None) -> None:
-        self._source = source
+    def __init__(self, blob: BinaryIO, what: str, limit: int) -> None:
+        self._blob = blob
         self._what = what
         self._limit = limit
-        self._hash = hashlib.sha256()
+        self._stored = hashlib.sha256()
         self.total = 0
-        self._pending = b""  # peeked, not yet returned
-        self._tail = bytearray()  # the last bytes read, for the end-of-archive check
+        """Bytes of the blob read so far."""
+        first = self._read_stored()
+        while len(first) < len(_ZSTD_MAGIC) and (more := self._read_stored()):
+            first += more
+        if first.startswith(_ZSTD_MAGIC):
+            raise OciError(f"{what} {_ZSTD_REFUSED}")
+        gzipped = first.startswith(_GZIP_MAGIC)
+        # Uncompressed, the blob is the tar: one hash is both digests.
+        self._tar = hashlib.sha256() if gzipped else self._stored
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(self._QUEUED)
+        self._abandoned = threading.Event()
+        # The reading side: the tar's bytes from offset _start on, some read already.
+        self._window = b""
+        self._start = 0
+        self._pos = 0
+        self._ended = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(first, gzipped), name=f"corral {what}", daemon=True
+        )
+        self._thread.start()
 
-    def _pull(self, size: int) -> bytes:
-        data = self._source.read(size)
-        self._hash.update(data)
+    # -- the thread --------------------------------------------------------------
+
+    def _read_stored(self) -> bytes:
+        data = self._blob.read(_CHUNK)
+        # Hashed as soon as read: after a stop, the caller reads on from here.
+        self._stored.update(data)
         self.total += len(data)
-        if self._limit is not None and self.total > self._limit:
+        if self.total > self._limit:
             raise OciError(
                 f"{self._what}: the blob is larger than the {self._limit} bytes expected"
             )
-        self._tail += data
-        if len(self._tail) > 2 * self._TAIL:
-            del self._tail[: -self._TAIL]
         return data
 
-    def peek(self, size: int) -> bytes:
-        """The next *size* bytes or fewer, left to be read again (only at the start)."""
-        while len(self._pending) < size:
-            data = self._pull(size - len(self._pending))
-            if not data:
-                break
-            self._pending += data
-        return self._pending[:size]
+    def _run(self, first: bytes, gzipped: bool) -> None:
+        end: BaseException | None = None
+        try:
+            if gzipped:
+                self._inflate(first)
+            else:
+                data = first
+                while data:
+                    self._put(data)
+                    data = self._read_stored()
+        except _Abandoned:
+            return
+        except BaseException as exc:  # the caller raises it, where its read gets there
+            end = exc
+        with contextlib.suppress(_Abandoned):
+            self._put(end)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        if self._abandoned.is_set():
+            raise _Abandoned
+        self._queue.put(item)
+
+    def _inflate(self, data: bytes) -> None:
+        # wbits 31: one gzip member, whose header, CRC-32 and size zlib checks.
+        member = zlib.decompressobj(wbits=31)
+        while True:
+            out = member.decompress(data, _CHUNK)  # at most _CHUNK: a bomb stays small
+            if out:
+                self._tar.update(out)
+                self._put(out)
+            if member.eof:
+                following = self._next_member(member.unused_data)
+                if following is None:
+                    return
+                data, member = following, zlib.decompressobj(wbits=31)
+            elif member.unconsumed_tail:
+                data = member.unconsumed_tail
+            else:
+                data = self._read_stored()
+                # With no more input, one more call with none flushes what zlib holds.
+                if not data and not out:
+                    raise EOFError("the gzip stream ends early")
+
+    def _next_member(self, rest: bytes) -> bytes | None:
+        """The start of the gzip member after this one; None at the end.
+
+        Zero padding after a member is skipped, as gzip and Python's gzip read it.
+        """
+        while not (rest := rest.lstrip(b"\0")):
+            rest = self._read_stored()
+            if not rest:
+                return None
+        while len(rest) < len(_GZIP_MAGIC) and (more := self._read_stored()):
+            rest += more
+        if not rest.startswith(_GZIP_MAGIC):
+            raise gzip.BadGzipFile(f"not a gzip member after the first ({rest[:2]!r})")
+        return rest
+
+    # -- the caller's side ---------------------------------------------------------
+
+    def _more(self) -> bool:
+        """Take the thread's next chunk into the window; False at the end."""
+        if self._error is not None:
+            raise self._error
+        if self._ended:
+            return False
+        item = self._queue.get()
+        if item is None:
+            self._ended = True
+            return False
+        if isinstance(item, BaseException):
+            self._error = item
+            return False
+        keep = max(self._start, self._pos - self._TAIL)
+        self._window = self._window[keep - self._start :] + item
+        self._start = keep
+        return True
 
     def read(self, size: int = -1, /) -> bytes:
-        if self._pending:
-            cut = len(self._pending) if size < 0 else size
-            data, self._pending = self._pending[:cut], self._pending[cut:]
-            return data
         if size < 0:
-            return b"".join(iter(lambda: self._pull(_CHUNK), b""))
-        return self._pull(size)
+            return b"".join(iter(lambda: self.read(_CHUNK), b""))
+        end = self._pos + size
+        while self._start + len(self._window) < end and self._more():
+            pass
+        data = self._window[self._pos - self._start : end - self._start]
+        if not data and size and self._error is not None:
+            raise self._error
+        self._pos += len(data)
+        return data
 
     def at(self, offset: int, size: int) -> bytes | None:
         """The *size* bytes from *offset* or fewer at the end; reads on as needed.
 
         None if they were read so long ago they are forgotten."""
-        while self.total < offset + size and self._pull(offset + size - self.total):
+        while self._start + len(self._window) < offset + size and self._more():
             pass
-        start = offset - (self.total - len(self._tail))
-        if start < 0:
+        if offset < self._start:
             return None
-        return bytes(self._tail[start : start + size])
+        return self._window[offset - self._start : offset - self._start + size]
 
     def drain(self) -> None:
-        while self._pull(_CHUNK):
+        """Read the tar to its end (the thread reads the blob to its end)."""
+        while True:
+            self._pos = self._start + len(self._window)
+            if not self._more():
+                break
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it: the tar is read no further."""
+        self._abandoned.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.01)  # frees a put waiting for room
+        self._thread.join()
+
+    def drain_blob(self) -> None:
+        """After :meth:`stop`: read the rest of the blob, for its digest."""
+        while self._read_stored():
             pass
 
-    def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
+    def blob_digest(self) -> str:
+        """The digest of the blob as read so far (the whole of it after :meth:`drain`)."""
+        return "sha256:" + self._stored.hexdigest()
+
+    def tar_digest(self) -> str:
+        return "sha256:" + self._tar.hexdigest()
 
     # tarfile's file-object protocol: a stream read once, front to back.
     def write(self, b: bytes, /) -> int:
         raise io.UnsupportedOperation("write")
 
     def tell(self) -> int:
-        return self.total - len(self._pending)
+        return self._pos
 
     def seek(self, pos: int, /) -> int:
         raise io.UnsupportedOperation("seek")
 
     def close(self) -> None:
         pass
+
+
+class _Abandoned(Exception):
+    """The feed's reader stopped it: its thread ends."""
 
 
 class _Bad(Exception):
@@ -824,19 +950,22 @@ class _Damaged(Exception):
     """A tar that tarfile read to an end that is not the end of the archive."""
 
 
-def apply_layer(layer: Layer, dest: str) -> None:
+def apply_layer(layer: Layer, dest: str, *, stop: threading.Event | None = None) -> None:
     """Extract *layer* into the empty directory *dest*, as an overlayfs lower layer.
 
     Whiteouts become 0:0 character devices and opaque markers the
     ``trusted.overlay.opaque`` attribute (this needs root). Owners, modes,
     times and ``SCHILY.xattr`` attributes are kept. The blob is verified
     while it streams: its bytes against ``layer.digest`` and ``layer.size``,
-    the uncompressed tar against ``layer.diff_id``.
+    the uncompressed tar against ``layer.diff_id`` (a thread of its own
+    reads, inflates and hashes it ahead of the extraction).
 
     :class:`OciError`, one line naming the entry where there is one, for a
     hostile or damaged layer or a mismatch; nothing is ever written outside
     *dest*, but what was extracted before the error is left for the caller
-    to delete.
+    to delete. Once *stop* is set (from another thread: layers are applied
+    side by side), the extraction ends at the next entry with
+    :class:`OciError` ``...: stopped``.
     """
     what = f"layer {_short(layer.digest)}"
     if _is_zstd(layer.media_type):
@@ -853,26 +982,25 @@ def apply_layer(layer: Layer, dest: str) -> None:
         except OSError as exc:
             raise OciError(f"{what}: cannot open its blob: {exc.strerror or exc}") from exc
         with blob:
-            _apply(layer, blob, root, what)
+            _apply(layer, blob, root, what, stop)
     finally:
         os.close(root)
 
 
-def _apply(layer: Layer, blob: BinaryIO, root: int, what: str) -> None:
-    stored = _Verifier(blob, what, layer.size)
-    gz: gzip.GzipFile | None = None
-    if stored.peek(4) == _ZSTD_MAGIC:
-        raise OciError(f"{what} {_ZSTD_REFUSED}")
-    if stored.peek(2) == _GZIP_MAGIC:
-        gz = gzip.GzipFile(fileobj=stored, mode="rb")
-        tar = _Verifier(gz, what, None)
-    else:
-        tar = stored
+def _apply(
+    layer: Layer, blob: BinaryIO, root: int, what: str, stop: threading.Event | None
+) -> None:
+    try:
+        feed = _Feed(blob, what, layer.size)
+    except OSError as exc:
+        raise OciError(f"{what}: cannot read its blob: {exc.strerror or exc}") from exc
     extractor = _Extractor(root)
     problem: str | None
     try:
-        with tarfile.open(fileobj=tar, mode="r|") as tf:
+        with tarfile.open(fileobj=feed, mode="r|") as tf:
             for member in tf:
+                if stop is not None and stop.is_set():
+                    raise OciError(f"{what}: stopped")
                 try:
                     extractor.add(tf, member)
                 except _Bad as exc:
@@ -885,10 +1013,8 @@ def _apply(layer: Layer, blob: BinaryIO, root: int, what: str) -> None:
                     # An out-of-range owner or time, a NUL in a link target.
                     raise OciError(f"{what}: entry {member.name!r}: {exc}") from None
             extractor.finish()
-            _check_end(tar, tf.offset)
-        tar.drain()
-        if gz is not None:
-            stored.drain()
+            _check_end(feed, tf.offset)
+        feed.drain()
     except _Damaged as exc:
         problem = str(exc)
     except EOFError:
@@ -908,33 +1034,32 @@ def _apply(layer: Layer, blob: BinaryIO, root: int, what: str) -> None:
         problem = None
     finally:
         extractor.close()
-        if gz is not None:
-            gz.close()
+        feed.stop()
     if problem is not None:
-        raise OciError(f"{what}: {_altered(stored, layer)}{problem}")
-    if stored.digest() != layer.digest:
-        raise OciError(f"{what}: the blob does not match its digest (it is {stored.digest()})")
-    if stored.total != layer.size:
-        raise OciError(f"{what}: the blob is {stored.total} bytes, not the {layer.size} expected")
-    if tar.digest() != layer.diff_id:
+        raise OciError(f"{what}: {_altered(feed, layer)}{problem}")
+    if feed.blob_digest() != layer.digest:
+        raise OciError(f"{what}: the blob does not match its digest (it is {feed.blob_digest()})")
+    if feed.total != layer.size:
+        raise OciError(f"{what}: the blob is {feed.total} bytes, not the {layer.size} expected")
+    if feed.tar_digest() != layer.diff_id:
         raise OciError(
             f"{what}: the uncompressed tar does not match diff_id {layer.diff_id}"
-            f" (it is {tar.digest()})"
+            f" (it is {feed.tar_digest()})"
         )
 
 
-def _altered(stored: _Verifier, layer: Layer) -> str:
+def _altered(feed: _Feed, layer: Layer) -> str:
     """What to say first about a blob that does not parse: that it was altered, if it was."""
     try:
-        stored.drain()
+        feed.drain_blob()
     except (OSError, OciError):
         return ""
-    if stored.digest() == layer.digest:
+    if feed.blob_digest() == layer.digest:
         return ""
-    return f"the blob does not match its digest (it is {stored.digest()}); "
+    return f"the blob does not match its digest (it is {feed.blob_digest()}); "
 
 
-def _check_end(tar: _Verifier, offset: int) -> None:
+def _check_end(tar: _Feed, offset: int) -> None:
     """Tell a tar that ends with its end-of-archive block from one tarfile gave up on.
 
     tarfile ends quietly at a cut or unreadable header. Accepted, as Go's
@@ -1201,9 +1326,26 @@ class _Extractor:
 
 
 def _copy(tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int) -> None:
+    stream = tf.fileobj
+    if m.sparse is None and stream is not None and stream.tell() == m.offset_data:
+        # Read straight from the tar's stream, which is at m's data (tarfile
+        # skips to the next header itself): extractfile's two buffering
+        # layers cost more than the write of most files.
+        left = m.size
+        while left:
+            chunk = stream.read(min(left, _CHUNK))
+            if not chunk:
+                raise tarfile.ReadError("unexpected end of data")
+            left -= len(chunk)
+            _write_all(fd, chunk)
+        return
     src = tf.extractfile(m)
     assert src is not None  # a regular file
     while chunk := src.read(_CHUNK):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

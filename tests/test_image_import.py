@@ -10,11 +10,13 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 
-from rootfs import ImageStore, busybox_image
+from rootfs import ImageStore, OciError, busybox_image
+from rootfs._import import ImportProgress, import_oci
 
 from .conftest import Dirs, corral, requires_root
 from .helpers import user_xattrs_work
@@ -131,6 +133,80 @@ def test_a_hostile_image_is_refused_in_one_line_and_leaves_nothing(
         if not x.is_dir() and x.parent.name != "locks"
     ]
     assert left == []
+
+
+# A bottom layer large enough to be applied last of the four below.
+_BIG = make_tar(*(file(f"usr/lib/f{n}", bytes(n % 7000)) for n in range(3000)))
+_EMPTY = make_tar()
+
+
+def _left_in(store_root: Path) -> list[str]:
+    return [
+        str(x.relative_to(store_root))
+        for x in store_root.rglob("*")
+        if not x.is_dir() and x.parent.name != "locks"
+    ]
+
+
+def _layer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("corral")]
+
+
+def test_layers_applied_side_by_side_are_stored_and_reported_in_order(tmp_path: Path) -> None:
+    """Layers are applied at once but committed and reported bottom first; a
+    layer listed twice is applied once and is "cached" the second time."""
+    tars = [_BIG, make_tar(file("a", b"a")), _EMPTY, make_tar(file("b", b"b")), _EMPTY]
+    lay = layout(tmp_path / "img", build(tars, [True, False, False, True, False], CONFIG), "t")
+    store = ImageStore(tmp_path / "store")
+    seen: list[ImportProgress] = []
+    image = import_oci(store, str(lay), "t", progress=seen.append)
+    assert [(p.index, p.count, p.cached) for p in seen] == [
+        (1, 5, False), (2, 5, False), (3, 5, False), (4, 5, False), (5, 5, True)
+    ]  # fmt: skip
+    assert len(image.layers) == 5 and image.layers[2] == image.layers[4]
+    assert len(os.listdir(tmp_path / "store/layers/sha256")) == 4
+    bottom = Path(store.layer_path(image.layers[0]))
+    assert len(os.listdir(bottom / "usr/lib")) == 3000
+    assert os.listdir(store.layer_path(image.layers[3])) == ["b"]
+    assert os.listdir(tmp_path / "store/tmp") == []
+    assert _layer_threads() == []
+
+
+def test_a_hostile_layer_fails_the_import_while_others_are_applied(tmp_path: Path) -> None:
+    """The hostile layer's own line, not another layer's "stopped"; nothing left."""
+    tars = [_BIG, make_tar(file("../escape", b"x")), make_tar(file("b", b"b"))]
+    lay = layout(tmp_path / "img", build(tars, [True, False, False], CONFIG), "t")
+    store_root = tmp_path / "store"
+    with pytest.raises(
+        OciError, match=r"^layer sha256:\w{12}: entry '../escape': '..' in its path$"
+    ):
+        import_oci(ImageStore(store_root), str(lay), "t")
+    assert _left_in(store_root) == []
+    assert _layer_threads() == []
+    assert not (tmp_path / "escape").exists()
+
+
+def test_an_interrupted_import_stops_every_layer_and_leaves_nothing(tmp_path: Path) -> None:
+    """An interrupt (here from the progress callback, after the first layer
+    is in) stops the layers still being applied, then the build reverts."""
+    tars = [
+        make_tar(file("a", b"a")),
+        _BIG,
+        make_tar(*(file(f"opt/f{n}", b"x") for n in range(3000))),
+    ]
+    lay = layout(tmp_path / "img", build(tars, [False, True, True], CONFIG), "t")
+    store_root = tmp_path / "store"
+
+    def interrupt(p: ImportProgress) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        import_oci(ImageStore(store_root), str(lay), "t", progress=interrupt)
+    assert _left_in(store_root) == []
+    assert not (store_root / "layers/sha256").exists() or not os.listdir(
+        store_root / "layers/sha256"
+    )
+    assert _layer_threads() == []
 
 
 @pytest.mark.skipif(

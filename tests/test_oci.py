@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -663,6 +664,75 @@ def test_a_zstd_blob_or_one_longer_than_its_size_is_refused(tmp_path: Path) -> N
         OciError, match=r"^layer sha256:\w{12}: the blob is larger than the 2048 bytes expected$"
     ):
         apply_layer(layer, str(tmp_path))
+
+
+# Larger than the reader's queue of 1 MiB chunks: the thread that inflates
+# waits for the extraction, and the tar's end is checked many chunks in.
+_BIG_TAR = make_tar(
+    *(file(f"small/{n}", b"%d\n" % n) for n in range(300)),
+    file("big/random", random.Random(7).randbytes(6 << 20)),
+    file("big/zeros", bytes(5 << 20)),
+    file("last", b"the end\n"),
+)
+
+
+def _members(tar: bytes, cuts: int, padding: bytes) -> bytes:
+    """*tar* as a gzip stream of *cuts* + 1 members, each followed by *padding*."""
+    step = len(tar) // (cuts + 1) + 1
+    return b"".join(
+        gzip.compress(tar[i : i + step], mtime=0) + padding for i in range(0, len(tar), step)
+    )
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_a_layer_of_many_chunks_is_applied_whole(tmp_path: Path, compress: bool) -> None:
+    """A layer of several MiB, read ahead in chunks while it is extracted, is all there."""
+    apply_layer(layer_of(_BIG_TAR, compress), str(tmp_path))
+    assert (tmp_path / "big/random").read_bytes() == random.Random(7).randbytes(6 << 20)
+    assert (tmp_path / "big/zeros").stat().st_size == 5 << 20
+    assert len(os.listdir(tmp_path / "small")) == 300
+    assert (tmp_path / "last").read_bytes() == b"the end\n"
+
+
+@pytest.mark.parametrize("padding", [b"", bytes(1000)], ids=["concatenated", "zero-padded"])
+def test_a_gzip_stream_of_several_members_is_one_layer(tmp_path: Path, padding: bytes) -> None:
+    """Concatenated gzip members (pigz, appending writers), zero padding after
+    them too, as gzip and Python read them: one tar, its diff_id checked."""
+    blob = _members(_BIG_TAR, 3, padding)
+    layer = Layer(sha(blob), sha(_BIG_TAR), TAR_GZ, len(blob), lambda: io.BytesIO(blob))
+    apply_layer(layer, str(tmp_path))
+    assert (tmp_path / "last").read_bytes() == b"the end\n"
+
+
+def test_data_after_a_gzip_member_that_is_not_one_is_refused(tmp_path: Path) -> None:
+    """After a member and its padding only another member may follow."""
+    blob = _members(_BIG_TAR, 1, bytes(10)) + b"PK\x03\x04"
+    layer = Layer(sha(blob), sha(_BIG_TAR), TAR_GZ, len(blob), lambda: io.BytesIO(blob))
+    with pytest.raises(OciError, match=r"^layer sha256:\w{12}: damaged gzip stream \(.*\)$"):
+        apply_layer(layer, str(tmp_path))
+
+
+def test_a_damaged_header_many_chunks_in_is_found(tmp_path: Path) -> None:
+    """The end-of-archive check sees the bytes where tarfile stopped, however far in."""
+    with tarfile.open(fileobj=io.BytesIO(_BIG_TAR)) as tf:
+        at = tf.getmember("last").offset
+    assert at > 10 << 20
+    blob = _BIG_TAR[:at] + b"\x07" * 512 + _BIG_TAR[at + 512 :]
+    with pytest.raises(
+        OciError,
+        match=rf"^layer sha256:\w{{12}}: not a valid tar \(a damaged header at byte {at}\)$",
+    ):
+        apply_layer(layer_of(blob, True), str(tmp_path))
+
+
+def test_a_refused_entry_stops_the_reading_thread(tmp_path: Path) -> None:
+    """A hostile entry at the start of a large layer: the error at once, and
+    the thread that was reading ahead is gone when apply_layer returns."""
+    tar = make_tar(file("/abs", b"x"), *(file(f"f{n}", bytes(1 << 20)) for n in range(20)))
+    before = set(threading.enumerate())
+    with pytest.raises(OciError, match="an absolute path"):
+        apply_layer(layer_of(tar, True), str(tmp_path))
+    assert set(threading.enumerate()) <= before
 
 
 def _drop(key: str) -> Callable[[dict[str, object]], None]:
