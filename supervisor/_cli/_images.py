@@ -295,10 +295,15 @@ def _import(args: argparse.Namespace) -> int:
 
     tty = sys.stderr.isatty()
 
+    done = [0]  # bytes imported so far (layers the store had are not)
+
     def progress(p: ImportProgress) -> None:
         # On a terminal one line, rewritten; otherwise a line per layer.
         what = "in the store already" if p.cached else human_size(p.size)
-        line = f"layer {p.index} of {p.count} {p.digest[7:19]} {what}, {p.elapsed:.1f} s"
+        if not p.cached:
+            done[0] += p.size
+        rate = f", {human_size(int(done[0] / p.elapsed))}/s" if done[0] and p.elapsed > 0 else ""
+        line = f"layer {p.index} of {p.count} {p.digest[7:19]} {what}, {p.elapsed:.1f} s{rate}"
         if tty:
             sys.stderr.write("\r\033[K" + line + ("\n" if p.index == p.count else ""))
         else:
