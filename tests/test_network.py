@@ -268,7 +268,7 @@ def test_two_hundred_bridged_sandboxes_leave_nothing(
             lambda: (
                 up.poll() is not None or host.run("ip", "-o", "link").stdout.count(" vc") == 200
             ),
-            timeout=120,
+            timeout=600,  # a bound: the VM lanes emulate the CPU, slowly
             what="200 veths",
         )
         assert up.poll() is None, up.stderr.read() if up.stderr else ""

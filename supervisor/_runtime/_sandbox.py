@@ -551,6 +551,7 @@ class Runtime:
         self._die_with_caller = die_with_caller
         self.init_binary = find_init_binary()
         self._spawn: Spawner = spawner or spawn_direct
+        self._bridge: BridgeNetwork | None = None
         # Who tells how a process ended: given, or the keeper whose spawn
         # we use (its holder is the parent of what it starts), or waitid.
         owner = getattr(spawner, "__self__", None)
@@ -1024,7 +1025,9 @@ class Runtime:
     @property
     def bridge(self) -> BridgeNetwork:
         """corral's bridge network (made when a bridged sandbox first needs it)."""
-        return BridgeNetwork(self.state_dir, self.run_dir, say=_say)
+        if self._bridge is None:
+            self._bridge = BridgeNetwork(self.state_dir, self.run_dir, say=_say)
+        return self._bridge
 
     def _network(
         self, spec: SandboxSpec, sdir: str, mounts: list[list[Any]], undo: contextlib.ExitStack

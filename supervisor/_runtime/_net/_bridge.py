@@ -53,9 +53,14 @@ class BridgeNetwork:
         self.name = name
         self._flag = os.path.join(run_dir, "network", "forwarding-turned-on")
         self._say = say
+        self._mtu: int | None = None
+        self._config: dict[str, str] | None = None
 
     def settings(self) -> dict[str, str]:
-        """The network's bridge, subnet and gateway: recorded, or chosen now."""
+        """The network's bridge, subnet and gateway: recorded, or chosen now
+        (read once: they never change once chosen)."""
+        if self._config is not None:
+            return self._config
         config = self.dir.config()
         if config is None:
             subnet = _links.free_subnet(_candidates())
@@ -65,6 +70,7 @@ class BridgeNetwork:
                 "gateway": str(next(subnet.hosts())),
             }
             self.dir.save_config(config)
+        self._config = config
         return config
 
     def attach(self, sandbox: str) -> Lease:
@@ -83,7 +89,13 @@ class BridgeNetwork:
     def plug(self, pid: int, sandbox: str, lease: Lease) -> str:
         """Give the waiting init *pid* its interface (see :func:`_links.plug`)."""
         config = self.settings()
-        return _links.plug(pid, sandbox, config["bridge"], lease, _links.uplink_mtu())
+        return _links.plug(pid, sandbox, config["bridge"], lease, self.mtu())
+
+    def mtu(self) -> int:
+        """The MTU of the host's uplink (read once per network object)."""
+        if self._mtu is None:
+            self._mtu = _links.uplink_mtu()
+        return self._mtu
 
     def detach(self, lease: Lease, veth: str | None = None) -> None:
         """Give *lease* back; the last one takes the bridge and rules down."""
@@ -115,9 +127,7 @@ class BridgeNetwork:
 
     def _up(self, config: dict[str, str]) -> None:
         subnet = ipaddress.IPv4Network(config["subnet"])
-        _links.ensure_bridge(
-            config["bridge"], config["gateway"], subnet.prefixlen, _links.uplink_mtu()
-        )
+        _links.ensure_bridge(config["bridge"], config["gateway"], subnet.prefixlen, self.mtu())
         turned_on = self._forwarding_on()
         _nft.apply([_nft.Bridge(config["bridge"], config["subnet"])], turned_on)
 
