@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -289,3 +290,59 @@ def test_checkpoints_of_networked_sandboxes_are_refused_in_one_line(runtime: Run
         with pytest.raises(CheckpointError, match="network = 'host': checkpoints of those are"):
             runtime.checkpoint(sb)
         sb.kill()
+
+
+def test_a_published_port_is_reached_from_everywhere(host: Host, dirs: Dirs) -> None:
+    """-p 8080:80: from the host's loopback and its address, from the
+    outside namespace (another host's view of this machine), and from
+    another sandbox through the host's address; a second sandbox asking
+    for the same host port is refused in one line, leaving nothing."""
+    server = host.corral_bg(
+        dirs, "run", "--name", "pub", "--network", "bridge", "-p", "8080:80", "--",
+        "sh", "-c", "while :; do nc -l -p 80 -e echo hi-published; done",
+    )  # fmt: skip
+    try:
+        # The rule exists before the command runs; nc may not listen yet.
+        reach = "until busybox nc {} 8080 </dev/null; do :; done"
+        for where, ns in (("127.0.0.1", "h"), (UPLINK, "h"), (UPLINK, "o")):
+            p = host.run("sh", "-c", reach.format(where), ns=ns)
+            assert (p.returncode, p.stdout) == (0, "hi-published\n"), (where, ns, p.stderr)
+        p = host.corral(
+            dirs, "run", "--network", "bridge", "--", "sh", "-c",
+            f"until nc {UPLINK} 8080 </dev/null; do :; done",
+        )  # fmt: skip
+        assert (p.returncode, p.stdout) == (0, "hi-published\n"), p.stderr
+        p = host.corral(dirs, "run", "--network", "bridge", "-p", "8080:81", "--", "true")
+        assert p.returncode == 125
+        assert p.stderr.splitlines()[-1] == (
+            "corral: ports: '8080:81/tcp': the host's port 8080/tcp is published by sandbox"
+            " 'pub' already"
+        )
+        assert len(os.listdir(dirs.state / "network" / "corral" / "leases")) == 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    _nothing_left(host, dirs)
+
+
+def test_ports_are_checked_and_need_a_bridge(dirs: Dirs) -> None:
+    from supervisor import SpecError
+    from supervisor._runtime._net import parse_port
+
+    assert parse_port("127.0.0.1:8443:443/tcp").describe() == "127.0.0.1:8443:443/tcp"
+    assert parse_port("53:53/udp").proto == "udp"
+    for bad, message in (
+        ("80", "expected [HOST_IP:]HOST_PORT:PORT"),
+        ("0:80", "expected a port number 1-65535, got '0'"),
+        ("8080:80/sctp", "expected the protocol tcp or udp"),
+        ("localhost:8080:80", "expected an IPv4 address"),
+    ):
+        with pytest.raises(SpecError, match=re.escape(message)):
+            parse_port(bad)
+    from .conftest import corral
+
+    p = corral(dirs, "run", "-p", "8080:80", "--", "true")
+    assert p.returncode == 125
+    assert p.stderr.decode() == (
+        "corral: ports: only a sandbox with network = 'bridge' publishes ports\n"
+    )

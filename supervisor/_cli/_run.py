@@ -108,6 +108,14 @@ def add_parsers(sub: Subparsers) -> None:
         metavar="MODE",
         help="none (lo only, the default), bridge (corral's bridge, NAT out) or host",
     )
+    run.add_argument(
+        "--publish",
+        "-p",
+        action="append",
+        default=[],
+        metavar="[IP:]HOST_PORT:PORT[/PROTO]",
+        help="publish a port of a bridged sandbox on the host's, e.g. 8080:80",
+    )
     run.add_argument("--read-only", action="store_true", help="make the root file system read-only")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     run.set_defaults(func=_run)
@@ -168,7 +176,7 @@ def _run(args: argparse.Namespace) -> int:
         option = "--" + exc.field.split(".")[0].replace("_", "-").replace("rlimits", "ulimit")
         raise SpecError(option, str(exc).split(": ", 1)[1]) from None
     from .._runtime._mounts import parse_tmpfs, parse_user, parse_volume
-    from .._runtime._net import parse_network
+    from .._runtime._net import parse_network, parse_port
 
     spec = SandboxSpec(
         name=name,
@@ -184,6 +192,7 @@ def _run(args: argparse.Namespace) -> int:
         user=parse_user(args.user, "--user") if args.user is not None else None,
         read_only=args.read_only,
         network=parse_network(args.network, "--network"),
+        ports=[parse_port(p, "--publish") for p in args.publish],
     )
     if security.privileged:
         warn_privileged(name)

@@ -67,6 +67,7 @@ class Addition:
             user=spec.user,
             read_only=spec.read_only,
             network=spec.network,
+            ports=spec.ports,
         )
         alias = d.get("alias")
         return cls(config, str(alias) if alias else None, str(d.get("source", "")))

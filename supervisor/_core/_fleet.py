@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from .._errors import CorralError, SpecError
 from .._runtime._mounts import Mount, parse_tmpfs, parse_user, parse_volume
-from .._runtime._net import parse_network
+from .._runtime._net import Port, parse_network, parse_port
 from .._runtime._seccomp import parse_seccomp
 from .._runtime._security import (
     DEFAULT_SECURITY,
@@ -57,7 +57,7 @@ _SANDBOX_KEYS = {
     "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
     "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged", "seccomp",
     "rlimits", "userns", "userns_base", "userns_size", "volumes", "tmpfs", "user",
-    "read_only_rootfs", "image", "network",
+    "read_only_rootfs", "image", "network", "ports",
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -144,6 +144,7 @@ class SandboxConfig:
     mounts: tuple[Mount, ...] = ()
     """``volumes`` and ``tmpfs``."""
     network: str = "none"
+    ports: tuple[Port, ...] = ()
     user: str | None = None
     read_only: bool = False
     """``read_only_rootfs``."""
@@ -167,6 +168,7 @@ class SandboxConfig:
             user=self.user,
             read_only=self.read_only,
             network=self.network,
+            ports=self.ports,
         )
 
 
@@ -349,6 +351,14 @@ def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[s
         out["user"] = c.check(where, lambda: parse_user(table["user"]))
     if "network" in table:
         out["network"] = c.check(where, lambda: parse_network(table["network"]))
+    if "ports" in table:
+        ports = table["ports"]
+        if not isinstance(ports, list):
+            c.problems.append(f"{where}ports: expected a list of strings, got {ports!r:.60}")
+        else:
+            parsed = [c.check(where, lambda p=p: parse_port(p)) for p in ports]  # type: ignore[misc]
+            if all(p is not None for p in parsed):
+                out["ports"] = tuple(parsed)
     if "read_only_rootfs" in table:
         ro = table["read_only_rootfs"]
         if isinstance(ro, bool):
@@ -511,6 +521,7 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             user=fields.get("user"),
             read_only=fields.get("read_only_rootfs", False),
             network=fields.get("network", "none"),
+            ports=fields.get("ports", ()),
         )
         if c.check(where, lambda cfg=cfg: cfg.spec(0)) is not None:  # type: ignore[misc]
             sandboxes.append(cfg)

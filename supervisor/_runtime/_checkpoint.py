@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 from .._errors import CheckpointError, CriuUnavailableError
 from ._mounts import mount_from_dict
+from ._net._model import Port
 from ._security import Security, make_security
 from ._spec import Limits, SandboxSpec
 
@@ -232,6 +233,7 @@ def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
         "user": spec.user,
         "read_only": spec.read_only,
         "network": spec.network,
+        "ports": [p.to_dict() for p in spec.ports],
     }
 
 
@@ -253,6 +255,7 @@ def spec_from_dict(d: dict[str, Any]) -> SandboxSpec:
         user=d.get("user"),
         read_only=bool(d.get("read_only", False)),
         network=str(d.get("network", "none")),
+        ports=[Port(**p) for p in d.get("ports") or ()],
     )
 
 

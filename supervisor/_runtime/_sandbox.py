@@ -1039,7 +1039,7 @@ class Runtime:
         if spec.network != "bridge":
             return None, None
         bridge = self.bridge
-        lease = bridge.attach(spec.name)
+        lease = bridge.attach(spec.name, spec.ports)
         veth = veth_name(spec.name)
         undo.callback(bridge.detach, lease, veth)
         for name, text in (

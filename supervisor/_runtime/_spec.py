@@ -15,7 +15,7 @@ from typing import NamedTuple
 from .._errors import SpecError
 from . import _units
 from ._mounts import Mount, check_mounts, parse_user
-from ._net._model import parse_network
+from ._net._model import Port, check_ports, parse_network
 from ._security import DEFAULT_SECURITY, Security
 
 __all__ = [
@@ -151,6 +151,8 @@ class _SpecFields(NamedTuple):
     network: str
     """``none`` (``lo`` only), ``bridge`` (an interface on corral's bridge,
     NAT to the outside) or ``host`` (the host's network: not isolated)."""
+    ports: tuple[Port, ...]
+    """Published ports (a bridged sandbox's): the host's, forwarded to it."""
 
 
 class SandboxSpec(_SpecFields):
@@ -176,6 +178,7 @@ class SandboxSpec(_SpecFields):
         user: str | None = None,
         read_only: bool = False,
         network: str = "none",
+        ports: Sequence[Port] = (),
     ) -> SandboxSpec:
         validate_name(name)
         argv = tuple(argv)
@@ -211,6 +214,7 @@ class SandboxSpec(_SpecFields):
             user,
             bool(read_only),
             parse_network(network),
+            check_ports(ports, network),
         )
 
     @property

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from ..._errors import SandboxError
 from . import _links, _nft
 from ._ipam import Lease, NetworkDir
+from ._model import Port
 
 __all__ = [
     "DEFAULT_NETWORK",
@@ -73,11 +74,27 @@ class BridgeNetwork:
         self._config = config
         return config
 
-    def attach(self, sandbox: str) -> Lease:
-        """Lease an address for *sandbox*, with the bridge and the rules up."""
+    def attach(self, sandbox: str, ports: Sequence[Port] = ()) -> Lease:
+        """Lease an address for *sandbox*, with the bridge and the rules up
+        (its published *ports* among them). A host port another sandbox has
+        published already is refused in one line."""
         with self.dir.locked():
             config = self.settings()
-            lease = self.dir.lease(sandbox, config["subnet"], config["gateway"])
+            taken = {
+                (ip, hp, proto): lease.sandbox
+                for lease in self.dir.leases()
+                for ip, hp, _, proto in lease.ports
+            }
+            for p in ports:
+                for ip in {p.host_ip, None} if p.host_ip else {None, *(k[0] for k in taken)}:
+                    owner = taken.get((ip, p.host_port, p.proto))
+                    if owner is not None:
+                        raise SandboxError(
+                            f"ports: {p.describe()!r}: the host's port {p.host_port}/{p.proto}"
+                            f" is published by sandbox {owner!r} already"
+                        )
+            wanted = tuple((p.host_ip, p.host_port, p.port, p.proto) for p in ports)
+            lease = self.dir.lease(sandbox, config["subnet"], config["gateway"], wanted)
             try:
                 self._up(config)
             except BaseException:
@@ -105,7 +122,12 @@ class BridgeNetwork:
             _links.remove_veth(veth)
         with self.dir.locked():
             self.dir.release(lease)
-            self._down_if_unused(self.settings())
+            config = self.settings()
+            if self.dir.leases():
+                if lease.ports:
+                    self._rules(config)  # its ports go
+            else:
+                self._down(config)
 
     def sweep(self, alive: Callable[[str], bool]) -> list[str]:
         """Release the leases of sandboxes that are gone (*alive* says which
@@ -120,7 +142,10 @@ class BridgeNetwork:
                     _links.remove_veth(_links.veth_name(lease.sandbox))
                     self.dir.release(lease)
                     swept.append(f"lease {lease.address} of {lease.sandbox}")
-            self._down_if_unused(config)
+            if not self.dir.leases():
+                self._down(config)
+            elif swept:
+                self._rules(config)
         return swept
 
     # -- inside the lock ------------------------------------------------------
@@ -128,12 +153,26 @@ class BridgeNetwork:
     def _up(self, config: dict[str, str]) -> None:
         subnet = ipaddress.IPv4Network(config["subnet"])
         _links.ensure_bridge(config["bridge"], config["gateway"], subnet.prefixlen, self.mtu())
-        turned_on = self._forwarding_on()
-        _nft.apply([_nft.Bridge(config["bridge"], config["subnet"])], turned_on)
+        # A port published on the host's 127.0.0.1 is DNAT-ed to a sandbox
+        # with its loopback source (masqueraded after): the kernel lets such
+        # a packet out of this interface only, not of any other of the host's.
+        _write(f"/proc/sys/net/ipv4/conf/{config['bridge']}/route_localnet", "1")
+        self._rules(config)
+
+    def _rules(self, config: dict[str, str]) -> None:
+        forwards = tuple(
+            _nft.Forward(ip, hp, proto, lease.address, port)
+            for lease in self.dir.leases()
+            for ip, hp, port, proto in lease.ports
+        )
+        bridge = _nft.Bridge(config["bridge"], config["subnet"], forwards)
+        _nft.apply([bridge], self._forwarding_on())
 
     def _down_if_unused(self, config: dict[str, str]) -> None:
-        if self.dir.leases():
-            return
+        if not self.dir.leases():
+            self._down(config)
+
+    def _down(self, config: dict[str, str]) -> None:
         _nft.delete()
         _links.remove_bridge(config["bridge"])
         if os.path.exists(self._flag):

@@ -37,6 +37,8 @@ class Lease(NamedTuple):
     prefix: int
     gateway: str
     mac: str
+    ports: tuple[tuple[str | None, int, int, str], ...] = ()
+    """Its published ports: (host IP or None, host port, port, protocol)."""
 
 
 def mac_of(address: str) -> str:
@@ -84,7 +86,13 @@ class NetworkDir:
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         write_atomic(os.path.join(self.path, "config.json"), json.dumps(config, indent=1))
 
-    def lease(self, sandbox: str, subnet: str, gateway: str) -> Lease:
+    def lease(
+        self,
+        sandbox: str,
+        subnet: str,
+        gateway: str,
+        ports: tuple[tuple[str | None, int, int, str], ...] = (),
+    ) -> Lease:
         """A free address of *subnet* for *sandbox*, leased (see the module)."""
         net = ipaddress.IPv4Network(subnet)
         taken = set(self._names())
@@ -93,7 +101,7 @@ class NetworkDir:
             address = str(host)
             if address == gateway or address in taken:
                 continue
-            lease = Lease(address, sandbox, net.prefixlen, gateway, mac_of(address))
+            lease = Lease(address, sandbox, net.prefixlen, gateway, mac_of(address), ports)
             with open(tmp, "w") as f:
                 json.dump(lease._asdict(), f)
             try:
@@ -120,7 +128,9 @@ class NetworkDir:
         for name in self._names():
             try:
                 with open(os.path.join(self.leases_dir, name)) as f:
-                    out.append(Lease(**json.load(f)))
+                    data = json.load(f)
+                data["ports"] = tuple(tuple(p) for p in data.get("ports") or ())
+                out.append(Lease(**data))
             except (OSError, ValueError, TypeError):
                 continue
         return out

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
 from ..._errors import SpecError
 
-__all__ = ["NETWORK_MODES", "parse_network"]
+__all__ = ["NETWORK_MODES", "Port", "check_ports", "parse_network", "parse_port"]
 
 NETWORK_MODES = ("none", "bridge", "host")
 """What ``network`` may be."""
@@ -15,3 +19,65 @@ def parse_network(value: object, field: str = "network") -> str:
     if not isinstance(value, str) or value not in NETWORK_MODES:
         raise SpecError(field, f"expected one of {', '.join(NETWORK_MODES)}, got {value!r}")
     return value
+
+
+class Port(NamedTuple):
+    """A published port: the host's *host_port* (on *host_ip*, or on every
+    address of the host) forwarded to the sandbox's *port*."""
+
+    host_ip: str | None
+    host_port: int
+    port: int
+    proto: str = "tcp"
+
+    def describe(self) -> str:
+        """The port in the grammar it was given in."""
+        ip = f"{self.host_ip}:" if self.host_ip else ""
+        return f"{ip}{self.host_port}:{self.port}/{self.proto}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (records, leases, the control socket)."""
+        return self._asdict()
+
+
+def parse_port(text: object, field: str = "ports") -> Port:
+    """``HOST_PORT:PORT[/PROTO]`` or ``HOST_IP:HOST_PORT:PORT[/PROTO]``
+    (Docker's short syntax; PROTO ``tcp`` or ``udp``)."""
+    expected = f"expected [HOST_IP:]HOST_PORT:PORT[/tcp|udp] like 8080:80, got {text!r}"
+    if not isinstance(text, str):
+        raise SpecError(field, expected)
+    spec, _, proto = text.partition("/")
+    proto = proto or "tcp"
+    if proto not in ("tcp", "udp"):
+        raise SpecError(field, f"{text!r}: expected the protocol tcp or udp, got {proto!r}")
+    parts = spec.split(":")
+    if len(parts) == 2:
+        host_ip, host_port, port = None, parts[0], parts[1]
+    elif len(parts) == 3:
+        host_ip, host_port, port = parts
+        try:
+            ipaddress.IPv4Address(host_ip)
+        except ValueError:
+            raise SpecError(field, f"{text!r}: expected an IPv4 address, got {host_ip!r}") from None
+    else:
+        raise SpecError(field, expected)
+    numbers = []
+    for p in (host_port, port):
+        if not p.isdigit() or not 1 <= int(p) <= 65535:
+            raise SpecError(field, f"{text!r}: expected a port number 1-65535, got {p!r}")
+        numbers.append(int(p))
+    return Port(host_ip, numbers[0], numbers[1], proto)
+
+
+def check_ports(ports: Sequence[Port], network: str) -> tuple[Port, ...]:
+    """The ports, each host port once; only a bridged sandbox publishes any."""
+    out = tuple(ports)
+    if out and network != "bridge":
+        raise SpecError("ports", "only a sandbox with network = 'bridge' publishes ports")
+    seen: dict[tuple[str | None, int, str], Port] = {}
+    for p in out:
+        key = (p.host_ip, p.host_port, p.proto)
+        if key in seen:
+            raise SpecError("ports", f"{p.describe()!r}: the host port is published twice")
+        seen[key] = p
+    return out

@@ -38,11 +38,22 @@ __all__ = ["TABLE", "Bridge", "apply", "delete"]
 TABLE = "corral"
 
 
+class Forward(NamedTuple):
+    """A published port: the host's (*host_ip* or every address) to a sandbox's."""
+
+    host_ip: str | None
+    host_port: int
+    proto: str
+    address: str
+    port: int
+
+
 class Bridge(NamedTuple):
     """What the rules need of one network."""
 
     name: str
     subnet: str
+    forwards: tuple[Forward, ...] = ()
 
 
 def _rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +87,17 @@ def ruleset(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> dict[str,
             }
         },
     ]
+    for name, hook in (("prerouting", "prerouting"), ("output", "output")):
+        cmds.append(
+            {
+                "add": {
+                    "chain": {
+                        **{"family": "inet", "table": TABLE, "name": name},
+                        **{"type": "nat", "hook": hook, "prio": -100, "policy": "accept"},
+                    }
+                }
+            }
+        )
     for b in bridges:
         addr, _, length = b.subnet.partition("/")
         saddr = {
@@ -86,6 +108,8 @@ def ruleset(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> dict[str,
             }
         }
         cmds.append(_rule("postrouting", saddr, _is("oifname", b.name, "!="), {"masquerade": None}))
+        if b.forwards:
+            cmds += _published(b)
         cmds.append(_rule("forward", _is("iifname", b.name), {"accept": None}))
         state = {
             "match": {
@@ -95,10 +119,65 @@ def ruleset(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> dict[str,
             }
         }
         cmds.append(_rule("forward", _is("oifname", b.name), state, {"accept": None}))
+        dnat = {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+        cmds.append(_rule("forward", _is("oifname", b.name), dnat, {"accept": None}))
         cmds.append(_rule("forward", _is("oifname", b.name), {"drop": None}))
     if drop_other_forwarding:
         cmds.append(_rule("forward", {"drop": None}))
     return {"nftables": cmds}
+
+
+def _published(b: Bridge) -> list[dict[str, Any]]:
+    """DNAT of the published ports, for traffic to the host's own addresses
+    from outside (prerouting) and from the host itself (output), and the
+    masquerades that make the replies come back the same way: from the
+    host's loopback (which ``route_localnet`` on the bridge lets out), and
+    a sandbox reaching another through the host's address (hairpin)."""
+    ipv4 = {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}}
+    local = {
+        "match": {
+            "op": "==",
+            "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+            "right": "local",
+        }
+    }
+    cmds = []
+    for f in b.forwards:
+        match: list[dict[str, Any]] = [ipv4, local]
+        if f.host_ip:
+            match.append(
+                {
+                    "match": {
+                        "op": "==",
+                        "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                        "right": f.host_ip,
+                    }
+                }
+            )
+        match.append(
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": f.proto, "field": "dport"}},
+                    "right": f.host_port,
+                }
+            }
+        )
+        to = {"dnat": {"family": "ip", "addr": f.address, "port": f.port}}
+        cmds.append(_rule("prerouting", *match, to))
+        cmds.append(_rule("output", *match, to))
+    dnat = {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+    loopback = {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+            "right": {"prefix": {"addr": "127.0.0.0", "len": 8}},
+        }
+    }
+    cmds.append(_rule("postrouting", loopback, _is("oifname", b.name), {"masquerade": None}))
+    cmds.append(_rule("postrouting", _is("iifname", b.name), _is("oifname", b.name), dnat,
+                      {"masquerade": None}))  # fmt: skip
+    return cmds
 
 
 def apply(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> None:
