@@ -98,13 +98,13 @@ def host() -> Iterator[Host]:
 
 
 @contextlib.contextmanager
-def _server(host: Host, tmp_path: Path) -> Iterator[None]:
-    """An HTTP server in O at OUTSIDE:8000 serving "hello from outside"."""
-    (tmp_path / "www").mkdir()
+def _server(host: Host, tmp_path: Path, port: int = 8000) -> Iterator[None]:
+    """An HTTP server in O at OUTSIDE:*port* serving "hello from outside"."""
+    (tmp_path / "www").mkdir(exist_ok=True)
     (tmp_path / "www" / "index.html").write_text("hello from outside\n")
     proc = host.popen(
         sys.executable, "-u", "-m", "http.server", "--bind", OUTSIDE, "--directory",
-        str(tmp_path / "www"), "8000", ns="o",
+        str(tmp_path / "www"), str(port), ns="o",
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -148,7 +148,7 @@ def test_without_a_network_there_is_only_lo(host: Host, dirs: Dirs, tmp_path: Pa
     with _server(host, tmp_path):
         p = host.corral(
             dirs, "run", "--", "sh", "-c",
-            f"ls /sys/class/net; wget -T 2 -qO- http://{OUTSIDE}:8000/ || echo unreachable",
+            f"ls /sys/class/net; nc -w 1 {OUTSIDE} 8000 </dev/null || echo unreachable",
         )  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["lo", "unreachable"]
@@ -345,4 +345,74 @@ def test_ports_are_checked_and_need_a_bridge(dirs: Dirs) -> None:
     assert p.returncode == 125
     assert p.stderr.decode() == (
         "corral: ports: only a sandbox with network = 'bridge' publishes ports\n"
+    )
+
+
+def test_an_egress_allow_list_lets_one_port_through_and_counts_the_rest(
+    host: Host, dirs: Dirs, tmp_path: Path
+) -> None:
+    """egress = ["198.51.100.2:8000/tcp"]: that server is reached, the same
+    host's other port (served too) is not, and `corral stats` counts what
+    was dropped; egress = "none" reaches nothing."""
+    import json
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[sandbox]]\nname = "locked"\nnetwork = "bridge"\n'
+        f'egress = ["{OUTSIDE}:8000/tcp"]\n'
+        f'command = ["sh", "-c", "wget -qO- http://{OUTSIDE}:8000/ && echo allowed;'
+        f' nc -w 1 {OUTSIDE} 8001 </dev/null || echo denied; exec sleep 60"]\n'
+        '[[sandbox]]\nname = "sealed"\nnetwork = "bridge"\negress = "none"\n'
+        f'command = ["sh", "-c", "nc -w 1 {OUTSIDE} 8000 </dev/null || echo denied;'
+        ' exec sleep 60"]\n'
+    )
+    with _server(host, tmp_path, 8000), _server(host, tmp_path, 8001):
+        up = host.corral_bg(dirs, "up", str(fleet))
+        try:
+            for name in ("locked-0", "sealed-0"):
+                log = dirs.state / "logs" / f"{name}.log"
+                wait_for(
+                    lambda log=log: (
+                        up.poll() is not None  # type: ignore[misc]
+                        or "denied" in (log.read_text() if log.exists() else "")
+                    ),
+                    timeout=60,
+                    what=f"{name} to be denied",
+                )
+                assert up.poll() is None, up.stderr.read() if up.stderr else ""
+            locked = (dirs.state / "logs" / "locked-0.log").read_text()
+            assert "hello from outside" in locked and "allowed" in locked
+            p = host.corral(dirs, "stats", "--json", "locked", "sealed")
+            assert p.returncode == 0, p.stderr
+            rows = {r["name"]: r["network"] for r in json.loads(p.stdout)}
+            assert rows["locked-0"]["denied"] >= 1 and rows["sealed-0"]["denied"] >= 1
+            assert rows["locked-0"]["tx_packets"] > rows["locked-0"]["denied"]
+        finally:
+            up.send_signal(signal.SIGTERM)
+            _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    _nothing_left(host, dirs)
+
+
+def test_egress_is_checked(dirs: Dirs) -> None:
+    from supervisor import SpecError
+    from supervisor._runtime._net import parse_egress
+
+    assert parse_egress("all") is None and parse_egress("none") == ()
+    assert parse_egress(["10.1.2.3/8", "192.0.2.1:53/udp", "192.0.2.1:443"]) == (
+        "10.0.0.0/8", "192.0.2.1/32:53/udp", "192.0.2.1/32:443/tcp",
+    )  # fmt: skip
+    for bad, message in (
+        ("some", "expected 'all', 'none' or a list"),
+        (["example.com"], "expected an IPv4 address or CIDR"),
+        (["192.0.2.1:http"], "expected PORT[/tcp|udp] after the address"),
+    ):
+        with pytest.raises(SpecError, match=re.escape(message)):
+            parse_egress(bad)
+    from .conftest import corral
+
+    p = corral(dirs, "run", "--egress", "none", "--", "true")
+    assert p.returncode == 125
+    assert p.stderr.decode() == (
+        "corral: egress: only a sandbox with network = 'bridge' has egress to restrict\n"
     )

@@ -116,6 +116,11 @@ def add_parsers(sub: Subparsers) -> None:
         metavar="[IP:]HOST_PORT:PORT[/PROTO]",
         help="publish a port of a bridged sandbox on the host's, e.g. 8080:80",
     )
+    run.add_argument(
+        "--egress",
+        metavar="all|none|ADDR[/LEN][:PORT[/PROTO]],...",
+        help="where a bridged sandbox may connect to (default: all)",
+    )
     run.add_argument("--read-only", action="store_true", help="make the root file system read-only")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     run.set_defaults(func=_run)
@@ -193,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         read_only=args.read_only,
         network=parse_network(args.network, "--network"),
         ports=[parse_port(p, "--publish") for p in args.publish],
+        egress=_egress_option(args.egress),
     )
     if security.privileged:
         warn_privileged(name)
@@ -227,6 +233,17 @@ def _run(args: argparse.Namespace) -> int:
             f"corral: sandbox {name!r} was OOM-killed{limit}: its memory use reached the limit\n"
         )
     return result.status
+
+
+def _egress_option(value: str | None) -> tuple[str, ...] | str | None:
+    """``--egress``: all, none, or a comma-separated allow-list."""
+    from .._runtime._net import parse_egress
+
+    if value is None:
+        return None
+    if value in ("all", "none"):
+        return parse_egress(value, "--egress")
+    return parse_egress([v for v in value.split(",") if v], "--egress")
 
 
 def _prepared(rootfs: str) -> str:

@@ -317,10 +317,26 @@ async def _stats(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
         raise SpecError("names", "expected a list of sandbox or instance names")
     found = [i for n in names for i in sup.targets(n)] if names else list(sup.instances)
     stats = await _all_stats(sup, found)
+    net = await _network_stats(sup, found)
     return [
-        {"name": i.name, "state": i.state} | (_stats_dict(s, i.memory_limit) or {})
+        {"name": i.name, "state": i.state}
+        | (_stats_dict(s, i.memory_limit) or {})
+        | ({"network": net[i.sandbox.name]} if i.sandbox and i.sandbox.name in net else {})
         for i, s in zip(found, stats, strict=True)
     ]
+
+
+async def _network_stats(
+    sup: Supervisor, instances: Sequence[Instance]
+) -> dict[str, dict[str, int]]:
+    """The bridged instances' network counters (see Runtime.network_stats)."""
+    sandboxes = [i.sandbox for i in instances if i.sandbox is not None and i.sandbox.network]
+    if not sandboxes or sup.runtime is None:
+        return {}
+    runtime = sup.runtime
+    return await trio.to_thread.run_sync(
+        lambda: runtime.network_stats(sandboxes), limiter=sup.limiters.disk
+    )
 
 
 async def _stop(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:

@@ -68,6 +68,7 @@ class Addition:
             read_only=spec.read_only,
             network=spec.network,
             ports=spec.ports,
+            egress=spec.egress,
         )
         alias = d.get("alias")
         return cls(config, str(alias) if alias else None, str(d.get("source", "")))

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from .._errors import CorralError, SpecError
 from .._runtime._mounts import Mount, parse_tmpfs, parse_user, parse_volume
-from .._runtime._net import Port, parse_network, parse_port
+from .._runtime._net import Port, parse_egress, parse_network, parse_port
 from .._runtime._seccomp import parse_seccomp
 from .._runtime._security import (
     DEFAULT_SECURITY,
@@ -57,7 +57,7 @@ _SANDBOX_KEYS = {
     "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
     "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged", "seccomp",
     "rlimits", "userns", "userns_base", "userns_size", "volumes", "tmpfs", "user",
-    "read_only_rootfs", "image", "network", "ports",
+    "read_only_rootfs", "image", "network", "ports", "egress",
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -145,6 +145,7 @@ class SandboxConfig:
     """``volumes`` and ``tmpfs``."""
     network: str = "none"
     ports: tuple[Port, ...] = ()
+    egress: tuple[str, ...] | None = None
     user: str | None = None
     read_only: bool = False
     """``read_only_rootfs``."""
@@ -169,6 +170,7 @@ class SandboxConfig:
             read_only=self.read_only,
             network=self.network,
             ports=self.ports,
+            egress=self.egress,
         )
 
 
@@ -359,6 +361,10 @@ def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[s
             parsed = [c.check(where, lambda p=p: parse_port(p)) for p in ports]  # type: ignore[misc]
             if all(p is not None for p in parsed):
                 out["ports"] = tuple(parsed)
+    if "egress" in table:
+        egress = c.check(where, lambda: ("ok", parse_egress(table["egress"])))
+        if egress is not None:
+            out["egress"] = egress[1]
     if "read_only_rootfs" in table:
         ro = table["read_only_rootfs"]
         if isinstance(ro, bool):
@@ -522,6 +528,7 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             read_only=fields.get("read_only_rootfs", False),
             network=fields.get("network", "none"),
             ports=fields.get("ports", ()),
+            egress=fields.get("egress"),
         )
         if c.check(where, lambda cfg=cfg: cfg.spec(0)) is not None:  # type: ignore[misc]
             sandboxes.append(cfg)

@@ -234,6 +234,7 @@ def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
         "read_only": spec.read_only,
         "network": spec.network,
         "ports": [p.to_dict() for p in spec.ports],
+        "egress": list(spec.egress) if spec.egress is not None else "all",
     }
 
 
@@ -256,6 +257,7 @@ def spec_from_dict(d: dict[str, Any]) -> SandboxSpec:
         read_only=bool(d.get("read_only", False)),
         network=str(d.get("network", "none")),
         ports=[Port(**p) for p in d.get("ports") or ()],
+        egress=None if d.get("egress", "all") == "all" else d["egress"],
     )
 
 

@@ -1039,7 +1039,7 @@ class Runtime:
         if spec.network != "bridge":
             return None, None
         bridge = self.bridge
-        lease = bridge.attach(spec.name, spec.ports)
+        lease = bridge.attach(spec.name, spec.ports, spec.egress)
         veth = veth_name(spec.name)
         undo.callback(bridge.detach, lease, veth)
         for name, text in (
@@ -1057,6 +1057,36 @@ class Runtime:
             bridge.plug(pid, spec.name, lease)
 
         return on_pid, {"mode": "bridge", "lease": lease._asdict(), "veth": veth}
+
+    def network_stats(self, sandboxes: Sequence[Sandbox]) -> dict[str, dict[str, int]]:
+        """The network counters of the bridged among *sandboxes*, by name,
+        as the sandbox sees them: ``rx_bytes``, ``rx_packets``, ``tx_bytes``,
+        ``tx_packets``, ``rx_dropped``, ``tx_dropped`` (its interface, read
+        from the host's end of its veth, whose rx is its tx) and ``denied``
+        (packets its egress allow-list dropped)."""
+        from ._net import _nft
+
+        bridged = [sb for sb in sandboxes if sb.network and sb.network.get("veth")]
+        if not bridged:
+            return {}
+        from ._net._links import link_stats
+
+        denied = _nft.counters()
+        # Through netlink, in this process's network namespace (/sys shows
+        # the namespace of whoever mounted it, not necessarily ours).
+        links = link_stats([str(sb.network["veth"]) for sb in bridged if sb.network])
+        out = {}
+        for sb in bridged:
+            assert sb.network is not None
+            host = links.get(str(sb.network["veth"]), {})
+            row = {
+                f"{mine}_{what}": host.get(f"{hosts}_{what}", 0)
+                for mine, hosts in (("rx", "tx"), ("tx", "rx"))
+                for what in ("bytes", "packets", "dropped")
+            }
+            row["denied"] = denied.get(_nft.counter_name(sb.spec.name), (0, 0))[0]
+            out[sb.name] = row
+        return out
 
     def write_hosts(self, sb: Sandbox, peers: Sequence[tuple[str, str]]) -> None:
         """Rewrite bridged sandbox *sb*'s ``/etc/hosts`` with *peers*

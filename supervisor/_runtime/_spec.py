@@ -15,7 +15,7 @@ from typing import NamedTuple
 from .._errors import SpecError
 from . import _units
 from ._mounts import Mount, check_mounts, parse_user
-from ._net._model import Port, check_ports, parse_network
+from ._net._model import Port, check_ports, parse_egress, parse_network
 from ._security import DEFAULT_SECURITY, Security
 
 __all__ = [
@@ -153,6 +153,22 @@ class _SpecFields(NamedTuple):
     NAT to the outside) or ``host`` (the host's network: not isolated)."""
     ports: tuple[Port, ...]
     """Published ports (a bridged sandbox's): the host's, forwarded to it."""
+    egress: tuple[str, ...] | None
+    """Where a bridged sandbox may connect to: None (anywhere), or only to
+    these ``ADDRESS[/LEN]`` and ``ADDRESS[/LEN]:PORT/PROTO`` (none if empty)."""
+
+
+def _egress(value: Sequence[str] | str | None, network: str) -> tuple[str, ...] | None:
+    """The spec's egress (see :func:`parse_egress`); only a bridged sandbox
+    has one to restrict."""
+    egress = (
+        None
+        if value is None
+        else parse_egress(list(value) if not isinstance(value, str) else value)
+    )
+    if egress is not None and network != "bridge":
+        raise SpecError("egress", "only a sandbox with network = 'bridge' has egress to restrict")
+    return egress
 
 
 class SandboxSpec(_SpecFields):
@@ -179,6 +195,7 @@ class SandboxSpec(_SpecFields):
         read_only: bool = False,
         network: str = "none",
         ports: Sequence[Port] = (),
+        egress: Sequence[str] | str | None = None,
     ) -> SandboxSpec:
         validate_name(name)
         argv = tuple(argv)
@@ -215,6 +232,7 @@ class SandboxSpec(_SpecFields):
             bool(read_only),
             parse_network(network),
             check_ports(ports, network),
+            _egress(egress, network),
         )
 
     @property

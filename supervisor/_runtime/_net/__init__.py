@@ -16,6 +16,6 @@ with ``nft -j`` (:mod:`._nft`).
 
 from __future__ import annotations
 
-from ._model import NETWORK_MODES, Port, check_ports, parse_network, parse_port
+from ._model import NETWORK_MODES, Port, check_ports, parse_egress, parse_network, parse_port
 
-__all__ = ["NETWORK_MODES", "Port", "check_ports", "parse_network", "parse_port"]
+__all__ = ["NETWORK_MODES", "Port", "check_ports", "parse_egress", "parse_network", "parse_port"]

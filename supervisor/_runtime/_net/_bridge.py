@@ -74,7 +74,9 @@ class BridgeNetwork:
         self._config = config
         return config
 
-    def attach(self, sandbox: str, ports: Sequence[Port] = ()) -> Lease:
+    def attach(
+        self, sandbox: str, ports: Sequence[Port] = (), egress: tuple[str, ...] | None = None
+    ) -> Lease:
         """Lease an address for *sandbox*, with the bridge and the rules up
         (its published *ports* among them). A host port another sandbox has
         published already is refused in one line."""
@@ -94,7 +96,7 @@ class BridgeNetwork:
                             f" is published by sandbox {owner!r} already"
                         )
             wanted = tuple((p.host_ip, p.host_port, p.port, p.proto) for p in ports)
-            lease = self.dir.lease(sandbox, config["subnet"], config["gateway"], wanted)
+            lease = self.dir.lease(sandbox, config["subnet"], config["gateway"], wanted, egress)
             try:
                 self._up(config)
             except BaseException:
@@ -124,8 +126,8 @@ class BridgeNetwork:
             self.dir.release(lease)
             config = self.settings()
             if self.dir.leases():
-                if lease.ports:
-                    self._rules(config)  # its ports go
+                if lease.ports or lease.egress is not None:
+                    self._rules(config)  # its ports and its egress rules go
             else:
                 self._down(config)
 
@@ -165,7 +167,12 @@ class BridgeNetwork:
             for lease in self.dir.leases()
             for ip, hp, port, proto in lease.ports
         )
-        bridge = _nft.Bridge(config["bridge"], config["subnet"], forwards)
+        limits = tuple(
+            _nft.Egress(lease.address, lease.egress, _nft.counter_name(lease.sandbox))
+            for lease in self.dir.leases()
+            if lease.egress is not None
+        )
+        bridge = _nft.Bridge(config["bridge"], config["subnet"], forwards, limits)
         _nft.apply([bridge], self._forwarding_on())
 
     def _down_if_unused(self, config: dict[str, str]) -> None:

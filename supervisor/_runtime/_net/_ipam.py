@@ -39,6 +39,8 @@ class Lease(NamedTuple):
     mac: str
     ports: tuple[tuple[str | None, int, int, str], ...] = ()
     """Its published ports: (host IP or None, host port, port, protocol)."""
+    egress: tuple[str, ...] | None = None
+    """Where it may connect to (None: anywhere; see ``parse_egress``)."""
 
 
 def mac_of(address: str) -> str:
@@ -92,6 +94,7 @@ class NetworkDir:
         subnet: str,
         gateway: str,
         ports: tuple[tuple[str | None, int, int, str], ...] = (),
+        egress: tuple[str, ...] | None = None,
     ) -> Lease:
         """A free address of *subnet* for *sandbox*, leased (see the module)."""
         net = ipaddress.IPv4Network(subnet)
@@ -101,7 +104,7 @@ class NetworkDir:
             address = str(host)
             if address == gateway or address in taken:
                 continue
-            lease = Lease(address, sandbox, net.prefixlen, gateway, mac_of(address), ports)
+            lease = Lease(address, sandbox, net.prefixlen, gateway, mac_of(address), ports, egress)
             with open(tmp, "w") as f:
                 json.dump(lease._asdict(), f)
             try:
@@ -130,6 +133,8 @@ class NetworkDir:
                 with open(os.path.join(self.leases_dir, name)) as f:
                     data = json.load(f)
                 data["ports"] = tuple(tuple(p) for p in data.get("ports") or ())
+                if data.get("egress") is not None:
+                    data["egress"] = tuple(data["egress"])
                 out.append(Lease(**data))
             except (OSError, ValueError, TypeError):
                 continue

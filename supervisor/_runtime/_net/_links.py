@@ -127,6 +127,31 @@ def remove_veth(name: str) -> None:
                 ip.link("del", index=index)
 
 
+def link_stats(names: list[str]) -> dict[str, dict[str, int]]:
+    """The counters of the host's links *names* (``rx_bytes``, ``tx_packets``,
+    ``rx_dropped``...), by name; a link that is gone is left out."""
+    out = {}
+    wanted = set(names)
+    with _iproute() as ip:
+        for link in ip.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if name not in wanted:
+                continue
+            stats = link.get_attr("IFLA_STATS64") or {}
+            out[name] = {
+                k: int(stats.get(k, 0))
+                for k in (
+                    "rx_bytes",
+                    "tx_bytes",
+                    "rx_packets",
+                    "tx_packets",
+                    "rx_dropped",
+                    "tx_dropped",
+                )
+            }
+    return out
+
+
 def plug(pid: int, sandbox: str, bridge: str, lease: Lease, mtu: int) -> str:
     """Give the sandbox whose init is *pid* its ``eth0``: a veth pair made
     with its peer directly in the init's network namespace, the host end on

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from ..._errors import SpecError
 
-__all__ = ["NETWORK_MODES", "Port", "check_ports", "parse_network", "parse_port"]
+__all__ = ["NETWORK_MODES", "Port", "check_ports", "parse_egress", "parse_network", "parse_port"]
 
 NETWORK_MODES = ("none", "bridge", "host")
 """What ``network`` may be."""
@@ -81,3 +81,39 @@ def check_ports(ports: Sequence[Port], network: str) -> tuple[Port, ...]:
             raise SpecError("ports", f"{p.describe()!r}: the host port is published twice")
         seen[key] = p
     return out
+
+
+def parse_egress(value: object, field: str = "egress") -> tuple[str, ...] | None:
+    """Where a bridged sandbox may connect to: ``"all"`` (None), ``"none"``
+    (an empty tuple), or a list of ``ADDRESS[/LEN]`` and
+    ``ADDRESS[/LEN]:PORT[/tcp|udp]`` entries (normalized)."""
+    if value == "all":
+        return None
+    if value == "none":
+        return ()
+    expected = (
+        "expected 'all', 'none' or a list like ['10.0.0.0/8', '192.0.2.1:53/udp'],"
+        f" got {value!r:.60}"
+    )
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise SpecError(field, expected)
+    out = []
+    for entry in value:
+        net_text, sep, service = entry.partition(":")
+        try:
+            net = ipaddress.IPv4Network(net_text, strict=False)
+        except ValueError:
+            raise SpecError(
+                field, f"{entry!r}: expected an IPv4 address or CIDR, got {net_text!r}"
+            ) from None
+        if not sep:
+            out.append(str(net))
+            continue
+        port, _, proto = service.partition("/")
+        proto = proto or "tcp"
+        if not port.isdigit() or not 1 <= int(port) <= 65535 or proto not in ("tcp", "udp"):
+            raise SpecError(
+                field, f"{entry!r}: expected PORT[/tcp|udp] after the address, got {service!r}"
+            )
+        out.append(f"{net}:{int(port)}/{proto}")
+    return tuple(dict.fromkeys(out))

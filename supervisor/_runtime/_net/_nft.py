@@ -26,6 +26,7 @@ Rules, per bridge ``B`` with subnet ``S``:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from typing import Any, NamedTuple
 
 from ..._errors import SandboxError
 
-__all__ = ["TABLE", "Bridge", "apply", "delete"]
+__all__ = ["TABLE", "Bridge", "Egress", "Forward", "apply", "counter_name", "counters", "delete"]
 
 TABLE = "corral"
 
@@ -48,12 +49,28 @@ class Forward(NamedTuple):
     port: int
 
 
+class Egress(NamedTuple):
+    """A sandbox (by *address*) allowed to connect only to *allowed*
+    (``ADDRESS/LEN`` or ``ADDRESS/LEN:PORT/PROTO``; none if empty); what
+    else it sends is dropped and counted in the named counter *counter*."""
+
+    address: str
+    allowed: tuple[str, ...]
+    counter: str
+
+
 class Bridge(NamedTuple):
     """What the rules need of one network."""
 
     name: str
     subnet: str
     forwards: tuple[Forward, ...] = ()
+    egress: tuple[Egress, ...] = ()
+
+
+def counter_name(sandbox: str) -> str:
+    """The named counter of *sandbox*'s denied packets."""
+    return "denied-" + hashlib.sha256(sandbox.encode()).hexdigest()[:12]
 
 
 def _rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
@@ -64,12 +81,21 @@ def _is(key: str, value: str, op: str = "==") -> dict[str, Any]:
     return {"match": {"op": op, "left": {"meta": {"key": key}}, "right": value}}
 
 
-def ruleset(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> dict[str, Any]:
-    """The table's contents as nft's JSON commands."""
+def ruleset(
+    bridges: Sequence[Bridge],
+    drop_other_forwarding: bool,
+    counters: dict[str, tuple[int, int]] | None = None,
+) -> dict[str, Any]:
+    """The table's contents as nft's JSON commands (named counters made
+    again with the *counters* (packets, bytes) they had)."""
     table = {"family": "inet", "name": TABLE}
     cmds: list[dict[str, Any]] = [
+        # Made again whole: a flush would keep old sets and counters. (Added
+        # first, so that the delete finds it; the counters that matter are
+        # carried over with their values.)
         {"add": {"table": table}},
-        {"flush": {"table": table}},
+        {"delete": {"table": table}},
+        {"add": {"table": table}},
         {
             "add": {
                 "chain": {
@@ -98,7 +124,18 @@ def ruleset(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> dict[str,
                 }
             }
         )
+    cmds.append(
+        {
+            "add": {
+                "chain": {
+                    **{"family": "inet", "table": TABLE, "name": "input"},
+                    **{"type": "filter", "hook": "input", "prio": 0, "policy": "accept"},
+                }
+            }
+        }
+    )
     for b in bridges:
+        cmds += _egress(b, counters or {})
         addr, _, length = b.subnet.partition("/")
         saddr = {
             "match": {
@@ -125,6 +162,117 @@ def ruleset(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> dict[str,
     if drop_other_forwarding:
         cmds.append(_rule("forward", {"drop": None}))
     return {"nftables": cmds}
+
+
+def _egress(b: Bridge, counters: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
+    """The egress allow-lists: for each restricted sandbox, in forward (to
+    the outside, other sandboxes through the host) and input (the host
+    itself), what it may reach is accepted, replies too, and the rest is
+    counted and dropped. Sets hold the lists: one lookup, however long."""
+    cmds: list[dict[str, Any]] = []
+    if not b.egress:
+        return cmds
+    state = {
+        "match": {
+            "op": "in",
+            "left": {"ct": {"key": "state"}},
+            "right": ["established", "related"],
+        }
+    }
+    for chain in ("forward", "input"):
+        cmds.append(_rule(chain, _is("iifname", b.name), state, {"accept": None}))
+    for n, e in enumerate(b.egress):
+        packets, nbytes = counters.get(e.counter, (0, 0))
+        cmds.append(
+            {
+                "add": {
+                    "counter": {
+                        "family": "inet", "table": TABLE, "name": e.counter,
+                        "packets": packets, "bytes": nbytes,
+                    }
+                }
+            }
+        )  # fmt: skip
+        saddr = {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                "right": e.address,
+            }
+        }
+        nets = [x for x in e.allowed if ":" not in x]
+        services = [x for x in e.allowed if ":" in x]
+        accepts: list[list[dict[str, Any]]] = []
+        if nets:
+            name = f"egress-{n}-net"
+            cmds.append(_set(name, "ipv4_addr", [_prefix(x) for x in nets]))
+            accepts.append([{"match": {"op": "==", "left": _daddr(), "right": f"@{name}"}}])
+        if services:
+            name = f"egress-{n}-svc"
+            elements = []
+            for x in services:
+                net, _, service = x.partition(":")
+                port, _, proto = service.partition("/")
+                elements.append({"concat": [_prefix(net), proto, int(port)]})
+            cmds.append(_set(name, ["ipv4_addr", "inet_proto", "inet_service"], elements))
+            key = {
+                "concat": [
+                    _daddr(),
+                    {"meta": {"key": "l4proto"}},
+                    {"payload": {"protocol": "th", "field": "dport"}},
+                ]
+            }
+            accepts.append([{"match": {"op": "==", "left": key, "right": f"@{name}"}}])
+        for chain in ("forward", "input"):
+            for match in accepts:
+                cmds.append(_rule(chain, _is("iifname", b.name), saddr, *match, {"accept": None}))
+            cmds.append(
+                _rule(chain, _is("iifname", b.name), saddr, {"counter": e.counter}, {"drop": None})
+            )
+    return cmds
+
+
+def _daddr() -> dict[str, Any]:
+    return {"payload": {"protocol": "ip", "field": "daddr"}}
+
+
+def _prefix(cidr: str) -> dict[str, Any]:
+    addr, _, length = cidr.partition("/")
+    return {"prefix": {"addr": addr, "len": int(length or 32)}}
+
+
+def _set(name: str, kind: str | list[str], elements: list[Any]) -> dict[str, Any]:
+    return {
+        "add": {
+            "set": {
+                "family": "inet", "table": TABLE, "name": name, "type": kind,
+                "flags": ["interval"], "elem": elements,
+            }
+        }
+    }  # fmt: skip
+
+
+def counters() -> dict[str, tuple[int, int]]:
+    """The named counters of corral's table: name -> (packets, bytes);
+    empty if there is no table."""
+    try:
+        proc = subprocess.run(
+            ["nft", "-j", "list", "counters", "table", "inet", TABLE],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if proc.returncode != 0:
+        return {}
+    out = {}
+    try:
+        for item in json.loads(proc.stdout).get("nftables", []):
+            c = item.get("counter")
+            if isinstance(c, dict) and "name" in c:
+                out[str(c["name"])] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+    except (ValueError, TypeError, AttributeError):
+        return {}
+    return out
 
 
 def _published(b: Bridge) -> list[dict[str, Any]]:
@@ -181,8 +329,10 @@ def _published(b: Bridge) -> list[dict[str, Any]]:
 
 
 def apply(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> None:
-    """Make corral's table what *bridges* need (one transaction)."""
-    _nft(ruleset(bridges, drop_other_forwarding))
+    """Make corral's table what *bridges* need (one transaction), keeping
+    what the denied-packet counters of the sandboxes still there counted."""
+    kept = counters() if any(b.egress for b in bridges) else {}
+    _nft(ruleset(bridges, drop_other_forwarding, kept))
 
 
 def delete() -> None:
