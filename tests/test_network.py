@@ -192,7 +192,7 @@ def test_a_bad_network_mode_is_one_line(dirs: Dirs) -> None:
     p = corral(dirs, "run", "--network", "bridged", "--", "true")
     assert p.returncode == 125
     assert p.stderr.decode() == (
-        "corral: --network: expected one of none, bridge, host, got 'bridged'\n"
+        "corral: --network: expected one of none, bridge, host or sandbox:NAME, got 'bridged'\n"
     )
 
 
@@ -416,3 +416,33 @@ def test_egress_is_checked(dirs: Dirs) -> None:
     assert p.stderr.decode() == (
         "corral: egress: only a sandbox with network = 'bridge' has egress to restrict\n"
     )
+
+
+def test_a_sandbox_shares_another_sandboxes_network(host: Host, dirs: Dirs) -> None:
+    """network = "sandbox:pod": the network namespace of the running
+    sandbox pod (its loopback, its eth0, its /etc/hosts), as a pod's
+    containers share one; an unknown name is one line, nothing left."""
+    pod = host.corral_bg(
+        dirs, "run", "--name", "pod", "--network", "bridge", "--", "sh", "-c",
+        "echo up; exec nc -l -p 7000 -e echo hi-from-pod",
+    )  # fmt: skip
+    try:
+        assert pod.stdout is not None and pod.stdout.readline() == "up\n"
+        wait_for(lambda: (dirs.run / "sandboxes" / "pod.json").exists(), what="pod's record")
+        p = host.corral(
+            dirs, "run", "--network", "sandbox:pod", "--", "sh", "-c",
+            "until nc 127.0.0.1 7000 </dev/null; do :; done; ls /sys/class/net; grep -c pod /etc/hosts",
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split() == ["hi-from-pod", "eth0", "lo", "1"]
+        pod.communicate(timeout=30)
+    finally:
+        if pod.poll() is None:
+            pod.kill()
+            pod.communicate()
+    p = host.corral(dirs, "run", "--name", "joiner", "--network", "sandbox:nosuch", "--", "true")
+    assert (p.returncode, p.stderr) == (
+        125,
+        "corral: sandbox 'joiner': network: no running sandbox 'nosuch' to share a network with\n",
+    )
+    _nothing_left(host, dirs)

@@ -738,7 +738,7 @@ class Runtime:
             links = _lower_links(sdir, lower) if not idmap else ""
             cgroup = self._make_cgroup(spec, undo)
             mounts = self._mount_sources(spec, userns)
-            on_pid, net = self._network(spec, sdir, mounts, undo)
+            on_pid, net, join = self._network(spec, sdir, mounts, undo)
             cfg = LaunchConfig(
                 argv=list(spec.argv),
                 env=_environment(spec, defaults),
@@ -761,6 +761,7 @@ class Runtime:
                 read_only=spec.read_only,
                 user=_user(spec, defaults),
                 network=spec.network,
+                join_netns=join,
                 wait_go=on_pid is not None,
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
@@ -1031,13 +1032,16 @@ class Runtime:
 
     def _network(
         self, spec: SandboxSpec, sdir: str, mounts: list[list[Any]], undo: contextlib.ExitStack
-    ) -> tuple[OnPid | None, dict[str, Any] | None]:
+    ) -> tuple[OnPid | None, dict[str, Any] | None, list[int] | None]:
         """For a bridged sandbox: its lease (given back by *undo*), its
         ``/etc/hosts`` and ``/etc/resolv.conf`` (added to *mounts*), and
         what gives its waiting init its interface; with what its record
-        keeps. Nothing for the other modes."""
+        keeps; for ``sandbox:NAME``, the init whose namespace it joins.
+        Nothing for the other modes."""
+        if spec.network.startswith("sandbox:"):
+            return None, None, self._join(spec, mounts)
         if spec.network != "bridge":
-            return None, None
+            return None, None, None
         bridge = self.bridge
         lease = bridge.attach(spec.name, spec.ports, spec.egress)
         veth = veth_name(spec.name)
@@ -1056,7 +1060,34 @@ class Runtime:
         def on_pid(pid: int) -> None:
             bridge.plug(pid, spec.name, lease)
 
-        return on_pid, {"mode": "bridge", "lease": lease._asdict(), "veth": veth}
+        return on_pid, {"mode": "bridge", "lease": lease._asdict(), "veth": veth}, None
+
+    def _join(self, spec: SandboxSpec, mounts: list[list[Any]]) -> list[int]:
+        """``sandbox:NAME``: the running sandbox NAME (a sandbox's name, or a
+        fleet instance's: its newest generation) whose network namespace
+        *spec*'s joins, checked now; its /etc/hosts and /etc/resolv.conf
+        too, if it has them (a bridged one). Its init's ``[pid, starttime]``."""
+        name = spec.network[len("sandbox:") :]
+        found = [
+            r
+            for r in self.records()
+            if r.get("name") == name or (r.get("labels") or {}).get("instance") == name
+        ]
+        found.sort(key=lambda r: float(r.get("created") or 0))
+        for record in reversed(found):
+            pid, start = int(record["pid"]), int(record.get("starttime", 0))
+            if _alive_in(pid, start, str(record["name"])):
+                target_dir = os.path.join(self.state_dir, "sandboxes", str(record["name"]))
+                for file in ("hosts", "resolv.conf"):
+                    path = os.path.join(target_dir, file)
+                    if os.path.exists(path):
+                        mounts.append(
+                            ["bind", path, f"/etc/{file}", False, None, None, False, False]
+                        )
+                return [pid, start]
+        raise SandboxError(
+            f"sandbox {spec.name!r}: network: no running sandbox {name!r} to share a network with"
+        )
 
     def network_stats(self, sandboxes: Sequence[Sandbox]) -> dict[str, dict[str, int]]:
         """The network counters of the bridged among *sandboxes*, by name,

@@ -157,8 +157,12 @@ class LaunchConfig(NamedTuple):
     ``on_pid`` has made what the command needs, its network interface)."""
     network: str = "none"
     """``none`` (a network namespace with ``lo`` only), ``bridge`` (the
-    same, given an interface by the runtime while the init waits) or
-    ``host`` (the host's network namespace: no isolation of the network)."""
+    same, given an interface by the runtime while the init waits),
+    ``host`` (the host's network namespace: no isolation of the network)
+    or ``sandbox:NAME`` (the namespace of *join_netns*)."""
+    join_netns: list[int] | None = None
+    """``[pid, starttime]`` of the init whose network namespace to join
+    (``sandbox:NAME``); the start time makes sure the PID is still it."""
     lower_links: str = ""
     """A directory of symlinks ``0``, ``1``... to the layers of
     ``lowerdir``, top first: the overlay is then mounted from there with
@@ -258,6 +262,11 @@ def run_intermediate(
                 os.close(proc)
                 _run_restorer(cfg, report)
         else:
+            if cfg.join_netns is not None:
+                # Before a user namespace of our own: joining needs the
+                # host's privileges over the other sandbox's namespace.
+                step = "join network namespace"
+                _join_netns(cfg.join_netns, proc)
             lower_trees: list[int] = []
             if cfg.userns is not None:
                 step = "user namespace"
@@ -266,7 +275,8 @@ def run_intermediate(
                     base, size, idmap=cfg.lowerdir.split(":") if cfg.idmap_lower else None
                 )
             step = "unshare namespaces"
-            sc.unshare(_NS_FLAGS if cfg.network != "host" else _NS_FLAGS & ~sc.CLONE_NEWNET)
+            own_net = cfg.network != "host" and cfg.join_netns is None
+            sc.unshare(_NS_FLAGS if own_net else _NS_FLAGS & ~sc.CLONE_NEWNET)
             if lower_trees:
                 # In the sandbox's own mount namespace: nothing on the host.
                 step = "idmapped rootfs"
@@ -291,6 +301,23 @@ def run_intermediate(
     except BaseException as exc:
         _report(report, exc, step)
         os._exit(1)
+
+
+def _join_netns(target: list[int], proc: int) -> None:
+    """Join the network namespace of the init *target* (``[pid, start]``),
+    if that PID is still that init (read in the host's *proc*)."""
+    pid, start = target
+    try:
+        fd = os.open(f"{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        if fd < 0 or starttime(pid, proc) != start:
+            raise _Step("join network namespace", "the sandbox to share a network with has ended")
+        sc.setns(fd, sc.CLONE_NEWNET)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def enter_new_userns(base: int, size: int, idmap: list[str] | None = None) -> list[int]:
@@ -457,7 +484,7 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             _make_root_read_only(cfg)
         step = "set hostname"
         socket.sethostname(cfg.hostname)
-        if cfg.network != "host":
+        if cfg.network != "host" and cfg.join_netns is None:
             step = "bring up loopback"
             _loopback_up()
         step = "pivot_root"

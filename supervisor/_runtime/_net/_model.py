@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -11,13 +12,21 @@ from ..._errors import SpecError
 __all__ = ["NETWORK_MODES", "Port", "check_ports", "parse_egress", "parse_network", "parse_port"]
 
 NETWORK_MODES = ("none", "bridge", "host")
-"""What ``network`` may be."""
+"""What ``network`` may be (besides ``sandbox:NAME``)."""
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def parse_network(value: object, field: str = "network") -> str:
-    """A sandbox's network mode: ``none``, ``bridge`` or ``host``."""
+    """A sandbox's network mode: ``none``, ``bridge``, ``host`` or
+    ``sandbox:NAME`` (the network namespace of the running sandbox NAME)."""
+    if isinstance(value, str) and value.startswith("sandbox:"):
+        if not _NAME.match(value[len("sandbox:") :]):
+            raise SpecError(field, f"expected sandbox:NAME with a sandbox's name, got {value!r}")
+        return value
     if not isinstance(value, str) or value not in NETWORK_MODES:
-        raise SpecError(field, f"expected one of {', '.join(NETWORK_MODES)}, got {value!r}")
+        raise SpecError(
+            field, f"expected one of {', '.join(NETWORK_MODES)} or sandbox:NAME, got {value!r}"
+        )
     return value
 
 
