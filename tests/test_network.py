@@ -117,6 +117,13 @@ def _server(host: Host, tmp_path: Path, port: int = 8000) -> Iterator[None]:
 
 
 def _nothing_left(host: Host, dirs: Dirs) -> None:
+    # A sandbox's veth goes with its network namespace, which the kernel
+    # frees in its own time once the sandbox's last process has gone.
+    wait_for(
+        lambda: " vc" not in host.run("ip", "-o", "link").stdout,
+        timeout=30,
+        what="the sandboxes' veths to go with their namespaces",
+    )
     links = host.run("ip", "-o", "link").stdout
     assert "corral0" not in links and " vc" not in links, links
     assert host.run("nft", "list", "tables").stdout.strip() == ""

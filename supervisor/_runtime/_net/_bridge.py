@@ -96,9 +96,16 @@ class BridgeNetwork:
                             f" is published by sandbox {owner!r} already"
                         )
             wanted = tuple((p.host_ip, p.host_port, p.port, p.proto) for p in ports)
+            first = not self.dir.leases()
             lease = self.dir.lease(sandbox, config["subnet"], config["gateway"], wanted, egress)
             try:
-                self._up(config)
+                # The bridge and the table are there while any lease is: only
+                # the first sandbox makes them, and only one with ports or an
+                # allow-list changes the rules (a sandbox's start pays no nft).
+                if first:
+                    self._up(config)
+                elif wanted or egress is not None:
+                    self._rules(config)
             except BaseException:
                 self.dir.release(lease)
                 self._down_if_unused(config)
@@ -117,11 +124,14 @@ class BridgeNetwork:
         return self._mtu
 
     def detach(self, lease: Lease, veth: str | None = None) -> None:
-        """Give *lease* back; the last one takes the bridge and rules down."""
-        if veth:
-            # Gone with the sandbox's namespace already, normally; a namespace
-            # kept alive by a straggler must not keep the address in use.
-            _links.remove_veth(veth)
+        """Give *lease* back; the last one takes the bridge and rules down.
+
+        The veth is not deleted here: the kernel deletes it with the
+        sandbox's network namespace, in its own time (deleting it first
+        costs ~20 ms of waiting for the network to settle, half of a
+        bridged sandbox's lifecycle). Addresses are handed out round-robin,
+        so the address given back is not reused before that; the start-up
+        sweep deletes a veth whose namespace something kept alive."""
         with self.dir.locked():
             self.dir.release(lease)
             config = self.settings()

@@ -100,8 +100,13 @@ class NetworkDir:
         net = ipaddress.IPv4Network(subnet)
         taken = set(self._names())
         tmp = os.path.join(self.leases_dir, f".{sandbox}.{os.getpid()}.tmp")
-        for host in net.hosts():
-            address = str(host)
+        hosts = list(net.hosts())
+        # Round-robin from after the last address handed out: one given back
+        # is not handed out again before its veth is gone with its sandbox.
+        start = self._next() % len(hosts)
+        for n in range(len(hosts)):
+            index = (start + n) % len(hosts)
+            address = str(hosts[index])
             if address == gateway or address in taken:
                 continue
             lease = Lease(address, sandbox, net.prefixlen, gateway, mac_of(address), ports, egress)
@@ -113,10 +118,18 @@ class NetworkDir:
                 continue  # taken meanwhile by another supervisor's sandbox
             finally:
                 os.unlink(tmp)
+            write_atomic(os.path.join(self.path, "next"), str(index + 1))
             return lease
         raise SandboxError(
             f"network {self.name!r}: no free address in {subnet} ({len(taken)} leased)"
         )
+
+    def _next(self) -> int:
+        try:
+            with open(os.path.join(self.path, "next")) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return 0
 
     def release(self, lease: Lease) -> None:
         """Give *lease*'s address back (if it is still this sandbox's)."""

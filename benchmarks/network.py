@@ -1,0 +1,183 @@
+"""Bridged sandbox lifecycle: corral's bridge mode against LXC's veth (and
+podman's bridge where it is installed), side by side in one run.
+
+Each sample is the full lifecycle of one ``/bin/true`` sandbox with a veth
+on a bridge, an address and a default route: create, start, wait, delete.
+
+- ``corral-lib``: ``Runtime.create(network="bridge")`` through the keeper,
+  as the supervisor pays per sandbox; ``corral-none``: the same without a
+  network (``lo`` only), to show what the network costs;
+- ``lxc``: ``lxc-execute`` with ``lxc.net.0.type = veth`` on a bridge of
+  its own, a static address and gateway (LXC has no IPAM: equal work but
+  corral's lease file and its /etc/hosts and resolv.conf);
+- ``podman``: ``podman run --rm --network bridge --rootfs DIR /bin/true``,
+  if podman is installed (it is not by default: ``apt-get install podman``).
+
+The whole benchmark runs in a network namespace of its own (it re-executes
+itself under ``unshare --net``): the bridges, corral's nftables table and
+the forwarding switch are that namespace's, never the host's. One bridged
+sandbox (an anchor) runs throughout, so that each sample is a sandbox
+joining a network that exists, as in a fleet; the first sandbox's extra
+cost (the bridge, the table) is printed apart.
+
+Usage (as root)::
+
+    .venv/bin/python benchmarks/network.py [--runs 50]
+
+Ends with ``bridge_ratio_vs_podman: X`` (``n/a`` without podman),
+``bridge_ratio_vs_lxc: X`` and ``bridge_start_p50_ms: X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peers import LxcPeer
+
+from supervisor import Keeper, Limits, Runtime, SandboxSpec
+
+LIMITS = Limits(memory=64 << 20, pids=64, cpus=0.5)
+LXC_BRIDGE = "lxcbench0"
+
+
+class LxcVethPeer(LxcPeer):
+    """LXC with a veth on :data:`LXC_BRIDGE`, a static address and gateway."""
+
+    def config_text(self) -> str:
+        text = super().config_text()
+        veth = "\n".join(
+            [
+                "lxc.net.0.type = veth",
+                f"lxc.net.0.link = {LXC_BRIDGE}",
+                "lxc.net.0.flags = up",
+                "lxc.net.0.ipv4.address = 10.214.0.2/24",
+                "lxc.net.0.ipv4.gateway = 10.214.0.1",
+            ]
+        )
+        return text.replace("lxc.net.0.type = empty", veth)
+
+
+def _in_own_netns() -> None:
+    """Re-execute this script in a new network namespace (once)."""
+    if os.environ.get("CORRAL_BENCH_NETNS") == "1":
+        return
+    env = {**os.environ, "CORRAL_BENCH_NETNS": "1"}
+    os.execvpe("unshare", ["unshare", "--net", "--", sys.executable, *sys.argv], env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=50, help="samples per contender")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    _in_own_netns()
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "link", "add", LXC_BRIDGE, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", "10.214.0.1/24", "dev", LXC_BRIDGE], check=True)
+    subprocess.run(["ip", "link", "set", LXC_BRIDGE, "up"], check=True)
+
+    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-net-"))
+    state, run = scratch / "state", scratch / "run"
+    keeper = Keeper()
+    peers: list[LxcPeer] = []
+    anchor = None
+    try:
+        runtime = Runtime(state_dir=state, run_dir=run, spawner=keeper.spawn)
+        rootfs = runtime.resolve_rootfs("busybox")
+        null = os.open("/dev/null", os.O_RDWR)
+        counter = iter(range(10**9))
+
+        t0 = time.perf_counter()
+        anchor = runtime.create(
+            SandboxSpec(name="anchor", argv=("sleep", "3600"), network="bridge"),
+            stdio=(null, null, null),
+        )
+        first_ms = (time.perf_counter() - t0) * 1e3
+
+        def corral(network: str) -> Callable[[], float]:
+            def one() -> float:
+                spec = SandboxSpec(
+                    name=f"b{next(counter)}", argv=("/bin/true",), limits=LIMITS, network=network
+                )
+                t0 = time.perf_counter()
+                sb = runtime.create(spec, stdio=(null, null, null))
+                sb.wait()
+                sb.destroy()
+                return time.perf_counter() - t0
+
+            return one
+
+        contenders: dict[str, Callable[[], float]] = {
+            "corral-lib": corral("bridge"),
+            "corral-none": corral("none"),
+        }
+        lxc_ok = LxcVethPeer.available(rootfs)
+        if lxc_ok:
+            lxc = LxcVethPeer(rootfs, scratch / "lxc")
+            lxc.setup()
+            peers.append(lxc)
+            contenders["lxc"] = lxc.run_once
+        else:
+            print(f"lxc: not working here ({lxc_ok.reason}); skipped", file=sys.stderr)
+        podman = shutil.which("podman")
+        if podman is not None:
+            argv = [podman, "run", "--rm", "--network", "bridge", "--rootfs", rootfs, "/bin/true"]
+
+            def podman_run() -> float:
+                t0 = time.perf_counter()
+                subprocess.run(argv, check=True, capture_output=True)
+                return time.perf_counter() - t0
+
+            contenders["podman"] = podman_run
+        else:
+            print("podman: not installed (apt-get install podman); skipped", file=sys.stderr)
+
+        samples: dict[str, list[float]] = {k: [] for k in contenders}
+        for i in range(args.warmup + args.runs):
+            for name, fn in contenders.items():
+                dt = fn()
+                if i >= args.warmup:
+                    samples[name].append(dt)
+    finally:
+        if anchor is not None:
+            anchor.kill()
+            anchor.wait()
+            anchor.destroy()
+        for peer in peers:
+            peer.teardown()
+        keeper.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"{'contender':12} {'median ms':>10} {'p90 ms':>8} {'min ms':>8}   (n={args.runs})")
+    med = {}
+    for name, xs in samples.items():
+        xs.sort()
+        med[name] = statistics.median(xs)
+        p90 = xs[min(len(xs) - 1, int(0.9 * len(xs)))]
+        print(f"{name:12} {med[name] * 1e3:10.2f} {p90 * 1e3:8.2f} {xs[0] * 1e3:8.2f}")
+    print(f"first bridged sandbox (makes the bridge and the table): {first_ms:.1f} ms")
+    print(
+        f"the network's cost per sandbox: {(med['corral-lib'] - med['corral-none']) * 1e3:.1f} ms"
+    )
+    ratio_podman = f"{med['corral-lib'] / med['podman']:.3f}" if "podman" in med else "n/a"
+    print(f"bridge_ratio_vs_podman: {ratio_podman}")
+    print(
+        f"bridge_ratio_vs_lxc: {med['corral-lib'] / med['lxc']:.3f}"
+        if "lxc" in med
+        else "bridge_ratio_vs_lxc: n/a"
+    )
+    print(f"bridge_start_p50_ms: {med['corral-lib'] * 1e3:.1f}")
+
+
+if __name__ == "__main__":
+    main()
