@@ -72,7 +72,20 @@ def _in_own_netns() -> None:
     if os.environ.get("CORRAL_BENCH_NETNS") == "1":
         return
     env = {**os.environ, "CORRAL_BENCH_NETNS": "1"}
-    os.execvpe("unshare", ["unshare", "--net", "--", sys.executable, *sys.argv], env)
+    argv = ["unshare", "--net", "--mount", "--propagation", "private", "--"]
+    os.execvpe("unshare", [*argv, sys.executable, *sys.argv], env)
+
+
+def _own_sys_class_net(scratch: Path) -> None:
+    """Show this network namespace's links in /sys/class/net (LXC looks its
+    bridge up there): sysfs shows the namespace of whoever mounted it, so a
+    fresh one is mounted aside and its net directories bound over the
+    host's, in this process's private mount namespace only."""
+    fresh = scratch / "sysfs"
+    fresh.mkdir()
+    subprocess.run(["mount", "-t", "sysfs", "sysfs", str(fresh)], check=True)
+    for sub in ("class/net", "devices/virtual/net"):
+        subprocess.run(["mount", "--bind", str(fresh / sub), f"/sys/{sub}"], check=True)
 
 
 def main() -> None:
@@ -87,6 +100,7 @@ def main() -> None:
     subprocess.run(["ip", "link", "set", LXC_BRIDGE, "up"], check=True)
 
     scratch = Path(tempfile.mkdtemp(prefix="corral-bench-net-"))
+    _own_sys_class_net(scratch)
     state, run = scratch / "state", scratch / "run"
     keeper = Keeper()
     peers: list[LxcPeer] = []
@@ -156,6 +170,7 @@ def main() -> None:
         for peer in peers:
             peer.teardown()
         keeper.close()
+        subprocess.run(["umount", "-R", str(scratch / "sysfs")], check=False)
         shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"{'contender':12} {'median ms':>10} {'p90 ms':>8} {'min ms':>8}   (n={args.runs})")
