@@ -34,7 +34,17 @@ from typing import Any, NamedTuple
 
 from ..._errors import SandboxError
 
-__all__ = ["TABLE", "Bridge", "Egress", "Forward", "apply", "counter_name", "counters", "delete"]
+__all__ = [
+    "TABLE",
+    "Bridge",
+    "Egress",
+    "Forward",
+    "apply",
+    "counter_name",
+    "counters",
+    "delete",
+    "objects",
+]
 
 TABLE = "corral"
 
@@ -84,18 +94,18 @@ def _is(key: str, value: str, op: str = "==") -> dict[str, Any]:
 def ruleset(
     bridges: Sequence[Bridge],
     drop_other_forwarding: bool,
-    counters: dict[str, tuple[int, int]] | None = None,
+    existing: tuple[set[str], set[str]] = (set(), set()),
 ) -> dict[str, Any]:
-    """The table's contents as nft's JSON commands (named counters made
-    again with the *counters* (packets, bytes) they had)."""
+    """The table's contents as nft's JSON commands. The rules are flushed
+    and made again; sets and named counters are objects that outlive the
+    flush: a counter of a sandbox still there is never made again (a
+    packet it counted while the table was being rewritten would be lost),
+    and those of *existing* (set names, counter names) no longer wanted
+    are deleted."""
     table = {"family": "inet", "name": TABLE}
     cmds: list[dict[str, Any]] = [
-        # Made again whole: a flush would keep old sets and counters. (Added
-        # first, so that the delete finds it; the counters that matter are
-        # carried over with their values.)
         {"add": {"table": table}},
-        {"delete": {"table": table}},
-        {"add": {"table": table}},
+        {"flush": {"table": table}},
         {
             "add": {
                 "chain": {
@@ -134,8 +144,9 @@ def ruleset(
             }
         }
     )
+    wanted: tuple[set[str], set[str]] = (set(), set())
     for b in bridges:
-        cmds += _egress(b, counters or {})
+        cmds += _egress(b, wanted)
         addr, _, length = b.subnet.partition("/")
         saddr = {
             "match": {
@@ -161,10 +172,20 @@ def ruleset(
         cmds.append(_rule("forward", _is("oifname", b.name), {"drop": None}))
     if drop_other_forwarding:
         cmds.append(_rule("forward", {"drop": None}))
+    # Last: no rule refers to them any more (the flush came first).
+    cmds += _stale(existing, wanted)
     return {"nftables": cmds}
 
 
-def _egress(b: Bridge, counters: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
+def _stale(existing: tuple[set[str], set[str]], wanted: tuple[set[str], set[str]]) -> list[Any]:
+    cmds: list[dict[str, Any]] = []
+    for kind, have, want in (("set", existing[0], wanted[0]), ("counter", existing[1], wanted[1])):
+        for name in sorted(have - want):
+            cmds.append({"delete": {kind: {"family": "inet", "table": TABLE, "name": name}}})
+    return cmds
+
+
+def _egress(b: Bridge, wanted: tuple[set[str], set[str]]) -> list[dict[str, Any]]:
     """The egress allow-lists: for each restricted sandbox, in forward (to
     the outside, other sandboxes through the host) and input (the host
     itself), what it may reach is accepted, replies too, and the rest is
@@ -181,18 +202,11 @@ def _egress(b: Bridge, counters: dict[str, tuple[int, int]]) -> list[dict[str, A
     }
     for chain in ("forward", "input"):
         cmds.append(_rule(chain, _is("iifname", b.name), state, {"accept": None}))
-    for n, e in enumerate(b.egress):
-        packets, nbytes = counters.get(e.counter, (0, 0))
-        cmds.append(
-            {
-                "add": {
-                    "counter": {
-                        "family": "inet", "table": TABLE, "name": e.counter,
-                        "packets": packets, "bytes": nbytes,
-                    }
-                }
-            }
-        )  # fmt: skip
+    for e in b.egress:
+        # Added only if missing: an existing counter keeps what it counted.
+        cmds.append({"add": {"counter": {"family": "inet", "table": TABLE, "name": e.counter}}})
+        wanted[1].add(e.counter)
+        tag = e.counter.removeprefix("denied-")
         saddr = {
             "match": {
                 "op": "==",
@@ -204,17 +218,19 @@ def _egress(b: Bridge, counters: dict[str, tuple[int, int]]) -> list[dict[str, A
         services = [x for x in e.allowed if ":" in x]
         accepts: list[list[dict[str, Any]]] = []
         if nets:
-            name = f"egress-{n}-net"
-            cmds.append(_set(name, "ipv4_addr", [_prefix(x) for x in nets]))
+            name = f"egress-{tag}-net"
+            wanted[0].add(name)
+            cmds += _set(name, "ipv4_addr", [_prefix(x) for x in nets])
             accepts.append([{"match": {"op": "==", "left": _daddr(), "right": f"@{name}"}}])
         if services:
-            name = f"egress-{n}-svc"
+            name = f"egress-{tag}-svc"
+            wanted[0].add(name)
             elements = []
             for x in services:
                 net, _, service = x.partition(":")
                 port, _, proto = service.partition("/")
                 elements.append({"concat": [_prefix(net), proto, int(port)]})
-            cmds.append(_set(name, ["ipv4_addr", "inet_proto", "inet_service"], elements))
+            cmds += _set(name, ["ipv4_addr", "inet_proto", "inet_service"], elements)
             key = {
                 "concat": [
                     _daddr(),
@@ -241,15 +257,39 @@ def _prefix(cidr: str) -> dict[str, Any]:
     return {"prefix": {"addr": addr, "len": int(length or 32)}}
 
 
-def _set(name: str, kind: str | list[str], elements: list[Any]) -> dict[str, Any]:
-    return {
-        "add": {
-            "set": {
-                "family": "inet", "table": TABLE, "name": name, "type": kind,
-                "flags": ["interval"], "elem": elements,
-            }
-        }
-    }  # fmt: skip
+def _set(name: str, kind: str | list[str], elements: list[Any]) -> list[dict[str, Any]]:
+    """A set with exactly *elements* (made if missing, emptied, filled)."""
+    ref = {"family": "inet", "table": TABLE, "name": name}
+    return [
+        {"add": {"set": {**ref, "type": kind, "flags": ["interval"]}}},
+        {"flush": {"set": ref}},
+        {"add": {"element": {**ref, "elem": elements}}},
+    ]
+
+
+def objects() -> tuple[set[str], set[str]]:
+    """The names of the sets and named counters of corral's table (none if
+    there is no table)."""
+    try:
+        proc = subprocess.run(
+            ["nft", "-j", "list", "table", "inet", TABLE],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return set(), set()
+    sets: set[str] = set()
+    named: set[str] = set()
+    if proc.returncode != 0:
+        return sets, named
+    try:
+        for item in json.loads(proc.stdout).get("nftables", []):
+            if isinstance(item.get("set"), dict):
+                sets.add(str(item["set"]["name"]))
+            elif isinstance(item.get("counter"), dict) and "name" in item["counter"]:
+                named.add(str(item["counter"]["name"]))
+    except (ValueError, TypeError, AttributeError, KeyError):
+        pass
+    return sets, named
 
 
 def counters() -> dict[str, tuple[int, int]]:
@@ -331,8 +371,8 @@ def _published(b: Bridge) -> list[dict[str, Any]]:
 def apply(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> None:
     """Make corral's table what *bridges* need (one transaction), keeping
     what the denied-packet counters of the sandboxes still there counted."""
-    kept = counters() if any(b.egress for b in bridges) else {}
-    _nft(ruleset(bridges, drop_other_forwarding, kept))
+    existing = objects()
+    _nft(ruleset(bridges, drop_other_forwarding, existing))
 
 
 def delete() -> None:
