@@ -231,7 +231,13 @@ def _talk(p: subprocess.Popen[bytes], master: int) -> tuple[int, bytes]:
 
 def test_a_pseudo_terminal_with_window_size_changes(dirs: Dirs) -> None:
     f = fleet({"name": "web", "command": "exec sleep 1000"})
-    script = "tty; test -t 0 && echo is-a-tty; stty size; read x; stty size; exit 3"
+    # The resize reaches the sandbox's terminal through the client and the
+    # supervisor: after "go" it may not be there yet (seen under load), so
+    # the script waits for it (bounded by the reader's timeout).
+    script = (
+        "tty; test -t 0 && echo is-a-tty; stty size; read x;"
+        ' until [ "$(stty size)" = "30 100" ]; do :; done; stty size; exit 3'
+    )
 
     async def body(sup: Supervisor) -> None:
         await wait_event(sup, lambda e: isinstance(e, events.Started))
