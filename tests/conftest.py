@@ -148,7 +148,22 @@ def dirs(rootfs_cache: Path) -> Iterator[Dirs]:
         leaked = {k: v for k, v in leftovers.items() if v}
         assert not leaked, f"the test left things behind: {leaked}"
     finally:
+        if probe is not None:
+            _clean_up(probe, before)
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def _clean_up(probe: Runtime, before: set[str]) -> None:
+    """Remove, the way corral does, what a test left (one that failed half
+    way, say, with a `corral run` it killed whose next run never came):
+    the leftovers of dead runs' claims, then every sandbox cgroup made
+    during the test that no record keeps. Without this, deleting the test's
+    run directory would orphan them on the host for good."""
+    with contextlib.suppress(Exception):
+        probe.sweep_claims()
+    new = {os.path.basename(p) for p in set(_cgroup_leftovers(_cgroup_parents(probe))) - before}
+    with contextlib.suppress(Exception):
+        probe.sweep(lambda name: f"corral-{name}" in new)
 
 
 def _live_keeper(run: Path) -> int:
