@@ -25,8 +25,10 @@ __all__ = [
     "command_after_dashes",
     "control_path",
     "human_size",
+    "no_verb",
     "run_dir",
     "state_dir",
+    "tree_size",
     "warn_privileged",
 ]
 
@@ -123,6 +125,24 @@ def control_path(args: argparse.Namespace) -> str:
     from .._control._client import CONTROL_SOCKET
 
     return args.socket or os.path.join(run_dir(), CONTROL_SOCKET)
+
+
+def no_verb(parser: argparse.ArgumentParser) -> int:
+    """A verb group given no verb (``corral image``): its help, status 2."""
+    parser.print_help()
+    return 2
+
+
+def tree_size(path: str) -> int:
+    """Bytes the files below *path* take on disk (``du``), unreadable ones left out."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
 
 
 def human_size(n: int) -> str:

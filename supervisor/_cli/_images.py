@@ -15,7 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._common import UsageError, run_dir, state_dir
+from ._common import UsageError, no_verb, run_dir, state_dir, tree_size
 
 if TYPE_CHECKING:
     from rootfs import Image, ImageStore
@@ -33,7 +33,7 @@ def add_parsers(sub: Subparsers) -> None:
         description="The image store below STATE_DIR/images: root file systems as stacks of"
         " shared read-only layers (docs/images.md).",
     )
-    image.set_defaults(func=lambda args: _no_verb(image))  # argparse requires a verb anyway
+    image.set_defaults(func=lambda args: no_verb(image))  # argparse requires a verb anyway
     verbs = image.add_subparsers(dest="image_verb", metavar="VERB", required=True)
     ls = verbs.add_parser("ls", help="list the images")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -110,11 +110,6 @@ def add_parsers(sub: Subparsers) -> None:
     prune.set_defaults(func=_prune)
 
 
-def _no_verb(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
 def _store() -> ImageStore:
     from rootfs import ImageStore
 
@@ -160,19 +155,8 @@ def _row(image: Image, store: ImageStore) -> dict[str, Any]:
         "layers": len(image.layers),
         "builder": image.source.get("builder", ""),
         "created": image.created,
-        "size": sum(_du(store.layer_path(layer)) for layer in image.layers),
+        "size": sum(tree_size(store.layer_path(layer)) for layer in image.layers),
     }
-
-
-def _du(path: str) -> int:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in (*dirs, *files):
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def _ls(args: argparse.Namespace) -> int:

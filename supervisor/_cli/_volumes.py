@@ -15,7 +15,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .._errors import CorralError, SpecError
-from ._common import run_dir, state_dir
+from ._common import no_verb, run_dir, state_dir, tree_size
 
 if TYPE_CHECKING:
     from ._common import Subparsers
@@ -31,7 +31,7 @@ def add_parsers(sub: Subparsers) -> None:
         description="Named volumes: directories corral keeps in STATE_DIR/volumes for the"
         ' sandboxes that mount them (volumes = ["NAME:/TARGET"]).',
     )
-    volume.set_defaults(func=lambda args: _no_verb(volume))  # argparse requires a verb anyway
+    volume.set_defaults(func=lambda args: no_verb(volume))  # argparse requires a verb anyway
     verbs = volume.add_subparsers(dest="volume_verb", metavar="VERB", required=True)
     ls = verbs.add_parser("ls", help="list the volumes, their size and who mounts them")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -39,11 +39,6 @@ def add_parsers(sub: Subparsers) -> None:
     rm = verbs.add_parser("rm", help="remove volumes (refused while a sandbox mounts one)")
     rm.add_argument("names", metavar="NAME", nargs="+")
     rm.set_defaults(func=_rm)
-
-
-def _no_verb(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _folder() -> str:
@@ -74,17 +69,6 @@ def _users() -> dict[str, list[str]]:
     return out
 
 
-def _du(path: str) -> int:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in (*dirs, *files):
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
-
-
 def _ls(args: argparse.Namespace) -> int:
     from ._common import human_size
 
@@ -101,7 +85,7 @@ def _ls(args: argparse.Namespace) -> int:
         print(f"{'NAME':<30} {'SIZE':>10}  USED BY")
     for name in names:
         path = os.path.join(_folder(), name)
-        size = _du(path)
+        size = tree_size(path)
         used = users.get(name, [])
         if args.json:
             print(json.dumps({"name": name, "path": path, "size": size, "used_by": used}))

@@ -424,6 +424,12 @@ def idmapped_tree(path: str, userns_fd: int) -> int:
     mount); its descriptor (close-on-exec). Attach it with
     :func:`attach_tree`. Fails (EINVAL, EPERM, ENOSYS) where the file
     system or the kernel cannot idmap."""
+    return _cloned_tree(path, _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd), "MOUNT_ATTR_IDMAP")
+
+
+def _cloned_tree(path: str, attr: _MountAttr | None, what: str) -> int:
+    """``open_tree(OPEN_TREE_CLONE | AT_RECURSIVE)`` of *path*, with *attr*
+    set on every mount of the copy (``mount_setattr``); its descriptor."""
     fd = _libc.syscall(
         _SYS_OPEN_TREE,
         ctypes.c_int(-100),  # AT_FDCWD
@@ -432,8 +438,7 @@ def idmapped_tree(path: str, userns_fd: int) -> int:
     )
     if fd < 0:
         raise _fail("open_tree", path)
-    attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-    if (
+    if attr is not None and (
         _libc.syscall(
             _SYS_MOUNT_SETATTR,
             ctypes.c_int(fd),
@@ -444,7 +449,7 @@ def idmapped_tree(path: str, userns_fd: int) -> int:
         )
         != 0
     ):
-        err = _fail("mount_setattr(MOUNT_ATTR_IDMAP)", path)
+        err = _fail(f"mount_setattr({what})", path)
         os.close(fd)
         raise err
     return int(fd)
@@ -479,31 +484,8 @@ def bind_tree(path: str, attr_set: int) -> int:
     every mount of it: read-only really is read-only, submounts too (a
     ``MS_REMOUNT`` would reach the top mount only). Its descriptor
     (close-on-exec), for :func:`attach_tree_at`."""
-    fd = _libc.syscall(
-        _SYS_OPEN_TREE,
-        ctypes.c_int(-100),  # AT_FDCWD
-        os.fsencode(path),
-        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE),
-    )
-    if fd < 0:
-        raise _fail("open_tree", path)
-    if attr_set:
-        attr = _MountAttr(attr_set, 0, 0, 0)
-        if (
-            _libc.syscall(
-                _SYS_MOUNT_SETATTR,
-                ctypes.c_int(fd),
-                b"",
-                ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
-                ctypes.byref(attr),
-                ctypes.c_size_t(ctypes.sizeof(attr)),
-            )
-            != 0
-        ):
-            err = _fail("mount_setattr", path)
-            os.close(fd)
-            raise err
-    return int(fd)
+    attr = _MountAttr(attr_set, 0, 0, 0) if attr_set else None
+    return _cloned_tree(path, attr, f"{attr_set:#x}")
 
 
 def attach_tree_at(fd: int, target_fd: int, what: str) -> None:
