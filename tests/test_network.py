@@ -225,6 +225,17 @@ def test_the_supervisor_runs_bridged_replicas(host: Host, dirs: Dirs, tmp_path: 
                 assert up.poll() is None, up.stderr.read() if up.stderr else ""
             leases = os.listdir(dirs.state / "network" / "corral" / "leases")
             assert len(leases) == 3
+            p = host.corral(dirs, "inspect", "web-1")
+            assert p.returncode == 0, p.stderr
+            net = json.loads(p.stdout)["network"]
+            assert net["mode"] == "bridge" and net["address"] in leases and net["prefix"] == 24
+            assert net["mac"] == "02:c0:" + ":".join(
+                f"{int(b):02x}" for b in net["address"].split(".")
+            )
+            assert net["veth"].startswith("vc") and net["veth"] in host.run("ip", "link").stdout
+            # It fetched a page from the outside: bytes both ways.
+            assert net["counters"]["rx_bytes"] > 0 and net["counters"]["tx_packets"] > 0
+            assert net["egress"] == "all" and net["ports"] == []
         finally:
             up.send_signal(signal.SIGTERM)
             _, err = up.communicate(timeout=60)
@@ -288,13 +299,16 @@ def test_two_hundred_bridged_sandboxes_leave_nothing(
     _nothing_left(host, dirs)
 
 
-def test_checkpoints_of_networked_sandboxes_are_refused_in_one_line(runtime: Runtime) -> None:
+def test_checkpoints_of_host_network_sandboxes_are_refused_in_one_line(runtime: Runtime) -> None:
     from supervisor import SandboxSpec
     from supervisor._errors import CheckpointError
 
     spec = SandboxSpec(name="hostnet", argv=("sleep", "60"), network="host")
     with runtime.create(spec, stdin_devnull=True) as sb:
-        with pytest.raises(CheckpointError, match="network = 'host': checkpoints of those are"):
+        with pytest.raises(
+            CheckpointError,
+            match="network = 'host': only sandboxes with network 'none' or 'bridge' can be",
+        ):
             runtime.checkpoint(sb)
         sb.kill()
 
@@ -452,4 +466,145 @@ def test_a_sandbox_shares_another_sandboxes_network(host: Host, dirs: Dirs) -> N
         125,
         "corral: sandbox 'joiner': network: no running sandbox 'nosuch' to share a network with\n",
     )
+    _nothing_left(host, dirs)
+
+
+def _leases(dirs: Dirs) -> list[str]:
+    """The addresses leased (a lease being written is a dot file first)."""
+    leases = dirs.state / "network" / "corral" / "leases"
+    return [n for n in os.listdir(leases) if not n.startswith(".")] if leases.exists() else []
+
+
+_ECHO_CLIENT = """
+import socket, sys, time
+deadline = time.monotonic() + 60
+while True:  # until the sandbox's server listens (a bound, not a wait)
+    try:
+        s = socket.create_connection((sys.argv[1], 7000), timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+s.settimeout(120)
+f = s.makefile("rw")
+print("connected", flush=True)
+for line in sys.stdin:
+    f.write(line)
+    f.flush()
+    print(f.readline(), end="", flush=True)
+"""
+
+
+@pytest.mark.criu
+def test_a_bridged_sandbox_keeps_its_address_and_connection_across_a_checkpoint(
+    host: Host, dirs: Dirs, tmp_path: Path, criu: None
+) -> None:
+    """A TCP connection from the host to a bridged sandbox's server lives
+    on through a checkpoint (which stops the sandbox) and a restore: same
+    address, same connection, data both ways after. A copy restored while
+    the original runs would need its address: refused in one line."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[sandbox]]\nname = "echo"\nnetwork = "bridge"\n'
+        'command = ["nc", "-l", "-p", "7000", "-e", "cat"]\n'
+    )
+    leases = dirs.state / "network" / "corral" / "leases"
+    up = host.corral_bg(dirs, "up", str(fleet))
+    client = None
+    try:
+        wait_for(
+            lambda: up.poll() is not None or _leases(dirs),
+            timeout=60,
+            what="the sandbox's lease",
+        )
+        (address,) = _leases(dirs)
+        client = host.popen(
+            sys.executable, "-u", "-c", _ECHO_CLIENT, address, stdin=subprocess.PIPE
+        )
+        assert client.stdin is not None and client.stdout is not None
+        assert client.stdout.readline() == "connected\n", client.stderr.read()  # type: ignore[union-attr]
+        client.stdin.write("one\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "one\n"
+
+        p = host.corral(dirs, "checkpoint", "echo", "--tag", "live", "--leave-running")
+        assert p.returncode == 0, p.stderr
+        p = host.corral(dirs, "restore", "echo", "--from", "live", "--as", "echo-copy")
+        assert p.returncode != 0
+        assert p.stderr.strip().endswith(f"the address {address} is leased to sandbox 'echo-0.0'")
+        assert len(p.stderr.strip().splitlines()) == 2, p.stderr  # "restoring ...", the error
+        assert _leases(dirs) == [address]
+
+        p = host.corral(dirs, "checkpoint", "echo", "--tag", "one")
+        assert p.returncode == 0, p.stderr
+        p = host.corral(dirs, "restore", "echo", "--from", "one")
+        assert p.returncode == 0, p.stderr
+        lease = json.loads((leases / address).read_text())
+        assert lease["sandbox"] == "echo-0.1"  # its next generation, the same address
+        client.stdin.write("two\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "two\n"
+        links = host.run("ip", "-o", "link").stdout
+        assert links.count(" vc") == 1, links
+    finally:
+        if client is not None:
+            client.kill()
+            client.communicate()
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=120)
+    assert up.returncode == 0, err
+    _nothing_left(host, dirs)
+
+
+@pytest.mark.criu
+def test_an_oom_killed_bridged_sandbox_is_restored_with_its_address(
+    host: Host, dirs: Dirs, tmp_path: Path, criu: None
+) -> None:
+    """The restart plugin restores an OOM-killed bridged sandbox from its
+    latest periodic checkpoint: the next generation has the same address
+    (taken over from the generation that ended, whose removal may come
+    after), and goes on from where it was."""
+    hog = (
+        "i=0; s=; while :; do i=$((i+1));"
+        " s=$s$(head -c 1048576 /dev/zero | tr '\\\\0' y); echo $i; usleep 200000; done"
+    )
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        f'[[sandbox]]\nname = "hog"\nnetwork = "bridge"\nmemory = "24M"\ncommand = "{hog}"\n'
+        '[sandbox.plugins.checkpoint]\ninterval = "1s"\nkeep = 1\n'
+        '[sandbox.plugins.restart]\npolicy = "on-failure"\nfrom_checkpoint = true\n'
+        'on_oom = { grow = 2, max = "96M" }\n'
+    )
+    up = host.corral_bg(dirs, "up", str(fleet))
+    log = dirs.state / "logs" / "hog-0.log"
+
+    def holder() -> str:
+        (address,) = _leases(dirs)
+        lease = dirs.state / "network" / "corral" / "leases" / address
+        return str(json.loads(lease.read_text())["sandbox"])
+
+    try:
+        wait_for(lambda: up.poll() is not None or _leases(dirs), timeout=60, what="a lease")
+        (address,) = _leases(dirs)
+        wait_for(
+            lambda: up.poll() is not None or holder() != "hog-0.0",
+            timeout=300,  # a bound: the VM lanes emulate the CPU
+            what="the OOM-killed hog's next generation",
+        )
+        assert up.poll() is None, up.stderr.read() if up.stderr else ""
+        assert _leases(dirs) == [address] and holder() == "hog-0.1"
+        p = host.corral(dirs, "inspect", "hog-0")
+        assert p.returncode == 0, p.stderr
+        doc = json.loads(p.stdout)
+        assert doc["restored_from"] and doc["network"]["address"] == address
+        n = len(log.read_text().split())
+        wait_for(lambda: len(log.read_text().split()) >= n + 3, timeout=60, what="more output")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=120)
+    assert up.returncode == 0, err
+    nums = [int(x) for x in log.read_text().split() if x.isdigit()]
+    # Restored, not started again: one 1, then it went on from its checkpoint.
+    assert nums.count(1) == 1 and nums[-1] > 3, nums
     _nothing_left(host, dirs)

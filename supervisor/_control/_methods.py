@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -169,8 +169,11 @@ def _namespaces(pid: int) -> dict[str, str]:
     return out
 
 
-def inspect(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
-    """Everything known about one instance (``corral inspect``)."""
+def inspect(
+    inst: Instance, stats: CgroupStats | None, counters: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Everything known about one instance (``corral inspect``); *counters*
+    are its network's (see ``Runtime.network_stats``), if it is bridged."""
     cfg = inst.config
     sb = inst.sandbox
     spec = inst.spec()
@@ -198,6 +201,7 @@ def inspect(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
         namespaces=_namespaces(sb.pid) if sb else {},
         stats=_stats_dict(stats, inst.memory_limit),
         oom={"events": inst.oom_events_seen, "kills": inst.oom_kills_reported},
+        network=_network(inst, counters),
         checkpoint_stopped=inst.checkpoint_stopped,
         restored_from=(
             f"{sb.restored_from.name}/{sb.restored_from.tag}"
@@ -308,7 +312,31 @@ async def _ps(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
 async def _inspect(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     inst = sup.resolve(_name(params))
     (stats,) = await _all_stats(sup, [inst])
-    return inspect(inst, stats)
+    net = await _network_stats(sup, [inst])
+    return inspect(inst, stats, net.get(inst.sandbox.name) if inst.sandbox else None)
+
+
+def _network(inst: Instance, counters: Mapping[str, int] | None) -> dict[str, Any]:
+    """An instance's network: its mode and, bridged and running, its lease,
+    its veth and its counters."""
+    cfg = inst.config
+    out: dict[str, Any] = {
+        "mode": cfg.network,
+        "ports": [p.describe() for p in cfg.ports],
+        "egress": list(cfg.egress) if cfg.egress is not None else "all",
+    }
+    sb = inst.sandbox
+    lease = sb.network.get("lease") if sb is not None and sb.network else None
+    if sb is not None and sb.network and isinstance(lease, dict):
+        out.update(
+            address=lease.get("address"),
+            prefix=lease.get("prefix"),
+            gateway=lease.get("gateway"),
+            mac=lease.get("mac"),
+            veth=sb.network.get("veth"),
+            counters=dict(counters) if counters is not None else None,
+        )
+    return out
 
 
 async def _stats(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:

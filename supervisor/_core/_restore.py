@@ -4,6 +4,7 @@ from a checkpoint instead of started fresh."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -17,7 +18,7 @@ from .._runtime._sandbox import Sandbox
 from .._runtime._spec import SandboxSpec
 from ._additions import Addition
 from ._base import SupervisorBase
-from ._fleet import SandboxConfig, check_instance_name
+from ._fleet import check_instance_name
 from ._instance import BUSY_CHECKPOINT, Instance, PendingRestore
 from ._states import guard
 
@@ -148,16 +149,13 @@ class Checkpoints(SupervisorBase):
                 if self._stopping.is_set():
                     raise CheckpointError("the fleet is stopping")
                 target = Instance(
-                    SandboxConfig(
+                    # Everything of the source's (its mounts and its network
+                    # too: the checkpoint was taken with them), but its name.
+                    dataclasses.replace(
+                        source.config,
                         name=as_name,
-                        command=source.config.command,
-                        rootfs=source.config.rootfs,
+                        replicas=1,
                         limits=source.config.limits._replace(memory=source.memory_limit),
-                        env=source.config.env,
-                        workdir=source.config.workdir,
-                        hostname=source.config.hostname,
-                        plugins=source.config.plugins,
-                        security=source.config.security,
                     ),
                     0,
                     grace=source.grace,

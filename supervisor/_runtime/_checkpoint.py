@@ -43,6 +43,7 @@ __all__ = [
     "CRIU_ENV",
     "CRIU_OPTIONS",
     "INIT_KEY",
+    "NET_KEY",
     "CheckpointInfo",
     "CheckpointStore",
     "CriuInfo",
@@ -59,6 +60,9 @@ CRIU_ENV = "CORRAL_CRIU"
 FORMAT = 1
 INIT_KEY = "corral-init"
 """CRIU's name for the external /dev/init bind mount (tini from the host)."""
+NET_KEY = "corral-net"
+"""CRIU's name for a bridged sandbox's network namespace (external: the
+restore is given a new one, plugged with the same lease)."""
 CRIU_TIMEOUT = 600.0
 CRIU_OPTIONS = ("--manage-cgroups=soft", "--tcp-established", "--file-locks", "--ext-unix-sk")
 """Options every dump and restore of a sandbox takes (the sandbox's network
@@ -286,6 +290,9 @@ class CheckpointInfo(NamedTuple):
     stdio: tuple[str, str, str]
     """What the init's fds 0-2 were (``pipe:[N]`` keys for ``--inherit-fd``)."""
     network_lock: str
+    address: str | None = None
+    """A bridged sandbox's address when dumped: its restore leases it again
+    (its TCP connections are bound to it). None for the other modes."""
 
     @property
     def images(self) -> str:
@@ -331,6 +338,7 @@ class CheckpointInfo(NamedTuple):
                 root_pid=int(d["root_pid"]),
                 stdio=tuple(str(s) for s in d["stdio"]),  # type: ignore[arg-type]
                 network_lock=str(d["network_lock"]),
+                address=str(d["address"]) if d.get("address") else None,
             )
         except FileNotFoundError:
             if not os.path.isdir(path):

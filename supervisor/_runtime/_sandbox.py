@@ -57,6 +57,7 @@ from ._checkpoint import (
     CRIU_OPTIONS,
     CRIU_TIMEOUT,
     INIT_KEY,
+    NET_KEY,
     CheckpointInfo,
     CheckpointStore,
     check_criu,
@@ -72,7 +73,7 @@ from ._claims import Claim, ClaimInUse, dead_claims
 from ._dirs import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
-from ._linux._child import INIT_PATH, LaunchConfig
+from ._linux._child import INIT_PATH, RESTORE_NETNS_FD, LaunchConfig
 from ._linux._exec import ExecConfig
 from ._linux._proc import starttime
 from ._linux._spawn import (
@@ -87,7 +88,8 @@ from ._linux._spawn import (
 from ._mounts import Mount, parse_user
 from ._net._bridge import BridgeNetwork, hosts_file, resolv_conf
 from ._net._ipam import Lease
-from ._net._links import veth_name
+from ._net._links import remove_veth, veth_name
+from ._net._links import set_up as set_link_up
 from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
@@ -1031,19 +1033,26 @@ class Runtime:
         return self._bridge
 
     def _network(
-        self, spec: SandboxSpec, sdir: str, mounts: list[list[Any]], undo: contextlib.ExitStack
+        self,
+        spec: SandboxSpec,
+        sdir: str,
+        mounts: list[list[Any]],
+        undo: contextlib.ExitStack,
+        address: str | None = None,
+        up: bool = True,
     ) -> tuple[OnPid | None, dict[str, Any] | None, list[int] | None]:
-        """For a bridged sandbox: its lease (given back by *undo*), its
-        ``/etc/hosts`` and ``/etc/resolv.conf`` (added to *mounts*), and
-        what gives its waiting init its interface; with what its record
-        keeps; for ``sandbox:NAME``, the init whose namespace it joins.
-        Nothing for the other modes."""
+        """For a bridged sandbox: its lease (*address*, if given; given back
+        by *undo*), its ``/etc/hosts`` and ``/etc/resolv.conf`` (added to
+        *mounts*), and what gives its waiting init its interface (its host
+        end down unless *up*); with what its record keeps; for
+        ``sandbox:NAME``, the init whose namespace it joins. Nothing for the
+        other modes."""
         if spec.network.startswith("sandbox:"):
             return None, None, self._join(spec, mounts)
         if spec.network != "bridge":
             return None, None, None
         bridge = self.bridge
-        lease = bridge.attach(spec.name, spec.ports, spec.egress)
+        lease = bridge.attach(spec.name, spec.ports, spec.egress, address, self._ended)
         veth = veth_name(spec.name)
         undo.callback(bridge.detach, lease, veth)
         for name, text in (
@@ -1058,9 +1067,20 @@ class Runtime:
             mounts.append(["bind", path, f"/etc/{name}", False, None, None, False, False])
 
         def on_pid(pid: int) -> None:
-            bridge.plug(pid, spec.name, lease)
+            bridge.plug(pid, spec.name, lease, up)
 
         return on_pid, {"mode": "bridge", "lease": lease._asdict(), "veth": veth}, None
+
+    def _ended(self, name: str) -> bool:
+        """True if sandbox *name* is recorded and its init has ended: its
+        removal is pending (a restart's restore may come first)."""
+        try:
+            with open(record_path(self.run_dir, name)) as f:
+                record = json.load(f)
+            pid, start = int(record["pid"]), int(record.get("starttime") or 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return not _alive_in(pid, start, name)
 
     def _join(self, spec: SandboxSpec, mounts: list[list[Any]]) -> list[int]:
         """``sandbox:NAME``: the running sandbox NAME (a sandbox's name, or a
@@ -1360,11 +1380,12 @@ class Runtime:
                 f"sandbox {key!r} runs in a user namespace (userns = true):"
                 " checkpoints of those are not supported yet"
             )
-        if sb.spec.network != "none":
+        if sb.spec.network not in ("none", "bridge"):
             raise CheckpointError(
-                f"sandbox {key!r} has network = {sb.spec.network!r}:"
-                " checkpoints of those are not supported yet (docs/network.md)"
+                f"sandbox {key!r} has network = {sb.spec.network!r}: only sandboxes with"
+                " network 'none' or 'bridge' can be checkpointed (docs/network.md)"
             )
+        veth = _veth_of(sb)
         criu = check_criu()
         store = self.checkpoints
         if sb.poll() is not None:
@@ -1390,6 +1411,7 @@ class Runtime:
                     for target, name, _ in _external_mounts(sb.spec)
                     for arg in ("--external", f"mnt[{target}]:{name}")
                 ),
+                *(_external_network(sb.pid) if veth is not None else ()),
                 "--freeze-cgroup",
                 sb.cgroup.freezer_dir,
                 *CRIU_OPTIONS,
@@ -1419,7 +1441,16 @@ class Runtime:
                 prev = ["--prev-images-dir", "../pre", "--track-mem"]
             sb.cgroup.freeze()
             frozen_at = time.monotonic()
+            cut = False
             try:
+                if veth is not None:
+                    # Nothing goes in or out while the tree is dumped, nor
+                    # between the dump and the kill: data a peer sent then
+                    # would be acknowledged by the kernel and missing from
+                    # the checkpoint. (CRIU's network lock is for namespaces
+                    # it dumps; this one is external.) Its peers resend.
+                    set_link_up(veth, False)
+                    cut = True
                 argv = [
                     criu.binary,
                     "dump",
@@ -1476,6 +1507,7 @@ class Runtime:
                     root_pid=sb.pid,
                     stdio=stdio,  # type: ignore[arg-type]
                     network_lock=criu.network_lock,
+                    address=_address_of(sb),
                 )
                 with open(os.path.join(partial, "checkpoint.json"), "w") as f:
                     json.dump(info.to_json(), f, indent=1)
@@ -1485,8 +1517,16 @@ class Runtime:
                 if on_dumped is not None:
                     on_dumped(info)
                 if not leave_running:
+                    if veth is not None:
+                        # Gone before the kill: the kernel closing its
+                        # sockets sends no FIN or reset the peers would
+                        # believe (the restored sandbox has them open).
+                        remove_veth(veth)
+                        cut = False
                     sb.kill()  # while frozen: it never runs past the checkpoint
             finally:
+                if cut and veth is not None and sb.poll() is None:
+                    set_link_up(veth, True)
                 try:
                     sb.cgroup.thaw()
                 except CgroupError:
@@ -1545,12 +1585,21 @@ class Runtime:
             raise CheckpointError(
                 f"checkpoint {info.path} was taken on rootfs {info.lowerdir}, not {lower}"
             )
+        bridged = spec.network == "bridge"
+        if bridged != (info.spec.network == "bridge") or (bridged and info.address is None):
+            raise CheckpointError(
+                f"restore of {spec.name!r}: checkpoint {info.path} was taken with"
+                f" network = {info.spec.network!r}, not {spec.network!r}"
+            )
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo:
             self._make_state_dir(spec.name, sdir, record, undo)
             _copy_tree(info.upper, os.path.join(sdir, "upper"), into=True)
             cgroup = self._make_cgroup(spec, undo)
+            # Its address again (its connections are bound to it), on an
+            # interface that stays down until CRIU has put its sockets back.
+            on_pid, net, _ = self._network(spec, sdir, [], undo, info.address, up=False)
             pidfile = os.path.join(sdir, "restore.pid")
             argv = [
                 criu.binary,
@@ -1573,6 +1622,10 @@ class Runtime:
             for _, name, m in _external_mounts(spec):
                 source = m.source if m.kind == "bind" else self._volume(m.source, None)
                 argv += ["--external", f"mnt[{name}]:{source}"]
+            if bridged:
+                for file, key in _NETWORK_FILES:
+                    argv += ["--external", f"mnt[{key}]:{os.path.join(sdir, file)}"]
+                argv += ["--inherit-fd", f"fd[{RESTORE_NETNS_FD}]:{NET_KEY}"]
             for controllers, path in cgroup.relative_paths().items():
                 argv += ["--cgroup-root", f"{controllers}:{path}" if controllers else path]
             mapped: set[str] = set()
@@ -1595,9 +1648,11 @@ class Runtime:
                 confine=not spec.security.privileged,
                 restore_argv=argv,
                 read_only=spec.read_only,
+                network=spec.network if bridged else "none",
+                wait_go=on_pid is not None,
             )
             try:
-                criu_proc = self._spawn_or_reap(cfg, stdio)
+                criu_proc = self._spawn_or_reap(cfg, stdio, on_pid)
             except SpawnFailed as exc:
                 raise CheckpointError(
                     f"restore of {spec.name!r} failed: {exc.failure.step}: {exc.failure.message}"
@@ -1625,8 +1680,10 @@ class Runtime:
                 restored = restored._replace(starttime=starttime(pid))
                 if info.network_lock == "nftables":
                     _drop_network_lock(pid, info.root_pid)
+                if net is not None:
+                    set_link_up(str(net["veth"]), True)
                 undo.callback(_unlink, record)
-                self._record(record, spec, restored, cgroup, labels, info.path, image)
+                self._record(record, spec, restored, cgroup, labels, info.path, image, net)
             except BaseException:
                 self._kill_and_reap(restored)
                 raise
@@ -1634,6 +1691,7 @@ class Runtime:
                 spec, restored, cgroup, sdir, undo.pop_all(), reaper=self.reaper, labels=labels
             )
             sb.restored_from = info
+            sb.network = net
             return sb
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1810,6 +1868,38 @@ def _lower_links(sdir: str, lower: str) -> str:
     for n, path in enumerate(lower.split(":")):
         os.symlink(path, os.path.join(links, str(n)))
     return links
+
+
+_NETWORK_FILES = (("hosts", "corral-hosts"), ("resolv.conf", "corral-resolv"))
+"""A bridged sandbox's own ``/etc`` files (bind mounts of files in its
+state directory) and CRIU's keys for them: external, as volumes are."""
+
+
+def _external_network(pid: int) -> list[str]:
+    """CRIU's dump options for a bridged sandbox (init *pid*): its network
+    namespace is external (its veth's peer, its bridge, its address are the
+    host's business: the restore makes a new namespace and plugs it with the
+    same lease), and so are its ``/etc/hosts`` and ``/etc/resolv.conf``."""
+    inode = os.stat(f"/proc/{pid}/ns/net").st_ino
+    args = ["--external", f"net[{inode}]:{NET_KEY}"]
+    for file, key in _NETWORK_FILES:
+        args += ["--external", f"mnt[/etc/{file}]:{key}"]
+    return args
+
+
+def _veth_of(sb: Sandbox) -> str | None:
+    """The host end of a bridged sandbox's veth (None for the other modes)."""
+    if sb.spec.network != "bridge" or not sb.network:
+        return None
+    return str(sb.network["veth"])
+
+
+def _address_of(sb: Sandbox) -> str | None:
+    """A bridged sandbox's leased address (None for the other modes)."""
+    if sb.spec.network != "bridge" or not sb.network:
+        return None
+    lease = sb.network.get("lease")
+    return str(lease["address"]) if isinstance(lease, dict) else None
 
 
 def _external_mounts(spec: SandboxSpec) -> list[tuple[str, str, Mount]]:

@@ -256,6 +256,13 @@ def run_intermediate(
         if cfg.restore_argv is not None:
             # CRIU makes the namespaces itself and puts the restored tree in
             # the cgroup; only the restorer's private mount namespace is ours.
+            if cfg.network == "bridge":
+                # A bridged sandbox's network namespace is not in its
+                # checkpoint (CRIU takes it as external): this new one is
+                # given its interface while the restorer waits, and CRIU
+                # restores the tree into it (see _run_restorer).
+                step = "unshare network namespace"
+                sc.unshare(sc.CLONE_NEWNET)
             step = "fork restorer"
             pid = os.fork()
             if pid == 0:
@@ -521,6 +528,11 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         os._exit(127)
 
 
+RESTORE_NETNS_FD = 6
+"""The restorer's descriptor of the network namespace a bridged sandbox is
+restored in (after the stdio at 3, 4 and 5)."""
+
+
 def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
     """Mount the overlay root in a private mount namespace, exec CRIU.
 
@@ -548,6 +560,19 @@ def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             # CRIU takes the root mount's flags from --root, not the dump.
             step = "read-only root"
             _make_root_read_only(cfg)
+        keep = [3, 4, 5]
+        if cfg.network == "bridge":
+            step = "bring up loopback"
+            _loopback_up()
+            # CRIU's --inherit-fd fd[6]:corral-net: the namespace to restore in.
+            net = os.open("/proc/self/ns/net", os.O_RDONLY)
+            os.dup2(net, RESTORE_NETNS_FD, inheritable=True)
+            os.close(net)
+            keep.append(RESTORE_NETNS_FD)
+        if cfg.wait_go:
+            step = "network"
+            if report.recv(16) != b"G":
+                os._exit(1)  # the runtime gave up (and says why)
         step = "exec criu"
         for target, fd in enumerate(os.dup(n) for n in (0, 1, 2)):
             os.dup2(fd, 3 + target)
@@ -556,7 +581,7 @@ def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         for n in (0, 1, 2):
             os.dup2(null, n)
         os.close(null)
-        _prepare_exec(report, 3, 4, 5)
+        _prepare_exec(report, *keep)
         os.execve(cfg.restore_argv[0], cfg.restore_argv, cfg.env)
     except BaseException as exc:
         _report(report, exc, step)

@@ -18,4 +18,41 @@ from __future__ import annotations
 
 from ._model import NETWORK_MODES, Port, check_ports, parse_egress, parse_network, parse_port
 
-__all__ = ["NETWORK_MODES", "Port", "check_ports", "parse_egress", "parse_network", "parse_port"]
+__all__ = [
+    "NETWORK_COUNTERS",
+    "NETWORK_MODES",
+    "Port",
+    "check_ports",
+    "parse_egress",
+    "parse_network",
+    "parse_port",
+]
+
+NETWORK_COUNTERS: dict[str, tuple[str, str]] = {
+    "rx_bytes": ("corral_sandbox_network_receive_bytes_total", "Bytes the sandbox received."),
+    "rx_packets": (
+        "corral_sandbox_network_receive_packets_total",
+        "Packets the sandbox received.",
+    ),
+    "rx_dropped": (
+        "corral_sandbox_network_receive_dropped_total",
+        "Packets to the sandbox dropped by its interface.",
+    ),
+    "tx_bytes": ("corral_sandbox_network_transmit_bytes_total", "Bytes the sandbox sent."),
+    "tx_packets": (
+        "corral_sandbox_network_transmit_packets_total",
+        "Packets the sandbox sent.",
+    ),
+    "tx_dropped": (
+        "corral_sandbox_network_transmit_dropped_total",
+        "Packets from the sandbox dropped by its interface.",
+    ),
+    "denied": (
+        "corral_sandbox_network_egress_denied_packets_total",
+        "Packets from the sandbox its egress allow-list dropped.",
+    ),
+}
+"""A bridged sandbox's network counters (``stats``, ``inspect``) by the
+Prometheus names and help they are exported under: counters (``_total``),
+in the node exporter's words (``receive``/``transmit``), labelled by
+sandbox and instance."""

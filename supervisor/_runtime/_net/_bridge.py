@@ -75,17 +75,29 @@ class BridgeNetwork:
         return config
 
     def attach(
-        self, sandbox: str, ports: Sequence[Port] = (), egress: tuple[str, ...] | None = None
+        self,
+        sandbox: str,
+        ports: Sequence[Port] = (),
+        egress: tuple[str, ...] | None = None,
+        address: str | None = None,
+        gone: Callable[[str], bool] | None = None,
     ) -> Lease:
-        """Lease an address for *sandbox*, with the bridge and the rules up
-        (its published *ports* among them). A host port another sandbox has
-        published already is refused in one line."""
+        """Lease an address for *sandbox* (*address*, if given: see
+        :meth:`NetworkDir.lease` for *gone*), with the bridge and the rules
+        up (its published *ports* among them). A host port another sandbox
+        has published already is refused in one line."""
         with self.dir.locked():
             config = self.settings()
             taken = {
                 (ip, hp, proto): lease.sandbox
                 for lease in self.dir.leases()
                 for ip, hp, _, proto in lease.ports
+                if not (
+                    address is not None
+                    and lease.address == address
+                    and gone is not None
+                    and gone(lease.sandbox)
+                )
             }
             for p in ports:
                 for ip in {p.host_ip, None} if p.host_ip else {None, *(k[0] for k in taken)}:
@@ -97,7 +109,9 @@ class BridgeNetwork:
                         )
             wanted = tuple((p.host_ip, p.host_port, p.port, p.proto) for p in ports)
             first = not self.dir.leases()
-            lease = self.dir.lease(sandbox, config["subnet"], config["gateway"], wanted, egress)
+            lease = self.dir.lease(
+                sandbox, config["subnet"], config["gateway"], wanted, egress, address, gone
+            )
             try:
                 # The bridge and the table are there while any lease is: only
                 # the first sandbox makes them, and only one with ports or an
@@ -112,10 +126,10 @@ class BridgeNetwork:
                 raise
             return lease
 
-    def plug(self, pid: int, sandbox: str, lease: Lease) -> str:
+    def plug(self, pid: int, sandbox: str, lease: Lease, up: bool = True) -> str:
         """Give the waiting init *pid* its interface (see :func:`_links.plug`)."""
         config = self.settings()
-        return _links.plug(pid, sandbox, config["bridge"], lease, self.mtu())
+        return _links.plug(pid, sandbox, config["bridge"], lease, self.mtu(), up)
 
     def mtu(self) -> int:
         """The MTU of the host's uplink (read once per network object)."""

@@ -20,7 +20,7 @@ import fcntl
 import ipaddress
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from ..._errors import SandboxError
@@ -95,9 +95,17 @@ class NetworkDir:
         gateway: str,
         ports: tuple[tuple[str | None, int, int, str], ...] = (),
         egress: tuple[str, ...] | None = None,
+        address: str | None = None,
+        gone: Callable[[str], bool] | None = None,
     ) -> Lease:
-        """A free address of *subnet* for *sandbox*, leased (see the module)."""
+        """A free address of *subnet* for *sandbox*, leased (see the module);
+        *address* if given (a restored sandbox's: its connections are bound
+        to it), refused in one line if it is another sandbox's, unless
+        *gone* says that sandbox has ended (its removal, which gives the
+        lease back, may come after the restore of its checkpoint)."""
         net = ipaddress.IPv4Network(subnet)
+        if address is not None:
+            return self._lease_one(sandbox, net, gateway, ports, egress, address, gone)
         taken = set(self._names())
         tmp = os.path.join(self.leases_dir, f".{sandbox}.{os.getpid()}.tmp")
         hosts = list(net.hosts())
@@ -123,6 +131,44 @@ class NetworkDir:
         raise SandboxError(
             f"network {self.name!r}: no free address in {subnet} ({len(taken)} leased)"
         )
+
+    def _lease_one(
+        self,
+        sandbox: str,
+        net: ipaddress.IPv4Network,
+        gateway: str,
+        ports: tuple[tuple[str | None, int, int, str], ...],
+        egress: tuple[str, ...] | None,
+        address: str,
+        gone: Callable[[str], bool] | None,
+    ) -> Lease:
+        if ipaddress.IPv4Address(address) not in net or address == gateway:
+            raise SandboxError(
+                f"network {self.name!r}: the address {address} is not one of {net}'s"
+                " sandbox addresses (was the network's subnet changed?)"
+            )
+        lease = Lease(address, sandbox, net.prefixlen, gateway, mac_of(address), ports, egress)
+        tmp = os.path.join(self.leases_dir, f".{sandbox}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(lease._asdict(), f)
+        path = os.path.join(self.leases_dir, address)
+        try:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                holder = self._read(address)
+                if holder is None or gone is None or not gone(holder):
+                    raise SandboxError(
+                        f"network {self.name!r}: the address {address} is leased to sandbox"
+                        f" {holder!r}"
+                    ) from None
+                # Taken over whole (the caller holds the network's lock);
+                # the ended holder's release leaves a lease not its own.
+                os.rename(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return lease
 
     def _next(self) -> int:
         try:

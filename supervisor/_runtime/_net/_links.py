@@ -29,6 +29,8 @@ __all__ = [
     "host_routes",
     "plug",
     "remove_bridge",
+    "remove_veth",
+    "set_up",
     "uplink_mtu",
     "veth_name",
 ]
@@ -127,6 +129,16 @@ def remove_veth(name: str) -> None:
                 ip.link("del", index=index)
 
 
+def set_up(name: str, up: bool) -> None:
+    """Bring the host's link *name* up or down (a veth's host end: down, no
+    packet goes in or out of its sandbox)."""
+    with _iproute() as ip:
+        found = ip.link_lookup(ifname=name)
+        if not found:
+            raise SandboxError(f"network: the link {name!r} is gone")
+        ip.link("set", index=found[0], state="up" if up else "down")
+
+
 def link_stats(names: list[str]) -> dict[str, dict[str, int]]:
     """The counters of the host's links *names* (``rx_bytes``, ``tx_packets``,
     ``rx_dropped``...), by name; a link that is gone is left out."""
@@ -152,11 +164,16 @@ def link_stats(names: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
-def plug(pid: int, sandbox: str, bridge: str, lease: Lease, mtu: int) -> str:
+def plug(pid: int, sandbox: str, bridge: str, lease: Lease, mtu: int, up: bool = True) -> str:
     """Give the sandbox whose init is *pid* its ``eth0``: a veth pair made
     with its peer directly in the init's network namespace, the host end on
     *bridge*; then, inside, the lease's MAC and address, up, and the default
-    route. Returns the host end's name. Nothing is left on failure."""
+    route. Returns the host end's name. Nothing is left on failure.
+
+    With *up* false the host end stays down (no carrier inside): nothing
+    reaches the namespace until :func:`set_up` (a restore's sockets are not
+    there yet, and a packet to one that is missing would be answered with a
+    reset)."""
     host_end = veth_name(sandbox)
     with _iproute() as ip:
         bridge_index = ip.link_lookup(ifname=bridge)
@@ -171,7 +188,7 @@ def plug(pid: int, sandbox: str, bridge: str, lease: Lease, mtu: int) -> str:
         )
         try:
             (index,) = ip.link_lookup(ifname=host_end)
-            ip.link("set", index=index, master=bridge_index[0], state="up")
+            ip.link("set", index=index, master=bridge_index[0], state="up" if up else "down")
             with _inside(pid) as inner:
                 (eth0,) = inner.link_lookup(ifname="eth0")
                 inner.addr("add", index=eth0, address=lease.address, prefixlen=lease.prefix)
