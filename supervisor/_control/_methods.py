@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .._core._instance import Instance
     from .._core._supervisor import Supervisor
     from .._runtime._sandbox import ExecProcess
+    from .._runtime._spec import SandboxSpec
 
 __all__ = ["METHODS", "Context", "Method", "parse_signal"]
 
@@ -191,6 +192,7 @@ def inspect(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
             "pids": cfg.limits.effective().pids,
         },
         runtime_name=spec.name,
+        network=_network(spec, sb.network if sb else None),
         cgroup=list(sb.cgroup.paths) if sb else None,
         # The init is our child and not reaped while it is tracked, so its
         # PID cannot have been reused: /proc/PID is that process.
@@ -216,6 +218,21 @@ def inspect(inst: Instance, stats: CgroupStats | None) -> dict[str, Any]:
             for e in inst.recent
         ],
     )
+    return out
+
+
+def _network(spec: SandboxSpec, record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The instance's network mode and, bridged, its address and where it
+    may connect to: the allow-list as written (``egress``) and the
+    addresses its names resolved to when it started (``egress_addresses``)."""
+    out: dict[str, Any] = {"mode": spec.network}
+    lease = (record or {}).get("lease")
+    if spec.network == "bridge":
+        out["egress"] = list(spec.egress) if spec.egress is not None else "all"
+    if isinstance(lease, dict):
+        out["address"] = lease.get("address")
+        allowed = lease.get("egress")
+        out["egress_addresses"] = list(allowed) if allowed is not None else "all"
     return out
 
 
