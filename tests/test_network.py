@@ -469,7 +469,8 @@ def test_names_in_an_allow_list_are_resolved_at_start(
     resolver (/etc/hosts, here a file of the test's): that server is
     reached, the same host's other port is not and is counted. The list
     also has a CIDR holding the name's address (merged, not refused by
-    nft), and a name with two addresses (both allowed)."""
+    nft), and a name with two addresses (both allowed). A name that
+    changes is not followed until the sandbox restarts."""
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(
         '[[sandbox]]\nname = "named"\nnetwork = "bridge"\n'
@@ -518,6 +519,19 @@ def test_names_in_an_allow_list_are_resolved_at_start(
             assert len(elements) == 1, elements  # services only: no -net set
             text = json.dumps(elements)
             assert "192.0.2.7" in text and "192.0.2.8" in text and '"len": 31' in text
+            # The file changes in place (it is bind-mounted): the running
+            # sandbox keeps what it started with; its restart resolves again.
+            (tmp_path / "hosts").write_text("198.51.100.9\toutside.test\n192.0.2.7\ttwo.test\n")
+            p = host.corral(dirs, "inspect", "named-0")
+            assert f"{OUTSIDE}/32:8000/tcp" in json.loads(p.stdout)["network"]["egress_addresses"]
+            p = host.corral(dirs, "restart", "named-0")
+            assert p.returncode == 0, p.stderr
+            p = host.corral(dirs, "inspect", "named-0")
+            info = json.loads(p.stdout)
+            assert info["generation"] == 1 and info["state"] == "running", info["state"]
+            assert info["network"]["egress_addresses"] == [
+                "198.51.100.9/32:8000/tcp", f"{OUTSIDE}/31:8000/tcp", "192.0.2.7/32:53/udp",
+            ]  # fmt: skip
         finally:
             up.send_signal(signal.SIGTERM)
             _, err = up.communicate(timeout=60)
