@@ -108,7 +108,7 @@ def is_host_name(text: str) -> bool:
     """Whether *text* is a host name as RFC 1123 has them (labels of 1-63
     letters, digits and inner hyphens; 253 characters at most; a final dot
     allowed), lowercase. A name whose last label is all digits is refused:
-    ``10.0.0.300`` is a mistyped address, not a name (RFC 3696 2)."""
+    ``10.0.0.300`` is a mistyped address, not a name (RFC 3696, section 2)."""
     if len(text.rstrip(".")) > 253 or not _HOST_NAME.match(text):
         return False
     return not text.rstrip(".").rpartition(".")[2].isdigit()
