@@ -2,8 +2,8 @@
 #
 #   make demo      set everything up, then show the main job on the busybox rootfs
 #   make test      set everything up, then run the test lanes (host; VM v2; VM v1)
-#   make bench     the benchmarks of docs/performance.md (runc, LXC, supervisord, circus,
-#                  plain CRIU in the VM)
+#   make bench     the benchmarks of docs/performance.md (runc, LXC, podman, supervisord,
+#                  circus, plain CRIU in the VM)
 #   make lint      ruff + mypy --strict
 #
 # Setup is idempotent: apt packages, a venv in .venv, the package (editable).
@@ -27,7 +27,10 @@ APT_VM      := qemu-system-x86 linux-image-amd64
 # tests also read image layouts that skopeo and umoci write (offline); the
 # lxc-template tests run the lxc package's /usr/share/lxc/templates/lxc-busybox.
 APT_TEST    := gcc libc6-dev skopeo umoci lxc
-APT_BENCH   := runc lxc gcc libc6-dev debootstrap
+# The network benchmark's podman peer: Debian's podman 4.3 with runc and its
+# netavark backend (which calls iptables); it runs in the benchmark's own
+# namespaces only (benchmarks/_podman.py).
+APT_BENCH   := runc lxc gcc libc6-dev debootstrap podman netavark iptables
 
 .PHONY: setup setup-vm setup-bench demo test test-host test-vm test-vm-v1 lint bench \
         bench-checkpoint clean

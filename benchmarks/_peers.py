@@ -158,9 +158,13 @@ def _run_quiet(
 
 
 def _timed_run(
-    argv: Sequence[str], timeout: float, on_timeout: Callable[[], object]
+    argv: Sequence[str],
+    timeout: float,
+    on_timeout: Callable[[], object],
+    env: dict[str, str] | None = None,
 ) -> tuple[float, subprocess.CompletedProcess[bytes]]:
-    """Run *argv* to completion; return (wall seconds, finished process).
+    """Run *argv* to completion (in *env*, or this process's environment);
+    return (wall seconds, finished process).
 
     Output is captured, stdin is ``/dev/null``.  If *argv* has not finished
     after *timeout* seconds, *on_timeout* is called while it is still alive
@@ -169,7 +173,11 @@ def _timed_run(
     """
     start = time.perf_counter()
     with subprocess.Popen(
-        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)

@@ -1,5 +1,5 @@
-"""Bridged sandbox lifecycle: corral's bridge mode against LXC's veth (and
-podman's bridge where it is installed), side by side in one run.
+"""Bridged sandbox lifecycle: corral's bridge mode against LXC's veth and
+podman's bridge, side by side in one run.
 
 Each sample is the full lifecycle of one ``/bin/true`` sandbox with a veth
 on a bridge, an address and a default route: create, start, wait, delete.
@@ -10,21 +10,25 @@ on a bridge, an address and a default route: create, start, wait, delete.
 - ``lxc``: ``lxc-execute`` with ``lxc.net.0.type = veth`` on a bridge of
   its own, a static address and gateway (LXC has no IPAM: equal work but
   corral's lease file and its /etc/hosts and resolv.conf);
-- ``podman``: ``podman run --rm --network bridge --rootfs DIR /bin/true``,
-  if podman is installed (it is not by default: ``apt-get install podman``).
+- ``podman``: ``podman run --rm --network bridge --rootfs DIR:O /bin/true``
+  (Debian's podman 4.3 with runc and netavark: ``make setup-bench``), with
+  the same limits, all of its state in the scratch directory, and the
+  rlimits it can set here (``_podman.py`` says why it failed before).
 
-The whole benchmark runs in a network namespace of its own (it re-executes
-itself under ``unshare --net``): the bridges, corral's nftables table and
-the forwarding switch are that namespace's, never the host's. One bridged
-sandbox (an anchor) runs throughout, so that each sample is a sandbox
-joining a network that exists, as in a fleet; the first sandbox's extra
-cost (the bridge, the table) is printed apart.
+The whole benchmark runs in a network and a mount namespace of its own (it
+re-executes itself under ``unshare --net --mount``): the bridges, corral's
+nftables table, podman's iptables rules and the forwarding switch are that
+namespace's, never the host's, and ``/run`` and ``/dev/shm`` are tmpfs of
+its own (podman writes there at paths no flag moves). One bridged sandbox
+(an anchor) runs throughout for corral, and one container for podman, so
+that each sample joins a network that exists, as in a fleet; the first
+one's extra cost (the bridge, the rules) is printed apart.
 
 Usage (as root)::
 
     .venv/bin/python benchmarks/network.py [--runs 50]
 
-Ends with ``bridge_ratio_vs_podman: X`` (``n/a`` without podman),
+Ends with ``bridge_ratio_vs_podman: X`` (``n/a`` where podman cannot run),
 ``bridge_ratio_vs_lxc: X`` and ``bridge_start_p50_ms: X``.
 """
 
@@ -42,7 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import LxcPeer
+from _peers import LxcPeer, PeerError
+from _podman import PodmanPeer, outer_namespaces, private_run_dirs
 
 from supervisor import Keeper, Limits, Runtime, SandboxSpec
 
@@ -71,7 +76,7 @@ def _in_own_netns() -> None:
     """Re-execute this script in a new network namespace (once)."""
     if os.environ.get("CORRAL_BENCH_NETNS") == "1":
         return
-    env = {**os.environ, "CORRAL_BENCH_NETNS": "1"}
+    env = {**os.environ, "CORRAL_BENCH_NETNS": "1", **outer_namespaces()}
     argv = ["unshare", "--net", "--mount", "--propagation", "private", "--"]
     os.execvpe("unshare", [*argv, sys.executable, *sys.argv], env)
 
@@ -94,6 +99,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     _in_own_netns()
+    private_run_dirs()
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     subprocess.run(["ip", "link", "add", LXC_BRIDGE, "type", "bridge"], check=True)
     subprocess.run(["ip", "addr", "add", "10.214.0.1/24", "dev", LXC_BRIDGE], check=True)
@@ -103,7 +109,10 @@ def main() -> None:
     _own_sys_class_net(scratch)
     state, run = scratch / "state", scratch / "run"
     keeper = Keeper()
-    peers: list[LxcPeer] = []
+    peers: list[LxcPeer | PodmanPeer] = []
+    podman: PodmanPeer | None = None
+    podman_first_ms = 0.0
+    failed: list[str] = []
     anchor = None
     try:
         runtime = Runtime(state_dir=state, run_dir=run, spawner=keeper.spawn)
@@ -143,18 +152,16 @@ def main() -> None:
             contenders["lxc"] = lxc.run_once
         else:
             print(f"lxc: not working here ({lxc_ok.reason}); skipped", file=sys.stderr)
-        podman = shutil.which("podman")
-        if podman is not None:
-            argv = [podman, "run", "--rm", "--network", "bridge", "--rootfs", rootfs, "/bin/true"]
-
-            def podman_run() -> float:
-                t0 = time.perf_counter()
-                subprocess.run(argv, check=True, capture_output=True)
-                return time.perf_counter() - t0
-
-            contenders["podman"] = podman_run
+        podman_ok = PodmanPeer.available(rootfs)
+        if podman_ok:
+            podman = PodmanPeer(rootfs, scratch / "podman", anchor=True)
+            peers.append(podman)
+            t0 = time.perf_counter()
+            podman.setup()  # starts its anchor: podman0 and netavark's rules
+            podman_first_ms = (time.perf_counter() - t0) * 1e3
+            contenders["podman"] = podman.run_once
         else:
-            print("podman: not installed (apt-get install podman); skipped", file=sys.stderr)
+            print(f"podman: not measured ({podman_ok.reason})", file=sys.stderr)
 
         samples: dict[str, list[float]] = {k: [] for k in contenders}
         for i in range(args.warmup + args.runs):
@@ -168,7 +175,11 @@ def main() -> None:
             anchor.wait()
             anchor.destroy()
         for peer in peers:
-            peer.teardown()
+            try:
+                peer.teardown()
+            except PeerError as exc:  # the others are still torn down
+                failed.append(str(exc))
+                print(f"teardown: {exc}", file=sys.stderr)
         keeper.close()
         subprocess.run(["umount", "-R", str(scratch / "sysfs")], check=False)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -181,6 +192,12 @@ def main() -> None:
         p90 = xs[min(len(xs) - 1, int(0.9 * len(xs)))]
         print(f"{name:12} {med[name] * 1e3:10.2f} {p90 * 1e3:8.2f} {xs[0] * 1e3:8.2f}")
     print(f"first bridged sandbox (makes the bridge and the table): {first_ms:.1f} ms")
+    if podman is not None:
+        print(f"first podman container (detached, until started): {podman_first_ms:.1f} ms")
+        if podman.last_stderr:
+            print(f"podman's stderr on its last run: {podman.last_stderr}")
+        left = "; ".join(podman.left_in_netns) or "nothing"
+        print(f"podman left in the benchmark's network namespace after its last container: {left}")
     print(
         f"the network's cost per sandbox: {(med['corral-lib'] - med['corral-none']) * 1e3:.1f} ms"
     )
@@ -192,6 +209,8 @@ def main() -> None:
         else "bridge_ratio_vs_lxc: n/a"
     )
     print(f"bridge_start_p50_ms: {med['corral-lib'] * 1e3:.1f}")
+    if failed:
+        sys.exit(1)  # said above: something of a peer's was left
 
 
 if __name__ == "__main__":

@@ -132,6 +132,29 @@ def _nothing_left(host: Host, dirs: Dirs) -> None:
     assert not leases.exists() or os.listdir(leases) == []
 
 
+def _names(tmp_path: Path, names: dict[str, list[str]]) -> list[str]:
+    """The argv prefix that runs a command in a mount namespace of its own
+    whose /etc/hosts gives *names* (name -> addresses) and whose
+    /etc/resolv.conf names a resolver on H's loopback where nothing
+    listens: a name not in the file fails at once, and no query leaves the
+    test's namespaces. The host's own files are not touched (the bind
+    mounts are private to that namespace, which goes with its processes)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(
+        "127.0.0.1\tlocalhost\n"
+        + "".join(f"{a}\t{name}\n" for name, addrs in names.items() for a in addrs)
+    )
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions attempts:1 timeout:1\n")
+    script = (
+        'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@"'
+    )
+    return [
+        "unshare", "--mount", "--propagation", "private", "--",
+        "sh", "-c", script, "sh", str(hosts), str(resolv),
+    ]  # fmt: skip
+
+
 def test_a_bridged_sandbox_reaches_the_outside_through_nat(
     host: Host, dirs: Dirs, tmp_path: Path
 ) -> None:
@@ -423,10 +446,24 @@ def test_egress_is_checked(dirs: Dirs) -> None:
     assert parse_egress(["10.1.2.3/8", "192.0.2.1:53/udp", "192.0.2.1:443"]) == (
         "10.0.0.0/8", "192.0.2.1/32:53/udp", "192.0.2.1/32:443/tcp",
     )  # fmt: skip
+    assert parse_egress(["Deb.Debian.org:443", "example.internal", "ns1:53/udp", "a.test."]) == (
+        "deb.debian.org:443/tcp", "example.internal", "ns1:53/udp", "a.test.",
+    )  # fmt: skip
     for bad, message in (
         ("some", "expected 'all', 'none' or a list"),
-        (["example.com"], "expected an IPv4 address or CIDR"),
+        (["10.0.0.300"], "expected an IPv4 address, a CIDR or a host name, got '10.0.0.300'"),
+        (["10.0.0.0/33"], "expected an IPv4 address, a CIDR or a host name"),
+        (["-web.test"], "expected an IPv4 address, a CIDR or a host name, got '-web.test'"),
+        (["web_1.test"], "a CIDR or a host name, got 'web_1.test'"),
+        (["a..test"], "a CIDR or a host name"),
+        ([f"{'a' * 64}.test"], "a CIDR or a host name"),
+        ([".".join(["abcdefg"] * 32)], "a CIDR or a host name"),  # 255 characters
+        (["example.com/24"], "a CIDR or a host name, got 'example.com/24'"),
         (["192.0.2.1:http"], "expected PORT[/tcp|udp] after the address"),
+        (["deb.debian.org:0"], "expected PORT[/tcp|udp] after the name, got '0'"),
+        (["deb.debian.org:65536"], "after the name, got '65536'"),
+        (["deb.debian.org:443/sctp"], "after the name, got '443/sctp'"),
+        (["deb.debian.org:"], "after the name, got ''"),
     ):
         with pytest.raises(SpecError, match=re.escape(message)):
             parse_egress(bad)
@@ -437,6 +474,101 @@ def test_egress_is_checked(dirs: Dirs) -> None:
     assert p.stderr.decode() == (
         "corral: egress: only a sandbox with network = 'bridge' has egress to restrict\n"
     )
+
+
+def test_names_in_an_allow_list_are_resolved_at_start(
+    host: Host, dirs: Dirs, tmp_path: Path
+) -> None:
+    """egress = ["outside.test:8000"], the name resolved by the host's
+    resolver (/etc/hosts, here a file of the test's): that server is
+    reached, the same host's other port is not and is counted. The list
+    also has a CIDR holding the name's address (merged, not refused by
+    nft), and a name with two addresses (both allowed). A name that
+    changes is not followed until the sandbox restarts."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[sandbox]]\nname = "named"\nnetwork = "bridge"\n'
+        f'egress = ["outside.test:8000", "{OUTSIDE}/31:8000", "two.test:53/udp"]\n'
+        f'command = ["sh", "-c", "wget -qO- http://{OUTSIDE}:8000/ && echo allowed;'
+        f' nc -w 1 {OUTSIDE} 8001 </dev/null || echo denied; exec sleep 60"]\n'
+    )
+    names = {"outside.test": [OUTSIDE], "two.test": ["192.0.2.7", "192.0.2.8"]}
+    with _server(host, tmp_path, 8000), _server(host, tmp_path, 8001):
+        up = host.popen(
+            *_names(tmp_path, names), sys.executable, "-m", "supervisor", "up", str(fleet),
+            env=dirs.env,
+        )  # fmt: skip
+        try:
+            log = dirs.state / "logs" / "named-0.log"
+            wait_for(
+                lambda: (
+                    up.poll() is not None or "denied" in (log.read_text() if log.exists() else "")
+                ),
+                timeout=60,
+                what="named-0 to be denied",
+            )
+            assert up.poll() is None, up.stderr.read() if up.stderr else ""
+            assert "hello from outside" in log.read_text() and "allowed" in log.read_text()
+            p = host.corral(dirs, "stats", "--json", "named")
+            assert p.returncode == 0, p.stderr
+            assert json.loads(p.stdout)[0]["network"]["denied"] >= 1
+            p = host.corral(dirs, "inspect", "named-0")
+            assert p.returncode == 0, p.stderr
+            net = json.loads(p.stdout)["network"]
+            assert net["egress"] == [
+                "outside.test:8000/tcp",
+                f"{OUTSIDE}/31:8000/tcp",
+                "two.test:53/udp",
+            ]
+            assert net["egress_addresses"] == [
+                f"{OUTSIDE}/32:8000/tcp", f"{OUTSIDE}/31:8000/tcp",
+                "192.0.2.7/32:53/udp", "192.0.2.8/32:53/udp",
+            ]  # fmt: skip
+            p = host.run("nft", "-j", "list", "sets", "table", "inet", "corral")
+            elements = [
+                item["set"].get("elem", [])
+                for item in json.loads(p.stdout)["nftables"]
+                if "set" in item
+            ]
+            assert len(elements) == 1, elements  # services only: no -net set
+            text = json.dumps(elements)
+            assert "192.0.2.7" in text and "192.0.2.8" in text and '"len": 31' in text
+            # The file changes in place (it is bind-mounted): the running
+            # sandbox keeps what it started with; its restart resolves again.
+            (tmp_path / "hosts").write_text("198.51.100.9\toutside.test\n192.0.2.7\ttwo.test\n")
+            p = host.corral(dirs, "inspect", "named-0")
+            assert f"{OUTSIDE}/32:8000/tcp" in json.loads(p.stdout)["network"]["egress_addresses"]
+            p = host.corral(dirs, "restart", "named-0")
+            assert p.returncode == 0, p.stderr
+            p = host.corral(dirs, "inspect", "named-0")
+            info = json.loads(p.stdout)
+            assert info["generation"] == 1 and info["state"] == "running", info["state"]
+            assert info["network"]["egress_addresses"] == [
+                "198.51.100.9/32:8000/tcp", f"{OUTSIDE}/31:8000/tcp", "192.0.2.7/32:53/udp",
+            ]  # fmt: skip
+        finally:
+            up.send_signal(signal.SIGTERM)
+            _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    _nothing_left(host, dirs)
+
+
+def test_a_name_that_does_not_resolve_is_one_line(host: Host, dirs: Dirs, tmp_path: Path) -> None:
+    """A name of the allow-list that does not resolve when the sandbox
+    starts is its start failure in one line, naming the field and the
+    name, and nothing is left (no lease, no bridge, no rule)."""
+    p = host.run(
+        *_names(tmp_path, {"outside.test": [OUTSIDE]}), sys.executable, "-m", "supervisor",
+        "run", "--name", "lost", "--network", "bridge",
+        "--egress", "outside.test:8000,nowhere.test:443", "--", "true",
+        env=dirs.env,
+    )  # fmt: skip
+    assert p.returncode == 125, p.stderr
+    assert p.stderr.startswith("corral: sandbox 'lost': egress: cannot resolve 'nowhere.test': "), (
+        p.stderr
+    )
+    assert p.stderr.count("\n") == 1, p.stderr
+    _nothing_left(host, dirs)
 
 
 def test_a_sandbox_shares_another_sandboxes_network(host: Host, dirs: Dirs) -> None:

@@ -118,8 +118,9 @@ def add_parsers(sub: Subparsers) -> None:
     )
     run.add_argument(
         "--egress",
-        metavar="all|none|ADDR[/LEN][:PORT[/PROTO]],...",
-        help="where a bridged sandbox may connect to (default: all)",
+        metavar="all|none|HOST[:PORT[/PROTO]],...",
+        help="where a bridged sandbox may connect to (default: all); HOST is an address,"
+        " a CIDR or a host name (resolved when the sandbox starts)",
     )
     run.add_argument("--read-only", action="store_true", help="make the root file system read-only")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")

@@ -317,8 +317,9 @@ async def _inspect(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any
 
 
 def _network(inst: Instance, counters: Mapping[str, int] | None) -> dict[str, Any]:
-    """An instance's network: its mode and, bridged and running, its lease,
-    its veth and its counters."""
+    """An instance's network: its mode, ports and egress (as written) and,
+    bridged and running, its lease (with the egress addresses its names
+    resolved to), its veth and its counters."""
     cfg = inst.config
     out: dict[str, Any] = {
         "mode": cfg.network,
@@ -328,8 +329,11 @@ def _network(inst: Instance, counters: Mapping[str, int] | None) -> dict[str, An
     sb = inst.sandbox
     lease = sb.network.get("lease") if sb is not None and sb.network else None
     if sb is not None and sb.network and isinstance(lease, dict):
+        allowed = lease.get("egress")
         out.update(
             address=lease.get("address"),
+            # The allow-list's names as they resolved when it started.
+            egress_addresses=list(allowed) if allowed is not None else "all",
             prefix=lease.get("prefix"),
             gateway=lease.get("gateway"),
             mac=lease.get("mac"),

@@ -90,6 +90,7 @@ from ._net._bridge import BridgeNetwork, hosts_file, resolv_conf
 from ._net._ipam import Lease
 from ._net._links import remove_veth, veth_name
 from ._net._links import set_up as set_link_up
+from ._net._resolve import resolve_egress
 from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
@@ -1051,8 +1052,17 @@ class Runtime:
             return None, None, self._join(spec, mounts)
         if spec.network != "bridge":
             return None, None, None
+        # Names in the allow-list become addresses now, before the lease:
+        # one that does not resolve leaves nothing to undo. The lease keeps
+        # the addresses, so the rules stay what they were at the start
+        # (written again as other sandboxes come and go, and by a
+        # supervisor that takes this one over) until the sandbox restarts.
+        try:
+            egress = resolve_egress(spec.egress)
+        except SandboxError as exc:
+            raise SandboxError(f"sandbox {spec.name!r}: {exc}") from None
         bridge = self.bridge
-        lease = bridge.attach(spec.name, spec.ports, spec.egress, address, self._ended)
+        lease = bridge.attach(spec.name, spec.ports, egress, address, self._ended)
         veth = veth_name(spec.name)
         undo.callback(bridge.detach, lease, veth)
         for name, text in (

@@ -155,7 +155,8 @@ class _SpecFields(NamedTuple):
     """Published ports (a bridged sandbox's): the host's, forwarded to it."""
     egress: tuple[str, ...] | None
     """Where a bridged sandbox may connect to: None (anywhere), or only to
-    these ``ADDRESS[/LEN]`` and ``ADDRESS[/LEN]:PORT/PROTO`` (none if empty)."""
+    these ``HOST`` and ``HOST:PORT/PROTO`` (none if empty), HOST an
+    ``ADDRESS/LEN`` or a host name (resolved when the sandbox starts)."""
 
 
 def _egress(value: Sequence[str] | str | None, network: str) -> tuple[str, ...] | None:

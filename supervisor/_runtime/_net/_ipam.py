@@ -40,7 +40,8 @@ class Lease(NamedTuple):
     ports: tuple[tuple[str | None, int, int, str], ...] = ()
     """Its published ports: (host IP or None, host port, port, protocol)."""
     egress: tuple[str, ...] | None = None
-    """Where it may connect to (None: anywhere; see ``parse_egress``)."""
+    """Where it may connect to (None: anywhere; see ``parse_egress``): host
+    names are resolved to addresses when the lease is made."""
 
 
 def mac_of(address: str) -> str:

@@ -9,7 +9,15 @@ from typing import Any, NamedTuple
 
 from ..._errors import SpecError
 
-__all__ = ["NETWORK_MODES", "Port", "check_ports", "parse_egress", "parse_network", "parse_port"]
+__all__ = [
+    "NETWORK_MODES",
+    "Port",
+    "check_ports",
+    "is_host_name",
+    "parse_egress",
+    "parse_network",
+    "parse_port",
+]
 
 NETWORK_MODES = ("none", "bridge", "host")
 """What ``network`` may be (besides ``sandbox:NAME``)."""
@@ -92,37 +100,60 @@ def check_ports(ports: Sequence[Port], network: str) -> tuple[Port, ...]:
     return out
 
 
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?:{_LABEL}\.)*{_LABEL}\.?$")
+
+
+def is_host_name(text: str) -> bool:
+    """Whether *text* is a host name as RFC 1123 has them (labels of 1-63
+    letters, digits and inner hyphens; 253 characters at most; a final dot
+    allowed), lowercase. A name whose last label is all digits is refused:
+    ``10.0.0.300`` is a mistyped address, not a name (RFC 3696, section 2)."""
+    if len(text.rstrip(".")) > 253 or not _HOST_NAME.match(text):
+        return False
+    return not text.rstrip(".").rpartition(".")[2].isdigit()
+
+
 def parse_egress(value: object, field: str = "egress") -> tuple[str, ...] | None:
     """Where a bridged sandbox may connect to: ``"all"`` (None), ``"none"``
-    (an empty tuple), or a list of ``ADDRESS[/LEN]`` and
-    ``ADDRESS[/LEN]:PORT[/tcp|udp]`` entries (normalized)."""
+    (an empty tuple), or a list of ``HOST`` and ``HOST:PORT[/tcp|udp]``
+    entries, HOST an IPv4 address, a CIDR or a host name (normalized:
+    ``ADDRESS/LEN``, a name in lowercase, ``:PORT/PROTO``). Names are only
+    checked here; they are resolved when the sandbox starts
+    (:func:`~._resolve.resolve_egress`)."""
     if value == "all":
         return None
     if value == "none":
         return ()
     expected = (
-        "expected 'all', 'none' or a list like ['10.0.0.0/8', '192.0.2.1:53/udp'],"
-        f" got {value!r:.60}"
+        "expected 'all', 'none' or a list like ['10.0.0.0/8', '192.0.2.1:53/udp',"
+        f" 'deb.debian.org:443'], got {value!r:.60}"
     )
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise SpecError(field, expected)
     out = []
     for entry in value:
-        net_text, sep, service = entry.partition(":")
+        host_text, sep, service = entry.partition(":")
+        what = "the address"
         try:
-            net = ipaddress.IPv4Network(net_text, strict=False)
+            host = str(ipaddress.IPv4Network(host_text, strict=False))
         except ValueError:
-            raise SpecError(
-                field, f"{entry!r}: expected an IPv4 address or CIDR, got {net_text!r}"
-            ) from None
+            host = host_text.lower()
+            if not is_host_name(host):
+                raise SpecError(
+                    field,
+                    f"{entry!r}: expected an IPv4 address, a CIDR or a host name,"
+                    f" got {host_text!r}",
+                ) from None
+            what = "the name"
         if not sep:
-            out.append(str(net))
+            out.append(host)
             continue
         port, _, proto = service.partition("/")
         proto = proto or "tcp"
         if not port.isdigit() or not 1 <= int(port) <= 65535 or proto not in ("tcp", "udp"):
             raise SpecError(
-                field, f"{entry!r}: expected PORT[/tcp|udp] after the address, got {service!r}"
+                field, f"{entry!r}: expected PORT[/tcp|udp] after {what}, got {service!r}"
             )
-        out.append(f"{net}:{int(port)}/{proto}")
+        out.append(f"{host}:{int(port)}/{proto}")
     return tuple(dict.fromkeys(out))

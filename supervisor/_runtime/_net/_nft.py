@@ -30,6 +30,7 @@ import hashlib
 import json
 import subprocess
 from collections.abc import Sequence
+from ipaddress import IPv4Network, collapse_addresses
 from typing import Any, NamedTuple
 
 from ..._errors import SandboxError
@@ -214,22 +215,19 @@ def _egress(b: Bridge, wanted: tuple[set[str], set[str]]) -> list[dict[str, Any]
                 "right": e.address,
             }
         }
-        nets = [x for x in e.allowed if ":" not in x]
-        services = [x for x in e.allowed if ":" in x]
+        nets, services = _merged(e.allowed)
         accepts: list[list[dict[str, Any]]] = []
         if nets:
             name = f"egress-{tag}-net"
             wanted[0].add(name)
-            cmds += _set(name, "ipv4_addr", [_prefix(x) for x in nets])
+            cmds += _set(name, "ipv4_addr", [_prefix(str(x)) for x in nets])
             accepts.append([{"match": {"op": "==", "left": _daddr(), "right": f"@{name}"}}])
         if services:
             name = f"egress-{tag}-svc"
             wanted[0].add(name)
-            elements = []
-            for x in services:
-                net, _, service = x.partition(":")
-                port, _, proto = service.partition("/")
-                elements.append({"concat": [_prefix(net), proto, int(port)]})
+            elements = [
+                {"concat": [_prefix(str(net)), proto, port]} for net, proto, port in services
+            ]
             cmds += _set(name, ["ipv4_addr", "inet_proto", "inet_service"], elements)
             key = {
                 "concat": [
@@ -246,6 +244,32 @@ def _egress(b: Bridge, wanted: tuple[set[str], set[str]]) -> list[dict[str, Any]
                 _rule(chain, _is("iifname", b.name), saddr, {"counter": e.counter}, {"drop": None})
             )
     return cmds
+
+
+def _merged(
+    allowed: Sequence[str],
+) -> tuple[list[IPv4Network], list[tuple[IPv4Network, str, int]]]:
+    """*allowed*'s networks, and its (network, protocol, port) services,
+    with no two that overlap: nft refuses an interval set whose elements
+    do ("conflicting intervals specified"), which a list can easily have
+    once names are resolved (a name with an address inside a listed CIDR,
+    two names with one address). Overlapping networks are merged into the
+    larger; so are those of a service with the same protocol and port."""
+    nets: list[IPv4Network] = []
+    by_service: dict[tuple[str, int], list[IPv4Network]] = {}
+    for entry in allowed:
+        net, sep, service = entry.partition(":")
+        if not sep:
+            nets.append(IPv4Network(net))
+            continue
+        port, _, proto = service.partition("/")
+        by_service.setdefault((proto, int(port)), []).append(IPv4Network(net))
+    services = [
+        (net, proto, port)
+        for (proto, port), group in sorted(by_service.items())
+        for net in collapse_addresses(group)
+    ]
+    return list(collapse_addresses(nets)), services
 
 
 def _daddr() -> dict[str, Any]:
