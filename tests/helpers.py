@@ -91,3 +91,15 @@ def user_xattrs_work(directory: Path) -> bool:
         return False
     finally:
         probe.unlink()
+
+
+def skopeo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    """Run ``skopeo ARGS`` (checked) where it leaves nothing on the host: as
+    root it keeps a blob-info cache in ``/var/lib/containers/cache``, which no
+    flag moves, so it runs in a mount namespace of its own with an empty
+    tmpfs on ``/var/lib`` (which it needs nothing else of)."""
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+         'mount -t tmpfs corral-test /var/lib && exec skopeo "$@"', "skopeo", *args],
+        check=True, capture_output=True, timeout=timeout,
+    )  # fmt: skip

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tarfile
 import threading
 from pathlib import Path
@@ -19,7 +18,7 @@ from rootfs import ImageStore, OciError, busybox_image
 from rootfs._import import ImportProgress, import_oci
 
 from .conftest import Dirs, corral, requires_root
-from .helpers import user_xattrs_work
+from .helpers import skopeo, user_xattrs_work
 from .test_oci import build, docker_archive, file, layout, make_tar, special, symlink
 
 pytestmark = [requires_root]
@@ -217,10 +216,7 @@ def test_a_layout_skopeo_wrote_is_imported(dirs: Dirs, tmp_path: Path) -> None:
     image = build([base, make_tar(file("srv/app", b"s\n"))], [False, False], CONFIG)
     archive = docker_archive(tmp_path / "saved.tar", [(image, ["skopeo/app:1"])])
     out = tmp_path / "skopeo-layout"
-    subprocess.run(
-        ["skopeo", "copy", "--quiet", f"docker-archive:{archive}", f"oci:{out}:app"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    skopeo("copy", "--quiet", f"docker-archive:{archive}", f"oci:{out}:app")
     assert json.loads((out / "index.json").read_text())["manifests"]
     p = corral(dirs, "image", "import", str(out), "app", "--tag", "skopeo:app")
     assert p.returncode == 0, p.stderr

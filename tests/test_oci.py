@@ -29,6 +29,8 @@ import pytest
 
 from rootfs import Layer, OciError, OciImage, apply_layer, open_image
 
+from .helpers import skopeo
+
 REPO = Path(__file__).resolve().parent.parent
 
 requires_root = pytest.mark.skipif(
@@ -1016,11 +1018,9 @@ def test_a_layout_written_by_skopeo_is_read(
     archive = docker_archive(tmp_path / "img.tar", [(build(), ["corral/test:1"])])
     dest = tmp_path / "layout"
     keep = [] if compress else ["--dest-oci-accept-uncompressed-layers"]
-    subprocess.run(
-        ["skopeo", "--insecure-policy", "copy", "--quiet", *keep, f"docker-archive:{archive}", f"oci:{dest}:t1"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    skopeo(
+        "--insecure-policy", "copy", "--quiet", *keep, f"docker-archive:{archive}", f"oci:{dest}:t1"
+    )
     image = open_image(str(dest), "t1")
     # skopeo 1.9 labels the layers it keeps uncompressed "+gzip" too: they are
     # read as what their first bytes say they are.
