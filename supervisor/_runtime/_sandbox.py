@@ -85,9 +85,10 @@ from ._linux._spawn import (
     spawn_direct,
 )
 from ._mounts import Mount, parse_user
-from ._net._bridge import BridgeNetwork, hosts_file, resolv_conf
+from ._net._bridge import Networks, hosts_file, resolv_conf
 from ._net._ipam import Lease
 from ._net._links import veth_name
+from ._net._model import DEFAULT_NETWORK, NetworkDecl, network_name
 from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
@@ -551,7 +552,7 @@ class Runtime:
         self._die_with_caller = die_with_caller
         self.init_binary = find_init_binary()
         self._spawn: Spawner = spawner or spawn_direct
-        self._bridge: BridgeNetwork | None = None
+        self._networks: Networks | None = None
         # Who tells how a process ended: given, or the keeper whose spawn
         # we use (its holder is the parent of what it starts), or waitid.
         owner = getattr(spawner, "__self__", None)
@@ -909,7 +910,7 @@ class Runtime:
         if not os.path.isdir(os.path.join(self.state_dir, "network")):
             return []
         try:
-            return self.bridge.sweep(alive)
+            return self.networks.sweep(alive)
         except (CorralError, OSError) as exc:
             _say(f"corral: the network's leftovers could not be swept: {exc}")
             return []
@@ -992,7 +993,9 @@ class Runtime:
         net = record.get("network")
         if isinstance(net, dict) and isinstance(net.get("lease"), dict):
             with contextlib.suppress(TypeError):
-                undo.callback(self.bridge.detach, Lease(**net["lease"]), str(net.get("veth")))
+                # A record from before there were several networks has no name.
+                on = self.networks.get(str(net.get("name") or DEFAULT_NETWORK))
+                undo.callback(on.detach, Lease(**net["lease"]), str(net.get("veth")))
         pidfd = -1
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(pid)
@@ -1024,11 +1027,18 @@ class Runtime:
         return ":".join(_shifted_rootfs(p, base, size, self.state_dir) for p in lower.split(":"))
 
     @property
-    def bridge(self) -> BridgeNetwork:
-        """corral's bridge network (made when a bridged sandbox first needs it)."""
-        if self._bridge is None:
-            self._bridge = BridgeNetwork(self.state_dir, self.run_dir, say=_say)
-        return self._bridge
+    def networks(self) -> Networks:
+        """corral's bridge networks: the default one (``bridge``) and those
+        fleets declared (each made when a sandbox first needs it)."""
+        if self._networks is None:
+            self._networks = Networks(self.state_dir, self.run_dir, say=_say)
+        return self._networks
+
+    def declare_networks(self, decls: Sequence[NetworkDecl]) -> None:
+        """Record the networks a fleet declares, checked against the host's
+        routes and addresses and against what sandboxes use now (see
+        :meth:`Networks.declare`); a problem is one line, nothing recorded."""
+        self.networks.declare(decls)
 
     def _network(
         self, spec: SandboxSpec, sdir: str, mounts: list[list[Any]], undo: contextlib.ExitStack
@@ -1040,9 +1050,10 @@ class Runtime:
         Nothing for the other modes."""
         if spec.network.startswith("sandbox:"):
             return None, None, self._join(spec, mounts)
-        if spec.network != "bridge":
+        on = network_name(spec.network)
+        if on is None:
             return None, None, None
-        bridge = self.bridge
+        bridge = self.networks.get(on)
         lease = bridge.attach(spec.name, spec.ports, spec.egress)
         veth = veth_name(spec.name)
         undo.callback(bridge.detach, lease, veth)
@@ -1060,7 +1071,8 @@ class Runtime:
         def on_pid(pid: int) -> None:
             bridge.plug(pid, spec.name, lease)
 
-        return on_pid, {"mode": "bridge", "lease": lease._asdict(), "veth": veth}, None
+        record = {"mode": "bridge", "name": on, "lease": lease._asdict(), "veth": veth}
+        return on_pid, record, None
 
     def _join(self, spec: SandboxSpec, mounts: list[list[Any]]) -> list[int]:
         """``sandbox:NAME``: the running sandbox NAME (a sandbox's name, or a
