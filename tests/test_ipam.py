@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from supervisor._errors import SandboxError
-from supervisor._runtime._net._ipam import NetworkDir
+from supervisor._runtime._net._ipam import NetworkDir, locked
 
 SUBNET, GATEWAY = "10.213.0.0/24", "10.213.0.1"
 
@@ -20,7 +20,7 @@ def _holder(d: NetworkDir, address: str) -> str:
 
 def test_a_restore_takes_its_address_back_only_from_a_sandbox_that_ended(tmp_path: Path) -> None:
     d = NetworkDir(str(tmp_path), "corral")
-    with d.locked():
+    with locked(str(tmp_path)):
         old = d.lease("web-0.0", SUBNET, GATEWAY)
         # Its next generation, restored from its checkpoint while the one
         # that ended still waits for its removal: the address moves over.

@@ -125,11 +125,12 @@ def _nothing_left(host: Host, dirs: Dirs) -> None:
         what="the sandboxes' veths to go with their namespaces",
     )
     links = host.run("ip", "-o", "link").stdout
-    assert "corral0" not in links and " vc" not in links, links
+    # corral0, a declared network's cr-NAME, a bridge being made (crn...).
+    assert not re.search(r"^\d+: (corral0|cr-|crn|vc)", links, re.M), links
     assert host.run("nft", "list", "tables").stdout.strip() == ""
     assert host.run("cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "0"
-    leases = dirs.state / "network" / "corral" / "leases"
-    assert not leases.exists() or os.listdir(leases) == []
+    for leases in (dirs.state / "network").glob("*/leases"):
+        assert os.listdir(leases) == [], leases
 
 
 def _names(tmp_path: Path, names: dict[str, list[str]]) -> list[str]:
@@ -217,12 +218,20 @@ def test_host_network_is_the_hosts(host: Host, dirs: Dirs) -> None:
 
 
 def test_a_bad_network_mode_is_one_line(dirs: Dirs) -> None:
+    """A malformed mode, and the name of a network nobody declared here."""
     from .conftest import corral
 
+    p = corral(dirs, "run", "--network", "bridge:web", "--", "true")
+    assert p.returncode == 125
+    assert p.stderr.decode() == (
+        "corral: --network: expected one of none, bridge, host, sandbox:NAME or a network's"
+        " name, got 'bridge:web'\n"
+    )
     p = corral(dirs, "run", "--network", "bridged", "--", "true")
     assert p.returncode == 125
     assert p.stderr.decode() == (
-        "corral: --network: expected one of none, bridge, host or sandbox:NAME, got 'bridged'\n"
+        "corral: --network: no network 'bridged' here: expected none, bridge, host,"
+        " sandbox:NAME or a network a fleet declared (none is known)\n"
     )
 
 
@@ -330,7 +339,7 @@ def test_checkpoints_of_host_network_sandboxes_are_refused_in_one_line(runtime: 
     with runtime.create(spec, stdin_devnull=True) as sb:
         with pytest.raises(
             CheckpointError,
-            match="network = 'host': only sandboxes with network 'none' or 'bridge' can be",
+            match="network = 'host': only sandboxes with network 'none', 'bridge' or a fleet's",
         ):
             runtime.checkpoint(sb)
         sb.kill()
@@ -388,7 +397,8 @@ def test_ports_are_checked_and_need_a_bridge(dirs: Dirs) -> None:
     p = corral(dirs, "run", "-p", "8080:80", "--", "true")
     assert p.returncode == 125
     assert p.stderr.decode() == (
-        "corral: ports: only a sandbox with network = 'bridge' publishes ports\n"
+        "corral: ports: only a bridged sandbox (network = 'bridge' or a network's name)"
+        " publishes ports\n"
     )
 
 
@@ -472,7 +482,8 @@ def test_egress_is_checked(dirs: Dirs) -> None:
     p = corral(dirs, "run", "--egress", "none", "--", "true")
     assert p.returncode == 125
     assert p.stderr.decode() == (
-        "corral: egress: only a sandbox with network = 'bridge' has egress to restrict\n"
+        "corral: egress: only a bridged sandbox (network = 'bridge' or a network's name)"
+        " has egress to restrict\n"
     )
 
 
@@ -740,3 +751,396 @@ def test_an_oom_killed_bridged_sandbox_is_restored_with_its_address(
     # Restored, not started again: one 1, then it went on from its checkpoint.
     assert nums.count(1) == 1 and nums[-1] > 3, nums
     _nothing_left(host, dirs)
+
+
+# -- networks a fleet declares -------------------------------------------------
+
+
+def _declare(host: Host, dirs: Dirs, fleet: Path, *names: str) -> None:
+    """Have a supervisor declare *fleet*'s networks *names*, then stop it."""
+    up = host.corral_bg(dirs, "up", str(fleet))
+    try:
+        wait_for(
+            lambda: (
+                up.poll() is not None
+                or all((dirs.state / "network" / n / "config.json").exists() for n in names)
+            ),
+            timeout=60,
+            what=f"networks {names} to be declared",
+        )
+        assert up.poll() is None, up.stderr.read() if up.stderr else ""
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+
+
+def _config(dirs: Dirs, network: str) -> dict[str, str]:
+    data: dict[str, str] = json.loads(
+        (dirs.state / "network" / network / "config.json").read_text()
+    )
+    return data
+
+
+def _hosts(dirs: Dirs, instance: str) -> str:
+    """The /etc/hosts of fleet instance *instance*'s running generation."""
+    found = sorted((dirs.state / "sandboxes").glob(f"{instance}.*/hosts"))
+    return found[-1].read_text() if found else ""
+
+
+def test_two_networks_of_a_fleet_are_isolated_from_each_other(
+    host: Host, dirs: Dirs, tmp_path: Path
+) -> None:
+    """[network.front] with its subnet and gateway, [network.back] with
+    the first free /24: each its bridge; a sandbox reaches one on its own
+    network, not one on the other (only its published port, through the
+    host, as from anywhere); /etc/hosts lists its own network's peers."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[network.front]\nsubnet = "10.50.1.0/24"\ngateway = "10.50.1.254"\n'
+        "[network.back]\n"
+        '[[sandbox]]\nname = "srv"\nnetwork = "front"\nports = ["8080:7000"]\n'
+        'command = ["sh", "-c", "while :; do nc -l -p 7000 -e echo hi-srv; done"]\n'
+        '[[sandbox]]\nname = "near"\nnetwork = "front"\ncommand = ["sleep", "600"]\n'
+        '[[sandbox]]\nname = "far"\nnetwork = "back"\ncommand = ["sleep", "600"]\n'
+    )
+    up = host.corral_bg(dirs, "up", str(fleet))
+    try:
+        wait_for(
+            lambda: (
+                up.poll() is not None
+                or ("srv-0 srv" in _hosts(dirs, "near-0") and "far-0 far" in _hosts(dirs, "far-0"))
+            ),
+            timeout=60,
+            what="the peers in near-0's and far-0's /etc/hosts",
+        )
+        assert up.poll() is None, up.stderr.read() if up.stderr else ""
+        assert "srv" not in _hosts(dirs, "far-0") and "near" not in _hosts(dirs, "far-0")
+        assert "far" not in _hosts(dirs, "near-0")
+        assert _config(dirs, "front") == {
+            "bridge": "cr-front", "subnet": "10.50.1.0/24", "gateway": "10.50.1.254",
+            "chosen": "declared",
+        }  # fmt: skip
+        assert _config(dirs, "back") == {
+            "bridge": "cr-back", "subnet": "10.213.0.0/24", "gateway": "10.213.0.1",
+            "chosen": "auto",
+        }  # fmt: skip
+        (srv,) = (
+            lease.name
+            for lease in (dirs.state / "network" / "front" / "leases").iterdir()
+            if json.loads(lease.read_text())["sandbox"].startswith("srv-0.")
+        )
+        # Same network: reached; the default route is the declared gateway.
+        p = host.corral(
+            dirs, "run", "--network", "front", "--", "sh", "-c",
+            f"ip route | head -1; until nc {srv} 7000 </dev/null; do :; done",
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines() == ["default via 10.50.1.254 dev eth0 ", "hi-srv"]
+        # The other network: dropped (nc -w bounds a wait for nothing); its
+        # published port, through the host's address, is reached.
+        p = host.corral(
+            dirs, "run", "--network", "back", "--", "sh", "-c",
+            f"nc -w 2 {srv} 7000 </dev/null || echo unreachable;"
+            f" until nc {UPLINK} 8080 </dev/null; do :; done",
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines() == ["unreachable", "hi-srv"]
+        # Added sandboxes join the fleet's networks; they declare none.
+        more = tmp_path / "more.toml"
+        more.write_text(
+            '[[sandbox]]\nname = "late"\nnetwork = "back"\ncommand = ["sleep", "600"]\n'
+        )
+        p = host.corral(dirs, "add", str(more))
+        assert p.returncode == 0, p.stderr
+        wait_for(lambda: "far-0 far" in _hosts(dirs, "late-0"), what="far-0 in late-0's hosts")
+        assert "srv" not in _hosts(dirs, "late-0")
+        more.write_text(
+            '[network.side]\n[[sandbox]]\nname = "side"\nnetwork = "side"\ncommand = ["true"]\n'
+        )
+        p = host.corral(dirs, "add", str(more))
+        assert (p.returncode, p.stderr.splitlines()) == (
+            125,
+            [
+                f"corral: {more}: [network] tables declare the fleet's networks: set them at start-up"
+            ],
+        )
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    _nothing_left(host, dirs)
+
+
+def test_bad_network_declarations_are_one_line_each(dirs: Dirs, tmp_path: Path) -> None:
+    """Each mistake in a [network.NAME] table, or a sandbox on a network
+    nobody declared, is one line naming the network (or sandbox) and the
+    field."""
+    from supervisor import FleetError, parse_fleet
+
+    sandbox = {"name": "web", "command": ["true"], "network": "bridge"}
+    for networks, line in (
+        ({"a": {"subnet": "10.50.1.0/33"}},
+         "network 'a': subnet: expected an IPv4 network like 10.20.0.0/24, got '10.50.1.0/33'"),
+        ({"a": {"subnet": "10.50.1.7/24"}},
+         "network 'a': subnet: '10.50.1.7/24' has host bits set: the network is '10.50.1.0/24'"),
+        ({"a": {"subnet": "10.50.1.0/31"}},
+         "network 'a': subnet: expected a prefix length from /8 to /30, got '10.50.1.0/31'"),
+        ({"a": {"subnet": "10.50.1.0/24", "gateway": "10.50.2.1"}},
+         "network 'a': gateway: '10.50.2.1' is not a host address of the subnet '10.50.1.0/24'"),
+        ({"a": {"subnet": "10.50.1.0/24", "gateway": "10.50.1.255"}},
+         "network 'a': gateway: '10.50.1.255' is not a host address of the subnet"
+         " '10.50.1.0/24'"),
+        ({"a": {"gateway": "10.50.1.1"}},
+         "network 'a': gateway: a gateway needs the subnet it is in: set subnet too"),
+        ({"a": {"subnet": "10.50.0.0/16"}, "b": {"subnet": "10.50.1.0/24"}},
+         "network 'b': subnet: 10.50.1.0/24 overlaps network 'a''s 10.50.0.0/16"),
+        ({"a": {"bridge": "br0"}, "b": {"bridge": "br0"}},
+         "network 'b': bridge: 'br0' is network 'a''s bridge too"),
+        ({"my net": {}},
+         "network 'my net': name: expected a network name of 1-15 letters, digits, '_' or '-'"
+         " (a network's name is an interface name's), got 'my net'"),
+        ({"host": {}}, "network 'host': name: 'host' is reserved (none, bridge, host and corral are)"),
+        ({"thirteen-char": {}},
+         "network 'thirteen-char': bridge: the bridge 'cr-thirteen-char' would be longer than an"
+         " interface name (15): name the bridge, or the network in 12 characters"),
+        ({"a": {"bridge": "eth0:1"}},
+         "network 'a': bridge: expected an interface name (1-15 letters, digits, '_', '.' or '-',"
+         " starting with a letter or digit), got 'eth0:1'"),
+        ({"a": {"bridge": "corral0"}}, "network 'a': bridge: 'corral0' is the default network's bridge"),
+        ({"a": {"mtu": 1400}}, "network 'a': mtu: unknown key (expected one of: subnet, gateway, bridge)"),
+    ):  # fmt: skip
+        with pytest.raises(FleetError) as info:
+            parse_fleet({"network": networks, "sandbox": [sandbox]})
+        assert info.value.problems == [line]
+    with pytest.raises(FleetError) as info:
+        parse_fleet({"sandbox": [{**sandbox, "network": "nosuch"}]})
+    assert info.value.problems == [
+        "sandbox 'web': network: no network 'nosuch' in this fleet (declare it with a"
+        " [network.nosuch] table)"
+    ]
+    from .conftest import corral
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[network.a]\nsubnet = "10.50.1.0/33"\n[[sandbox]]\nname = "web"\nnetwork = "a"\n'
+        'command = ["true"]\n'
+    )
+    p = corral(dirs, "up", str(fleet))
+    assert p.returncode == 125
+    assert p.stderr.decode().splitlines() == [
+        f"corral: {fleet}: network 'a': subnet: expected an IPv4 network like 10.20.0.0/24,"
+        " got '10.50.1.0/33'",
+        f"corral: {fleet}: sandbox 'web': network: no network 'a' in this fleet (declare it"
+        " with a [network.a] table)",
+    ]
+
+
+def test_a_subnet_or_bridge_the_host_uses_is_refused_at_start_up(
+    host: Host, dirs: Dirs, tmp_path: Path
+) -> None:
+    """A declared subnet that overlaps a route or an address of the host,
+    or a bridge name the host has a link of: `corral up` refuses it in one
+    line, before anything starts, and records nothing."""
+    for argv in (
+        ("ip", "route", "add", "10.60.0.0/16", "via", OUTSIDE),
+        ("ip", "addr", "add", "10.70.0.5/32", "dev", "lo"),
+    ):
+        p = host.run(*argv)
+        assert p.returncode == 0, p.stderr
+    fleet = tmp_path / "fleet.toml"
+    for table, line in (
+        ('subnet = "10.60.5.0/24"',
+         "subnet: 10.60.5.0/24 collides with the host's route to 10.60.0.0/16 (dev up0)"),
+        ('subnet = "10.70.0.0/24"',
+         "subnet: 10.70.0.0/24 collides with the host's address 10.70.0.5/32 (dev lo)"),
+        ('bridge = "up0"', "bridge: the host has a link 'up0' (not corral's)"),
+    ):  # fmt: skip
+        fleet.write_text(
+            f"[network.front]\n{table}\n"
+            '[[sandbox]]\nname = "web"\nnetwork = "front"\ncommand = ["sleep", "60"]\n'
+        )
+        p = host.corral(dirs, "up", str(fleet))
+        assert (p.returncode, p.stderr) == (125, f"corral: network 'front': {line}\n")
+        assert not (dirs.state / "network" / "front" / "config.json").exists()
+        assert not os.path.exists(dirs.state / "sandboxes" / "web-0.0")
+    _nothing_left(host, dirs)
+
+
+def test_a_subnet_corral_chose_is_chosen_again_once_the_host_uses_it(
+    host: Host, dirs: Dirs
+) -> None:
+    """The default network's subnet, chosen once and kept, is checked
+    again when its bridge is made: a route the host has to it since makes
+    corral choose the next free /24."""
+    show = ("ip -4 -o addr show eth0 | cut -d' ' -f7",)
+    p = host.corral(dirs, "run", "--network", "bridge", "--", "sh", "-c", *show)
+    assert (p.returncode, p.stdout) == (0, "10.213.0.2/24\n"), p.stderr
+    p = host.run("ip", "route", "add", "10.213.0.0/24", "via", OUTSIDE)
+    assert p.returncode == 0, p.stderr
+    p = host.corral(dirs, "run", "--network", "bridge", "--", "sh", "-c", *show)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("10.213.1.")
+    assert _config(dirs, "corral")["subnet"] == "10.213.1.0/24"
+    _nothing_left(host, dirs)
+
+
+def test_a_declared_subnet_changes_only_while_no_sandbox_is_on_it(
+    host: Host, dirs: Dirs, tmp_path: Path
+) -> None:
+    """A fleet that changes its network's subnet while a sandbox holds an
+    address of the old one is refused in one line; once none does, the
+    new subnet is taken."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[network.front]\nsubnet = "10.50.1.0/24"\n'
+        '[[sandbox]]\nname = "idle"\nreplicas = 0\nnetwork = "front"\ncommand = ["true"]\n'
+    )
+    _declare(host, dirs, fleet, "front")
+    holder = host.corral_bg(
+        dirs, "run", "--network", "front", "--", "sh", "-c", "echo up; exec sleep 60"
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "up\n"
+        fleet.write_text(
+            '[network.front]\nsubnet = "10.50.2.0/24"\n'
+            '[[sandbox]]\nname = "web"\nnetwork = "front"\n'
+            'command = ["sh", "-c", "ip -4 -o addr show eth0 | cut -d\' \' -f7; exec sleep 60"]\n'
+        )
+        p = host.corral(dirs, "up", str(fleet))
+        assert (p.returncode, p.stderr) == (
+            125,
+            "corral: network 'front': subnet: 10.50.2.0/24 in the fleet, but 10.50.1.0/24 for"
+            " the sandboxes on it now: stop them first, or keep the subnet\n",
+        )
+        assert _config(dirs, "front")["subnet"] == "10.50.1.0/24"
+    finally:
+        holder.send_signal(signal.SIGTERM)  # forwarded to its sleep
+        holder.communicate(timeout=30)
+    up = host.corral_bg(dirs, "up", str(fleet))
+    log = dirs.state / "logs" / "web-0.log"
+    try:
+        wait_for(
+            lambda: up.poll() is not None or "/24" in (log.read_text() if log.exists() else ""),
+            timeout=60,
+            what="web-0 to show its address",
+        )
+        assert up.poll() is None, up.stderr.read() if up.stderr else ""
+        assert " 10.50.2." in log.read_text()
+        assert _config(dirs, "front")["subnet"] == "10.50.2.0/24"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    _nothing_left(host, dirs)
+
+
+def test_corral_runs_killed_while_they_make_their_networks_are_swept(
+    host: Host, dirs: Dirs, tmp_path: Path
+) -> None:
+    """A `corral run` SIGKILLed while it sets its network up: as soon as
+    the bridge is made (the default network's), as it is brought up (a
+    declared network's: the table comes next), or as the sandbox's veth
+    appears (the table is written, forwarding on). What it left (its lease
+    and the bridge, at least) is swept by the next start, whatever the
+    network: no veth, no bridge, no table, no lease, forwarding off again."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[network.front]\nsubnet = "10.50.1.0/24"\n'
+        '[[sandbox]]\nname = "idle"\nreplicas = 0\nnetwork = "front"\ncommand = ["true"]\n'
+    )
+    _declare(host, dirs, fleet, "front")
+    monitor = host.popen(sys.executable, "-c", _LINK_MONITOR)
+    try:
+        lines = _Lines(monitor)
+        lines.find("subscribed")  # every link made or changed from now on is reported
+        for network, name, bridge, reports in (
+            ("bridge", "corral", "corral0", ["link corral0"]),
+            ("front", "front", "cr-front", ["link cr-front", "link cr-front"]),
+            ("front", "front", "cr-front", ["link vc"]),
+        ):
+            run = host.corral_bg(dirs, "run", "--network", network, "--", "sleep", "60")
+            try:
+                for report in reports:
+                    lines.find(report)
+            finally:
+                run.kill()  # ours, by its Popen
+                run.communicate()
+            # Its lease was taken before the bridge was made.
+            assert len(os.listdir(dirs.state / "network" / name / "leases")) == 1
+            links = host.run("ip", "-o", "link").stdout
+            assert f" {bridge}:" in links, links
+            p = host.corral(dirs, "run", "--", "true")
+            assert p.returncode == 0, p.stderr
+            _nothing_left(host, dirs)
+            _reap_orphans(host.h, host.o, monitor.pid)
+    finally:
+        monitor.kill()
+        monitor.communicate()
+    assert not (dirs.run / "network" / "forwarding-turned-on").exists()
+
+
+def _reap_orphans(*keep: int) -> None:
+    """Reap what a killed `corral run` left to this process (a subreaper)
+    and has ended since: its ``nft`` (which held the networks' lock to its
+    end, so the sweep that followed waited for it), its sandbox's init
+    (which its cgroup's removal ended). The processes *keep* are not ours
+    to reap."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid in keep:
+            return
+        os.waitpid(info.si_pid, 0)
+
+
+_LINK_MONITOR = """
+import socket, struct
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+s.bind((0, 1))  # RTMGRP_LINK: links made, changed, deleted
+print("subscribed", flush=True)
+while True:
+    data = s.recv(1 << 16)
+    while len(data) >= 16:
+        length, kind = struct.unpack_from("=IH", data)
+        if kind == 16:  # RTM_NEWLINK: nlmsghdr (16 bytes), ifinfomsg (16), attributes
+            at = 32
+            while at + 4 <= length:
+                size, attr = struct.unpack_from("=HH", data, at)
+                if size < 4:
+                    break
+                if attr == 3:  # IFLA_IFNAME
+                    name = data[at + 4 : at + size].rstrip(b"\\0").decode()
+                    print("link", name, flush=True)
+                at += (size + 3) & ~3
+        data = data[max((length + 3) & ~3, 16) :]
+"""
+"""Prints ``link NAME`` for every link made or changed in its network
+namespace, once it has said ``subscribed``: unlike ``ip monitor``, it says
+when it listens."""
+
+
+class _Lines:
+    """The lines a process prints, read from its pipe unbuffered (so that
+    ``select`` says when there is more), each wait within a bound."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self.fd = proc.stdout.fileno()
+        self.pending = b""
+
+    def find(self, text: str) -> str:
+        """The next line that has *text*."""
+        while True:
+            line, nl, rest = self.pending.partition(b"\n")
+            if nl:
+                self.pending = rest
+                if text in line.decode():
+                    return line.decode()
+                continue
+            assert select.select([self.fd], [], [], 60)[0], f"no line with {text!r} in 60 s"
+            data = os.read(self.fd, 65536)
+            assert data, f"the output ended before a line with {text!r}"
+            self.pending += data

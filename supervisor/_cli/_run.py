@@ -106,7 +106,8 @@ def add_parsers(sub: Subparsers) -> None:
         "--network",
         default="none",
         metavar="MODE",
-        help="none (lo only, the default), bridge (corral's bridge, NAT out) or host",
+        help="none (lo only, the default), bridge (corral's bridge, NAT out), the name of a"
+        " network a fleet declared, host, or sandbox:NAME",
     )
     run.add_argument(
         "--publish",
@@ -182,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
         option = "--" + exc.field.split(".")[0].replace("_", "-").replace("rlimits", "ulimit")
         raise SpecError(option, str(exc).split(": ", 1)[1]) from None
     from .._runtime._mounts import parse_tmpfs, parse_user, parse_volume
-    from .._runtime._net import parse_network, parse_port
+    from .._runtime._net import parse_port
 
     spec = SandboxSpec(
         name=name,
@@ -197,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         + [parse_tmpfs(t, "--tmpfs") for t in args.tmpfs],
         user=parse_user(args.user, "--user") if args.user is not None else None,
         read_only=args.read_only,
-        network=parse_network(args.network, "--network"),
+        network=_network_option(args.network),
         ports=[parse_port(p, "--publish") for p in args.publish],
         egress=_egress_option(args.egress),
     )
@@ -234,6 +235,26 @@ def _run(args: argparse.Namespace) -> int:
             f"corral: sandbox {name!r} was OOM-killed{limit}: its memory use reached the limit\n"
         )
     return result.status
+
+
+def _network_option(value: str) -> str:
+    """``--network``: a mode, or a network known here (one a fleet declared)."""
+    from .._runtime._net import network_name, parse_network
+    from .._runtime._net._ipam import known_networks
+    from .._runtime._net._model import DEFAULT_NETWORK
+    from ._common import state_dir
+
+    network = parse_network(value, "--network")
+    name = network_name(network)
+    if name is not None and network != "bridge":
+        known = [n for n in known_networks(state_dir()) if n != DEFAULT_NETWORK]
+        if name not in known:
+            raise SpecError(
+                "--network",
+                f"no network {name!r} here: expected none, bridge, host, sandbox:NAME or a"
+                f" network a fleet declared ({', '.join(known) or 'none is known'})",
+            )
+    return network
 
 
 def _egress_option(value: str | None) -> tuple[str, ...] | str | None:

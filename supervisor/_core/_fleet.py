@@ -12,13 +12,22 @@ import grp
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .._errors import CorralError, SpecError
 from .._runtime._mounts import Mount, parse_tmpfs, parse_user, parse_volume
-from .._runtime._net import Port, parse_egress, parse_network, parse_port
+from .._runtime._net import (
+    NetworkDecl,
+    Port,
+    check_decls,
+    network_name,
+    parse_egress,
+    parse_network,
+    parse_network_decl,
+    parse_port,
+)
 from .._runtime._seccomp import parse_seccomp
 from .._runtime._security import (
     DEFAULT_SECURITY,
@@ -64,7 +73,7 @@ _SUPERVISOR_KEYS = {
     "grace_period", "journal_max_bytes", "journal_segment_bytes", "socket_group",
     "socket_idle_timeout", "cgroup_parent", "log_max_bytes", "log_max_files",
 }  # fmt: skip
-_TOP_KEYS = {"supervisor", "defaults", "sandbox", "plugins"}
+_TOP_KEYS = {"supervisor", "defaults", "sandbox", "plugins", "network"}
 MAX_REPLICAS = 1000
 GENERATION_ROOM = 11
 """Characters kept for ``.GENERATION`` in a runtime name (a dot and up to ten
@@ -183,6 +192,8 @@ class Fleet:
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Fleet-wide plugin settings (the top-level ``[plugins.NAME]`` tables)."""
     source: str = "<fleet>"
+    networks: Mapping[str, NetworkDecl] = field(default_factory=dict)
+    """The networks the fleet declares (the ``[network.NAME]`` tables), by name."""
 
     def instances(self) -> Iterator[tuple[SandboxConfig, int]]:
         """Every (sandbox, replica index) pair, in file order."""
@@ -384,10 +395,30 @@ def _merge_mounts(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> list[M
     return [m for m in inherited if m.target not in targets] + mine
 
 
-def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
-    """Validate a decoded TOML document; raise :class:`FleetError` listing every problem."""
+def _networks(c: _Checker, raw: object) -> dict[str, NetworkDecl]:
+    """The ``[network.NAME]`` tables: each checked, then between them."""
+    if not isinstance(raw, dict):
+        c.problems.append(f"network: expected [network.NAME] tables, got {raw!r:.60}")
+        return {}
+    out = {}
+    for name, table in raw.items():
+        decl = c.check(f"network {name!r}: ", lambda n=name, t=table: parse_network_decl(n, t))  # type: ignore[misc]
+        if decl is not None:
+            out[name] = decl
+    c.problems += check_decls(list(out.values()))
+    return out
+
+
+def parse_fleet(
+    data: Mapping[str, Any], source: str = "<fleet>", networks: Collection[str] = ()
+) -> Fleet:
+    """Validate a decoded TOML document; raise :class:`FleetError` listing
+    every problem. A sandbox's ``network`` may name a network the document
+    declares, or one of *networks* (those of the fleet it is added to)."""
     c = _Checker()
     c.unknown("", data, _TOP_KEYS)
+    declared = _networks(c, data.get("network", {}))
+    known = {*declared, *networks}
 
     sup_table = data.get("supervisor", {})
     sup = SupervisorConfig()
@@ -530,15 +561,27 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             ports=fields.get("ports", ()),
             egress=fields.get("egress"),
         )
-        if c.check(where, lambda cfg=cfg: cfg.spec(0)) is not None:  # type: ignore[misc]
+        on = network_name(cfg.network)
+        if on is not None and cfg.network != "bridge" and on not in known:
+            c.problems.append(
+                f"{where}network: no network {on!r} in this fleet (declare it with a"
+                f" [network.{on}] table)"
+            )
+        elif c.check(where, lambda cfg=cfg: cfg.spec(0)) is not None:  # type: ignore[misc]
             sandboxes.append(cfg)
     if c.problems:
         raise FleetError(source, c.problems)
-    return Fleet(sandboxes=tuple(sandboxes), supervisor=sup, plugins=fleet_plugins, source=source)
+    return Fleet(
+        sandboxes=tuple(sandboxes),
+        supervisor=sup,
+        plugins=fleet_plugins,
+        source=source,
+        networks=declared,
+    )
 
 
-def load_fleet(path: str | os.PathLike[str]) -> Fleet:
-    """Read and validate a fleet file."""
+def load_fleet(path: str | os.PathLike[str], networks: Collection[str] = ()) -> Fleet:
+    """Read and validate a fleet file (*networks*: see :func:`parse_fleet`)."""
     source = os.fspath(path)
     try:
         with open(source, "rb") as f:
@@ -549,4 +592,4 @@ def load_fleet(path: str | os.PathLike[str]) -> Fleet:
         raise FleetError(source, [f"cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise FleetError(source, [f"not valid TOML: {exc}"]) from None
-    return parse_fleet(data, source)
+    return parse_fleet(data, source, networks)

@@ -48,6 +48,7 @@ from .._errors import CheckpointError, CorralError, SandboxError, os_failure
 from .._runtime._dirs import DEFAULT_RUN_DIR
 from .._runtime._linux._cgroups import OomWatch
 from .._runtime._linux._spawn import Keeper, KeeperError
+from .._runtime._net._model import DEFAULT_NETWORK
 from .._runtime._sandbox import ExecProcess, Runtime, Sandbox
 from .._runtime._spec import SandboxSpec
 from .._version import __version__
@@ -322,6 +323,10 @@ class Supervisor(Verbs, Checkpoints):
         additions_problems = self._take_back_additions(self.runtime.state_dir)
         found = survey(self.runtime, self.keeper, exit_published, owned)
         found.problems[:0] = additions_problems
+        # After the survey's sweep (a dead sandbox's lease does not hold a
+        # network's settings) and before any sandbox starts. A refusal ends
+        # the start-up; the sandboxes taken back run on for the next one.
+        self.runtime.declare_networks(list(self.fleet.networks.values()))
         # Generations are numbered on across supervisors, so that an
         # event's (sandbox, generation) names one run, ever.
         last = last_generations(self.runtime.state_dir)
@@ -1060,28 +1065,34 @@ class Supervisor(Verbs, Checkpoints):
 
     async def _keep_hosts(self) -> None:
         """Keep every bridged sandbox's ``/etc/hosts`` listing its fleet's
-        others, by instance name (``web-0``) and sandbox name (``web``, every
-        replica), as they come and go. A burst of changes (a fleet starting)
+        others on its network, by instance name (``web-0``) and sandbox name
+        (``web``, every replica), as they come and go. A burst of changes (a fleet starting)
         is one rewrite: the task catches up with what has changed since."""
         assert self.runtime is not None
         runtime = self.runtime
         while True:
             await self._hosts_changed.wait()
             self._hosts_changed = trio.Event()
-            running = [
-                (inst, inst.sandbox)
-                for inst in self.instances
-                if inst.sandbox is not None and inst.sandbox.network and inst.state == "running"
+            # Peers are those on the same network: another network's
+            # sandboxes cannot be reached (corral isolates networks).
+            networks: dict[str, list[tuple[Instance, Sandbox]]] = {}
+            for inst in self.instances:
+                sb = inst.sandbox
+                if sb is not None and sb.network and inst.state == "running":
+                    on = str(sb.network.get("name") or DEFAULT_NETWORK)
+                    networks.setdefault(on, []).append((inst, sb))
+            groups = [
+                (
+                    [sb for _, sb in running],
+                    [
+                        (str(sb.network["lease"]["address"]), f"{inst.name} {inst.config.name}")
+                        for inst, sb in running
+                        if sb.network is not None
+                    ],
+                )
+                for running in networks.values()
             ]
-            peers = [
-                (str(sb.network["lease"]["address"]), f"{inst.name} {inst.config.name}")
-                for inst, sb in running
-                if sb.network is not None
-            ]
-
-            await trio.to_thread.run_sync(
-                _write_hosts, runtime, [sb for _, sb in running], peers, limiter=self.limiters.disk
-            )
+            await trio.to_thread.run_sync(_write_hosts, runtime, groups, limiter=self.limiters.disk)
 
     async def _stop_when_asked(self, inst: Instance, sb: Sandbox, ident: Ident) -> None:
         await inst._halt.wait()
@@ -1167,12 +1178,16 @@ def _read_oom_counters(sb: Sandbox, watch: OomWatch | None) -> tuple[int, int] |
         return None
 
 
-def _write_hosts(runtime: Runtime, sandboxes: list[Sandbox], peers: list[tuple[str, str]]) -> None:
-    for sb in sandboxes:
-        try:
-            runtime.write_hosts(sb, peers)
-        except OSError as exc:
-            say(f"corral: sandbox {sb.name!r}: cannot update its /etc/hosts: {exc}")
+def _write_hosts(
+    runtime: Runtime, groups: list[tuple[list[Sandbox], list[tuple[str, str]]]]
+) -> None:
+    """Write each group's sandboxes' ``/etc/hosts`` with the group's peers."""
+    for sandboxes, peers in groups:
+        for sb in sandboxes:
+            try:
+                runtime.write_hosts(sb, peers)
+            except OSError as exc:
+                say(f"corral: sandbox {sb.name!r}: cannot update its /etc/hosts: {exc}")
 
 
 BUILD_STOP_TIMEOUT = 40.0

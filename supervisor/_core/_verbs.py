@@ -357,8 +357,14 @@ class Verbs(SupervisorBase):
 
         self._check_not_stopping()
         assert self._fleet_nursery is not None
+        assert self.runtime is not None
+        # Its sandboxes may be on the running fleet's networks (declared at
+        # its start-up, so known here), not declare networks of their own.
+        known = await trio.to_thread.run_sync(self.runtime.networks.known)
         try:
-            added = await trio.to_thread.run_sync(load_fleet, path, limiter=self.limiters.disk)
+            added = await trio.to_thread.run_sync(
+                partial(load_fleet, path, known), limiter=self.limiters.disk
+            )
         except FleetError as exc:
             raise SpecError(path, "; ".join(exc.problems)) from None
         problems = []
@@ -382,6 +388,8 @@ class Verbs(SupervisorBase):
         problems += settings_problems(self._plugins, added.sandboxes, fleet_wide=False)
         if added.plugins:
             problems.append("[plugins] tables apply to the whole fleet: set them at start-up")
+        if added.networks:
+            problems.append("[network] tables declare the fleet's networks: set them at start-up")
         if added.supervisor != SupervisorConfig():
             problems.append("[supervisor] settings apply to the whole fleet: set them at start-up")
         if problems:

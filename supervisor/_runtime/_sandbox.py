@@ -86,10 +86,11 @@ from ._linux._spawn import (
     spawn_direct,
 )
 from ._mounts import Mount, parse_user
-from ._net._bridge import BridgeNetwork, hosts_file, resolv_conf
+from ._net._bridge import Networks, hosts_file, resolv_conf
 from ._net._ipam import Lease
 from ._net._links import remove_veth, veth_name
 from ._net._links import set_up as set_link_up
+from ._net._model import DEFAULT_NETWORK, NetworkDecl, is_bridged, network_name
 from ._net._resolve import resolve_egress
 from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
@@ -554,7 +555,7 @@ class Runtime:
         self._die_with_caller = die_with_caller
         self.init_binary = find_init_binary()
         self._spawn: Spawner = spawner or spawn_direct
-        self._bridge: BridgeNetwork | None = None
+        self._networks: Networks | None = None
         # Who tells how a process ended: given, or the keeper whose spawn
         # we use (its holder is the parent of what it starts), or waitid.
         owner = getattr(spawner, "__self__", None)
@@ -912,7 +913,7 @@ class Runtime:
         if not os.path.isdir(os.path.join(self.state_dir, "network")):
             return []
         try:
-            return self.bridge.sweep(alive)
+            return self.networks.sweep(alive)
         except (CorralError, OSError) as exc:
             _say(f"corral: the network's leftovers could not be swept: {exc}")
             return []
@@ -995,7 +996,9 @@ class Runtime:
         net = record.get("network")
         if isinstance(net, dict) and isinstance(net.get("lease"), dict):
             with contextlib.suppress(TypeError):
-                undo.callback(self.bridge.detach, Lease(**net["lease"]), str(net.get("veth")))
+                # A record from before there were several networks has no name.
+                on = self.networks.get(str(net.get("name") or DEFAULT_NETWORK))
+                undo.callback(on.detach, Lease(**net["lease"]), str(net.get("veth")))
         pidfd = -1
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(pid)
@@ -1027,11 +1030,18 @@ class Runtime:
         return ":".join(_shifted_rootfs(p, base, size, self.state_dir) for p in lower.split(":"))
 
     @property
-    def bridge(self) -> BridgeNetwork:
-        """corral's bridge network (made when a bridged sandbox first needs it)."""
-        if self._bridge is None:
-            self._bridge = BridgeNetwork(self.state_dir, self.run_dir, say=_say)
-        return self._bridge
+    def networks(self) -> Networks:
+        """corral's bridge networks: the default one (``bridge``) and those
+        fleets declared (each made when a sandbox first needs it)."""
+        if self._networks is None:
+            self._networks = Networks(self.state_dir, self.run_dir, say=_say)
+        return self._networks
+
+    def declare_networks(self, decls: Sequence[NetworkDecl]) -> None:
+        """Record the networks a fleet declares, checked against the host's
+        routes and addresses and against what sandboxes use now (see
+        :meth:`Networks.declare`); a problem is one line, nothing recorded."""
+        self.networks.declare(decls)
 
     def _network(
         self,
@@ -1050,7 +1060,8 @@ class Runtime:
         other modes."""
         if spec.network.startswith("sandbox:"):
             return None, None, self._join(spec, mounts)
-        if spec.network != "bridge":
+        on = network_name(spec.network)
+        if on is None:
             return None, None, None
         # Names in the allow-list become addresses now, before the lease:
         # one that does not resolve leaves nothing to undo. The lease keeps
@@ -1061,7 +1072,7 @@ class Runtime:
             egress = resolve_egress(spec.egress)
         except SandboxError as exc:
             raise SandboxError(f"sandbox {spec.name!r}: {exc}") from None
-        bridge = self.bridge
+        bridge = self.networks.get(on)
         lease = bridge.attach(spec.name, spec.ports, egress, address, self._ended)
         veth = veth_name(spec.name)
         undo.callback(bridge.detach, lease, veth)
@@ -1079,7 +1090,8 @@ class Runtime:
         def on_pid(pid: int) -> None:
             bridge.plug(pid, spec.name, lease, up)
 
-        return on_pid, {"mode": "bridge", "lease": lease._asdict(), "veth": veth}, None
+        record = {"mode": "bridge", "name": on, "lease": lease._asdict(), "veth": veth}
+        return on_pid, record, None
 
     def _ended(self, name: str) -> bool:
         """True if sandbox *name* is recorded and its init has ended: its
@@ -1390,10 +1402,11 @@ class Runtime:
                 f"sandbox {key!r} runs in a user namespace (userns = true):"
                 " checkpoints of those are not supported yet"
             )
-        if sb.spec.network not in ("none", "bridge"):
+        if sb.spec.network != "none" and not is_bridged(sb.spec.network):
             raise CheckpointError(
                 f"sandbox {key!r} has network = {sb.spec.network!r}: only sandboxes with"
-                " network 'none' or 'bridge' can be checkpointed (docs/network.md)"
+                " network 'none', 'bridge' or a fleet's network can be checkpointed"
+                " (docs/network.md)"
             )
         veth = _veth_of(sb)
         criu = check_criu()
@@ -1595,8 +1608,10 @@ class Runtime:
             raise CheckpointError(
                 f"checkpoint {info.path} was taken on rootfs {info.lowerdir}, not {lower}"
             )
-        bridged = spec.network == "bridge"
-        if bridged != (info.spec.network == "bridge") or (bridged and info.address is None):
+        bridged = is_bridged(spec.network)
+        if network_name(spec.network) != network_name(info.spec.network) or (
+            bridged and info.address is None
+        ):
             raise CheckpointError(
                 f"restore of {spec.name!r}: checkpoint {info.path} was taken with"
                 f" network = {info.spec.network!r}, not {spec.network!r}"
@@ -1658,7 +1673,7 @@ class Runtime:
                 confine=not spec.security.privileged,
                 restore_argv=argv,
                 read_only=spec.read_only,
-                network=spec.network if bridged else "none",
+                network="bridge" if bridged else "none",
                 wait_go=on_pid is not None,
             )
             try:
@@ -1899,14 +1914,14 @@ def _external_network(pid: int) -> list[str]:
 
 def _veth_of(sb: Sandbox) -> str | None:
     """The host end of a bridged sandbox's veth (None for the other modes)."""
-    if sb.spec.network != "bridge" or not sb.network:
+    if not is_bridged(sb.spec.network) or not sb.network:
         return None
     return str(sb.network["veth"])
 
 
 def _address_of(sb: Sandbox) -> str | None:
     """A bridged sandbox's leased address (None for the other modes)."""
-    if sb.spec.network != "bridge" or not sb.network:
+    if not is_bridged(sb.spec.network) or not sb.network:
         return None
     lease = sb.network.get("lease")
     return str(lease["address"]) if isinstance(lease, dict) else None

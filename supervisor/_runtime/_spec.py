@@ -15,7 +15,7 @@ from typing import NamedTuple
 from .._errors import SpecError
 from . import _units
 from ._mounts import Mount, check_mounts, parse_user
-from ._net._model import Port, check_ports, parse_egress, parse_network
+from ._net._model import Port, check_ports, is_bridged, parse_egress, parse_network
 from ._security import DEFAULT_SECURITY, Security
 
 __all__ = [
@@ -149,8 +149,10 @@ class _SpecFields(NamedTuple):
     read_only: bool
     """The root file system is read-only (volumes and tmpfs are as given)."""
     network: str
-    """``none`` (``lo`` only), ``bridge`` (an interface on corral's bridge,
-    NAT to the outside) or ``host`` (the host's network: not isolated)."""
+    """``none`` (``lo`` only), ``bridge`` (an interface on corral's default
+    network's bridge, NAT to the outside), a declared network's name (an
+    interface on its bridge), ``host`` (the host's network: not isolated),
+    or ``sandbox:NAME`` (the network namespace of the running sandbox NAME)."""
     ports: tuple[Port, ...]
     """Published ports (a bridged sandbox's): the host's, forwarded to it."""
     egress: tuple[str, ...] | None
@@ -167,8 +169,12 @@ def _egress(value: Sequence[str] | str | None, network: str) -> tuple[str, ...] 
         if value is None
         else parse_egress(list(value) if not isinstance(value, str) else value)
     )
-    if egress is not None and network != "bridge":
-        raise SpecError("egress", "only a sandbox with network = 'bridge' has egress to restrict")
+    if egress is not None and not is_bridged(network):
+        raise SpecError(
+            "egress",
+            "only a bridged sandbox (network = 'bridge' or a network's name) has egress"
+            " to restrict",
+        )
     return egress
 
 

@@ -1,12 +1,16 @@
-"""Bridge networking: corral's network ``corral`` (bridge ``corral0``), its
-leases, its rules, and the files a bridged sandbox resolves names with.
+"""Bridge networking: corral's networks (the default one, ``corral`` on
+the bridge ``corral0``, and those fleets declare), their leases, their
+rules, and the files a bridged sandbox resolves names with.
 
-Set-up and tear-down take turns on the network's lock. The first sandbox
-on the network makes the bridge (a subnet chosen once, free of the host's
-routes, and kept in ``config.json``), corral's nftables table and, if it
-was off, IPv4 forwarding (said in one line). The last one to leave removes
-the bridge and the table and turns forwarding back off if corral turned it
-on: a host with no bridged sandbox has nothing of corral's network.
+Set-ups and tear-downs of every network take turns on one lock
+(:func:`._ipam.locked`): corral's nftables table and the forwarding switch
+are the host's, each written from the leases of all the networks. The
+first sandbox on a network makes its bridge, once its subnet is found to
+collide with no route or address of the host (a subnet corral chose is
+chosen again then; a declared one is refused), and writes the table with
+it; the last one to leave removes the bridge. The table, and forwarding if
+corral turned it on, go with the last network in use: a host with no
+bridged sandbox has nothing of corral's network.
 """
 
 from __future__ import annotations
@@ -14,202 +18,183 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from ..._errors import SandboxError
 from . import _links, _nft
-from ._ipam import Lease, NetworkDir
-from ._model import Port
+from ._ipam import Lease, NetworkDir, known_networks, locked
+from ._model import DEFAULT_BRIDGE, DEFAULT_NETWORK, NetworkDecl, Port
 
 __all__ = [
     "DEFAULT_NETWORK",
     "BridgeNetwork",
+    "Networks",
     "hosts_file",
     "resolv_conf",
 ]
 
-DEFAULT_NETWORK = "corral"
 _FORWARD = "/proc/sys/net/ipv4/ip_forward"
 _CANDIDATES = "10.213.0.0/16"
-"""Where the default subnet (a /24) is looked for: the first free one."""
+"""Where a subnet nobody declared (a /24) is looked for: the first free one."""
+_SETTINGS = ("bridge", "subnet", "gateway")
 
 
 def _candidates() -> Iterator[ipaddress.IPv4Network]:
     return ipaddress.IPv4Network(_CANDIDATES).subnets(new_prefix=24)
 
 
-class BridgeNetwork:
-    """One corral network on this host (state in ``STATE_DIR/network/NAME``;
+class Networks:
+    """Every corral network of one state directory (``STATE_DIR/network``;
     whether corral turned forwarding on, in ``RUN_DIR/network``, which a
     reboot clears as it clears the setting)."""
 
     def __init__(
-        self,
-        state_dir: str,
-        run_dir: str,
-        name: str = DEFAULT_NETWORK,
-        say: Callable[[str], None] | None = None,
+        self, state_dir: str, run_dir: str, say: Callable[[str], None] | None = None
     ) -> None:
-        self.dir = NetworkDir(state_dir, name)
-        self.name = name
+        self.state_dir = state_dir
         self._flag = os.path.join(run_dir, "network", "forwarding-turned-on")
         self._say = say
         self._mtu: int | None = None
-        self._config: dict[str, str] | None = None
+        self._nets: dict[str, BridgeNetwork] = {}
+        self._guard = threading.Lock()
 
-    def settings(self) -> dict[str, str]:
-        """The network's bridge, subnet and gateway: recorded, or chosen now
-        (read once: they never change once chosen)."""
-        if self._config is not None:
-            return self._config
-        config = self.dir.config()
-        if config is None:
-            subnet = _links.free_subnet(_candidates())
-            config = {
-                "bridge": f"{self.name}0"[:15],
-                "subnet": str(subnet),
-                "gateway": str(next(subnet.hosts())),
-            }
-            self.dir.save_config(config)
-        self._config = config
-        return config
+    def get(self, name: str = DEFAULT_NETWORK) -> BridgeNetwork:
+        """The network *name* (whether it exists is checked on use)."""
+        with self._guard:
+            net = self._nets.get(name)
+            if net is None:
+                net = self._nets[name] = BridgeNetwork(self, name)
+            return net
 
-    def attach(
-        self,
-        sandbox: str,
-        ports: Sequence[Port] = (),
-        egress: tuple[str, ...] | None = None,
-        address: str | None = None,
-        gone: Callable[[str], bool] | None = None,
-    ) -> Lease:
-        """Lease an address for *sandbox* (*address*, if given: see
-        :meth:`NetworkDir.lease` for *gone*), with the bridge and the rules
-        up (its published *ports* among them). A host port another sandbox
-        has published already is refused in one line."""
-        with self.dir.locked():
-            config = self.settings()
-            taken = {
-                (ip, hp, proto): lease.sandbox
-                for lease in self.dir.leases()
-                for ip, hp, _, proto in lease.ports
-                if not (
-                    address is not None
-                    and lease.address == address
-                    and gone is not None
-                    and gone(lease.sandbox)
-                )
-            }
-            for p in ports:
-                for ip in {p.host_ip, None} if p.host_ip else {None, *(k[0] for k in taken)}:
-                    owner = taken.get((ip, p.host_port, p.proto))
-                    if owner is not None:
-                        raise SandboxError(
-                            f"ports: {p.describe()!r}: the host's port {p.host_port}/{p.proto}"
-                            f" is published by sandbox {owner!r} already"
-                        )
-            wanted = tuple((p.host_ip, p.host_port, p.port, p.proto) for p in ports)
-            first = not self.dir.leases()
-            lease = self.dir.lease(
-                sandbox, config["subnet"], config["gateway"], wanted, egress, address, gone
-            )
-            try:
-                # The bridge and the table are there while any lease is: only
-                # the first sandbox makes them, and only one with ports or an
-                # allow-list changes the rules (a sandbox's start pays no nft).
-                if first:
-                    self._up(config)
-                elif wanted or egress is not None:
-                    self._rules(config)
-            except BaseException:
-                self.dir.release(lease)
-                self._down_if_unused(config)
-                raise
-            return lease
-
-    def plug(self, pid: int, sandbox: str, lease: Lease, up: bool = True) -> str:
-        """Give the waiting init *pid* its interface (see :func:`_links.plug`)."""
-        config = self.settings()
-        return _links.plug(pid, sandbox, config["bridge"], lease, self.mtu(), up)
+    def known(self) -> list[str]:
+        """The networks with settings here (used or declared once)."""
+        return known_networks(self.state_dir)
 
     def mtu(self) -> int:
-        """The MTU of the host's uplink (read once per network object)."""
+        """The MTU of the host's uplink (read once)."""
         if self._mtu is None:
             self._mtu = _links.uplink_mtu()
         return self._mtu
 
-    def detach(self, lease: Lease, veth: str | None = None) -> None:
-        """Give *lease* back; the last one takes the bridge and rules down.
-
-        The veth is not deleted here: the kernel deletes it with the
-        sandbox's network namespace, in its own time (deleting it first
-        costs ~20 ms of waiting for the network to settle, half of a
-        bridged sandbox's lifecycle). Addresses are handed out round-robin,
-        so the address given back is not reused before that; the start-up
-        sweep deletes a veth whose namespace something kept alive."""
-        with self.dir.locked():
-            self.dir.release(lease)
-            config = self.settings()
-            if self.dir.leases():
-                if lease.ports or lease.egress is not None:
-                    self._rules(config)  # its ports and its egress rules go
-            else:
-                self._down(config)
+    def declare(self, decls: Sequence[NetworkDecl]) -> None:
+        """Record the settings of the networks a fleet declares, checked
+        against the host: a subnet that collides with a route or an address
+        of the host (but those of the network's own bridge), a bridge name
+        the host has a link of or another network has, or settings changed
+        while sandboxes hold addresses of the network are refused in one
+        line (:class:`~supervisor.SandboxError`), and then none is recorded.
+        A network that does not say its subnet keeps the one chosen before,
+        or gets the first free /24 of corral's range."""
+        if not decls:
+            return  # a fleet without networks pays nothing (pyroute2's import is ~100 ms)
+        with locked(self.state_dir):
+            used = _links.host_networks()
+            recorded = {n: self.get(n).dir.config() for n in self.known()}
+            chosen: list[ipaddress.IPv4Network] = []
+            plan = []
+            for d in decls:
+                net = self.get(d.name)
+                old = recorded.get(d.name)
+                where = f"network {d.name!r}"
+                for other, cfg in recorded.items():
+                    if other != d.name and cfg is not None and cfg.get("bridge") == d.bridge:
+                        raise SandboxError(f"{where}: bridge: {d.bridge!r} is network {other!r}'s")
+                exists, alias = _links.link_alias(d.bridge)
+                if exists and alias != _links.owner(d.name):
+                    raise SandboxError(
+                        f"{where}: bridge: the host has a link {d.bridge!r} (not corral's)"
+                    )
+                # Its own bridge's routes are its own (it is up: sandboxes use it).
+                mine = {d.bridge, *((old["bridge"],) if old else ())}
+                theirs = [u for u in used if u.device not in mine]
+                if d.subnet is not None:
+                    clash = _clash(ipaddress.IPv4Network(d.subnet), theirs)
+                    if clash:
+                        raise SandboxError(f"{where}: subnet: {d.subnet} collides with {clash}")
+                    config = {**d.settings(), "chosen": "declared"}
+                elif (
+                    old
+                    and old.get("subnet")
+                    and (
+                        net.dir.has_leases()
+                        or not _clash(ipaddress.IPv4Network(old["subnet"]), theirs)
+                    )
+                ):
+                    config = {**old, "bridge": d.bridge, "chosen": "auto"}
+                else:
+                    others = [
+                        ipaddress.IPv4Network(c["subnet"])
+                        for n, c in recorded.items()
+                        if n != d.name and c is not None and c.get("subnet")
+                    ]
+                    subnet = _links.free_subnet(
+                        _candidates(), [u.net for u in theirs] + others + chosen
+                    )
+                    config = _auto(d.bridge, subnet)
+                chosen.append(ipaddress.IPv4Network(config["subnet"]))
+                changed = [k for k in _SETTINGS if old is not None and old.get(k) != config[k]]
+                if changed and net.dir.has_leases():
+                    assert old is not None
+                    key = changed[0]
+                    raise SandboxError(
+                        f"{where}: {key}: {config[key]} in the fleet, but {old.get(key)} for the"
+                        f" sandboxes on it now: stop them first, or keep the {key}"
+                    )
+                plan.append((net, old if changed else None, config))
+            for net, old, config in plan:
+                if old is not None and old.get("bridge"):
+                    # Not in use (no lease): only a kill could have left it.
+                    _links.remove_bridge(old["bridge"], net.name)
+                net.dir.save_config(config)
 
     def sweep(self, alive: Callable[[str], bool]) -> list[str]:
         """Release the leases of sandboxes that are gone (*alive* says which
-        are not), remove their veths; tear down if nothing is left."""
+        are not) on every network, remove their veths and the bridges of
+        networks left unused, and the table if no network is in use."""
         swept: list[str] = []
-        with self.dir.locked():
-            config = self.dir.config()
-            if config is None:
-                return swept
-            for lease in self.dir.leases():
-                if not alive(lease.sandbox):
-                    _links.remove_veth(_links.veth_name(lease.sandbox))
-                    self.dir.release(lease)
-                    swept.append(f"lease {lease.address} of {lease.sandbox}")
-            if not self.dir.leases():
-                self._down(config)
-            elif swept:
-                self._rules(config)
+        with locked(self.state_dir) as lock:
+            changed = False
+            for name in self.known():
+                net = self.get(name)
+                config = net.dir.config()
+                net.dir.sweep_tmp()
+                for lease in net.dir.leases():
+                    if not alive(lease.sandbox):
+                        _links.remove_veth(_links.veth_name(lease.sandbox))
+                        net.dir.release(lease)
+                        swept.append(f"lease {lease.address} of {lease.sandbox} on {name}")
+                        changed = True
+                if config and config.get("bridge") and not net.dir.has_leases():
+                    changed |= _links.remove_bridge(config["bridge"], name)
+            if changed or not any(self.get(n).dir.has_leases() for n in self.known()):
+                self._table(lock)
         return swept
+
+    def published(self) -> dict[tuple[str | None, int, str], str]:
+        """The host ports published by sandboxes on any network: (host IP
+        or None, port, protocol) -> the sandbox's name."""
+        return {
+            (ip, hp, proto): lease.sandbox
+            for name in self.known()
+            for lease in self.get(name).dir.leases()
+            for ip, hp, _, proto in lease.ports
+        }
 
     # -- inside the lock ------------------------------------------------------
 
-    def _up(self, config: dict[str, str]) -> None:
-        subnet = ipaddress.IPv4Network(config["subnet"])
-        _links.ensure_bridge(config["bridge"], config["gateway"], subnet.prefixlen, self.mtu())
-        # A port published on the host's 127.0.0.1 is DNAT-ed to a sandbox
-        # with its loopback source (masqueraded after): the kernel lets such
-        # a packet out of this interface only, not of any other of the host's.
-        _write(f"/proc/sys/net/ipv4/conf/{config['bridge']}/route_localnet", "1")
-        self._rules(config)
-
-    def _rules(self, config: dict[str, str]) -> None:
-        forwards = tuple(
-            _nft.Forward(ip, hp, proto, lease.address, port)
-            for lease in self.dir.leases()
-            for ip, hp, port, proto in lease.ports
-        )
-        limits = tuple(
-            _nft.Egress(lease.address, lease.egress, _nft.counter_name(lease.sandbox))
-            for lease in self.dir.leases()
-            if lease.egress is not None
-        )
-        bridge = _nft.Bridge(config["bridge"], config["subnet"], forwards, limits)
-        _nft.apply([bridge], self._forwarding_on())
-
-    def _down_if_unused(self, config: dict[str, str]) -> None:
-        if not self.dir.leases():
-            self._down(config)
-
-    def _down(self, config: dict[str, str]) -> None:
-        _nft.delete()
-        _links.remove_bridge(config["bridge"])
-        if os.path.exists(self._flag):
-            _write(_FORWARD, "0")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._flag)
+    def _table(self, lock: int) -> None:
+        """Write corral's table for the networks in use, or remove it (and
+        forwarding, if corral turned it on) when none is."""
+        bridges = [b for b in (self.get(n).rules() for n in self.known()) if b is not None]
+        if not bridges:
+            _nft.delete(lock)
+            if os.path.exists(self._flag):
+                _write(_FORWARD, "0")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._flag)
+            return
+        _nft.apply(bridges, self._forwarding_on(), lock)
 
     def _forwarding_on(self) -> bool:
         """Turn IPv4 forwarding on if it is off; True if corral did (now or
@@ -222,10 +207,183 @@ class BridgeNetwork:
             if self._say is not None:
                 self._say(
                     "corral: turned IPv4 forwarding on (net.ipv4.ip_forward was 0) for its"
-                    " bridge; corral's nftables table forwards nothing else, and it is turned"
+                    " bridges; corral's nftables table forwards nothing else, and it is turned"
                     " off again when the last bridged sandbox is gone"
                 )
         return os.path.exists(self._flag)
+
+
+def _clash(subnet: ipaddress.IPv4Network, used: Sequence[_links.Used]) -> str | None:
+    """What of *used* *subnet* overlaps, said for a person; None if nothing."""
+    for u in used:
+        if subnet.overlaps(u.net):
+            return u.describe()
+    return None
+
+
+def _auto(bridge: str, subnet: ipaddress.IPv4Network) -> dict[str, str]:
+    return {
+        "bridge": bridge,
+        "subnet": str(subnet),
+        "gateway": str(subnet.network_address + 1),
+        "chosen": "auto",
+    }
+
+
+class BridgeNetwork:
+    """One corral network (state in ``STATE_DIR/network/NAME``)."""
+
+    def __init__(self, hub: Networks, name: str) -> None:
+        self.hub = hub
+        self.dir = NetworkDir(hub.state_dir, name)
+        self.name = name
+        self._config: dict[str, str] | None = None
+
+    def attach(
+        self,
+        sandbox: str,
+        ports: Sequence[Port] = (),
+        egress: tuple[str, ...] | None = None,
+        address: str | None = None,
+        gone: Callable[[str], bool] | None = None,
+    ) -> Lease:
+        """Lease an address for *sandbox* (*address*, if given: see
+        :meth:`NetworkDir.lease` for *gone*), with the bridge and the rules
+        up (its published *ports* among them). A host port another sandbox
+        has published already, an unknown network, or a subnet that
+        collides with the host's routes now is refused in one line."""
+        with locked(self.hub.state_dir) as lock:
+            config = self.dir.config()
+            if config is None:
+                if self.name != DEFAULT_NETWORK:
+                    known = [n for n in self.hub.known() if n != DEFAULT_NETWORK]
+                    raise SandboxError(
+                        f"network: no network {self.name!r} here (a fleet declares one with"
+                        f" [network.{self.name}]; known: {', '.join(known) or 'none'})"
+                    )
+                config = {"bridge": DEFAULT_BRIDGE, "chosen": "auto"}
+            if ports:
+                taken = self.hub.published()
+                if address is not None and gone is not None:
+                    # The ports of the ended sandbox whose address this
+                    # restore takes over are its own again.
+                    taken = {k: v for k, v in taken.items() if not gone(v)}
+                for p in ports:
+                    for ip in {p.host_ip, None} if p.host_ip else {None, *(k[0] for k in taken)}:
+                        owner = taken.get((ip, p.host_port, p.proto))
+                        if owner is not None:
+                            raise SandboxError(
+                                f"ports: {p.describe()!r}: the host's port"
+                                f" {p.host_port}/{p.proto} is published by sandbox {owner!r}"
+                                " already"
+                            )
+            wanted = tuple((p.host_ip, p.host_port, p.port, p.proto) for p in ports)
+            first = not self.dir.has_leases()
+            if first and not _links.link_alias(config["bridge"])[0]:
+                config = self._fresh(config)
+            lease = self.dir.lease(
+                sandbox, config["subnet"], config["gateway"], wanted, egress, address, gone
+            )
+            try:
+                # The bridge and the table are there while any lease is: only
+                # the first sandbox makes them, and only one with ports or an
+                # allow-list changes the rules (a sandbox's start pays no nft).
+                if first:
+                    self._up(config, lock)
+                elif wanted or egress is not None:
+                    self.hub._table(lock)
+            except BaseException:
+                self.dir.release(lease)
+                if not self.dir.has_leases():
+                    self._down(config, lock)
+                raise
+            self._config = config
+            return lease
+
+    def plug(self, pid: int, sandbox: str, lease: Lease, up: bool = True) -> str:
+        """Give the waiting init *pid* its interface (see :func:`_links.plug`)."""
+        # Read by attach: settings never change while a sandbox holds a lease.
+        config = self._config or self.dir.config()
+        if config is None:
+            raise SandboxError(f"network {self.name!r}: its settings are gone")
+        return _links.plug(pid, sandbox, config["bridge"], lease, self.hub.mtu(), up)
+
+    def detach(self, lease: Lease, veth: str | None = None) -> None:
+        """Give *lease* back; the last one takes the bridge down (and the
+        table, with the last network in use).
+
+        The veth is not deleted here: the kernel deletes it with the
+        sandbox's network namespace, in its own time (deleting it first
+        costs ~20 ms of waiting for the network to settle, half of a
+        bridged sandbox's lifecycle). Addresses are handed out round-robin,
+        so the address given back is not reused before that; the start-up
+        sweep deletes a veth whose namespace something kept alive."""
+        with locked(self.hub.state_dir) as lock:
+            self.dir.release(lease)
+            config = self.dir.config()
+            if self.dir.has_leases():
+                if lease.ports or lease.egress is not None:
+                    self.hub._table(lock)  # its ports and its egress rules go
+            elif config is not None:
+                self._down(config, lock)
+
+    def rules(self) -> _nft.Bridge | None:
+        """What corral's table needs of this network; None if no sandbox is on it."""
+        leases = self.dir.leases()
+        config = self.dir.config()
+        if not leases or config is None:
+            return None
+        forwards = tuple(
+            _nft.Forward(ip, hp, proto, lease.address, port)
+            for lease in leases
+            for ip, hp, port, proto in lease.ports
+        )
+        limits = tuple(
+            _nft.Egress(lease.address, lease.egress, _nft.counter_name(lease.sandbox))
+            for lease in leases
+            if lease.egress is not None
+        )
+        return _nft.Bridge(config["bridge"], config["subnet"], forwards, limits)
+
+    # -- inside the lock ------------------------------------------------------
+
+    def _fresh(self, config: dict[str, str]) -> dict[str, str]:
+        """*config* if its subnet is free of the host's routes and addresses
+        now (its bridge is not there); else, if corral chose it, another one
+        (recorded); a declared one is refused in one line."""
+        used = _links.host_networks()
+        subnet = config.get("subnet")
+        if subnet:
+            clash = _clash(ipaddress.IPv4Network(subnet), used)
+            if clash is None:
+                return config
+            if config.get("chosen", "auto") != "auto":
+                raise SandboxError(f"network {self.name!r}: subnet: {subnet} collides with {clash}")
+        others = [
+            ipaddress.IPv4Network(c["subnet"])
+            for c in (self.hub.get(n).dir.config() for n in self.hub.known() if n != self.name)
+            if c is not None and c.get("subnet")
+        ]
+        fresh = _auto(
+            config["bridge"], _links.free_subnet(_candidates(), [u.net for u in used] + others)
+        )
+        self.dir.save_config(fresh)
+        return fresh
+
+    def _up(self, config: dict[str, str], lock: int) -> None:
+        subnet = ipaddress.IPv4Network(config["subnet"])
+        _links.ensure_bridge(
+            config["bridge"], self.name, config["gateway"], subnet.prefixlen, self.hub.mtu()
+        )
+        # A port published on the host's 127.0.0.1 is DNAT-ed to a sandbox
+        # with its loopback source (masqueraded after): the kernel lets such
+        # a packet out of this interface only, not of any other of the host's.
+        _write(f"/proc/sys/net/ipv4/conf/{config['bridge']}/route_localnet", "1")
+        self.hub._table(lock)
+
+    def _down(self, config: dict[str, str], lock: int) -> None:
+        _links.remove_bridge(config["bridge"], self.name)
+        self.hub._table(lock)
 
 
 def _read(path: str) -> str:

@@ -1,10 +1,14 @@
-"""Addresses of a corral network, leased to sandboxes and kept on disk.
+"""Addresses of corral's networks, leased to sandboxes and kept on disk.
 
-``STATE_DIR/network/NET/``::
+``STATE_DIR/network/``::
 
-    config.json     the network: bridge, subnet, gateway (chosen once)
-    leases/ADDRESS  one lease: the sandbox it belongs to (JSON)
-    lock            taken while the network is set up or torn down
+    lock                taken while any network is set up or torn down
+    NET/config.json     the network: bridge, subnet, gateway, and whether
+                        the subnet was declared or chosen
+    NET/leases/ADDRESS  one lease: the sandbox it belongs to (JSON)
+
+One lock for every network: corral's nftables table and the forwarding
+switch are the host's, written from the leases of all of them.
 
 A lease is made whole or not at all: written to a temporary file, then
 ``link``-ed to its address's name, which fails if the address is taken. So
@@ -26,7 +30,7 @@ from typing import NamedTuple
 from ..._errors import SandboxError
 from .._records import write_atomic
 
-__all__ = ["Lease", "NetworkDir", "mac_of"]
+__all__ = ["Lease", "NetworkDir", "known_networks", "locked", "mac_of"]
 
 
 class Lease(NamedTuple):
@@ -52,6 +56,33 @@ def mac_of(address: str) -> str:
     return "02:c0:" + ":".join(f"{b:02x}" for b in octets)
 
 
+@contextlib.contextmanager
+def locked(state_dir: str) -> Iterator[int]:
+    """Hold the lock of every network of *state_dir* (set-ups and
+    tear-downs take turns); yields its descriptor, which a child that must
+    finish its work before the next holder starts (``nft``) inherits: a
+    lock on an open file is held while any process has it open, so a
+    killed holder's ``nft`` still holds it until it is done."""
+    root = os.path.join(state_dir, "network")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def known_networks(state_dir: str) -> list[str]:
+    """The networks *state_dir* has settings of (used or declared once)."""
+    root = os.path.join(state_dir, "network")
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return []
+    return [n for n in names if os.path.exists(os.path.join(root, n, "config.json"))]
+
+
 class NetworkDir:
     """The on-disk state of one network (see the module's docstring)."""
 
@@ -59,17 +90,6 @@ class NetworkDir:
         self.name = name
         self.path = os.path.join(state_dir, "network", name)
         self.leases_dir = os.path.join(self.path, "leases")
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the network's lock (set-up and tear-down take turns)."""
-        os.makedirs(self.leases_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     def config(self) -> dict[str, str] | None:
         """The network's recorded settings, or None before its first use."""
@@ -108,14 +128,16 @@ class NetworkDir:
         if address is not None:
             return self._lease_one(sandbox, net, gateway, ports, egress, address, gone)
         taken = set(self._names())
+        os.makedirs(self.leases_dir, mode=0o700, exist_ok=True)
         tmp = os.path.join(self.leases_dir, f".{sandbox}.{os.getpid()}.tmp")
-        hosts = list(net.hosts())
+        # The hosts by number, not a list of them: a /16 has 65,534.
+        first, count = int(net.network_address) + 1, net.num_addresses - 2
         # Round-robin from after the last address handed out: one given back
         # is not handed out again before its veth is gone with its sandbox.
-        start = self._next() % len(hosts)
-        for n in range(len(hosts)):
-            index = (start + n) % len(hosts)
-            address = str(hosts[index])
+        start = self._next() % count
+        for n in range(count):
+            index = (start + n) % count
+            address = str(ipaddress.IPv4Address(first + index))
             if address == gateway or address in taken:
                 continue
             lease = Lease(address, sandbox, net.prefixlen, gateway, mac_of(address), ports, egress)
@@ -171,6 +193,23 @@ class NetworkDir:
                 os.unlink(tmp)
         return lease
 
+    def sweep_tmp(self) -> None:
+        """Remove the half-made leases of processes that died making them
+        (``.SANDBOX.PID.tmp``: never linked, so never anybody's address)."""
+        try:
+            names = os.listdir(self.leases_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            pid = name.rsplit(".", 2)[-2] if name.endswith(".tmp") else ""
+            if name.startswith(".") and pid.isdigit() and not _running(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.leases_dir, name))
+
+    def has_leases(self) -> bool:
+        """True if any sandbox holds an address of the network."""
+        return bool(self._names())
+
     def _next(self) -> int:
         try:
             with open(os.path.join(self.path, "next")) as f:
@@ -212,3 +251,13 @@ class NetworkDir:
                 return str(json.load(f).get("sandbox"))
         except (OSError, ValueError, AttributeError):
             return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -15,18 +15,22 @@ import contextlib
 import hashlib
 import ipaddress
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 from ..._errors import SandboxError
 from .._linux import _syscalls as sc
 from ._ipam import Lease
+from ._model import DEFAULT_BRIDGE
 
 __all__ = [
+    "Used",
     "bridge_exists",
     "ensure_bridge",
     "free_subnet",
-    "host_routes",
+    "host_networks",
+    "link_alias",
+    "owner",
     "plug",
     "remove_bridge",
     "remove_veth",
@@ -52,24 +56,43 @@ def veth_name(sandbox: str) -> str:
     return VETH_PREFIX + hashlib.sha256(sandbox.encode()).hexdigest()[:10]
 
 
-def host_routes() -> list[ipaddress.IPv4Network]:
-    """The IPv4 networks the host routes or has addresses in (but default)."""
-    out = []
+class Used(NamedTuple):
+    """An IPv4 network the host uses: it has an ``address`` (*shown*) in
+    it, or a ``route`` to it, through *device*."""
+
+    net: ipaddress.IPv4Network
+    what: str
+    device: str
+    shown: str
+
+    def describe(self) -> str:
+        """How a person reads it: ``the host's route to 10.0.0.0/8 (dev eth1)``."""
+        to = "to " if self.what == "route" else ""
+        return f"the host's {self.what} {to}{self.shown} (dev {self.device})"
+
+
+def host_networks() -> list[Used]:
+    """The IPv4 networks the host has addresses in or routes to (in any
+    table; but the default route), its addresses first."""
+    addresses, routes = [], []
     with _iproute() as ip:
+        names = {link["index"]: str(link.get_attr("IFLA_IFNAME")) for link in ip.get_links()}
+        for a in ip.get_addr(family=2):
+            shown = f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+            net = ipaddress.IPv4Network(shown, strict=False)
+            addresses.append(Used(net, "address", names.get(a["index"], "?"), shown))
         for r in ip.get_routes(family=2):
             dst = r.get_attr("RTA_DST")
             if dst and r["dst_len"] > 0:
-                out.append(ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False))
-        for a in ip.get_addr(family=2):
-            out.append(
-                ipaddress.IPv4Network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}", strict=False)
-            )
-    return out
+                net = ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False)
+                routes.append(Used(net, "route", names.get(r.get_attr("RTA_OIF"), "?"), str(net)))
+    return addresses + routes
 
 
-def free_subnet(candidates: Iterator[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
-    """The first of *candidates* that overlaps no route or address of the host."""
-    used = host_routes()
+def free_subnet(
+    candidates: Iterable[ipaddress.IPv4Network], used: Sequence[ipaddress.IPv4Network]
+) -> ipaddress.IPv4Network:
+    """The first of *candidates* that overlaps none of *used*."""
     for net in candidates:
         if not any(net.overlaps(u) for u in used):
             return net
@@ -88,37 +111,91 @@ def uplink_mtu() -> int:
     return DEFAULT_MTU
 
 
+def owner(network: str) -> str:
+    """The alias corral gives the bridge of *network*: what tells its
+    bridges from the host's (a bridge that is not corral's is never given
+    an address, nor deleted)."""
+    return f"corral network {network}"
+
+
+def _tmp_name(bridge: str) -> str:
+    # A bridge is made under this name, given its alias, then renamed: the
+    # kernel ignores an alias in the message that makes a link, and a bridge
+    # without its alias, left by a kill between the two, would not be ours.
+    return "crn" + hashlib.sha256(bridge.encode()).hexdigest()[:12]
+
+
 def bridge_exists(name: str) -> bool:
     """True if the host has a link *name*."""
     with _iproute() as ip:
         return bool(ip.link_lookup(ifname=name))
 
 
-def ensure_bridge(name: str, gateway: str, prefix: int, mtu: int) -> None:
-    """The bridge *name*, up, with the address *gateway*/*prefix*; made if
-    missing. A link of that name that is not such a bridge is refused."""
+def link_alias(name: str) -> tuple[bool, str | None]:
+    """Whether the host has a link *name*, and its alias (None without one)."""
     with _iproute() as ip:
         found = ip.link_lookup(ifname=name)
         if not found:
-            ip.link("add", ifname=name, kind="bridge", mtu=mtu)
-            found = ip.link_lookup(ifname=name)
+            return False, None
+        alias = ip.get_links(found[0])[0].get_attr("IFLA_IFALIAS")
+        return True, str(alias) if alias else None
+
+
+def _ours(link: Any, name: str, network: str) -> bool:
+    info = link.get_attr("IFLA_LINKINFO")
+    if (info.get_attr("IFLA_INFO_KIND") if info is not None else None) != "bridge":
+        return False
+    alias = link.get_attr("IFLA_IFALIAS")
+    # corral0 was made without an alias before there were other networks.
+    return bool(alias == owner(network) or (not alias and name == DEFAULT_BRIDGE))
+
+
+def ensure_bridge(name: str, network: str, gateway: str, prefix: int, mtu: int) -> None:
+    """The bridge *name* of corral's *network*, up, with the address
+    *gateway*/*prefix* (and no other); made if missing. A link of that name
+    that is not that network's bridge is refused."""
+    with _iproute() as ip:
+        found = ip.link_lookup(ifname=name)
+        if not found:
+            tmp = _tmp_name(name)
+            for index in ip.link_lookup(ifname=tmp):
+                ip.link("del", index=index)  # a kill's leftover (the name is ours)
+            ip.link("add", ifname=tmp, kind="bridge", mtu=mtu)
+            (index,) = ip.link_lookup(ifname=tmp)
+            try:
+                ip.link("set", index=index, ifalias=owner(network))
+                ip.link("set", index=index, ifname=name)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    ip.link("del", index=index)
+                raise
+            found = [index]
         index = found[0]
-        link = ip.get_links(index)[0]
-        info = link.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-        if kind != "bridge":
-            raise SandboxError(f"network: the host has a link {name!r} that is not a bridge")
+        if not _ours(ip.get_links(index)[0], name, network):
+            raise SandboxError(
+                f"network {network!r}: the host has a link {name!r} that is not its bridge"
+            )
         have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ip.get_addr(index=index)}
+        for address, length in have - {(gateway, prefix)}:
+            ip.addr("del", index=index, address=address, prefixlen=length)  # an old subnet's
         if (gateway, prefix) not in have:
             ip.addr("add", index=index, address=gateway, prefixlen=prefix)
         ip.link("set", index=index, state="up")
 
 
-def remove_bridge(name: str) -> None:
-    """Delete the bridge *name* (if it exists)."""
+def remove_bridge(name: str, network: str) -> bool:
+    """Delete the bridge *name* of corral's *network* if it exists (and is
+    that network's: a link of the host's is left alone); True if it did."""
+    removed = False
     with _iproute() as ip:
         for index in ip.link_lookup(ifname=name):
+            if _ours(ip.get_links(index)[0], name, network):
+                ip.link("del", index=index)
+                removed = True
+        for index in ip.link_lookup(ifname=_tmp_name(name)):
             ip.link("del", index=index)
+            removed = True
+    return removed
 
 
 def remove_veth(name: str) -> None:

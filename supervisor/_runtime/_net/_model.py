@@ -1,4 +1,5 @@
-"""The ``network`` setting of a sandbox, checked (plain text, no I/O)."""
+"""The ``network`` setting of a sandbox and the networks a fleet declares,
+checked (plain text, no I/O)."""
 
 from __future__ import annotations
 
@@ -10,32 +11,209 @@ from typing import Any, NamedTuple
 from ..._errors import SpecError
 
 __all__ = [
+    "DEFAULT_BRIDGE",
+    "DEFAULT_NETWORK",
     "NETWORK_MODES",
+    "NetworkDecl",
     "Port",
+    "check_decls",
     "check_ports",
+    "is_bridged",
     "is_host_name",
+    "network_name",
     "parse_egress",
+    "parse_ifname",
     "parse_network",
+    "parse_network_decl",
     "parse_port",
 ]
 
 NETWORK_MODES = ("none", "bridge", "host")
-"""What ``network`` may be (besides ``sandbox:NAME``)."""
+"""What ``network`` may be besides ``sandbox:NAME`` and a declared network's name."""
+DEFAULT_NETWORK = "corral"
+"""The name of the network ``bridge`` means (its state: ``STATE_DIR/network/corral``)."""
+DEFAULT_BRIDGE = "corral0"
+"""The default network's bridge."""
+RESERVED = (*NETWORK_MODES, DEFAULT_NETWORK)
+"""Names a declared network may not have: the modes, and the default network's."""
+BRIDGE_PREFIX = "cr-"
+"""A declared network's bridge is ``cr-NAME`` unless it says otherwise."""
+IFNAMSIZ = 15
+"""The longest interface name the kernel takes."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,14}$")
+# The kernel refuses '/', ':', whitespace, "." and ".."; corral also keeps
+# to the characters other tools (nft, ip, systemd-networkd) never quote.
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 
 
 def parse_network(value: object, field: str = "network") -> str:
-    """A sandbox's network mode: ``none``, ``bridge``, ``host`` or
-    ``sandbox:NAME`` (the network namespace of the running sandbox NAME)."""
+    """A sandbox's network: ``none``, ``bridge`` (corral's default
+    network), ``host``, ``sandbox:NAME`` (the network namespace of the
+    running sandbox NAME), or the name of a declared network (as with
+    Docker's and podman's ``--network NAME``). Whether such a network
+    exists is checked where it is known (the fleet, the state directory)."""
     if isinstance(value, str) and value.startswith("sandbox:"):
         if not _NAME.match(value[len("sandbox:") :]):
             raise SpecError(field, f"expected sandbox:NAME with a sandbox's name, got {value!r}")
         return value
-    if not isinstance(value, str) or value not in NETWORK_MODES:
+    if isinstance(value, str) and (value in NETWORK_MODES or _NETWORK_NAME.match(value)):
+        if value == DEFAULT_NETWORK:
+            raise SpecError(field, f"{value!r} is the default network: say 'bridge'")
+        return value
+    raise SpecError(
+        field,
+        f"expected one of {', '.join(NETWORK_MODES)}, sandbox:NAME or a network's name,"
+        f" got {value!r}",
+    )
+
+
+def is_bridged(network: str) -> bool:
+    """True if *network* (a parsed ``network``) puts a sandbox on a bridge
+    of its own: ``bridge`` or a declared network."""
+    return network not in ("none", "host") and not network.startswith("sandbox:")
+
+
+def network_name(network: str) -> str | None:
+    """The corral network a sandbox with *network* is on (``bridge`` is
+    the default network, ``corral``), or None if it is on none of them."""
+    if not is_bridged(network):
+        return None
+    return DEFAULT_NETWORK if network == "bridge" else network
+
+
+def parse_ifname(value: object, field: str) -> str:
+    """An interface name the kernel takes: 1-15 letters, digits, ``_ . -``."""
+    if not isinstance(value, str) or not _IFNAME.match(value):
         raise SpecError(
-            field, f"expected one of {', '.join(NETWORK_MODES)} or sandbox:NAME, got {value!r}"
+            field,
+            f"expected an interface name (1-{IFNAMSIZ} letters, digits, '_', '.' or '-',"
+            f" starting with a letter or digit), got {value!r}",
         )
     return value
+
+
+class NetworkDecl(NamedTuple):
+    """A network a fleet declares (``[network.NAME]``), checked as text:
+    whether its subnet is free on this host is checked at start-up."""
+
+    name: str
+    subnet: str | None = None
+    """Its IPv4 subnet (``10.20.0.0/24``); None: the first free /24 of
+    corral's range, chosen when it is first declared and kept."""
+    gateway: str | None = None
+    """The bridge's address (in the subnet); None: the subnet's first host."""
+    bridge: str = ""
+    """The bridge's interface name (``cr-NAME`` unless given)."""
+
+    def settings(self) -> dict[str, str]:
+        """What it says, as a network's recorded settings would."""
+        out = {"bridge": self.bridge}
+        if self.subnet is not None:
+            out["subnet"] = self.subnet
+            out["gateway"] = self.gateway or _first_host(self.subnet)
+        return out
+
+
+def _first_host(subnet: str) -> str:
+    return str(ipaddress.IPv4Network(subnet).network_address + 1)
+
+
+_DECL_KEYS = ("subnet", "gateway", "bridge")
+
+
+def parse_network_decl(name: object, table: object) -> NetworkDecl:
+    """One ``[network.NAME]`` table: its optional ``subnet`` (an IPv4
+    network, /8 to /30), ``gateway`` (an address in it, neither its
+    network nor its broadcast address) and ``bridge`` (an interface name).
+    Raises :class:`SpecError` naming the field."""
+    if not isinstance(name, str) or not _NETWORK_NAME.match(name):
+        raise SpecError(
+            "name",
+            "expected a network name of 1-15 letters, digits, '_' or '-' (a network's name"
+            f" is an interface name's), got {name!r}",
+        )
+    if name in RESERVED:
+        raise SpecError("name", f"{name!r} is reserved (none, bridge, host and corral are)")
+    if not isinstance(table, dict):
+        raise SpecError("network", f"expected a table like [network.{name}], got {table!r:.60}")
+    for key in table:
+        if key not in _DECL_KEYS:
+            raise SpecError(key, f"unknown key (expected one of: {', '.join(_DECL_KEYS)})")
+    subnet = gateway = None
+    if "subnet" in table:
+        subnet = _subnet(table["subnet"])
+    if "gateway" in table:
+        if subnet is None:
+            raise SpecError("gateway", "a gateway needs the subnet it is in: set subnet too")
+        gateway = _gateway(table["gateway"], ipaddress.IPv4Network(subnet))
+    if "bridge" in table:
+        bridge = parse_ifname(table["bridge"], "bridge")
+    elif len(BRIDGE_PREFIX + name) <= IFNAMSIZ:
+        bridge = BRIDGE_PREFIX + name
+    else:
+        raise SpecError(
+            "bridge",
+            f"the bridge {BRIDGE_PREFIX + name!r} would be longer than an interface name"
+            f" ({IFNAMSIZ}): name the bridge, or the network in 12 characters",
+        )
+    if bridge == DEFAULT_BRIDGE:
+        raise SpecError("bridge", f"{bridge!r} is the default network's bridge")
+    return NetworkDecl(name, subnet, gateway or (_first_host(subnet) if subnet else None), bridge)
+
+
+def _subnet(value: object) -> str:
+    try:
+        if not isinstance(value, str) or "/" not in value:
+            raise ValueError
+        net = ipaddress.IPv4Network(value, strict=False)
+    except ValueError:
+        raise SpecError(
+            "subnet", f"expected an IPv4 network like 10.20.0.0/24, got {value!r}"
+        ) from None
+    if net.network_address != ipaddress.IPv4Address(value.partition("/")[0]):
+        raise SpecError("subnet", f"{value!r} has host bits set: the network is {str(net)!r}")
+    if not 8 <= net.prefixlen <= 30:
+        raise SpecError("subnet", f"expected a prefix length from /8 to /30, got {value!r}")
+    if net.is_loopback or net.is_multicast or net.is_link_local or net.is_unspecified:
+        raise SpecError("subnet", f"expected a unicast network, got {value!r}")
+    if net.overlaps(ipaddress.IPv4Network("240.0.0.0/4")):
+        raise SpecError("subnet", f"expected a unicast network, got {value!r}")
+    return str(net)
+
+
+def _gateway(value: object, net: ipaddress.IPv4Network) -> str:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        address = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise SpecError("gateway", f"expected an IPv4 address, got {value!r}") from None
+    if address not in net or address in (net.network_address, net.broadcast_address):
+        raise SpecError("gateway", f"{value!r} is not a host address of the subnet {str(net)!r}")
+    return str(address)
+
+
+def _overlap(a: str, b: str) -> bool:
+    return ipaddress.IPv4Network(a).overlaps(ipaddress.IPv4Network(b))
+
+
+def check_decls(decls: Sequence[NetworkDecl]) -> list[str]:
+    """What is wrong between declared networks (each one line): two with
+    overlapping subnets, or with one bridge."""
+    problems = []
+    for i, a in enumerate(decls):
+        for b in decls[:i]:
+            if a.bridge == b.bridge:
+                problems.append(
+                    f"network {a.name!r}: bridge: {a.bridge!r} is network {b.name!r}'s bridge too"
+                )
+            if a.subnet and b.subnet and _overlap(a.subnet, b.subnet):
+                problems.append(
+                    f"network {a.name!r}: subnet: {a.subnet} overlaps network {b.name!r}'s"
+                    f" {b.subnet}"
+                )
+    return problems
 
 
 class Port(NamedTuple):
@@ -89,8 +267,11 @@ def parse_port(text: object, field: str = "ports") -> Port:
 def check_ports(ports: Sequence[Port], network: str) -> tuple[Port, ...]:
     """The ports, each host port once; only a bridged sandbox publishes any."""
     out = tuple(ports)
-    if out and network != "bridge":
-        raise SpecError("ports", "only a sandbox with network = 'bridge' publishes ports")
+    if out and not is_bridged(network):
+        raise SpecError(
+            "ports",
+            "only a bridged sandbox (network = 'bridge' or a network's name) publishes ports",
+        )
     seen: dict[tuple[str | None, int, str], Port] = {}
     for p in out:
         key = (p.host_ip, p.host_port, p.proto)

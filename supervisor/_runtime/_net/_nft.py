@@ -14,6 +14,10 @@ sandbox: one ``nft`` run costs ~4 ms here, against a sandbox start of
 
 Rules, per bridge ``B`` with subnet ``S``:
 
+- forward (filter), first: ``iifname B oifname {the other bridges} ct
+  status ! dnat drop``: networks are isolated from each other, as Docker's
+  are; only a published port (DNAT-ed) is reached from another network,
+  as it is from anywhere;
 - postrouting (nat): ``ip saddr S oifname != B masquerade``: the sandboxes
   reach the outside with the host's address;
 - forward (filter): ``iifname B accept`` (from the sandboxes),
@@ -145,6 +149,20 @@ def ruleset(
             }
         }
     )
+    names = [b.name for b in bridges]
+    for b in bridges:
+        others = [n for n in names if n != b.name]
+        if others:
+            cmds.append(
+                _rule(
+                    "forward",
+                    _is("iifname", b.name),
+                    {"match": {"op": "==", "left": {"meta": {"key": "oifname"}},
+                               "right": {"set": others}}},
+                    {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                    {"drop": None},
+                )
+            )  # fmt: skip
     wanted: tuple[set[str], set[str]] = (set(), set())
     for b in bridges:
         cmds += _egress(b, wanted)
@@ -392,19 +410,24 @@ def _published(b: Bridge) -> list[dict[str, Any]]:
     return cmds
 
 
-def apply(bridges: Sequence[Bridge], drop_other_forwarding: bool) -> None:
+def apply(bridges: Sequence[Bridge], drop_other_forwarding: bool, lock: int = -1) -> None:
     """Make corral's table what *bridges* need (one transaction), keeping
-    what the denied-packet counters of the sandboxes still there counted."""
+    what the denied-packet counters of the sandboxes still there counted.
+    ``nft`` is given *lock* (the networks' lock, held by the caller): if
+    the caller is killed, the lock stays held until ``nft`` has finished,
+    so that a sweep never runs before a table it would have removed is
+    written."""
     existing = objects()
-    _nft(ruleset(bridges, drop_other_forwarding, existing))
+    _nft(ruleset(bridges, drop_other_forwarding, existing), lock=lock)
 
 
-def delete() -> None:
-    """Remove corral's table, if it exists."""
-    _nft({"nftables": [{"delete": {"table": {"family": "inet", "name": TABLE}}}]}, missing_ok=True)
+def delete(lock: int = -1) -> None:
+    """Remove corral's table, if it exists (*lock*: see :func:`apply`)."""
+    doc = {"nftables": [{"delete": {"table": {"family": "inet", "name": TABLE}}}]}
+    _nft(doc, missing_ok=True, lock=lock)
 
 
-def _nft(doc: dict[str, Any], missing_ok: bool = False) -> None:
+def _nft(doc: dict[str, Any], missing_ok: bool = False, lock: int = -1) -> None:
     try:
         proc = subprocess.run(
             ["nft", "-j", "-f", "-"],
@@ -413,6 +436,7 @@ def _nft(doc: dict[str, Any], missing_ok: bool = False) -> None:
             text=True,
             timeout=30,
             check=False,
+            pass_fds=(lock,) if lock >= 0 else (),
         )
     except FileNotFoundError:
         raise SandboxError("network: nft not found (apt-get install nftables)") from None
