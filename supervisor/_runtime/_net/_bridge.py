@@ -339,7 +339,13 @@ class BridgeNetwork:
             for ip, hp, port, proto in lease.ports
         )
         limits = tuple(
-            _nft.Egress(lease.address, lease.egress, _nft.counter_name(lease.sandbox))
+            _nft.Egress(
+                lease.address,
+                lease.egress,
+                _nft.counter_name(lease.sandbox),
+                _links.veth_name(lease.sandbox),
+                lease.mac,
+            )
             for lease in leases
             if lease.egress is not None
         )

@@ -67,11 +67,16 @@ class Forward(NamedTuple):
 class Egress(NamedTuple):
     """A sandbox (by *address*) allowed to connect only to *allowed*
     (``ADDRESS/LEN`` or ``ADDRESS/LEN:PORT/PROTO``; none if empty); what
-    else it sends is dropped and counted in the named counter *counter*."""
+    else it sends is dropped and counted in the named counter *counter*.
+    Its bridge port *port* (its veth's host end) lets out only frames from
+    its *mac* and its *address*: the allow-list, keyed by the source
+    address, cannot be walked around by sending as another sandbox."""
 
     address: str
     allowed: tuple[str, ...]
     counter: str
+    port: str = ""
+    mac: str = ""
 
 
 class Bridge(NamedTuple):
@@ -193,7 +198,56 @@ def ruleset(
         cmds.append(_rule("forward", {"drop": None}))
     # Last: no rule refers to them any more (the flush came first).
     cmds += _stale(existing, wanted)
+    cmds += _ports(bridges)
     return {"nftables": cmds}
+
+
+def _ports(bridges: Sequence[Bridge]) -> list[dict[str, Any]]:
+    """The table ``bridge corral``: on the bridge port of each sandbox with
+    an allow-list, before anything else sees the frame, only its own MAC
+    and address go out, and only IPv4 and ARP. Without it a sandbox with
+    ``CAP_NET_RAW`` (Docker's default set has it) would send with another
+    sandbox's address, which no allow-list restricts, through a packet
+    socket; and IPv6, which it has no address for, would reach the host's
+    link-local addresses, which the (IPv4) allow-list does not cover."""
+    table = {"family": "bridge", "name": TABLE}
+    cmds: list[dict[str, Any]] = [
+        {"add": {"table": table}},
+        {"flush": {"table": table}},
+        {
+            "add": {
+                "chain": {
+                    **{"family": "bridge", "table": TABLE, "name": "ports"},
+                    **{"type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept"},
+                }
+            }
+        },
+    ]
+
+    def rule(port: str, *expr: dict[str, Any]) -> dict[str, Any]:
+        match = _is("iifname", port)
+        body = [match, *expr, {"drop": None}]
+        return {"add": {"rule": {"family": "bridge", "table": TABLE, "chain": "ports",
+                                 "expr": body}}}  # fmt: skip
+
+    def differs(protocol: str, field: str, value: str) -> dict[str, Any]:
+        return {"match": {"op": "!=", "left": {"payload": {"protocol": protocol, "field": field}},
+                          "right": value}}  # fmt: skip
+
+    for b in bridges:
+        for e in b.egress:
+            if not e.port:
+                continue
+            kinds = {"match": {"op": "!=", "left": {"meta": {"key": "protocol"}},
+                               "right": {"set": ["ip", "arp"]}}}  # fmt: skip
+            cmds += [
+                rule(e.port, differs("ether", "saddr", e.mac)),
+                rule(e.port, kinds),
+                rule(e.port, differs("ip", "saddr", e.address)),
+                rule(e.port, differs("arp", "saddr ip", e.address)),
+                rule(e.port, differs("arp", "saddr ether", e.mac)),
+            ]
+    return cmds
 
 
 def _stale(existing: tuple[set[str], set[str]], wanted: tuple[set[str], set[str]]) -> list[Any]:
@@ -422,9 +476,13 @@ def apply(bridges: Sequence[Bridge], drop_other_forwarding: bool, lock: int = -1
 
 
 def delete(lock: int = -1) -> None:
-    """Remove corral's table, if it exists (*lock*: see :func:`apply`)."""
-    doc = {"nftables": [{"delete": {"table": {"family": "inet", "name": TABLE}}}]}
-    _nft(doc, missing_ok=True, lock=lock)
+    """Remove corral's tables, those that exist (*lock*: see :func:`apply`)."""
+    cmds: list[dict[str, Any]] = []
+    for family in ("inet", "bridge"):
+        # Added first: one transaction removes both, whichever was there.
+        table = {"family": family, "name": TABLE}
+        cmds += [{"add": {"table": table}}, {"delete": {"table": table}}]
+    _nft({"nftables": cmds}, lock=lock)
 
 
 def _nft(doc: dict[str, Any], missing_ok: bool = False, lock: int = -1) -> None:
