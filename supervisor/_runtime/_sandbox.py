@@ -1077,7 +1077,7 @@ class Runtime:
         veth = veth_name(spec.name)
         undo.callback(bridge.detach, lease, veth)
         for name, text in (
-            ("hosts", hosts_file(lease.address, spec.effective_hostname)),
+            ("hosts", hosts_file(lease.address, spec.effective_hostname, (), lease.address6)),
             ("resolv.conf", resolv_conf()),
         ):
             path = os.path.join(sdir, name)
@@ -1168,7 +1168,10 @@ class Runtime:
         if not sb.network or not isinstance(sb.network.get("lease"), dict):
             return
         address = str(sb.network["lease"].get("address"))
-        text = hosts_file(address, sb.spec.effective_hostname, peers)
+        address6 = sb.network["lease"].get("address6")
+        text = hosts_file(
+            address, sb.spec.effective_hostname, peers, str(address6) if address6 else None
+        )
         path = os.path.join(sb.state_path, "hosts")
         with contextlib.suppress(FileNotFoundError), open(path, "r+") as f:  # gone: destroyed
             f.truncate(0)
