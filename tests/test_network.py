@@ -913,7 +913,7 @@ def test_bad_network_declarations_are_one_line_each(dirs: Dirs, tmp_path: Path) 
          "network 'a': bridge: expected an interface name (1-15 letters, digits, '_', '.' or '-',"
          " starting with a letter or digit), got 'eth0:1'"),
         ({"a": {"bridge": "corral0"}}, "network 'a': bridge: 'corral0' is the default network's bridge"),
-        ({"a": {"mtu": 1400}}, "network 'a': mtu: unknown key (expected one of: subnet, gateway, bridge)"),
+        ({"a": {"mtu": 1400}}, "network 'a': mtu: unknown key (expected one of: subnet, gateway, bridge, ipv6, subnet6)"),
     ):  # fmt: skip
         with pytest.raises(FleetError) as info:
             parse_fleet({"network": networks, "sandbox": [sandbox]})

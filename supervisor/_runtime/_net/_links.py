@@ -275,16 +275,17 @@ def plug(pid: int, sandbox: str, bridge: str, lease: Lease, mtu: int, up: bool =
         bridge_index = ip.link_lookup(ifname=bridge)
         if not bridge_index:
             raise SandboxError(f"network: the bridge {bridge!r} is gone")
+        # On the bridge, and up (or not), as it is made: one request, not three.
         ip.link(
             "add",
             ifname=host_end,
             kind="veth",
             mtu=mtu,
+            master=bridge_index[0],
+            state="up" if up else "down",
             peer={"ifname": "eth0", "net_ns_pid": pid, "address": lease.mac, "mtu": mtu},
         )
         try:
-            (index,) = ip.link_lookup(ifname=host_end)
-            ip.link("set", index=index, master=bridge_index[0], state="up" if up else "down")
             with _inside(pid) as inner:
                 (eth0,) = inner.link_lookup(ifname="eth0")
                 inner.addr("add", index=eth0, address=lease.address, prefixlen=lease.prefix)
