@@ -337,6 +337,9 @@ def _network(inst: Instance, counters: Mapping[str, int] | None) -> dict[str, An
             prefix=lease.get("prefix"),
             gateway=lease.get("gateway"),
             mac=lease.get("mac"),
+            address6=lease.get("address6"),
+            prefix6=lease.get("prefix6") or None,
+            gateway6=lease.get("gateway6"),
             veth=sb.network.get("veth"),
             counters=dict(counters) if counters is not None else None,
         )

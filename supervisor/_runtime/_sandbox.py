@@ -742,6 +742,10 @@ class Runtime:
             links = _lower_links(sdir, lower) if not idmap else ""
             cgroup = self._make_cgroup(spec, undo)
             mounts = self._mount_sources(spec, userns)
+            # Registered before the network's undo, so run after it: the
+            # record of an ended sandbox stays until its lease is given back
+            # (a restore of its checkpoint takes the address over then).
+            undo.callback(_unlink, record)
             on_pid, net, join = self._network(spec, sdir, mounts, undo)
             cfg = LaunchConfig(
                 argv=list(spec.argv),
@@ -787,7 +791,6 @@ class Runtime:
                     spawned = self._spawn_or_reap(cfg, stdio, on_pid)
             except SpawnFailed as exc:
                 raise _translate(spec.name, exc) from None
-            undo.callback(_unlink, record)
             try:
                 self._record(record, spec, spawned, cgroup, labels, None, image, net)
             except BaseException:
@@ -1077,7 +1080,7 @@ class Runtime:
         veth = veth_name(spec.name)
         undo.callback(bridge.detach, lease, veth)
         for name, text in (
-            ("hosts", hosts_file(lease.address, spec.effective_hostname)),
+            ("hosts", hosts_file(lease.address, spec.effective_hostname, (), lease.address6)),
             ("resolv.conf", resolv_conf()),
         ):
             path = os.path.join(sdir, name)
@@ -1168,7 +1171,10 @@ class Runtime:
         if not sb.network or not isinstance(sb.network.get("lease"), dict):
             return
         address = str(sb.network["lease"].get("address"))
-        text = hosts_file(address, sb.spec.effective_hostname, peers)
+        address6 = sb.network["lease"].get("address6")
+        text = hosts_file(
+            address, sb.spec.effective_hostname, peers, str(address6) if address6 else None
+        )
         path = os.path.join(sb.state_path, "hosts")
         with contextlib.suppress(FileNotFoundError), open(path, "r+") as f:  # gone: destroyed
             f.truncate(0)
@@ -1624,6 +1630,7 @@ class Runtime:
             cgroup = self._make_cgroup(spec, undo)
             # Its address again (its connections are bound to it), on an
             # interface that stays down until CRIU has put its sockets back.
+            undo.callback(_unlink, record)  # after the lease is given back (see _create)
             on_pid, net, _ = self._network(spec, sdir, [], undo, info.address, up=False)
             pidfile = os.path.join(sdir, "restore.pid")
             argv = [
@@ -1707,7 +1714,6 @@ class Runtime:
                     _drop_network_lock(pid, info.root_pid)
                 if net is not None:
                     set_link_up(str(net["veth"]), True)
-                undo.callback(_unlink, record)
                 self._record(record, spec, restored, cgroup, labels, info.path, image, net)
             except BaseException:
                 self._kill_and_reap(restored)

@@ -35,9 +35,10 @@ __all__ = [
 ]
 
 _FORWARD = "/proc/sys/net/ipv4/ip_forward"
+_FORWARD6 = "/proc/sys/net/ipv6/conf/all/forwarding"
 _CANDIDATES = "10.213.0.0/16"
 """Where a subnet nobody declared (a /24) is looked for: the first free one."""
-_SETTINGS = ("bridge", "subnet", "gateway")
+_SETTINGS = ("bridge", "subnet", "gateway", "subnet6")
 
 
 def _candidates() -> Iterator[ipaddress.IPv4Network]:
@@ -97,6 +98,8 @@ class Networks:
                 net = self.get(d.name)
                 old = recorded.get(d.name)
                 where = f"network {d.name!r}"
+                if d.subnet6 is not None:
+                    _check_forwarding6(d.name)
                 for other, cfg in recorded.items():
                     if other != d.name and cfg is not None and cfg.get("bridge") == d.bridge:
                         raise SandboxError(f"{where}: bridge: {d.bridge!r} is network {other!r}'s")
@@ -132,14 +135,18 @@ class Networks:
                         _candidates(), [u.net for u in theirs] + others + chosen
                     )
                     config = _auto(d.bridge, subnet)
+                config.pop("subnet6", None)
+                if d.subnet6 is not None:
+                    config["subnet6"] = d.subnet6
                 chosen.append(ipaddress.IPv4Network(config["subnet"]))
-                changed = [k for k in _SETTINGS if old is not None and old.get(k) != config[k]]
+                changed = [k for k in _SETTINGS if old is not None and old.get(k) != config.get(k)]
                 if changed and net.dir.has_leases():
                     assert old is not None
                     key = changed[0]
                     raise SandboxError(
-                        f"{where}: {key}: {config[key]} in the fleet, but {old.get(key)} for the"
-                        f" sandboxes on it now: stop them first, or keep the {key}"
+                        f"{where}: {key}: {config.get(key, 'none')} in the fleet, but"
+                        f" {old.get(key, 'none')} for the sandboxes on it now: stop them"
+                        f" first, or keep the {key}"
                     )
                 plan.append((net, old if changed else None, config))
             for net, old, config in plan:
@@ -213,6 +220,37 @@ class Networks:
         return os.path.exists(self._flag)
 
 
+def _check_forwarding6(network: str) -> None:
+    """Refuse IPv6 on *network* in one line if the host does not forward
+    IPv6. Turning it on would stop the host from taking router
+    advertisements on every interface whose ``accept_ra`` is 1 (its own
+    IPv6 default route among them): not corral's call to make."""
+    if _read(_FORWARD6) != "1":
+        raise SandboxError(
+            f"network {network!r}: ipv6: the host does not forward IPv6"
+            " (net.ipv6.conf.all.forwarding = 0); corral does not turn it on, since"
+            " that changes how the host takes its own routes (docs/network.md)"
+        )
+
+
+def _with_ipv6(lease: Lease, config: dict[str, str]) -> Lease:
+    """*lease* with its IPv6 address and gateway, on a network with a
+    ``subnet6``: the IPv4 address's and gateway's places in the subnet, at
+    the same places in the prefix (one lease, both families)."""
+    if not config.get("subnet6"):
+        return lease
+    net4 = ipaddress.IPv4Network(config["subnet"])
+    net6 = ipaddress.IPv6Network(config["subnet6"])
+
+    def place(address: str) -> str:
+        offset = int(ipaddress.IPv4Address(address)) - int(net4.network_address)
+        return str(net6.network_address + offset)
+
+    return lease._replace(
+        address6=place(lease.address), prefix6=net6.prefixlen, gateway6=place(lease.gateway)
+    )
+
+
 def _clash(subnet: ipaddress.IPv4Network, used: Sequence[_links.Used]) -> str | None:
     """What of *used* *subnet* overlaps, said for a person; None if nothing."""
     for u in used:
@@ -281,6 +319,8 @@ class BridgeNetwork:
             first = not self.dir.has_leases()
             if first and not _links.link_alias(config["bridge"])[0]:
                 config = self._fresh(config)
+            if config.get("subnet6"):
+                _check_forwarding6(self.name)
             lease = self.dir.lease(
                 sandbox, config["subnet"], config["gateway"], wanted, egress, address, gone
             )
@@ -298,7 +338,7 @@ class BridgeNetwork:
                     self._down(config, lock)
                 raise
             self._config = config
-            return lease
+            return _with_ipv6(lease, config)
 
     def plug(self, pid: int, sandbox: str, lease: Lease, up: bool = True) -> str:
         """Give the waiting init *pid* its interface (see :func:`_links.plug`)."""
@@ -349,7 +389,9 @@ class BridgeNetwork:
             for lease in leases
             if lease.egress is not None
         )
-        return _nft.Bridge(config["bridge"], config["subnet"], forwards, limits)
+        return _nft.Bridge(
+            config["bridge"], config["subnet"], forwards, limits, config.get("subnet6")
+        )
 
     # -- inside the lock ------------------------------------------------------
 
@@ -373,13 +415,24 @@ class BridgeNetwork:
         fresh = _auto(
             config["bridge"], _links.free_subnet(_candidates(), [u.net for u in used] + others)
         )
+        if config.get("subnet6"):
+            fresh["subnet6"] = config["subnet6"]
         self.dir.save_config(fresh)
         return fresh
 
     def _up(self, config: dict[str, str], lock: int) -> None:
         subnet = ipaddress.IPv4Network(config["subnet"])
+        gateway6 = None
+        if config.get("subnet6"):
+            probe = _with_ipv6(Lease(config["gateway"], "", 0, config["gateway"], ""), config)
+            gateway6 = (str(probe.gateway6), probe.prefix6)
         _links.ensure_bridge(
-            config["bridge"], self.name, config["gateway"], subnet.prefixlen, self.hub.mtu()
+            config["bridge"],
+            self.name,
+            config["gateway"],
+            subnet.prefixlen,
+            self.hub.mtu(),
+            gateway6,
         )
         # A port published on the host's 127.0.0.1 is DNAT-ed to a sandbox
         # with its loopback source (masqueraded after): the kernel lets such
@@ -421,11 +474,19 @@ def resolv_conf(path: str = "/etc/resolv.conf") -> str:
     return "# made by corral from the host's resolvers\n" + "\n".join(lines) + "\n"
 
 
-def hosts_file(address: str | None, hostname: str, peers: Sequence[tuple[str, str]] = ()) -> str:
-    """The sandbox's ``/etc/hosts``: localhost, its own name, and *peers*
-    (address, names): the other sandboxes of its fleet's network."""
+def hosts_file(
+    address: str | None,
+    hostname: str,
+    peers: Sequence[tuple[str, str]] = (),
+    address6: str | None = None,
+) -> str:
+    """The sandbox's ``/etc/hosts``: localhost, its own name (at its IPv6
+    *address6* too, if it has one), and *peers* (address, names): the other
+    sandboxes of its fleet's network."""
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     lines.append(f"{address or '127.0.1.1'}\t{hostname}")
+    if address6:
+        lines.append(f"{address6}\t{hostname}")
     lines += [f"{a}\t{names}" for a, names in peers]
     return "# made by corral\n" + "\n".join(lines) + "\n"
 

@@ -46,6 +46,12 @@ class Lease(NamedTuple):
     egress: tuple[str, ...] | None = None
     """Where it may connect to (None: anywhere; see ``parse_egress``): host
     names are resolved to addresses when the lease is made."""
+    address6: str | None = None
+    """On a network with IPv6: its IPv6 address, the IPv4 address's place
+    in the subnet at the same place in the IPv6 prefix (not in the lease's
+    file: it follows from the address and the network's settings)."""
+    prefix6: int = 0
+    gateway6: str | None = None
 
 
 def mac_of(address: str) -> str:

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -39,6 +40,9 @@ __all__ = [
     "veth_name",
 ]
 
+_NODAD = 0x02
+"""IFA_F_NODAD: an address corral gives is usable at once (no duplicate
+detection: the prefix is corral's, the address the lease's)."""
 VETH_PREFIX = "vc"
 """The host ends of sandboxes' veth pairs: ``vc`` and ten hex digits."""
 DEFAULT_MTU = 1500
@@ -150,9 +154,17 @@ def _ours(link: Any, name: str, network: str) -> bool:
     return bool(alias == owner(network) or (not alias and name == DEFAULT_BRIDGE))
 
 
-def ensure_bridge(name: str, network: str, gateway: str, prefix: int, mtu: int) -> None:
+def ensure_bridge(
+    name: str,
+    network: str,
+    gateway: str,
+    prefix: int,
+    mtu: int,
+    gateway6: tuple[str, int] | None = None,
+) -> None:
     """The bridge *name* of corral's *network*, up, with the address
-    *gateway*/*prefix* (and no other); made if missing. A link of that name
+    *gateway*/*prefix* (and no other), and *gateway6* (address, prefix
+    length) if the network has IPv6; made if missing. A link of that name
     that is not that network's bridge is refused."""
     with _iproute() as ip:
         found = ip.link_lookup(ifname=name)
@@ -175,11 +187,18 @@ def ensure_bridge(name: str, network: str, gateway: str, prefix: int, mtu: int) 
             raise SandboxError(
                 f"network {network!r}: the host has a link {name!r} that is not its bridge"
             )
-        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ip.get_addr(index=index)}
-        for address, length in have - {(gateway, prefix)}:
-            ip.addr("del", index=index, address=address, prefixlen=length)  # an old subnet's
-        if (gateway, prefix) not in have:
-            ip.addr("add", index=index, address=gateway, prefixlen=prefix)
+        for family, want in ((socket.AF_INET, (gateway, prefix)), (socket.AF_INET6, gateway6)):
+            # Global addresses only: the kernel's link-local one is its own.
+            have = {
+                (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                for a in ip.get_addr(index=index, family=family)
+                if a["scope"] == 0
+            }
+            for address, length in have - {want}:
+                ip.addr("del", index=index, address=address, prefixlen=length)  # an old subnet's
+            if want is not None and want not in have:
+                # No duplicate detection: the address is corral's, and usable at once.
+                ip.addr("add", index=index, address=want[0], prefixlen=want[1], flags=_NODAD)
         ip.link("set", index=index, state="up")
 
 
@@ -256,21 +275,32 @@ def plug(pid: int, sandbox: str, bridge: str, lease: Lease, mtu: int, up: bool =
         bridge_index = ip.link_lookup(ifname=bridge)
         if not bridge_index:
             raise SandboxError(f"network: the bridge {bridge!r} is gone")
+        # On the bridge, and up (or not), as it is made: one request, not three.
         ip.link(
             "add",
             ifname=host_end,
             kind="veth",
             mtu=mtu,
+            master=bridge_index[0],
+            state="up" if up else "down",
             peer={"ifname": "eth0", "net_ns_pid": pid, "address": lease.mac, "mtu": mtu},
         )
         try:
-            (index,) = ip.link_lookup(ifname=host_end)
-            ip.link("set", index=index, master=bridge_index[0], state="up" if up else "down")
             with _inside(pid) as inner:
                 (eth0,) = inner.link_lookup(ifname="eth0")
                 inner.addr("add", index=eth0, address=lease.address, prefixlen=lease.prefix)
+                if lease.address6 is not None:
+                    inner.addr(
+                        "add",
+                        index=eth0,
+                        address=lease.address6,
+                        prefixlen=lease.prefix6,
+                        flags=_NODAD,
+                    )
                 inner.link("set", index=eth0, state="up")
                 inner.route("add", dst="default", gateway=lease.gateway)
+                if lease.gateway6 is not None:
+                    inner.route("add", dst="::/0", gateway=lease.gateway6, family=socket.AF_INET6)
         except BaseException:
             with contextlib.suppress(Exception):
                 ip.link("del", ifname=host_end)

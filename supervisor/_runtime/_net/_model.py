@@ -3,6 +3,7 @@ checked (plain text, no I/O)."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "parse_network",
     "parse_network_decl",
     "parse_port",
+    "ula_prefix",
 ]
 
 NETWORK_MODES = ("none", "bridge", "host")
@@ -105,6 +107,9 @@ class NetworkDecl(NamedTuple):
     """The bridge's address (in the subnet); None: the subnet's first host."""
     bridge: str = ""
     """The bridge's interface name (``cr-NAME`` unless given)."""
+    subnet6: str | None = None
+    """Its IPv6 prefix (``ipv6 = true``: a unique local one of its own,
+    ``fdXX:XXXX:XXXX::/64``; or ``subnet6``); None: no IPv6."""
 
     def settings(self) -> dict[str, str]:
         """What it says, as a network's recorded settings would."""
@@ -112,6 +117,8 @@ class NetworkDecl(NamedTuple):
         if self.subnet is not None:
             out["subnet"] = self.subnet
             out["gateway"] = self.gateway or _first_host(self.subnet)
+        if self.subnet6 is not None:
+            out["subnet6"] = self.subnet6
         return out
 
 
@@ -119,7 +126,45 @@ def _first_host(subnet: str) -> str:
     return str(ipaddress.IPv4Network(subnet).network_address + 1)
 
 
-_DECL_KEYS = ("subnet", "gateway", "bridge")
+_DECL_KEYS = ("subnet", "gateway", "bridge", "ipv6", "subnet6")
+
+
+def ula_prefix(name: str) -> str:
+    """A unique local IPv6 /64 for network *name* (RFC 4193: ``fd`` and a
+    40-bit global ID, here hashed from the host's machine id and the name,
+    so that two hosts' networks of one name differ and one host's stays
+    the same)."""
+    try:
+        with open("/etc/machine-id") as f:
+            machine = f.read().strip()
+    except OSError:
+        machine = ""
+    digest = hashlib.sha256(f"corral network {machine} {name}".encode()).digest()
+    return str(ipaddress.IPv6Network((b"\xfd" + digest[:5] + bytes(10), 64)))
+
+
+def _subnet6(value: object, subnet: str | None) -> str:
+    try:
+        if not isinstance(value, str) or "/" not in value:
+            raise ValueError
+        net = ipaddress.IPv6Network(value, strict=False)
+    except ValueError:
+        raise SpecError(
+            "subnet6", f"expected an IPv6 network like fd00:10:20::/64, got {value!r}"
+        ) from None
+    if net.network_address != ipaddress.IPv6Address(value.partition("/")[0]):
+        raise SpecError("subnet6", f"{value!r} has host bits set: the network is {str(net)!r}")
+    if not 48 <= net.prefixlen <= 120:
+        raise SpecError("subnet6", f"expected a prefix length from /48 to /120, got {value!r}")
+    if net.is_loopback or net.is_multicast or net.is_link_local or net.is_unspecified:
+        raise SpecError("subnet6", f"expected a unicast network, got {value!r}")
+    if subnet is not None and net.num_addresses < ipaddress.IPv4Network(subnet).num_addresses:
+        raise SpecError(
+            "subnet6",
+            f"{value!r} is smaller than the IPv4 subnet {subnet!r} (a sandbox's IPv6 address"
+            " is its IPv4 address's place in the subnet)",
+        )
+    return str(net)
 
 
 def parse_network_decl(name: object, table: object) -> NetworkDecl:
@@ -159,7 +204,19 @@ def parse_network_decl(name: object, table: object) -> NetworkDecl:
         )
     if bridge == DEFAULT_BRIDGE:
         raise SpecError("bridge", f"{bridge!r} is the default network's bridge")
-    return NetworkDecl(name, subnet, gateway or (_first_host(subnet) if subnet else None), bridge)
+    ipv6 = table.get("ipv6", "subnet6" in table)
+    if not isinstance(ipv6, bool):
+        raise SpecError("ipv6", f"expected true or false, got {ipv6!r}")
+    subnet6 = None
+    if "subnet6" in table:
+        if not ipv6:
+            raise SpecError("subnet6", "set with ipv6 = false: leave one of them out")
+        subnet6 = _subnet6(table["subnet6"], subnet)
+    elif ipv6:
+        subnet6 = ula_prefix(name)
+    return NetworkDecl(
+        name, subnet, gateway or (_first_host(subnet) if subnet else None), bridge, subnet6
+    )
 
 
 def _subnet(value: object) -> str:
@@ -207,6 +264,15 @@ def check_decls(decls: Sequence[NetworkDecl]) -> list[str]:
             if a.bridge == b.bridge:
                 problems.append(
                     f"network {a.name!r}: bridge: {a.bridge!r} is network {b.name!r}'s bridge too"
+                )
+            if (
+                a.subnet6
+                and b.subnet6
+                and ipaddress.IPv6Network(a.subnet6).overlaps(ipaddress.IPv6Network(b.subnet6))
+            ):
+                problems.append(
+                    f"network {a.name!r}: subnet6: {a.subnet6} overlaps network {b.name!r}'s"
+                    f" {b.subnet6}"
                 )
             if a.subnet and b.subnet and _overlap(a.subnet, b.subnet):
                 problems.append(

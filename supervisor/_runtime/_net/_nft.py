@@ -86,6 +86,8 @@ class Bridge(NamedTuple):
     subnet: str
     forwards: tuple[Forward, ...] = ()
     egress: tuple[Egress, ...] = ()
+    subnet6: str | None = None
+    """Its IPv6 prefix, masqueraded as its IPv4 subnet is (None: no IPv6)."""
 
 
 def counter_name(sandbox: str) -> str:
@@ -180,6 +182,18 @@ def ruleset(
             }
         }
         cmds.append(_rule("postrouting", saddr, _is("oifname", b.name, "!="), {"masquerade": None}))
+        if b.subnet6:
+            addr6, _, length6 = b.subnet6.partition("/")
+            saddr6 = {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
+                    "right": {"prefix": {"addr": addr6, "len": int(length6)}},
+                }
+            }
+            cmds.append(
+                _rule("postrouting", saddr6, _is("oifname", b.name, "!="), {"masquerade": None})
+            )
         if b.forwards:
             cmds += _published(b)
         cmds.append(_rule("forward", _is("iifname", b.name), {"accept": None}))
