@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar, overload
 
 from .._errors import CorralError
+from .._runtime._units import human_size as human_size
 
 __all__ = [
     "EXIT_CORRAL",
@@ -143,18 +144,6 @@ def tree_size(path: str) -> int:
             except OSError:
                 pass
     return total
-
-
-def human_size(n: int) -> str:
-    """Bytes for a person: ``512 B``, ``1.5 KiB``, ``64.0 MiB``, up to GiB."""
-    if n < 1024:
-        return f"{n} B"
-    size, unit = n / 1024, "KiB"
-    for bigger in ("MiB", "GiB"):
-        if size < 1024:
-            break
-        size, unit = size / 1024, bigger
-    return f"{size:.1f} {unit}"
 
 
 def warn_privileged(name: str) -> None:
