@@ -14,7 +14,6 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar, overload
 
 from .._errors import CorralError
-from .._runtime._units import human_size as human_size
 
 __all__ = [
     "EXIT_CORRAL",
@@ -144,6 +143,13 @@ def tree_size(path: str) -> int:
             except OSError:
                 pass
     return total
+
+
+def human_size(n: int) -> str:
+    """Bytes for a person: ``512 B``, ``1.5 KiB``, ``64.0 MiB``, up to GiB."""
+    from .._runtime._units import human_size as rounded  # not at the top: see above
+
+    return rounded(n)
 
 
 def warn_privileged(name: str) -> None:

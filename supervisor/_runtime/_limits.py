@@ -279,7 +279,12 @@ def _swap(value: object, field: str) -> int | None:
     """``memory_swap``: a size (``0``: no swap) or ``unlimited``."""
     if _unlimited(value):
         return None
-    return _units.parse_size(value, field, minimum=0)
+    try:
+        return _units.parse_size(value, field, minimum=0)
+    except SpecError:
+        raise SpecError(
+            field, f"expected a size like 1G, 0 (no swap) or unlimited, got {value!r}"
+        ) from None
 
 
 def _cpus_or_max(value: object, field: str) -> float | None:
@@ -378,12 +383,12 @@ def block_device(text: str, field: str) -> str:
 
 
 def parse_device_rates(
-    value: object, field: str, *, allow_max: bool = False
+    value: object, field: str, *, iops: bool = False, allow_max: bool = False
 ) -> tuple[tuple[str, int | None], ...]:
     """Per-device rates: a mapping of device to rate (a fleet table, a
     control request) or ``DEVICE:RATE`` strings (command-line options).
-    A device is a path (``/dev/sda``) or ``MAJ:MIN``; a rate of ``*_bps``
-    is a size per second (``10M``), of ``*_iops`` a whole number. With
+    A device is a path (``/dev/sda``) or ``MAJ:MIN``; a rate is a size
+    per second (``10M``), or with *iops* a whole number. With
     *allow_max*, ``max`` removes a device's limit (``None``)."""
     if isinstance(value, Mapping):
         items = [(str(k), v) for k, v in value.items()]
@@ -404,16 +409,19 @@ def parse_device_rates(
         where = f"{field}: {device}"
         if allow_max and _unlimited(rate):
             out[dev] = None
-        elif field.endswith("_bps"):
-            out[dev] = _units.parse_size(rate, where)
-        else:
+        elif iops:
             out[dev] = _whole(rate, where, 1, 1 << 40, "a whole number of operations")
+        else:
+            out[dev] = _units.parse_size(rate, where)
     return tuple(sorted(out.items()))
 
 
-def _rates(value: object, field: str) -> DeviceRates:
-    rates = parse_device_rates(value, field)
-    return tuple((d, r) for d, r in rates if r is not None)
+def _bytes(value: object, field: str) -> DeviceRates:
+    return tuple((d, r) for d, r in parse_device_rates(value, field) if r is not None)
+
+
+def _ios(value: object, field: str) -> DeviceRates:
+    return tuple((d, r) for d, r in parse_device_rates(value, field, iops=True) if r is not None)
 
 
 _PARSERS: dict[str, Any] = {
@@ -426,10 +434,10 @@ _PARSERS: dict[str, Any] = {
     "cpuset_cpus": _cpuset_cpus,
     "cpuset_mems": _cpuset_mems,
     "io_weight": _weight,
-    "io_read_bps": _rates,
-    "io_write_bps": _rates,
-    "io_read_iops": _rates,
-    "io_write_iops": _rates,
+    "io_read_bps": _bytes,
+    "io_write_bps": _bytes,
+    "io_read_iops": _ios,
+    "io_write_iops": _ios,
     "oom_group": _bool,
 }
 
@@ -444,7 +452,10 @@ _LIVE_PARSERS: dict[str, Any] = {
     "memory_swap": _swap,
     "cpu_weight": _weight,
     "io_weight": _weight,
-    **{k: lambda v, f: parse_device_rates(v, f, allow_max=True) for k in DEVICE_KEYS},
+    "io_read_bps": lambda v, f: parse_device_rates(v, f, allow_max=True),
+    "io_write_bps": lambda v, f: parse_device_rates(v, f, allow_max=True),
+    "io_read_iops": lambda v, f: parse_device_rates(v, f, iops=True, allow_max=True),
+    "io_write_iops": lambda v, f: parse_device_rates(v, f, iops=True, allow_max=True),
 }
 
 LIVE_KEYS = tuple(_LIVE_PARSERS)

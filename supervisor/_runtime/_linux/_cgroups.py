@@ -239,8 +239,8 @@ class Cgroups(ABC):
         """The cgroups below the parent whose names start with *prefix*, by name."""
 
     @abstractmethod
-    def paths_of(self, name: str) -> tuple[str, ...]:
-        """The :attr:`Cgroup.paths` that :meth:`create` of *name* makes."""
+    def paths_of(self, name: str, limits: Limits) -> tuple[str, ...]:
+        """The :attr:`Cgroup.paths` that :meth:`create` of *name* with *limits* makes."""
 
     @abstractmethod
     def attach(self, name: str, paths: Sequence[str]) -> Cgroup:
@@ -810,9 +810,7 @@ class V1Cgroups(Cgroups):
 
     def create(self, name: str, limits: Limits) -> V1Cgroup:
         self.check(limits)
-        wanted = {c: p for c, p in self._parents.items() if c != "cpuset"}
-        if limits.cpuset_cpus is not None or limits.cpuset_mems is not None:
-            wanted["cpuset"] = self._parents["cpuset"]
+        wanted = self._wanted(limits)
         dirs: dict[str, str] = {}
         made: list[str] = []
         try:
@@ -846,17 +844,22 @@ class V1Cgroups(Cgroups):
                         found.setdefault(entry, {})[c] = os.path.join(parent, entry)
         return {name: V1Cgroup(name, dirs, self._mounts) for name, dirs in found.items()}
 
-    def paths_of(self, name: str) -> tuple[str, ...]:
-        dirs = {c: os.path.join(parent, name) for c, parent in self._parents.items()}
+    def paths_of(self, name: str, limits: Limits) -> tuple[str, ...]:
+        dirs = {c: os.path.join(parent, name) for c, parent in self._wanted(limits).items()}
         return V1Cgroup(name, dirs, self._mounts).paths
+
+    def _wanted(self, limits: Limits) -> dict[str, str]:
+        """The hierarchies a sandbox with *limits* joins: their parents."""
+        wanted = {c: p for c, p in self._parents.items() if c != "cpuset"}
+        if limits.cpuset_cpus is not None or limits.cpuset_mems is not None:
+            wanted["cpuset"] = self._parents["cpuset"]
+        return wanted
 
     def attach(self, name: str, paths: Sequence[str]) -> V1Cgroup:
         dirs: dict[str, str] = {}
         for c, mount in self._mounts.items():
             for p in paths:
                 if p.startswith(mount.rstrip("/") + "/") and os.path.basename(p) == name:
-                    if c in _V1_OPTIONAL and not os.path.isdir(p):
-                        break  # never made (paths_of names it for a claim)
                     dirs[c] = p
                     break
             else:
@@ -1163,7 +1166,7 @@ class V2Cgroups(Cgroups):
                     out[entry] = V2Cgroup(entry, path, self._mount)
         return out
 
-    def paths_of(self, name: str) -> tuple[str, ...]:
+    def paths_of(self, name: str, limits: Limits) -> tuple[str, ...]:
         return (os.path.join(self._parent, name),)
 
     def attach(self, name: str, paths: Sequence[str]) -> V2Cgroup:
