@@ -37,6 +37,9 @@ __all__ = [
     "Limits",
     "check_limits",
     "cpu_shares",
+    "key_data",
+    "key_from_data",
+    "limits_from",
     "parse_cpus",
     "parse_limit",
     "parse_pids",
@@ -476,6 +479,27 @@ def parse_limit(key: str, value: object, *, live: bool = False, field: str | Non
         why = "cannot be changed on a running sandbox" if live and key in _PARSERS else None
         raise SpecError(key, why or f"not a limit (expected one of: {expected})")
     return parser(value, field or key)
+
+
+def key_data(key: str, value: Any) -> Any:
+    """One key's value as plain (JSON) data: per-device rates as lists."""
+    return [list(pair) for pair in value] if key in DEVICE_KEYS else value
+
+
+def key_from_data(key: str, data: Any) -> Any:
+    """Inverse of :func:`key_data`; raises TypeError or ValueError on data
+    that is not such a value (and SpecError for a key that is not a limit)."""
+    if key not in KEYS:
+        raise SpecError(key, "not a limit")
+    if key in DEVICE_KEYS:
+        return tuple(sorted((str(d), int(v)) for d, v in data))
+    if key == "cpus":
+        return None if data is None else float(data)
+    if key == "oom_group":
+        return bool(data)
+    if key in ("cpuset_cpus", "cpuset_mems"):
+        return None if data is None else str(data)
+    return None if data is None else int(data)
 
 
 def limits_from(values: Mapping[str, Any]) -> Limits:

@@ -1214,6 +1214,21 @@ class Runtime:
             cgroup.restrict_devices()
         return cgroup
 
+    def check_update(self, sb: Sandbox, limits: Limits) -> None:
+        """Refuse (:class:`~supervisor.SpecError`) to change running sandbox
+        *sb*'s limits to *limits* if they break a rule between keys, or if
+        their memory limit is below what it uses now."""
+        check_limits(limits)
+        if limits.memory is not None and limits.memory != sb.spec.limits.memory:
+            use = sb.cgroup.stats().memory_current
+            if use > limits.memory:
+                raise SpecError(
+                    "memory",
+                    f"sandbox {sb.name!r} uses {human_size(use)} now, more than"
+                    f" {human_size(limits.memory)}: force it to set it anyway"
+                    " (the kernel then reclaims what it can and OOM-kills if that is not enough)",
+                )
+
     def update(self, sb: Sandbox, limits: Limits, *, force: bool = False) -> Limits:
         """Change the limits of running sandbox *sb* to *limits* (in its
         cgroup, its spec and its record, for whoever takes it back); return
@@ -1228,16 +1243,9 @@ class Runtime:
         """
         old = sb.spec.limits
         check_limits(limits)
-        self.cgroups.check(limits)
-        if not force and limits.memory is not None and limits.memory != old.memory:
-            use = sb.cgroup.stats().memory_current
-            if use > limits.memory:
-                raise SpecError(
-                    "memory",
-                    f"sandbox {sb.name!r} uses {human_size(use)} now, more than"
-                    f" {human_size(limits.memory)}: force it to set it anyway"
-                    " (the kernel then reclaims what it can and OOM-kills if that is not enough)",
-                )
+        self.cgroups.check(limits.effective())
+        if not force:
+            self.check_update(sb, limits)
         try:
             sb.cgroup.apply(limits.effective(), old.effective())
         except BaseException:
