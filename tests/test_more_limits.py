@@ -18,7 +18,7 @@ import pytest
 
 from supervisor import Keeper, Limits, Runtime, SandboxSpec, SpecError
 from supervisor._core._fleet import FleetError, parse_fleet
-from supervisor._runtime._checkpoint import spec_from_dict, spec_to_dict
+from supervisor._runtime._checkpoint import CheckpointInfo, spec_from_dict, spec_to_dict
 from supervisor._runtime._limits import parse_limit
 from supervisor._runtime._linux._cgroups import V1Cgroups, V2Cgroups
 from supervisor._runtime._mounts import parse_volume
@@ -438,3 +438,34 @@ def test_checkpoints_keep_the_new_limits_and_old_ones_still_read() -> None:
     old["limits"] = {"memory": 64 * M, "cpus": 0.5, "pids": None}
     assert spec_from_dict(old).limits == Limits(memory=64 * M, cpus=0.5)
     assert spec_to_dict(spec_from_dict(old))["limits"] == old["limits"]
+
+
+@pytest.mark.criu
+def test_a_restored_checkpoint_runs_under_its_spec_s_limits(runtime: Runtime, criu: None) -> None:
+    """checkpoint.json carries every limit, and the restore makes the new
+    cgroup with them (CRIU's soft mode leaves them as they are)."""
+    limits = Limits(
+        memory=64 * M, memory_high=48 * M, pids=50, cpu_weight=300, cpuset_cpus=str(_cpus()[0])
+    )
+    spec = SandboxSpec("ck", ["sh", "-c", "echo up; exec sleep 1000"], limits=limits)
+    r, w = os.pipe()
+    try:
+        with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
+            assert os.read(r, 16) == b"up\n"
+            info = runtime.checkpoint(sb, tag="t")
+            assert sb.wait().signal == 9
+        assert CheckpointInfo.load(info.path).spec.limits == limits
+        with runtime.restore(info, stdio=(0, w, w)) as restored:
+            paths = restored.cgroup.paths
+            assert restored.spec.limits == limits
+            assert _file(runtime, paths, "memory.soft_limit_in_bytes", "memory.high") == str(48 * M)
+            assert _file(runtime, paths, "pids.max", "pids.max") == "50"
+            assert _file(runtime, paths, "cpu.shares", "cpu.weight") in ("3072", "300")
+            assert _file(runtime, paths, "cpuset.cpus", "cpuset.cpus") == str(_cpus()[0])
+            status = Path(f"/proc/{restored.pid}/status").read_text()
+            assert f"Cpus_allowed_list:\t{_cpus()[0]}\n" in status
+            restored.kill()
+            restored.wait()
+    finally:
+        os.close(r)
+        os.close(w)

@@ -1224,9 +1224,9 @@ class Runtime:
             if use > limits.memory:
                 raise SpecError(
                     "memory",
-                    f"sandbox {sb.name!r} uses {human_size(use)} now, more than"
-                    f" {human_size(limits.memory)}: force it to set it anyway"
-                    " (the kernel then reclaims what it can and OOM-kills if that is not enough)",
+                    f"sandbox {sb.name!r} uses {human_size(use)} now, more than the"
+                    f" {human_size(limits.memory)} asked for: --force sets it anyway (the"
+                    " kernel then reclaims what it can, and OOM-kills if that is not enough)",
                 )
 
     def update(self, sb: Sandbox, limits: Limits, *, force: bool = False) -> Limits:

@@ -513,6 +513,25 @@ _V1_NO_WEIGHT = (
 )
 
 
+def _write_v1_limit(path: str, limit: int) -> None:
+    """Write a v1 memory limit: the kernel refuses one below what it cannot
+    reclaim (EBUSY) instead of OOM-killing, as v2 does."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(limit).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise SpecError(
+                "memory",
+                "cgroup v1 cannot set a limit below what the sandbox uses and the kernel"
+                " cannot reclaim (it said: busy); v1 never OOM-kills to get there",
+            ) from None
+        raise CgroupError(f"failed to write {limit!r} to {path}: {exc.strerror}") from exc
+
+
 def _inherit_cpuset(parent: str, child: str) -> None:
     """Give a new v1 cpuset cgroup its parent's CPUs and memory nodes:
     it starts with none, and nothing can join it until it has some."""
@@ -635,7 +654,7 @@ class V1Cgroup(Cgroup):
             # only kept away with swappiness.
             if swap not in (0, None):
                 raise SpecError("memory_swap", _V1_NO_MEMSW)
-            _write(limit_file, str(limit))
+            _write_v1_limit(limit_file, limit)
             if swap_changed:
                 # 0: keep the kernel from swapping this cgroup out, so an
                 # overrun is an OOM kill and not a hog that survives in swap
@@ -650,9 +669,9 @@ class V1Cgroup(Cgroup):
         current = _read_int(memsw, -1)
         if limit < 0 or (current >= 0 and limit > current):
             _write(memsw, str(total))
-            _write(limit_file, str(limit))
+            _write_v1_limit(limit_file, limit)
         else:
-            _write(limit_file, str(limit))
+            _write_v1_limit(limit_file, limit)
             _write(memsw, str(total))
 
     def _apply_io_weight(self, weight: int | None) -> None:
