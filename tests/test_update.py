@@ -292,3 +292,30 @@ def test_updated_limits_stay_for_restarts_and_across_a_takeover(dirs: Dirs, tmp_
     with contextlib.suppress(ChildProcessError):
         os.waitpid(keeper, 0)
     _wait_gone(keeper)
+
+
+def test_the_fake_handle_updates_like_the_real_one() -> None:
+    """plugins.testing's FakeHandle has update too (both are plugins.Handle,
+    which mypy checks here): a memory change is applied and published."""
+    from plugins import Handle
+    from plugins.testing import FakeHandle, FakeInstance
+
+    fake = FakeHandle(instances=[FakeInstance("web-0", memory_limit=64 * M)])
+    handle: Handle = fake
+
+    async def main() -> None:
+        with fake.subscribe(["limit_changed"]) as sub:
+            (ev,) = await handle.update("web-0", memory=128 * M, cpu_weight=200)
+            assert await sub.receive() == ev
+
+    trio.run(main)
+    assert fake.instances_["web-0"].memory_limit == 128 * M
+    assert fake.calls == [("update", "web-0", {"memory": 128 * M, "cpu_weight": 200}, False)]
+
+
+def _real_handle_is_a_handle(handle: PluginHandle) -> None:
+    """Never called: mypy checks that the supervisor's handle is a plugins.Handle."""
+    from plugins import Handle
+
+    checked: Handle = handle
+    del checked
