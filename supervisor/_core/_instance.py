@@ -26,12 +26,21 @@ from ._states import check_transition
 if TYPE_CHECKING:
     from .._runtime._sandbox import ExecProcess, Sandbox
 
-__all__ = ["BUSY_CHECKPOINT", "BUSY_PAUSE", "Ident", "Instance", "PendingRestore", "ident"]
+__all__ = [
+    "BUSY_CHECKPOINT",
+    "BUSY_PAUSE",
+    "BUSY_UPDATE",
+    "Ident",
+    "Instance",
+    "PendingRestore",
+    "ident",
+]
 
 RECENT_EVENTS = 20
 """Events kept per instance for ``inspect``."""
 BUSY_CHECKPOINT = "a checkpoint is being taken"
 BUSY_PAUSE = "it is being paused or resumed"
+BUSY_UPDATE = "its limits are being changed"
 
 
 @dataclass(eq=False)

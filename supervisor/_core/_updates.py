@@ -21,7 +21,7 @@ from events import LimitChanged
 from .._errors import CorralError, SpecError, os_failure
 from .._runtime._limits import Limits
 from ._base import SupervisorBase
-from ._instance import Ident, Instance
+from ._instance import BUSY_UPDATE, Ident, Instance
 from ._states import guard
 from ._supervisor_log import say
 
@@ -76,11 +76,49 @@ class Updates(SupervisorBase):
         instance uses now, refuses the whole change before any instance is
         touched (:class:`SpecError`, one line naming the key).
         """
-        assert self.runtime is not None
-        runtime = self.runtime
         found = self.targets(name)
         for inst in found:
             guard("update", inst.name, inst.state, inst.busy)
+        # One change at a time, and none while a checkpoint or a pause is
+        # under way (guard refuses them meanwhile): each reads the limits
+        # the last one left.
+        for inst in found:
+            inst.begin(BUSY_UPDATE)
+        out: list[tuple[Instance, list[LimitChanged]]] = []
+        try:
+            await self._update(found, changes, force, reason, out)
+        finally:
+            for inst in found:
+                inst.end()
+            # What was changed is said and recorded, also when a later
+            # instance's change failed.
+            for _, evs in out:
+                for ev in evs:
+                    self.publish(ev)
+            if out:
+                await self._recorded()
+        return out
+
+    async def _recorded(self) -> None:
+        try:
+            await self._save_overrides()
+        except OSError as exc:
+            raise CorralError(
+                f"the limits are changed, but cannot be recorded for the next supervisor:"
+                f" {os_failure(exc)}"
+            ) from None
+
+    async def _update(
+        self,
+        found: list[Instance],
+        changes: Mapping[str, Any],
+        force: bool,
+        reason: str,
+        out: list[tuple[Instance, list[LimitChanged]]],
+    ) -> None:
+        """Check every change, then make them, appending to *out* as it goes."""
+        assert self.runtime is not None
+        runtime = self.runtime
         plans = [(inst, inst.limits.updated(changes)) for inst in found]
         live = [
             (inst, inst.sandbox, new)
@@ -101,7 +139,6 @@ class Updates(SupervisorBase):
                         raise SpecError(exc.field, message.split(": ", 1)[1]) from None
 
         await trio.to_thread.run_sync(check, limiter=self.limiters.lifecycle)
-        out: list[tuple[Instance, list[LimitChanged]]] = []
         for inst, new in plans:
             sb = inst.sandbox
             if sb is not None and inst.state in _LIVE:
@@ -117,20 +154,6 @@ class Updates(SupervisorBase):
             old = inst.limits
             keys = inst.override(new)
             out.append((inst, limit_events(self._ident(inst), old, new, keys, reason)))
-        try:
-            await self._save_overrides()
-        except OSError as exc:
-            for _, evs in out:
-                for ev in evs:
-                    self.publish(ev)
-            raise CorralError(
-                f"the limits are changed, but cannot be recorded for the next supervisor:"
-                f" {os_failure(exc)}"
-            ) from None
-        for _, evs in out:
-            for ev in evs:
-                self.publish(ev)
-        return out
 
     def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None:
         """Change an instance's memory limit, live and for later generations."""
