@@ -283,7 +283,7 @@ def _limit_text(key: str, value: int | None) -> str:
     if value is None:
         return "unlimited"
     if key == "cpus":
-        return f"{value / 1000:g} CPUs"
+        return f"{value / 1000:g} CPU" + ("" if value == 1000 else "s")
     if key in ("memory", "memory_high", "memory_swap"):
         return human_size(value)
     if key.endswith("_bps"):

@@ -189,6 +189,7 @@ def inspect(
             "plugins": {k: dict(v) for k, v in cfg.plugins.items()},
         },
         limits=_limits(inst),
+        limits_changed=sorted(inst.overrides),
         runtime_name=spec.name,
         cgroup=list(sb.cgroup.paths) if sb else None,
         # The init is our child and not reaped while it is tracked, so its
@@ -221,13 +222,11 @@ def inspect(
 
 def _limits(inst: Instance) -> dict[str, Any]:
     """An instance's limits as ``inspect`` shows them: every key (the
-    fleet file's names), the changes made at run time in."""
+    fleet file's names) as enforced, the changes made at run time in."""
     from .._runtime._limits import key_data
 
     limits = inst.limits.effective()
-    return {key: key_data(key, getattr(limits, key)) for key in limits._fields} | {
-        "changed_at_run_time": sorted(inst.overrides)
-    }
+    return {key: key_data(key, getattr(limits, key)) for key in limits._fields}
 
 
 def _safe(fn: Callable[[], list[int]]) -> list[int]:
