@@ -261,15 +261,19 @@ class Failed(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitChanged(Event):
-    """A resource limit of the sandbox changed: ``limit`` names it
-    (``"memory"`` in bytes, ``"pids"``, ``"cpus"`` in millicpus), ``old`` and
-    ``new`` are the values (nil: unlimited), ``reason`` why."""
+    """A resource limit of the sandbox changed: ``limit`` names it as fleet
+    files do (``"memory"``, ``"memory_high"``, ``"memory_swap"`` in bytes,
+    ``"cpus"`` in millicpus, ``"pids"``, ``"cpu_weight"``, ``"io_weight"``,
+    ``"io_read_bps"`` ...), ``old`` and ``new`` are the values (nil:
+    unlimited), ``reason`` why. ``device`` is the block device
+    (``"MAJ:MIN"``) of a per-device I/O limit, else ``""``."""
 
     KIND: ClassVar[str] = "limit_changed"
     limit: str
     old: int | None
     new: int | None
     reason: str
+    device: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

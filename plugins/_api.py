@@ -228,6 +228,25 @@ class Handle(Protocol):
         every later generation (a ``limit_changed`` event)."""
         ...
 
+    async def update(
+        self, name: str, *, force: bool = False, reason: str | None = None, **limits: object
+    ) -> Sequence[events.LimitChanged]:
+        """Change limits of instance(s) *name* (a sandbox's name: every
+        instance) as ``corral update`` does: at once where they run, and
+        for every later generation (kept by the next supervisor too).
+
+        Keys and values are a fleet file's (``memory="256M"`` or bytes,
+        ``memory_high``, ``memory_swap``, ``cpus=0.5``, ``pids``,
+        ``cpu_weight``, ``io_weight``, ``io_read_bps={"/dev/sda": "10M"}``
+        and the other per-device I/O keys); None (or ``"max"``) lifts a
+        limit. Returns the ``limit_changed`` events it published. Raises
+        ``supervisor.SpecError`` (one line naming the key) for a bad value,
+        a limit the host's cgroups cannot enforce, or, unless *force*, a
+        memory limit below what a running instance uses now; nothing is
+        changed then.
+        """
+        ...
+
 
 Plugin = Callable[[Handle, Mapping[str, Any]], Awaitable[None]]
 """A plugin: an async callable taking the handle and its fleet-wide settings."""

@@ -145,6 +145,23 @@ class FakeHandle:
                 )
             )  # fmt: skip
 
+    async def update(
+        self, name: str, *, force: bool = False, reason: str | None = None, **limits: object
+    ) -> list[events.LimitChanged]:
+        """Record an update; a ``memory`` (bytes or None) is applied to the
+        fake instance and published as ``limit_changed``, the rest recorded."""
+        self.calls.append(("update", name, dict(limits), force))
+        inst = self.instances_.get(name)
+        memory = limits.get("memory", ...)
+        if inst is None or memory is ... or not (memory is None or isinstance(memory, int)):
+            return []
+        old, inst.memory_limit = inst.memory_limit, memory
+        event = events.LimitChanged(
+            sandbox=name, generation=inst.generation, limit="memory",
+            old=old, new=memory, reason=reason or f"plugin {self.plugin}",
+        )  # fmt: skip
+        return [self.publish(event)]  # type: ignore[list-item]
+
     async def checkpoint(
         self, name: str, *, tag: str | None = None, leave_running: bool = True
     ) -> FakeCheckpoint:

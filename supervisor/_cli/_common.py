@@ -147,14 +147,9 @@ def tree_size(path: str) -> int:
 
 def human_size(n: int) -> str:
     """Bytes for a person: ``512 B``, ``1.5 KiB``, ``64.0 MiB``, up to GiB."""
-    if n < 1024:
-        return f"{n} B"
-    size, unit = n / 1024, "KiB"
-    for bigger in ("MiB", "GiB"):
-        if size < 1024:
-            break
-        size, unit = size / 1024, bigger
-    return f"{size:.1f} {unit}"
+    from .._runtime._units import human_size as rounded  # not at the top: see above
+
+    return rounded(n)
 
 
 def warn_privileged(name: str) -> None:

@@ -1,7 +1,7 @@
 """The verbs that act on a running fleet through its control socket.
 
 ``ps``, ``inspect``, ``stats``; ``stop``, ``start``, ``restart``, ``kill``,
-``pause``, ``resume``; ``exec``; ``add`` and ``rm`` (docs/control.md). Each
+``pause``, ``resume``; ``exec``; ``add`` and ``rm``; ``update`` (docs/control.md). Each
 is one request to the supervisor (``exec`` then relays the process's stdio
 and signals) and a table or JSON printed from its answer. No trio: the
 client is a blocking socket.
@@ -23,6 +23,7 @@ from ._common import (
     control_path,
     human_size,
 )
+from ._limit_options import add_limit_options, limit_values
 
 if TYPE_CHECKING:
     from ._common import Subparsers
@@ -156,6 +157,23 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument("name", metavar="NAME", help=_NAME_HELP)
     p.add_argument("-t", "--time", type=float, metavar="SECONDS", help="grace period")
 
+    p = verb(
+        "update",
+        "change the limits of sandboxes",
+        "Change limits of the instances: at once where they run (a limit_changed"
+        " event each), and for their later generations; the next supervisor keeps"
+        " them. A memory limit below what an instance uses now is refused unless --force.",
+        func=_update,
+    )
+    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
+    add_limit_options(p, live=True)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="set a memory limit below what it uses now (the kernel reclaims, or OOM-kills)",
+    )
+    p.add_argument("--json", action="store_true", help="the changes as JSON")
+
 
 def _ps(args: argparse.Namespace) -> int:
     import json
@@ -235,6 +253,44 @@ def _resume(args: argparse.Namespace) -> int:
 def _rm(args: argparse.Namespace) -> int:
     print("removed " + ", ".join(_request(args, "rm", **_grace(args))))
     return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    import json
+
+    from .._runtime._limits import LIVE_KEYS
+
+    # Checked here first: a bad value is one line naming its option.
+    if not limit_values(args, live=True):
+        raise UsageError("update: expected a limit to change, e.g. corral update web --memory 1G")
+    limits = {k: getattr(args, k) for k in LIVE_KEYS if getattr(args, k, None) is not None}
+    rows = _request(args, "update", limits=limits, force=args.force)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        if not row["changed"]:
+            print(f"{row['name']}: no change")
+        for c in row["changed"]:
+            what = f"{c['limit']} {c['device']}" if c["device"] else c["limit"]
+            old, new = _limit_text(c["limit"], c["old"]), _limit_text(c["limit"], c["new"])
+            print(f"{row['name']}: {what} {old} -> {new}")
+    return 0
+
+
+def _limit_text(key: str, value: int | None) -> str:
+    """A limit_changed value for a person."""
+    if value is None:
+        return "unlimited"
+    if key == "cpus":
+        return f"{value / 1000:g} CPU" + ("" if value == 1000 else "s")
+    if key in ("memory", "memory_high", "memory_swap"):
+        return human_size(value)
+    if key.endswith("_bps"):
+        return human_size(value) + "/s"
+    if key.endswith("_iops"):
+        return f"{value}/s"
+    return str(value)
 
 
 def _add(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .._errors import SpecError
 from ._common import UsageError, command_after_dashes, warn_privileged
+from ._limit_options import add_limit_options, limit_values, option_error
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -39,9 +40,7 @@ def add_parsers(sub: Subparsers) -> None:
         default="busybox",
         help="'busybox' (built in), an image of the store (corral image ls) or a directory",
     )
-    run.add_argument("--memory", help="memory limit, swap included, e.g. 64M or 1G")
-    run.add_argument("--cpus", help="CPU quota in CPUs, e.g. 0.5")
-    run.add_argument("--pids", help="maximum number of tasks, e.g. 64")
+    add_limit_options(run)
     run.add_argument("--hostname", help="host name inside (default: the name)")
     run.add_argument(
         "--env", "-e", action="append", default=[], metavar="K=V", help="set a variable"
@@ -132,17 +131,10 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: every other verb imports this module too.
     import signal
 
+    from .._runtime._limits import limits_from
     from .._runtime._sandbox import Runtime, Sandbox
     from .._runtime._signals import FORWARDED_SIGNALS
-    from .._runtime._spec import (
-        Limits,
-        SandboxSpec,
-        parse_cpus,
-        parse_env,
-        parse_pids,
-        parse_size,
-        validate_name,
-    )
+    from .._runtime._spec import SandboxSpec, parse_env, validate_name
 
     rootfs = _prepared(args.rootfs)
     try:
@@ -155,11 +147,10 @@ def _run(args: argparse.Namespace) -> int:
         if not command:
             raise
     name = validate_name(args.name, "--name") if args.name else f"run-{os.urandom(4).hex()}"
-    limits = Limits(
-        memory=parse_size(args.memory, "--memory") if args.memory is not None else None,
-        cpus=parse_cpus(args.cpus, "--cpus") if args.cpus is not None else None,
-        pids=parse_pids(args.pids, "--pids") if args.pids is not None else None,
-    )
+    try:
+        limits = limits_from(limit_values(args))
+    except SpecError as exc:
+        raise option_error(exc) from None
     from .._runtime._security import make_security
 
     try:
@@ -222,7 +213,10 @@ def _run(args: argparse.Namespace) -> int:
     # what a killed `corral run` left is swept by the next one (or `up`).
     runtime = Runtime(cgroup_parent=args.cgroup_parent, die_with_caller=True)
     runtime.sweep_claims()
-    sandbox = runtime.create(spec)
+    try:
+        sandbox = runtime.create(spec)
+    except SpecError as exc:
+        raise option_error(exc) from None
     try:
         for signum in pending:
             sandbox.send_signal(signum)

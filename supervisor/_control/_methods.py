@@ -188,11 +188,8 @@ def inspect(
             "replicas": cfg.replicas,
             "plugins": {k: dict(v) for k, v in cfg.plugins.items()},
         },
-        limits={
-            "memory": inst.memory_limit,
-            "cpus": cfg.limits.cpus,
-            "pids": cfg.limits.effective().pids,
-        },
+        limits=_limits(inst),
+        limits_changed=sorted(inst.overrides),
         runtime_name=spec.name,
         cgroup=list(sb.cgroup.paths) if sb else None,
         # The init is our child and not reaped while it is tracked, so its
@@ -221,6 +218,15 @@ def inspect(
         ],
     )
     return out
+
+
+def _limits(inst: Instance) -> dict[str, Any]:
+    """An instance's limits as ``inspect`` shows them: every key (the
+    fleet file's names) as enforced, the changes made at run time in."""
+    from .._runtime._limits import key_data
+
+    limits = inst.limits.effective()
+    return {key: key_data(key, getattr(limits, key)) for key in limits._fields}
 
 
 def _safe(fn: Callable[[], list[int]]) -> list[int]:
@@ -472,6 +478,26 @@ async def _exec(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     return {"status": status}
 
 
+async def _update(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
+    from .._runtime._limits import parse_limit
+
+    limits = params.get("limits")
+    if not isinstance(limits, dict) or not limits or not all(isinstance(k, str) for k in limits):
+        raise SpecError("limits", "expected a map of limit keys to values, e.g. {memory: '1G'}")
+    changes = {key: parse_limit(key, value, live=True) for key, value in limits.items()}
+    done = await sup.update_limits(_name(params), changes, force=_bool(params, "force"))
+    return [
+        {
+            "name": inst.name,
+            "state": inst.state,
+            "changed": [
+                {"limit": e.limit, "device": e.device, "old": e.old, "new": e.new} for e in evs
+            ],
+        }
+        for inst, evs in done
+    ]
+
+
 async def _exec_signal(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     exec_id = params.get("exec_id")
     if not isinstance(exec_id, int) or isinstance(exec_id, bool):
@@ -504,6 +530,7 @@ METHODS: dict[str, Method] = {
     "exec_signal": _exec_signal,
     "add": _add,
     "rm": _rm,
+    "update": _update,
     "checkpoint": _checkpoint,
     "restore": _restore,
     "checkpoints": _checkpoints,

@@ -10,6 +10,8 @@ together.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import trio
 
 import events
@@ -17,10 +19,11 @@ import events
 from .._errors import CorralError, SpecError, os_failure
 from .._runtime._sandbox import ExecProcess, Runtime
 from ._additions import Addition, save_additions
-from ._fleet import Fleet
+from ._fleet import Fleet, SandboxConfig
 from ._instance import Ident, Instance, ident
 from ._limiters import Limiters
 from ._output import OutputWriter
+from ._overrides import save_overrides
 from ._plugin_host import PluginFn
 
 __all__ = ["SupervisorBase"]
@@ -45,6 +48,7 @@ class SupervisorBase:
     _execs: dict[int, ExecProcess]
     _plugins: dict[str, tuple[PluginFn, dict[str, object]]]
     _additions: list[Addition]
+    _overrides_lock: trio.Lock
 
     def publish(self, event: events.Event) -> events.Event:
         """Publish on the bus (stamping sequence number and times)."""
@@ -74,6 +78,28 @@ class SupervisorBase:
     def _ident(inst: Instance) -> Ident:
         return ident(inst)
 
+    def targets(self, name: str) -> list[Instance]:
+        """The instances *name* means: one instance, or every instance of a sandbox."""
+        inst = self._by_name.get(name)
+        if inst is not None:
+            return [inst]
+        found = [i for i in self.instances if i.sandbox_name == name and i.alias is None]
+        if not found:
+            raise SpecError("name", f"no sandbox or instance {name!r} in this fleet")
+        return found
+
+    def limit_problems(self, sandboxes: Iterable[SandboxConfig]) -> list[str]:
+        """One line for each sandbox whose limits this host's cgroup layout
+        cannot enforce (``sandbox 'db': oom_group: cgroup v1 has no ...``)."""
+        assert self.runtime is not None
+        problems = []
+        for cfg in sandboxes:
+            try:
+                self.runtime.cgroups.check(cfg.limits.effective())
+            except SpecError as exc:
+                problems.append(f"sandbox {cfg.name!r}: {exc}")
+        return problems
+
     def _check_not_stopping(self) -> None:
         if self._stopping.is_set():
             raise CorralError("the fleet is stopping")
@@ -91,6 +117,18 @@ class SupervisorBase:
                 f"cannot record the sandboxes added at run time: {os_failure(exc)}"
             ) from None
         self._additions = additions
+
+    async def _save_overrides(self) -> None:
+        """Record every instance's changed limits (see :mod:`._overrides`);
+        raises OSError if it cannot."""
+        assert self.runtime is not None
+        state_dir = self.runtime.state_dir
+        async with self._overrides_lock:
+            # Taken under the lock: the last writer writes the newest.
+            data = {i.name: dict(i.overrides) for i in self.instances if i.overrides}
+            await trio.to_thread.run_sync(
+                save_overrides, state_dir, data, limiter=self.limiters.disk
+            )
 
     def _additions_left(self) -> list[Addition]:
         """The recorded additions whose instances are still in the fleet."""

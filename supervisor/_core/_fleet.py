@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .._errors import CorralError, SpecError
+from .._runtime._limits import KEYS as LIMIT_KEYS
+from .._runtime._limits import limits_from, parse_limit
 from .._runtime._mounts import Mount, parse_tmpfs, parse_user, parse_volume
 from .._runtime._net import (
     NetworkDecl,
@@ -41,8 +43,6 @@ from .._runtime._spec import (
     NO_LIMITS,
     Limits,
     SandboxSpec,
-    parse_cpus,
-    parse_pids,
     parse_size,
     validate_name,
 )
@@ -63,10 +63,10 @@ __all__ = [
 T = TypeVar("T")
 
 _SANDBOX_KEYS = {
-    "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
+    "name", "command", "replicas", "rootfs", "env", "workdir",
     "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged", "seccomp",
     "rlimits", "userns", "userns_base", "userns_size", "volumes", "tmpfs", "user",
-    "read_only_rootfs", "image", "network", "ports", "egress",
+    "read_only_rootfs", "image", "network", "ports", "egress", *LIMIT_KEYS,
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -318,13 +318,15 @@ def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[s
     for key in ("rootfs", "image"):
         if key in table:
             out["rootfs"] = c.check(where, lambda k=key: _rootfs(table[k], k))  # type: ignore[misc]
-    for key, parser in (("memory", parse_size), ("cpus", parse_cpus), ("pids", parse_pids)):
+    for key in LIMIT_KEYS:
         if key in table:
             v = table[key]
-            if isinstance(v, bool) or not isinstance(v, str | int | float):
+            if key in ("memory", "cpus", "pids") and (
+                isinstance(v, bool) or not isinstance(v, str | int | float)
+            ):
                 c.problems.append(f"{where}{key}: expected a number or a string, got {v!r}")
             else:
-                out[key] = c.check(where, lambda p=parser, v=v, k=key: p(v, k))  # type: ignore[misc]
+                out[key] = c.check(where, lambda v=v, k=key: parse_limit(k, v))  # type: ignore[misc]
     if "env" in table:
         out["env"] = c.check(where, lambda: _env(table["env"]))
     if "workdir" in table:
@@ -522,9 +524,12 @@ def parse_fleet(
         if len(c.problems) > before:
             continue
         assert isinstance(name, str) and command is not None and replicas is not None
-        limits = Limits(
-            memory=fields.get("memory"), cpus=fields.get("cpus"), pids=fields.get("pids")
+        limits = c.check(
+            where,
+            lambda f=fields: limits_from({k: f[k] for k in LIMIT_KEYS if k in f}),  # type: ignore[misc]
         )
+        if limits is None:
+            continue
         env = {**defaults.get("env", {}), **fields.get("env", {})}
         plugins = {**defaults.get("plugins", {}), **fields.get("plugins", {})}
         security = c.check(

@@ -17,19 +17,30 @@ import events
 
 from .._errors import CorralError
 from .._runtime._checkpoint import CheckpointInfo
+from .._runtime._limits import Limits
 from .._runtime._spec import SandboxSpec, validate_name
 from ._fleet import SandboxConfig
+from ._overrides import Override
 from ._states import check_transition
 
 if TYPE_CHECKING:
     from .._runtime._sandbox import ExecProcess, Sandbox
 
-__all__ = ["BUSY_CHECKPOINT", "BUSY_PAUSE", "Ident", "Instance", "PendingRestore", "ident"]
+__all__ = [
+    "BUSY_CHECKPOINT",
+    "BUSY_PAUSE",
+    "BUSY_UPDATE",
+    "Ident",
+    "Instance",
+    "PendingRestore",
+    "ident",
+]
 
 RECENT_EVENTS = 20
 """Events kept per instance for ``inspect``."""
 BUSY_CHECKPOINT = "a checkpoint is being taken"
 BUSY_PAUSE = "it is being paused or resumed"
+BUSY_UPDATE = "its limits are being changed"
 
 
 @dataclass(eq=False)
@@ -75,8 +86,9 @@ class Instance:
     """One of :data:`supervisor._core._states.STATES`."""
     sandbox: Sandbox | None = None
     grace: float = 10.0
-    memory_override: int | None = None
-    memory_overridden: bool = False
+    overrides: dict[str, Override] = field(default_factory=dict)
+    """Limits changed at run time, by key (see :mod:`._overrides`): they
+    hold for its later generations too."""
     oom_kills_reported: int = 0
     oom_events_seen: int = 0
     alias: str | None = None
@@ -137,9 +149,31 @@ class Instance:
         return self._stop.is_set() or self.checkpoint_stopped or self._cycle
 
     @property
+    def limits(self) -> Limits:
+        """The limits its current (or next) generation runs with: the fleet
+        file's, with the changes made at run time."""
+        if not self.overrides:
+            return self.config.limits
+        return self.config.limits._replace(**{k: v for k, (_, v) in self.overrides.items()})
+
+    @property
     def memory_limit(self) -> int | None:
-        """The memory limit its next (or current) generation runs with."""
-        return self.memory_override if self.memory_overridden else self.config.limits.memory
+        """The memory limit its current (or next) generation runs with."""
+        return self.limits.memory
+
+    def override(self, limits: Limits) -> list[str]:
+        """Make *limits* its own from now on (for later generations too);
+        return the keys that changed. A key back at the fleet file's value
+        is no change any more."""
+        before = self.limits
+        base = self.config.limits
+        for key in limits.changed(before):
+            value = getattr(limits, key)
+            if value == getattr(base, key):
+                self.overrides.pop(key, None)
+            else:
+                self.overrides[key] = (getattr(base, key), value)
+        return limits.changed(before)
 
     def set_state(self, new: str) -> None:
         """Move to state *new*; a change the life cycle does not have is a bug."""
@@ -163,7 +197,7 @@ class Instance:
         for the previous generation's cgroup and layer to be removed.
         """
         base = self.config.spec(self.index)
-        limits = base.limits._replace(memory=self.memory_limit)
+        limits = self.limits
         # _replace: base was validated whole, and so is what replaces its parts.
         return base._replace(
             name=validate_name(f"{self.name}.{self.generation}"),

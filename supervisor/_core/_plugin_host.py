@@ -30,6 +30,7 @@ import events
 from events._filter import Filter
 
 from .._errors import CorralError
+from .._runtime._limits import parse_limit
 from ._plugin_group import ENTRY_POINT_GROUP
 from ._plugin_subscription import PluginSubscription, PluginSubscriptions, replay
 
@@ -202,6 +203,9 @@ class PluginHost(Protocol):
     def stop_instance(self, name: str, grace: float | None = None) -> None: ...
     def mark_failed(self, name: str, reason: str) -> None: ...
     def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None: ...
+    async def update_limits(
+        self, name: str, changes: Mapping[str, Any], *, force: bool = False, reason: str = ...
+    ) -> list[tuple[Instance, list[events.LimitChanged]]]: ...
 
 
 async def run_plugin(fn: PluginFn, config: Mapping[str, Any], handle: PluginHandle) -> None:
@@ -355,3 +359,20 @@ class PluginHandle:
     def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None:
         """Change an instance's memory limit now and for later generations."""
         self._sup.set_memory_limit(name, limit, reason)
+
+    async def update(
+        self, name: str, *, force: bool = False, reason: str | None = None, **limits: object
+    ) -> list[events.LimitChanged]:
+        """Change limits of instance(s) *name* (a sandbox: every instance),
+        now and for later generations, as ``corral update`` does; return
+        the ``limit_changed`` events (published). Values are those of a
+        fleet file (``memory="256M"`` or bytes, ``cpus=0.5``,
+        ``io_read_bps={"/dev/sda": "10M"}``); None lifts a limit (as ``max``)."""
+        changes = {
+            key: parse_limit(key, "max" if value is None else value, live=True)
+            for key, value in limits.items()
+        }
+        done = await self._sup.update_limits(
+            name, changes, force=force, reason=reason or f"plugin {self._plugin}"
+        )
+        return [ev for _, evs in done for ev in evs]

@@ -155,7 +155,7 @@ class Checkpoints(SupervisorBase):
                         source.config,
                         name=as_name,
                         replicas=1,
-                        limits=source.config.limits._replace(memory=source.memory_limit),
+                        limits=source.limits,
                     ),
                     0,
                     grace=source.grace,

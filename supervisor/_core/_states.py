@@ -63,6 +63,7 @@ VERBS: dict[str, frozenset[str]] = {
     "checkpoint": _LIVE,
     "restore": frozenset({"exited", "failed", "stopped"}),
     "rm": frozenset(STATES),
+    "update": frozenset(STATES) - {"starting"},
 }
 """For each verb on one instance, the states it is allowed in."""
 
@@ -85,6 +86,7 @@ _HINT = {
     ("restore", "running"): "checkpoint it (without --leave-running) or stop it first,"
     " or restore it under a new name (--as)",
     ("restore", "paused"): "stop it first, or restore it under a new name (--as)",
+    ("update", "starting"): "try again once it runs",
 }
 
 

@@ -69,6 +69,7 @@ from ._fleet import Fleet, FleetError
 from ._instance import BUSY_PAUSE, Ident, Instance
 from ._limiters import Limiters
 from ._output import OutputWriter, pump
+from ._overrides import load_overrides, still_valid
 from ._plugin_host import (
     DEFAULT_PLUGINS,
     PluginHandle,
@@ -78,6 +79,7 @@ from ._plugin_host import (
 )
 from ._restore import Checkpoints
 from ._supervisor_log import say
+from ._updates import Updates
 from ._verbs import Verbs
 
 __all__ = ["Instance", "Service", "Supervisor"]
@@ -118,7 +120,7 @@ HANDOVER_TIMEOUT = 300.0
 finishes the operations in progress, such as a checkpoint)."""
 
 
-class Supervisor(Verbs, Checkpoints):
+class Supervisor(Verbs, Checkpoints, Updates):
     """Runs a fleet and turns what the kernel reports into events.
 
     ``await Supervisor(fleet).run()`` runs until :meth:`stop` is called (or
@@ -129,7 +131,8 @@ class Supervisor(Verbs, Checkpoints):
     :class:`~supervisor._core._plugin_host.PluginHandle`; services run
     beside: :attr:`default_services`, then *services*. The verbs are
     :class:`~._verbs.Verbs`', checkpoints and restores
-    :class:`~._restore.Checkpoints`'; the instance tasks are here.
+    :class:`~._restore.Checkpoints`', limit changes :class:`~._updates.Updates`';
+    the instance tasks are here.
     """
 
     default_services: ClassVar[tuple[Service, ...]] = ()
@@ -186,6 +189,7 @@ class Supervisor(Verbs, Checkpoints):
         per supervisor: the ref, and what the sandboxes name for it."""
         self._preparing: dict[str, trio.Lock] = {}
         self._hosts_changed = trio.Event()
+        self._overrides_lock = trio.Lock()
         # Resolve every plugin now: a typo in a fleet file is an error at
         # start-up, not a surprise at the first crash.
         names = dict.fromkeys([*DEFAULT_PLUGINS, *fleet.plugins])
@@ -267,6 +271,11 @@ class Supervisor(Verbs, Checkpoints):
                 cgroup_parent=sup.cgroup_parent,
                 spawner=keeper.spawn,
             )
+            # A limit this host's cgroups cannot enforce is the fleet file's
+            # error now, not a start failure of every instance that has it.
+            problems = self.limit_problems(self.fleet.sandboxes)
+            if problems:
+                raise FleetError(self.fleet.source, problems)
             journal = events.Journal(
                 os.path.join(self.runtime.state_dir, "journal"),
                 segment_bytes=sup.journal_segment_bytes,
@@ -321,8 +330,13 @@ class Supervisor(Verbs, Checkpoints):
             return instance in self._by_name and generation.isdigit()
 
         additions_problems = self._take_back_additions(self.runtime.state_dir)
+        # Limits changed at run time hold on, unless the fleet file now says
+        # otherwise for their key.
+        overrides, override_problems = load_overrides(self.runtime.state_dir)
+        for inst in self.instances:
+            inst.overrides = still_valid(overrides.get(inst.name, {}), inst.config.limits)
         found = survey(self.runtime, self.keeper, exit_published, owned)
-        found.problems[:0] = additions_problems
+        found.problems[:0] = additions_problems + override_problems
         # After the survey's sweep (a dead sandbox's lease does not hold a
         # network's settings) and before any sandbox starts. A refusal ends
         # the start-up; the sandboxes taken back run on for the next one.

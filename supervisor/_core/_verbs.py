@@ -19,7 +19,6 @@ from events import (
     ExecExited,
     ExecStarted,
     Failed,
-    LimitChanged,
     Paused,
     Removed,
     Resumed,
@@ -27,7 +26,6 @@ from events import (
 )
 
 from .._errors import CorralError, SandboxError, SpecError, StateError
-from .._runtime._spec import Limits
 from ._additions import Addition
 from ._base import SupervisorBase
 from ._instance import BUSY_PAUSE, Ident, Instance, PendingRestore
@@ -70,47 +68,7 @@ class Verbs(SupervisorBase):
         inst.set_state("failed")
         self.publish(Failed(**self._ident(inst), reason=reason))
 
-    def set_memory_limit(self, name: str, limit: int | None, reason: str) -> None:
-        """Change an instance's memory limit, live and for later generations."""
-        inst = self._by_name.get(name)
-        if inst is None:
-            return
-        old = inst.memory_limit
-        inst.memory_override, inst.memory_overridden = limit, True
-        ident = self._ident(inst)
-        self.publish(LimitChanged(**ident, limit="memory", old=old, new=limit, reason=reason))
-        sb = inst.sandbox
-        if sb is None or limit is None or self._janitor is None:
-            return
-
-        async def apply() -> None:
-            # In a worker thread: lowering memory.max makes the writer
-            # reclaim the difference, which may take long.
-            try:
-                await trio.to_thread.run_sync(
-                    sb.cgroup.apply, Limits(memory=limit), limiter=self.limiters.lifecycle
-                )
-            except (CorralError, OSError) as exc:
-                if inst.sandbox is sb and sb.poll() is None:
-                    # Still running under the old limit: say so.
-                    why = f"{reason}: cannot be applied live ({exc}); applies from the next start"
-                    self.publish(
-                        LimitChanged(**ident, limit="memory", old=limit, new=old, reason=why)
-                    )
-
-        self._janitor.start_soon(apply)
-
     # -- the control socket's (docs/control.md) ----------------------------------
-
-    def targets(self, name: str) -> list[Instance]:
-        """The instances *name* means: one instance, or every instance of a sandbox."""
-        inst = self._by_name.get(name)
-        if inst is not None:
-            return [inst]
-        found = [i for i in self.instances if i.sandbox_name == name and i.alias is None]
-        if not found:
-            raise SpecError("name", f"no sandbox or instance {name!r} in this fleet")
-        return found
 
     def _guarded(self, verb: str, name: str) -> list[Instance]:
         """The instances *name* means, if *verb* is allowed on every one of them."""
@@ -386,6 +344,7 @@ class Verbs(SupervisorBase):
         # Each plugin checks the new sandboxes' tables as at start-up: a bad
         # one refuses the add instead of failing the plugin at an exit later.
         problems += settings_problems(self._plugins, added.sandboxes, fleet_wide=False)
+        problems += self.limit_problems(added.sandboxes)
         if added.plugins:
             problems.append("[plugins] tables apply to the whole fleet: set them at start-up")
         if added.networks:
@@ -436,6 +395,11 @@ class Verbs(SupervisorBase):
         self.fleet = replace(
             self.fleet, sandboxes=tuple(c for c in self.fleet.sandboxes if c.name in left)
         )
+        if any(inst.overrides for inst in found):
+            for inst in found:
+                inst.overrides = {}
+            with contextlib.suppress(CorralError, OSError):
+                await self._save_overrides()  # at worst kept for a name not in use
         additions = self._additions_left()
         if additions != self._additions:
             with contextlib.suppress(CorralError):

@@ -231,7 +231,7 @@ def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
         "hostname": spec.hostname,
         "env": dict(spec.env),
         "workdir": spec.workdir,
-        "limits": spec.limits._asdict(),
+        "limits": spec.limits.to_dict(),
         "security": spec.security.to_dict(),
         "mounts": [m.to_dict() for m in spec.mounts],
         "user": spec.user,
@@ -251,7 +251,7 @@ def spec_from_dict(d: dict[str, Any]) -> SandboxSpec:
         hostname=d.get("hostname"),
         env=d.get("env") or {},
         workdir=d.get("workdir", "/"),
-        limits=Limits(**d.get("limits", {})),
+        limits=Limits.from_dict(d.get("limits") or {}),
         # Checkpoints from before security settings ran with every capability.
         security=make_security(**d["security"])
         if "security" in d

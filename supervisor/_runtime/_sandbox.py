@@ -71,6 +71,7 @@ from ._checkpoint import (
 )
 from ._claims import Claim, ClaimInUse, dead_claims
 from ._dirs import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
+from ._limits import Limits, check_limits
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
 from ._linux._child import INIT_PATH, RESTORE_NETNS_FD, LaunchConfig
@@ -95,6 +96,7 @@ from ._net._resolve import resolve_egress
 from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
+from ._units import human_size
 
 __all__ = [
     "DEFAULT_RUN_DIR",
@@ -723,7 +725,7 @@ class Runtime:
         record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo:
             if self._die_with_caller:
-                self._claim(spec.name, undo)
+                self._claim(spec.name, spec.limits, undo)
             self._make_state_dir(spec.name, sdir, record, undo)
             userns = None
             idmap = False
@@ -921,12 +923,12 @@ class Runtime:
             _say(f"corral: the network's leftovers could not be swept: {exc}")
             return []
 
-    def _claim(self, name: str, undo: contextlib.ExitStack) -> None:
+    def _claim(self, name: str, limits: Limits, undo: contextlib.ExitStack) -> None:
         """Hold the claim of sandbox *name* until it is destroyed (see :mod:`._claims`)."""
         try:
             where = {
                 "state_dir": self.state_dir,
-                "cgroup": list(self.cgroups.paths_of(f"corral-{name}")),
+                "cgroup": list(self.cgroups.paths_of(f"corral-{name}", limits.effective())),
                 "pid": os.getpid(),
             }
             claim = Claim(self.run_dir, name, where)
@@ -1229,6 +1231,58 @@ class Runtime:
         if not spec.security.privileged:
             cgroup.restrict_devices()
         return cgroup
+
+    def check_update(self, sb: Sandbox, limits: Limits) -> None:
+        """Refuse (:class:`~supervisor.SpecError`) to change running sandbox
+        *sb*'s limits to *limits* if they break a rule between keys, or if
+        their memory limit is below what it uses now."""
+        check_limits(limits)
+        if limits.memory is not None and limits.memory != sb.spec.limits.memory:
+            use = sb.cgroup.stats().memory_current
+            if use > limits.memory:
+                raise SpecError(
+                    "memory",
+                    f"sandbox {sb.name!r} uses {human_size(use)} now, more than the"
+                    f" {human_size(limits.memory)} asked for: --force sets it anyway (the"
+                    " kernel then reclaims what it can, and OOM-kills if that is not enough)",
+                )
+
+    def update(self, sb: Sandbox, limits: Limits, *, force: bool = False) -> Limits:
+        """Change the limits of running sandbox *sb* to *limits* (in its
+        cgroup, its spec and its record, for whoever takes it back); return
+        the limits it had.
+
+        A memory limit below what the sandbox uses now is refused with a
+        :class:`~supervisor.SpecError` unless *force* (the kernel then
+        reclaims what it can, and OOM-kills if that is not enough). A limit
+        this layout cannot enforce is refused too; a value the kernel
+        refuses half way is undone (:class:`~supervisor.CgroupError`).
+        Blocking: lowering ``memory`` makes the kernel reclaim first.
+        """
+        old = sb.spec.limits
+        check_limits(limits)
+        self.cgroups.check(limits.effective())
+        if not force:
+            self.check_update(sb, limits)
+        try:
+            sb.cgroup.apply(limits.effective(), old.effective())
+        except BaseException:
+            # What was written goes back; the key that failed was not.
+            with contextlib.suppress(CorralError, OSError):
+                sb.cgroup.apply(old.effective(), limits.effective())
+            raise
+        sb.spec = sb.spec._replace(limits=limits)
+        path = record_path(self.run_dir, sb.name)
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            record["spec"] = spec_to_dict(sb.spec)
+            _write_record(path, record)
+        except (OSError, ValueError) as exc:
+            # Enforced all the same; a successor would take it back with
+            # the limits it was made with (and say it changed).
+            _say(f"corral: sandbox {sb.name!r}: its record keeps its old limits: {exc}")
+        return old
 
     def _userns(self, spec: SandboxSpec, sdir: str, undo: contextlib.ExitStack) -> list[int]:
         """Claim the sandbox's id range; give its writable layer to its root."""

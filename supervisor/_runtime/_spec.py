@@ -7,13 +7,21 @@ below the spec may assume it is valid.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from .._errors import SpecError
-from . import _units
+from ._limits import (
+    DEFAULT_PIDS,
+    MIN_MEMORY,
+    NO_LIMITS,
+    Limits,
+    check_limits,
+    parse_cpus,
+    parse_pids,
+    parse_size,
+)
 from ._mounts import Mount, check_mounts, parse_user
 from ._net._model import Port, check_ports, is_bridged, parse_egress, parse_network
 from ._security import DEFAULT_SECURITY, Security
@@ -21,6 +29,8 @@ from ._security import DEFAULT_SECURITY, Security
 __all__ = [
     "DEFAULT_PATH",
     "DEFAULT_PIDS",
+    "MIN_MEMORY",
+    "NO_LIMITS",
     "Limits",
     "SandboxSpec",
     "parse_cpus",
@@ -35,48 +45,6 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-# Below this a sandbox cannot even start its init; the kernel would OOM-kill
-# it at once and the user would see a confusing exit 137.
-MIN_MEMORY = 4 << 20
-
-
-def parse_size(value: object, field: str = "memory", minimum: int = MIN_MEMORY) -> int:
-    """Parse a byte size: ``64M``, ``1g``, ``512k``, ``1.5G`` or a plain number.
-
-    Units are binary (``1M`` = 1 MiB), as in Docker (the grammar is
-    :mod:`supervisor._runtime._units`'s). *minimum* defaults to the smallest
-    memory limit a sandbox can start under.
-    """
-    return _units.parse_size(value, field, minimum=minimum)
-
-
-def parse_cpus(value: str | float, field: str = "cpus") -> float:
-    """Parse a CPU quota in CPUs: ``0.5`` is half of one CPU."""
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        n = float("nan")
-    if isinstance(value, bool) or not n > 0 or n == float("inf"):
-        raise SpecError(field, f"expected a positive number of CPUs like 0.5, got {value!r}")
-    if n < 0.01:
-        raise SpecError(field, f"expected at least 0.01 CPUs, got {value!r}")
-    ncpu = os.cpu_count() or 1
-    if n > ncpu:
-        raise SpecError(field, f"expected at most {ncpu} (the CPUs of this machine), got {value!r}")
-    return n
-
-
-def parse_pids(value: str | int, field: str = "pids") -> int:
-    """Parse a maximum number of tasks (processes and threads)."""
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = -1
-    if isinstance(value, bool) or n < 2:
-        # One for the init and one for the command at the very least.
-        raise SpecError(field, f"expected a whole number of tasks >= 2, got {value!r}")
-    return n
 
 
 def parse_env(items: Sequence[str], field: str = "env") -> dict[str, str]:
@@ -99,34 +67,6 @@ def validate_name(name: str, field: str = "name") -> str:
             f" got {name!r}",
         )
     return name
-
-
-class Limits(NamedTuple):
-    """Resource limits enforced through the sandbox's cgroup.
-
-    ``None`` means unlimited. Swap is never allowed to hide a memory
-    overrun: the limit covers memory and swap together.
-    """
-
-    memory: int | None = None
-    """Bytes of memory (and memory+swap)."""
-    cpus: float | None = None
-    """CPU quota in CPUs (0.5 = half a CPU), enforced per 100 ms period."""
-    pids: int | None = None
-    """Maximum number of tasks (None: :data:`DEFAULT_PIDS`, see :meth:`effective`)."""
-
-    def effective(self) -> Limits:
-        """What the sandbox's cgroup enforces: these, with :data:`DEFAULT_PIDS`
-        tasks if ``pids`` says nothing (a fork bomb stays inside by default)."""
-        return self if self.pids is not None else self._replace(pids=DEFAULT_PIDS)
-
-
-DEFAULT_PIDS = 4096
-"""Tasks a sandbox may have when its limits say nothing. Set ``pids`` to
-allow more."""
-
-NO_LIMITS = Limits()
-"""The default: nothing limited but the tasks (:data:`DEFAULT_PIDS`)."""
 
 
 class _SpecFields(NamedTuple):
@@ -222,6 +162,7 @@ class SandboxSpec(_SpecFields):
             if not _ENV_KEY_RE.match(key):
                 raise SpecError("env", f"expected KEY=VALUE, got key {key!r}")
         mounts = check_mounts(mounts)
+        check_limits(limits)
         if user is not None:
             parse_user(user)
         return super().__new__(

@@ -20,7 +20,7 @@ import re
 
 from .._errors import SpecError
 
-__all__ = ["format_size", "parse_duration", "parse_size"]
+__all__ = ["format_size", "human_size", "parse_duration", "parse_size"]
 
 # Patterns, not compiled ones: re compiles each on first use and caches it,
 # so a CLI start that parses no duration pays nothing for them (0.6 ms).
@@ -71,6 +71,18 @@ def format_size(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
     return str(n)
+
+
+def human_size(n: int) -> str:
+    """Bytes for a person: ``512 B``, ``1.5 KiB``, ``64.0 MiB``, up to GiB."""
+    if n < 1024:
+        return f"{n} B"
+    size, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
 
 
 def parse_duration(

@@ -8,6 +8,26 @@ controller hierarchies (the legacy and the *hybrid* layouts) give
 cgroup* unless a parent is given, the way systemd delegation expects.
 
 Errors are :class:`~supervisor.CgroupError` naming the path and operation.
+A limit this layout (or this host) cannot enforce is refused by
+:meth:`Cgroups.check` with a :class:`~supervisor.SpecError` naming the key
+and the reason, never silently ignored.
+
+Limit keys and their files:
+
+===============  ==============================  ====================================
+key              v2                              v1
+===============  ==============================  ====================================
+memory           memory.max                      memory.limit_in_bytes
+memory_swap      memory.swap.max                 memory.memsw.limit_in_bytes (sum)
+memory_high      memory.high                     memory.soft_limit_in_bytes
+cpus             cpu.max                         cpu.cfs_quota_us / cfs_period_us
+cpu_weight       cpu.weight                      cpu.shares (weight * 1024 / 100)
+pids             pids.max                        pids.max
+cpuset_*         cpuset.cpus / cpuset.mems       cpuset.cpus / cpuset.mems
+io_weight        io.weight                       blkio.weight (CFQ) / blkio.bfq.weight
+io_*_bps, iops   io.max                          blkio.throttle.*_device
+oom_group        memory.oom.group                (refused)
+===============  ==============================  ====================================
 """
 
 from __future__ import annotations
@@ -18,11 +38,11 @@ import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, NamedTuple
 
-from ..._errors import CgroupError
-from .._spec import Limits
+from ..._errors import CgroupError, SpecError
+from .._limits import DEFAULT_WEIGHT, DEVICE_KEYS, Limits, cpu_shares, format_list, parse_list
 
 __all__ = [
     "Cgroup",
@@ -34,9 +54,32 @@ __all__ = [
 ]
 
 CPU_PERIOD_US = 100_000
-_V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices")
+_V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices", "blkio", "cpuset")
 _V1_REQUIRED = ("memory", "cpu", "cpuacct", "pids")
+_V1_OPTIONAL = ("blkio", "cpuset")
+"""Hierarchies a sandbox's cgroup may lack: blkio where it is not mounted
+(or the sandbox was made by an older corral), cpuset unless its limits
+name CPUs or memory nodes (a v1 cpuset cgroup needs its sets copied down
+from the parent before anything joins: not worth it for every sandbox)."""
 _V2_CONTROLLERS = ("memory", "cpu", "pids")
+_V2_OPTIONAL = ("io", "cpuset")
+"""Enabled for sandbox cgroups where the parent has them; limits that need
+one the parent lacks are refused."""
+_FRESH = Limits(memory_swap=None)
+"""What a new cgroup enforces (swap included: unlimited until told)."""
+_IO_MAX_KEYS = {
+    "io_read_bps": "rbps",
+    "io_write_bps": "wbps",
+    "io_read_iops": "riops",
+    "io_write_iops": "wiops",
+}
+_BLKIO_FILES = {
+    "io_read_bps": "blkio.throttle.read_bps_device",
+    "io_write_bps": "blkio.throttle.write_bps_device",
+    "io_read_iops": "blkio.throttle.read_iops_device",
+    "io_write_iops": "blkio.throttle.write_iops_device",
+}
+_IO_KEYS = ("io_weight", *DEVICE_KEYS)
 
 ALLOWED_DEVICES = (
     "c *:* m",  # mknod of any node (as Docker): creating is not opening
@@ -89,8 +132,15 @@ class Cgroup(ABC):
         """Files a single-threaded process writes ``0`` to in order to join."""
 
     @abstractmethod
-    def apply(self, limits: Limits) -> None:
-        """Set the limits given; a ``None`` field is left as it is (new cgroups start unlimited)."""
+    def apply(self, limits: Limits, old: Limits | None = None) -> None:
+        """Enforce *limits*.
+
+        A new cgroup (*old* None) is given what differs from a new cgroup's
+        defaults; a live one only what differs from *old* (its limits
+        until now), a key back at its default being reset. Raises
+        :class:`SpecError` for a key this cgroup cannot enforce and
+        :class:`CgroupError` (naming the key) if the kernel refuses a value.
+        """
 
     @abstractmethod
     def stats(self) -> CgroupStats:
@@ -176,16 +226,21 @@ class Cgroups(ABC):
     layout: Literal["v1", "v2"]
 
     @abstractmethod
+    def check(self, limits: Limits) -> None:
+        """Raise :class:`SpecError` (naming the key and the reason) if this
+        layout, below this parent, cannot enforce *limits*."""
+
+    @abstractmethod
     def create(self, name: str, limits: Limits) -> Cgroup:
-        """Make a new cgroup for a sandbox, limits applied; fails if it exists."""
+        """Make a new cgroup for a sandbox, limits checked and applied; fails if it exists."""
 
     @abstractmethod
     def existing(self, prefix: str) -> dict[str, Cgroup]:
         """The cgroups below the parent whose names start with *prefix*, by name."""
 
     @abstractmethod
-    def paths_of(self, name: str) -> tuple[str, ...]:
-        """The :attr:`Cgroup.paths` that :meth:`create` of *name* makes."""
+    def paths_of(self, name: str, limits: Limits) -> tuple[str, ...]:
+        """The :attr:`Cgroup.paths` that :meth:`create` of *name* with *limits* makes."""
 
     @abstractmethod
     def attach(self, name: str, paths: Sequence[str]) -> Cgroup:
@@ -214,6 +269,38 @@ def _read(path: str) -> str:
             return f.read()
     except OSError as exc:
         raise CgroupError(f"failed to read {path}: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def _setting(key: str) -> Iterator[None]:
+    """Name the limit key in a write the kernel refused."""
+    try:
+        yield
+    except CgroupError as exc:
+        raise CgroupError(f"{key}: {exc}") from exc
+
+
+def _changes(limits: Limits, old: Limits | None) -> tuple[Limits, set[str], bool]:
+    """(what was enforced before, the keys that changed, whether the swap
+    limit changed) for :meth:`Cgroup.apply`."""
+    before = old if old is not None else _FRESH
+    return before, set(limits.changed(before)), limits.swap_limit != before.swap_limit
+
+
+def _cpuset_subset(limits: Limits, parent_cpus: str, parent_mems: str) -> None:
+    """Refuse CPUs or memory nodes the parent cgroup does not have."""
+    for key, value, have, what in (
+        ("cpuset_cpus", limits.cpuset_cpus, parent_cpus, "CPUs"),
+        ("cpuset_mems", limits.cpuset_mems, parent_mems, "memory nodes"),
+    ):
+        if value is None or not have.strip():
+            continue
+        allowed = parse_list(have.strip(), key, what)
+        if not parse_list(value, key, what) <= allowed:
+            raise SpecError(
+                key,
+                f"expected {what} of the parent cgroup ({format_list(allowed)}), got {value!r}",
+            )
 
 
 def _read_int(path: str, default: int = 0) -> int:
@@ -409,6 +496,68 @@ class _V2OomWatch(OomWatch):
 
 # -- cgroup v1 ---------------------------------------------------------------
 
+_V1_NO_OOM_GROUP = (
+    "cgroup v1 has no memory.oom.group: its OOM killer kills one process at a time"
+    " (this host's cgroups are v1; oom_group needs cgroup v2)"
+)
+_V1_NO_MEMSW = (
+    "this kernel does not account swap (no memory.memsw.limit_in_bytes: booted with"
+    " swapaccount=0?), so swap cannot be limited to a size: use 0 or unlimited"
+)
+_V1_WEIGHT_RANGE = (
+    "expected at most 1000 on cgroup v1 (its BFQ and CFQ weights go up to 1000), got {value}"
+)
+_V1_NO_WEIGHT = (
+    "cgroup v1 has neither blkio.weight (CFQ) nor blkio.bfq.weight (BFQ) here:"
+    " no I/O scheduler of this kernel takes weights"
+)
+
+
+def _write_v1_limit(path: str, limit: int) -> None:
+    """Write a v1 memory limit: the kernel refuses one below what it cannot
+    reclaim (EBUSY) instead of OOM-killing, as v2 does."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(limit).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise SpecError(
+                "memory",
+                "cgroup v1 cannot set a limit below what the sandbox uses and the kernel"
+                " cannot reclaim (it said: busy); v1 never OOM-kills to get there",
+            ) from None
+        raise CgroupError(f"failed to write {limit!r} to {path}: {exc.strerror}") from exc
+
+
+def _inherit_cpuset(parent: str, child: str) -> None:
+    """Give a new v1 cpuset cgroup its parent's CPUs and memory nodes:
+    it starts with none, and nothing can join it until it has some."""
+    for file, effective in (
+        ("cpuset.cpus", "cpuset.effective_cpus"),
+        ("cpuset.mems", "cpuset.effective_mems"),
+    ):
+        value = _read(os.path.join(parent, file)).strip()
+        if not value:
+            value = _read(os.path.join(parent, effective)).strip()
+        _write(os.path.join(child, file), value)
+
+
+def _max(value: int | None) -> str:
+    return "max" if value is None else str(value)
+
+
+def _rate_changes(
+    old: Iterable[tuple[str, int]], new: dict[str, int]
+) -> list[tuple[str, int | None]]:
+    """The devices whose rate changed: (device, new rate or None: no limit)."""
+    before = dict(old)
+    out: list[tuple[str, int | None]] = [(d, None) for d in before if d not in new]
+    out += [(d, r) for d, r in new.items() if before.get(d) != r]
+    return sorted(out)
+
 
 class V1Cgroup(Cgroup):
     """A sandbox cgroup on cgroup v1: one directory per controller hierarchy."""
@@ -447,30 +596,101 @@ class V1Cgroup(Cgroup):
         for rule in ALLOWED_DEVICES:
             _write(self._f("devices", "devices.allow"), rule)
 
-    def apply(self, limits: Limits) -> None:
-        if limits.memory is not None:
-            limit = self._f("memory", "memory.limit_in_bytes")
-            memsw = self._f("memory", "memory.memsw.limit_in_bytes")
-            if os.path.exists(memsw):
-                # The kernel keeps limit <= memsw at every step: raise memsw
-                # first when growing, lower the limit first when shrinking.
-                if limits.memory > _read_int(memsw, 1 << 62):
-                    _write(memsw, str(limits.memory))
-                    _write(limit, str(limits.memory))
-                else:
-                    _write(limit, str(limits.memory))
-                    _write(memsw, str(limits.memory))
-            else:
-                _write(limit, str(limits.memory))
-                # No swap accounting (swapaccount=0): keep the kernel from
-                # swapping this cgroup out, so an overrun is an OOM kill and
-                # not a hog that survives in swap (what the seed observed).
-                _write(self._f("memory", "memory.swappiness"), "0")
-        if limits.cpus is not None:
-            _write(self._f("cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US))
-            _write(self._f("cpu", "cpu.cfs_quota_us"), str(round(limits.cpus * CPU_PERIOD_US)))
-        if limits.pids is not None:
-            _write(self._f("pids", "pids.max"), str(limits.pids))
+    def apply(self, limits: Limits, old: Limits | None = None) -> None:
+        before, changed, swap_changed = _changes(limits, old)
+        if "oom_group" in changed and limits.oom_group:
+            raise SpecError("oom_group", _V1_NO_OOM_GROUP)
+        if "memory" in changed or swap_changed:
+            with _setting("memory"):
+                self._apply_memory(limits, swap_changed)
+        if "memory_high" in changed:
+            soft = limits.memory_high if limits.memory_high is not None else -1
+            with _setting("memory_high"):
+                _write(self._f("memory", "memory.soft_limit_in_bytes"), str(soft))
+        if "cpus" in changed:
+            quota = round(limits.cpus * CPU_PERIOD_US) if limits.cpus is not None else -1
+            with _setting("cpus"):
+                _write(self._f("cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+                _write(self._f("cpu", "cpu.cfs_quota_us"), str(quota))
+        if "cpu_weight" in changed:
+            with _setting("cpu_weight"):
+                _write(self._f("cpu", "cpu.shares"), str(cpu_shares(limits.cpu_weight)))
+        if "pids" in changed:
+            with _setting("pids"):
+                _write(self._f("pids", "pids.max"), _max(limits.pids))
+        for key, file in (("cpuset_cpus", "cpuset.cpus"), ("cpuset_mems", "cpuset.mems")):
+            if key in changed:
+                value = getattr(limits, key)
+                if "cpuset" not in self._dirs:
+                    raise SpecError(key, "this sandbox has no cpuset cgroup (cgroup v1)")
+                if value is None:  # the parent's again
+                    value = _read(os.path.join(os.path.dirname(self._dirs["cpuset"]), file))
+                with _setting(key):
+                    _write(self._f("cpuset", file), value.strip())
+        if changed & set(_IO_KEYS) and "blkio" not in self._dirs:
+            key = sorted(changed & set(_IO_KEYS))[0]
+            raise SpecError(
+                key,
+                "this sandbox has no blkio cgroup (blkio is not mounted, or it was"
+                " started by an older corral): restart it to set I/O limits",
+            )
+        if "io_weight" in changed:
+            self._apply_io_weight(limits.io_weight)
+        for key in DEVICE_KEYS:
+            if key in changed:
+                now = dict(getattr(limits, key))
+                for device, rate in _rate_changes(getattr(before, key), now):
+                    with _setting(key):
+                        # 0 removes the device's rule.
+                        _write(self._f("blkio", _BLKIO_FILES[key]), f"{device} {rate or 0}")
+
+    def _apply_memory(self, limits: Limits, swap_changed: bool) -> None:
+        limit_file = self._f("memory", "memory.limit_in_bytes")
+        memsw = self._f("memory", "memory.memsw.limit_in_bytes")
+        limit = limits.memory if limits.memory is not None else -1
+        swap = limits.swap_limit
+        if not os.path.exists(memsw):
+            # No swap accounting (swapaccount=0): swap cannot be limited,
+            # only kept away with swappiness.
+            if swap not in (0, None):
+                raise SpecError("memory_swap", _V1_NO_MEMSW)
+            _write_v1_limit(limit_file, limit)
+            if swap_changed:
+                # 0: keep the kernel from swapping this cgroup out, so an
+                # overrun is an OOM kill and not a hog that survives in swap
+                # (what the seed observed). Unlimited: as its parent does.
+                parent = os.path.join(os.path.dirname(self._dirs["memory"]), "memory.swappiness")
+                value = "0" if swap == 0 else _read(parent).strip()
+                _write(self._f("memory", "memory.swappiness"), value)
+            return
+        total = -1 if limits.memory is None or swap is None else limits.memory + swap
+        # The kernel keeps limit <= memsw at every step: raise memsw first
+        # when the limit grows past it, else lower (or set) the limit first.
+        current = _read_int(memsw, -1)
+        if limit < 0 or (current >= 0 and limit > current):
+            _write(memsw, str(total))
+            _write_v1_limit(limit_file, limit)
+        else:
+            _write_v1_limit(limit_file, limit)
+            _write(memsw, str(total))
+
+    def _apply_io_weight(self, weight: int | None) -> None:
+        value = DEFAULT_WEIGHT if weight is None else weight
+        cfq, bfq = self._f("blkio", "blkio.weight"), self._f("blkio", "blkio.bfq.weight")
+        if value > 1000:
+            raise SpecError("io_weight", _V1_WEIGHT_RANGE.format(value=value))
+        if os.path.exists(cfq):
+            if value < 10:
+                raise SpecError(
+                    "io_weight", f"CFQ's blkio.weight goes from 10 to 1000, got {value}"
+                )
+            target = cfq
+        elif os.path.exists(bfq):
+            target = bfq
+        else:
+            raise SpecError("io_weight", _V1_NO_WEIGHT)
+        with _setting("io_weight"):
+            _write(target, str(value))
 
     def stats(self) -> CgroupStats:
         oom_control = _keyed(self._f("memory", "memory.oom_control"))
@@ -569,19 +789,57 @@ class V1Cgroups(Cgroups):
             c: os.path.join(m, (parent if parent is not None else own.get(c, "/")).lstrip("/"))
             for c, m in mounts.items()
         }
-        for c, p in self._parents.items():
+        for c, p in list(self._parents.items()):
             if not os.path.isdir(p):
+                if c in _V1_OPTIONAL:
+                    del self._parents[c]  # limits that need it are refused
+                    continue
                 raise CgroupError(f"cgroup parent {p} (controller {c}) does not exist")
 
+    def check(self, limits: Limits) -> None:
+        if limits.oom_group:
+            raise SpecError("oom_group", _V1_NO_OOM_GROUP)
+        if limits.cpuset_cpus is not None or limits.cpuset_mems is not None:
+            key = "cpuset_cpus" if limits.cpuset_cpus is not None else "cpuset_mems"
+            parent = self._parents.get("cpuset")
+            if parent is None:
+                raise SpecError(key, "the cpuset controller is not mounted (cgroup v1)")
+            _cpuset_subset(
+                limits,
+                _read(os.path.join(parent, "cpuset.effective_cpus")),
+                _read(os.path.join(parent, "cpuset.effective_mems")),
+            )
+        io = [k for k in _IO_KEYS if getattr(limits, k) != Limits._field_defaults[k]]
+        if io:
+            blkio = self._parents.get("blkio")
+            if blkio is None:
+                raise SpecError(io[0], "the blkio controller is not mounted (cgroup v1)")
+            if limits.io_weight is not None:
+                if limits.io_weight > 1000:
+                    raise SpecError("io_weight", _V1_WEIGHT_RANGE.format(value=limits.io_weight))
+                # A child gets blkio.bfq.weight where BFQ is there, which its
+                # statistics files in the parent show.
+                files = ("blkio.weight", "blkio.bfq.weight", "blkio.bfq.io_service_bytes")
+                if not any(os.path.exists(os.path.join(blkio, f)) for f in files):
+                    raise SpecError("io_weight", _V1_NO_WEIGHT)
+        if limits.swap_limit not in (0, None):
+            memsw = os.path.join(self._parents["memory"], "memory.memsw.limit_in_bytes")
+            if not os.path.exists(memsw):
+                raise SpecError("memory_swap", _V1_NO_MEMSW)
+
     def create(self, name: str, limits: Limits) -> V1Cgroup:
+        self.check(limits)
+        wanted = self._wanted(limits)
         dirs: dict[str, str] = {}
         made: list[str] = []
         try:
-            for c, parent in self._parents.items():
+            for c, parent in wanted.items():
                 d = os.path.join(parent, name)
                 if d not in made:
                     _mkdir(d)
                     made.append(d)
+                    if c == "cpuset":
+                        _inherit_cpuset(parent, d)
                 dirs[c] = d
             cg = V1Cgroup(name, dirs, self._mounts)
             cg.apply(limits)
@@ -605,9 +863,16 @@ class V1Cgroups(Cgroups):
                         found.setdefault(entry, {})[c] = os.path.join(parent, entry)
         return {name: V1Cgroup(name, dirs, self._mounts) for name, dirs in found.items()}
 
-    def paths_of(self, name: str) -> tuple[str, ...]:
-        dirs = {c: os.path.join(parent, name) for c, parent in self._parents.items()}
+    def paths_of(self, name: str, limits: Limits) -> tuple[str, ...]:
+        dirs = {c: os.path.join(parent, name) for c, parent in self._wanted(limits).items()}
         return V1Cgroup(name, dirs, self._mounts).paths
+
+    def _wanted(self, limits: Limits) -> dict[str, str]:
+        """The hierarchies a sandbox with *limits* joins: their parents."""
+        wanted = {c: p for c, p in self._parents.items() if c != "cpuset"}
+        if limits.cpuset_cpus is not None or limits.cpuset_mems is not None:
+            wanted["cpuset"] = self._parents["cpuset"]
+        return wanted
 
     def attach(self, name: str, paths: Sequence[str]) -> V1Cgroup:
         dirs: dict[str, str] = {}
@@ -617,6 +882,8 @@ class V1Cgroups(Cgroups):
                     dirs[c] = p
                     break
             else:
+                if c in _V1_OPTIONAL:
+                    continue  # made without it (see _V1_OPTIONAL)
                 raise CgroupError(f"cgroup {name}: no directory in the {c} hierarchy")
         for d in set(dirs.values()):
             if not os.path.isdir(d):
@@ -646,15 +913,69 @@ class V2Cgroup(Cgroup):
     def _f(self, file: str) -> str:
         return os.path.join(self._path, file)
 
-    def apply(self, limits: Limits) -> None:
-        if limits.memory is not None:
-            _write(self._f("memory.max"), str(limits.memory))
+    def apply(self, limits: Limits, old: Limits | None = None) -> None:
+        before, changed, swap_changed = _changes(limits, old)
+        if "memory" in changed:
+            with _setting("memory"):
+                _write(self._f("memory.max"), _max(limits.memory))
+        if swap_changed:
+            swap = limits.swap_limit
             if os.path.exists(self._f("memory.swap.max")):
-                _write(self._f("memory.swap.max"), "0")
-        if limits.cpus is not None:
-            _write(self._f("cpu.max"), f"{round(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}")
-        if limits.pids is not None:
-            _write(self._f("pids.max"), str(limits.pids))
+                with _setting("memory_swap"):
+                    _write(self._f("memory.swap.max"), _max(swap))
+            elif swap not in (0, None):
+                # Without swap accounting nothing is swapped in a way
+                # memory.max does not see; a size cannot be enforced.
+                raise SpecError(
+                    "memory_swap",
+                    "this kernel does not account swap (no memory.swap.max), so swap"
+                    " cannot be limited to a size: use 0 or unlimited",
+                )
+        if "memory_high" in changed:
+            with _setting("memory_high"):
+                _write(self._f("memory.high"), _max(limits.memory_high))
+        if "cpus" in changed:
+            quota = _max(round(limits.cpus * CPU_PERIOD_US) if limits.cpus is not None else None)
+            with _setting("cpus"):
+                _write(self._f("cpu.max"), f"{quota} {CPU_PERIOD_US}")
+        if "cpu_weight" in changed:
+            weight = limits.cpu_weight if limits.cpu_weight is not None else DEFAULT_WEIGHT
+            with _setting("cpu_weight"):
+                _write(self._f("cpu.weight"), str(weight))
+        if "pids" in changed:
+            with _setting("pids"):
+                _write(self._f("pids.max"), _max(limits.pids))
+        for key, file in (("cpuset_cpus", "cpuset.cpus"), ("cpuset_mems", "cpuset.mems")):
+            if key in changed:
+                self._need(key, file, "the cpuset controller is not enabled for it")
+                with _setting(key):
+                    # Empty: the parent's (effective) set again.
+                    _write(self._f(file), getattr(limits, key) or "")
+        if "io_weight" in changed:
+            self._need(
+                "io_weight",
+                "io.weight",
+                "no io.weight here (the io controller is not enabled for it, or this"
+                " kernel has no io cost controller)",
+            )
+            weight = limits.io_weight if limits.io_weight is not None else DEFAULT_WEIGHT
+            with _setting("io_weight"):
+                _write(self._f("io.weight"), f"default {weight}")
+        for key in DEVICE_KEYS:
+            if key in changed:
+                self._need(key, "io.max", "the io controller is not enabled for it")
+                now = dict(getattr(limits, key))
+                for device, rate in _rate_changes(getattr(before, key), now):
+                    with _setting(key):
+                        _write(self._f("io.max"), f"{device} {_IO_MAX_KEYS[key]}={_max(rate)}")
+        if "oom_group" in changed:
+            self._need("oom_group", "memory.oom.group", "this kernel has no memory.oom.group")
+            with _setting("oom_group"):
+                _write(self._f("memory.oom.group"), "1" if limits.oom_group else "0")
+
+    def _need(self, key: str, file: str, why: str) -> None:
+        if not os.path.exists(self._f(file)):
+            raise SpecError(key, f"{why} ({self._path})")
 
     def stats(self) -> CgroupStats:
         events = _keyed(self._f("memory.events"))
@@ -749,6 +1070,12 @@ class V2Cgroup(Cgroup):
             os.close(fd)
 
 
+_V2_NOT_ENABLED = (
+    "the {c} controller cannot be enabled for sandboxes below {parent}"
+    " (not in its cgroup.controllers: enable it in its parent's cgroup.subtree_control)"
+)
+
+
 class V2Cgroups(Cgroups):
     """The unified hierarchy (cgroup v2)."""
 
@@ -802,12 +1129,40 @@ class V2Cgroups(Cgroups):
                 f"cgroup {path}: controller(s) {', '.join(missing)} not available"
                 " (not enabled in the parent's cgroup.subtree_control)"
             )
-        enabled = _read(os.path.join(path, "cgroup.subtree_control")).split()
+        control = os.path.join(path, "cgroup.subtree_control")
+        enabled = _read(control).split()
         want = [c for c in _V2_CONTROLLERS if c not in enabled]
         if want:
-            _write(os.path.join(path, "cgroup.subtree_control"), " ".join("+" + c for c in want))
+            _write(control, " ".join("+" + c for c in want))
+        # The optional ones where they can be had; limits that need one
+        # that could not be enabled are refused (see check).
+        for c in _V2_OPTIONAL:
+            if c in available and c not in enabled:
+                with contextlib.suppress(CgroupError):
+                    _write(control, "+" + c)
+
+    def _enabled(self) -> list[str]:
+        return _read(os.path.join(self._parent, "cgroup.subtree_control")).split()
+
+    def check(self, limits: Limits) -> None:
+        cpuset = [k for k in ("cpuset_cpus", "cpuset_mems") if getattr(limits, k) is not None]
+        io = [k for k in _IO_KEYS if getattr(limits, k) != Limits._field_defaults[k]]
+        if not cpuset and not io:
+            return
+        enabled = self._enabled()
+        if cpuset:
+            if "cpuset" not in enabled:
+                raise SpecError(cpuset[0], _V2_NOT_ENABLED.format(c="cpuset", parent=self._parent))
+            _cpuset_subset(
+                limits,
+                _read(os.path.join(self._parent, "cpuset.cpus.effective")),
+                _read(os.path.join(self._parent, "cpuset.mems.effective")),
+            )
+        if io and "io" not in enabled:
+            raise SpecError(io[0], _V2_NOT_ENABLED.format(c="io", parent=self._parent))
 
     def create(self, name: str, limits: Limits) -> V2Cgroup:
+        self.check(limits)
         path = os.path.join(self._parent, name)
         _mkdir(path)
         cg = V2Cgroup(name, path, self._mount)
@@ -830,7 +1185,7 @@ class V2Cgroups(Cgroups):
                     out[entry] = V2Cgroup(entry, path, self._mount)
         return out
 
-    def paths_of(self, name: str) -> tuple[str, ...]:
+    def paths_of(self, name: str, limits: Limits) -> tuple[str, ...]:
         return (os.path.join(self._parent, name),)
 
     def attach(self, name: str, paths: Sequence[str]) -> V2Cgroup:
