@@ -709,12 +709,13 @@ def test_an_oom_killed_bridged_sandbox_is_restored_with_its_address(
     latest periodic checkpoint: the next generation has the same address
     (taken over from the generation that ended, whose removal may come
     after), and goes on from where it was."""
-    # Grows by 1 MB a step to 12 MB, then only counts. The shell copies the
-    # string as it grows it (two or three times its size at once): killed
-    # under 24 MB; restored with 48 MB, it lives on.
+    # Counts; once told to (/grow), grows by 1 MB a step, 12 times. The
+    # shell copies the string as it grows it (two or three times its size
+    # at once): killed under 24 MB; restored with 48 MB, it lives on.
     hog = (
-        "i=0; s=; while :; do i=$((i+1)); [ $i -le 12 ] &&"
-        " s=$s$(head -c 1048576 /dev/zero | tr '\\\\0' y); echo $i; usleep 200000; done"
+        "i=0; g=0; s=; while :; do i=$((i+1)); if [ -e /grow ] && [ $g -lt 12 ]; then"
+        " g=$((g+1)); s=$s$(head -c 1048576 /dev/zero | tr '\\\\0' y); fi;"
+        " echo $i; usleep 200000; done"
     )
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(
@@ -739,19 +740,37 @@ def test_an_oom_killed_bridged_sandbox_is_restored_with_its_address(
     try:
         wait_for(lambda: up.poll() is not None or _leases(dirs), timeout=60, what="a lease")
         (seen["address"],) = _leases(dirs)
-        wait_for(
-            lambda: up.poll() is not None or holder() not in ("hog-0.0", ""),
-            timeout=300,  # a bound: the VM lanes emulate the CPU
-            what="the OOM-killed hog's next generation",
-        )
+        # A checkpoint first (slow in the VM lanes), then the growth.
+        checkpoints = dirs.state / "checkpoints" / "hog-0"
+
+        def checkpointed() -> bool:
+            names = os.listdir(checkpoints) if checkpoints.exists() else []
+            return up.poll() is not None or any(not n.startswith(".") for n in names)
+
+        wait_for(checkpointed, timeout=300, what="a checkpoint of the hog")
+
+        def grow() -> bool:
+            # Refused while a checkpoint is taken (one a second): again, then.
+            p = host.corral(dirs, "exec", "hog-0", "--", "touch", "/grow")
+            assert p.returncode == 0 or "a checkpoint is being taken" in p.stderr, p.stderr
+            return p.returncode == 0
+
+        wait_for(grow, timeout=120, what="the hog to be told to grow")
+
+        def restored() -> dict[str, Any] | None:
+            # Its lease is taken as it is created; restored_from once it runs.
+            p = host.corral(dirs, "inspect", "hog-0")
+            doc: dict[str, Any] = json.loads(p.stdout) if p.returncode == 0 else {}
+            return doc if up.poll() is not None or doc.get("restored_from") else None
+
+        seen["inspect"] = wait_for(restored, timeout=300, what="the OOM-killed hog's restore")
         seen["leases"], seen["holder"] = _leases(dirs), holder()
-        p = host.corral(dirs, "inspect", "hog-0")
-        seen["inspect"] = json.loads(p.stdout) if p.returncode == 0 else p.stderr
         n = len(log.read_text().split())
         wait_for(lambda: len(log.read_text().split()) >= n + 3, timeout=60, what="more output")
     finally:
         up.send_signal(signal.SIGTERM)
-        _, err = up.communicate(timeout=120)
+        out, err = up.communicate(timeout=120)
+    print(out, err)  # shown with a failure: what the supervisor said
     assert up.returncode == 0, err
     assert seen["leases"] == [seen["address"]] and seen["holder"] == "hog-0.1", (seen, err)
     doc = seen["inspect"]

@@ -89,6 +89,7 @@ from ._linux._spawn import (
 from ._mounts import Mount, parse_user
 from ._net._bridge import Networks, hosts_file, resolv_conf
 from ._net._ipam import Lease
+from ._net._links import bridge_exists as link_exists
 from ._net._links import remove_veth, veth_name
 from ._net._links import set_up as set_link_up
 from ._net._model import DEFAULT_NETWORK, NetworkDecl, is_bridged, network_name
@@ -1532,7 +1533,7 @@ class Runtime:
                     # would be acknowledged by the kernel and missing from
                     # the checkpoint. (CRIU's network lock is for namespaces
                     # it dumps; this one is external.) Its peers resend.
-                    set_link_up(veth, False)
+                    _cut(key, veth, up=False)
                     cut = True
                 argv = [
                     criu.binary,
@@ -1608,8 +1609,8 @@ class Runtime:
                         cut = False
                     sb.kill()  # while frozen: it never runs past the checkpoint
             finally:
-                if cut and veth is not None and sb.poll() is None:
-                    set_link_up(veth, True)
+                if cut and veth is not None:
+                    _cut(key, veth, up=True)
                 try:
                     sb.cgroup.thaw()
                 except CgroupError:
@@ -1970,6 +1971,24 @@ def _external_network(pid: int) -> list[str]:
     for file, key in _NETWORK_FILES:
         args += ["--external", f"mnt[/etc/{file}]:{key}"]
     return args
+
+
+def _cut(key: str, veth: str, *, up: bool) -> None:
+    """Set bridged sandbox *key*'s veth (its host end) down or up again
+    around a dump. If the link is gone, so is the sandbox's network
+    namespace, and with it the sandbox (an OOM kill during the checkpoint):
+    its end is the news, not the link's, and going up again is moot."""
+    try:
+        set_link_up(veth, up)
+    except (SandboxError, OSError) as exc:
+        if not up:
+            raise CheckpointError(
+                f"sandbox {key!r} exited during the checkpoint"
+                if not link_exists(veth)
+                else f"checkpoint of {key!r} failed: {exc}"
+            ) from None
+        if link_exists(veth):
+            raise CheckpointError(f"checkpoint of {key!r}: its network stays cut: {exc}") from None
 
 
 def _veth_of(sb: Sandbox) -> str | None:
