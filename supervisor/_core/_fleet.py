@@ -57,7 +57,7 @@ _SANDBOX_KEYS = {
     "name", "command", "replicas", "rootfs", "memory", "cpus", "pids", "env", "workdir",
     "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged", "seccomp",
     "rlimits", "userns", "userns_base", "userns_size", "volumes", "tmpfs", "user",
-    "read_only_rootfs", "image", "network", "ports", "egress",
+    "read_only_rootfs", "image", "network", "ports", "egress", "lxcfs",
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -149,6 +149,8 @@ class SandboxConfig:
     user: str | None = None
     read_only: bool = False
     """``read_only_rootfs``."""
+    lxcfs: bool = True
+    """The lxcfs view of /proc (docs/view.md)."""
 
     def instance_name(self, instance: int) -> str:
         """The runtime name of one replica: ``NAME-INDEX``."""
@@ -171,6 +173,7 @@ class SandboxConfig:
             network=self.network,
             ports=self.ports,
             egress=self.egress,
+            lxcfs=self.lxcfs,
         )
 
 
@@ -327,7 +330,7 @@ def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[s
     for key in ("cap_add", "cap_drop"):
         if key in table:
             out[key] = c.check(where, lambda k=key: parse_capabilities(table[k], k))  # type: ignore[misc]
-    for key in ("no_new_privs", "privileged", "userns"):
+    for key in ("no_new_privs", "privileged", "userns", "lxcfs"):
         if key in table:
             if isinstance(table[key], bool):
                 out[key] = table[key]
@@ -529,6 +532,7 @@ def parse_fleet(data: Mapping[str, Any], source: str = "<fleet>") -> Fleet:
             network=fields.get("network", "none"),
             ports=fields.get("ports", ()),
             egress=fields.get("egress"),
+            lxcfs=fields.get("lxcfs", True),
         )
         if c.check(where, lambda cfg=cfg: cfg.spec(0)) is not None:  # type: ignore[misc]
             sandboxes.append(cfg)
