@@ -93,7 +93,7 @@ from ._net._links import set_up as set_link_up
 from ._net._resolve import resolve_egress
 from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
-from ._spec import _ENV_KEY_RE, SandboxSpec
+from ._spec import _ENV_KEY_RE, Limits, SandboxSpec
 
 __all__ = [
     "DEFAULT_RUN_DIR",
@@ -722,7 +722,7 @@ class Runtime:
         record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo:
             if self._die_with_caller:
-                self._claim(spec.name, undo)
+                self._claim(spec.name, spec.limits, undo)
             self._make_state_dir(spec.name, sdir, record, undo)
             userns = None
             idmap = False
@@ -917,12 +917,12 @@ class Runtime:
             _say(f"corral: the network's leftovers could not be swept: {exc}")
             return []
 
-    def _claim(self, name: str, undo: contextlib.ExitStack) -> None:
+    def _claim(self, name: str, limits: Limits, undo: contextlib.ExitStack) -> None:
         """Hold the claim of sandbox *name* until it is destroyed (see :mod:`._claims`)."""
         try:
             where = {
                 "state_dir": self.state_dir,
-                "cgroup": list(self.cgroups.paths_of(f"corral-{name}")),
+                "cgroup": list(self.cgroups.paths_of(f"corral-{name}", limits.effective())),
                 "pid": os.getpid(),
             }
             claim = Claim(self.run_dir, name, where)

@@ -34,8 +34,15 @@ __all__ = [
 ]
 
 CPU_PERIOD_US = 100_000
-_V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices")
+_V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices", "cpuset")
 _V1_REQUIRED = ("memory", "cpu", "cpuacct", "pids")
+_V1_OPTIONAL = ("cpuset",)
+"""Hierarchies a sandbox's cgroup may lack. cpuset: a sandbox joins it
+only with a CPU quota, because lxcfs 5.0 (Debian 12's) reads the quota of
+the cpu cgroup at the path of the reader's *cpuset* cgroup: without one
+of its own there, its /proc/cpuinfo would count its parent's CPUs (lxcfs
+6.0 looks the two up apart). A new v1 cpuset cgroup has no CPUs, and
+nothing can join it before it is given its parent's."""
 _V2_CONTROLLERS = ("memory", "cpu", "pids")
 
 ALLOWED_DEVICES = (
@@ -184,8 +191,8 @@ class Cgroups(ABC):
         """The cgroups below the parent whose names start with *prefix*, by name."""
 
     @abstractmethod
-    def paths_of(self, name: str) -> tuple[str, ...]:
-        """The :attr:`Cgroup.paths` that :meth:`create` of *name* makes."""
+    def paths_of(self, name: str, limits: Limits) -> tuple[str, ...]:
+        """The :attr:`Cgroup.paths` that :meth:`create` of *name* with *limits* makes."""
 
     @abstractmethod
     def attach(self, name: str, paths: Sequence[str]) -> Cgroup:
@@ -277,6 +284,19 @@ def _rmdir(path: str, kill: Iterable[str] = ()) -> None:
                 raise CgroupError(f"failed to remove cgroup {path}: {exc.strerror}") from exc
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def _inherit_cpuset(parent: str, child: str) -> None:
+    """Give a new v1 cpuset cgroup its parent's CPUs and memory nodes:
+    it starts with none, and nothing can join it until it has some."""
+    for file, effective in (
+        ("cpuset.cpus", "cpuset.effective_cpus"),
+        ("cpuset.mems", "cpuset.effective_mems"),
+    ):
+        value = _read(os.path.join(parent, file)).strip()
+        if not value:
+            value = _read(os.path.join(parent, effective)).strip()
+        _write(os.path.join(child, file), value)
 
 
 def _kill_pids(pids: Iterable[int]) -> None:
@@ -569,19 +589,31 @@ class V1Cgroups(Cgroups):
             c: os.path.join(m, (parent if parent is not None else own.get(c, "/")).lstrip("/"))
             for c, m in mounts.items()
         }
-        for c, p in self._parents.items():
+        for c, p in list(self._parents.items()):
             if not os.path.isdir(p):
+                if c in _V1_OPTIONAL:
+                    del self._parents[c]
+                    continue
                 raise CgroupError(f"cgroup parent {p} (controller {c}) does not exist")
+
+    def _wanted(self, limits: Limits) -> dict[str, str]:
+        """The hierarchies a sandbox with *limits* joins: their parents."""
+        wanted = {c: p for c, p in self._parents.items() if c not in _V1_OPTIONAL}
+        if limits.cpus is not None and "cpuset" in self._parents:
+            wanted["cpuset"] = self._parents["cpuset"]
+        return wanted
 
     def create(self, name: str, limits: Limits) -> V1Cgroup:
         dirs: dict[str, str] = {}
         made: list[str] = []
         try:
-            for c, parent in self._parents.items():
+            for c, parent in self._wanted(limits).items():
                 d = os.path.join(parent, name)
                 if d not in made:
                     _mkdir(d)
                     made.append(d)
+                    if c == "cpuset":
+                        _inherit_cpuset(parent, d)
                 dirs[c] = d
             cg = V1Cgroup(name, dirs, self._mounts)
             cg.apply(limits)
@@ -605,8 +637,8 @@ class V1Cgroups(Cgroups):
                         found.setdefault(entry, {})[c] = os.path.join(parent, entry)
         return {name: V1Cgroup(name, dirs, self._mounts) for name, dirs in found.items()}
 
-    def paths_of(self, name: str) -> tuple[str, ...]:
-        dirs = {c: os.path.join(parent, name) for c, parent in self._parents.items()}
+    def paths_of(self, name: str, limits: Limits) -> tuple[str, ...]:
+        dirs = {c: os.path.join(parent, name) for c, parent in self._wanted(limits).items()}
         return V1Cgroup(name, dirs, self._mounts).paths
 
     def attach(self, name: str, paths: Sequence[str]) -> V1Cgroup:
@@ -614,9 +646,12 @@ class V1Cgroups(Cgroups):
         for c, mount in self._mounts.items():
             for p in paths:
                 if p.startswith(mount.rstrip("/") + "/") and os.path.basename(p) == name:
-                    dirs[c] = p
+                    if c not in _V1_OPTIONAL or os.path.isdir(p):
+                        dirs[c] = p
                     break
             else:
+                if c in _V1_OPTIONAL:
+                    continue  # made without it (see _V1_OPTIONAL)
                 raise CgroupError(f"cgroup {name}: no directory in the {c} hierarchy")
         for d in set(dirs.values()):
             if not os.path.isdir(d):
@@ -830,7 +865,7 @@ class V2Cgroups(Cgroups):
                     out[entry] = V2Cgroup(entry, path, self._mount)
         return out
 
-    def paths_of(self, name: str) -> tuple[str, ...]:
+    def paths_of(self, name: str, limits: Limits) -> tuple[str, ...]:
         return (os.path.join(self._parent, name),)
 
     def attach(self, name: str, paths: Sequence[str]) -> V2Cgroup:
