@@ -766,6 +766,7 @@ class Runtime:
                 network=spec.network,
                 join_netns=join,
                 wait_go=on_pid is not None,
+                cgroup_view=list(cgroup.relative_paths()),
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
