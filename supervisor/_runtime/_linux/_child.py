@@ -45,6 +45,7 @@ from ._proc import parent_pid, starttime
 
 __all__ = [
     "INIT_PATH",
+    "LXCFS_FILES",
     "Identity",
     "LaunchConfig",
     "Privileges",
@@ -88,6 +89,19 @@ MASKED_PATHS = (
 sandbox's /dev/null over a file."""
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 """Read-only in a sandbox (all of /sys is)."""
+
+LXCFS_FILES = (
+    "proc/cpuinfo",
+    "proc/diskstats",
+    "proc/loadavg",
+    "proc/meminfo",
+    "proc/stat",
+    "proc/swaps",
+    "proc/uptime",
+    "sys/devices/system/cpu/online",
+)
+"""The files of lxcfs bind-mounted (read-only) over the sandbox's own,
+relative to lxcfs's mount point and to the sandbox's root (docs/view.md)."""
 
 _DEVICES = (  # name, major, minor, mode
     ("null", 1, 3, 0o666),
@@ -183,6 +197,9 @@ class LaunchConfig(NamedTuple):
     user: str | None = None
     """``UID[:GID]`` or ``NAME[:GROUP]`` to run as, names resolved in the
     sandbox's own ``/etc/passwd`` and ``/etc/group`` (None: root)."""
+    lxcfs: str = ""
+    """The mount point of a running lxcfs whose :data:`LXCFS_FILES` are
+    bind-mounted, read-only, over the sandbox's (empty: none)."""
     cgroup_view: list[str] | None = None
     """The sandbox's own cgroup, read-only at ``/sys/fs/cgroup``: ``[""]``
     for the unified (v2) hierarchy, else the v1 controller groups to mount
@@ -834,6 +851,8 @@ def _mount_root(cfg: LaunchConfig) -> None:
             raise _Step("mount root", f"/{what} is not a {what} after mounting it (refusing)")
     if cfg.cgroup_view is not None:
         _mount_cgroup_view(f"{sys_}/fs/cgroup", cfg.cgroup_view)
+    if cfg.lxcfs:
+        _mount_lxcfs(m, cfg.lxcfs)
     dev = _target(m, "dev")
     sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID, "mode=755,size=65536k")
     os.umask(0)
@@ -900,6 +919,30 @@ def _mount_cgroup_view(target: str, hierarchies: list[str]) -> None:
             for name in controllers.split(","):
                 os.symlink(controllers, f"{target}/{name}")
     sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | _VIEW_FLAGS)
+
+
+def _mount_lxcfs(root: str, source: str) -> None:
+    """Bind lxcfs's files (:data:`LXCFS_FILES`, below its mount point
+    *source*) over the sandbox's own /proc and /sys files, read-only.
+
+    lxcfs answers each reader with the numbers of the cgroup of the init
+    of the reader's PID namespace: this sandbox's. A file this kernel or
+    this lxcfs does not have is left as it is; an lxcfs that does not
+    answer (it died since the runtime checked) fails the start, naming it.
+    """
+    for name in LXCFS_FILES:
+        target = f"{root}/{name}"
+        try:
+            sc.mount(f"{source}/{name}", target, None, sc.MS_BIND)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                continue
+            raise _Step(
+                "lxcfs",
+                f"cannot bind-mount {source}/{name}: {os.strerror(exc.errno or 0)}",
+                exc.errno or 0,
+            ) from None
+        sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | _VIEW_FLAGS)
 
 
 def _mount_volumes(cfg: LaunchConfig) -> None:
