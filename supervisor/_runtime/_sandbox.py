@@ -559,6 +559,7 @@ class Runtime:
         self.cgroups: Cgroups = open_cgroups(cgroup_root, cgroup_parent)
         self.lxcfs = Lxcfs(self.run_dir, lxcfs, say=_say)
         """The lxcfs the sandboxes' view of /proc comes from."""
+        self._cgroup_view = True  # off only to measure what it costs (benchmarks/view.py)
         self._die_with_caller = die_with_caller
         self.init_binary = find_init_binary()
         self._spawn: Spawner = spawner or spawn_direct
@@ -775,7 +776,7 @@ class Runtime:
                 join_netns=join,
                 wait_go=on_pid is not None,
                 lxcfs=lxcfs or "",
-                cgroup_view=list(cgroup.relative_paths()),
+                cgroup_view=list(cgroup.relative_paths()) if self._cgroup_view else None,
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
