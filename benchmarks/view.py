@@ -21,6 +21,10 @@ host (the kernel's file), in a sandbox without lxcfs (the kernel's again,
 through its own procfs) and in a sandbox with the view (a FUSE round trip
 to lxcfs, which computes the file from the sandbox's cgroup).
 
+Recovery: with M sandboxes running, lxcfs is SIGKILLed and the time until
+a new one runs and every sandbox's view is re-attached is measured (the
+supervisor's watch does the same when the pidfd wakes it).
+
 Usage (as root)::
 
     .venv/bin/python benchmarks/view.py [--runs 100] [--reads 2000]
@@ -31,7 +35,9 @@ The last line is exactly ``view_start_overhead_ms: X``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -77,6 +83,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reads", type=int, default=2000, help="reads per read sample")
     parser.add_argument("--read-runs", type=int, default=9, help="read samples per place")
+    parser.add_argument(
+        "--sandboxes", type=int, default=20, help="running sandboxes when lxcfs is killed"
+    )
+    parser.add_argument("--kills", type=int, default=5, help="lxcfs kills to recover from")
     args = parser.parse_args()
     if shutil.which("gcc") is None:
         raise SystemExit("gcc is needed for the reader (make setup-bench installs it)")
@@ -131,6 +141,7 @@ def main() -> None:
             reads["host"].append(float(host.stdout))
             for name, lxcfs in (("sandbox, kernel", False), ("sandbox, lxcfs", True)):
                 reads[name].append(_read_in_sandbox(runtime, volume, lxcfs, args.reads, counter))
+        recoveries = _recoveries(runtime, args.sandboxes, args.kills, counter)
     finally:
         runtime.lxcfs.stop(force=True)
         keeper.close()
@@ -168,7 +179,49 @@ def main() -> None:
     for name, value in rmed.items():
         print(f"{name:16} {value / 1e3:8.1f} us per read")
     print(f"meminfo_read_ratio_lxcfs_vs_host: {rmed['sandbox, lxcfs'] / rmed['host']:.1f}")
+    print()
+    print(
+        f"lxcfs killed under {args.sandboxes} running sandboxes (n={args.kills}): a new one"
+        " started and every view re-attached in"
+    )
+    print(
+        f"  median {statistics.median(recoveries) * 1e3:.1f} ms, max {max(recoveries) * 1e3:.1f} ms"
+    )
     print(f"view_start_overhead_ms: {paired['both'] * 1e3:.2f}")
+
+
+def _recoveries(runtime: Runtime, count: int, kills: int, counter: Iterator[int]) -> list[float]:
+    """Seconds from an lxcfs's death (SIGKILL) to every one of *count*
+    running sandboxes' views answering again from a new one: what the
+    supervisor's watch runs (:meth:`Lxcfs.recover`) when the pidfd wakes it."""
+    import signal
+
+    from supervisor._runtime._lxcfs import view_mounts
+
+    out = []
+    with contextlib.ExitStack() as stack:
+        sandboxes = []
+        null = stack.enter_context(open("/dev/null", "rb"))
+        for _ in range(count):
+            spec = SandboxSpec(f"k{next(counter)}", ("sh", "-c", "sleep 1000"), limits=LIMITS)
+            sb = stack.enter_context(runtime.create(spec, stdio=(null.fileno(), 2, 2)))
+            sandboxes.append(sb)
+        for _ in range(kills):
+            pidfd = runtime.lxcfs.watch_fd()
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                t0 = time.perf_counter()
+                select.select([pidfd], [], [])
+            finally:
+                os.close(pidfd)
+            if not runtime.lxcfs.recover():
+                raise SystemExit("lxcfs was not started again")
+            out.append(time.perf_counter() - t0)
+            live = os.stat(runtime.lxcfs.mountpoint).st_dev
+            want = {f"{os.major(live)}:{os.minor(live)}"}
+            if any(set(view_mounts(sb.pid).values()) != want for sb in sandboxes):
+                raise SystemExit("a sandbox's view was not re-attached")
+    return out
 
 
 def _read_in_sandbox(
