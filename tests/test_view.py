@@ -104,7 +104,8 @@ def _sleeper(name: str, **kw: object) -> SandboxSpec:
 
 def _kill_recorded_lxcfs(run_dir: Path) -> int:
     """SIGKILL the lxcfs corral recorded in *run_dir*, by its PID once its
-    start time says it is that one; its PID."""
+    start time says it is that one; its PID. Reaped here if it is ours (its
+    starter died and this process, a subreaper, inherited it)."""
     record = json.loads((run_dir / "lxcfs" / "instance.json").read_text())
     pid = int(record["pid"])
     pidfd = os.pidfd_open(pid)
@@ -112,6 +113,8 @@ def _kill_recorded_lxcfs(run_dir: Path) -> int:
         assert starttime(pid) == record["starttime"]
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         select_readable(pidfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
     finally:
         os.close(pidfd)
     return pid
@@ -349,6 +352,79 @@ def test_the_supervisor_restarts_a_killed_lxcfs(
         pytest.fail("the supervisor left its lxcfs running")
 
 
+@pytest.mark.layout
+def test_lxcfs_outlives_a_killed_supervisor_and_the_next_one_watches_it(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """SIGKILL `corral up`: its lxcfs runs on with its sandbox; the next
+    `corral up` takes both back, and, without starting any sandbox, still
+    restarts that lxcfs when it is killed (its watch took it over); a
+    clean stop of the fleet stops it."""
+    if os.environ.get("CORRAL_LXCFS", "off") == "off":
+        pytest.skip("lxcfs is not installed (make setup installs it)")
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text('[[sandbox]]\nname = "w"\nmemory = "64M"\ncommand = "sleep 1000"\n')
+    env = {**dirs.env, "CORRAL_LXCFS": "auto"}
+    record = dirs.run / "lxcfs" / "instance.json"
+
+    def up() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "up", str(fleet_file)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def until(proc: subprocess.Popen[str], event: str) -> dict[str, object]:
+        assert proc.stdout is not None
+        while True:
+            line = proc.stdout.readline()
+            assert line, f"corral up ended before {event}: {proc.communicate()[1]}"
+            rec: dict[str, object] = json.loads(line)
+            if rec.get("event") == event and rec.get("sandbox") == "w-0":
+                return rec
+
+    first = up()
+    try:
+        init = int(until(first, "started")["pid"])  # type: ignore[call-overload]
+        lxcfs = json.loads(record.read_text())
+    finally:
+        first.kill()
+        first.communicate()
+    keeper = int((dirs.run / "keeper.lock").read_text().split()[0])
+    assert starttime(lxcfs["pid"]) == lxcfs["starttime"], "lxcfs died with the supervisor"
+    second = up()
+    try:
+        assert int(until(second, "adopted")["pid"]) == init  # type: ignore[call-overload]
+        with open(f"/proc/{init}/mountinfo") as f:
+            assert "fuse.lxcfs" in f.read()
+        # The watch took it over: killed, it is replaced and the view mended.
+        old = _kill_recorded_lxcfs(dirs.run)
+        assert old == lxcfs["pid"]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                new = json.loads(record.read_text())["pid"]
+                live = os.stat(dirs.run / "lxcfs" / "mnt").st_dev
+                if new != old and set(view_mounts(init).values()) == {
+                    f"{os.major(live)}:{os.minor(live)}"
+                }:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass  # between the old one's clean-up and the new one's record
+            assert time.monotonic() < deadline, "the next supervisor did not restart lxcfs"
+            time.sleep(0.01)
+        second.send_signal(signal.SIGTERM)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 0, err
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.communicate()
+    assert not record.exists(), "the supervisor left its lxcfs running"
+    assert f"{dirs.run}/lxcfs/mnt" not in Path("/proc/self/mountinfo").read_text()
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(keeper, 0)  # the first supervisor's keeper, re-parented to us
+
+
 def _corral(dirs: Dirs, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "supervisor", *args],
@@ -477,6 +553,36 @@ def test_checkpoint_and_restore_keep_the_view(own: Runtime, criu: None, dirs: Di
             lines = text.splitlines()
             assert lines[0].split()[1] == "65536" and lines[1:] == ["1", "67108864", "read-only"]
             assert len(view_mounts(back.pid)) == len(VIEW)
+            back.kill()
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+
+
+@pytest.mark.criu
+@pytest.mark.layout
+def test_a_sandbox_without_the_view_is_restored_without_it(
+    runtime: Runtime, criu: None, view: str
+) -> None:
+    """`lxcfs = false`: nothing of lxcfs is dumped, and the restore (which
+    names the view's files to CRIU whatever the checkpoint holds) leaves it
+    with the kernel's /proc/meminfo."""
+    r, w = os.pipe()
+    try:
+        spec = SandboxSpec(
+            "nv", ["sh", "-c", "echo go; while :; do sleep 1; done"], limits=LIMITS, lxcfs=False
+        )
+        with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
+            os.close(w)
+            w = -1
+            assert os.read(r, 16) == b"go\n"
+            info = runtime.checkpoint(sb, tag="nv")
+            assert sb.wait().signal == signal.SIGKILL
+        with runtime.restore(info, stdio=(0, 2, 2)) as back:
+            assert view_mounts(back.pid) == {}
+            status, text = _exec(runtime, back, "head -1 /proc/meminfo")
+            assert status == 0 and text.strip() == _host_mem_total(), text
             back.kill()
     finally:
         if w >= 0:

@@ -5,7 +5,10 @@ answering ENOTCONN. The watch sleeps on the lxcfs's pidfd (no polling);
 when it turns readable, a new lxcfs is started and every running
 sandbox's view re-attached to it (:meth:`Lxcfs.recover`, in a worker
 thread). An lxcfs that keeps dying soon after its start is started again
-after a delay that doubles each time, as the restart plugin does.
+after a delay that doubles each time, as the restart plugin does. At
+start-up the watch takes over the lxcfs a predecessor left (or, if that
+died while no supervisor ran, starts a new one for the sandboxes taken
+back).
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ async def watch_lxcfs(lxcfs: Lxcfs, limiter: trio.CapacityLimiter) -> None:
 
     lxcfs.on_found = on_found
     delay = RETRY_MIN
-    retry = False
+    # First: take over a predecessor's lxcfs, or mend the views of the
+    # sandboxes taken back if it died while there was no supervisor.
+    retry = True
     started_at = -math.inf
     try:
         while True:
@@ -70,13 +75,12 @@ async def watch_lxcfs(lxcfs: Lxcfs, limiter: trio.CapacityLimiter) -> None:
                 found[0] = trio.Event()
                 continue
             try:
-                if await trio.to_thread.run_sync(lxcfs.recover, limiter=limiter):
+                if await trio.to_thread.run_sync(lxcfs.recover, limiter=limiter) and fd >= 0:
                     started_at = trio.current_time()
-                    if fd >= 0:
-                        say(
-                            f"corral: lxcfs (pid {pid}) ended; pid {lxcfs.pid} serves the"
-                            " sandboxes' views now"
-                        )
+                    say(
+                        f"corral: lxcfs (pid {pid}) ended; pid {lxcfs.pid} serves the"
+                        " sandboxes' views now"
+                    )
                 retry = False
             except (LxcfsError, OSError) as exc:
                 say(f"corral: lxcfs could not be started again ({exc}); trying in {delay:g} s")

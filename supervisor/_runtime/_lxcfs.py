@@ -414,11 +414,14 @@ class Lxcfs:
             return os.dup(self._pidfd) if self._pidfd >= 0 else -1
 
     def recover(self) -> bool:
-        """After the lxcfs we used ended: start a new one and re-attach the
-        running sandboxes' views, if any sandbox of the run directory has
-        the view; else only clear up (the next sandbox's start starts
-        one). True if one runs now; raises :class:`LxcfsError` if one is
-        needed and cannot be started (blocking)."""
+        """Make sure the running sandboxes' views are served: after the
+        lxcfs we used ended, or when a supervisor starts (its predecessor's
+        may have ended meanwhile). Takes the recorded lxcfs if it runs;
+        else, if a sandbox of the run directory has the view, starts a new
+        one and re-attaches their views; else clears up (the next start of
+        a sandbox with the view starts one). True if one runs now; raises
+        :class:`LxcfsError` if one is needed and cannot be started
+        (blocking)."""
         if not self.own:
             return False
         with self._exclusive():
@@ -426,12 +429,13 @@ class Lxcfs:
                 self._forget_dead()
                 if self._pidfd >= 0:
                     return True  # restarted meanwhile (by a sandbox's start)
+                record = self._read_record()
+                if record is not None and self._adopt(record):
+                    return True
             if not self._sandboxes_with_view():
                 with self._lock:
-                    record = self._read_record()
-                    if record is None or not self._adopt(record):
-                        self._clean_up(record)
-                return self._known_alive()
+                    self._clean_up(record)
+                return False
             if not self._ensure(force=True):
                 raise LxcfsError(self._failure)
             return True
