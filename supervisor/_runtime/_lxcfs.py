@@ -72,6 +72,8 @@ lxcfs's recomputes it every few seconds for the cgroups that read it)."""
 
 START_TIMEOUT = 10.0
 """Seconds an lxcfs may take to mount itself before it is given up."""
+REATTACH_BATCH = 256
+"""Sandboxes re-attached per run of the helper (one pidfd each, passed to it)."""
 RETRY_AFTER = 10.0
 """Seconds before a runtime whose lxcfs failed to start tries again (a
 create in between runs without the view; the supervisor's watch retries
@@ -473,8 +475,8 @@ class Lxcfs:
     # -- the running sandboxes' views ------------------------------------------
 
     def _live_sandboxes(self) -> list[tuple[str, int, int]]:
-        """(name, PID, pidfd) of every sandbox of the run directory whose
-        recorded init still runs; the caller closes the pidfds."""
+        """(name, PID, start time) of every sandbox of the run directory
+        whose recorded init still ran when looked at."""
         out = []
         folder = os.path.join(self.run_dir, "sandboxes")
         with contextlib.suppress(OSError):
@@ -485,43 +487,52 @@ class Lxcfs:
                     with open(os.path.join(folder, entry)) as f:
                         record = json.load(f)
                     pid, start = int(record["pid"]), int(record["starttime"])
-                    pidfd = os.pidfd_open(pid)
+                    if starttime(pid) == start:
+                        out.append((entry[: -len(".json")], pid, start))
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
-                try:
-                    alive = starttime(pid) == start
-                except OSError:
-                    alive = False
-                if alive:
-                    out.append((entry[: -len(".json")], pid, pidfd))
-                else:
-                    os.close(pidfd)
         return out
 
     def _sandboxes_with_view(self) -> bool:
-        found = False
-        for _, pid, pidfd in self._live_sandboxes():
-            try:
-                found = found or bool(view_mounts(pid))
-            finally:
-                os.close(pidfd)
-        return found
+        return any(view_mounts(pid) for _, pid, _ in self._live_sandboxes())
 
     def reattach(self) -> list[str]:
         """Give every running sandbox whose view is of another (dead) lxcfs
         fresh mounts of ours, in its own mount namespace; return the names
-        of those re-attached (blocking). Failures are said, one line each."""
+        of those re-attached (blocking). Failures are said, one line each.
+        The helper is run once per :data:`REATTACH_BATCH` sandboxes, which
+        bounds the descriptors open at once and its command line."""
         try:
             st = os.stat(self.mountpoint)
         except OSError:
             return []
         live = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        stale = [
+            (name, pid, start, targets)
+            for name, pid, start in self._live_sandboxes()
+            if (targets := [t for t, dev in view_mounts(pid).items() if dev != live])
+        ]
+        done: list[str] = []
+        for n in range(0, len(stale), REATTACH_BATCH):
+            done += self._reattach_batch(stale[n : n + REATTACH_BATCH])
+        return done
+
+    def _reattach_batch(self, batch: list[tuple[str, int, int, list[str]]]) -> list[str]:
         work: list[tuple[str, int, list[str]]] = []
         try:
-            for name, pid, pidfd in self._live_sandboxes():
-                stale = [target for target, dev in view_mounts(pid).items() if dev != live]
-                if stale:
-                    work.append((name, pidfd, stale))
+            for name, pid, start, targets in batch:
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    continue  # ended meanwhile
+                # The pidfd pins the process: it is the sandbox's init only
+                # if the start time still is the recorded one.
+                try:
+                    same = starttime(pid) == start
+                except OSError:
+                    same = False
+                if same:
+                    work.append((name, pidfd, targets))
                 else:
                     os.close(pidfd)
             if not work:
