@@ -193,6 +193,24 @@ def test_lxcfs_false_shows_the_hosts_files(runtime: Runtime, view: str) -> None:
     assert out.splitlines() == [_host_mem_total(), "0"], (out, err)
 
 
+def test_corral_run_no_lxcfs_and_the_fleet_key(dirs: Dirs, view: str) -> None:
+    """`corral run --no-lxcfs` and `lxcfs = false` in a fleet file turn the
+    view off; anything but a boolean there is one line naming the key."""
+    from supervisor import FleetError, parse_fleet
+
+    done = _corral(
+        dirs, "run", "--no-lxcfs", "--memory", "64M", "--", "head", "-1", "/proc/meminfo"
+    )
+    assert done.returncode == 0 and done.stdout.strip() == _host_mem_total(), done
+    f = parse_fleet({"defaults": {"lxcfs": False}, "sandbox": [{"name": "a", "command": "true"}]})
+    assert f.sandboxes[0].spec(0).lxcfs is False
+    f = parse_fleet({"sandbox": [{"name": "a", "command": "true"}]})
+    assert f.sandboxes[0].spec(0).lxcfs is True
+    with pytest.raises(FleetError) as err:
+        parse_fleet({"sandbox": [{"name": "a", "command": "true", "lxcfs": "no"}]})
+    assert str(err.value) == "<fleet>: sandbox 'a': lxcfs: expected true or false, got 'no'"
+
+
 # -- the cgroup view -------------------------------------------------------------
 
 
@@ -529,7 +547,8 @@ def test_checkpoint_and_restore_keep_the_view(own: Runtime, criu: None, dirs: Di
     """CRIU takes the lxcfs mounts as external and the cgroup view as the
     sandbox's own: the restored sandbox reads its 64 MiB and one CPU from
     a new lxcfs (the one it was dumped with was stopped meanwhile) and its
-    limits in /sys/fs/cgroup, still read-only."""
+    limits in /sys/fs/cgroup, still read-only. Restored with `lxcfs =
+    false`, it gets the kernel's files there instead."""
     v2 = isinstance(own.cgroups, V2Cgroups)
     memory = "memory.max" if v2 else "memory/memory.limit_in_bytes"
     r, w = os.pipe()
@@ -557,6 +576,12 @@ def test_checkpoint_and_restore_keep_the_view(own: Runtime, criu: None, dirs: Di
             assert lines[0].split()[1] == "65536" and lines[1:] == ["1", "67108864", "read-only"]
             assert len(view_mounts(back.pid)) == len(VIEW)
             back.kill()
+        # The same checkpoint without the view: the kernel's files in its place.
+        with own.restore(info, info.spec._replace(name="ck2", lxcfs=False), stdio=(0, 2, 2)) as b:
+            assert view_mounts(b.pid) == {}
+            status, text = _exec(own, b, "head -1 /proc/meminfo")
+            assert status == 0 and text.strip() == _host_mem_total(), text
+            b.kill()
     finally:
         if w >= 0:
             os.close(w)
