@@ -302,17 +302,22 @@ def test_corral_starts_its_lxcfs_once_and_the_next_runtime_takes_it_back(
 def test_a_killed_lxcfs_is_replaced_and_the_running_sandboxes_views_recover(
     own: Runtime, dirs: Dirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """lxcfs SIGKILLed under two running sandboxes: their view answers
-    ENOTCONN ("Transport endpoint is not connected") until a new lxcfs is
-    started (what the supervisor's watch does: recover); then their mounts
-    are the new lxcfs's, with their own numbers again (re-attached one
-    helper run each, here). A sandbox without the view is left alone."""
+    """lxcfs SIGKILLed under two running sandboxes (one in a user
+    namespace): their view answers ENOTCONN ("Transport endpoint is not
+    connected") until a new lxcfs is started (what the supervisor's watch
+    does: recover); then their mounts are the new lxcfs's, with their own
+    numbers again (re-attached one helper run each, here). A sandbox
+    without the view is left alone."""
     from supervisor._runtime import _lxcfs
 
     monkeypatch.setattr(_lxcfs, "REATTACH_BATCH", 1)
+    from supervisor._runtime._security import make_security
+
     with (
         _running(own, _sleeper("k1", limits=LIMITS)) as k1,
-        _running(own, _sleeper("k2", limits=Limits(memory=32 << 20))) as k2,
+        _running(
+            own, _sleeper("k2", limits=Limits(memory=32 << 20), security=make_security(userns=True))
+        ) as k2,
         _running(own, _sleeper("k3", lxcfs=False)) as k3,
     ):
         old = _kill_recorded_lxcfs(dirs.run)
