@@ -75,6 +75,16 @@ def own(dirs: Dirs, session_keeper: object, monkeypatch: pytest.MonkeyPatch) -> 
         assert rt.lxcfs.stop(force=True)
 
 
+@pytest.fixture
+def stops_lxcfs(dirs: Dirs) -> Iterator[None]:
+    """Whatever happens in the test, no lxcfs of its run directory (one a
+    `corral up` or `corral run` it ran started) is left running after it."""
+    yield
+    from supervisor._runtime._lxcfs import Lxcfs
+
+    Lxcfs(str(dirs.run), "auto", say=lambda line: None).stop(force=True)
+
+
 def _host_mem_total() -> str:
     return Path("/proc/meminfo").read_text().splitlines()[0]
 
@@ -334,8 +344,31 @@ def test_a_killed_lxcfs_is_replaced_and_the_running_sandboxes_views_recover(
         assert _exec(own, k3, "head -1 /proc/meminfo")[1].strip() == _host_mem_total()
 
 
+def test_a_reattach_helper_that_cannot_start_is_run_again(
+    own: Runtime, dirs: Dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-attach helper failing before it reaches any sandbox (here its
+    interpreter says it cannot find the module, once) is run a second time."""
+    wrapper = tmp_path / "python"
+    runs = tmp_path / "runs"
+    wrapper.write_text(
+        f"#!/bin/sh\necho run >> {runs}\n"
+        f'if [ $(wc -l < {runs}) = 1 ]; then echo "$0: No module named x" >&2; exit 1; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    with _running(own, _sleeper("h", limits=LIMITS)) as sb:
+        _kill_recorded_lxcfs(dirs.run)
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "executable", str(wrapper))
+            assert own.lxcfs.recover()
+        assert runs.read_text() == "run\nrun\n"
+        status, text = _exec(own, sb, "head -1 /proc/meminfo")
+        assert status == 0 and text.split()[1] == "65536", text
+
+
 def test_the_supervisor_restarts_a_killed_lxcfs(
-    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch, stops_lxcfs: None
 ) -> None:
     """Under a supervisor, a killed lxcfs is restarted at once (its watch
     wakes on the pidfd) and the running sandbox's view re-attached; the
@@ -380,7 +413,7 @@ def test_the_supervisor_restarts_a_killed_lxcfs(
 
 @pytest.mark.layout
 def test_lxcfs_outlives_a_killed_supervisor_and_the_next_one_watches_it(
-    dirs: Dirs, tmp_path: Path
+    dirs: Dirs, tmp_path: Path, stops_lxcfs: None
 ) -> None:
     """SIGKILL `corral up`: its lxcfs runs on with its sandbox; the next
     `corral up` takes both back, and, without starting any sandbox, still
@@ -462,26 +495,26 @@ def _corral(dirs: Dirs, *args: str, **env: str) -> subprocess.CompletedProcess[s
     )
 
 
-def test_corral_run_leaves_its_lxcfs_running_for_the_next(dirs: Dirs, view: str) -> None:
+def test_corral_run_leaves_its_lxcfs_running_for_the_next(
+    dirs: Dirs, view: str, stops_lxcfs: None
+) -> None:
     """`corral run` starts lxcfs and leaves it running when it ends (as a
     supervisor killed would); the next `corral run` uses the same one."""
-    pids = []
-    try:
-        for _ in range(2):
-            done = _corral(
-                dirs, "run", "--memory", "64M", "--", "head", "-1", "/proc/meminfo",
-                CORRAL_LXCFS="auto",
-            )  # fmt: skip
-            assert done.returncode == 0 and done.stdout.split()[1] == "65536", done
-            assert done.stderr == ""
-            record = json.loads((dirs.run / "lxcfs" / "instance.json").read_text())
-            pids.append(record["pid"])
-            assert starttime(record["pid"]) == record["starttime"]
-        assert pids[0] == pids[1]
-    finally:
-        from supervisor._runtime._lxcfs import Lxcfs
+    from supervisor._runtime._lxcfs import Lxcfs
 
-        assert Lxcfs(str(dirs.run), "auto").stop()
+    pids = []
+    for _ in range(2):
+        done = _corral(
+            dirs, "run", "--memory", "64M", "--", "head", "-1", "/proc/meminfo",
+            CORRAL_LXCFS="auto",
+        )  # fmt: skip
+        assert done.returncode == 0 and done.stdout.split()[1] == "65536", done
+        assert done.stderr == ""
+        record = json.loads((dirs.run / "lxcfs" / "instance.json").read_text())
+        pids.append(record["pid"])
+        assert starttime(record["pid"]) == record["starttime"]
+    assert pids[0] == pids[1]
+    assert Lxcfs(str(dirs.run), "auto").stop()
 
 
 def test_without_lxcfs_corral_says_so_once_and_runs(dirs: Dirs) -> None:

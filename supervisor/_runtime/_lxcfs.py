@@ -539,28 +539,39 @@ class Lxcfs:
                 return []
             argv = [sys.executable, "-m", "supervisor._runtime._linux._reattach", self.mountpoint]
             argv += [f"{fd}:{','.join(targets)}" for _, fd, targets in work]
-            try:
-                proc = subprocess.run(
-                    argv,
-                    pass_fds=[fd for _, fd, _ in work],
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                    check=False,
-                )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                self._say(f"corral: the sandboxes' lxcfs views could not be re-attached: {exc}")
-                return []
             names = {str(fd): name for name, fd, _ in work}
+            # A second try if the helper did not get as far as a sandbox
+            # (it could not start: seen once in the VM lane, whose shared
+            # file system then missed its module); a re-attach is
+            # idempotent, so one done by the first try is only redone.
+            for _ in range(2):
+                try:
+                    proc = subprocess.run(
+                        argv,
+                        pass_fds=[fd for _, fd, _ in work],
+                        stdin=subprocess.DEVNULL,
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                        check=False,
+                    )
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    self._say(f"corral: the sandboxes' lxcfs views could not be re-attached: {exc}")
+                    return []
+                lines = proc.stderr.splitlines()
+                started = any(line.partition(": ")[0] in names for line in lines)
+                if proc.returncode == 0 or started:
+                    break
             failed = set()
-            for line in proc.stderr.splitlines():
+            for line in lines:
                 key, _, message = line.partition(": ")
                 if key in names:
                     failed.add(names[key])
                     self._say(f"corral: sandbox {names[key]!r}: its lxcfs view: {message}")
                 elif line.strip():
                     self._say(f"corral: re-attaching lxcfs views: {line}")
+            if proc.returncode != 0 and not failed:
+                return []  # the helper failed before any sandbox (it said why)
             return [name for name, _, _ in work if name not in failed]
         finally:
             for _, pidfd, _ in work:
