@@ -14,14 +14,16 @@ PY    := $(VENV)/bin/python
 PKGS  := supervisor events plugins rootfs
 
 # Runtime needs: busybox-static (the built-in rootfs), tini (PID 1 in every
-# sandbox), python3-venv. Checkpoints: CRIU, and nft to lift the network
+# sandbox), python3-venv; lxcfs (each sandbox's own /proc/meminfo, cpuinfo,
+# uptime...: docs/view.md; corral runs its own instance, not the package's
+# service). Checkpoints: CRIU, and nft to lift the network
 # lock CRIU 3.17 leaves in a restored sandbox (docs/checkpoint.md). Images:
 # mmdebstrap (the debian builder, docs/images.md); the lxc-template builder
 # runs LXC's template scripts, which users install with Debian's lxc (not a
 # runtime need: its package also brings LXC's own runtime and network). The
 # VM lane: QEMU and Debian's own kernel (CRIU works there; see tests/vm/run).
 APT_RUNTIME := busybox-static tini python3-venv python3-dev iproute2 util-linux procps \
-               criu nftables libseccomp2 mmdebstrap
+               criu nftables libseccomp2 mmdebstrap lxcfs
 APT_VM      := qemu-system-x86 linux-image-amd64
 # The escape tests compile a static probe program into a test rootfs; the OCI
 # tests also read image layouts that skopeo and umoci write (offline); the
@@ -103,6 +105,7 @@ bench: setup-bench setup-vm
 	$(PY) benchmarks/takeover.py
 	$(PY) benchmarks/images.py
 	$(PY) benchmarks/network.py --runs 30
+	$(PY) benchmarks/view.py --runs 100
 	$(MAKE) --no-print-directory bench-checkpoint
 
 # CRIU needs a kernel it knows: the checkpoint benchmark runs in the VM lane

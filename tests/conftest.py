@@ -231,8 +231,39 @@ def runtime(dirs: Dirs, session_keeper: Keeper) -> Runtime:
     return Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=session_keeper.spawn)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_lxcfs() -> Iterator[int]:
+    """One lxcfs for the whole session, which every test's sandboxes take
+    their view of /proc from (``CORRAL_LXCFS`` is its mount point); its PID.
+
+    Each test has a run directory of its own, where corral would start an
+    lxcfs of its own and leave it running (as it does for a user: it
+    outlives whoever started it). The tests of corral's own lxcfs set
+    ``CORRAL_LXCFS=auto`` themselves, and stop what they started. 0 when
+    there is none: lxcfs is not installed (then no sandbox has the view),
+    or ``CORRAL_LXCFS`` was set for the run.
+    """
+    if os.geteuid() != 0 or "CORRAL_LXCFS" in os.environ:
+        yield 0
+        return
+    from supervisor._runtime._lxcfs import Lxcfs
+
+    base = tempfile.mkdtemp(prefix="corral-test-lxcfs-", dir=_scratch_base())
+    os.chmod(base, 0o711)  # a userns sandbox's root binds its files
+    lxcfs = Lxcfs(base, "auto", say=lambda line: None)
+    with lxcfs.held() as mountpoint:
+        pass
+    os.environ["CORRAL_LXCFS"] = mountpoint or "off"
+    try:
+        yield lxcfs.pid
+    finally:
+        del os.environ["CORRAL_LXCFS"]
+        lxcfs.stop(force=True)
+        subprocess.run(["rm", "-rf", base], check=False)
+
+
 @pytest.fixture(autouse=True)
-def _no_stray_children() -> Iterator[None]:
+def _no_stray_children(session_lxcfs: int) -> Iterator[None]:
     """No test may leave a child process (a sandbox init) unreaped."""
     yield
     try:
@@ -241,7 +272,11 @@ def _no_stray_children() -> Iterator[None]:
         return
     assert pid == 0, f"an unreaped child process {pid} was left (status {status})"
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-    stray = [c for c in children if "supervisor._runtime._linux._keeper" not in _cmdline(c)]
+    stray = [
+        c
+        for c in children
+        if "supervisor._runtime._linux._keeper" not in _cmdline(c) and int(c) != session_lxcfs
+    ]
     assert not stray, f"child processes left running: {stray}"
 
 

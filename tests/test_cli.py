@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import Dirs, corral, requires_root
+from .helpers import wait_for
 
 pytestmark = requires_root
 
@@ -183,7 +184,10 @@ def test_a_killed_run_takes_its_sandbox_along_and_the_next_run_sweeps(dirs: Dirs
     the next `corral run` removes the cgroup, layer and record it left."""
     with waiting_run(dirs, "--name", "orphan") as proc:
         claim = json.loads((dirs.run / "claims" / "orphan.json").read_text())
-        record = json.loads((dirs.run / "sandboxes" / "orphan.json").read_text())
+        # Written once the init has exec'd: its command may say "ready" first.
+        path = dirs.run / "sandboxes" / "orphan.json"
+        wait_for(path.exists, what="its record")
+        record = json.loads(path.read_text())
         init = os.pidfd_open(record["pid"])
         try:
             proc.kill()

@@ -123,6 +123,12 @@ def add_parsers(sub: Subparsers) -> None:
         " a CIDR or a host name (resolved when the sandbox starts)",
     )
     run.add_argument("--read-only", action="store_true", help="make the root file system read-only")
+    run.add_argument(
+        "--no-lxcfs",
+        dest="lxcfs",
+        action="store_false",
+        help="show the host's /proc/meminfo, cpuinfo, uptime... (no lxcfs view: docs/view.md)",
+    )
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     run.set_defaults(func=_run)
 
@@ -192,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         network=_network_option(args.network),
         ports=[parse_port(p, "--publish") for p in args.publish],
         egress=_egress_option(args.egress),
+        lxcfs=args.lxcfs,
     )
     if security.privileged:
         warn_privileged(name)

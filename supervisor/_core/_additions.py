@@ -69,6 +69,7 @@ class Addition:
             network=spec.network,
             ports=spec.ports,
             egress=spec.egress,
+            lxcfs=spec.lxcfs,
         )
         alias = d.get("alias")
         return cls(config, str(alias) if alias else None, str(d.get("source", "")))

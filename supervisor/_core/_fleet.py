@@ -66,7 +66,7 @@ _SANDBOX_KEYS = {
     "name", "command", "replicas", "rootfs", "env", "workdir",
     "hostname", "plugins", "cap_add", "cap_drop", "no_new_privs", "privileged", "seccomp",
     "rlimits", "userns", "userns_base", "userns_size", "volumes", "tmpfs", "user",
-    "read_only_rootfs", "image", "network", "ports", "egress", *LIMIT_KEYS,
+    "read_only_rootfs", "image", "network", "ports", "egress", "lxcfs", *LIMIT_KEYS,
 }  # fmt: skip
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
@@ -158,6 +158,8 @@ class SandboxConfig:
     user: str | None = None
     read_only: bool = False
     """``read_only_rootfs``."""
+    lxcfs: bool = True
+    """The lxcfs view of /proc (docs/view.md)."""
 
     def instance_name(self, instance: int) -> str:
         """The runtime name of one replica: ``NAME-INDEX``."""
@@ -180,6 +182,7 @@ class SandboxConfig:
             network=self.network,
             ports=self.ports,
             egress=self.egress,
+            lxcfs=self.lxcfs,
         )
 
 
@@ -340,7 +343,7 @@ def _sandbox_fields(c: _Checker, where: str, table: Mapping[str, Any]) -> dict[s
     for key in ("cap_add", "cap_drop"):
         if key in table:
             out[key] = c.check(where, lambda k=key: parse_capabilities(table[k], k))  # type: ignore[misc]
-    for key in ("no_new_privs", "privileged", "userns"):
+    for key in ("no_new_privs", "privileged", "userns", "lxcfs"):
         if key in table:
             if isinstance(table[key], bool):
                 out[key] = table[key]
@@ -565,6 +568,7 @@ def parse_fleet(
             network=fields.get("network", "none"),
             ports=fields.get("ports", ()),
             egress=fields.get("egress"),
+            lxcfs=fields.get("lxcfs", True),
         )
         on = network_name(cfg.network)
         if on is not None and cfg.network != "bridge" and on not in known:

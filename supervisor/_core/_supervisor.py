@@ -68,6 +68,7 @@ from ._adopt import (
 from ._fleet import Fleet, FleetError
 from ._instance import BUSY_PAUSE, Ident, Instance
 from ._limiters import Limiters
+from ._lxcfs_watch import watch_lxcfs
 from ._output import OutputWriter, pump
 from ._overrides import load_overrides, still_valid
 from ._plugin_host import (
@@ -460,6 +461,8 @@ class Supervisor(Verbs, Checkpoints, Updates):
                     janitor.start_soon(self._watch_keeper, keeper_watch)
                     hosts = trio.CancelScope()
                     janitor.start_soon(self._run_cancellable, self._keep_hosts, hosts)
+                    lxcfs = trio.CancelScope()
+                    janitor.start_soon(self._run_cancellable, self._watch_lxcfs, lxcfs)
                     async with trio.open_nursery() as fleet:
                         self._fleet_nursery = fleet
                         for inst in self.instances:
@@ -478,11 +481,14 @@ class Supervisor(Verbs, Checkpoints, Updates):
                                 inst._pending_restore.done.set()
                     keeper_watch.cancel()
                     hosts.cancel()
+                    lxcfs.cancel()
                     if self._handing_over:
                         # The keeper holds the pipes: what is in them is the
                         # successor's to read.
                         for scope in self._pump_scopes:
                             scope.cancel()
+                if not self._handing_over:
+                    await self._stop_lxcfs()
                 self.publish(SupervisorStopped(sandbox=""))
                 # Closing the bus ends the services and plugins gracefully:
                 # every consumer (log, event log, socket clients) gets every
@@ -1076,6 +1082,19 @@ class Supervisor(Verbs, Checkpoints, Updates):
     async def _run_cancellable(fn: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
         with scope:
             await fn()
+
+    async def _watch_lxcfs(self) -> None:
+        assert self.runtime is not None
+        await watch_lxcfs(self.runtime.lxcfs, self.limiters.lifecycle)
+
+    async def _stop_lxcfs(self) -> None:
+        """Stop corral's lxcfs once the fleet is gone, unless a sandbox of
+        the run directory still has its view (a ``corral run``'s)."""
+        assert self.runtime is not None
+        try:
+            await trio.to_thread.run_sync(self.runtime.lxcfs.stop, limiter=self.limiters.lifecycle)
+        except (CorralError, OSError) as exc:
+            say(f"corral: lxcfs could not be stopped: {exc}")
 
     async def _keep_hosts(self) -> None:
         """Keep every bridged sandbox's ``/etc/hosts`` listing its fleet's

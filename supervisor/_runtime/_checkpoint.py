@@ -239,6 +239,7 @@ def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
         "network": spec.network,
         "ports": [p.to_dict() for p in spec.ports],
         "egress": list(spec.egress) if spec.egress is not None else "all",
+        "lxcfs": spec.lxcfs,
     }
 
 
@@ -262,6 +263,7 @@ def spec_from_dict(d: dict[str, Any]) -> SandboxSpec:
         network=str(d.get("network", "none")),
         ports=[Port(**p) for p in d.get("ports") or ()],
         egress=None if d.get("egress", "all") == "all" else d["egress"],
+        lxcfs=bool(d.get("lxcfs", True)),
     )
 
 

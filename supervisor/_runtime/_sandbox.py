@@ -74,7 +74,7 @@ from ._dirs import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from ._limits import Limits, check_limits
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
-from ._linux._child import INIT_PATH, RESTORE_NETNS_FD, LaunchConfig
+from ._linux._child import INIT_PATH, LXCFS_FILES, RESTORE_NETNS_FD, LaunchConfig
 from ._linux._exec import ExecConfig
 from ._linux._proc import starttime
 from ._linux._spawn import (
@@ -86,6 +86,7 @@ from ._linux._spawn import (
     has_exited,
     spawn_direct,
 )
+from ._lxcfs import Lxcfs, view_mounts
 from ._mounts import Mount, parse_user
 from ._net._bridge import Networks, hosts_file, resolv_conf
 from ._net._ipam import Lease
@@ -524,6 +525,10 @@ class Runtime:
     creates is killed when this process dies, however it dies, and what
     is left of it is removed by the next :meth:`sweep_claims` of any
     runtime on the same run directory: what ``corral run`` uses.
+
+    *lxcfs* is where the sandboxes' view of /proc comes from (docs/view.md):
+    ``auto`` (corral's own lxcfs, started when first needed), ``off``, or
+    the mount point of a running lxcfs; default ``$CORRAL_LXCFS`` or ``auto``.
     """
 
     def __init__(
@@ -536,6 +541,7 @@ class Runtime:
         spawner: Spawner | None = None,
         reaper: Reaper | None = None,
         die_with_caller: bool = False,
+        lxcfs: str | None = None,
     ) -> None:
         if die_with_caller and spawner is not None:
             # The parent-death signal follows the init's parent: this
@@ -555,6 +561,9 @@ class Runtime:
         except OSError as exc:
             raise CorralError(f"cannot create {exc.filename}: {exc.strerror}") from exc
         self.cgroups: Cgroups = open_cgroups(cgroup_root, cgroup_parent)
+        self.lxcfs = Lxcfs(self.run_dir, lxcfs, say=_say)
+        """The lxcfs the sandboxes' view of /proc comes from."""
+        self._cgroup_view = True  # off only to measure what it costs (benchmarks/view.py)
         self._die_with_caller = die_with_caller
         self.init_binary = find_init_binary()
         self._spawn: Spawner = spawner or spawn_direct
@@ -724,7 +733,7 @@ class Runtime:
         lower, defaults, image = self._resolve(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
-        with contextlib.ExitStack() as undo:
+        with contextlib.ExitStack() as undo, self._view(spec.lxcfs) as lxcfs:
             if self._die_with_caller:
                 self._claim(spec.name, spec.limits, undo)
             self._make_state_dir(spec.name, sdir, record, undo)
@@ -774,6 +783,8 @@ class Runtime:
                 network=spec.network,
                 join_netns=join,
                 wait_go=on_pid is not None,
+                lxcfs=lxcfs or "",
+                cgroup_view=list(cgroup.relative_paths()) if self._cgroup_view else None,
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
@@ -1285,6 +1296,12 @@ class Runtime:
             _say(f"corral: sandbox {sb.name!r}: its record keeps its old limits: {exc}")
         return old
 
+    def _view(self, wanted: bool) -> contextlib.AbstractContextManager[str | None]:
+        """The mount point of the lxcfs to bind the sandbox's view from,
+        held until its record is written (see :meth:`Lxcfs.held`); None
+        without the view (not *wanted*, or no lxcfs)."""
+        return self.lxcfs.held() if wanted else contextlib.nullcontext(None)
+
     def _userns(self, spec: SandboxSpec, sdir: str, undo: contextlib.ExitStack) -> list[int]:
         """Claim the sandbox's id range; give its writable layer to its root."""
         from ._userns import allocate_range, check_reachable
@@ -1496,6 +1513,7 @@ class Runtime:
                     for arg in ("--external", f"mnt[{target}]:{name}")
                 ),
                 *(_external_network(sb.pid) if veth is not None else ()),
+                *_external_view(sb.pid),
                 "--freeze-cgroup",
                 sb.cgroup.freezer_dir,
                 *CRIU_OPTIONS,
@@ -1679,7 +1697,7 @@ class Runtime:
             )
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
-        with contextlib.ExitStack() as undo:
+        with contextlib.ExitStack() as undo, self._view(spec.lxcfs) as lxcfs:
             self._make_state_dir(spec.name, sdir, record, undo)
             _copy_tree(info.upper, os.path.join(sdir, "upper"), into=True)
             cgroup = self._make_cgroup(spec, undo)
@@ -1709,6 +1727,12 @@ class Runtime:
             for _, name, m in _external_mounts(spec):
                 source = m.source if m.kind == "bind" else self._volume(m.source, None)
                 argv += ["--external", f"mnt[{name}]:{source}"]
+            for file in LXCFS_FILES:
+                # The view's files, if the checkpoint has them: lxcfs's
+                # now, or (without lxcfs) the kernel's own, as the
+                # restorer sees them in the host's /proc and /sys.
+                source = f"{lxcfs}/{file}" if lxcfs else f"/{file}"
+                argv += ["--external", f"mnt[{_view_key(file)}]:{source}"]
             if bridged:
                 for file, key in _NETWORK_FILES:
                     argv += ["--external", f"mnt[{key}]:{os.path.join(sdir, file)}"]
@@ -1989,6 +2013,21 @@ def _cut(key: str, veth: str, *, up: bool) -> None:
             ) from None
         if link_exists(veth):
             raise CheckpointError(f"checkpoint of {key!r}: its network stays cut: {exc}") from None
+
+
+def _view_key(file: str) -> str:
+    """CRIU's key for the lxcfs mount of the view on *file* (``proc/meminfo``)."""
+    return "corral-lxcfs-" + file.replace("/", "-")
+
+
+def _external_view(pid: int) -> list[str]:
+    """CRIU's dump options for the lxcfs files mounted in the sandbox of
+    init *pid*: external (CRIU cannot dump a FUSE file system; the restore
+    binds them from the lxcfs running then)."""
+    args = []
+    for target in view_mounts(pid):
+        args += ["--external", f"mnt[{target}]:{_view_key(target.lstrip('/'))}"]
+    return args
 
 
 def _veth_of(sb: Sandbox) -> str | None:

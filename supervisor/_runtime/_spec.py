@@ -99,6 +99,9 @@ class _SpecFields(NamedTuple):
     """Where a bridged sandbox may connect to: None (anywhere), or only to
     these ``HOST`` and ``HOST:PORT/PROTO`` (none if empty), HOST an
     ``ADDRESS/LEN`` or a host name (resolved when the sandbox starts)."""
+    lxcfs: bool
+    """Its ``/proc/meminfo``, ``cpuinfo``, ``stat``, ``uptime``... show its
+    own limits and life, through lxcfs (docs/view.md), when lxcfs is there."""
 
 
 def _egress(value: Sequence[str] | str | None, network: str) -> tuple[str, ...] | None:
@@ -143,6 +146,7 @@ class SandboxSpec(_SpecFields):
         network: str = "none",
         ports: Sequence[Port] = (),
         egress: Sequence[str] | str | None = None,
+        lxcfs: bool = True,
     ) -> SandboxSpec:
         validate_name(name)
         argv = tuple(argv)
@@ -181,6 +185,7 @@ class SandboxSpec(_SpecFields):
             parse_network(network),
             check_ports(ports, network),
             _egress(egress, network),
+            bool(lxcfs),
         )
 
     @property

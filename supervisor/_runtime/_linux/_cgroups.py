@@ -872,6 +872,11 @@ class V1Cgroups(Cgroups):
         wanted = {c: p for c, p in self._parents.items() if c != "cpuset"}
         if limits.cpuset_cpus is not None or limits.cpuset_mems is not None:
             wanted["cpuset"] = self._parents["cpuset"]
+        elif limits.cpus is not None and "cpuset" in self._parents:
+            # lxcfs 5.0 reads a v1 CPU quota at the path of the reader's
+            # cpuset cgroup: without one of its own, /proc/cpuinfo in the
+            # sandbox would count the host's CPUs (docs/view.md).
+            wanted["cpuset"] = self._parents["cpuset"]
         return wanted
 
     def attach(self, name: str, paths: Sequence[str]) -> V1Cgroup:

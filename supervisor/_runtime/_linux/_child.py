@@ -45,6 +45,7 @@ from ._proc import parent_pid, starttime
 
 __all__ = [
     "INIT_PATH",
+    "LXCFS_FILES",
     "Identity",
     "LaunchConfig",
     "Privileges",
@@ -88,6 +89,19 @@ MASKED_PATHS = (
 sandbox's /dev/null over a file."""
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 """Read-only in a sandbox (all of /sys is)."""
+
+LXCFS_FILES = (
+    "proc/cpuinfo",
+    "proc/diskstats",
+    "proc/loadavg",
+    "proc/meminfo",
+    "proc/stat",
+    "proc/swaps",
+    "proc/uptime",
+    "sys/devices/system/cpu/online",
+)
+"""The files of lxcfs bind-mounted (read-only) over the sandbox's own,
+relative to lxcfs's mount point and to the sandbox's root (docs/view.md)."""
 
 _DEVICES = (  # name, major, minor, mode
     ("null", 1, 3, 0o666),
@@ -183,6 +197,14 @@ class LaunchConfig(NamedTuple):
     user: str | None = None
     """``UID[:GID]`` or ``NAME[:GROUP]`` to run as, names resolved in the
     sandbox's own ``/etc/passwd`` and ``/etc/group`` (None: root)."""
+    lxcfs: str = ""
+    """The mount point of a running lxcfs whose :data:`LXCFS_FILES` are
+    bind-mounted, read-only, over the sandbox's (empty: none)."""
+    cgroup_view: list[str] | None = None
+    """The sandbox's own cgroup, read-only at ``/sys/fs/cgroup``: ``[""]``
+    for the unified (v2) hierarchy, else the v1 controller groups to mount
+    (``memory``, ``cpu,cpuacct``...; see :func:`_mount_cgroup_view`). None:
+    ``/sys/fs/cgroup`` stays sysfs's empty directory."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for the keeper protocol."""
@@ -827,6 +849,10 @@ def _mount_root(cfg: LaunchConfig) -> None:
     for path, magic, what in ((proc, sc.PROC_SUPER_MAGIC, "proc"), (sys_, sc.SYSFS_MAGIC, "sysfs")):
         if sc.fs_type(path) != magic:
             raise _Step("mount root", f"/{what} is not a {what} after mounting it (refusing)")
+    if cfg.cgroup_view is not None:
+        _mount_cgroup_view(f"{sys_}/fs/cgroup", cfg.cgroup_view)
+    if cfg.lxcfs:
+        _mount_lxcfs(m, cfg.lxcfs)
     dev = _target(m, "dev")
     sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID, "mode=755,size=65536k")
     os.umask(0)
@@ -860,6 +886,63 @@ def _mount_root(cfg: LaunchConfig) -> None:
         # Nothing can be created in /dev now (a node made with CAP_MKNOD
         # lands on a nodev mount or nowhere); the nodes in it still work.
         sc.mount(None, dev, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID)
+
+
+_VIEW_FLAGS = sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+
+
+def _mount_cgroup_view(target: str, hierarchies: list[str]) -> None:
+    """Mount the sandbox's own cgroup, read-only, at *target* (its
+    ``/sys/fs/cgroup``), so that a program reads its own limits there
+    (``memory.max``, ``cpu.max``, ``pids.max``; v1 ``memory.limit_in_bytes``,
+    ``cpu.cfs_quota_us``).
+
+    This process is in the cgroup namespace its parent unshared once in the
+    sandbox's cgroup, so what a cgroup file system mounted here shows as
+    its root is that cgroup: nothing of the host's tree above it. ``[""]``
+    is the unified (v2) hierarchy, one read-only ``cgroup2`` mount. On v1
+    each controller group the sandbox has a cgroup in gets a directory of
+    a small tmpfs, named as on the host (``memory``, ``cpu,cpuacct`` with
+    ``cpu`` and ``cpuacct`` links), as Docker lays it out; the tmpfs is
+    made read-only too. Read-only mounts: nothing can be written or made
+    there, whatever the capabilities (the sandbox cannot remount: no
+    CAP_SYS_ADMIN, and seccomp refuses ``mount``).
+    """
+    if hierarchies == [""]:
+        sc.mount("cgroup2", target, "cgroup2", _VIEW_FLAGS)
+        return
+    sc.mount("tmpfs", target, "tmpfs", _VIEW_FLAGS & ~sc.MS_RDONLY, "mode=755,size=16k")
+    for controllers in hierarchies:
+        os.mkdir(f"{target}/{controllers}", 0o755)
+        sc.mount("cgroup", f"{target}/{controllers}", "cgroup", _VIEW_FLAGS, controllers)
+        if "," in controllers:
+            for name in controllers.split(","):
+                os.symlink(controllers, f"{target}/{name}")
+    sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | _VIEW_FLAGS)
+
+
+def _mount_lxcfs(root: str, source: str) -> None:
+    """Bind lxcfs's files (:data:`LXCFS_FILES`, below its mount point
+    *source*) over the sandbox's own /proc and /sys files, read-only.
+
+    lxcfs answers each reader with the numbers of the cgroup of the init
+    of the reader's PID namespace: this sandbox's. A file this kernel or
+    this lxcfs does not have is left as it is; an lxcfs that does not
+    answer (it died since the runtime checked) fails the start, naming it.
+    """
+    for name in LXCFS_FILES:
+        target = f"{root}/{name}"
+        try:
+            sc.mount(f"{source}/{name}", target, None, sc.MS_BIND)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                continue
+            raise _Step(
+                "lxcfs",
+                f"cannot bind-mount {source}/{name}: {os.strerror(exc.errno or 0)}",
+                exc.errno or 0,
+            ) from None
+        sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | _VIEW_FLAGS)
 
 
 def _mount_volumes(cfg: LaunchConfig) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "CLONE_NEWPID",
     "CLONE_NEWUSER",
     "CLONE_NEWUTS",
+    "FUSE_SUPER_MAGIC",
     "IN_CREATE",
     "IN_MODIFY",
     "IN_MOVED_TO",
@@ -46,11 +47,14 @@ __all__ = [
     "PROC_SUPER_MAGIC",
     "RESOLVE_IN_ROOT",
     "RESOLVE_NO_MAGICLINKS",
+    "RESOLVE_NO_SYMLINKS",
     "SYSFS_MAGIC",
+    "UMOUNT_NOFOLLOW",
     "attach_tree",
     "attach_tree_at",
     "bind_tree",
     "fs_type",
+    "fs_type_of",
     "idmapped_tree",
     "inotify_add_watch",
     "inotify_init",
@@ -88,6 +92,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
@@ -384,6 +389,7 @@ def load_seccomp(bpf: bytes) -> None:
 
 PROC_SUPER_MAGIC = 0x9FA0
 SYSFS_MAGIC = 0x62656572
+FUSE_SUPER_MAGIC = 0x65735546
 
 
 def fs_type(path: str) -> int:
@@ -392,6 +398,16 @@ def fs_type(path: str) -> int:
     if _libc.statfs(os.fsencode(path), buf) != 0:
         raise _fail("statfs", path)
     # f_type is the first member, a long (__fsword_t).
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def fs_type_of(fd: int, what: str) -> int:
+    """:func:`fs_type` of what the descriptor *fd* (``O_PATH`` too) is, named *what*
+    in an error: for a process whose ``/proc/self`` does not lead to itself
+    (one that joined another PID namespace's mount namespace)."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(ctypes.c_int(fd), buf) != 0:
+        raise _fail("fstatfs", what)
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
@@ -508,6 +524,7 @@ def attach_tree_at(fd: int, target_fd: int, what: str) -> None:
 
 _SYS_OPENAT2 = 437
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_IN_ROOT = 0x10
 
 
