@@ -144,20 +144,7 @@ def ula_prefix(name: str) -> str:
 
 
 def _subnet6(value: object, subnet: str | None) -> str:
-    try:
-        if not isinstance(value, str) or "/" not in value:
-            raise ValueError
-        net = ipaddress.IPv6Network(value, strict=False)
-    except ValueError:
-        raise SpecError(
-            "subnet6", f"expected an IPv6 network like fd00:10:20::/64, got {value!r}"
-        ) from None
-    if net.network_address != ipaddress.IPv6Address(value.partition("/")[0]):
-        raise SpecError("subnet6", f"{value!r} has host bits set: the network is {str(net)!r}")
-    if not 48 <= net.prefixlen <= 120:
-        raise SpecError("subnet6", f"expected a prefix length from /48 to /120, got {value!r}")
-    if net.is_loopback or net.is_multicast or net.is_link_local or net.is_unspecified:
-        raise SpecError("subnet6", f"expected a unicast network, got {value!r}")
+    net = ipaddress.IPv6Network(_prefix(value, "subnet6", 6, "fd00:10:20::/64", (48, 120)))
     if subnet is not None and net.num_addresses < ipaddress.IPv4Network(subnet).num_addresses:
         raise SpecError(
             "subnet6",
@@ -219,21 +206,31 @@ def parse_network_decl(name: object, table: object) -> NetworkDecl:
     )
 
 
-def _subnet(value: object) -> str:
+def _prefix(value: object, field: str, version: int, example: str, lengths: tuple[int, int]) -> str:
+    """*value* as an IPv*version* network for *field*: no host bits, a
+    prefix length within *lengths*, unicast; one line naming the field if not."""
     try:
         if not isinstance(value, str) or "/" not in value:
             raise ValueError
-        net = ipaddress.IPv4Network(value, strict=False)
+        net = ipaddress.ip_network(value, strict=False)
+        if net.version != version:
+            raise ValueError
     except ValueError:
         raise SpecError(
-            "subnet", f"expected an IPv4 network like 10.20.0.0/24, got {value!r}"
+            field, f"expected an IPv{version} network like {example}, got {value!r}"
         ) from None
-    if net.network_address != ipaddress.IPv4Address(value.partition("/")[0]):
-        raise SpecError("subnet", f"{value!r} has host bits set: the network is {str(net)!r}")
-    if not 8 <= net.prefixlen <= 30:
-        raise SpecError("subnet", f"expected a prefix length from /8 to /30, got {value!r}")
+    if net.network_address != ipaddress.ip_address(value.partition("/")[0]):
+        raise SpecError(field, f"{value!r} has host bits set: the network is {str(net)!r}")
+    low, high = lengths
+    if not low <= net.prefixlen <= high:
+        raise SpecError(field, f"expected a prefix length from /{low} to /{high}, got {value!r}")
     if net.is_loopback or net.is_multicast or net.is_link_local or net.is_unspecified:
-        raise SpecError("subnet", f"expected a unicast network, got {value!r}")
+        raise SpecError(field, f"expected a unicast network, got {value!r}")
+    return str(net)
+
+
+def _subnet(value: object) -> str:
+    net = ipaddress.IPv4Network(_prefix(value, "subnet", 4, "10.20.0.0/24", (8, 30)))
     if net.overlaps(ipaddress.IPv4Network("240.0.0.0/4")):
         raise SpecError("subnet", f"expected a unicast network, got {value!r}")
     return str(net)
