@@ -53,6 +53,7 @@ from ._types import Gap as Gap
 from ._types import JournalDegraded as JournalDegraded
 from ._types import JournalRecovered as JournalRecovered
 from ._types import LimitChanged as LimitChanged
+from ._types import MemoryPressure as MemoryPressure
 from ._types import Oom as Oom
 from ._types import OomKill as OomKill
 from ._types import Paused as Paused
@@ -133,6 +134,7 @@ __all__ = [
     "JournalError",
     "JournalRecovered",
     "LimitChanged",
+    "MemoryPressure",
     "Oom",
     "OomKill",
     "Paused",

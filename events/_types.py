@@ -29,6 +29,7 @@ __all__ = [
     "JournalDegraded",
     "JournalRecovered",
     "LimitChanged",
+    "MemoryPressure",
     "Oom",
     "OomKill",
     "PluginEvent",
@@ -202,6 +203,28 @@ class Oom(Event):
 
     KIND: ClassVar[str] = "oom"
     count: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryPressure(Event):
+    """The sandbox's memory came under pressure, before any OOM kill.
+
+    ``level`` says how: ``"high"`` (usage went over ``memory_high``; on
+    v2 the kernel now throttles it), ``"max"`` (usage reached the memory
+    limit and the kernel reclaimed to make room; cgroup v2 only) or
+    ``"stall"`` (its tasks waited for memory longer than ``memory_stall``
+    within a second; cgroup v2 only). ``usage`` is the bytes in use when
+    it was seen; ``limit`` and ``high`` the memory limit and
+    ``memory_high`` then (nil: none). ``count`` is how many times the
+    kernel signalled the level since the last such event (repeats within
+    a second are folded into one event)."""
+
+    KIND: ClassVar[str] = "memory_pressure"
+    level: str
+    usage: int
+    limit: int | None
+    high: int | None
+    count: int = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -477,6 +500,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = MappingProxyType(
             Adopted,
             Exited,
             Oom,
+            MemoryPressure,
             OomKill,
             Stopping,
             Stopped,

@@ -280,6 +280,8 @@ def _update(args: argparse.Namespace) -> int:
 
 def _limit_text(key: str, value: int | None) -> str:
     """A limit_changed value for a person."""
+    if key == "memory_stall":
+        return "off" if value is None else f"{value / 1000:g}ms per second"
     if value is None:
         return "unlimited"
     if key == "cpus":

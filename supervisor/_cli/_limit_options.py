@@ -54,6 +54,15 @@ def add_limit_options(parser: argparse.ArgumentParser, *, live: bool = False) ->
             metavar=metavar,
             help=what + ("; RATE max lifts the device's limit" if live else "") + " (repeatable)",
         )
+    if live:
+        # A watch for memory_pressure events: only a supervisor publishes
+        # them, so `corral run` has no such option (a fleet file has the key).
+        parser.add_argument(
+            "--memory-stall",
+            metavar="TIME",
+            help="a memory_pressure event when tasks wait for memory longer than TIME"
+            " in a second, e.g. 100ms (cgroup v2; off: none)",
+        )
     if not live:
         parser.add_argument(
             "--oom-group",

@@ -117,6 +117,8 @@ class Instance:
     _wake: trio.Event = field(default_factory=trio.Event)
     _up: trio.Event = field(default_factory=trio.Event)
     _ended: trio.Event = field(default_factory=trio.Event)
+    _limits_moved: trio.Event = field(default_factory=trio.Event)
+    """Set (and replaced) when its limits change: the pressure watch re-arms."""
     _restart: bool = False
     _cycle: bool = False
     _task_alive: bool = False
@@ -161,6 +163,11 @@ class Instance:
         """The memory limit its current (or next) generation runs with."""
         return self.limits.memory
 
+    @property
+    def memory_high(self) -> int | None:
+        """The ``memory_high`` its current (or next) generation runs with."""
+        return self.limits.memory_high
+
     def override(self, limits: Limits) -> list[str]:
         """Make *limits* its own from now on (for later generations too);
         return the keys that changed. A key back at the fleet file's value
@@ -173,7 +180,11 @@ class Instance:
                 self.overrides.pop(key, None)
             else:
                 self.overrides[key] = (getattr(base, key), value)
-        return limits.changed(before)
+        keys = limits.changed(before)
+        if keys:
+            self._limits_moved.set()
+            self._limits_moved = trio.Event()
+        return keys
 
     def set_state(self, new: str) -> None:
         """Move to state *new*; a change the life cycle does not have is a bug."""

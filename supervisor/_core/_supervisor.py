@@ -78,6 +78,7 @@ from ._plugin_host import (
     run_plugin,
     settings_problems,
 )
+from ._pressure import PressureReports, watch_pressure
 from ._restore import Checkpoints
 from ._supervisor_log import say
 from ._updates import Updates
@@ -999,8 +1000,10 @@ class Supervisor(Verbs, Checkpoints, Updates):
                 self._hosts_changed.set()
             if sb.pidfd >= 0:
                 async with trio.open_nursery() as watchers:
+                    pressure = PressureReports(inst, ident, self.publish, watchers)
                     if watch is not None:
-                        watchers.start_soon(self._watch_oom, inst, watch, ident)
+                        watchers.start_soon(self._watch_oom, inst, watch, ident, pressure)
+                    watchers.start_soon(watch_pressure, inst, sb, pressure)
                     watchers.start_soon(self._stop_when_asked, inst, sb, ident)
                     await trio.lowlevel.wait_readable(sb.pidfd)
                     watchers.cancel_scope.cancel()
@@ -1157,15 +1160,23 @@ class Supervisor(Verbs, Checkpoints, Updates):
                 break
         sb.kill()
 
-    async def _watch_oom(self, inst: Instance, watch: OomWatch, ident: Ident) -> None:
+    async def _watch_oom(
+        self, inst: Instance, watch: OomWatch, ident: Ident, pressure: PressureReports
+    ) -> None:
+        # Read once before the first wait: what changed since the watch was
+        # opened is news too, and it sets the base of the pressure counters.
+        counters = watch.read()
+        pressure.counters(watch.pressure)
         while True:
-            await trio.lowlevel.wait_readable(watch.fd)
-            counters = watch.read()
             if not self._report_oom(inst, counters, ident, final=False):
                 # An OOM event without a kill (yet): give the kill a moment
                 # to be counted before calling it a near miss.
                 await trio.sleep(NEAR_MISS_DELAY)
                 self._report_oom(inst, watch.read(), ident, final=True)
+                pressure.counters(watch.pressure)
+            await trio.lowlevel.wait_readable(watch.fd)
+            counters = watch.read()
+            pressure.counters(watch.pressure)
 
     def _report_oom(
         self, inst: Instance, counters: tuple[int, int], ident: Ident, *, final: bool

@@ -21,6 +21,7 @@ __all__ = ["configure_logging", "log_events"]
 _LEVELS = {
     "oom_kill": "warning",
     "oom": "warning",
+    "memory_pressure": "warning",
     "start_failed": "error",
     "gap": "warning",
     "journal_degraded": "warning",

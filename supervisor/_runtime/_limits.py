@@ -33,6 +33,7 @@ __all__ = [
     "LIVE_KEYS",
     "MIN_MEMORY",
     "NO_LIMITS",
+    "STALL_WINDOW_US",
     "DeviceRates",
     "Limits",
     "block_device",
@@ -113,6 +114,12 @@ class Limits(NamedTuple):
     oom_group: bool = False
     """An OOM kill kills every process of the sandbox, never a lone worker
     (v2 ``memory.oom.group``; cgroup v1 has no such thing)."""
+    memory_stall: int | None = None
+    """Microseconds per second that the sandbox's tasks may stall waiting
+    for memory before a ``memory_pressure`` event (level ``stall``) says so:
+    a PSI trigger on v2 ``memory.pressure`` (``some``, 1 s window). Not a
+    limit but a watch; None: not watched (each trigger costs the kernel a
+    polling thread per cgroup, so it is asked for, not given to all)."""
 
     def effective(self) -> Limits:
         """What the sandbox's cgroup enforces: these, with :data:`DEFAULT_PIDS`
@@ -298,6 +305,28 @@ def _cpus_or_max(value: object, field: str) -> float | None:
     return None if _unlimited(value) else parse_cpus(value, field)
 
 
+STALL_WINDOW_US = 1_000_000
+"""The PSI window of ``memory_stall``: stall time is counted per second."""
+
+
+def _stall(value: object, field: str) -> int:
+    """``memory_stall``: a duration below the 1 s window (``"100ms"``), in µs."""
+    seconds = _units.parse_duration(value, field, maximum=1.0)
+    us = round(seconds * 1_000_000)
+    if not 1000 <= us < STALL_WINDOW_US:
+        raise SpecError(
+            field,
+            f"expected a stall time per second from 1ms to 999ms (e.g. 100ms), got {value!r}",
+        )
+    return us
+
+
+def _stall_or_off(value: object, field: str) -> int | None:
+    return (
+        None if isinstance(value, str) and value.strip().lower() == "off" else _stall(value, field)
+    )
+
+
 def _bool(value: object, field: str) -> bool:
     if not isinstance(value, bool):
         raise SpecError(field, f"expected true or false, got {value!r}")
@@ -446,6 +475,7 @@ _PARSERS: dict[str, Any] = {
     "io_read_iops": _ios,
     "io_write_iops": _ios,
     "oom_group": _bool,
+    "memory_stall": _stall,
 }
 
 KEYS = tuple(Limits._fields)
@@ -463,6 +493,7 @@ _LIVE_PARSERS: dict[str, Any] = {
     "io_write_bps": lambda v, f: parse_device_rates(v, f, allow_max=True),
     "io_read_iops": lambda v, f: parse_device_rates(v, f, iops=True, allow_max=True),
     "io_write_iops": lambda v, f: parse_device_rates(v, f, iops=True, allow_max=True),
+    "memory_stall": _stall_or_off,
 }
 
 LIVE_KEYS = tuple(_LIVE_PARSERS)

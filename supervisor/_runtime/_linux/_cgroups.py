@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import signal
 import time
 from abc import ABC, abstractmethod
@@ -42,12 +43,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal, NamedTuple
 
 from ..._errors import CgroupError, SpecError
-from .._limits import DEFAULT_WEIGHT, DEVICE_KEYS, Limits, cpu_shares, format_list, parse_list
+from .._limits import (
+    DEFAULT_WEIGHT,
+    DEVICE_KEYS,
+    STALL_WINDOW_US,
+    Limits,
+    cpu_shares,
+    format_list,
+    parse_list,
+)
 
 __all__ = [
     "Cgroup",
     "CgroupStats",
     "Cgroups",
+    "PressureWatch",
     "V1Cgroups",
     "V2Cgroups",
     "open_cgroups",
@@ -162,6 +172,11 @@ class Cgroup(ABC):
     def open_oom_watch(self) -> OomWatch:
         """A pollable descriptor that wakes when the cgroup's OOM counters change."""
 
+    @abstractmethod
+    def open_pressure_watch(self, limits: Limits) -> PressureWatch:
+        """A :class:`PressureWatch` for this cgroup under *limits* (the
+        marks it watches for are ``memory_high`` and ``memory_stall``)."""
+
     def restrict_devices(self) -> None:
         """Allow the sandbox only the standard device nodes.
 
@@ -208,6 +223,10 @@ class OomWatch(ABC):
     """
 
     fd: int
+    pressure: dict[str, int]
+    """Counters of memory pressure that come with the OOM counters, as of
+    the last :meth:`read`: v2's ``high`` and ``max`` (see
+    :class:`PressureWatch`); none on v1."""
 
     @abstractmethod
     def read(self) -> tuple[int, int]:
@@ -218,6 +237,40 @@ class OomWatch(ABC):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class PressureWatch(ABC):
+    """Wakes (one of ``fds`` readable) when a cgroup's memory comes under pressure.
+
+    No polling, as for :class:`OomWatch`; what each layout can say:
+
+    - ``high``: usage went over ``memory_high`` (v2: the ``high`` counter
+      of ``memory.events``, the kernel throttling the sandbox; v1: a
+      threshold notification on ``memory.usage_in_bytes`` at that size);
+    - ``max``: usage reached the memory limit and the kernel reclaimed to
+      make room (v2's ``max`` counter; v1 has no notification for it);
+      v2's two counters come through :attr:`OomWatch.pressure`, as they
+      share ``memory.events`` with the OOM counters;
+    - ``stall``: tasks waited for memory longer than ``memory_stall`` in a
+      second (a PSI trigger on v2's ``memory.pressure``).
+
+    After a wake-up, :meth:`read` of that descriptor drains it and says
+    which levels were reached, and how many times, since the last read.
+    """
+
+    fds: tuple[int, ...] = ()
+
+    @abstractmethod
+    def read(self, fd: int) -> dict[str, int]:
+        """Drain *fd*; the levels it reports reached (level: times), maybe none."""
+
+    @abstractmethod
+    def usage(self) -> int:
+        """Bytes of memory the cgroup uses now."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the descriptors. Call before the cgroup is removed."""
 
 
 class Cgroups(ABC):
@@ -435,6 +488,7 @@ class _V1OomWatch(OomWatch):
 
     def __init__(self, memdir: str) -> None:
         self._file = os.path.join(memdir, "memory.oom_control")
+        self.pressure = {}
         self._ooms = 0
         self._kills = 0
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -473,6 +527,7 @@ class _V2OomWatch(OomWatch):
 
         self._file = os.path.join(path, "memory.events")
         self._last = (0, 0)
+        self.pressure = {}
         self.fd = _syscalls.inotify_init()
         try:
             _syscalls.inotify_add_watch(self.fd, self._file, _syscalls.IN_MODIFY)
@@ -489,9 +544,114 @@ class _V2OomWatch(OomWatch):
         try:
             ev = _keyed(self._file)
             self._last = (ev.get("oom", 0), ev.get("oom_kill", 0))
+            self.pressure = {"high": ev.get("high", 0), "max": ev.get("max", 0)}
         except CgroupError:
             pass
         return self._last
+
+
+# -- pressure watches ----------------------------------------------------------
+
+
+class _V1PressureWatch(PressureWatch):
+    """cgroup v1: an eventfd registered through ``cgroup.event_control`` on
+    ``memory.usage_in_bytes`` with ``memory_high`` as the threshold.
+    Without ``memory_high`` there is nothing to watch.
+
+    The kernel signals each crossing, both ways, and the eventfd counts
+    them. Usage read after the wake-up cannot tell which way: a crossing
+    up by a short-lived process (``dd``'s buffer) is often below the mark
+    again by then. So the watch keeps the side of the mark it is on and
+    counts: from below, any signal means it went over (maybe and back);
+    from above, it takes two."""
+
+    def __init__(self, memdir: str, high: int | None) -> None:
+        self._usage = os.path.join(memdir, "memory.usage_in_bytes")
+        self._fd = -1
+        self._above = False
+        if high is None:
+            return
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            usage = os.open(self._usage, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _write(os.path.join(memdir, "cgroup.event_control"), f"{self._fd} {usage} {high}")
+            finally:
+                os.close(usage)
+            self._above = self.usage() >= high
+        except BaseException:
+            self.close()
+            raise
+        self.fds = (self._fd,)
+
+    def read(self, fd: int) -> dict[str, int]:
+        try:
+            crossings = os.eventfd_read(self._fd)
+        except BlockingIOError:
+            return {}
+        went_over = crossings >= (2 if self._above else 1)
+        self._above ^= crossings % 2 == 1
+        return {"high": 1} if went_over else {}
+
+    def usage(self) -> int:
+        return _read_int(self._usage)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.fds = ()
+
+
+class _V2PressureWatch(PressureWatch):
+    """cgroup v2: with *stall_us*, a PSI trigger on ``memory.pressure``.
+    (The ``high`` and ``max`` counters are in ``memory.events``, which the
+    :class:`_V2OomWatch` already watches: it reports them, so that a
+    sandbox costs one inotify instance, not two.)
+
+    A PSI trigger signals with POLLPRI while always polling readable, and
+    trio waits for readability only: the trigger sits in an epoll set of
+    its own, registered for EPOLLPRI, whose descriptor is readable exactly
+    when the trigger fired (polling it consumes the trigger's event)."""
+
+    def __init__(self, path: str, stall_us: int | None) -> None:
+        self._current = os.path.join(path, "memory.current")
+        self._psi = -1
+        self._epoll: select.epoll | None = None
+        if stall_us is None:
+            return
+        try:
+            self._psi = os.open(
+                os.path.join(path, "memory.pressure"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+            os.write(self._psi, f"some {stall_us} {STALL_WINDOW_US}".encode())
+            self._epoll = select.epoll()
+            self._epoll.register(self._psi, select.EPOLLPRI)
+        except OSError as exc:
+            self.close()
+            raise CgroupError(f"cannot watch the memory stalls of {path}: {exc.strerror}") from exc
+        except BaseException:
+            self.close()
+            raise
+        self.fds = (self._epoll.fileno(),)
+
+    def read(self, fd: int) -> dict[str, int]:
+        if self._epoll is None:
+            return {}
+        self._epoll.poll(0)  # whatever is left of the wake-up
+        return {"stall": 1}
+
+    def usage(self) -> int:
+        return _read_int(self._current)
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        if self._psi >= 0:
+            os.close(self._psi)
+            self._psi = -1
+        self.fds = ()
 
 
 # -- cgroup v1 ---------------------------------------------------------------
@@ -499,6 +659,10 @@ class _V2OomWatch(OomWatch):
 _V1_NO_OOM_GROUP = (
     "cgroup v1 has no memory.oom.group: its OOM killer kills one process at a time"
     " (this host's cgroups are v1; oom_group needs cgroup v2)"
+)
+_V1_NO_PSI = (
+    "cgroup v1 has no per-cgroup pressure stall information (memory.pressure is"
+    " cgroup v2's); memory_high's threshold still raises memory_pressure events"
 )
 _V1_NO_MEMSW = (
     "this kernel does not account swap (no memory.memsw.limit_in_bytes: booted with"
@@ -713,6 +877,9 @@ class V1Cgroup(Cgroup):
     def open_oom_watch(self) -> OomWatch:
         return _V1OomWatch(self._dirs["memory"])
 
+    def open_pressure_watch(self, limits: Limits) -> PressureWatch:
+        return _V1PressureWatch(self._dirs["memory"], limits.memory_high)
+
     @property
     def freezer_dir(self) -> str:
         try:
@@ -799,6 +966,8 @@ class V1Cgroups(Cgroups):
     def check(self, limits: Limits) -> None:
         if limits.oom_group:
             raise SpecError("oom_group", _V1_NO_OOM_GROUP)
+        if limits.memory_stall is not None:
+            raise SpecError("memory_stall", _V1_NO_PSI)
         if limits.cpuset_cpus is not None or limits.cpuset_mems is not None:
             key = "cpuset_cpus" if limits.cpuset_cpus is not None else "cpuset_mems"
             parent = self._parents.get("cpuset")
@@ -1008,6 +1177,9 @@ class V2Cgroup(Cgroup):
     def open_oom_watch(self) -> OomWatch:
         return _V2OomWatch(self._path)
 
+    def open_pressure_watch(self, limits: Limits) -> PressureWatch:
+        return _V2PressureWatch(self._path, limits.memory_stall)
+
     @property
     def freezer_dir(self) -> str:
         return self._path
@@ -1075,6 +1247,10 @@ class V2Cgroup(Cgroup):
             os.close(fd)
 
 
+_V2_NO_PSI = (
+    "this kernel keeps no pressure stall information for cgroups (no memory.pressure"
+    " below {parent}: booted with psi=0, or built without CONFIG_PSI)"
+)
 _V2_NOT_ENABLED = (
     "the {c} controller cannot be enabled for sandboxes below {parent}"
     " (not in its cgroup.controllers: enable it in its parent's cgroup.subtree_control)"
@@ -1150,6 +1326,10 @@ class V2Cgroups(Cgroups):
         return _read(os.path.join(self._parent, "cgroup.subtree_control")).split()
 
     def check(self, limits: Limits) -> None:
+        if limits.memory_stall is not None and not os.path.exists(
+            os.path.join(self._parent, "memory.pressure")
+        ):
+            raise SpecError("memory_stall", _V2_NO_PSI.format(parent=self._parent))
         cpuset = [k for k in ("cpuset_cpus", "cpuset_mems") if getattr(limits, k) is not None]
         io = [k for k in _IO_KEYS if getattr(limits, k) != Limits._field_defaults[k]]
         if not cpuset and not io:
