@@ -69,6 +69,11 @@ class InstanceView(Protocol):
         ...
 
     @property
+    def memory_high(self) -> int | None:
+        """Its current ``memory_high`` in bytes (None: none)."""
+        ...
+
+    @property
     def stop_requested(self) -> bool:
         """True once a stop of this instance (or of the fleet) was asked for."""
         ...

@@ -24,6 +24,14 @@ key                       meaning                                     default
                           checkpoint (docs/checkpoint.md), with the
                           grown limit after an OOM kill; a fresh
                           start if there is none or it fails
+``on_pressure``           before an OOM kill: ``{ grow = 1.25,         none
+                          max = "1G" }`` grows the memory limit of a
+                          running instance live, times ``grow`` up
+                          to ``max``, at each ``memory_pressure``
+                          event and near-miss ``oom``; ``at = 0.9``
+                          (the default) keeps ``memory_high`` at
+                          that fraction of it, the mark that raises
+                          the events
 ========================  ==========================================  ==========
 
 Every decision is an event: ``restarting`` (delay, reason, attempt),
@@ -41,6 +49,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import structlog
 import trio
 
 import events
@@ -51,18 +60,22 @@ from ._settings import SettingsError, duration, number, per_instance, size
 __all__ = [
     "Decision",
     "InstanceHistory",
+    "PressureGrow",
     "RestartPolicy",
     "check_settings",
     "decide",
+    "grown_limits",
     "parse_policy",
     "plugin",
 ]
+
+_log = structlog.get_logger("corral.restart")
 
 Mode = Literal["no", "on-failure", "always", "unless-stopped"]
 _POLICY_RE = re.compile(r"^(no|always|unless-stopped|on-failure)(?::(\d+))?$")
 _KEYS = {
     "policy", "delay", "factor", "max_delay", "jitter", "reset_after", "intensity", "period",
-    "on_oom", "from_checkpoint",
+    "on_oom", "from_checkpoint", "on_pressure",
 }  # fmt: skip
 
 
@@ -72,6 +85,17 @@ class OomGrow:
 
     factor: float
     cap: int
+
+
+@dataclass(frozen=True)
+class PressureGrow:
+    """Grow a running instance's memory limit by ``factor``, up to ``cap``,
+    when its memory comes under pressure; keep ``memory_high`` at ``at``
+    times the limit (the mark whose crossing says so)."""
+
+    factor: float
+    cap: int
+    at: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,8 @@ class RestartPolicy:
     on_oom: Literal["restart", "stop"] | OomGrow = "restart"
     from_checkpoint: bool = False
     """Restart by restoring the latest checkpoint (fresh if there is none)."""
+    on_pressure: PressureGrow | None = None
+    """Grow the memory limit live under pressure, before an OOM kill."""
 
 
 def parse_policy(settings: Mapping[str, Any]) -> RestartPolicy:
@@ -123,6 +149,8 @@ def parse_policy(settings: Mapping[str, Any]) -> RestartPolicy:
         )
     if "on_oom" in settings:
         kw["on_oom"] = _on_oom(settings["on_oom"])
+    if "on_pressure" in settings:
+        kw["on_pressure"] = _on_pressure(settings["on_pressure"])
     if "from_checkpoint" in settings:
         if not isinstance(settings["from_checkpoint"], bool):
             raise SettingsError(
@@ -148,6 +176,29 @@ def _on_oom(value: object) -> Literal["restart", "stop"] | OomGrow:
     raise SettingsError(
         "on_oom", f'expected "restart", "stop" or {{ grow = 1.5, max = "512M" }}, got {value!r}'
     )
+
+
+def _on_pressure(value: object) -> PressureGrow:
+    expected = f'expected {{ grow = 1.25, max = "1G" }} (and at = 0.9), got {value!r}'
+    if not isinstance(value, Mapping):
+        raise SettingsError("on_pressure", expected)
+    if set(value) - {"grow", "max", "at"} or "grow" not in value or "max" not in value:
+        raise SettingsError("on_pressure", expected)
+    return PressureGrow(
+        factor=number(value["grow"], "on_pressure.grow", low=1.01, high=100.0),
+        cap=size(value["max"], "on_pressure.max"),
+        at=number(value.get("at", 0.9), "on_pressure.at", low=0.1, high=1.0),
+    )
+
+
+def grown_limits(grow: PressureGrow, memory: int | None, high: int | None) -> dict[str, int] | None:
+    """The ``memory`` and ``memory_high`` that *grow* makes of the present
+    ones: None if there is no limit to grow or it is at ``max`` already."""
+    if memory is None or memory >= grow.cap:
+        return None
+    new = min(int(memory * grow.factor), grow.cap)
+    ratio = grow.at if high is None else high / memory
+    return {"memory": new, "memory_high": min(new, int(new * ratio))}
 
 
 @dataclass
@@ -248,10 +299,43 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
         await trio.sleep(delay)
         restart(name)
 
+    async def relieve(ev: events.Event) -> None:
+        """on_pressure: grow a running instance's limit before an OOM kill."""
+        try:
+            grow = policy_for(ev.sandbox).on_pressure
+        except SettingsError:
+            return  # a bad table: its exit says so (and fails the plugin) once
+        inst = handle.instance(ev.sandbox)
+        if grow is None or inst is None or inst.generation != ev.generation:
+            return  # not asked for, or news of an earlier generation
+        if isinstance(ev, events.Started):
+            if inst.memory_limit is None or inst.memory_high is not None:
+                return
+            # The mark whose crossing raises memory_pressure (and on v2
+            # throttles the sandbox, giving the growth time to come).
+            changes: dict[str, int] | None = {"memory_high": int(inst.memory_limit * grow.at)}
+            why = f"on_pressure: memory_high at {grow.at:g} of the memory limit"
+        else:
+            changes = grown_limits(grow, inst.memory_limit, inst.memory_high)
+            what = ev.level if isinstance(ev, events.MemoryPressure) else "a near-miss OOM"
+            why = f"on_pressure grow: memory pressure ({what})"
+        if changes is None or inst.state not in ("running", "paused"):
+            return
+        try:
+            await handle.update(ev.sandbox, reason=why, force=True, **changes)
+        except Exception as exc:  # a refused change must not end the plugin
+            # Refused (a checkpoint under way, it ended meanwhile, a cgroup
+            # that would not take it): the next pressure event tries again.
+            _log.warning("on_pressure: not grown", sandbox=ev.sandbox, error=str(exc))
+
     async def handle_event(nursery: trio.Nursery, ev: events.Event) -> None:
+        if isinstance(ev, events.MemoryPressure | events.Oom):
+            await relieve(ev)
+            return
         history = histories.setdefault(ev.sandbox, InstanceHistory())
         if isinstance(ev, events.Started):
             history.started_at = trio.current_time() - max(0.0, _age(ev))
+            await relieve(ev)
             return
         if not isinstance(ev, events.Exited):
             return
@@ -286,7 +370,8 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
             else:
                 nursery.start_soon(restart_later, ev.sandbox, d.delay)
 
-    with handle.subscribe(kinds=["started", "exited"], maxsize=4096) as sub:
+    kinds = ["started", "exited", "memory_pressure", "oom"]
+    with handle.subscribe(kinds=kinds, maxsize=4096) as sub:
         async with trio.open_nursery() as nursery:
             async for ev in sub:
                 if isinstance(ev, events.Gap):

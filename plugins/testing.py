@@ -40,6 +40,7 @@ class FakeInstance:
     generation: int = 0
     state: str = "running"
     memory_limit: int | None = None
+    memory_high: int | None = None
     stop_requested: bool = False
 
 
@@ -148,19 +149,25 @@ class FakeHandle:
     async def update(
         self, name: str, *, force: bool = False, reason: str | None = None, **limits: object
     ) -> list[events.LimitChanged]:
-        """Record an update; a ``memory`` (bytes or None) is applied to the
-        fake instance and published as ``limit_changed``, the rest recorded."""
+        """Record an update; ``memory`` and ``memory_high`` (bytes or None)
+        are applied to the fake instance and published as ``limit_changed``,
+        the rest recorded."""
         self.calls.append(("update", name, dict(limits), force))
         inst = self.instances_.get(name)
-        memory = limits.get("memory", ...)
-        if inst is None or memory is ... or not (memory is None or isinstance(memory, int)):
-            return []
-        old, inst.memory_limit = inst.memory_limit, memory
-        event = events.LimitChanged(
-            sandbox=name, generation=inst.generation, limit="memory",
-            old=old, new=memory, reason=reason or f"plugin {self.plugin}",
-        )  # fmt: skip
-        return [self.publish(event)]  # type: ignore[list-item]
+        out: list[events.LimitChanged] = []
+        for key in ("memory", "memory_high"):
+            value = limits.get(key, ...)
+            if inst is None or value is ... or not (value is None or isinstance(value, int)):
+                continue
+            attr = "memory_limit" if key == "memory" else key
+            old = getattr(inst, attr)
+            setattr(inst, attr, value)
+            event = events.LimitChanged(
+                sandbox=name, generation=inst.generation, limit=key,
+                old=old, new=value, reason=reason or f"plugin {self.plugin}",
+            )  # fmt: skip
+            out.append(self.publish(event))  # type: ignore[arg-type]
+        return out
 
     async def checkpoint(
         self, name: str, *, tag: str | None = None, leave_running: bool = True
