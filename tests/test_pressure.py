@@ -267,23 +267,22 @@ def test_on_pressure_reacts_to_pressure_of_the_current_generation_only() -> None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(restart.plugin, handle, {})
             await trio.testing.wait_all_tasks_blocked()
-            ident = {"sandbox": "w-0", "instance": 0}
-            handle.publish(events.Started(**ident, generation=3, pid=1))
+            handle.publish(events.Started(sandbox="w-0", generation=3, pid=1))
             await trio.testing.wait_all_tasks_blocked()
             assert (inst.memory_limit, inst.memory_high) == (40 * M, 20 * M)
             stale = events.MemoryPressure(
-                **ident, generation=2, level="high", usage=0, limit=None, high=None
+                sandbox="w-0", generation=2, level="high", usage=0, limit=None, high=None
             )
             handle.publish(stale)
             await trio.testing.wait_all_tasks_blocked()
             assert inst.memory_limit == 40 * M
             fresh = events.MemoryPressure(
-                **ident, generation=3, level="high", usage=21 * M, limit=40 * M, high=20 * M
+                sandbox="w-0", generation=3, level="high", usage=21 * M, limit=40 * M, high=20 * M
             )
             handle.publish(fresh)
             await trio.testing.wait_all_tasks_blocked()
             assert (inst.memory_limit, inst.memory_high) == (80 * M, 40 * M)
-            handle.publish(events.Oom(**ident, generation=3, count=1))
+            handle.publish(events.Oom(sandbox="w-0", generation=3, count=1))
             await trio.testing.wait_all_tasks_blocked()
             assert (inst.memory_limit, inst.memory_high) == (100 * M, 50 * M)
             nursery.cancel_scope.cancel()
@@ -304,7 +303,7 @@ def test_a_mark_moved_below_the_usage_is_news_at_once(dirs: Dirs) -> None:
         assert inst is not None
         with trio.fail_after(60):
             while True:
-                sb = inst.sandbox  # type: ignore[attr-defined]
+                sb = inst.sandbox
                 if sb is not None and sb.cgroup.stats().memory_current >= 20 * M:
                     break
                 await trio.sleep(0.01)
