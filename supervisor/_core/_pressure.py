@@ -53,8 +53,8 @@ class PressureReports:
         self._last: dict[str, float] = {}
         self._folded: dict[str, int] = {}
         self._counters: dict[str, int] | None = None
-        self.usage: Callable[[], int] = lambda: 0
-        """Bytes in use now (the pressure watch's reading, once there is one)."""
+        self.watch: PressureWatch | None = None
+        """The open pressure watch, which reads usage and marks."""
 
     def counters(self, now: dict[str, int]) -> None:
         """The cumulative counters (v2's ``high``, ``max``) as of now: their
@@ -91,19 +91,17 @@ class PressureReports:
 
     def _emit(self, level: str, count: int, now: float) -> None:
         self._last[level] = now
-        try:
-            usage = self.usage()
-        except (CorralError, OSError):
-            usage = 0  # the cgroup is going: its exit is about to be seen
         limits = self._inst.limits
+        usage, limit, high = 0, limits.memory, limits.memory_high
+        if self.watch is not None:
+            try:
+                usage = self.watch.usage()
+                limit, high = self.watch.marks()
+            except (CorralError, OSError):
+                pass  # the cgroup is going: its exit is about to be seen
         self._publish(
             MemoryPressure(
-                **self._ident,
-                level=level,
-                usage=usage,
-                limit=limits.memory,
-                high=limits.memory_high,
-                count=count,
+                **self._ident, level=level, usage=usage, limit=limit, high=high, count=count
             )
         )
 
@@ -120,7 +118,7 @@ async def watch_pressure(inst: Instance, sb: Sandbox, reports: PressureReports) 
             say(f"corral: sandbox {sb.name!r}: memory pressure not watched: {exc}")
             await moved.wait()
             continue
-        reports.usage = watch.usage
+        reports.watch = watch
         reports.rearmed()
         try:
             # A mark set (or moved) below what is in use already is news
@@ -137,6 +135,7 @@ async def watch_pressure(inst: Instance, sb: Sandbox, reports: PressureReports) 
                 await moved.wait()
                 sources.cancel_scope.cancel()
         finally:
+            reports.watch = None
             watch.close()
 
 

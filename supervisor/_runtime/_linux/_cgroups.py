@@ -269,6 +269,12 @@ class PressureWatch(ABC):
         """Bytes of memory the cgroup uses now."""
 
     @abstractmethod
+    def marks(self) -> tuple[int | None, int | None]:
+        """The memory limit and ``memory_high`` the kernel holds now (None:
+        none): read back, since during a change the kernel has the new
+        values before the supervisor's books do, and its signals follow them."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release the descriptors. Call before the cgroup is removed."""
 
@@ -553,6 +559,12 @@ class _V2OomWatch(OomWatch):
 # -- pressure watches ----------------------------------------------------------
 
 
+def _v1_bytes(path: str) -> int | None:
+    """A v1 memory limit file: None for unlimited (the page-rounded maximum)."""
+    value = _read_int(path)
+    return None if value >= 1 << 62 else value
+
+
 class _V1PressureWatch(PressureWatch):
     """cgroup v1: an eventfd registered through ``cgroup.event_control`` on
     ``memory.usage_in_bytes`` with ``memory_high`` as the threshold.
@@ -595,6 +607,13 @@ class _V1PressureWatch(PressureWatch):
 
     def usage(self) -> int:
         return _read_int(self._usage)
+
+    def marks(self) -> tuple[int | None, int | None]:
+        memdir = os.path.dirname(self._usage)
+        return (
+            _v1_bytes(os.path.join(memdir, "memory.limit_in_bytes")),
+            _v1_bytes(os.path.join(memdir, "memory.soft_limit_in_bytes")),
+        )
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -643,6 +662,12 @@ class _V2PressureWatch(PressureWatch):
 
     def usage(self) -> int:
         return _read_int(self._current)
+
+    def marks(self) -> tuple[int | None, int | None]:
+        path = os.path.dirname(self._current)
+        limit = _read(os.path.join(path, "memory.max")).strip()
+        high = _read(os.path.join(path, "memory.high")).strip()
+        return (None if limit == "max" else int(limit), None if high == "max" else int(high))
 
     def close(self) -> None:
         if self._epoll is not None:
