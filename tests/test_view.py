@@ -308,6 +308,23 @@ def test_corral_starts_its_lxcfs_once_and_the_next_runtime_takes_it_back(
     assert f"{dirs.run}/lxcfs/mnt" not in Path("/proc/self/mountinfo").read_text()
 
 
+def test_lxcfs_holds_no_descriptor_its_starter_inherited(own: Runtime) -> None:
+    """An lxcfs outlives the process that started it: a descriptor that
+    process inherited without close-on-exec (a `flock LOCK corral ...`
+    lock, once seen holding a lock for ever) is not passed on to it."""
+    r, w = os.pipe()
+    os.set_inheritable(w, True)
+    try:
+        with _running(own, _sleeper("a", limits=LIMITS)):
+            target = os.readlink(f"/proc/self/fd/{w}")
+            held = [os.readlink(f"/proc/{own.lxcfs.pid}/fd/{fd}")
+                    for fd in os.listdir(f"/proc/{own.lxcfs.pid}/fd")]  # fmt: skip
+            assert target not in held
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 @pytest.mark.layout
 def test_a_killed_lxcfs_is_replaced_and_the_running_sandboxes_views_recover(
     own: Runtime, dirs: Dirs, monkeypatch: pytest.MonkeyPatch

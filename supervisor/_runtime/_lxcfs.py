@@ -342,13 +342,17 @@ class Lxcfs:
             # posix_spawn: fork and exec in C, safe in a threaded process.
             # A session of its own: a terminal's Ctrl-C is not for it. It
             # must outlive us; its cwd goes to / (its setns back into our
-            # mount namespace moves it there), and every descriptor of
-            # ours is close-on-exec but the three given here.
+            # mount namespace moves it there), and it gets the three
+            # descriptors given here only: ours are close-on-exec, and
+            # those we inherited without the flag are closed for it (a
+            # `flock LOCK cmd`'s lock, held by an lxcfs that outlives cmd,
+            # would never be released).
             pid = os.posix_spawn(
                 self.binary,
                 argv,
                 {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 file_actions=[
+                    *_close_inherited(),
                     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
                     (os.POSIX_SPAWN_DUP2, 1, 2),
@@ -651,6 +655,23 @@ def _kill_recorded(pid: int, start: int) -> None:
         pass
     finally:
         os.close(pidfd)
+
+
+def _close_inherited() -> list[tuple[int, int]]:
+    """posix_spawn file actions closing each descriptor from 3 up that
+    would survive an exec (not close-on-exec)."""
+    actions = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd < 3:
+            continue
+        try:
+            inheritable = os.get_inheritable(fd)
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if inheritable:
+            actions.append((os.POSIX_SPAWN_CLOSE, fd))
+    return actions
 
 
 def _unmount_all(path: str) -> None:
