@@ -106,6 +106,7 @@ bench: setup-bench setup-vm
 	$(PY) benchmarks/images.py
 	$(PY) benchmarks/network.py --runs 30
 	$(PY) benchmarks/view.py --runs 100
+	$(PY) benchmarks/pressure.py
 	$(MAKE) --no-print-directory bench-checkpoint
 
 # CRIU needs a kernel it knows: the checkpoint benchmark runs in the VM lane
