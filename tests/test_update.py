@@ -319,3 +319,32 @@ def _real_handle_is_a_handle(handle: PluginHandle) -> None:
 
     checked: Handle = handle
     del checked
+
+
+def test_the_sandbox_s_view_follows_an_update(dirs: Dirs) -> None:
+    """Inside, /proc/meminfo, top -bn1 and /proc/cpuinfo (lxcfs's view,
+    computed from the cgroup at each read) show the new memory limit and
+    CPU quota as soon as `corral update` has said it changed them."""
+    if os.environ.get("CORRAL_LXCFS", "off") == "off":
+        pytest.skip("lxcfs is not installed (make setup installs it): sandboxes have no view")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the CPU count can grow only on a host with two CPUs or more")
+    f = fleet({"name": "v", "command": "exec sleep 1000", "memory": "64M", "cpus": 0.5})
+    script = "head -1 /proc/meminfo; top -bn1 | head -1; grep -c ^processor /proc/cpuinfo"
+
+    async def view() -> tuple[int, int, int]:
+        status, out, err = await _corral(dirs, "exec", "v-0", "--", "sh", "-c", script)
+        assert status == 0, err
+        total = int(out[0].split()[1])
+        # busybox top: "Mem: 2668K used, 62868K free, ..." from /proc/meminfo
+        used, free = (int(w.rstrip("K,")) for w in (out[1].split()[1], out[1].split()[3]))
+        return total, used + free, int(out[2])
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        assert await view() == (65536, 65536, 1)
+        status, _, err = await _corral(dirs, "update", "v", "--memory", "128M", "--cpus", "2")
+        assert status == 0, err
+        assert await view() == (131072, 131072, 2)
+
+    run(f, dirs, body)
