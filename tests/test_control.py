@@ -6,11 +6,13 @@ import array
 import contextlib
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -22,7 +24,7 @@ from supervisor import Supervisor
 from supervisor._control._client import ControlError, call
 from supervisor._control._server import MAX_CONNECTIONS, MAX_FDS, MAX_PRIVILEGED_CONNECTIONS
 
-from .conftest import Dirs, requires_root
+from .conftest import Dirs, corral, requires_root
 from .helpers import wait_for
 from .supervising import fleet, run, wait_event
 
@@ -478,3 +480,130 @@ def test_cli_without_a_supervisor_says_so(dirs: Dirs) -> None:
     assert r.stderr.splitlines()[-1] == (
         f"corral: no supervisor at {dirs.run}/control.sock (is `corral up` running? see --socket)"
     )
+
+
+# -- what a member of socket_group may add: [supervisor] socket_policy ------------
+
+_ADD_AS_NOBODY = (
+    "import os, sys; from supervisor._control._client import Client, ControlError\n"
+    "fds = [os.open(sys.argv[2], os.O_RDONLY)] if sys.argv[3] == 'fd' else []\n"
+    "try:\n"
+    "    with Client(sys.argv[1]) as c:\n"
+    "        rows = c.answer(c.request('add', {'path': sys.argv[2]}, fds=fds))\n"
+    "    print('ok', *[r['name'] for r in rows])\n"
+    "except ControlError as exc:\n    print(exc.code, exc)\n"
+)
+
+
+async def _add_as_nobody(dirs: Dirs, doc: str, *, fd: bool = True) -> str:
+    """A fleet file *doc* added by user nobody in group 4242 (passing the
+    file open unless not *fd*): ``ok NAMES`` or ``CODE message``."""
+    for d in (dirs.run.parent, dirs.run):
+        os.chmod(d, 0o755)
+    files = dirs.run.parent / "added"
+    files.mkdir(mode=0o755, exist_ok=True)
+    path = files / f"add-{len(list(files.iterdir()))}.toml"
+    path.write_text(doc)
+    path.chmod(0o644)
+    r = await trio.run_process(
+        [sys.executable, "-c", _ADD_AS_NOBODY, _sock(dirs), str(path), "fd" if fd else "path"],
+        user=65534,
+        group=65534,
+        extra_groups=[4242],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert not r.stderr, r.stderr.decode()
+    return r.stdout.decode().strip()
+
+
+def _entry(name: str, extra: str = "") -> str:
+    return f'[[sandbox]]\nname = "{name}"\ncommand = "exec sleep 1000"\n{extra}\n'
+
+
+def test_the_socket_policy_holds_what_a_group_member_adds(dirs: Dirs, tmp_path: Path) -> None:
+    """By default a member of socket_group adds only sandboxes without
+    more power than the defaults: privileged, added capabilities, the host
+    network, host paths, unconfined and chosen host ids are each refused
+    as forbidden in one line naming the key and the rule; an ordinary one
+    is added; root adds what it likes."""
+    f = fleet({"name": "web", "command": "exec sleep 1000"}, socket_group=4242)
+    refused = {
+        "privileged = true": "privileged: forbidden to members of socket_group by"
+        " [supervisor] socket_policy: privileged sandboxes",
+        'cap_add = ["ALL"]': "cap_add: forbidden to members of socket_group by"
+        " [supervisor] socket_policy: adding ALL",
+        'network = "host"': "network: forbidden to members of socket_group by"
+        " [supervisor] socket_policy: the host network",
+        'volumes = ["/:/host"]': "volumes: /: forbidden to members of socket_group by"
+        " [supervisor] socket_policy: host paths outside its volume_roots (none)",
+        'rootfs = "/"': "rootfs: forbidden",
+        'seccomp = "unconfined"': "seccomp: forbidden",
+        "no_new_privs = false": "no_new_privs: forbidden",
+        "userns = true\nuserns_base = 200000": "userns_base: forbidden",
+    }
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        for i, (line, why) in enumerate(refused.items()):
+            out = await _add_as_nobody(dirs, _entry(f"bad{i}", line))
+            assert out.startswith("forbidden "), out
+            assert f"sandbox 'bad{i}': {why}" in out, out
+            assert sup.instance(f"bad{i}-0") is None
+        # Not passed open: the supervisor will not read it for the member.
+        out = await _add_as_nobody(dirs, _entry("plain0"), fd=False)
+        assert out == (
+            "forbidden add: a member of socket_group passes the fleet file open, as a"
+            " descriptor (corral add does)"
+        )
+        assert await _add_as_nobody(dirs, _entry("plain")) == "ok plain-0"
+        doc = tmp_path / "root.toml"
+        doc.write_text(_entry("root", 'cap_add = ["NET_ADMIN"]\nnetwork = "host"'))
+        p = await trio.to_thread.run_sync(lambda: corral(dirs, "add", str(doc)))
+        assert p.returncode == 0, p.stderr
+
+    run(f, dirs, body)
+
+
+def test_a_socket_policy_lets_members_have_what_it_names(dirs: Dirs, tmp_path: Path) -> None:
+    """socket_policy = { cap_add = ["NET_ADMIN"], volume_roots = [ROOT] }:
+    a member may keep NET_ADMIN and mount what is below ROOT; a link from
+    below ROOT to outside it is judged by where it leads."""
+    root = tmp_path / "shared"
+    (root / "data").mkdir(parents=True)
+    (root / "out").symlink_to("/etc")
+    for d in (tmp_path, root, root / "data"):
+        os.chmod(d, 0o755)
+    f = fleet(
+        {"name": "web", "command": "exec sleep 1000"},
+        socket_group=4242,
+        socket_policy={"cap_add": ["NET_ADMIN"], "volume_roots": [str(root)]},
+    )
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started))
+        ok = _entry("ok", f'cap_add = ["NET_ADMIN"]\nvolumes = ["{root}/data:/data"]')
+        assert await _add_as_nobody(dirs, ok) == "ok ok-0"
+        out = await _add_as_nobody(dirs, _entry("out", f'volumes = ["{root}/out:/x"]'))
+        assert out.startswith("forbidden ") and "volumes: " in out and str(root) in out, out
+        out = await _add_as_nobody(dirs, _entry("caps", 'cap_add = ["SYS_ADMIN"]'))
+        assert "cap_add: forbidden to members of socket_group" in out, out
+
+    run(f, dirs, body)
+
+
+def test_bad_socket_policies_are_one_line_each() -> None:
+    from supervisor._core._fleet import FleetError, parse_fleet
+
+    for policy, expected in (
+        ({"caps": 1}, "socket_policy.caps: unknown key"),
+        ({"privileged": "yes"}, "socket_policy.privileged: expected true or false"),
+        ({"cap_add": ["FLY"]}, "socket_policy.cap_add: expected capability names"),
+        ({"volume_roots": ["srv"]}, "socket_policy.volume_roots: expected a list of absolute"),
+        ("none", "socket_policy: expected a table"),
+    ):
+        doc = {"supervisor": {"socket_policy": policy}, "sandbox": [{"name": "w", "command": "x"}]}
+        with pytest.raises(FleetError, match=f"supervisor: {re.escape(expected)}"):
+            parse_fleet(doc)

@@ -296,9 +296,21 @@ def _limit_text(key: str, value: int | None) -> str:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from .._control._client import call
+    from .._control._client import Client
+    from .._errors import SpecError
 
-    rows = call(control_path(args), "add", {"path": os.path.abspath(args.fleet)})
+    path = os.path.abspath(args.fleet)
+    try:
+        # Passed open: a supervisor running as root reads, for a member of
+        # socket_group, only what that member could open itself.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SpecError(args.fleet, f"cannot read: {exc.strerror}") from None
+    try:
+        with Client(control_path(args)) as client:
+            rows = client.answer(client.request("add", {"path": path}, fds=[fd]))
+    finally:
+        os.close(fd)
     _print_rows(rows)
     return _all_running(rows)
 

@@ -410,7 +410,22 @@ async def _add(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:
     assert path is not None
     if not os.path.isabs(path):
         raise SpecError("path", f"expected an absolute path to a fleet file, got {path!r}")
-    return await _rows(sup, await sup.add_fleet(path))
+    fd = ctx.fds[0] if len(ctx.fds) == 1 else None
+    if ctx.fds and fd is None:
+        raise SpecError("fds", f"expected the fleet file's descriptor, got {len(ctx.fds)}")
+    if ctx.privileged:
+        return await _rows(sup, await sup.add_fleet(path, fd=fd))
+    # A member of socket_group: the supervisor must not read, as root, a
+    # file the member could not (the client passes it open: the kernel
+    # checked its rights), nor add what the fleet's policy refuses.
+    if fd is None:
+        raise ControlError(
+            "forbidden",
+            "add: a member of socket_group passes the fleet file open, as a descriptor"
+            " (corral add does)",
+        )
+    policy = sup.fleet.supervisor.socket_policy
+    return await _rows(sup, await sup.add_fleet(path, fd=fd, policy=policy))
 
 
 async def _rm(sup: Supervisor, params: dict[str, Any], ctx: Context) -> Any:

@@ -51,6 +51,7 @@ from events.unixsocket import (
     unbind_socket,
 )
 
+from .._core._policy import PolicyRefused
 from .._errors import (
     CheckpointError,
     CommandNotExecutableError,
@@ -91,6 +92,8 @@ _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 def _code(exc: CorralError) -> str:
     if isinstance(exc, ControlError):
         return exc.code
+    if isinstance(exc, PolicyRefused):
+        return "forbidden"
     if isinstance(exc, CriuUnavailableError):
         return "criu_unavailable"
     if isinstance(exc, CheckpointError):

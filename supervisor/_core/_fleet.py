@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from .._runtime._spec import (
     validate_name,
 )
 from .._runtime._units import parse_duration
+from ._policy import SocketPolicy, parse_socket_policy
 
 __all__ = [
     "MAX_INSTANCE_NAME",
@@ -71,7 +73,7 @@ _SANDBOX_KEYS = {
 _DEFAULT_KEYS = _SANDBOX_KEYS - {"name", "command", "replicas", "hostname"}
 _SUPERVISOR_KEYS = {
     "grace_period", "journal_max_bytes", "journal_segment_bytes", "socket_group",
-    "socket_idle_timeout", "cgroup_parent", "log_max_bytes", "log_max_files",
+    "socket_idle_timeout", "cgroup_parent", "log_max_bytes", "log_max_files", "socket_policy",
 }  # fmt: skip
 _TOP_KEYS = {"supervisor", "defaults", "sandbox", "plugins", "network"}
 MAX_REPLICAS = 1000
@@ -131,6 +133,8 @@ class SupervisorConfig:
     """Each sandbox's output log is rotated at this size ..."""
     log_max_files: int = 5
     """... keeping this many files (the current one included)."""
+    socket_policy: SocketPolicy = field(default_factory=SocketPolicy)
+    """What a member of ``socket_group`` may add (docs/control.md)."""
 
 
 @dataclass(frozen=True)
@@ -453,6 +457,10 @@ def parse_fleet(
                 )
         if "socket_group" in sup_table:
             kw["socket_group"] = c.check("supervisor: ", lambda: _group(sup_table["socket_group"]))
+        if "socket_policy" in sup_table:
+            kw["socket_policy"] = c.check(
+                "supervisor: ", lambda: parse_socket_policy(sup_table["socket_policy"])
+            )
         if "cgroup_parent" in sup_table:
             cp = sup_table["cgroup_parent"]
             if not isinstance(cp, str) or not cp.startswith("/"):
@@ -589,12 +597,23 @@ def parse_fleet(
     )
 
 
-def load_fleet(path: str | os.PathLike[str], networks: Collection[str] = ()) -> Fleet:
-    """Read and validate a fleet file (*networks*: see :func:`parse_fleet`)."""
+def load_fleet(
+    path: str | os.PathLike[str], networks: Collection[str] = (), fd: int | None = None
+) -> Fleet:
+    """Read and validate a fleet file (*networks*: see :func:`parse_fleet`);
+    with *fd*, read it from that open descriptor (a regular file), *path*
+    naming it in messages."""
     source = os.fspath(path)
     try:
-        with open(source, "rb") as f:
-            data = tomllib.load(f)
+        if fd is not None:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FleetError(source, ["expected a regular file"])
+            with os.fdopen(os.dup(fd), "rb") as f:
+                f.seek(0)
+                data = tomllib.load(f)
+        else:
+            with open(source, "rb") as f:
+                data = tomllib.load(f)
     except FileNotFoundError:
         raise FleetError(source, ["no such file"]) from None
     except OSError as exc:

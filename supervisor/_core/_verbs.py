@@ -30,6 +30,7 @@ from ._additions import Addition
 from ._base import SupervisorBase
 from ._instance import BUSY_PAUSE, Ident, Instance, PendingRestore
 from ._plugin_host import settings_problems
+from ._policy import PolicyRefused, SocketPolicy, policy_problems
 from ._states import guard
 
 if TYPE_CHECKING:
@@ -302,14 +303,18 @@ class Verbs(SupervisorBase):
             raise SpecError("exec_id", f"no running exec {exec_id}")
         proc.send_signal(sig)
 
-    async def add_fleet(self, path: str) -> list[Instance]:
+    async def add_fleet(
+        self, path: str, *, fd: int | None = None, policy: SocketPolicy | None = None
+    ) -> list[Instance]:
         """Add the sandboxes of fleet file *path* to the running fleet and
         start them; return once each runs or failed to start.
 
         All or nothing: a name already in the fleet, a plugin this
         supervisor does not run, a plugin table its plugin's check refuses,
         or a ``[supervisor]`` table fails the whole file, and nothing is
-        added.
+        added. With *fd* the file is read from that descriptor (opened by
+        the asking client, with its own rights); with *policy*, a sandbox
+        it refuses fails the file too (:class:`PolicyRefused`).
         """
         from ._fleet import FleetError, SupervisorConfig, load_fleet
 
@@ -321,10 +326,18 @@ class Verbs(SupervisorBase):
         known = await trio.to_thread.run_sync(self.runtime.networks.known)
         try:
             added = await trio.to_thread.run_sync(
-                partial(load_fleet, path, known), limiter=self.limiters.disk
+                partial(load_fleet, path, known, fd), limiter=self.limiters.disk
             )
         except FleetError as exc:
             raise SpecError(path, "; ".join(exc.problems)) from None
+        if policy is not None:
+            # (In a thread: host paths are resolved against the file system.)
+            refused = await trio.to_thread.run_sync(
+                lambda: [line for cfg in added.sandboxes for line in policy_problems(policy, cfg)],
+                limiter=self.limiters.disk,
+            )
+            if refused:
+                raise PolicyRefused(f"{path}: " + "; ".join(refused))
         problems = []
         taken = {c.name for c in self.fleet.sandboxes} | set(self._by_name)
         for cfg in added.sandboxes:
