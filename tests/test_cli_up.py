@@ -162,7 +162,7 @@ def test_up_with_a_bad_fleet_reports_every_problem(dirs: Dirs, tmp_path: Path) -
     assert p.returncode == 125
     lines = p.stderr.decode().splitlines()
     assert lines == [
-        f"corral: {fleet}: sandbox 'web': colour: unknown key (expected one of: cap_add, cap_drop, command, cpu_weight, cpus, cpuset_cpus, cpuset_mems, egress, env, hostname, image, io_read_bps, io_read_iops, io_weight, io_write_bps, io_write_iops, lxcfs, memory, memory_high, memory_swap, name, network, no_new_privs, oom_group, pids, plugins, ports, privileged, read_only_rootfs, replicas, rlimits, rootfs, seccomp, tmpfs, user, userns, userns_base, userns_size, volumes, workdir)",
+        f"corral: {fleet}: sandbox 'web': colour: unknown key (expected one of: cap_add, cap_drop, command, cpu_weight, cpus, cpuset_cpus, cpuset_mems, egress, env, hostname, image, io_read_bps, io_read_iops, io_weight, io_write_bps, io_write_iops, lxcfs, memory, memory_high, memory_stall, memory_swap, name, network, no_new_privs, oom_group, pids, plugins, ports, privileged, read_only_rootfs, replicas, rlimits, rootfs, seccomp, tmpfs, user, userns, userns_base, userns_size, volumes, workdir)",
         f"corral: {fleet}: sandbox 'web': memory: expected a size like 64M or 1G, got '12Q'",
     ]
 
