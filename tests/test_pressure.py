@@ -60,7 +60,9 @@ def test_crossing_memory_high_is_a_memory_pressure_event(dirs: Dirs) -> None:
         )
         assert isinstance(ev, events.MemoryPressure)
         assert ev.sandbox == "fill-0" and ev.high == 16 * M and ev.limit == 64 * M
-        assert ev.usage >= 16 * M - 256 * 1024, ev  # the kernel's charge batches
+        # Usage as read when the event is made: the crossing may have been
+        # dd's 1 MiB buffer, freed by then (and charges come in batches).
+        assert ev.usage >= 16 * M - 2 * M, ev
         assert ev.count >= 1
 
     evs = run(f, dirs, body)
