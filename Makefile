@@ -83,7 +83,7 @@ test-host:
 # 22 minutes, 200 bridged sandboxes alone two; the bound is well above that.
 test-vm:
 	@echo "== VM lane: Debian kernel, cgroup v2 =="
-	CORRAL_VM_TIMEOUT=40m tests/vm/run -- $(PY) -m pytest -q -p no:cacheprovider -m "layout or criu"
+	CORRAL_VM_TIMEOUT=40m tests/vm/run -- $(PY) -m pytest -q -p no:cacheprovider -m "layout or criu" --durations=12
 
 # The CRIU checkpoint tests again, on the same kernel with the cgroup v1
 # (hybrid) layout: the host kernel is too new for CRIU, so only a VM can
