@@ -388,10 +388,12 @@ def test_a_bad_rule_is_refused_before_any_kernel_call() -> None:
 @requires_root
 def test_an_attach_to_a_missing_cgroup_names_the_path(tmp_path: Path) -> None:
     """The error names the directory (and the descriptor is closed: no leak)."""
-    before = sorted(os.listdir("/proc/self/fd"))
     missing = str(tmp_path / "no-such-cgroup")
-    with pytest.raises(CgroupError, match=f"open {missing}: No such file or directory"):
-        attach_device_program(missing)
+    for n in range(2):
+        if n == 1:  # the first call loaded the program this process keeps
+            before = sorted(os.listdir("/proc/self/fd"))
+        with pytest.raises(CgroupError, match=f"open {missing}: No such file or directory"):
+            attach_device_program(missing)
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 

@@ -36,6 +36,7 @@ import functools
 import os
 import struct
 import sys
+import threading
 from typing import Literal, NamedTuple
 
 from ..._errors import CgroupError
@@ -260,46 +261,57 @@ def load_device_program(rules: tuple[DeviceRule, ...] = DEVICE_RULES) -> int:
     return fd  # pragma: no cover - refused once, accepted with a log: a fluke
 
 
+_shared_lock = threading.Lock()
+_shared_fd = -1
+
+
+def _shared_program() -> int:
+    """The program of :data:`DEVICE_RULES`, loaded on first use and kept
+    for the life of the process: a load runs the verifier (about 60% of the
+    policy's cost per sandbox, see ``docs/performance.md``), an attach only
+    links the one program to another cgroup. Close-on-exec, so no sandbox
+    or helper inherits it."""
+    global _shared_fd
+    with _shared_lock:  # cgroups are made in worker threads, several at once
+        if _shared_fd < 0:
+            _shared_fd = load_device_program()
+        return _shared_fd
+
+
 def attach_device_program(path: str, prog_fd: int | None = None) -> None:
-    """Attach the device program to the cgroup v2 directory *path* (the one
-    *prog_fd* refers to, else one loaded for this call and closed after).
+    """Attach the device program *prog_fd* (by default the program of
+    :data:`DEVICE_RULES`, loaded once per process) to the cgroup v2
+    directory *path*.
 
     Attached with ``BPF_F_ALLOW_MULTI``: a program that something inside
     attaches to a cgroup below adds a check and cannot take ours away
     (every program on the way up must allow). Raises
     :class:`~supervisor.CgroupError` naming the path.
     """
-    own = prog_fd is None
     try:
-        fd = load_device_program() if prog_fd is None else prog_fd
+        fd = _shared_program() if prog_fd is None else prog_fd
     except CgroupError as exc:
         raise CgroupError(f"the device policy of {path}: {exc}") from None
     try:
+        cg = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CgroupError(f"open {path}: {exc.strerror}") from None
+    try:
+        attr = ctypes.create_string_buffer(20)
+        # union bpf_attr, the BPF_PROG_ATTACH part: target_fd,
+        # attach_bpf_fd, attach_type, attach_flags, replace_bpf_fd.
+        struct.pack_into("=IIIII", attr, 0, cg, fd, _BPF_CGROUP_DEVICE, _BPF_F_ALLOW_MULTI, 0)
         try:
-            cg = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            _bpf(_BPF_PROG_ATTACH, attr)
         except OSError as exc:
-            raise CgroupError(f"open {path}: {exc.strerror}") from None
-        try:
-            attr = ctypes.create_string_buffer(20)
-            # union bpf_attr, the BPF_PROG_ATTACH part: target_fd,
-            # attach_bpf_fd, attach_type, attach_flags, replace_bpf_fd.
-            struct.pack_into("=IIIII", attr, 0, cg, fd, _BPF_CGROUP_DEVICE, _BPF_F_ALLOW_MULTI, 0)
-            try:
-                _bpf(_BPF_PROG_ATTACH, attr)
-            except OSError as exc:
-                raise CgroupError(
-                    f"attach the device program to {path}: {exc.strerror}"
-                    + (
-                        " (a program attached above without BPF_F_ALLOW_MULTI forbids it)"
-                        if exc.errno == errno.EPERM
-                        else ""
-                    )
-                ) from None
-        finally:
-            os.close(cg)
+            hint = ""
+            if exc.errno == errno.EPERM:
+                hint = " (a program attached above without BPF_F_ALLOW_MULTI forbids it)"
+            raise CgroupError(
+                f"attach the device program to {path}: {exc.strerror}{hint}"
+            ) from None
     finally:
-        if own:
-            os.close(fd)
+        os.close(cg)
 
 
 def attached_device_programs(path: str) -> int:
