@@ -433,3 +433,18 @@ def test_a_restored_sandbox_keeps_its_device_policy(runtime: Runtime, criu: None
         if w >= 0:
             os.close(w)
         os.close(r)
+
+
+@requires_root
+def test_a_program_the_verifier_refuses_is_one_line_quoting_it() -> None:
+    """A refused program's error quotes the verifier (here: an exit with R0 never set)."""
+    from supervisor._runtime._linux._devices import _EXIT, _JMP, _insn, _load
+
+    with pytest.raises(CgroupError) as err:
+        _load(_insn(_JMP | _EXIT))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        "cannot load the device program (BPF_PROG_TYPE_CGROUP_DEVICE): Permission denied: "
+    )
+    assert "R0 !read_ok" in msg, msg
