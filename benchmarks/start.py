@@ -17,6 +17,13 @@ Usage (as root)::
 
     .venv/bin/python benchmarks/start.py [--runs 50]
 
+Before them, one row for the device policy every non-privileged sandbox
+gets (``Cgroup.restrict_devices`` on an empty cgroup: on cgroup v2 the
+load and attach of the eBPF device program, on v1 the ``devices.*``
+writes; the program's load, which a process does once, is shown apart),
+measured apart because it is a fraction of the run-to-run noise
+of a whole start.
+
 The last two lines are exactly ``start_ratio_vs_runc: X.XX`` (a) and
 ``cli_ratio_vs_runc: X.XX`` (b): median over median.
 """
@@ -38,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import LxcPeer, RuncPeer
 
 from supervisor import Keeper, Limits, Runtime, SandboxSpec
+from supervisor._runtime._linux._devices import load_device_program
 
 LIMITS = Limits(memory=64 << 20, pids=64, cpus=0.5)
 CLI_ARGS = ["--memory", "64M", "--pids", "64", "--cpus", "0.5", "--", "/bin/true"]
@@ -101,6 +109,7 @@ def main() -> None:
         else:
             print("lxc: not installed or not working here; skipped", file=sys.stderr)
 
+        devices = device_policy_cost(runtime, args.runs * 4)
         samples: dict[str, list[float]] = {k: [] for k in contenders}
         for i in range(args.warmup + args.runs):
             for name, fn in contenders.items():
@@ -120,10 +129,46 @@ def main() -> None:
         med[name] = statistics.median(xs)
         p90 = xs[min(len(xs) - 1, int(0.9 * len(xs)))]
         print(f"{name:12} {med[name] * 1e3:10.2f} {p90 * 1e3:8.2f} {xs[0] * 1e3:8.2f}")
+    print(devices)
     if "lxc" in med:
         print(f"lib_ratio_vs_lxc: {med['corral-lib'] / med['lxc']:.2f}")
     print(f"start_ratio_vs_runc: {med['corral-lib'] / med['runc']:.2f}")
     print(f"cli_ratio_vs_runc: {med['corral-cli'] / med['runc']:.2f}")
+
+
+def device_policy_cost(runtime: Runtime, runs: int) -> str:
+    """One line: what ``restrict_devices`` costs a start on this layout
+    (median, p90, min), and on v2 the program's load alone (paid once per
+    process, before the first sample here)."""
+    whole: list[float] = []
+    for i in range(runs + 1):
+        cg = runtime.cgroups.create(f"corral-bench-devices-{os.getpid()}-{i}", Limits())
+        try:
+            t0 = time.perf_counter()
+            cg.restrict_devices()
+            if i > 0:  # the first one loads the program the process keeps
+                whole.append(time.perf_counter() - t0)
+        finally:
+            cg.remove()
+    line = f"device policy ({runtime.cgroups.layout}): {_us(whole)}"
+    if runtime.cgroups.layout == "v2":
+        load: list[float] = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fd = load_device_program()
+            load.append(time.perf_counter() - t0)
+            os.close(fd)
+        line += f"; the load, once per process: {_us(load)}"
+    return line
+
+
+def _us(xs: list[float]) -> str:
+    xs = sorted(xs)
+    p90 = xs[min(len(xs) - 1, int(0.9 * len(xs)))]
+    return (
+        f"median {statistics.median(xs) * 1e6:.0f} us, p90 {p90 * 1e6:.0f} us,"
+        f" min {xs[0] * 1e6:.0f} us (n={len(xs)})"
+    )
 
 
 if __name__ == "__main__":

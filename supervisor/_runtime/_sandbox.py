@@ -1241,7 +1241,16 @@ class Runtime:
         cgroup = self.cgroups.create(f"corral-{spec.name}", spec.limits.effective())
         undo.callback(cgroup.remove)
         if not spec.security.privileged:
-            cgroup.restrict_devices()
+            try:
+                cgroup.restrict_devices()
+            except CgroupError as exc:
+                # Never run a sandbox without its device policy: on v2 a
+                # kept SYS_ADMIN could mount a tmpfs without nodev and open
+                # a disk through a node made there.
+                raise CgroupError(
+                    f"sandbox {spec.name!r} not started: it would run without its device"
+                    f" policy: {exc}"
+                ) from None
         return cgroup
 
     def check_update(self, sb: Sandbox, limits: Limits) -> None:

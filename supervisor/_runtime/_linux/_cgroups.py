@@ -52,6 +52,7 @@ from .._limits import (
     format_list,
     parse_list,
 )
+from ._devices import DEVICE_RULES, attach_device_program, v1_lines
 
 __all__ = [
     "Cgroup",
@@ -91,21 +92,10 @@ _BLKIO_FILES = {
 }
 _IO_KEYS = ("io_weight", *DEVICE_KEYS)
 
-ALLOWED_DEVICES = (
-    "c *:* m",  # mknod of any node (as Docker): creating is not opening
-    "b *:* m",
-    "c 1:3 rwm",  # null
-    "c 1:5 rwm",  # zero
-    "c 1:7 rwm",  # full
-    "c 1:8 rwm",  # random
-    "c 1:9 rwm",  # urandom
-    "c 5:0 rwm",  # tty
-    "c 5:1 rwm",  # console
-    "c 5:2 rwm",  # ptmx
-    "c 136:* rwm",  # the pty slaves of /dev/pts
-)
+ALLOWED_DEVICES = v1_lines(DEVICE_RULES)
 """The cgroup v1 device policy of a sandbox (``devices.allow`` lines after
-``devices.deny a``): the standard character devices and ptys."""
+``devices.deny a``), from the one table both layouts use
+(:data:`~._devices.DEVICE_RULES`): the standard character devices and ptys."""
 
 
 class CgroupStats(NamedTuple):
@@ -177,17 +167,20 @@ class Cgroup(ABC):
         """A :class:`PressureWatch` for this cgroup under *limits* (the
         marks it watches for are ``memory_high`` and ``memory_stall``)."""
 
+    @abstractmethod
     def restrict_devices(self) -> None:
-        """Allow the sandbox only the standard device nodes.
+        """Allow the sandbox only the device nodes of
+        :data:`~._devices.DEVICE_RULES`: making any node, opening only the
+        standard character devices and ptys. Call it while the cgroup is
+        still empty; a privileged sandbox gets no policy.
 
-        cgroup v1 only: its ``devices`` controller denies every device but
-        :data:`ALLOWED_DEVICES`. cgroup v2 has no such file (only eBPF
-        programs, which we do not write by hand); there the same holds
-        because no usable node beyond the standard ones can exist in a
-        sandbox (see ``docs/security.md``: /dev read-only, every other
-        writable mount ``nodev``).
+        cgroup v1: its ``devices`` controller, ``devices.deny a`` then
+        :data:`ALLOWED_DEVICES`. cgroup v2: a ``BPF_PROG_TYPE_CGROUP_DEVICE``
+        program built from the same table and attached to the cgroup
+        (:mod:`._devices`); the attachment outlives corral's process.
+        Raises :class:`CgroupError` if the kernel does not let us: a
+        sandbox must not run without its policy.
         """
-        return None
 
     @property
     @abstractmethod
@@ -1111,6 +1104,9 @@ class V2Cgroup(Cgroup):
 
     def _f(self, file: str) -> str:
         return os.path.join(self._path, file)
+
+    def restrict_devices(self) -> None:
+        attach_device_program(self._path)
 
     def apply(self, limits: Limits, old: Limits | None = None) -> None:
         before, changed, swap_changed = _changes(limits, old)
