@@ -86,6 +86,7 @@ from ._linux._spawn import (
     has_exited,
     spawn_direct,
 )
+from ._linux._sysinfo import supported as sysinfo_supported
 from ._lxcfs import Lxcfs, view_mounts
 from ._mounts import Mount, parse_user
 from ._net._bridge import Networks, hosts_file, resolv_conf
@@ -564,6 +565,7 @@ class Runtime:
         self.lxcfs = Lxcfs(self.run_dir, lxcfs, say=_say)
         """The lxcfs the sandboxes' view of /proc comes from."""
         self._cgroup_view = True  # off only to measure what it costs (benchmarks/view.py)
+        self._sysinfo_view = sysinfo_supported()  # the same; and only on x86_64
         self._die_with_caller = die_with_caller
         self.init_binary = find_init_binary()
         self._spawn: Spawner = spawner or spawn_direct
@@ -784,6 +786,7 @@ class Runtime:
                 join_netns=join,
                 wait_go=on_pid is not None,
                 lxcfs=lxcfs or "",
+                sysinfo=self._answers_sysinfo(spec),
                 cgroup_view=list(cgroup.relative_paths()) if self._cgroup_view else None,
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
@@ -1296,6 +1299,12 @@ class Runtime:
             _say(f"corral: sandbox {sb.name!r}: its record keeps its old limits: {exc}")
         return old
 
+    def _answers_sysinfo(self, spec: SandboxSpec) -> bool:
+        """Whether ``sysinfo`` answers for *spec*'s sandbox: part of its view
+        (``lxcfs = false`` and ``CORRAL_LXCFS=off`` turn both off), with or
+        without a running lxcfs (docs/view.md)."""
+        return spec.lxcfs and self.lxcfs.setting != "off" and self._sysinfo_view
+
     def _view(self, wanted: bool) -> contextlib.AbstractContextManager[str | None]:
         """The mount point of the lxcfs to bind the sandbox's view from,
         held until its record is written (see :meth:`Lxcfs.held`); None
@@ -1395,6 +1404,7 @@ class Runtime:
                 winsize=list(winsize) if winsize else None,
                 userns=sb.spec.security.userns,
                 user=user,
+                sysinfo=self._answers_sysinfo(sb.spec),
                 **_privileges(sb.spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
