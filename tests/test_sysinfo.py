@@ -99,12 +99,19 @@ def _exec(runtime: Runtime, sb: Sandbox, script: str) -> str:
 
 @contextlib.contextmanager
 def _looping(runtime: Runtime, name: str, **kw: object) -> Iterator[Sandbox]:
+    """A sandbox running :data:`LOOP`, its output a pipe (which CRIU can
+    dump, unlike the test's stderr), destroyed after the block."""
     spec = SandboxSpec(name, ["sh", "-c", LOOP], **kw)  # type: ignore[arg-type]
-    with (
-        open("/dev/null", "rb") as null,
-        runtime.create(spec, stdio=(null.fileno(), 2, 2), stdin_devnull=True) as sb,
-    ):
-        yield sb
+    r, w = os.pipe()
+    try:
+        with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
+            os.close(w)
+            w = -1
+            yield sb
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
 
 
 def test_the_filter_and_its_disarmed_twin_have_one_length() -> None:
@@ -270,8 +277,13 @@ def test_a_restored_sandbox_never_gets_enosys(runtime: Runtime, criu: None, view
         assert _free(_ask(sb.pid))[0] == 64 * MIB
         info = runtime.checkpoint(sb, tag="si")
         assert sb.wait().signal == signal.SIGKILL
-    with runtime.restore(info, stdio=(0, 2, 2)) as back:
-        total, free = _free(_ask(back.pid))
-        assert total == _host_total() and 0 < free < total
-        assert _free(_exec(runtime, back, "free -b"))[0] == 64 * MIB
-        back.kill()
+    r, w = os.pipe()
+    try:
+        with runtime.restore(info, stdio=(0, w, w)) as back:
+            total, free = _free(_ask(back.pid))
+            assert total == _host_total() and 0 < free < total
+            assert _free(_exec(runtime, back, "free -b"))[0] == 64 * MIB
+            back.kill()
+    finally:
+        os.close(w)
+        os.close(r)

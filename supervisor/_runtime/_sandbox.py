@@ -64,6 +64,7 @@ from ._checkpoint import (
     criu_failure,
     criu_frozen_seconds,
     dir_size,
+    disarm_sysinfo_filters,
     read_log,
     spec_from_dict,
     spec_to_dict,
@@ -1599,6 +1600,7 @@ class Runtime:
                     raise CheckpointError(f"checkpoint of {key!r} failed: criu dump: {reason}")
                 if copy_error is not None:
                     raise CheckpointError(copy_error)
+                disarm_sysinfo_filters(images)
                 if leave_running:
                     # Memory and files are saved: it may run on while the
                     # checkpoint is written down.
