@@ -145,31 +145,35 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _UNLIMITED = 1 << 62  # v1 says "no limit" as a page-rounded LONG_MAX
 
 
-def _read(path: str) -> str | None:
+def _read(path: str) -> bytes:
+    """A cgroup file's bytes (empty if it cannot be read). Plain ``os``
+    calls: Python's text files cost twice as much, once per file per call."""
     try:
-        with open(path) as f:
-            return f.read()
-    except (OSError, ValueError):
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _number(path: str) -> int | None:
     """The number in a cgroup file; None if absent or ``max``."""
-    text = _read(path)
-    if text is None:
-        return None
-    text = text.strip()
+    text = _read(path).strip()
     if not text.isdigit():
         return None
     n = int(text)
     return None if n >= _UNLIMITED else n
 
 
-def _stat(path: str, *keys: str) -> int:
+def _stat(path: str, *keys: bytes) -> int:
     """The first of *keys* in a ``memory.stat`` (0 if none)."""
-    found: dict[str, int] = {}
-    for line in (_read(path) or "").splitlines():
-        name, _, value = line.partition(" ")
+    found: dict[bytes, int] = {}
+    for line in _read(path).splitlines():
+        name, _, value = line.partition(b" ")
         if name in keys and value.strip().isdigit():
             found[name] = int(value)
     return next((found[k] for k in keys if k in found), 0)
@@ -206,7 +210,7 @@ class _Sandbox:
                 usage = _number(f"{m}/memory.current")
                 swap_limit = _number(f"{m}/memory.swap.max")
                 swap_usage = _number(f"{m}/memory.swap.current") or 0
-                shared = _stat(f"{m}/memory.stat", "shmem")
+                shared = _stat(f"{m}/memory.stat", b"shmem")
             else:
                 limit = _number(f"{m}/memory.limit_in_bytes")
                 usage = _number(f"{m}/memory.usage_in_bytes")
@@ -215,7 +219,7 @@ class _Sandbox:
                 swap_limit = None if memsw is None or limit is None else max(memsw - limit, 0)
                 sw_usage = _number(f"{m}/memory.memsw.usage_in_bytes")
                 swap_usage = max((sw_usage or 0) - (usage or 0), 0)
-                shared = _stat(f"{m}/memory.stat", "total_shmem", "shmem")
+                shared = _stat(f"{m}/memory.stat", b"total_shmem", b"shmem")
             if limit is not None:
                 total = min(limit, host_ram)
                 # As lxcfs's MemFree: what the limit leaves.
