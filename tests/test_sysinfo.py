@@ -122,20 +122,36 @@ def test_the_filter_and_its_disarmed_twin_have_one_length() -> None:
 
 
 @pytest.mark.layout
-@pytest.mark.parametrize("userns", [False, True], ids=["default", "userns"])
+@pytest.mark.parametrize(
+    ("security", "user"),
+    [
+        ({}, None),
+        ({"userns": True}, None),
+        ({"no_new_privs": False}, None),
+        ({}, "1000"),
+        ({"no_new_privs": False}, "1000"),
+        ({"privileged": True}, None),
+        ({"seccomp": "unconfined"}, None),
+    ],
+    ids=["default", "userns", "no-nnp", "user", "user-no-nnp", "privileged", "unconfined"],
+)
 def test_busybox_free_and_uptime_show_the_sandbox(
-    runtime: Runtime, view: None, userns: bool
+    runtime: Runtime, view: None, security: dict[str, object], user: str | None
 ) -> None:
     """In the default busybox image, with memory 64M, busybox's `free`
     (sysinfo, not /proc/meminfo) shows 64 MiB total and less free, and
-    `uptime` the sandbox's own (under a minute)."""
+    `uptime` the sandbox's own (under a minute): with or without
+    no_new_privs (the filter is loaded before or after the capabilities
+    go), as another user, privileged and unconfined alike (a view, not a
+    restriction)."""
     from supervisor._runtime._security import make_security
 
     spec = SandboxSpec(
         "si",
         ["sh", "-c", "free -b; uptime"],
         limits=Limits(memory=64 * MIB),
-        security=make_security(userns=userns),
+        security=make_security(**security),  # type: ignore[arg-type]
+        user=user,
     )
     result, out, err = run_capture(runtime, spec)
     assert result.status == 0, err

@@ -410,11 +410,13 @@ class Keeper(Reaper):
     (in memory and as ``RUN_DIR/exits/PID-STARTTIME.json``) and of the read
     ends of their output pipes (:meth:`hold`), so that they outlive the
     supervisor without dying of SIGPIPE or losing how they ended. It
+    answers the ``sysinfo`` calls of what it spawned with the view
+    (:meth:`answer`, done by :meth:`spawn`; see :mod:`._sysinfo`). It
     listens on ``RUN_DIR/keeper.sock``; a keeper already running there is
     connected to (:attr:`reconnected`) rather than a new one started. It
     exits once no supervisor is connected and it holds nothing. If it dies,
     the next request starts another (:attr:`restarts` counts them) and is
-    given every pipe held so far again; the sandboxes it was the parent of
+    given every pipe and ``sysinfo`` listener held so far again; the sandboxes it was the parent of
     are re-parented to its own parent's subreaper, so this process reaps
     them directly (see :meth:`Reaper.reap`).
     """
@@ -716,7 +718,8 @@ class Keeper(Reaper):
         """What the keeper holds: the pipes' read ends by key (new
         descriptors, the caller's), and the exit statuses it keeps by
         (PID, start time). Pipes listed are held on from now on (as if by
-        :meth:`hold`)."""
+        :meth:`hold`); so are the ``sysinfo`` listeners it answers on (kept
+        here, for a keeper that replaces it)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pipes: dict[str, tuple[int, int]] = {}
         exits: dict[tuple[int, int], ExitStatus] = {}
