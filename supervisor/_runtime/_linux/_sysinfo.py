@@ -39,6 +39,7 @@ import time
 from typing import Any, NamedTuple
 
 __all__ = [
+    "ANSWERER_NAME",
     "NOTIFY_FILTER",
     "Answerer",
     "Context",
@@ -142,6 +143,9 @@ _libc.process_vm_writev.argtypes = [
 ]
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
 _TICKS = os.sysconf("SC_CLK_TCK")
+_PR_SET_NAME = 15
+ANSWERER_NAME = b"corral-sysinfo"
+"""The command name (``comm``) of a forked answerer (:func:`fork_answerer`)."""
 _UNLIMITED = 1 << 62  # v1 says "no limit" as a page-rounded LONG_MAX
 
 
@@ -355,6 +359,9 @@ def fork_answerer(key: str, fd: int, ctx: Context) -> int:
         # for `corral run` must not run its handler here, nor end us
         # before the sandbox (we end when it does).
         os.setsid()
+        # Named for `ps` (and for whoever inherits it: a killed `corral
+        # run` leaves it to the subreaper above, until its sandbox ends).
+        _libc.prctl(_PR_SET_NAME, ANSWERER_NAME, 0, 0, 0)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGTSTP):
             signal.signal(sig, signal.SIG_IGN)
