@@ -1303,8 +1303,11 @@ class Runtime:
     def _answers_sysinfo(self, spec: SandboxSpec) -> bool:
         """Whether ``sysinfo`` answers for *spec*'s sandbox: part of its view
         (``lxcfs = false`` and ``CORRAL_LXCFS=off`` turn both off), with or
-        without a running lxcfs (docs/view.md)."""
-        return spec.lxcfs and self.lxcfs.setting != "off" and self._sysinfo_view
+        without a running lxcfs, for a sandbox that has a seccomp filter
+        (docs/view.md): an unconfined or privileged one has none of ours,
+        and may install a filter with a listener of its own."""
+        confined = not spec.security.privileged and spec.security.seccomp != "unconfined"
+        return spec.lxcfs and confined and self.lxcfs.setting != "off" and self._sysinfo_view
 
     def _view(self, wanted: bool) -> contextlib.AbstractContextManager[str | None]:
         """The mount point of the lxcfs to bind the sandbox's view from,

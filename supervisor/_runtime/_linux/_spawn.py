@@ -779,6 +779,9 @@ class Keeper(Reaper):
             return super()._not_ours(proc, block)
 
     def forget(self, proc: Spawned) -> None:
+        # Its listener's last task may have been this one: our copy goes
+        # now, not at the next spawn.
+        self._forget_ended()
         with contextlib.suppress(OSError):
             self._send({"forget": [proc.pid, proc.starttime]})
 
