@@ -27,7 +27,7 @@ import pytest
 from supervisor import Runtime
 
 from .conftest import Dirs, requires_root
-from .helpers import reap_answerers, wait_for
+from .helpers import wait_for
 
 pytestmark = [requires_root, pytest.mark.layout]
 
@@ -297,7 +297,6 @@ def test_what_a_killed_corral_run_left_is_swept(host: Host, dirs: Dirs) -> None:
         assert select.select([init], [], [], 30)[0], "the sandbox outlived its corral run"
         with contextlib.suppress(ChildProcessError):
             os.waitid(os.P_PIDFD, init, os.WEXITED)  # re-parented to us, a subreaper
-        reap_answerers()  # its sysinfo answerer, which ended with it
     finally:
         os.close(init)
     leases = dirs.state / "network" / "corral" / "leases"
