@@ -24,6 +24,8 @@ from supervisor import CriuUnavailableError, Keeper, Runtime
 from supervisor._runtime._checkpoint import check_criu
 from supervisor._runtime._linux._cgroups import V1Cgroups, V2Cgroups
 
+from .helpers import reap_answerers
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Tests interrupt CLI processes with SIGINT, as a user's Ctrl-C does. A
@@ -266,6 +268,9 @@ def session_lxcfs() -> Iterator[int]:
 def _no_stray_children(session_lxcfs: int) -> Iterator[None]:
     """No test may leave a child process (a sandbox init) unreaped."""
     yield
+    # A killed `corral run` leaves us its sysinfo answerer, which ends
+    # with its sandbox: reaped here (it never ends if the sandbox lives on).
+    reap_answerers()
     try:
         pid, status = os.waitpid(-1, os.WNOHANG)
     except ChildProcessError:

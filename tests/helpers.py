@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import tempfile
 import time
@@ -103,3 +104,34 @@ def skopeo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[byte
          'mount -t tmpfs corral-test /var/lib && exec skopeo "$@"', "skopeo", *args],
         check=True, capture_output=True, timeout=timeout,
     )  # fmt: skip
+
+
+def reap_answerers(timeout: float = 30.0) -> list[int]:
+    """Reap the ``sysinfo`` answerers a killed ``corral run`` left to this
+    process (a subreaper): each ends once its sandbox has (POLLHUP on its
+    listener). Their PIDs."""
+    import select
+
+    from supervisor._runtime._linux._sysinfo import ANSWERER_NAME
+
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        comm = data[data.index(b"(") + 1 : data.rindex(b")")]
+        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
+        if comm == ANSWERER_NAME and ppid == me:
+            found.append(int(entry))
+    for pid in found:
+        pidfd = os.pidfd_open(pid)
+        try:
+            assert select.select([pidfd], [], [], timeout)[0], f"answerer {pid} did not end"
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        finally:
+            os.close(pidfd)
+    return found

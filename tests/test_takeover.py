@@ -21,6 +21,7 @@ from supervisor import Supervisor
 from supervisor._runtime._linux._proc import parent_pid
 
 from .conftest import Dirs, corral, requires_root
+from .helpers import wait_for
 from .supervising import fleet, run, wait_event
 
 pytestmark = [requires_root, pytest.mark.layout]
@@ -462,9 +463,16 @@ def test_what_a_killed_corral_run_left_is_swept_and_reported_by_up(
          "sh", "-c", "echo ready; sleep 1000"],
         env=dirs.env, stdout=subprocess.PIPE,
     )  # fmt: skip
-    assert run.stdout is not None and run.stdout.readline() == b"ready\n"
-    record = json.loads((dirs.run / "sandboxes" / "lost.json").read_text())
-    init = os.pidfd_open(int(record["pid"]))
+    try:
+        assert run.stdout is not None and run.stdout.readline() == b"ready\n"
+        # Written once the init has exec'd: its command may say "ready" first.
+        path = dirs.run / "sandboxes" / "lost.json"
+        wait_for(path.exists, what="its record")
+        init = os.pidfd_open(int(json.loads(path.read_text())["pid"]))
+    except BaseException:
+        run.kill()
+        run.communicate()
+        raise
     try:
         run.kill()
         run.communicate()

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from .._errors import CheckpointError, CriuUnavailableError
+from ._linux._sysinfo import ALLOW_ALL_FILTER, NOTIFY_FILTER
 from ._mounts import mount_from_dict
 from ._net._model import Port
 from ._security import Security, make_security
@@ -49,6 +50,7 @@ __all__ = [
     "CriuInfo",
     "check_criu",
     "criu_failure",
+    "disarm_sysinfo_filters",
     "restore_weakens",
     "spec_from_dict",
     "spec_to_dict",
@@ -438,6 +440,32 @@ class CheckpointStore:
         except FileNotFoundError:
             return
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def disarm_sysinfo_filters(images: str) -> int:
+    """Rewrite each ``sysinfo`` notify filter (:data:`NOTIFY_FILTER`) in
+    the dump in *images* into one that allows everything; how many.
+
+    CRIU restores a filter without its listener, and a ``USER_NOTIF`` with
+    no listener fails the call with ENOSYS (busybox's ``free`` then prints
+    garbage, glibc's ``get_phys_pages`` returns it). Rewritten, a restored
+    sandbox's ``sysinfo`` is the kernel's: the host's numbers (a known
+    limit, docs/view.md). The program is found by its exact bytes and
+    replaced by as many (:data:`ALLOW_ALL_FILTER`), so the protobuf around
+    it stays valid. Done once, at the dump, not at each restore: restores
+    of one checkpoint may run at once, and they only read it.
+    """
+    path = os.path.join(images, "seccomp.img")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0  # no process of the tree had a filter
+    count = data.count(NOTIFY_FILTER)
+    if count:
+        with open(path, "r+b") as f:
+            f.write(data.replace(NOTIFY_FILTER, ALLOW_ALL_FILTER))
+    return count
 
 
 def criu_frozen_seconds(crit: str, images: str) -> float | None:

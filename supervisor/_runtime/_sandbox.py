@@ -64,6 +64,7 @@ from ._checkpoint import (
     criu_failure,
     criu_frozen_seconds,
     dir_size,
+    disarm_sysinfo_filters,
     read_log,
     spec_from_dict,
     spec_to_dict,
@@ -86,6 +87,7 @@ from ._linux._spawn import (
     has_exited,
     spawn_direct,
 )
+from ._linux._sysinfo import supported as sysinfo_supported
 from ._lxcfs import Lxcfs, view_mounts
 from ._mounts import Mount, parse_user
 from ._net._bridge import Networks, hosts_file, resolv_conf
@@ -564,6 +566,7 @@ class Runtime:
         self.lxcfs = Lxcfs(self.run_dir, lxcfs, say=_say)
         """The lxcfs the sandboxes' view of /proc comes from."""
         self._cgroup_view = True  # off only to measure what it costs (benchmarks/view.py)
+        self._sysinfo_view = sysinfo_supported()  # the same; and only on x86_64
         self._die_with_caller = die_with_caller
         self.init_binary = find_init_binary()
         self._spawn: Spawner = spawner or spawn_direct
@@ -784,6 +787,7 @@ class Runtime:
                 join_netns=join,
                 wait_go=on_pid is not None,
                 lxcfs=lxcfs or "",
+                sysinfo=self._answers_sysinfo(spec),
                 cgroup_view=list(cgroup.relative_paths()) if self._cgroup_view else None,
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
@@ -1305,6 +1309,15 @@ class Runtime:
             _say(f"corral: sandbox {sb.name!r}: its record keeps its old limits: {exc}")
         return old
 
+    def _answers_sysinfo(self, spec: SandboxSpec) -> bool:
+        """Whether ``sysinfo`` answers for *spec*'s sandbox: part of its view
+        (``lxcfs = false`` and ``CORRAL_LXCFS=off`` turn both off), with or
+        without a running lxcfs, for a sandbox that has a seccomp filter
+        (docs/view.md): an unconfined or privileged one has none of ours,
+        and may install a filter with a listener of its own."""
+        confined = not spec.security.privileged and spec.security.seccomp != "unconfined"
+        return spec.lxcfs and confined and self.lxcfs.setting != "off" and self._sysinfo_view
+
     def _view(self, wanted: bool) -> contextlib.AbstractContextManager[str | None]:
         """The mount point of the lxcfs to bind the sandbox's view from,
         held until its record is written (see :meth:`Lxcfs.held`); None
@@ -1404,6 +1417,7 @@ class Runtime:
                 winsize=list(winsize) if winsize else None,
                 userns=sb.spec.security.userns,
                 user=user,
+                sysinfo=self._answers_sysinfo(sb.spec),
                 **_privileges(sb.spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
@@ -1598,6 +1612,7 @@ class Runtime:
                     raise CheckpointError(f"checkpoint of {key!r} failed: criu dump: {reason}")
                 if copy_error is not None:
                     raise CheckpointError(copy_error)
+                disarm_sysinfo_filters(images)
                 if leave_running:
                     # Memory and files are saved: it may run on while the
                     # checkpoint is written down.

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple, NoReturn, Protocol
 
 from . import _syscalls as sc
 from ._proc import parent_pid, starttime
+from ._sysinfo import NOTIFY_FILTER
 
 __all__ = [
     "INIT_PATH",
@@ -200,6 +201,9 @@ class LaunchConfig(NamedTuple):
     lxcfs: str = ""
     """The mount point of a running lxcfs whose :data:`LXCFS_FILES` are
     bind-mounted, read-only, over the sandbox's (empty: none)."""
+    sysinfo: bool = False
+    """Trap ``sysinfo(2)`` for the spawner to answer for the sandbox (see
+    :mod:`._sysinfo`): the filter's listener goes up the report socket."""
     cgroup_view: list[str] | None = None
     """The sandbox's own cgroup, read-only at ``/sys/fs/cgroup``: ``[""]``
     for the unified (v2) hierarchy, else the v1 controller groups to mount
@@ -644,6 +648,8 @@ class Privileges(Protocol):
     def seccomp(self) -> bytes | None: ...
     @property
     def rlimits(self) -> list[list[int]] | None: ...
+    @property
+    def sysinfo(self) -> bool: ...
 
 
 class Identity(NamedTuple):
@@ -754,15 +760,45 @@ def restrict_like_sandbox(
     # Loading a filter takes no_new_privs or CAP_SYS_ADMIN: without
     # no_new_privs, load it while the capability is still there (runc does
     # the same); the filter then must allow what follows (capset, prctl).
-    if cfg.seccomp is not None and not cfg.no_new_privs:
-        sc.load_seccomp(cfg.seccomp)
+    if not cfg.no_new_privs:
+        _trap_sysinfo(report, cfg)
+        if cfg.seccomp is not None:
+            sc.load_seccomp(cfg.seccomp)
     who = None if identity is None else (identity.uid, identity.gid, identity.groups)
     if cfg.caps is not None:  # None: privileged, which also means no no_new_privs
         sc.restrict_capabilities(cfg.caps, cfg.last_cap, cfg.no_new_privs, who)
     elif who is not None:
         sc.switch_user(*who)
-    if cfg.seccomp is not None and cfg.no_new_privs:
-        sc.load_seccomp(cfg.seccomp)
+    if cfg.no_new_privs:
+        _trap_sysinfo(report, cfg)
+        if cfg.seccomp is not None:
+            sc.load_seccomp(cfg.seccomp)
+
+
+def _trap_sysinfo(report: socket.socket, cfg: Privileges) -> None:
+    """Load the filter that makes ``sysinfo`` ask the spawner's answerer
+    (``cfg.sysinfo``) and send its listener up: ``N`` with the descriptor.
+
+    Before the main filter, not after: the kernel takes the action of
+    highest precedence whatever the order (its KILL and ERRNO still win,
+    its ALLOW loses to the notification), and this way a Docker profile
+    that allows only what it names need not allow ``seccomp(2)``. Nothing
+    between here and the exec may call ``sysinfo``: nobody answers yet.
+    """
+    if not cfg.sysinfo:
+        return
+    try:
+        listener = sc.load_seccomp_listener(NOTIFY_FILTER)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            # A listener up the chain already (a spawner that is itself in
+            # a sandbox with one): the host's numbers, as before.
+            return
+        raise _Step("sysinfo", f"cannot trap sysinfo: {exc.strerror}", exc.errno or 0) from None
+    try:
+        socket.send_fds(report, [b"N"], [listener])
+    finally:
+        os.close(listener)
 
 
 def _rlimit_failure(resource_: int, soft: int, hard: int) -> str:

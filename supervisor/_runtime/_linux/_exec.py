@@ -117,6 +117,9 @@ class ExecConfig(NamedTuple):
     user: str | None = None
     """``UID[:GID]`` or ``NAME[:GROUP]`` to run as, resolved in the
     sandbox's ``/etc/passwd`` (None: root)."""
+    sysinfo: bool = False
+    """Trap ``sysinfo(2)`` for the spawner to answer, as the sandbox's init
+    does (see :mod:`._sysinfo`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for the keeper protocol."""

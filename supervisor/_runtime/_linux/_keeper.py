@@ -13,12 +13,16 @@ SCM_RIGHTS:
 
 - ``launch`` / ``exec``: fork a sandbox or an exec (see :mod:`._spawn`);
 - ``hold`` KEY + the two read ends of a sandbox's output pipes; ``release`` KEY;
+- ``sysinfo`` [KEY, CONTEXT] + the listener of a process's ``sysinfo``
+  filter: answer its ``sysinfo`` calls (see :mod:`._sysinfo`) until every
+  task of that filter has ended (the listener polls POLLHUP);
 - ``wait`` [PID, STARTTIME, BLOCK] + a reply socket: the exit status of a
   child (``exited``), or ``running``, or ``unknown`` (not ours); with BLOCK
   the answer waits for the exit;
 - ``forget`` [PID, STARTTIME]: the status has been used;
 - ``list`` + a reply socket: one ``held`` message per held key with its
-  pipes, then the kept exit statuses, then end of file;
+  pipes, one ``sysinfo`` message per listener with it, then the kept exit
+  statuses, then end of file;
 - ``hello`` + a reply socket: the keeper's PID (a supervisor connecting
   checks that the keeper it reached is alive).
 
@@ -26,7 +30,9 @@ As holder (with *RUN_DIR*) it is a child subreaper: every sandbox init
 and exec'd process ends up its child. It reaps each on SIGCHLD, keeps the
 status until forgotten, and writes it to ``RUN_DIR/exits/PID-START.json``
 (atomically) so that a keeper started after this one dies knows it too.
-It exits once no supervisor is connected and it holds no pipes.
+It exits once no supervisor is connected and it holds no pipes and no
+listener. Answers never wait on a sandbox: a notification is only read
+once its listener polls readable.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from typing import Any
 from .._records import write_atomic
 from ._proc import parent_pid, starttime
 from ._spawn import KEEPER_SOCKET, decode_request, failure_json, recv_fds, run_child, thread_count
+from ._sysinfo import Answerer, restore_context
 
 Key = tuple[int, int]
 
@@ -58,6 +65,7 @@ class _Keeper:
         self.exits: dict[Key, tuple[int | None, int | None]] = {}
         self.waiters: dict[Key, list[socket.socket]] = {}
         self.listener: socket.socket | None = None
+        self.answerer = Answerer()
         self.exits_dir = os.path.join(run_dir, "exits") if run_dir else None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
@@ -125,8 +133,8 @@ class _Keeper:
 
     def run(self) -> None:
         self._reap()
-        while self.conns or self.held:
-            for fd, _ in self.poller.poll():
+        while self.conns or self.held or self.answerer.listeners:
+            for fd, events in self.poller.poll():
                 if fd == self.wake_r:
                     with contextlib.suppress(BlockingIOError):
                         while os.read(self.wake_r, 512):
@@ -138,6 +146,8 @@ class _Keeper:
                         self._add(conn)
                 elif fd in self.conns:
                     self._serve(self.conns[fd])
+                elif fd in self.answerer.listeners and not self.answerer.serve(fd, events):
+                    self._drop_listener(fd)
         if self.listener is not None:
             # Gone from the path first: a supervisor arriving now starts a
             # new keeper instead of talking to one on its way out.
@@ -214,6 +224,7 @@ class _Keeper:
             self.listener.close()
         for fds in self.held.values():
             _close(fds)
+        _close(list(self.answerer.listeners))
 
     def _do_hello(self, _: Any, fds: list[int]) -> None:
         self._reply(fds, {"pid": os.getpid(), "held": len(self.held)})
@@ -226,6 +237,22 @@ class _Keeper:
         if old is not None:
             _close(old)
         self.held[str(key)] = fds
+
+    def _do_sysinfo(self, args: Any, fds: list[int]) -> None:
+        if len(fds) != 1:
+            _close(fds)
+            return
+        key, ctx = str(args[0]), restore_context(args[1])
+        for fd, (other, _, _) in list(self.answerer.listeners.items()):
+            if other == key:  # given again: the new copy replaces it
+                self._drop_listener(fd)
+        self.answerer.add(key, fds[0], ctx)
+        self.poller.register(fds[0], select.POLLIN)
+
+    def _drop_listener(self, fd: int) -> None:
+        # Out of the poll set before the number can be reused.
+        self.poller.unregister(fd)
+        self.answerer.drop(fd)
 
     def _do_release(self, key: Any, fds: list[int]) -> None:
         _close(fds)
@@ -263,6 +290,9 @@ class _Keeper:
             try:
                 for key, pipes in self.held.items():
                     socket.send_fds(reply, [msgpack.packb({"held": key})], pipes)
+                for fd, (key, ctx, _) in self.answerer.listeners.items():
+                    packed = msgpack.packb({"sysinfo": [key, list(ctx)]})
+                    socket.send_fds(reply, [packed], [fd])
                 items = [[p, s, c, g] for (p, s), (c, g) in self.exits.items()]
                 for i in range(0, len(items), 1000):
                     reply.send(msgpack.packb({"exits": items[i : i + 1000]}))

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple, NoReturn
 
 from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
 from ._exec import ExecConfig, run_exec_intermediate
+from ._proc import starttime as _starttime
+from ._sysinfo import Context, context_of, fork_answerer, pidfd_pid
 
 __all__ = [
     "KEEPER_SOCKET",
@@ -59,6 +61,9 @@ class Spawned(NamedTuple):
     """The master of the process's terminal (an exec with ``tty``); the caller owns it."""
     starttime: int = 0
     """Its start time (see :mod:`._proc`): with the PID, its identity."""
+    notify_fd: int = -1
+    """The listener of its ``sysinfo`` filter (see :mod:`._sysinfo`), as
+    :func:`collect` returns it; a spawner gives it to its answerer."""
 
 
 class SpawnFailed(Exception):
@@ -157,6 +162,7 @@ class Reaper:
 
     def forget(self, proc: Spawned) -> None:
         """*proc*'s status has been used: whoever kept it may drop it."""
+        _reap_answerer(f"{proc.pid}:{proc.starttime}")
 
 
 def recv_fds(sock: socket.socket, size: int, maxfds: int) -> tuple[bytes, list[int], int, object]:
@@ -193,7 +199,9 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
 
     The reports, in order: ``P<pid>`` with a pidfd (or a failure ``E...``
     and nothing more); ``T`` with a pty master (an exec with a terminal
-    only); then end-of-file, which means exec'd, or a failure ``E...``.
+    only); ``N`` with the listener of its ``sysinfo`` filter (with
+    ``sysinfo`` set only); then end-of-file, which means exec'd, or a
+    failure ``E...``.
 
     With *on_pid* (a launch whose ``wait_go`` is set), it is called with
     the PID once the init exists and while it waits, before its exec, for
@@ -219,6 +227,7 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
     pid_s, _, start_s = msg[1:].partition(b":")
     pid, start, pidfd = int(pid_s), int(start_s or 0), fds[0]
     pty_master: int | None = None
+    notify = -1
     if on_pid is not None:
         try:
             on_pid(pid)
@@ -236,10 +245,13 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
             if msg == b"T" and len(fds) == 1 and pty_master is None:
                 pty_master = fds[0]
                 continue
+            if msg == b"N" and len(fds) == 1 and notify < 0:
+                notify = fds[0]
+                continue
             for fd in fds:
                 os.close(fd)
             if not msg:
-                return Spawned(pid, pidfd, pty_master, start)
+                return Spawned(pid, pidfd, pty_master, start, notify)
             failure = (
                 decode_failure(msg)
                 if msg[:1] == b"E"
@@ -254,6 +266,8 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
     except BaseException:
         if pty_master is not None:
             os.close(pty_master)
+        if notify >= 0:
+            os.close(notify)
         raise
 
 
@@ -271,6 +285,64 @@ def _drain(sock: socket.socket) -> tuple[int, int, int] | None:
             os.close(fd)
         if not msg:
             return found
+
+
+def answer_context(cfg: LaunchConfig | ExecConfig, proc: Spawned) -> Context:
+    """What the answerer of *proc*'s ``sysinfo`` needs: its sandbox's
+    cgroup and the start of its sandbox's init (for an exec, read through
+    the init's pidfd, which is the caller's)."""
+    if isinstance(cfg, ExecConfig):
+        try:
+            start = _starttime(pidfd_pid(cfg.target_pidfd))
+        except (OSError, ValueError, IndexError):
+            start = proc.starttime  # the init is gone: the exec's own start
+        return context_of(cfg.cgroup_procs, start)
+    return context_of(cfg.cgroup_procs, proc.starttime)
+
+
+_answerers: dict[str, int] = {}
+"""The answerers :func:`spawn_direct` forked, by the key of the process
+they answer for (its ``PID:STARTTIME``): their PIDs."""
+
+
+def _reap_answerer(key: str, timeout: float = 1.0) -> None:
+    """Reap the answerer of the process *key*, which has been reaped.
+
+    Its filter's last task is gone once the init of a sandbox is reaped
+    (every other task of its PID namespace went first), so the answerer
+    sees POLLHUP and ends at once; an exec'd process may leave children
+    behind, and its answerer serves them on (then reaped at our exit, or
+    by whoever inherits it).
+    """
+    pid = _answerers.pop(key, None)
+    if pid is None:
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        if has_exited(pidfd, timeout):
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        else:
+            _answerers[key] = pid
+    finally:
+        os.close(pidfd)
+
+
+def _answer_direct(cfg: LaunchConfig | ExecConfig, proc: Spawned) -> Spawned:
+    """Give *proc*'s ``sysinfo`` listener to an answerer forked for it."""
+    if proc.notify_fd < 0:
+        return proc
+    key = f"{proc.pid}:{proc.starttime}"
+    try:
+        _answerers[key] = fork_answerer(key, proc.notify_fd, answer_context(cfg, proc))
+    finally:
+        # The answerer's alone: if it dies, sysinfo fails (ENOSYS) rather
+        # than waiting for an answer nobody will give.
+        os.close(proc.notify_fd)
+    return proc._replace(notify_fd=-1)
 
 
 def run_child(
@@ -307,9 +379,10 @@ def spawn_direct(
         finally:
             child.close()
         try:
-            return collect(parent, on_pid)
+            proc = collect(parent, on_pid)
         finally:
             os.waitpid(pid, 0)
+        return _answer_direct(cfg, proc)
 
 
 KEEPER_SOCKET = "keeper.sock"
@@ -337,11 +410,13 @@ class Keeper(Reaper):
     (in memory and as ``RUN_DIR/exits/PID-STARTTIME.json``) and of the read
     ends of their output pipes (:meth:`hold`), so that they outlive the
     supervisor without dying of SIGPIPE or losing how they ended. It
+    answers the ``sysinfo`` calls of what it spawned with the view
+    (:meth:`answer`, done by :meth:`spawn`; see :mod:`._sysinfo`). It
     listens on ``RUN_DIR/keeper.sock``; a keeper already running there is
     connected to (:attr:`reconnected`) rather than a new one started. It
     exits once no supervisor is connected and it holds nothing. If it dies,
     the next request starts another (:attr:`restarts` counts them) and is
-    given every pipe held so far again; the sandboxes it was the parent of
+    given every pipe and ``sysinfo`` listener held so far again; the sandboxes it was the parent of
     are re-parented to its own parent's subreaper, so this process reaps
     them directly (see :meth:`Reaper.reap`).
     """
@@ -368,6 +443,10 @@ class Keeper(Reaper):
         # key -> our duplicates of the output pipes' read ends given to the
         # keeper, to give them again to a keeper that replaces a dead one.
         self._held: dict[str, tuple[int, int]] = {}
+        # key -> our duplicate of a sysinfo listener given to the keeper and
+        # its context: the same, and while we hold it a keeper's death makes
+        # sysinfo wait for the next keeper instead of failing (ENOSYS).
+        self._listeners: dict[str, tuple[int, Context]] = {}
         self._sock = self._connect_or_start()
 
     # -- connection -------------------------------------------------------
@@ -472,6 +551,9 @@ class Keeper(Reaper):
             for key, fds in self._held.items():
                 with contextlib.suppress(OSError):
                     _send(sock, {"hold": key}, list(fds))
+            for key, (fd, ctx) in self._listeners.items():
+                with contextlib.suppress(OSError):
+                    _send(sock, {"sysinfo": [key, list(ctx)]}, [fd])
             self._sock = sock
             self.restarts += 1
             return sock
@@ -565,13 +647,49 @@ class Keeper(Reaper):
             keeper = self._current()
             with self.request(cfg, stdio) as sock:
                 try:
-                    return collect(sock, on_pid)
+                    proc = collect(sock, on_pid)
                 except SpawnFailed as exc:
                     if attempt == 2 or exc.pid is not None or exc.failure.message != NO_REPORT:
                         raise
                     if keeper is self._current() and not self.check():
                         raise  # the keeper lives: its child died (not a retry case)
+                    continue
+            if proc.notify_fd >= 0:
+                # The process runs: a listener we could not hand over (out
+                # of descriptors) costs it only its sysinfo (ENOSYS).
+                with contextlib.suppress(OSError):
+                    self.answer(f"{proc.pid}:{proc.starttime}", proc.notify_fd, cfg, proc)
+                os.close(proc.notify_fd)
+            return proc._replace(notify_fd=-1)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def answer(
+        self, key: str, listener: int, cfg: LaunchConfig | ExecConfig, proc: Spawned
+    ) -> None:
+        """Have the keeper answer ``sysinfo`` on *listener* (the caller's
+        still) for *proc*, started from *cfg*; keep a copy of it. A keeper
+        that cannot be reached leaves the process's ``sysinfo`` waiting for
+        the next one (we hold the copy)."""
+        self._forget_ended()
+        ctx = answer_context(cfg, proc)
+        dup = os.dup(listener)
+        with self._lock:
+            old = self._listeners.pop(key, None)
+            self._listeners[key] = (dup, ctx)
+        if old is not None:
+            _close([old[0]])
+        with contextlib.suppress(OSError):
+            self._send({"sysinfo": [key, list(ctx)]}, [listener])
+
+    def _forget_ended(self) -> None:
+        """Close our copies of listeners whose processes have all ended
+        (their filter has no task left: the listener polls POLLHUP)."""
+        import select
+
+        with self._lock:
+            ended = [k for k, (fd, _) in self._listeners.items() if _hung_up(fd, select)]
+            fds = [self._listeners.pop(k)[0] for k in ended]
+        _close(fds)
 
     # -- holding ----------------------------------------------------------
 
@@ -600,10 +718,12 @@ class Keeper(Reaper):
         """What the keeper holds: the pipes' read ends by key (new
         descriptors, the caller's), and the exit statuses it keeps by
         (PID, start time). Pipes listed are held on from now on (as if by
-        :meth:`hold`)."""
+        :meth:`hold`); so are the ``sysinfo`` listeners it answers on (kept
+        here, for a keeper that replaces it)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pipes: dict[str, tuple[int, int]] = {}
         exits: dict[tuple[int, int], ExitStatus] = {}
+        listeners: dict[str, tuple[int, Context]] = {}
         with parent:
             with child:
                 self._send({"list": None}, [child.fileno()])
@@ -615,12 +735,21 @@ class Keeper(Reaper):
                 if "held" in answer and len(fds) == 2:
                     pipes[str(answer["held"])] = (fds[0], fds[1])
                     continue
+                if "sysinfo" in answer and len(fds) == 1:
+                    key, ctx = answer["sysinfo"]
+                    listeners[str(key)] = (fds[0], Context([str(c) for c in ctx[0]], int(ctx[1])))
+                    continue
                 _close(fds)
                 for pid, start, code, sig in answer.get("exits", ()):
                     exits[(pid, start)] = ExitStatus(code, sig)
         with self._lock:
             for key, (out_r, err_r) in pipes.items():
                 self._held[key] = (os.dup(out_r), os.dup(err_r))
+            for key, entry in listeners.items():
+                old = self._listeners.pop(key, None)
+                if old is not None:
+                    _close([old[0]])
+                self._listeners[key] = entry
         return pipes, exits
 
     # -- reaping ----------------------------------------------------------
@@ -650,6 +779,9 @@ class Keeper(Reaper):
             return super()._not_ours(proc, block)
 
     def forget(self, proc: Spawned) -> None:
+        # Its listener's last task may have been this one: our copy goes
+        # now, not at the next spawn.
+        self._forget_ended()
         with contextlib.suppress(OSError):
             self._send({"forget": [proc.pid, proc.starttime]})
 
@@ -668,8 +800,10 @@ class Keeper(Reaper):
         with self._lock:
             self._sock.close()
             held, self._held = self._held, {}
+            listeners, self._listeners = self._listeners, {}
         for fds in held.values():
             _close(fds)
+        _close([fd for fd, _ in listeners.values()])
         if self._proc is None:
             return
         if held and self.run_dir is not None:
@@ -712,6 +846,12 @@ def _answer(sock: socket.socket, payload: dict[str, Any]) -> Any:
         parent.settimeout(10)
         msg = parent.recv(1 << 16)
     return _unpack(msg) if msg else None
+
+
+def _hung_up(fd: int, select: Any) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
 
 
 def _close(fds: Sequence[int]) -> None:

@@ -60,6 +60,7 @@ __all__ = [
     "inotify_init",
     "inotify_read",
     "load_seccomp",
+    "load_seccomp_listener",
     "mount",
     "openat2",
     "pivot_root",
@@ -385,6 +386,37 @@ def load_seccomp(bpf: bytes) -> None:
     fprog = _SockFprog(count, ctypes.addressof(program))
     if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
         raise _fail("prctl(PR_SET_SECCOMP)")
+
+
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277, "ppc64le": 358, "s390x": 348}
+
+
+def load_seccomp_listener(bpf: bytes) -> int:
+    """Install the seccomp filter *bpf*, whose ``SECCOMP_RET_USER_NOTIF``
+    answers someone else gives, and return its listener: a new
+    close-on-exec descriptor (``SECCOMP_FILTER_FLAG_NEW_LISTENER``).
+
+    The same rules as :func:`load_seccomp` (no_new_privs or CAP_SYS_ADMIN
+    first). A chain that has a listener already refuses a second one
+    (EBUSY). Until the listener is given to whoever answers, a trapped
+    call waits; once every copy of it is closed, the call fails (ENOSYS).
+    """
+    count, rest = divmod(len(bpf), _SOCK_FILTER_SIZE)
+    if rest or not 0 < count <= _BPF_MAXINSNS:
+        raise OSError(errno.EINVAL, f"seccomp: not a BPF program ({len(bpf)} bytes)")
+    program = ctypes.create_string_buffer(bpf, len(bpf))
+    fprog = _SockFprog(count, ctypes.addressof(program))
+    fd = _libc.syscall(
+        _SYS_SECCOMP[os.uname().machine],
+        ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),
+        ctypes.c_uint(_SECCOMP_FILTER_FLAG_NEW_LISTENER),
+        ctypes.c_void_p(ctypes.addressof(fprog)),
+    )
+    if fd < 0:
+        raise _fail("seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER)")
+    return int(fd)
 
 
 PROC_SUPER_MAGIC = 0x9FA0
