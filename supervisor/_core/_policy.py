@@ -117,9 +117,7 @@ def policy_problems(policy: SocketPolicy, cfg: Any) -> list[str]:
     for key, path in paths:
         if not _under(path, policy.volume_roots):
             roots = ", ".join(policy.volume_roots) or "none"
-            out.append(
-                f"{where}: {key}: {_rule(f'host paths outside its volume_roots ({roots})')}"
-            )
+            out.append(f"{where}: {key}: {_rule(f'host paths outside its volume_roots ({roots})')}")
     return out
 
 
