@@ -184,3 +184,33 @@ def test_a_keeper_that_cannot_be_replaced_now_is_replaced_later(
             assert sb.wait().status == 7
     finally:
         keeper.close()
+
+
+def test_a_listener_reported_before_the_pid_is_taken_in_order() -> None:
+    """The init (which sends its sysinfo listener, ``N``) and the
+    intermediate (which sends ``P`` with the init's pidfd) are two
+    processes: nothing orders their reports. An ``N`` first is the
+    listener, not a missing ``P`` (that killed one crash-loop start in
+    about a hundred)."""
+    import socket
+
+    from supervisor._runtime._linux._spawn import collect
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener_r, listener_w = os.pipe()  # stand-ins: any descriptors travel
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        socket.send_fds(theirs, [b"N"], [listener_r])
+        socket.send_fds(theirs, [f"P{os.getpid()}:42".encode()], [pidfd])
+        theirs.close()
+        proc = collect(ours)
+        assert (proc.pid, proc.starttime) == (os.getpid(), 42)
+        assert proc.notify_fd >= 0 and proc.pidfd >= 0
+        os.write(listener_w, b"x")
+        assert os.read(proc.notify_fd, 1) == b"x"  # the listener it was sent
+        os.close(proc.notify_fd)
+        os.close(proc.pidfd)
+    finally:
+        ours.close()
+        for fd in (listener_r, listener_w, pidfd):
+            os.close(fd)

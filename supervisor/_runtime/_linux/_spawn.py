@@ -210,10 +210,22 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
     give up (``X``) and the failure is a :class:`SpawnFailed` of step
     ``network`` with the init's PID, for the caller to reap.
     """
-    msg, fds, _, _ = recv_fds(sock, 65536, 1)
+    pty_master: int | None = None
+    notify = -1
+    while True:
+        msg, fds, _, _ = recv_fds(sock, 65536, 1)
+        # The init's listener may come before the intermediate's "P":
+        # nothing orders the two processes' reports (taking it for a
+        # missing "P" killed one start in about a hundred).
+        if msg == b"N" and len(fds) == 1 and notify < 0:
+            notify = fds[0]
+            continue
+        break
     if msg[:1] != b"P" or not fds:
         for fd in fds:
             os.close(fd)
+        if notify >= 0:
+            os.close(notify)
         if msg[:1] == b"E":
             # The init may fail and report before the intermediate's "P"
             # (nothing orders the two): that still comes, with the pidfd
@@ -226,8 +238,6 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
         raise SpawnFailed(SetupFailure("spawn", 0, NO_REPORT))
     pid_s, _, start_s = msg[1:].partition(b":")
     pid, start, pidfd = int(pid_s), int(start_s or 0), fds[0]
-    pty_master: int | None = None
-    notify = -1
     if on_pid is not None:
         try:
             on_pid(pid)
@@ -235,6 +245,8 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
             with contextlib.suppress(OSError):
                 sock.send(b"X")
             _drain(sock)
+            if notify >= 0:
+                os.close(notify)
             raise SpawnFailed(SetupFailure("network", 0, str(exc)), pid, pidfd, start) from exc
         # An init that failed meanwhile has closed its end: its report follows.
         with contextlib.suppress(OSError):
