@@ -42,6 +42,7 @@ tested deterministically with trio's MockClock.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import deque
@@ -261,7 +262,11 @@ def decide(
     history.attempt += 1
     history.restarts += 1
     history.recent.append(now)
-    delay = min(policy.delay * policy.factor ** (history.attempt - 1), policy.max_delay)
+    try:
+        grown = policy.delay * policy.factor ** (history.attempt - 1)
+    except OverflowError:  # a crash loop's 1025th restart at factor 2
+        grown = math.inf
+    delay = min(grown, policy.max_delay)
     if policy.jitter and delay:
         delay *= 1 + rng.uniform(-policy.jitter, policy.jitter)
     memory = None

@@ -77,6 +77,16 @@ def test_backoff_doubles_to_the_cap_within_jitter() -> None:
     ]
 
 
+def test_a_crash_loop_past_a_thousand_restarts_stays_at_the_cap() -> None:
+    """factor ** attempt overflows a float at 1,025 doublings: the delay
+    stays max_delay (once, this ended the plugin with an OverflowError)."""
+    policy = parse_policy({"policy": "always", "delay": "1ms", "max_delay": "1ms",
+                           "jitter": 0, "intensity": 1_000_000})  # fmt: skip
+    h = InstanceHistory()
+    delays = [decide(policy, h, exited("a-0", 1), now=i / 1e6).delay for i in range(1100)]
+    assert delays[-1] == 0.001 and h.attempt == 1100
+
+
 def test_stable_run_resets_the_backoff() -> None:
     """A run longer than reset_after starts the backoff from the beginning."""
     policy = parse_policy({"policy": "always", "jitter": 0, "reset_after": "10s"})
