@@ -44,6 +44,7 @@ from supervisor import Supervisor
 from supervisor._core._fleet import parse_fleet
 from supervisor._runtime._limits import Limits
 from supervisor._runtime._linux._cgroups import Cgroup
+from supervisor._runtime._lxcfs import Lxcfs
 
 M = 1 << 20
 MARK = 48 * M
@@ -302,6 +303,9 @@ def main() -> None:
     try:
         out = trio.run(bench, args, scratch, binary)
     finally:
+        # The supervisor's lxcfs outlives it by design (the next supervisor
+        # takes it back): this one's run directory is about to go.
+        Lxcfs(str(scratch / "run"), "auto", say=lambda line: None).stop(force=True)
         shutil.rmtree(scratch, ignore_errors=True)
     print(
         f"memory over memory_high to the event, ms (n={args.samples}, {args.sandboxes} sandboxes)"
