@@ -86,7 +86,10 @@ def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None
         try:
             assert ev.stdout is not None
             got = read_until(ev.stdout, lambda r: r["kind"] == "exited")
-            assert [r["kind"] for r in got] == ["created", "started", "oom_kill", "exited"]
+            # (On cgroup v2 the hog's reclaim at its limit comes first, as
+            # memory_pressure events: that is news too, but not this test's.)
+            kinds = [r["kind"] for r in got if r["kind"] != "memory_pressure"]
+            assert kinds == ["created", "started", "oom_kill", "exited"]
             assert got[-1]["data"]["oom_killed"] is True  # type: ignore[index]
             up.send_signal(signal.SIGTERM)
             # The stream ends when the supervisor stops.
