@@ -477,6 +477,22 @@ def _freeze_and_kill(path: str, freezer: str | None) -> None:
 # -- OOM watches -------------------------------------------------------------
 
 
+def _v1_event(memdir: str, file: str, args: str = "") -> int:
+    """A new eventfd the kernel signals for *file* of the v1 memory cgroup
+    *memdir* (``cgroup.event_control``: ``EVENTFD FD ARGS``); the caller's."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _write(os.path.join(memdir, "cgroup.event_control"), f"{efd} {fd}{args}")
+        finally:
+            os.close(fd)
+    except BaseException:
+        os.close(efd)
+        raise
+    return efd
+
+
 class _V1OomWatch(OomWatch):
     """cgroup v1: an eventfd registered through ``cgroup.event_control``.
 
@@ -490,16 +506,7 @@ class _V1OomWatch(OomWatch):
         self.pressure = {}
         self._ooms = 0
         self._kills = 0
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            ctl = os.open(self._file, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _write(os.path.join(memdir, "cgroup.event_control"), f"{self.fd} {ctl}")
-            finally:
-                os.close(ctl)
-        except BaseException:
-            self.close()
-            raise
+        self.fd = _v1_event(memdir, self._file)
         self.read()
 
     def read(self) -> tuple[int, int]:
@@ -576,13 +583,8 @@ class _V1PressureWatch(PressureWatch):
         self._above = False
         if high is None:
             return
-        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fd = _v1_event(memdir, self._usage, f" {high}")
         try:
-            usage = os.open(self._usage, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _write(os.path.join(memdir, "cgroup.event_control"), f"{self._fd} {usage} {high}")
-            finally:
-                os.close(usage)
             self._above = self.usage() >= high
         except BaseException:
             self.close()
