@@ -485,7 +485,8 @@ def _privileges(spec: SandboxSpec, cache_dir: str | None = None) -> dict[str, An
     if not sec.privileged and sec.seccomp != "unconfined":
         from ._seccomp import compile_filter
 
-        seccomp = compile_filter(sec.seccomp, caps, cache_dir)
+        filters = compile_filter(sec.seccomp, caps, cache_dir)
+        seccomp = None if filters is None else list(filters)
     return {
         "caps": caps,
         "last_cap": last,

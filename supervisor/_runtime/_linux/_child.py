@@ -152,8 +152,9 @@ class LaunchConfig(NamedTuple):
     """The host kernel's highest capability number."""
     no_new_privs: bool = False
     """Set ``no_new_privs`` before the exec."""
-    seccomp: bytes | None = None
-    """The seccomp filter, a BPF program libseccomp exported (None: none)."""
+    seccomp: list[bytes] | None = None
+    """The seccomp programs, loaded in order (None: none; see
+    :func:`supervisor._runtime._seccomp.compile_filter`)."""
     rlimits: list[list[int]] | None = None
     """``[resource, soft, hard]`` triples set before the exec."""
     userns: list[int] | None = None
@@ -645,7 +646,7 @@ class Privileges(Protocol):
     @property
     def no_new_privs(self) -> bool: ...
     @property
-    def seccomp(self) -> bytes | None: ...
+    def seccomp(self) -> list[bytes] | None: ...
     @property
     def rlimits(self) -> list[list[int]] | None: ...
     @property
@@ -762,8 +763,8 @@ def restrict_like_sandbox(
     # the same); the filter then must allow what follows (capset, prctl).
     if not cfg.no_new_privs:
         _trap_sysinfo(report, cfg)
-        if cfg.seccomp is not None:
-            sc.load_seccomp(cfg.seccomp)
+        for program in cfg.seccomp or ():
+            sc.load_seccomp(program)
     who = None if identity is None else (identity.uid, identity.gid, identity.groups)
     if cfg.caps is not None:  # None: privileged, which also means no no_new_privs
         sc.restrict_capabilities(cfg.caps, cfg.last_cap, cfg.no_new_privs, who)
@@ -771,8 +772,8 @@ def restrict_like_sandbox(
         sc.switch_user(*who)
     if cfg.no_new_privs:
         _trap_sysinfo(report, cfg)
-        if cfg.seccomp is not None:
-            sc.load_seccomp(cfg.seccomp)
+        for program in cfg.seccomp or ():
+            sc.load_seccomp(program)
 
 
 def _trap_sysinfo(report: socket.socket, cfg: Privileges) -> None:

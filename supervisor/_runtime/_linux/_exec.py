@@ -102,8 +102,8 @@ class ExecConfig(NamedTuple):
     """The host kernel's highest capability number."""
     no_new_privs: bool = False
     """Set ``no_new_privs`` before the exec, as the sandbox's init did."""
-    seccomp: bytes | None = None
-    """The sandbox's seccomp filter (a BPF program libseccomp exported)."""
+    seccomp: list[bytes] | None = None
+    """The sandbox's seccomp programs, loaded in order."""
     rlimits: list[list[int]] | None = None
     """The sandbox's rlimits, ``[resource, soft, hard]``."""
     userns: bool = False
