@@ -22,7 +22,11 @@ gets (``Cgroup.restrict_devices`` on an empty cgroup: on cgroup v2 the
 load and attach of the eBPF device program, on v1 the ``devices.*``
 writes; the program's load, which a process does once, is shown apart),
 measured apart because it is a fraction of the run-to-run noise
-of a whole start.
+of a whole start; and one for the default seccomp filter (the programs
+loaded into a fresh process with no_new_privs, and what a syscall then
+costs: ``getppid``, which the kernel's per-filter cache lets through
+without running a program, and ``ioctl(FIONREAD)``, whose argument every
+program looks at), against the same process without a filter.
 
 The last two lines are exactly ``start_ratio_vs_runc: X.XX`` (a) and
 ``cli_ratio_vs_runc: X.XX`` (b): median over median.
@@ -31,6 +35,7 @@ The last two lines are exactly ``start_ratio_vs_runc: X.XX`` (a) and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -110,6 +115,7 @@ def main() -> None:
             print("lxc: not installed or not working here; skipped", file=sys.stderr)
 
         devices = device_policy_cost(runtime, args.runs * 4)
+        seccomp = seccomp_filter_cost(args.runs * 4)
         samples: dict[str, list[float]] = {k: [] for k in contenders}
         for i in range(args.warmup + args.runs):
             for name, fn in contenders.items():
@@ -130,6 +136,7 @@ def main() -> None:
         p90 = xs[min(len(xs) - 1, int(0.9 * len(xs)))]
         print(f"{name:12} {med[name] * 1e3:10.2f} {p90 * 1e3:8.2f} {xs[0] * 1e3:8.2f}")
     print(devices)
+    print(seccomp)
     if "lxc" in med:
         print(f"lib_ratio_vs_lxc: {med['corral-lib'] / med['lxc']:.2f}")
     print(f"start_ratio_vs_runc: {med['corral-lib'] / med['runc']:.2f}")
@@ -160,6 +167,61 @@ def device_policy_cost(runtime: Runtime, runs: int) -> str:
             os.close(fd)
         line += f"; the load, once per process: {_us(load)}"
     return line
+
+
+_FILTER_PROBE = r"""
+import ctypes, fcntl, json, os, sys, termios, time
+from supervisor._runtime._seccomp import compile_filter
+from supervisor._runtime._linux._syscalls import load_seccomp
+caps, runs, load = json.loads(sys.argv[1])
+programs = compile_filter("default", caps)
+programs = (programs,) if isinstance(programs, bytes) else programs  # older trees: one
+if ctypes.CDLL(None).prctl(38, 1, 0, 0, 0) != 0:
+    raise SystemExit("PR_SET_NO_NEW_PRIVS failed")
+t0 = time.perf_counter()
+for p in programs if load else ():
+    load_seccomp(p)
+took = time.perf_counter() - t0
+r, w = os.pipe()
+buf = bytearray(4)
+def per_call(fn):
+    t = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    return (time.perf_counter() - t) / runs
+getppid = min(per_call(os.getppid) for _ in range(5))
+ioctl = min(per_call(lambda: fcntl.ioctl(r, termios.FIONREAD, buf)) for _ in range(5))
+print(json.dumps([took, getppid, ioctl, sum(len(p) // 8 for p in programs)]))
+"""
+
+
+def seccomp_filter_cost(runs: int) -> str:
+    """One line: loading the default filter (median of *runs* fresh
+    processes, each with Docker's capabilities), and the per-syscall cost
+    with the filter against without (medians of the per-process minimums)."""
+    from supervisor._runtime._security import DEFAULT_SECURITY, cap_last_cap, kept_capabilities
+
+    caps = kept_capabilities(DEFAULT_SECURITY, cap_last_cap())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    results: dict[bool, list[list[float]]] = {True: [], False: []}
+    for i in range(max(runs // 10, 5) * 2):
+        load = i % 2 == 0
+        out = subprocess.run(
+            [sys.executable, "-c", _FILTER_PROBE, json.dumps([caps, 20000, load])],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        results[load].append(json.loads(out.stdout))
+    size = int(results[True][0][3])
+    loads = [r[0] for r in results[True]]
+
+    def ns(i: int, load: bool) -> float:
+        return statistics.median(r[i] for r in results[load]) * 1e9
+
+    return (
+        f"seccomp filter ({size} instructions): load {_us(loads)};"
+        f" getppid {ns(1, True):.0f} ns vs {ns(1, False):.0f} ns without;"
+        f" ioctl {ns(2, True):.0f} ns vs {ns(2, False):.0f} ns without"
+    )
 
 
 def _us(xs: list[float]) -> str:
