@@ -12,6 +12,11 @@ Layers are independent until they are stacked, so the missing ones are
 applied side by side, one thread each up to the CPUs this process may use:
 most of an import's time is the kernel creating files, which a second core
 halves. They are committed to the store and reported in their order.
+
+Each worker thread is confined with Landlock (:mod:`._landlock`) before it
+extracts anything: it may change the file system only beneath this
+import's layer directories, so an entry that got past the extraction's
+own checks still could not write outside them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from ._oci import OciImage, apply_layer, open_image
+from ._landlock import confine_writes
+from ._oci import Layer, OciError, OciImage, apply_layer, open_image
 from ._store import Image, ImageStore
 
 __all__ = ["ImportProgress", "import_oci"]
@@ -129,10 +135,23 @@ def _apply_all(
     layers = {layer.diff_id: layer for layer in image.layers if layer.diff_id in work}
     stop = threading.Event()
     workers = min(len(layers), len(os.sched_getaffinity(0)), _MAX_WORKERS)
+    confined = threading.local()
+    directories = sorted(work.values())
+
+    def extract(layer: Layer, dest: str) -> None:
+        # Once per worker thread, before its first layer; the pool's threads
+        # end with the pool, so no confined thread outlives this import.
+        if not getattr(confined, "done", False):
+            try:
+                confine_writes(directories)
+            except OSError as exc:
+                raise OciError(f"cannot confine the layer extraction: {exc.strerror}") from None
+            confined.done = True
+        apply_layer(layer, dest, stop=stop)
+
     with ThreadPoolExecutor(workers, thread_name_prefix="corral-layer") as pool:
         futures: dict[Future[None], str] = {
-            pool.submit(apply_layer, layer, work[diff_id], stop=stop): diff_id
-            for diff_id, layer in layers.items()
+            pool.submit(extract, layer, work[diff_id]): diff_id for diff_id, layer in layers.items()
         }
         try:
             for future in as_completed(futures):

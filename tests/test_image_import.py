@@ -5,17 +5,20 @@ defaults, and a hostile image refused in one line with nothing left."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tarfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from rootfs import ImageStore, OciError, busybox_image
 from rootfs._import import ImportProgress, import_oci
+from rootfs._landlock import confine_writes, landlock_abi
 
 from .conftest import Dirs, corral, requires_root
 from .helpers import skopeo, user_xattrs_work
@@ -249,3 +252,60 @@ def test_an_opaque_directory_hides_what_is_below_for_every_sandbox(
     args = ["run", "--image", "opq", *(["--userns"] if userns else []), "--"]
     p = corral(dirs, *args, "sh", "-c", "ls /d; rm -r /etc && mkdir /etc && ls -a /etc | wc -l")
     assert (p.returncode, p.stdout.decode()) == (0, "new\n2\n"), p.stderr
+
+
+def _in_a_thread(fn: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """*fn*'s result, run in a thread of its own (a Landlock domain is the
+    thread's: this one ends with it, the test's own stays free)."""
+    box: dict[str, dict[str, str]] = {}
+    t = threading.Thread(target=lambda: box.setdefault("out", fn()))
+    t.start()
+    t.join()
+    return box["out"]
+
+
+def _attempt(call: Callable[[], object]) -> str:
+    try:
+        call()
+    except OSError as exc:
+        return errno.errorcode[exc.errno or 0]
+    return "ok"
+
+
+@pytest.mark.skipif(landlock_abi() == 0, reason="this kernel has no Landlock")
+def test_a_confined_extraction_thread_cannot_change_anything_outside(tmp_path: Path) -> None:
+    """What confines each layer worker: beneath the given directories the
+    thread creates, links, renames and removes; outside it can read but not
+    create, write, truncate, remove or rename (EACCES from the kernel); other
+    threads are not confined."""
+    inside, outside = tmp_path / "layer", tmp_path / "host"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0\n")
+
+    def probe() -> dict[str, str]:
+        assert confine_writes([str(inside)])
+        return {
+            "make inside": _attempt(lambda: (inside / "f").write_text("x")),
+            "dir inside": _attempt(lambda: (inside / "d").mkdir()),
+            "link inside": _attempt(lambda: os.link(inside / "f", inside / "d" / "g")),
+            "rename inside": _attempt(lambda: os.rename(inside / "d" / "g", inside / "h")),
+            "remove inside": _attempt(lambda: os.unlink(inside / "h")),
+            "read outside": _attempt(lambda: (outside / "passwd").read_text()),
+            "make outside": _attempt(lambda: (outside / "new").write_text("x")),
+            "write outside": _attempt(lambda: open(outside / "passwd", "a").close()),
+            "truncate outside": _attempt(lambda: os.truncate(outside / "passwd", 0)),
+            "remove outside": _attempt(lambda: os.unlink(outside / "passwd")),
+            "symlink outside": _attempt(lambda: os.symlink("/", outside / "s")),
+            "rename out": _attempt(lambda: os.rename(inside / "f", outside / "f")),
+        }
+
+    out = _in_a_thread(probe)
+    assert out == {
+        "make inside": "ok", "dir inside": "ok", "link inside": "ok", "rename inside": "ok",
+        "remove inside": "ok", "read outside": "ok", "make outside": "EACCES",
+        "write outside": "EACCES", "truncate outside": "EACCES", "remove outside": "EACCES",
+        "symlink outside": "EACCES", "rename out": "EACCES",
+    }  # fmt: skip
+    assert (outside / "passwd").read_text() == "root:x:0:0\n"
+    (outside / "free").write_text("the test's own thread is not confined")
