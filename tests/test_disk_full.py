@@ -19,6 +19,7 @@ import events
 from events import Event, Gap, Journal, JournalError, Started, encode, stamped
 from events.segments import SeqSegment, SeqSegments
 from supervisor import Keeper, Runtime, SandboxError, SandboxSpec, Supervisor
+from supervisor._runtime._security import make_security
 
 from .conftest import Dirs, requires_root
 from .helpers import fill_up, small_tmpfs
@@ -273,6 +274,23 @@ def test_a_record_that_cannot_be_written_fails_that_create_and_leaves_nothing(
             " No space left on device"
         )
         assert os.listdir(disk / "sandboxes") == []
+
+
+def test_an_id_claim_that_cannot_be_written_fails_that_create_and_leaves_nothing(
+    dirs: Dirs, session_keeper: Keeper
+) -> None:
+    """RUN_DIR on a full disk, a sandbox in a user namespace: its id claim,
+    written there first, fails the create with one line naming it, and no
+    empty claim is left (it would name no owner to release it)."""
+    with small_tmpfs(dirs.run.parent / "run-disk", "64k") as disk:
+        runtime = Runtime(state_dir=dirs.state, run_dir=disk, spawner=session_keeper.spawn)
+        fill_up(disk)
+        with pytest.raises(SandboxError) as err:
+            runtime.create(
+                SandboxSpec(name="ids", argv=("true",), security=make_security(userns=True))
+            )
+        assert str(err.value) == f"sandbox 'ids': {disk}/userns/0: No space left on device"
+        assert os.listdir(disk / "userns") == []
 
 
 def test_a_rootfs_that_cannot_be_built_fails_that_create_and_leaves_nothing(

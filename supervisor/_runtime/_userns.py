@@ -110,10 +110,13 @@ def _create(path: str, name: str) -> bool:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump({"name": name, "pid": pid, "start": _start_time(pid)}, f)
-    except BaseException:
+    except BaseException as exc:
         # An empty claim names no owner: nobody would release it.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A write's error (a full disk) names no file: the message does.
+            raise OSError(exc.errno, exc.strerror, path) from None
         raise
     return True
 
