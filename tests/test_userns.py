@@ -259,6 +259,30 @@ def test_a_rootfs_that_cannot_be_idmapped_is_copied_shifted(
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+@requires_root
+def test_a_network_namespace_the_sandbox_does_not_own_has_its_sys(
+    runtime: Runtime, dirs: Dirs
+) -> None:
+    """The host's network, or another sandbox's, belongs to a user
+    namespace not the sandbox's, whose root may not mount a sysfs for it:
+    the sandbox still gets /sys, showing that network's interfaces."""
+    before = set(os.listdir("/sys/class/net"))
+    spec = SandboxSpec(name="u-hostnet", argv=("ls", "/sys/class/net"), network="host",
+                       security=USERNS)  # fmt: skip
+    result, out, err = run_capture(runtime, spec)
+    assert result.status == 0, err
+    assert before & set(os.listdir("/sys/class/net")) <= set(out.split())
+
+    pod = SandboxSpec(name="u-pod", argv=("sleep", "600"), security=USERNS)
+    with open(os.devnull, "rb") as null, runtime.create(pod, stdio=(null.fileno(),) * 3) as sb:
+        spec = SandboxSpec(name="u-joined", argv=("ls", "/sys/class/net"), network="sandbox:u-pod",
+                           security=USERNS)  # fmt: skip
+        result, out, err = run_capture(runtime, spec)
+        sb.kill()
+        sb.wait()
+    assert (result.status, out) == (0, "lo\n"), err
+
+
 def _age(claims: list[Path]) -> None:
     """Make *claims* look older than STALE_AFTER."""
     from supervisor._runtime._records import STALE_AFTER

@@ -301,6 +301,14 @@ def run_intermediate(
                 # host's privileges over the other sandbox's namespace.
                 step = "join network namespace"
                 _join_netns(cfg.join_netns, proc)
+            own_net = cfg.network != "host" and cfg.join_netns is None
+            sysfs = -1
+            if cfg.userns is not None and not own_net:
+                # The sandbox's root will not own this network namespace (the
+                # host's, or the other sandbox's): only a root over it may
+                # mount its sysfs, which the init then attaches.
+                step = "sysfs"
+                sysfs = sc.new_sysfs(_SYSFS_ATTRS)
             lower_trees: list[int] = []
             if cfg.userns is not None:
                 step = "user namespace"
@@ -309,7 +317,6 @@ def run_intermediate(
                     base, size, idmap=cfg.lowerdir.split(":") if cfg.idmap_lower else None
                 )
             step = "unshare namespaces"
-            own_net = cfg.network != "host" and cfg.join_netns is None
             sc.unshare(_NS_FLAGS if own_net else _NS_FLAGS & ~sc.CLONE_NEWNET)
             if lower_trees:
                 # In the sandbox's own mount namespace: nothing on the host.
@@ -326,7 +333,9 @@ def run_intermediate(
                 if cfg.die_with:
                     _die_with(cfg.die_with, me, proc, report)
                 os.close(proc)  # the host's /proc stays out of the sandbox
-                _run_init(cfg, report)
+                _run_init(cfg, report, sysfs)
+            if sysfs >= 0:
+                os.close(sysfs)  # the init's now
         pidfd = os.pidfd_open(pid)
         # With its start time: a PID alone is no identity once reaped
         # (see ._proc); read while we are its parent, so it cannot be gone.
@@ -499,7 +508,11 @@ def _die_with(owner: int, intermediate: int, proc: int, report: socket.socket) -
         os._exit(127)
 
 
-def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
+def _run_init(cfg: LaunchConfig, report: socket.socket, sysfs: int = -1) -> NoReturn:
+    """Body of the init: make the sandbox's root and exec tini in it.
+
+    *sysfs* is a detached sysfs mount to attach at /sys (-1: mount one).
+    """
     step = "prepare"
     try:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -509,7 +522,7 @@ def _run_init(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
         # whose session leader is outside its PID namespace.
         os.setsid()
         step = "mount root"
-        _mount_root(cfg)
+        _mount_root(cfg, sysfs)
         if cfg.mounts:
             step = "volumes"
             _mount_volumes(cfg)
@@ -872,14 +885,26 @@ def _make_root_read_only(cfg: LaunchConfig) -> None:
     sc.mount(None, cfg.merged, None, flags | (sc.MS_NODEV if cfg.confine else 0))
 
 
-def _mount_root(cfg: LaunchConfig) -> None:
+_SYSFS_ATTRS = (
+    sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
+)
+"""A sandbox's /sys: read-only, nosuid, nodev, noexec."""
+
+
+def _mount_root(cfg: LaunchConfig, sysfs: int = -1) -> None:
+    """Mount the overlay root, /proc, /sys (*sysfs*, a detached mount, if
+    not -1), /dev and the rest at ``cfg.merged``."""
     _mount_overlay(cfg)
     m = cfg.merged
     nosuid_noexec_nodev = sc.MS_NOSUID | sc.MS_NOEXEC | sc.MS_NODEV
     proc = _target(m, "proc")
     sc.mount("proc", proc, "proc", nosuid_noexec_nodev)
     sys_ = _target(m, "sys")
-    sc.mount("sysfs", sys_, "sysfs", sc.MS_RDONLY | nosuid_noexec_nodev)
+    if sysfs >= 0:
+        sc.attach_tree(sysfs, sys_)
+        os.close(sysfs)
+    else:
+        sc.mount("sysfs", sys_, "sysfs", sc.MS_RDONLY | nosuid_noexec_nodev)
     # What the masks and the pivot rely on must really be procfs and sysfs
     # (a mount over a path that led elsewhere would be the runc CVE-2019-16884
     # and CVE-2019-19921 family); _target already refuses symlinks.

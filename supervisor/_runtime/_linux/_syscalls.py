@@ -62,6 +62,7 @@ __all__ = [
     "load_seccomp",
     "load_seccomp_listener",
     "mount",
+    "new_sysfs",
     "openat2",
     "pivot_root",
     "reset_signals",
@@ -447,12 +448,18 @@ def fs_type_of(fd: int, what: str) -> int:
 # the same on every architecture (syscalls from 424 on are numbered alike).
 _SYS_OPEN_TREE = 428
 _SYS_MOVE_MOUNT = 429
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
 _SYS_MOUNT_SETATTR = 442
 _OPEN_TREE_CLONE = 1
 _AT_EMPTY_PATH = 0x1000
 _AT_RECURSIVE = 0x8000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_IDMAP = 0x00100000
+_FSOPEN_CLOEXEC = 1
+_FSCONFIG_CMD_CREATE = 6
+_FSMOUNT_CLOEXEC = 1
 
 _libc.syscall.restype = ctypes.c_long
 
@@ -524,6 +531,44 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
+
+
+def new_sysfs(attr_set: int) -> int:
+    """A detached mount of a new sysfs with the mount attributes *attr_set*;
+    its descriptor (close-on-exec), for :func:`attach_tree`.
+
+    A sysfs shows the network devices of the network namespace of the
+    process that mounts it, and may be mounted only by a process privileged
+    over that namespace's user namespace: one made here, then attached in
+    another mount namespace, is how a sandbox in a user namespace of its own
+    gets the /sys of a network namespace it does not own (the host's)."""
+    ctx = _libc.syscall(_SYS_FSOPEN, b"sysfs", ctypes.c_uint(_FSOPEN_CLOEXEC))
+    if ctx < 0:
+        raise _fail("fsopen", "sysfs")
+    try:
+        if (
+            _libc.syscall(
+                _SYS_FSCONFIG,
+                ctypes.c_int(ctx),
+                ctypes.c_uint(_FSCONFIG_CMD_CREATE),
+                None,
+                None,
+                ctypes.c_int(0),
+            )
+            != 0
+        ):
+            raise _fail("fsconfig", "sysfs")
+        fd = _libc.syscall(
+            _SYS_FSMOUNT,
+            ctypes.c_int(ctx),
+            ctypes.c_uint(_FSMOUNT_CLOEXEC),
+            ctypes.c_uint(attr_set),
+        )
+        if fd < 0:
+            raise _fail("fsmount", "sysfs")
+        return int(fd)
+    finally:
+        os.close(ctx)
 
 
 def bind_tree(path: str, attr_set: int) -> int:
