@@ -25,8 +25,9 @@ from supervisor import (
     SandboxSpec,
     SpecError,
 )
+from supervisor._runtime._linux._spawn import Keeper
 
-from .conftest import requires_root
+from .conftest import Dirs, requires_root
 from .helpers import wait_for
 
 pytestmark = [requires_root, pytest.mark.layout]
@@ -355,3 +356,35 @@ def test_the_host_python_is_never_reachable_from_the_sandbox(runtime: Runtime, n
     assert not leaks, leaks[:5]
     # The watcher did see processes in the window, and could not follow them.
     assert lines, "the watcher never caught an exec between its fork and its exec"
+
+
+def test_an_exec_without_a_keeper_is_one_line(
+    runtime: Runtime, dirs: Dirs, null: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keeper it spawns through was killed and no new one starts: the
+    exec fails with one SandboxError naming the sandbox (not a bare
+    KeeperError, which the control server would log as a crash), and the
+    sandbox runs on."""
+    spec = SandboxSpec(name="ex-nokeeper", argv=("sleep", "600"))
+    with runtime.create(spec, stdio=(null, null, null)) as sb:
+        keeper = Keeper()
+        try:
+            other = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+            # Its replacement is a program that exits at once, never ready.
+            monkeypatch.setattr(keeper, "command", ("false",))
+            pidfd = os.pidfd_open(keeper.pid)
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                select.select([pidfd], [], [])  # readable once it has exited
+            finally:
+                os.close(pidfd)
+            with pytest.raises(SandboxError) as info:
+                other.exec(sb, ["true"], stdio=(null, null, null))
+            assert str(info.value) == (
+                "sandbox 'ex-nokeeper': exec: the spawn keeper failed to start"
+            )
+            assert sb.poll() is None
+        finally:
+            keeper.close()
+        sb.kill()
+        sb.wait()

@@ -1429,6 +1429,11 @@ class Runtime:
                 if exc.failure.kind == "setup" and _has_exited(sb, pidfd):
                     raise SandboxError(not_running) from None
                 raise _translate(sb.name, exc) from None
+            except OSError as exc:
+                # No keeper to spawn through just now (a KeeperError: killed,
+                # and its replacement could not start): this exec's failure,
+                # in one line, as create says it; the next call tries again.
+                raise SandboxError(f"sandbox {sb.name!r}: exec: {os_failure(exc)}") from exc
         return ExecProcess(sb.name, spawned, self.reaper)
 
     # -- checkpoint and restore (CRIU) ------------------------------------------
