@@ -26,9 +26,9 @@ which are also the options corral mounts with):
   store, which the host's users can reach, it would open the device.
 - A sandbox in a user namespace (``userns``) wrote its files as host ids
   ``base`` and up: they are shifted back to the image's ids. Its overlay is
-  mounted without ``userxattr``, so it cannot mark a directory opaque
-  (replacing a directory of its image fails there with EIO): its layer
-  holds whiteouts, never opaque directories.
+  mounted with ``userxattr``, so it marks an opaque directory
+  ``user.overlay.opaque``: the copy marks it both ways, as every layer of
+  the store is.
 
 A running sandbox is frozen (its cgroup's freezer, ``docker commit``'s
 default pause) while its layer is copied, so the copy is one moment of it,
