@@ -43,12 +43,18 @@ from supervisor._runtime._linux._cgroups import ALLOWED_DEVICES
 from .conftest import Dirs, requires_root
 from .supervising import fleet, of, output, run, wait_event
 
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /count; echo $i; usleep 50000; done"
+# /count is replaced whole (written aside, renamed): a checkpoint taken
+# between a truncation and its write would otherwise hold an empty file.
+COUNTER = (
+    "i=0; while :; do i=$((i+1)); echo $i > /count.new; mv -f /count.new /count; echo $i;"
+    " usleep 50000; done"
+)
 # The same numbers, echoed back through a TCP connection on the sandbox's own
 # loopback: they reach the log only while the connection works.
 TCP_COUNTER = (
     "nc -l -p 9000 -e cat & i=0;"
-    " while :; do i=$((i+1)); echo $i > /count; echo $i; usleep 50000; done"
+    " while :; do i=$((i+1)); echo $i > /count.new; mv -f /count.new /count; echo $i;"
+    " usleep 50000; done"
     " | { until nc 127.0.0.1 9000; do usleep 20000; done; }"
 )
 
@@ -282,8 +288,7 @@ def test_checkpoint_kill_restore_continues(dirs: Dirs, criu: None) -> None:
             )
         seen["host_pid_changed"] = restored.pid != started.pid
         upper = Path(dirs.state, "sandboxes", "c-0.1", "upper", "count")
-        # The shell truncates the file before each write: wait for a number.
-        await wait_for(lambda: int(upper.read_text() or 0) >= seen["at"] + 5)
+        await wait_for(lambda: upper.exists() and int(upper.read_text()) >= seen["at"] + 5)
 
     evs = run(f, dirs, body)
     nums = values(dirs, "c-0")
