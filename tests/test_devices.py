@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import CgroupError, Runtime, SandboxSpec
+from supervisor import CgroupError, Keeper, Runtime, SandboxSpec
 from supervisor._runtime._linux._cgroups import ALLOWED_DEVICES, V2Cgroups
 from supervisor._runtime._linux._devices import (
     DEVICE_RULES,
@@ -375,6 +375,79 @@ def test_on_v2_each_sandbox_cgroup_holds_one_program_unless_privileged(runtime: 
                     assert _opened(out)[_node("b", *_first_disk())] == "EPERM", out
                 sb.kill()
                 sb.wait()
+
+
+def _detach_device_programs(path: str) -> None:
+    """Take every device program off the cgroup *path*, as a corral older
+    than the program left its sandboxes (BPF_PROG_QUERY for their ids,
+    BPF_PROG_GET_FD_BY_ID, BPF_PROG_DETACH)."""
+    import ctypes
+    import struct
+
+    from supervisor._runtime._linux import _devices
+
+    cg = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ids = (ctypes.c_uint32 * 8)()
+        attr = ctypes.create_string_buffer(28)
+        struct.pack_into("=IIIIQI", attr, 0, cg, 6, 0, 0, ctypes.addressof(ids), 8)
+        _devices._bpf(16, attr)  # BPF_PROG_QUERY, attach type BPF_CGROUP_DEVICE
+        for prog_id in ids[: struct.unpack_from("=I", attr, 24)[0]]:
+            by_id = ctypes.create_string_buffer(12)
+            struct.pack_into("=I", by_id, 0, prog_id)
+            prog = _devices._bpf(13, by_id)  # BPF_PROG_GET_FD_BY_ID
+            try:
+                detach = ctypes.create_string_buffer(12)
+                struct.pack_into("=III", detach, 0, cg, prog, 6)
+                _devices._bpf(9, detach)  # BPF_PROG_DETACH
+            finally:
+                os.close(prog)
+    finally:
+        os.close(cg)
+
+
+@pytest.mark.layout
+def test_an_adopted_sandbox_without_its_program_gets_it(
+    runtime: Runtime, session_keeper: Keeper, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A sandbox a corral older than the device program made (on v2: no
+    program on its cgroup) gets the program when a supervisor adopts it,
+    and the operator is told; one that has it is left alone."""
+    if not isinstance(runtime.cgroups, V2Cgroups):
+        pytest.skip("cgroup v1: the devices files came with the cgroup")
+
+    def successor() -> Runtime:  # what a restarted supervisor makes
+        return Runtime(
+            state_dir=runtime.state_dir, run_dir=runtime.run_dir, spawner=session_keeper.spawn
+        )
+
+    def record_of(rt: Runtime) -> dict[str, object]:
+        (record,) = [r for r in rt.records() if r["name"] == "dev-old"]
+        return record
+
+    with open(os.devnull, "rb") as null:
+        owner = runtime.create(
+            SandboxSpec(name="dev-old", argv=("sleep", "600")), stdio=(null.fileno(),) * 3
+        )
+    path = owner.cgroup.paths[0]
+    try:
+        _detach_device_programs(path)
+        assert attached_device_programs(path) == 0
+        owner.detach()  # the old supervisor is gone; the sandbox runs on
+        capfd.readouterr()
+        rt = successor()
+        owner = rt.adopt(record_of(rt))
+        assert attached_device_programs(path) == 1
+        err = capfd.readouterr().err
+        assert "sandbox 'dev-old' had no device program (made by an older corral): attached" in err
+        owner.detach()
+        rt = successor()
+        owner = rt.adopt(record_of(rt))
+        assert attached_device_programs(path) == 1 and capfd.readouterr().err == ""
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.destroy()
 
 
 def test_a_bad_rule_is_refused_before_any_kernel_call() -> None:

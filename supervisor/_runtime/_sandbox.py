@@ -1015,6 +1015,8 @@ class Runtime:
             raise SandboxError(f"sandbox {name!r}: {exc}") from None
         undo.callback(cgroup.remove)
         undo.callback(_unlink, record_path(self.run_dir, name))
+        if not spec.security.privileged:
+            _device_policy_back(name, cgroup)
         net = record.get("network")
         if isinstance(net, dict) and isinstance(net.get("lease"), dict):
             with contextlib.suppress(TypeError):
@@ -2082,6 +2084,22 @@ def _external_mounts(spec: SandboxSpec) -> list[tuple[str, str, Mount]]:
     restore mounts what the key is given as."""
     mounts = [m for m in spec.mounts if m.kind != "tmpfs"]
     return [(m.target, f"corral-volume-{n}", m) for n, m in enumerate(mounts)]
+
+
+def _device_policy_back(name: str, cgroup: Cgroup) -> None:
+    """An adopted sandbox whose cgroup lacks the device policy (made on
+    cgroup v2 by a corral older than the device program) gets it now: the
+    program checks each open, so what the sandbox opens from here on is
+    checked. Best effort, said on stderr either way: the sandbox runs
+    already, and refusing to adopt it would not stop it."""
+    try:
+        if not cgroup.lacks_device_policy():
+            return
+        cgroup.restrict_devices()
+    except (OSError, CorralError) as exc:
+        _say(f"corral: warning: sandbox {name!r} runs without its device policy: {exc}")
+        return
+    _say(f"corral: sandbox {name!r} had no device program (made by an older corral): attached")
 
 
 def _say(line: str) -> None:

@@ -52,7 +52,7 @@ from .._limits import (
     format_list,
     parse_list,
 )
-from ._devices import DEVICE_RULES, attach_device_program, v1_lines
+from ._devices import DEVICE_RULES, attach_device_program, attached_device_programs, v1_lines
 
 __all__ = [
     "Cgroup",
@@ -166,6 +166,13 @@ class Cgroup(ABC):
     def open_pressure_watch(self, limits: Limits) -> PressureWatch:
         """A :class:`PressureWatch` for this cgroup under *limits* (the
         marks it watches for are ``memory_high`` and ``memory_stall``)."""
+
+    def lacks_device_policy(self) -> bool:
+        """True where this cgroup should hold the device policy and does
+        not: on cgroup v2, no device program attached to it (a sandbox made
+        by a corral older than the program, adopted now). On v1 the
+        ``devices`` files are the cgroup's own and came with it: False."""
+        return False
 
     @abstractmethod
     def restrict_devices(self) -> None:
@@ -1109,6 +1116,9 @@ class V2Cgroup(Cgroup):
 
     def restrict_devices(self) -> None:
         attach_device_program(self._path)
+
+    def lacks_device_policy(self) -> bool:
+        return attached_device_programs(self._path) == 0
 
     def apply(self, limits: Limits, old: Limits | None = None) -> None:
         before, changed, swap_changed = _changes(limits, old)
