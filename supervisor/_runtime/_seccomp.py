@@ -52,7 +52,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -819,16 +818,7 @@ def _number(pyseccomp: Any, arch: int, name: str) -> int:
     return nr if nr >= 0 else -1
 
 
-# Classic BPF, for the one stub libseccomp cannot make (a range of numbers).
-_LD_W_ABS, _JEQ_K, _JGT_K, _JGE_K, _RET_K = 0x20, 0x15, 0x25, 0x35, 0x06
-_AUDIT_ARCH_X86_64 = 0xC000003E
-_AUDIT_ARCH_I386 = 0x40000003
 _X32_SYSCALL_BIT = 0x40000000
-_RET_ERRNO = 0x00050000
-
-
-def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
-    return struct.pack("=HBBI", code, jt, jf, k)
 
 
 def _enosys_above(top64: int, top32: int) -> bytes:
@@ -841,16 +831,18 @@ def _enosys_above(top64: int, top32: int) -> bytes:
     end = 9  # the program's first instruction
     top64 = top64 if top64 >= 0 else 0xFFFFFFFF
     top32 = top32 if top32 >= 0 else 0xFFFFFFFF
+    from ._linux import _cbpf as b
+
     code = [
-        _insn(_LD_W_ABS, 0, 0, 4),  # 0: seccomp_data.arch
-        _insn(_JEQ_K, 0, 3, _AUDIT_ARCH_X86_64),  # 1: x86_64 -> 2, else -> 5
-        _insn(_LD_W_ABS, 0, 0, 0),  # 2: seccomp_data.nr
-        _insn(_JGE_K, end - 4, 0, _X32_SYSCALL_BIT),  # 3: x32 -> end
-        _insn(_JGT_K, 8 - 5, end - 5, top64),  # 4: above -> 8, else -> end
-        _insn(_JEQ_K, 0, end - 6, _AUDIT_ARCH_I386),  # 5: i386 -> 6, else -> end
-        _insn(_LD_W_ABS, 0, 0, 0),  # 6: seccomp_data.nr
-        _insn(_JGT_K, 8 - 8, end - 8, top32),  # 7: above -> 8, else -> end
-        _insn(_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS),  # 8
+        b.insn(b.LD_W_ABS, 0, 0, 4),  # 0: seccomp_data.arch
+        b.insn(b.JEQ_K, 0, 3, b.AUDIT_ARCH_X86_64),  # 1: x86_64 -> 2, else -> 5
+        b.insn(b.LD_W_ABS, 0, 0, 0),  # 2: seccomp_data.nr
+        b.insn(b.JGE_K, end - 4, 0, _X32_SYSCALL_BIT),  # 3: x32 -> end
+        b.insn(b.JGT_K, 8 - 5, end - 5, top64),  # 4: above -> 8, else -> end
+        b.insn(b.JEQ_K, 0, end - 6, b.AUDIT_ARCH_I386),  # 5: i386 -> 6, else -> end
+        b.insn(b.LD_W_ABS, 0, 0, 0),  # 6: seccomp_data.nr
+        b.insn(b.JGT_K, 8 - 8, end - 8, top32),  # 7: above -> 8, else -> end
+        b.insn(b.RET_K, 0, 0, b.RET_ERRNO | errno.ENOSYS),  # 8
     ]
     assert len(code) == end
     return b"".join(code)

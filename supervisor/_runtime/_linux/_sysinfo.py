@@ -38,6 +38,16 @@ import struct
 import time
 from typing import Any, NamedTuple
 
+from ._cbpf import (
+    AUDIT_ARCH_X86_64,
+    JEQ_K,
+    LD_W_ABS,
+    RET_K,
+    SECCOMP_RET_ALLOW,
+    SECCOMP_RET_USER_NOTIF,
+    insn,
+)
+
 __all__ = [
     "ANSWERER_NAME",
     "NOTIFY_FILTER",
@@ -47,35 +57,24 @@ __all__ = [
     "supported",
 ]
 
-# <linux/bpf_common.h>, <linux/seccomp.h>, <linux/audit.h>
-_BPF_LD_W_ABS = 0x20
-_BPF_JEQ_K = 0x15
-_BPF_RET_K = 0x06
-_SECCOMP_RET_ALLOW = 0x7FFF0000
-_SECCOMP_RET_USER_NOTIF = 0x7FC00000
-_AUDIT_ARCH_X86_64 = 0xC000003E
 _NR_SYSINFO = 99  # x86_64; an x32 call has bit 30 set, so it is not this
-
-
-def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
-    return struct.pack("=HBBI", code, jt, jf, k)
 
 
 NOTIFY_FILTER = b"".join(
     (
-        _insn(_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
-        _insn(_BPF_JEQ_K, 0, 3, _AUDIT_ARCH_X86_64),  # another arch: allow
-        _insn(_BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-        _insn(_BPF_JEQ_K, 0, 1, _NR_SYSINFO),
-        _insn(_BPF_RET_K, 0, 0, _SECCOMP_RET_USER_NOTIF),
-        _insn(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+        insn(LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        insn(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),  # another arch: allow
+        insn(LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+        insn(JEQ_K, 0, 1, _NR_SYSINFO),
+        insn(RET_K, 0, 0, SECCOMP_RET_USER_NOTIF),
+        insn(RET_K, 0, 0, SECCOMP_RET_ALLOW),
     )
 )
 """The filter whose listener answers ``sysinfo`` (x86_64 calls only: a
 32-bit or x32 program's ``sysinfo`` is the kernel's, the host's numbers).
 Found by its exact bytes in a checkpoint (see :mod:`.._checkpoint`)."""
 
-ALLOW_ALL_FILTER = _insn(_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW) + NOTIFY_FILTER[8:]
+ALLOW_ALL_FILTER = insn(RET_K, 0, 0, SECCOMP_RET_ALLOW) + NOTIFY_FILTER[8:]
 """:data:`NOTIFY_FILTER` with its first instruction ``RET ALLOW``: the
 same length, and it never notifies (what a restored sandbox gets)."""
 
