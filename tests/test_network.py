@@ -285,8 +285,12 @@ def test_what_a_killed_corral_run_left_is_swept(host: Host, dirs: Dirs) -> None:
     )
     try:
         assert run.stdout is not None and run.stdout.readline() == "up\n"
-        # Written once the command runs, which may print first.
-        (name,) = wait_for(lambda: os.listdir(dirs.run / "sandboxes"), what="its record")
+        # Written once the command runs, which may print first; through a
+        # NAME.json.tmp renamed into place, which a listing may catch.
+        (name,) = wait_for(
+            lambda: [n for n in os.listdir(dirs.run / "sandboxes") if n.endswith(".json")],
+            what="its record",
+        )
         record = json.loads((dirs.run / "sandboxes" / name).read_text())
         init = os.pidfd_open(record["pid"])
     finally:
