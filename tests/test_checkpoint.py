@@ -39,6 +39,7 @@ from supervisor._runtime._checkpoint import (
     validate_tag,
 )
 from supervisor._runtime._linux._cgroups import ALLOWED_DEVICES
+from supervisor._runtime._security import make_security
 
 from .conftest import Dirs, requires_root
 from .supervising import fleet, of, output, run, wait_event
@@ -106,11 +107,12 @@ def frozen(sb: Sandbox) -> bool:
 
 
 @contextlib.contextmanager
-def counting(runtime: Runtime) -> Iterator[tuple[Sandbox, int]]:
-    """A sandbox "c" running COUNTER, once it counts; and its output pipe."""
+def counting(runtime: Runtime, **kw: Any) -> Iterator[tuple[Sandbox, int]]:
+    """A sandbox "c" running COUNTER (*kw* for its spec), once it counts;
+    and its output pipe."""
     r, w = os.pipe()
     try:
-        spec = SandboxSpec("c", ["sh", "-c", COUNTER])
+        spec = SandboxSpec("c", ["sh", "-c", COUNTER], **kw)
         with runtime.create(spec, stdio=(0, w, w), stdin_devnull=True) as sb:
             os.close(w)
             w = -1
@@ -551,6 +553,58 @@ def test_an_exit_during_a_checkpoint_comes_after_its_outcome(dirs: Dirs, criu: N
     assert kinds.index("checkpointed") < kinds.index("exited"), kinds
     (died,) = of(evs, events.Exited, "d-0")
     assert died.signal == 9
+
+
+@pytest.mark.criu
+@requires_root
+def test_a_user_namespace_sandbox_is_restored_with_its_ids(runtime: Runtime, criu: None) -> None:
+    """userns = true: the dump takes the host's device nodes bound in (and
+    the masks bound from /dev/null) as externals; the restore claims the
+    same id range, and CRIU makes the namespace with the same map. The
+    counter goes on, as the same unprivileged host ids; its /dev/null is
+    the host's node, and /proc/kcore is still masked by it. While the
+    range is another sandbox's, a restore says whose."""
+    with counting(runtime, security=make_security(userns=True)) as (sb, _):
+        uid_map = Path(f"/proc/{sb.pid}/uid_map").read_text()
+        base = int(uid_map.split()[1])
+        assert base > 0
+        info = runtime.checkpoint(sb, tag="one")
+        assert info.userns == (base, 65536)
+        assert sb.wait().signal == 9
+    at = int(Path(info.upper, "count").read_text())
+    with runtime.create(
+        SandboxSpec("other", ["sleep", "100"], security=make_security(userns=True)),
+        stdin_devnull=True,
+    ) as other:
+        # The range was given back with the sandbox: the next one has it.
+        assert Path(f"/proc/{other.pid}/uid_map").read_text() == uid_map
+        with pytest.raises(CheckpointError) as err:
+            runtime.restore(info)
+        assert str(err.value) == (
+            f"sandbox 'c': userns: its checkpoint's id range {base}-{base + 65535}"
+            " is in use by sandbox 'other' (a sandbox is restored with the ids it"
+            " was dumped with)"
+        )
+    with runtime.restore(info) as back:
+        assert Path(f"/proc/{back.pid}/uid_map").read_text() == uid_map
+        child = command_pid(back.pid)
+        uids = next(
+            ln
+            for ln in Path(f"/proc/{child}/status").read_text().splitlines()
+            if ln.startswith("Uid:")
+        )
+        assert uids.split()[1:] == [str(base)] * 4
+        mounts = Path(f"/proc/{child}/mountinfo").read_text().splitlines()
+        null = next(m.split() for m in mounts if m.split()[4] == "/dev/null")
+        kcore = [m.split() for m in mounts if m.split()[4] == "/proc/kcore"]
+        if kcore:
+            assert kcore[-1][2:4] == null[2:4]  # the same node, bound over it
+        count = Path(back.state_path, "upper", "count")
+        deadline = time.monotonic() + 60
+        while int(count.read_text() or 0) < at + 5:
+            assert time.monotonic() < deadline, "the restored counter does not count"
+            time.sleep(0.05)
+    runtime.checkpoints.delete(info)
 
 
 @pytest.mark.criu

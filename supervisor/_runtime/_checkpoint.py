@@ -297,6 +297,10 @@ class CheckpointInfo(NamedTuple):
     address: str | None = None
     """A bridged sandbox's address when dumped: its restore leases it again
     (its TCP connections are bound to it). None for the other modes."""
+    userns: tuple[int, int] | None = None
+    """A user-namespace sandbox's host id range (base, size) when dumped:
+    its restore claims the same range (CRIU recreates the namespace with
+    the dumped map, and the files of its layer belong to those ids)."""
 
     @property
     def images(self) -> str:
@@ -343,6 +347,7 @@ class CheckpointInfo(NamedTuple):
                 stdio=tuple(str(s) for s in d["stdio"]),  # type: ignore[arg-type]
                 network_lock=str(d["network_lock"]),
                 address=str(d["address"]) if d.get("address") else None,
+                userns=_id_range(d.get("userns")),
             )
         except FileNotFoundError:
             if not os.path.isdir(path):
@@ -356,6 +361,16 @@ class CheckpointInfo(NamedTuple):
         if not os.path.isfile(os.path.join(path, "images", "inventory.img")):
             raise CheckpointError(f"checkpoint {path} is corrupt: images/inventory.img is missing")
         return info
+
+
+def _id_range(value: Any) -> tuple[int, int] | None:
+    """checkpoint.json's ``userns`` (``[base, size]`` or absent)."""
+    if value is None:
+        return None
+    base, size = value
+    if not (isinstance(base, int) and isinstance(size, int) and base > 0 and size > 0):
+        raise ValueError(f"userns: expected [base, size] of positive integers, got {value!r}")
+    return base, size
 
 
 def dir_size(path: str) -> int:

@@ -75,7 +75,13 @@ from ._dirs import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from ._limits import Limits, check_limits
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
-from ._linux._child import INIT_PATH, LXCFS_FILES, RESTORE_NETNS_FD, LaunchConfig
+from ._linux._child import (
+    DEVICE_NAMES,
+    INIT_PATH,
+    LXCFS_FILES,
+    RESTORE_NETNS_FD,
+    LaunchConfig,
+)
 from ._linux._exec import ExecConfig
 from ._linux._proc import starttime
 from ._linux._spawn import (
@@ -746,15 +752,7 @@ class Runtime:
             layers = lower.split(":")
             if spec.security.userns:
                 userns = self._userns(spec, sdir, undo)
-                # An idmapped mount of each layer where their file systems
-                # can (tried once per file system), else shifted copies.
-                idmap = all(_IDMAP_WORKS.get(os.stat(p).st_dev, True) for p in layers)
-                if idmap:
-                    os.mkdir(os.path.join(sdir, "lower"), 0o755)
-                    for n in range(len(layers)):
-                        os.mkdir(os.path.join(sdir, "lower", str(n)), 0o755)
-                else:
-                    lower = self._shifted_layers(lower, userns)
+                lower, idmap = self._userns_layers(lower, sdir, userns)
             links = _lower_links(sdir, lower) if not idmap else ""
             cgroup = self._make_cgroup(spec, undo)
             mounts = self._mount_sources(spec, userns)
@@ -798,15 +796,7 @@ class Runtime:
                 except SpawnFailed as exc:
                     if exc.failure.kind != "noidmap" or userns is None:
                         raise
-                    # Nothing was mounted yet: the same sandbox, from copies.
-                    for p in layers:
-                        _IDMAP_WORKS[os.stat(p).st_dev] = False
-                    shifted = self._shifted_layers(lower, userns)
-                    cfg = cfg._replace(
-                        lowerdir=shifted,
-                        idmap_lower=False,
-                        lower_links=_lower_links(sdir, shifted),
-                    )
+                    cfg = self._without_idmap(cfg, layers, sdir, userns)
                     spawned = self._spawn_or_reap(cfg, stdio, on_pid)
             except SpawnFailed as exc:
                 raise _translate(spec.name, exc) from None
@@ -1046,6 +1036,32 @@ class Runtime:
         if isinstance(net, dict):
             sb.network = dict(net)
         return sb
+
+    def _userns_layers(self, lower: str, sdir: str, userns: list[int]) -> tuple[str, bool]:
+        """The lower layers a user-namespace sandbox mounts, and whether
+        they are idmapped: an idmapped mount of each layer (attached below
+        ``sdir/lower``) where their file systems can (tried once per file
+        system), else shifted copies."""
+        layers = lower.split(":")
+        if not all(_IDMAP_WORKS.get(os.stat(p).st_dev, True) for p in layers):
+            return self._shifted_layers(lower, userns), False
+        os.mkdir(os.path.join(sdir, "lower"), 0o755)
+        for n in range(len(layers)):
+            os.mkdir(os.path.join(sdir, "lower", str(n)), 0o755)
+        return lower, True
+
+    def _without_idmap(
+        self, cfg: LaunchConfig, layers: list[str], sdir: str, userns: list[int]
+    ) -> LaunchConfig:
+        """*cfg* again with shifted copies of *layers*, after the kernel
+        refused to idmap them (nothing was mounted yet); noted for their
+        file systems."""
+        for p in layers:
+            _IDMAP_WORKS[os.stat(p).st_dev] = False
+        shifted = self._shifted_layers(":".join(layers), userns)
+        return cfg._replace(
+            lowerdir=shifted, idmap_lower=False, lower_links=_lower_links(sdir, shifted)
+        )
 
     def _shifted_layers(self, lower: str, userns: list[int]) -> str:
         """*lower*'s layers as copies whose owners are shifted into the
@@ -1327,11 +1343,18 @@ class Runtime:
         without the view (not *wanted*, or no lxcfs)."""
         return self.lxcfs.held() if wanted else contextlib.nullcontext(None)
 
-    def _userns(self, spec: SandboxSpec, sdir: str, undo: contextlib.ExitStack) -> list[int]:
-        """Claim the sandbox's id range; give its writable layer to its root."""
+    def _userns(
+        self,
+        spec: SandboxSpec,
+        sdir: str,
+        undo: contextlib.ExitStack,
+        dumped: tuple[int, int] | None = None,
+    ) -> list[int]:
+        """Claim the sandbox's id range (a restore's: the *dumped* one);
+        give its writable layer to its root."""
         from ._userns import allocate_range, check_reachable
 
-        base, size = allocate_range(spec.security, spec.name, self.run_dir, undo)
+        base, size = allocate_range(spec.security, spec.name, self.run_dir, undo, dumped)
         # The overlay is mounted by the sandbox's root, an unprivileged host
         # user: it must be able to reach the layers. STATE_DIR/sandboxes may
         # be searched (not listed) by anyone; the sandbox's own directory
@@ -1506,11 +1529,6 @@ class Runtime:
         leave_running: bool,
         on_dumped: Callable[[CheckpointInfo], None] | None,
     ) -> CheckpointInfo:
-        if sb.spec.security.userns:
-            raise CheckpointError(
-                f"sandbox {key!r} runs in a user namespace (userns = true):"
-                " checkpoints of those are not supported yet"
-            )
         if sb.spec.network != "none" and not is_bridged(sb.spec.network):
             raise CheckpointError(
                 f"sandbox {key!r} has network = {sb.spec.network!r}: only sandboxes with"
@@ -1545,6 +1563,7 @@ class Runtime:
                 ),
                 *(_external_network(sb.pid) if veth is not None else ()),
                 *_external_view(sb.pid),
+                *_external_devices(sb.pid),
                 "--freeze-cgroup",
                 sb.cgroup.freezer_dir,
                 *CRIU_OPTIONS,
@@ -1642,6 +1661,7 @@ class Runtime:
                     stdio=stdio,  # type: ignore[arg-type]
                     network_lock=criu.network_lock,
                     address=_address_of(sb),
+                    userns=_id_range_of(sb.pid) if sb.spec.security.userns else None,
                 )
                 with open(os.path.join(partial, "checkpoint.json"), "w") as f:
                     json.dump(info.to_json(), f, indent=1)
@@ -1727,11 +1747,28 @@ class Runtime:
                 f"restore of {spec.name!r}: checkpoint {info.path} was taken with"
                 f" network = {info.spec.network!r}, not {spec.network!r}"
             )
+        if spec.security.userns != (info.userns is not None):
+            raise CheckpointError(
+                f"restore of {spec.name!r}: checkpoint {info.path} was taken with"
+                f" userns = {str(info.userns is not None).lower()},"
+                f" not {str(spec.security.userns).lower()}"
+            )
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
         record = record_path(self.run_dir, spec.name)
         with contextlib.ExitStack() as undo, self._view(spec.lxcfs) as lxcfs:
             self._make_state_dir(spec.name, sdir, record, undo)
             _copy_tree(info.upper, os.path.join(sdir, "upper"), into=True)
+            userns = None
+            idmap = False
+            layers = lower.split(":")
+            if info.userns is not None:
+                # The same ids: CRIU makes the namespace with the dumped map.
+                try:
+                    userns = self._userns(spec, sdir, undo, info.userns)
+                    _share_images(info, userns[0])
+                except SandboxError as exc:
+                    raise CheckpointError(str(exc)) from None
+                lower, idmap = self._userns_layers(lower, sdir, userns)
             cgroup = self._make_cgroup(spec, undo)
             # Its address again (its connections are bound to it), on an
             # interface that stays down until CRIU has put its sockets back.
@@ -1759,6 +1796,9 @@ class Runtime:
             for _, name, m in _external_mounts(spec):
                 source = m.source if m.kind == "bind" else self._volume(m.source, None)
                 argv += ["--external", f"mnt[{name}]:{source}"]
+            if userns is not None:
+                for name in DEVICE_NAMES:
+                    argv += ["--external", f"mnt[{_device_key(name)}]:/dev/{name}"]
             for file in LXCFS_FILES:
                 # The view's files, if the checkpoint has them: lxcfs's
                 # now, or (without lxcfs) the kernel's own, as the
@@ -1782,11 +1822,14 @@ class Runtime:
                 hostname=spec.effective_hostname,
                 workdir="/",
                 lowerdir=lower,
-                lower_links=_lower_links(sdir, lower),
+                lower_links=_lower_links(sdir, lower) if not idmap else "",
                 upperdir=os.path.join(sdir, "upper"),
                 workdir_overlay=os.path.join(sdir, "work"),
                 merged=os.path.join(sdir, "merged"),
                 init_binary=self.init_binary,
+                userns=userns,
+                idmap_lower=idmap,
+                idmap_target=os.path.join(sdir, "lower"),
                 cgroup_procs=[],
                 confine=not spec.security.privileged,
                 restore_argv=argv,
@@ -1795,7 +1838,13 @@ class Runtime:
                 wait_go=on_pid is not None,
             )
             try:
-                criu_proc = self._spawn_or_reap(cfg, stdio, on_pid)
+                try:
+                    criu_proc = self._spawn_or_reap(cfg, stdio, on_pid)
+                except SpawnFailed as exc:
+                    if exc.failure.kind != "noidmap" or userns is None:
+                        raise
+                    cfg = self._without_idmap(cfg, layers, sdir, userns)
+                    criu_proc = self._spawn_or_reap(cfg, stdio, on_pid)
             except SpawnFailed as exc:
                 raise CheckpointError(
                     f"restore of {spec.name!r} failed: {exc.failure.step}: {exc.failure.message}"
@@ -2060,6 +2109,76 @@ def _external_view(pid: int) -> list[str]:
     for target in view_mounts(pid):
         args += ["--external", f"mnt[{target}]:{_view_key(target.lstrip('/'))}"]
     return args
+
+
+def _device_key(name: str) -> str:
+    """CRIU's key for a bind of the host's device node /dev/*name*."""
+    return f"corral-dev-{name}"
+
+
+def _external_devices(pid: int) -> list[str]:
+    """CRIU's dump options for the host's device nodes bound into the
+    sandbox of init *pid*, and for every mount of the same node (the masks
+    of /proc files bound from its /dev/null): external.
+
+    Only a user-namespace sandbox has them: its root cannot make device
+    nodes, so /dev/null and the rest are binds of the host's (see
+    ``_linux._child``). CRIU cannot dump a mount whose file system is not
+    mounted in the sandbox at its root ("doesn't have a proper root
+    mount"); declared external, each is bound from the restore's host
+    node again, as runc does with its masked paths. A sandbox that made
+    its own nodes (the others) has no such mount, and no option."""
+    mounts = []
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 5:
+                    mounts.append((fields[2], fields[3], fields[4]))
+    except OSError:
+        return []
+    nodes = {f"/dev/{name}": name for name in DEVICE_NAMES}
+    sources = {(dev, root): nodes[target] for dev, root, target in mounts if target in nodes}
+    args = []
+    for dev, root, target in mounts:
+        name = sources.get((dev, root))
+        if name is not None:
+            args += ["--external", f"mnt[{target}]:{_device_key(name)}"]
+    return args
+
+
+def _share_images(info: CheckpointInfo, base: int) -> None:
+    """Let the root of a user-namespace sandbox restored from *info* (host
+    uid and gid *base*) read the checkpoint's images: CRIU's restored tasks
+    read some of them (tty-info.img, ...) once they are in the namespace,
+    without any privilege over files of the host's root. The group becomes
+    the sandbox's root's; nobody else gains anything (the directories
+    above are searchable, not listable). Its own memory and files are
+    nothing the sandbox could not read already."""
+    from ._userns import check_reachable
+
+    store = os.path.dirname(info.path)
+    for d in (os.path.dirname(store), store):
+        os.chmod(d, os.stat(d).st_mode & 0o7777 | 0o111)
+    os.chown(info.path, 0, base)
+    os.chmod(info.path, 0o710)
+    os.chown(info.images, 0, base)
+    os.chmod(info.images, 0o750)
+    for entry in os.scandir(info.images):
+        if entry.is_file(follow_symlinks=False):
+            os.chown(entry.path, 0, base)
+            os.chmod(entry.path, 0o640)
+    check_reachable(info.images, base, "its checkpoint's images")
+
+
+def _id_range_of(pid: int) -> tuple[int, int]:
+    """The host id range (base, size) the user namespace of *pid* maps
+    from 0 (corral's sandboxes have a map of one line)."""
+    with open(f"/proc/{pid}/uid_map") as f:
+        inside, base, size = (int(n) for n in f.read().split()[:3])
+    if inside != 0:
+        raise CheckpointError(f"the user namespace of {pid} does not map its root")
+    return base, size
 
 
 def _veth_of(sb: Sandbox) -> str | None:

@@ -60,10 +60,15 @@ __all__ = [
 
 
 def allocate_range(
-    security: Security, name: str, run_dir: str, undo: contextlib.ExitStack
+    security: Security,
+    name: str,
+    run_dir: str,
+    undo: contextlib.ExitStack,
+    dumped: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
     """The host (base, size) for sandbox *name*; a pool range is claimed
-    and *undo* releases it."""
+    and *undo* releases it. A restore passes the range its checkpoint was
+    *dumped* with: that one, or a :class:`SandboxError` naming who has it."""
     if security.userns_base is not None:
         return security.userns_base, security.userns_size
     first, count = USERNS_POOL
@@ -71,7 +76,18 @@ def allocate_range(
     units = -(-size // USERNS_SIZE)  # the pool is claimed in units of USERNS_SIZE ids
     claims = os.path.join(run_dir, "userns")
     os.makedirs(claims, mode=0o700, exist_ok=True)
-    for start in range(0, count - units + 1, units):
+    starts: range | list[int] = range(0, count - units + 1, units)
+    if dumped is not None:
+        base, size = dumped
+        units = -(-size // USERNS_SIZE)
+        start, off = divmod(base - first, USERNS_SIZE)
+        if off or start < 0 or start + units > count:
+            raise SandboxError(
+                f"sandbox {name!r}: userns: its checkpoint's id range {base}-{base + size - 1}"
+                " is outside this host's pool"
+            )
+        starts = [start]
+    for start in starts:
         paths = [os.path.join(claims, str(start + i)) for i in range(units)]
         taken = []
         for path in paths:
@@ -84,6 +100,16 @@ def allocate_range(
             return first + start * USERNS_SIZE, size
         for path in taken:
             _release(path, name)
+        if dumped is not None:
+            try:
+                holder = f"sandbox {_read(paths[len(taken)])[0]!r}"
+            except FileNotFoundError:
+                holder = "another sandbox"  # released since: it was in use then
+            raise SandboxError(
+                f"sandbox {name!r}: userns: its checkpoint's id range"
+                f" {dumped[0]}-{dumped[0] + size - 1} is in use by {holder}"
+                " (a sandbox is restored with the ids it was dumped with)"
+            )
     raise SandboxError(f"sandbox {name!r}: userns: every id range of the pool is in use")
 
 

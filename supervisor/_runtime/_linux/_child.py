@@ -45,6 +45,7 @@ from ._proc import parent_pid, starttime
 from ._sysinfo import NOTIFY_FILTER
 
 __all__ = [
+    "DEVICE_NAMES",
     "INIT_PATH",
     "LXCFS_FILES",
     "Identity",
@@ -112,6 +113,9 @@ _DEVICES = (  # name, major, minor, mode
     ("urandom", 1, 9, 0o666),
     ("tty", 5, 0, 0o666),
 )
+DEVICE_NAMES = tuple(name for name, *_ in _DEVICES)
+"""The device nodes every sandbox's /dev has (in a user namespace: the
+host's, bound in)."""
 _DEV_LINKS = (
     ("fd", "/proc/self/fd"),
     ("stdin", "/proc/self/fd/0"),
@@ -453,6 +457,66 @@ def _map_ids(  # pragma: no cover - runs in the child
         os._exit(1)
 
 
+def idmapped_layers(base: int, size: int, paths: list[str]) -> list[int]:
+    """Idmapped copies of the mounts at *paths* (descriptors, to attach)
+    that show host ids base to base + size - 1 as 0 to size - 1, made
+    without leaving the host's user namespace: CRIU's restorer must stay
+    the host's root, and CRIU makes the sandbox's namespace itself.
+
+    A forked child holds a new user namespace with that map while the
+    copies are made (an idmapped mount keeps its own reference to it),
+    then exits. A file system that cannot be idmapped is reported with
+    ``kind = "noidmap"``, as by :func:`enter_new_userns`.
+    """
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(go_r)
+            os.close(done_w)
+            sc.unshare(sc.CLONE_NEWUSER)
+            os.write(go_w, b"u")
+            os.read(done_r, 1)  # EOF: the copies are made
+        finally:
+            os._exit(0)
+    os.close(go_w)
+    os.close(done_r)
+    trees: list[int] = []
+    try:
+        if os.read(go_r, 1) != b"u":
+            raise _Step("user namespace", "the helper could not make a user namespace")
+        for name in ("uid_map", "gid_map"):
+            fd = os.open(f"/proc/{child}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0 %d %d\n" % (base, size))
+            finally:
+                os.close(fd)
+        userns = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for path in paths:
+                trees.append(sc.idmapped_tree(path, userns))
+        except OSError as exc:
+            err = exc.errno or 0
+            raise _Step(
+                "user namespace",
+                f"cannot idmap the layers {':'.join(paths)}: {os.strerror(err)}",
+                err,
+                kind="noidmap",
+            ) from None
+        finally:
+            os.close(userns)
+    except BaseException:
+        for fd in trees:
+            os.close(fd)
+        raise
+    finally:
+        os.close(go_r)
+        os.close(done_w)
+        os.waitpid(child, 0)
+    return trees
+
+
 def become_userns_root() -> None:
     """Take uid and gid 0 of the user namespace just entered (the host ids
     the sandbox's root maps to), with no supplementary groups."""
@@ -594,6 +658,15 @@ def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             signal.signal(sig, signal.SIG_DFL)
         step = "unshare mount namespace"
         sc.unshare(sc.CLONE_NEWNS)
+        if cfg.idmap_lower and cfg.userns is not None:
+            # The layers as the sandbox's root saw them when it was dumped.
+            step = "idmapped rootfs"
+            base, size = cfg.userns
+            trees = idmapped_layers(base, size, cfg.lowerdir.split(":"))
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+            for n, tree in enumerate(trees):
+                sc.attach_tree(tree, f"{cfg.idmap_target}/{n}")
+                os.close(tree)
         step = "mount root"
         _mount_overlay(cfg)
         if cfg.read_only:
