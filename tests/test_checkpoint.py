@@ -557,17 +557,37 @@ def test_an_exit_during_a_checkpoint_comes_after_its_outcome(dirs: Dirs, criu: N
 
 @pytest.mark.criu
 @requires_root
-def test_a_user_namespace_sandbox_is_restored_with_its_ids(runtime: Runtime, criu: None) -> None:
+def test_a_user_namespace_sandbox_is_restored_with_its_ids(
+    runtime: Runtime, criu: None, tmp_path: Path
+) -> None:
     """userns = true: the dump takes the host's device nodes bound in (and
     the masks bound from /dev/null) as externals; the restore claims the
     same id range, and CRIU makes the namespace with the same map. The
     counter goes on, as the same unprivileged host ids; its /dev/null is
     the host's node, and /proc/kcore is still masked by it. While the
-    range is another sandbox's, a restore says whose."""
-    with counting(runtime, security=make_security(userns=True)) as (sb, _):
+    range is another sandbox's, a restore says whose. A host directory
+    below one only root may search (pytest's) is a volume: copied by the
+    host's side, idmapped where its file system can be, and the same
+    after the restore (a file written there has the same host owner)."""
+    from supervisor._runtime._mounts import parse_volume
+
+    host = tmp_path / "host"
+    host.mkdir(mode=0o777)  # writable as the range's root too, where not idmapped
+    host.chmod(0o777)
+    os.chmod(tmp_path, 0o700)
+
+    def write(sb: Sandbox, name: str) -> int:
+        with runtime.exec(sb, ["sh", "-c", f"echo x > /h/{name}"]) as proc:
+            assert proc.wait() == 0
+        return (host / name).stat().st_uid
+
+    volumes = (parse_volume(f"{host}:/h"),)
+    with counting(runtime, security=make_security(userns=True), mounts=volumes) as (sb, _):
         uid_map = Path(f"/proc/{sb.pid}/uid_map").read_text()
         base = int(uid_map.split()[1])
         assert base > 0
+        owner = write(sb, "before")
+        assert owner in (0, base)  # idmapped, or (file system cannot) the range's
         info = runtime.checkpoint(sb, tag="one")
         assert info.userns == (base, 65536)
         assert sb.wait().signal == 9
@@ -604,6 +624,7 @@ def test_a_user_namespace_sandbox_is_restored_with_its_ids(runtime: Runtime, cri
         while int(count.read_text() or 0) < at + 5:
             assert time.monotonic() < deadline, "the restored counter does not count"
             time.sleep(0.05)
+        assert write(back, "after") == owner
     runtime.checkpoints.delete(info)
 
 

@@ -442,3 +442,46 @@ def test_a_shifted_copy_keeps_hard_links_set_id_bits_capabilities_and_acls(dirs:
     assert os.getxattr(shifted / "bin", "system.posix_acl_access") == acl
     with pytest.raises(SandboxError, match=rf"is owned by 0:0, outside the 65536 ids from {base}"):
         shift_owners(str(shifted), -base, base, size)
+
+
+@requires_root
+def test_host_directories_are_copied_by_the_host_and_idmapped(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Host directories below one only root may search (pytest's) are
+    volumes of a user-namespace sandbox all the same: the host's side
+    copies them. Where the file system can be idmapped (ext4 on the host
+    lane), the sandbox's root is their root: it reads a file only host
+    root may, and what it writes is host root's. Elsewhere (the VM lanes'
+    tmpfs on Linux 6.1) they are mounted as they are. Read-only holds."""
+    from supervisor._runtime._mounts import parse_volume
+
+    os.chmod(tmp_path, 0o700)
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o777)  # writable as the range too, where not idmapped
+    (data / "secret").write_text("s\n")
+    (data / "secret").chmod(0o600)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = (
+        "echo w > /data/new; cat /data/secret 2>/dev/null || echo denied;"
+        " stat -c %u /data/new; touch /ro/x 2>/dev/null || echo ro"
+    )
+    spec = SandboxSpec(
+        name="u-vol",
+        argv=("sh", "-c", script),
+        security=USERNS,
+        mounts=(parse_volume(f"{data}:/data"), parse_volume(f"{ro}:/ro:ro")),
+    )
+    result, out, err = run_capture(runtime, spec)
+    assert result.status == 0, err
+    owner = (data / "new").stat().st_uid
+    if not os.environ.get("CORRAL_VM_LANE"):
+        assert owner == 0, "the host lane's ext4 can be idmapped"
+    if owner == 0:
+        assert out.split() == ["s", "0", "ro"]
+    else:
+        assert owner == USERNS_POOL[0]
+        assert out.split() == ["denied", "0", "ro"]
+    assert not (ro / "x").exists()

@@ -1237,10 +1237,9 @@ class Runtime:
                     ) from None
             elif m.kind == "volume":
                 source = self._volume(m.source, userns)
-            if userns is not None and m.kind != "tmpfs":
-                from ._userns import check_reachable
-
-                check_reachable(os.path.dirname(source), userns[0], f"the volume {source}")
+            # (In a user namespace the host's side copies the volumes, as
+            # root: no directory on the way must be searchable by the
+            # sandbox's root. See _linux._child.enter_new_userns.)
             out.append([m.kind, source, m.target, m.read_only, m.size, m.mode, m.noexec, is_dir])
         return out
 
@@ -1793,8 +1792,25 @@ class Runtime:
                 f"mnt[{INIT_KEY}]:{self.init_binary}",
                 *CRIU_OPTIONS,
             ]
-            for _, name, m in _external_mounts(spec):
-                source = m.source if m.kind == "bind" else self._volume(m.source, None)
+            mounts = None
+            if userns is not None:
+                # Copied by the restorer as they were at the start (host
+                # binds idmapped), attached below sdir/volumes for CRIU.
+                mounts = self._mount_sources(spec, userns)
+                os.mkdir(os.path.join(sdir, "volumes"), 0o711)
+                for n, (*_, is_dir) in enumerate(m for m in mounts if m[0] != "tmpfs"):
+                    point = os.path.join(sdir, "volumes", str(n))
+                    if is_dir:
+                        os.mkdir(point, 0o700)
+                    else:
+                        os.close(os.open(point, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            for n, (_, name, m) in enumerate(_external_mounts(spec)):
+                if userns is not None:
+                    source = os.path.join(sdir, "volumes", str(n))
+                elif m.kind == "bind":
+                    source = m.source
+                else:
+                    source = self._volume(m.source, None)
                 argv += ["--external", f"mnt[{name}]:{source}"]
             if userns is not None:
                 for name in DEVICE_NAMES:
@@ -1830,6 +1846,8 @@ class Runtime:
                 userns=userns,
                 idmap_lower=idmap,
                 idmap_target=os.path.join(sdir, "lower"),
+                mounts=mounts,
+                volume_target=os.path.join(sdir, "volumes"),
                 cgroup_procs=[],
                 confine=not spec.security.privileged,
                 restore_argv=argv,

@@ -38,6 +38,7 @@ import signal
 import socket
 import stat
 import struct
+from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn, Protocol
 
 from . import _syscalls as sc
@@ -169,6 +170,10 @@ class LaunchConfig(NamedTuple):
     mount (attached at ``idmap_target/N`` in the sandbox's mount namespace,
     N counting from the top) instead of using it as it is (then copies
     whose owners are shifted already)."""
+    volume_target: str = ""
+    """Restoring a user-namespace sandbox: where the restorer attaches the
+    copies of its volumes (``N`` below it, in the order of ``mounts``),
+    for CRIU to bind them from."""
     idmap_target: str = ""
     """The directory of the empty directories ``0``, ``1``... where the
     idmapped lower layers are attached."""
@@ -314,11 +319,15 @@ def run_intermediate(
                 step = "sysfs"
                 sysfs = sc.new_sysfs(_SYSFS_ATTRS)
             lower_trees: list[int] = []
+            volumes: list[int] = []
             if cfg.userns is not None:
                 step = "user namespace"
                 base, size = cfg.userns
-                lower_trees = enter_new_userns(
-                    base, size, idmap=cfg.lowerdir.split(":") if cfg.idmap_lower else None
+                lower_trees, volumes = enter_new_userns(
+                    base,
+                    size,
+                    idmap=cfg.lowerdir.split(":") if cfg.idmap_lower else None,
+                    volumes=volume_trees(cfg),
                 )
             step = "unshare namespaces"
             sc.unshare(_NS_FLAGS if own_net else _NS_FLAGS & ~sc.CLONE_NEWNET)
@@ -337,9 +346,11 @@ def run_intermediate(
                 if cfg.die_with:
                     _die_with(cfg.die_with, me, proc, report)
                 os.close(proc)  # the host's /proc stays out of the sandbox
-                _run_init(cfg, report, sysfs)
+                _run_init(cfg, report, sysfs, volumes)
             if sysfs >= 0:
                 os.close(sysfs)  # the init's now
+            for fd in volumes:
+                os.close(fd)  # the init's now
         pidfd = os.pidfd_open(pid)
         # With its start time: a PID alone is no identity once reaped
         # (see ._proc); read while we are its parent, so it cannot be gone.
@@ -367,7 +378,24 @@ def _join_netns(target: list[int], proc: int) -> None:
             os.close(fd)
 
 
-def enter_new_userns(base: int, size: int, idmap: list[str] | None = None) -> list[int]:
+class VolumeTree(NamedTuple):
+    """A volume the host's side of the user namespace clones for the
+    sandbox (see :func:`enter_new_userns`)."""
+
+    source: str
+    target: str
+    attrs: int
+    """Mount attributes for every mount of the copy (read-only, nosuid...)."""
+    idmap: bool
+    """Idmapped through the sandbox's map where its file system can be."""
+
+
+def enter_new_userns(
+    base: int,
+    size: int,
+    idmap: list[str] | None = None,
+    volumes: Sequence[VolumeTree] = (),
+) -> tuple[list[int], list[int]]:
     """Move this process into a new user namespace whose ids 0 to size - 1
     are host ids base to base + size - 1, and become its root.
 
@@ -383,34 +411,44 @@ def enter_new_userns(base: int, size: int, idmap: list[str] | None = None) -> li
     and hands them over: their descriptors are returned, in order, to
     attach once the new mount namespace exists. Where a file system cannot
     be idmapped the failure is reported with ``kind = "noidmap"``.
+
+    The helper clones the *volumes* too (the second list returned, in
+    order): as the host's root, so that no directory on the way needs to be
+    searchable by the sandbox's root, and idmapped where asked and the
+    file system can be (else as they are: their files keep their host
+    owners).
     """
     me = os.getpid()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     mapper = os.fork()
     if mapper == 0:  # pragma: no cover - runs in the child
         ours.close()
-        _map_ids(theirs, me, base, size, idmap)
+        _map_ids(theirs, me, base, size, idmap, volumes)
     theirs.close()
+    layers = len(idmap or ())
     try:
         try:
             sc.unshare(sc.CLONE_NEWUSER)
         finally:
             ours.send(b"go")
-            msg, fds, _, _ = socket.recv_fds(ours, 256, max(1, len(idmap or ())))
+            msg, fds, _, _ = socket.recv_fds(ours, 4096, max(1, layers + len(volumes)))
     finally:
         ours.close()
         _, status = os.waitpid(mapper, 0)
-    if msg.startswith(b"N"):  # the maps are written, the idmap failed
+    if msg[:1] in (b"N", b"V"):  # the maps are written, a copy failed
         for fd in fds:
             os.close(fd)
-        err = int(msg[1:])
+        number, _, where = msg[1:].partition(b" ")
+        err = int(number)
+        if msg.startswith(b"V"):
+            raise _Step("volumes", f"{os.fsdecode(where)}: {os.strerror(err)}", err)
         raise _Step(
             "user namespace",
             f"cannot idmap the layers {':'.join(idmap or ())}: {os.strerror(err)}",
             err,
             kind="noidmap",
         )
-    if status != 0 or not msg.startswith(b"M"):
+    if status != 0 or not msg.startswith(b"M") or len(fds) != layers + len(volumes):
         for fd in fds:
             os.close(fd)
         err = int(msg[1:]) if msg[:1] == b"E" else 0
@@ -421,11 +459,16 @@ def enter_new_userns(base: int, size: int, idmap: list[str] | None = None) -> li
             err,
         )
     become_userns_root()
-    return list(fds)
+    return list(fds[:layers]), list(fds[layers:])
 
 
 def _map_ids(  # pragma: no cover - runs in the child
-    sock: socket.socket, pid: int, base: int, size: int, idmap: list[str] | None
+    sock: socket.socket,
+    pid: int,
+    base: int,
+    size: int,
+    idmap: list[str] | None,
+    volumes: Sequence[VolumeTree],
 ) -> NoReturn:
     """The helper of :func:`enter_new_userns`: never returns."""
     try:
@@ -440,26 +483,66 @@ def _map_ids(  # pragma: no cover - runs in the child
         except OSError as exc:
             sock.send(b"E%d" % (exc.errno or 0))
             os._exit(1)
-        if idmap is None:
+        if idmap is None and not volumes:
             sock.send(b"M")
             os._exit(0)
         trees = []
+        userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-            for path in idmap:
+            for path in idmap or ():
                 trees.append(sc.idmapped_tree(path, userns))
         except OSError as exc:
             sock.send(b"N%d" % (exc.errno or 0))
             os._exit(0)
+        for vol in volumes:
+            try:
+                trees.append(_volume_tree(vol, userns))
+            except OSError as exc:
+                sock.send(b"V%d %s" % (exc.errno or 0, os.fsencode(vol.target)))
+                os._exit(0)
         socket.send_fds(sock, [b"M"], trees)
         os._exit(0)
     except BaseException:
         os._exit(1)
 
 
-def idmapped_layers(base: int, size: int, paths: list[str]) -> list[int]:
+_NO_IDMAP = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
+"""What ``mount_setattr`` says where a file system cannot be idmapped."""
+
+
+def _volume_tree(vol: VolumeTree, userns: int) -> int:
+    """The detached copy of one volume (see :class:`VolumeTree`)."""
+    if vol.idmap:
+        try:
+            return sc.bind_tree(vol.source, vol.attrs, userns)
+        except OSError as exc:
+            if exc.errno not in _NO_IDMAP:
+                raise
+    return sc.bind_tree(vol.source, vol.attrs)
+
+
+def volume_trees(cfg: LaunchConfig) -> list[VolumeTree]:
+    """The volumes of *cfg* that are copies of host trees, in order."""
+    return [
+        VolumeTree(source, target, _volume_attrs(cfg, read_only), kind == "bind")
+        for kind, source, target, read_only, *_ in cfg.mounts or ()
+        if kind != "tmpfs"
+    ]
+
+
+def _volume_attrs(cfg: LaunchConfig, read_only: bool) -> int:
+    """The mount attributes of a volume of *cfg*: never setuid, no devices
+    unless privileged; read-only if asked."""
+    attrs = sc.MOUNT_ATTR_NOSUID | (sc.MOUNT_ATTR_NODEV if cfg.confine else 0)
+    return attrs | (sc.MOUNT_ATTR_RDONLY if read_only else 0)
+
+
+def idmapped_layers(
+    base: int, size: int, paths: list[str], volumes: Sequence[VolumeTree] = ()
+) -> tuple[list[int], list[int]]:
     """Idmapped copies of the mounts at *paths* (descriptors, to attach)
-    that show host ids base to base + size - 1 as 0 to size - 1, made
+    that show host ids base to base + size - 1 as 0 to size - 1, and the
+    copies of *volumes* (as :func:`enter_new_userns` makes them), made
     without leaving the host's user namespace: CRIU's restorer must stay
     the host's root, and CRIU makes the sandbox's namespace itself.
 
@@ -504,6 +587,12 @@ def idmapped_layers(base: int, size: int, paths: list[str]) -> list[int]:
                 err,
                 kind="noidmap",
             ) from None
+        try:
+            for vol in volumes:
+                trees.append(_volume_tree(vol, userns))
+        except OSError as exc:
+            err = exc.errno or 0
+            raise _Step("volumes", f"{vol.target}: {os.strerror(err)}", err) from None
         finally:
             os.close(userns)
     except BaseException:
@@ -514,7 +603,7 @@ def idmapped_layers(base: int, size: int, paths: list[str]) -> list[int]:
         os.close(go_r)
         os.close(done_w)
         os.waitpid(child, 0)
-    return trees
+    return trees[: len(paths)], trees[len(paths) :]
 
 
 def become_userns_root() -> None:
@@ -572,10 +661,14 @@ def _die_with(owner: int, intermediate: int, proc: int, report: socket.socket) -
         os._exit(127)
 
 
-def _run_init(cfg: LaunchConfig, report: socket.socket, sysfs: int = -1) -> NoReturn:
+def _run_init(
+    cfg: LaunchConfig, report: socket.socket, sysfs: int = -1, volumes: Sequence[int] = ()
+) -> NoReturn:
     """Body of the init: make the sandbox's root and exec tini in it.
 
-    *sysfs* is a detached sysfs mount to attach at /sys (-1: mount one).
+    *sysfs* is a detached sysfs mount to attach at /sys (-1: mount one);
+    *volumes* the copies of the volumes made on the host's side (none:
+    made here).
     """
     step = "prepare"
     try:
@@ -589,7 +682,7 @@ def _run_init(cfg: LaunchConfig, report: socket.socket, sysfs: int = -1) -> NoRe
         _mount_root(cfg, sysfs)
         if cfg.mounts:
             step = "volumes"
-            _mount_volumes(cfg)
+            _mount_volumes(cfg, volumes)
         if cfg.read_only:
             step = "read-only root"
             _make_root_read_only(cfg)
@@ -658,14 +751,20 @@ def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             signal.signal(sig, signal.SIG_DFL)
         step = "unshare mount namespace"
         sc.unshare(sc.CLONE_NEWNS)
-        if cfg.idmap_lower and cfg.userns is not None:
-            # The layers as the sandbox's root saw them when it was dumped.
+        if cfg.userns is not None:
+            # The layers and volumes as the sandbox's root saw them when it
+            # was dumped; CRIU binds the volumes from volume_target/N.
             step = "idmapped rootfs"
             base, size = cfg.userns
-            trees = idmapped_layers(base, size, cfg.lowerdir.split(":"))
+            layers, volumes = idmapped_layers(
+                base, size, cfg.lowerdir.split(":") if cfg.idmap_lower else [], volume_trees(cfg)
+            )
             sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-            for n, tree in enumerate(trees):
+            for n, tree in enumerate(layers):
                 sc.attach_tree(tree, f"{cfg.idmap_target}/{n}")
+                os.close(tree)
+            for n, tree in enumerate(volumes):
+                sc.attach_tree(tree, f"{cfg.volume_target}/{n}")
                 os.close(tree)
         step = "mount root"
         _mount_overlay(cfg)
@@ -1080,7 +1179,7 @@ def _mount_lxcfs(root: str, source: str) -> None:
         sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | _VIEW_FLAGS)
 
 
-def _mount_volumes(cfg: LaunchConfig) -> None:
+def _mount_volumes(cfg: LaunchConfig, trees: Sequence[int] = ()) -> None:
     """Mount the volumes and tmpfs of ``cfg.mounts`` (parents first) in
     the new root, before the pivot.
 
@@ -1090,9 +1189,12 @@ def _mount_volumes(cfg: LaunchConfig) -> None:
     missing, and mounted on through its descriptor, never looked up by
     path again. A bind mount is a recursive copy of the host's tree with
     its attributes set on every mount of it before it is attached, so a
-    read-only volume has no writable submount.
+    read-only volume has no writable submount. In a user namespace those
+    copies were made on the host's side (*trees*, in order: see
+    :func:`enter_new_userns`).
     """
     assert cfg.mounts is not None
+    made = iter(trees)
     root = os.open(cfg.merged, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for kind, source, target, read_only, size, mode, noexec, is_dir in cfg.mounts:
@@ -1102,9 +1204,6 @@ def _mount_volumes(cfg: LaunchConfig) -> None:
                 err = exc.errno or 0
                 raise _Step("volumes", f"{target}: {os.strerror(err)}", err) from None
             try:
-                attrs = sc.MOUNT_ATTR_NOSUID | (sc.MOUNT_ATTR_NODEV if cfg.confine else 0)
-                if read_only:
-                    attrs |= sc.MOUNT_ATTR_RDONLY
                 if kind == "tmpfs":
                     options = f"mode={0o1777 if mode is None else mode:o}"
                     if size is not None:
@@ -1113,7 +1212,9 @@ def _mount_volumes(cfg: LaunchConfig) -> None:
                     flags |= (sc.MS_RDONLY if read_only else 0) | (sc.MS_NOEXEC if noexec else 0)
                     sc.mount("tmpfs", f"/proc/self/fd/{where}", "tmpfs", flags, options)
                 else:
-                    tree = sc.bind_tree(source, attrs)
+                    tree = next(made, -1)
+                    if tree < 0:
+                        tree = sc.bind_tree(source, _volume_attrs(cfg, read_only))
                     try:
                         sc.attach_tree_at(tree, where, target)
                     finally:

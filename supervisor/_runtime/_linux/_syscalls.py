@@ -571,14 +571,18 @@ def new_sysfs(attr_set: int) -> int:
         os.close(ctx)
 
 
-def bind_tree(path: str, attr_set: int) -> int:
+def bind_tree(path: str, attr_set: int, userns_fd: int = -1) -> int:
     """A detached recursive copy of the mount tree at *path* (``rbind``)
     with the mount attributes *attr_set* (``MOUNT_ATTR_RDONLY``...) set on
     every mount of it: read-only really is read-only, submounts too (a
-    ``MS_REMOUNT`` would reach the top mount only). Its descriptor
-    (close-on-exec), for :func:`attach_tree_at`."""
-    attr = _MountAttr(attr_set, 0, 0, 0) if attr_set else None
-    return _cloned_tree(path, attr, f"{attr_set:#x}")
+    ``MS_REMOUNT`` would reach the top mount only). With *userns_fd*, also
+    idmapped through that user namespace's map (see :func:`idmapped_tree`).
+    Its descriptor (close-on-exec), for :func:`attach_tree_at`."""
+    if userns_fd >= 0:
+        attr = _MountAttr(attr_set | _MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        return _cloned_tree(path, attr, f"{attr_set:#x}|MOUNT_ATTR_IDMAP")
+    plain = _MountAttr(attr_set, 0, 0, 0) if attr_set else None
+    return _cloned_tree(path, plain, f"{attr_set:#x}")
 
 
 def attach_tree_at(fd: int, target_fd: int, what: str) -> None:
