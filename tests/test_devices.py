@@ -309,13 +309,14 @@ def _node(kind: str, major: int, minor: int) -> str:
 @requires_root
 @pytest.mark.layout
 def test_a_sandbox_with_sys_admin_still_cannot_open_a_disk(runtime: Runtime) -> None:
-    """With SYS_ADMIN the sandbox mounts a tmpfs without nodev and makes
-    nodes there: the standard ones open, the disk, /dev/mem and /dev/kmsg
-    do not (on v2 by the program, on v1 by the device cgroup)."""
+    """With SYS_ADMIN a root-mapped sandbox (``userns = false``) mounts a
+    tmpfs without nodev and makes nodes there: the standard ones open, the
+    disk, /dev/mem and /dev/kmsg do not (on v2 by the program, on v1 by the
+    device cgroup)."""
     spec = SandboxSpec(
         name="dev-admin",
         argv=("sh", "-c", _sandbox_script(SANDBOX_NODES)),
-        security=make_security(cap_add=["SYS_ADMIN"]),
+        security=make_security(cap_add=["SYS_ADMIN"], userns=False),
     )
     result, out, err = run_capture(runtime, spec)
     assert result.status == 0, err
@@ -327,6 +328,29 @@ def test_a_sandbox_with_sys_admin_still_cannot_open_a_disk(runtime: Runtime) -> 
         assert opened[path] == "ok", (path, out)
     for kind, major, minor in SANDBOX_NODES[3:]:
         assert opened[_node(kind, major, minor)] == "EPERM", out
+
+
+@requires_root
+@pytest.mark.layout
+def test_in_a_user_namespace_no_node_can_be_made_even_with_sys_admin(runtime: Runtime) -> None:
+    """The default sandbox (a user namespace) with SYS_ADMIN: its root may
+    mount a tmpfs, but no device node can be made in a user namespace at
+    all; the host's standard nodes bound in work."""
+    spec = SandboxSpec(
+        name="dev-admin-userns",
+        argv=("sh", "-c", _sandbox_script(SANDBOX_NODES)),
+        security=make_security(cap_add=["SYS_ADMIN"], userns=True),
+    )
+    result, out, err = run_capture(runtime, spec)
+    assert result.status == 0, err
+    lines = out.splitlines()
+    assert "no-mount" not in lines, out
+    assert [ln for ln in lines if ln.startswith("mknod-failed")] == [
+        f"mknod-failed {k}-{a}-{b}" for k, a, b in SANDBOX_NODES
+    ], out
+    opened = dict(ln.split(" ", 1) for ln in lines if ln.startswith("/"))
+    for path in ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/full", "/dev/random"]:
+        assert opened[path] == "ok", (path, out)
 
 
 @requires_root

@@ -155,17 +155,26 @@ def test_security_round_trips_through_a_checkpoint_spec() -> None:
 @pytest.mark.layout
 def test_only_the_standard_devices_are_usable(runtime: Runtime) -> None:
     """/dev is read-only, a node made elsewhere is on a nodev mount; the
-    standard nodes work. A privileged sandbox may make and use a node."""
+    standard nodes work. In a user namespace (the default) no node can be
+    made at all. A privileged sandbox may make and use a node."""
     script = (
         "touch /dev/x 2>/dev/null && echo dev-writable;"
         " mknod /tmp/zero c 1 5 && echo mknod;"
         " head -c 4 /tmp/zero 2>/dev/null | wc -c | grep -qx 4 && echo zero-usable;"
         " echo x > /dev/null && head -c 4 /dev/zero | wc -c; true"
     )
-    result, out, err = run_capture(runtime, SandboxSpec(name="dev", argv=("sh", "-c", script)))
+    root_mapped = make_security(userns=False)
+    result, out, err = run_capture(
+        runtime, SandboxSpec(name="dev", argv=("sh", "-c", script), security=root_mapped)
+    )
     assert result.status == 0, err
     # MKNOD is one of Docker's 14, so making the node works; using it does not.
     assert out.split() == ["mknod", "4"]
+    result, out, err = run_capture(
+        runtime, SandboxSpec(name="dev-u", argv=("sh", "-c", script), security=make_security())
+    )
+    assert result.status == 0, err
+    assert out.split() == (["4"] if make_security().userns else ["mknod", "4"])
 
     spec = SandboxSpec(
         name="dev-priv", argv=("sh", "-c", script), security=make_security(privileged=True)

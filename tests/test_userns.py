@@ -145,7 +145,7 @@ def test_an_unreachable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
     ("kw", "message"),
     [
         ({"userns": "yes"}, "userns: expected true or false, got 'yes'"),
-        ({"userns_base": 100000}, "userns_base: needs userns = true"),
+        ({"userns": False, "userns_base": 100000}, "userns_base: needs userns = true"),
         (
             {"userns": True, "userns_base": 0},
             "userns_base: expected a host uid above 0 with 65536 ids free after it, got 0",
