@@ -565,15 +565,16 @@ def test_a_user_namespace_sandbox_is_restored_with_its_ids(
     same id range, and CRIU makes the namespace with the same map. The
     counter goes on, as the same unprivileged host ids; its /dev/null is
     the host's node, and /proc/kcore is still masked by it. While the
-    range is another sandbox's, a restore says whose. A host directory
-    below one only root may search (pytest's) is a volume: copied by the
-    host's side, idmapped where its file system can be, and the same
-    after the restore (a file written there has the same host owner)."""
+    range is another sandbox's, the restore gets a range of its own and
+    the checkpoint is moved into it (userns.img and the layer's owners).
+    A host directory below one only root may search (pytest's) is a
+    volume: copied by the host's side, idmapped where its file system can
+    be, and the same after each restore."""
     from supervisor._runtime._mounts import parse_volume
 
     host = tmp_path / "host"
-    host.mkdir(mode=0o777)  # writable as the range's root too, where not idmapped
-    host.chmod(0o777)
+    host.mkdir()
+    host.chmod(0o777)  # writable as the range's root too, where not idmapped
     os.chmod(tmp_path, 0o700)
 
     def write(sb: Sandbox, name: str) -> int:
@@ -581,32 +582,10 @@ def test_a_user_namespace_sandbox_is_restored_with_its_ids(
             assert proc.wait() == 0
         return (host / name).stat().st_uid
 
-    volumes = (parse_volume(f"{host}:/h"),)
-    with counting(runtime, security=make_security(userns=True), mounts=volumes) as (sb, _):
-        uid_map = Path(f"/proc/{sb.pid}/uid_map").read_text()
-        base = int(uid_map.split()[1])
-        assert base > 0
-        owner = write(sb, "before")
-        assert owner in (0, base)  # idmapped, or (file system cannot) the range's
-        info = runtime.checkpoint(sb, tag="one")
-        assert info.userns == (base, 65536)
-        assert sb.wait().signal == 9
-    at = int(Path(info.upper, "count").read_text())
-    with runtime.create(
-        SandboxSpec("other", ["sleep", "100"], security=make_security(userns=True)),
-        stdin_devnull=True,
-    ) as other:
-        # The range was given back with the sandbox: the next one has it.
-        assert Path(f"/proc/{other.pid}/uid_map").read_text() == uid_map
-        with pytest.raises(CheckpointError) as err:
-            runtime.restore(info)
-        assert str(err.value) == (
-            f"sandbox 'c': userns: its checkpoint's id range {base}-{base + 65535}"
-            " is in use by sandbox 'other' (a sandbox is restored with the ids it"
-            " was dumped with)"
-        )
-    with runtime.restore(info) as back:
-        assert Path(f"/proc/{back.pid}/uid_map").read_text() == uid_map
+    def check(back: Sandbox, base: int, at: int, idmapped: bool) -> None:
+        """*back* runs as the range from *base* and counts on from *at*."""
+        uid_map = Path(f"/proc/{back.pid}/uid_map").read_text()
+        assert uid_map.split() == ["0", str(base), "65536"]
         child = command_pid(back.pid)
         uids = next(
             ln
@@ -620,11 +599,35 @@ def test_a_user_namespace_sandbox_is_restored_with_its_ids(
         if kcore:
             assert kcore[-1][2:4] == null[2:4]  # the same node, bound over it
         count = Path(back.state_path, "upper", "count")
+        assert count.stat().st_uid == base  # the layer is the range's
         deadline = time.monotonic() + 60
         while int(count.read_text() or 0) < at + 5:
             assert time.monotonic() < deadline, "the restored counter does not count"
             time.sleep(0.05)
-        assert write(back, "after") == owner
+        assert write(back, f"after-{base}") == (0 if idmapped else base)
+
+    volumes = (parse_volume(f"{host}:/h"),)
+    with counting(runtime, security=make_security(userns=True), mounts=volumes) as (sb, _):
+        base = int(Path(f"/proc/{sb.pid}/uid_map").read_text().split()[1])
+        assert base > 0
+        owner = write(sb, "before")
+        assert owner in (0, base)  # idmapped, or (file system cannot) the range's
+        info = runtime.checkpoint(sb, tag="one")
+        assert info.userns == (base, 65536)
+        assert sb.wait().signal == 9
+    at = int(Path(info.upper, "count").read_text())
+    with runtime.create(
+        SandboxSpec("other", ["sleep", "100"], security=make_security(userns=True)),
+        stdin_devnull=True,
+    ) as other:
+        # The range was given back with the sandbox: the next one has it.
+        assert int(Path(f"/proc/{other.pid}/uid_map").read_text().split()[1]) == base
+        with runtime.restore(info) as back:
+            moved = int(Path(f"/proc/{back.pid}/uid_map").read_text().split()[1])
+            assert moved != base
+            check(back, moved, at, owner == 0)
+    with runtime.restore(info) as back:
+        check(back, base, at, owner == 0)
     runtime.checkpoints.delete(info)
 
 

@@ -43,6 +43,7 @@ from ._spec import Limits, SandboxSpec
 __all__ = [
     "CRIU_ENV",
     "CRIU_OPTIONS",
+    "IMAGE_DIRS",
     "INIT_KEY",
     "NET_KEY",
     "CheckpointInfo",
@@ -51,6 +52,8 @@ __all__ = [
     "check_criu",
     "criu_failure",
     "disarm_sysinfo_filters",
+    "find_crit",
+    "remap_images",
     "restore_weakens",
     "spec_from_dict",
     "spec_to_dict",
@@ -481,6 +484,69 @@ def disarm_sysinfo_filters(images: str) -> int:
         with open(path, "r+b") as f:
             f.write(data.replace(NOTIFY_FILTER, ALLOW_ALL_FILTER))
     return count
+
+
+IMAGE_DIRS = ("images", "pre")
+"""The directories of a checkpoint CRIU reads at a restore (``pre``: a
+leave-running checkpoint's pre-dump, its ``images/parent``)."""
+
+
+def remap_images(info: CheckpointInfo, into: str, base: int, crit: str) -> None:
+    """Make *into* a copy of *info*'s image directories whose user
+    namespace maps to host ids from *base* instead of the dumped range.
+
+    CRIU records what the sandbox's processes and files own as ids of the
+    namespace (0 for its root), and the namespace's map apart, in
+    ``userns.img``: that file alone is rewritten (decoded and encoded with
+    CRIU's ``crit``). The others are hard links (copies across file
+    systems), so a remap costs no copy of the memory pages."""
+    assert info.userns is not None
+    old = info.userns[0]
+    os.mkdir(into, 0o700)
+    for sub in IMAGE_DIRS:
+        src = os.path.join(info.path, sub)
+        if not os.path.isdir(src):
+            continue
+        dest = os.path.join(into, sub)
+        os.mkdir(dest, 0o700)
+        for entry in os.scandir(src):
+            target = os.path.join(dest, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), target)  # images/parent -> ../pre
+            elif entry.name == "userns.img":
+                _remap_userns_image(entry.path, target, base - old, crit)
+            elif entry.is_file():
+                try:
+                    os.link(entry.path, target)
+                except OSError:
+                    shutil.copy2(entry.path, target)
+
+
+def _remap_userns_image(src: str, dest: str, delta: int, crit: str) -> None:
+    """``userns.img`` *src* with every host id of its maps moved by *delta*."""
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        proc = subprocess.run(
+            [crit, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
+        )
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise CheckpointError(f"crit {args[0]} {src}: {reason}")
+        return proc.stdout
+
+    doc = json.loads(run("decode", "-i", src))
+    for entry in doc["entries"]:
+        for key in ("uid_map", "gid_map"):
+            for extent in entry.get(key, ()):
+                extent["lower_first"] += delta
+    run("encode", "-o", dest, stdin=json.dumps(doc))
+
+
+def find_crit(criu: CriuInfo) -> str | None:
+    """CRIU's image tool, beside its binary or on the usual PATH."""
+    return criu.crit or shutil.which(
+        "crit", path=os.path.dirname(criu.binary) + ":" + ":".join(_SEARCH_PATH)
+    )
 
 
 def criu_frozen_seconds(crit: str, images: str) -> float | None:

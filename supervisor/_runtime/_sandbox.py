@@ -56,6 +56,7 @@ from .._errors import (
 from ._checkpoint import (
     CRIU_OPTIONS,
     CRIU_TIMEOUT,
+    IMAGE_DIRS,
     INIT_KEY,
     NET_KEY,
     CheckpointInfo,
@@ -65,7 +66,9 @@ from ._checkpoint import (
     criu_frozen_seconds,
     dir_size,
     disarm_sysinfo_filters,
+    find_crit,
     read_log,
+    remap_images,
     spec_from_dict,
     spec_to_dict,
     validate_tag,
@@ -1063,6 +1066,27 @@ class Runtime:
             lowerdir=shifted, idmap_lower=False, lower_links=_lower_links(sdir, shifted)
         )
 
+    def _remapped(self, info: CheckpointInfo, sdir: str, base: int) -> str:
+        """*info*'s images remapped to the range from *base* (in
+        ``sdir/checkpoint``), its layer's copy in ``sdir/upper`` moved with
+        them; the images directory."""
+        from ._userns import shift_owners
+
+        assert info.userns is not None
+        old, size = info.userns
+        crit = find_crit(check_criu())
+        if crit is None:
+            raise CheckpointError(
+                f"restore of {info.spec.name!r}: its id range is in use, and moving the"
+                " checkpoint to another needs CRIU's crit, which is not installed"
+            )
+        top = os.path.join(sdir, "checkpoint")
+        remap_images(info, top, base, crit)
+        upper = os.path.join(sdir, "upper")
+        os.chown(upper, old, old)  # the layer's root, as it was dumped
+        shift_owners(upper, base - old, old, size)
+        return os.path.join(top, "images")
+
     def _shifted_layers(self, lower: str, userns: list[int]) -> str:
         """*lower*'s layers as copies whose owners are shifted into the
         sandbox's id range (each cached, shared by the images that have it)."""
@@ -1760,11 +1784,24 @@ class Runtime:
             userns = None
             idmap = False
             layers = lower.split(":")
+            images = info.images
             if info.userns is not None:
                 # The same ids: CRIU makes the namespace with the dumped map.
+                from ._userns import RangeInUse
+
                 try:
-                    userns = self._userns(spec, sdir, undo, info.userns)
-                    _share_images(info, userns[0])
+                    try:
+                        userns = self._userns(spec, sdir, undo, info.userns)
+                    except RangeInUse:
+                        # Another sandbox has those ids (the original runs
+                        # on, and this is a second instance): a range of its
+                        # own, and the checkpoint moved into it.
+                        userns = self._userns(spec, sdir, undo)
+                        images = self._remapped(info, sdir, userns[0])
+                    store = os.path.dirname(info.path)
+                    for d in (os.path.dirname(store), store):
+                        os.chmod(d, os.stat(d).st_mode & 0o7777 | 0o111)
+                    _share_images(os.path.dirname(images), userns[0])
                 except SandboxError as exc:
                     raise CheckpointError(str(exc)) from None
                 lower, idmap = self._userns_layers(lower, sdir, userns)
@@ -1778,7 +1815,7 @@ class Runtime:
                 criu.binary,
                 "restore",
                 "--images-dir",
-                info.images,
+                images,
                 "--work-dir",
                 sdir,
                 "--log-file",
@@ -2165,28 +2202,30 @@ def _external_devices(pid: int) -> list[str]:
     return args
 
 
-def _share_images(info: CheckpointInfo, base: int) -> None:
-    """Let the root of a user-namespace sandbox restored from *info* (host
-    uid and gid *base*) read the checkpoint's images: CRIU's restored tasks
-    read some of them (tty-info.img, ...) once they are in the namespace,
-    without any privilege over files of the host's root. The group becomes
-    the sandbox's root's; nobody else gains anything (the directories
-    above are searchable, not listable). Its own memory and files are
-    nothing the sandbox could not read already."""
+def _share_images(top: str, base: int) -> None:
+    """Let the root of a user-namespace sandbox restored from the
+    checkpoint directory *top* (host uid and gid *base*) read its images:
+    CRIU's restored tasks read some of them (tty-info.img, ...) once they
+    are in the namespace, without any privilege over files of the host's
+    root. The directories become its root's group's (searchable, the image
+    directories listable, never writable), the images readable; nobody
+    else can reach them, and they hold nothing of the sandbox it could not
+    read already. Hard links of the same images in another restore's
+    directory (:func:`remap_images`) keep their own directories."""
     from ._userns import check_reachable
 
-    store = os.path.dirname(info.path)
-    for d in (os.path.dirname(store), store):
-        os.chmod(d, os.stat(d).st_mode & 0o7777 | 0o111)
-    os.chown(info.path, 0, base)
-    os.chmod(info.path, 0o710)
-    os.chown(info.images, 0, base)
-    os.chmod(info.images, 0o750)
-    for entry in os.scandir(info.images):
-        if entry.is_file(follow_symlinks=False):
-            os.chown(entry.path, 0, base)
-            os.chmod(entry.path, 0o640)
-    check_reachable(info.images, base, "its checkpoint's images")
+    os.chown(top, 0, base)
+    os.chmod(top, 0o710)
+    for sub in IMAGE_DIRS:
+        images = os.path.join(top, sub)
+        if not os.path.isdir(images):
+            continue
+        os.chown(images, 0, base)
+        os.chmod(images, 0o750)
+        for entry in os.scandir(images):
+            if entry.is_file(follow_symlinks=False):
+                os.chmod(entry.path, 0o644)
+    check_reachable(os.path.join(top, "images"), base, "its checkpoint's images")
 
 
 def _id_range_of(pid: int) -> tuple[int, int]:

@@ -51,12 +51,17 @@ from ._records import abandoned, record_path
 from ._security import USERNS_POOL, USERNS_SIZE, Security
 
 __all__ = [
+    "RangeInUse",
     "allocate_range",
     "check_reachable",
     "release_all",
     "shift_owners",
     "shifted_rootfs",
 ]
+
+
+class RangeInUse(SandboxError):
+    """The id range a restore asked for is another sandbox's."""
 
 
 def allocate_range(
@@ -105,7 +110,7 @@ def allocate_range(
                 holder = f"sandbox {_read(paths[len(taken)])[0]!r}"
             except FileNotFoundError:
                 holder = "another sandbox"  # released since: it was in use then
-            raise SandboxError(
+            raise RangeInUse(
                 f"sandbox {name!r}: userns: its checkpoint's id range"
                 f" {dumped[0]}-{dumped[0] + size - 1} is in use by {holder}"
                 " (a sandbox is restored with the ids it was dumped with)"
