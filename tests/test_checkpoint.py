@@ -566,7 +566,7 @@ def test_a_user_namespace_sandbox_is_restored_with_its_ids(
     counter goes on, as the same unprivileged host ids; its /dev/null is
     the host's node, and /proc/kcore is still masked by it. While the
     range is another sandbox's, the restore gets a range of its own and
-    the checkpoint is moved into it (userns.img and the layer's owners).
+    the checkpoint is moved into it (its userns image and the layer's owners).
     A host directory below one only root may search (pytest's) is a
     volume: copied by the host's side, idmapped where its file system can
     be, and the same after each restore."""

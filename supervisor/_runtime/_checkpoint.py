@@ -497,11 +497,12 @@ def remap_images(info: CheckpointInfo, into: str, base: int, crit: str) -> None:
 
     CRIU records what the sandbox's processes and files own as ids of the
     namespace (0 for its root), and the namespace's map apart, in
-    ``userns.img``: that file alone is rewritten (decoded and encoded with
+    ``userns-ID.img``: that file alone is rewritten (decoded and encoded with
     CRIU's ``crit``). The others are hard links (copies across file
     systems), so a remap costs no copy of the memory pages."""
     assert info.userns is not None
     old = info.userns[0]
+    remapped = 0
     os.mkdir(into, 0o700)
     for sub in IMAGE_DIRS:
         src = os.path.join(info.path, sub)
@@ -513,17 +514,26 @@ def remap_images(info: CheckpointInfo, into: str, base: int, crit: str) -> None:
             target = os.path.join(dest, entry.name)
             if entry.is_symlink():
                 os.symlink(os.readlink(entry.path), target)  # images/parent -> ../pre
-            elif entry.name == "userns.img":
+            elif _USERNS_IMAGE.fullmatch(entry.name):
                 _remap_userns_image(entry.path, target, base - old, crit)
+                remapped += sub == "images"
             elif entry.is_file():
                 try:
                     os.link(entry.path, target)
                 except OSError:
                     shutil.copy2(entry.path, target)
+    if not remapped:
+        # The tree would come back with the old range's ids: refuse.
+        raise CheckpointError(f"checkpoint {info.path} has no user namespace image to move")
+
+
+_USERNS_IMAGE = re.compile(r"userns-\d+\.img")
+"""CRIU's image of a user namespace's maps (``userns-ID.img``)."""
 
 
 def _remap_userns_image(src: str, dest: str, delta: int, crit: str) -> None:
-    """``userns.img`` *src* with every host id of its maps moved by *delta*."""
+    """The user namespace image *src* with every host id of its maps moved
+    by *delta*, written to *dest*."""
 
     def run(*args: str, stdin: str | None = None) -> str:
         proc = subprocess.run(
