@@ -10,6 +10,10 @@ so that noise hits every contender alike:
     per sandbox, as containerd pays one ``runc`` run per container);
 (b) ``corral-cli``: ``corral run -- /bin/true`` as a user types it,
     interpreter start included;
+both root-mapped (``userns = false``), the work runc does with its
+default configuration; ``corral-userns``: (a) as a sandbox is by default,
+in a user namespace of its own (the id maps, the idmapped rootfs), whose
+cost over (a) the line ``userns_cost_vs_root_mapped`` gives;
 ``runc``: ``runc run`` on an OCI bundle of the same rootfs (its default
 namespaces, including net); ``lxc``: ``lxc-execute`` (if installed).
 
@@ -51,9 +55,12 @@ from _peers import LxcPeer, RuncPeer
 
 from supervisor import Keeper, Limits, Runtime, SandboxSpec
 from supervisor._runtime._linux._devices import load_device_program
+from supervisor._runtime._security import Security, make_security
 
 LIMITS = Limits(memory=64 << 20, pids=64, cpus=0.5)
-CLI_ARGS = ["--memory", "64M", "--pids", "64", "--cpus", "0.5", "--", "/bin/true"]
+CLI_ARGS = ["--memory", "64M", "--pids", "64", "--cpus", "0.5", "--no-userns", "--", "/bin/true"]
+ROOT_MAPPED = make_security(userns=False)
+USERNS = make_security(userns=True)
 
 
 def main() -> None:
@@ -73,8 +80,10 @@ def main() -> None:
         null = os.open("/dev/null", os.O_RDWR)
         counter = iter(range(10**9))
 
-        def corral_lib() -> float:
-            spec = SandboxSpec(name=f"b{next(counter)}", argv=("/bin/true",), limits=LIMITS)
+        def corral_lib(security: Security = ROOT_MAPPED) -> float:
+            spec = SandboxSpec(
+                name=f"b{next(counter)}", argv=("/bin/true",), limits=LIMITS, security=security
+            )
             t0 = time.perf_counter()
             sb = runtime.create(spec, stdio=(null, null, null))
             sb.wait()
@@ -98,6 +107,7 @@ def main() -> None:
         contenders: dict[str, Callable[[], float]] = {
             "corral-lib": corral_lib,
             "corral-cli": corral_cli,
+            "corral-userns": lambda: corral_lib(USERNS),
         }
         runc = RuncPeer(rootfs, scratch / "runc")
         if RuncPeer.available(rootfs):
@@ -139,6 +149,7 @@ def main() -> None:
     print(seccomp)
     if "lxc" in med:
         print(f"lib_ratio_vs_lxc: {med['corral-lib'] / med['lxc']:.2f}")
+    print(f"userns_cost_vs_root_mapped: {med['corral-userns'] / med['corral-lib']:.2f}")
     print(f"start_ratio_vs_runc: {med['corral-lib'] / med['runc']:.2f}")
     print(f"cli_ratio_vs_runc: {med['corral-cli'] / med['runc']:.2f}")
 

@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 # A private state and run directory, so the demo shows only its own events
 # and leaves nothing behind.
 demo_dir=$(mktemp -d /tmp/corral-demo.XXXXXX)
+# Searchable (not listable) by others: a sandbox's root is an unprivileged
+# host user by default, and mounts its layers below the state directory.
+chmod 711 "$demo_dir"
 trap 'rm -rf "$demo_dir"' EXIT
 export CORRAL_STATE_DIR=$demo_dir/state CORRAL_RUN_DIR=$demo_dir/run
 corral() { .venv/bin/corral "$@"; }

@@ -186,6 +186,23 @@ def test_corral_run_userns(dirs: Dirs) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", str(USERNS_POOL[0]), str(USERNS_SIZE)]
     assert os.listdir(dirs.state / "sandboxes") == []
+    # --no-userns: root-mapped, whatever the default.
+    r = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", "--no-userns", "--", "cat", "/proc/self/uid_map"],
+        env=dirs.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "0", "4294967295"]
+
+
+def test_the_default_is_one_switch_and_never_privileged() -> None:
+    """make_security() without userns takes the default; a privileged
+    sandbox is root-mapped unless it says otherwise."""
+    from supervisor._runtime import _security
+
+    assert make_security().userns == (_security.USERNS_DEFAULT and _security.userns_available())
+    assert not make_security(privileged=True).userns
+    assert make_security(userns_base=500000).userns  # a base means a user namespace
 
 
 _IDMAPPABLE = {0xEF53: (5, 12), 0x58465342: (5, 12), 0x9123683E: (5, 15), 0x01021994: (6, 3)}

@@ -71,8 +71,10 @@ def add_parsers(sub: Subparsers) -> None:
     )
     run.add_argument(
         "--userns",
-        action="store_true",
-        help="run in a user namespace: the sandbox's root is an unprivileged host user",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run in a user namespace, where the sandbox's root is an unprivileged host"
+        " user; --no-userns: its root is the host's root, confined (the default)",
     )
     run.add_argument(
         "--userns-base",

@@ -552,7 +552,7 @@ def parse_fleet(
                 f.get("privileged", False),
                 f.get("seccomp", "default"),
                 f["rlimits"],
-                f.get("userns", False),
+                f.get("userns"),
                 f.get("userns_base"),
                 f.get("userns_size", USERNS_SIZE),
             ),

@@ -15,6 +15,7 @@ The init and every process ``corral exec`` adds apply the same
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -66,7 +67,8 @@ class Security(NamedTuple):
     """``(name, soft, hard)`` overrides of :data:`DEFAULT_RLIMITS` (-1: unlimited)."""
     userns: bool = False
     """Run in a user namespace: the sandbox's uid and gid 0 to ``userns_size - 1``
-    are host ids from ``userns_base`` up, so its root is nobody on the host."""
+    are host ids from ``userns_base`` up, so its root is nobody on the host.
+    :func:`make_security` makes it the default (see :func:`default_userns`)."""
     userns_base: int | None = None
     """The host uid and gid of the sandbox's root (None: a range of its own,
     allocated from :data:`USERNS_POOL`); sandboxes given the same base share it."""
@@ -88,7 +90,28 @@ class Security(NamedTuple):
         }
 
 
-DEFAULT_SECURITY = Security()
+def userns_available() -> bool:
+    """Whether this kernel makes user namespaces (built with them, and
+    ``user.max_user_namespaces`` not 0)."""
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            return int(f.read()) > 0 and os.path.exists("/proc/self/ns/user")
+    except (OSError, ValueError):
+        return False
+
+
+USERNS_DEFAULT = False
+"""Whether a sandbox that does not say runs in a user namespace. Issue 18
+makes it true; until a bridged sandbox in a user namespace can be
+restored by CRIU (docs/checkpoint.md), it stays false, and everything
+else already runs either way (the host lane passes with it true)."""
+
+
+def default_userns(privileged: bool) -> bool:
+    """``userns`` when a sandbox does not say: :data:`USERNS_DEFAULT` where
+    the kernel makes user namespaces, and never for a privileged sandbox,
+    whose point is the host's privileges."""
+    return USERNS_DEFAULT and not privileged and userns_available()
 
 
 def parse_capabilities(value: object, field: str) -> tuple[str, ...]:
@@ -200,11 +223,14 @@ def make_security(
     privileged: object = False,
     seccomp: object = "default",
     rlimits: object = None,
-    userns: object = False,
+    userns: object = None,
     userns_base: object = None,
     userns_size: object = USERNS_SIZE,
 ) -> Security:
-    """A validated :class:`Security`; :class:`SpecError` names the bad field."""
+    """A validated :class:`Security`; :class:`SpecError` names the bad field.
+
+    *userns* None is the default (true with a *userns_base*, else see
+    :func:`default_userns`)."""
     if not isinstance(no_new_privs, bool):
         raise SpecError("no_new_privs", f"expected true or false, got {no_new_privs!r:.40}")
     if not isinstance(privileged, bool):
@@ -215,6 +241,9 @@ def make_security(
     if both:
         raise SpecError("cap_add", f"{sorted(both)[0]} is also in cap_drop")
     limits = parse_rlimits(rlimits) if rlimits is not None else ()
+    if userns is None:
+        # A chosen base means a user namespace; otherwise the default.
+        userns = userns_base is not None or default_userns(privileged)
     if not isinstance(userns, bool):
         raise SpecError("userns", f"expected true or false, got {userns!r:.40}")
     if (
@@ -277,3 +306,8 @@ def kept_capabilities(security: Security, last_cap: int) -> list[int]:
     else:
         kept -= {CAPABILITIES[n] for n in security.cap_drop}
     return sorted(kept & every)
+
+
+DEFAULT_SECURITY = make_security()
+"""What a sandbox gets when it asks for nothing (``userns`` as
+:func:`default_userns` says on this kernel)."""
