@@ -39,6 +39,7 @@ The last two lines are exactly ``start_ratio_vs_runc: X.XX`` (a) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -70,6 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="corral-bench-start-"))
+    scratch.chmod(0o711)  # a user-namespace sandbox's root mounts its layers below
     state, run = scratch / "state", scratch / "run"
     env = {**os.environ, "CORRAL_STATE_DIR": str(state), "CORRAL_RUN_DIR": str(run)}
     keeper = Keeper()
@@ -136,6 +138,8 @@ def main() -> None:
         for peer in peers:
             peer.teardown()
         keeper.close()
+        with contextlib.suppress(NameError):
+            runtime.lxcfs.stop(force=True)  # corral's lxcfs outlives its starter otherwise
         shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"{'contender':12} {'median ms':>10} {'p90 ms':>8} {'min ms':>8}   (n={args.runs})")

@@ -1558,6 +1558,16 @@ class Runtime:
                 " network 'none', 'bridge' or a fleet's network can be checkpointed"
                 " (docs/network.md)"
             )
+        if sb.spec.security.userns and is_bridged(sb.spec.network):
+            # Its network namespace is CRIU's external, made by the restore
+            # in the host's user namespace; CRIU 3.17's restored tasks are in
+            # their new user namespace when they join it: "Can't setns
+            # 15/net: Operation not permitted" (docs/checkpoint.md).
+            raise CheckpointError(
+                f"sandbox {key!r} runs in a user namespace on the network"
+                f" {sb.spec.network!r}: such a checkpoint could not be restored yet;"
+                " checkpoint it with userns = false, or network = 'none'"
+            )
         veth = _veth_of(sb)
         criu = check_criu()
         store = self.checkpoints

@@ -751,7 +751,7 @@ def _run_restorer(cfg: LaunchConfig, report: socket.socket) -> NoReturn:
             signal.signal(sig, signal.SIG_DFL)
         step = "unshare mount namespace"
         sc.unshare(sc.CLONE_NEWNS)
-        if cfg.userns is not None:
+        if cfg.userns is not None and (cfg.idmap_lower or volume_trees(cfg)):
             # The layers and volumes as the sandbox's root saw them when it
             # was dumped; CRIU binds the volumes from volume_target/N.
             step = "idmapped rootfs"
