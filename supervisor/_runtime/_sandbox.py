@@ -794,13 +794,7 @@ class Runtime:
                 **_privileges(spec, os.path.join(self.state_dir, "seccomp")),
             )
             try:
-                try:
-                    spawned = self._spawn_or_reap(cfg, stdio, on_pid)
-                except SpawnFailed as exc:
-                    if exc.failure.kind != "noidmap" or userns is None:
-                        raise
-                    cfg = self._without_idmap(cfg, layers, sdir, userns)
-                    spawned = self._spawn_or_reap(cfg, stdio, on_pid)
+                spawned = self._spawn_idmapped(cfg, stdio, on_pid, layers, sdir, userns)
             except SpawnFailed as exc:
                 raise _translate(spec.name, exc) from None
             try:
@@ -1053,18 +1047,30 @@ class Runtime:
             os.mkdir(os.path.join(sdir, "lower", str(n)), 0o755)
         return lower, True
 
-    def _without_idmap(
-        self, cfg: LaunchConfig, layers: list[str], sdir: str, userns: list[int]
-    ) -> LaunchConfig:
-        """*cfg* again with shifted copies of *layers*, after the kernel
-        refused to idmap them (nothing was mounted yet); noted for their
-        file systems."""
+    def _spawn_idmapped(
+        self,
+        cfg: LaunchConfig,
+        stdio: tuple[int, int, int],
+        on_pid: OnPid | None,
+        layers: list[str],
+        sdir: str,
+        userns: list[int] | None,
+    ) -> Spawned:
+        """Spawn *cfg*; where the kernel refuses to idmap the *layers*
+        (nothing was mounted yet), again from shifted copies of them, noted
+        for their file systems."""
+        try:
+            return self._spawn_or_reap(cfg, stdio, on_pid)
+        except SpawnFailed as exc:
+            if exc.failure.kind != "noidmap" or userns is None:
+                raise
         for p in layers:
             _IDMAP_WORKS[os.stat(p).st_dev] = False
         shifted = self._shifted_layers(":".join(layers), userns)
-        return cfg._replace(
+        cfg = cfg._replace(
             lowerdir=shifted, idmap_lower=False, lower_links=_lower_links(sdir, shifted)
         )
+        return self._spawn_or_reap(cfg, stdio, on_pid)
 
     def _remapped(self, info: CheckpointInfo, sdir: str, base: int) -> str:
         """*info*'s images remapped to the range from *base* (in
@@ -1903,13 +1909,7 @@ class Runtime:
                 wait_go=on_pid is not None,
             )
             try:
-                try:
-                    criu_proc = self._spawn_or_reap(cfg, stdio, on_pid)
-                except SpawnFailed as exc:
-                    if exc.failure.kind != "noidmap" or userns is None:
-                        raise
-                    cfg = self._without_idmap(cfg, layers, sdir, userns)
-                    criu_proc = self._spawn_or_reap(cfg, stdio, on_pid)
+                criu_proc = self._spawn_idmapped(cfg, stdio, on_pid, layers, sdir, userns)
             except SpawnFailed as exc:
                 raise CheckpointError(
                     f"restore of {spec.name!r} failed: {exc.failure.step}: {exc.failure.message}"

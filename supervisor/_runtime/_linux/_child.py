@@ -474,12 +474,7 @@ def _map_ids(  # pragma: no cover - runs in the child
     try:
         sock.recv(16)  # "go": unshared (or failed to: the writes fail then)
         try:
-            for name in ("uid_map", "gid_map"):
-                fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.write(fd, b"0 %d %d\n" % (base, size))
-                finally:
-                    os.close(fd)
+            _write_id_maps(pid, base, size)
         except OSError as exc:
             sock.send(b"E%d" % (exc.errno or 0))
             os._exit(1)
@@ -504,6 +499,17 @@ def _map_ids(  # pragma: no cover - runs in the child
         os._exit(0)
     except BaseException:
         os._exit(1)
+
+
+def _write_id_maps(pid: int, base: int, size: int) -> None:
+    """Map ids 0 to size - 1 of *pid*'s new user namespace to host ids
+    from *base* (uids and gids alike)."""
+    for name in ("uid_map", "gid_map"):
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0 %d %d\n" % (base, size))
+        finally:
+            os.close(fd)
 
 
 _NO_IDMAP = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
@@ -569,12 +575,7 @@ def idmapped_layers(
     try:
         if os.read(go_r, 1) != b"u":
             raise _Step("user namespace", "the helper could not make a user namespace")
-        for name in ("uid_map", "gid_map"):
-            fd = os.open(f"/proc/{child}/{name}", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0 %d %d\n" % (base, size))
-            finally:
-                os.close(fd)
+        _write_id_maps(child, base, size)
         userns = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         try:
             for path in paths:
