@@ -10,6 +10,7 @@ addresses inside H, O and the sandboxes. Both lanes run these.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -644,17 +645,36 @@ for line in sys.stdin:
 """
 
 
+def _owns_its_network(pid: int) -> bool:
+    """True if the user namespace of process *pid* owns its network
+    namespace (NS_GET_USERNS: the namespace's owner, compared by inode)."""
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        owner = fcntl.ioctl(fd, 0xB701)  # NS_GET_USERNS: a new descriptor
+    finally:
+        os.close(fd)
+    try:
+        return os.fstat(owner).st_ino == os.stat(f"/proc/{pid}/ns/user").st_ino
+    finally:
+        os.close(owner)
+
+
 @pytest.mark.criu
+@pytest.mark.parametrize("userns", [False, True], ids=["root-mapped", "userns"])
 def test_a_bridged_sandbox_keeps_its_address_and_connection_across_a_checkpoint(
-    host: Host, dirs: Dirs, tmp_path: Path, criu: None
+    host: Host, dirs: Dirs, tmp_path: Path, criu: None, userns: bool
 ) -> None:
     """A TCP connection from the host to a bridged sandbox's server lives
     on through a checkpoint (which stops the sandbox) and a restore: same
     address, same connection, data both ways after. A copy restored while
-    the original runs would need its address: refused in one line."""
+    the original runs would need its address: refused in one line.
+
+    In a user namespace CRIU keeps the network namespace in its images and
+    makes the veth at the restore: the restored sandbox's root owns its
+    network namespace again, as at its start."""
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(
-        '[[sandbox]]\nname = "echo"\nnetwork = "bridge"\n'
+        f'[[sandbox]]\nname = "echo"\nnetwork = "bridge"\nuserns = {str(userns).lower()}\n'
         'command = ["nc", "-l", "-p", "7000", "-e", "cat"]\n'
     )
     leases = dirs.state / "network" / "corral" / "leases"
@@ -695,52 +715,15 @@ def test_a_bridged_sandbox_keeps_its_address_and_connection_across_a_checkpoint(
         assert client.stdout.readline() == "two\n"
         links = host.run("ip", "-o", "link").stdout
         assert links.count(" vc") == 1, links
+        record = json.loads((dirs.run / "sandboxes" / "echo-0.1.json").read_text())
+        pid = int(record["pid"])
+        assert _owns_its_network(pid)
+        own_userns = os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
+        assert own_userns is userns
     finally:
         if client is not None:
             client.kill()
             client.communicate()
-        up.send_signal(signal.SIGTERM)
-        _, err = up.communicate(timeout=120)
-    assert up.returncode == 0, err
-    _nothing_left(host, dirs)
-
-
-def test_a_bridged_user_namespace_sandbox_is_not_checkpointed(
-    host: Host, dirs: Dirs, tmp_path: Path
-) -> None:
-    """userns = true on a bridge: the checkpoint is refused in one line
-    (its restore cannot join the network namespace it is given: see
-    docs/checkpoint.md), before CRIU is asked, and the sandbox runs on."""
-    fleet = tmp_path / "fleet.toml"
-    fleet.write_text(
-        '[[sandbox]]\nname = "un"\nnetwork = "bridge"\nuserns = true\ncommand = ["sleep", "600"]\n'
-    )
-    up = host.corral_bg(dirs, "up", str(fleet))
-    try:
-        wait_for(
-            lambda: (
-                up.poll() is not None
-                or any(
-                    ln.split()[:2] == ["un-0", "running"]
-                    for ln in host.corral(dirs, "ps").stdout.splitlines()
-                )
-            ),
-            timeout=60,
-            what="the sandbox to run",
-        )
-        p = host.corral(dirs, "checkpoint", "un")
-        assert p.returncode != 0
-        assert p.stderr.strip().endswith(
-            "sandbox 'un-0' runs in a user namespace on the network 'bridge': such a"
-            " checkpoint could not be restored yet; checkpoint it with userns = false,"
-            " or network = 'none'"
-        ), p.stderr
-        p = host.corral(dirs, "ps")
-        assert p.returncode == 0 and "un-0" in p.stdout and "running" in p.stdout, p.stdout
-        assert not (dirs.state / "checkpoints" / "un-0").exists() or not os.listdir(
-            dirs.state / "checkpoints" / "un-0"
-        )
-    finally:
         up.send_signal(signal.SIGTERM)
         _, err = up.communicate(timeout=120)
     assert up.returncode == 0, err

@@ -102,7 +102,7 @@ from ._mounts import Mount, parse_user
 from ._net._bridge import Networks, hosts_file, resolv_conf
 from ._net._ipam import Lease
 from ._net._links import bridge_exists as link_exists
-from ._net._links import remove_veth, veth_name
+from ._net._links import remove_veth, set_forwarding, veth_name
 from ._net._links import set_up as set_link_up
 from ._net._model import DEFAULT_NETWORK, NetworkDecl, is_bridged, network_name
 from ._net._resolve import resolve_egress
@@ -1564,16 +1564,6 @@ class Runtime:
                 " network 'none', 'bridge' or a fleet's network can be checkpointed"
                 " (docs/network.md)"
             )
-        if sb.spec.security.userns and is_bridged(sb.spec.network):
-            # Its network namespace is CRIU's external, made by the restore
-            # in the host's user namespace; CRIU 3.17's restored tasks are in
-            # their new user namespace when they join it: "Can't setns
-            # 15/net: Operation not permitted" (docs/checkpoint.md).
-            raise CheckpointError(
-                f"sandbox {key!r} runs in a user namespace on the network"
-                f" {sb.spec.network!r}: such a checkpoint could not be restored yet;"
-                " checkpoint it with userns = false, or network = 'none'"
-            )
         veth = _veth_of(sb)
         criu = check_criu()
         store = self.checkpoints
@@ -1600,7 +1590,7 @@ class Runtime:
                     for target, name, _ in _external_mounts(sb.spec)
                     for arg in ("--external", f"mnt[{target}]:{name}")
                 ),
-                *(_external_network(sb.pid) if veth is not None else ()),
+                *(_external_network(sb.pid, sb.spec) if veth is not None else ()),
                 *_external_view(sb.pid),
                 *_external_devices(sb.pid),
                 "--freeze-cgroup",
@@ -1639,7 +1629,8 @@ class Runtime:
                     # between the dump and the kill: data a peer sent then
                     # would be acknowledged by the kernel and missing from
                     # the checkpoint. (CRIU's network lock is for namespaces
-                    # it dumps; this one is external.) Its peers resend.
+                    # it dumps, and it lifts it as its dump ends, before the
+                    # kill.) Its peers resend.
                     _cut(key, veth, up=False)
                     cut = True
                 argv = [
@@ -1826,6 +1817,14 @@ class Runtime:
             # interface that stays down until CRIU has put its sockets back.
             undo.callback(_unlink, record)  # after the lease is given back (see _create)
             on_pid, net, _ = self._network(spec, sdir, [], undo, info.address, up=False)
+            port: tuple[str, int] | None = None  # the bridge and MTU of CRIU's veth
+            if net is not None and _netns_in_images(spec):
+                # CRIU makes the veth (see _netns_in_images), not on_pid. A
+                # failed restore's pair would go with its namespace, at the
+                # kernel's pace: deleted at once, a retry can make it again.
+                on_pid = None
+                port = self.networks.get(str(net["name"])).port()
+                undo.callback(remove_veth, str(net["veth"]))
             pidfile = os.path.join(sdir, "restore.pid")
             argv = [
                 criu.binary,
@@ -1877,7 +1876,10 @@ class Runtime:
             if bridged:
                 for file, key in _NETWORK_FILES:
                     argv += ["--external", f"mnt[{key}]:{os.path.join(sdir, file)}"]
-                argv += ["--inherit-fd", f"fd[{RESTORE_NETNS_FD}]:{NET_KEY}"]
+                if port is not None and net is not None:
+                    argv += ["--external", f"veth[eth0]:{net['veth']}@{port[0]}"]
+                else:
+                    argv += ["--inherit-fd", f"fd[{RESTORE_NETNS_FD}]:{NET_KEY}"]
             for controllers, path in cgroup.relative_paths().items():
                 argv += ["--cgroup-root", f"{controllers}:{path}" if controllers else path]
             mapped: set[str] = set()
@@ -1905,7 +1907,7 @@ class Runtime:
                 confine=not spec.security.privileged,
                 restore_argv=argv,
                 read_only=spec.read_only,
-                network="bridge" if bridged else "none",
+                network="bridge" if bridged and port is None else "none",
                 wait_go=on_pid is not None,
             )
             try:
@@ -1938,7 +1940,9 @@ class Runtime:
                 if info.network_lock == "nftables":
                     _drop_network_lock(pid, info.root_pid)
                 if net is not None:
-                    set_link_up(str(net["veth"]), True)
+                    # CRIU's veth is up already (its namespace behind the
+                    # lock dropped just above), with the kernel's MTU.
+                    set_link_up(str(net["veth"]), True, port[1] if port else None)
                 self._record(record, spec, restored, cgroup, labels, info.path, image, net)
             except BaseException:
                 self._kill_and_reap(restored)
@@ -2131,25 +2135,45 @@ _NETWORK_FILES = (("hosts", "corral-hosts"), ("resolv.conf", "corral-resolv"))
 state directory) and CRIU's keys for them: external, as volumes are."""
 
 
-def _external_network(pid: int) -> list[str]:
+def _netns_in_images(spec: SandboxSpec) -> bool:
+    """True if CRIU keeps bridged sandbox *spec*'s network namespace in its
+    images, with its ``eth0``: that of a sandbox in a user namespace.
+
+    The others' is external (its veth's peer, its bridge, its address are
+    the host's business: the restore makes a new namespace in the host's
+    user namespace and plugs it with the same lease). A user-namespace
+    sandbox's cannot be: CRIU's restored tasks are in their new user
+    namespace when they would join it ("Can't setns 15/net: Operation not
+    permitted"), and its root must own its network namespace, as at the
+    start. So CRIU makes the namespace inside the one it restores, and the
+    veth pair with it, its host end on the bridge (``--external
+    veth[eth0]:HOST@BRIDGE``, as LXC restores its containers)."""
+    return spec.security.userns and is_bridged(spec.network)
+
+
+def _external_network(pid: int, spec: SandboxSpec) -> list[str]:
     """CRIU's dump options for a bridged sandbox (init *pid*): its network
-    namespace is external (its veth's peer, its bridge, its address are the
-    host's business: the restore makes a new namespace and plugs it with the
-    same lease), and so are its ``/etc/hosts`` and ``/etc/resolv.conf``."""
-    inode = os.stat(f"/proc/{pid}/ns/net").st_ino
-    args = ["--external", f"net[{inode}]:{NET_KEY}"]
+    namespace external unless CRIU keeps it (:func:`_netns_in_images`), and
+    its ``/etc/hosts`` and ``/etc/resolv.conf`` external."""
+    args = []
+    if not _netns_in_images(spec):
+        inode = os.stat(f"/proc/{pid}/ns/net").st_ino
+        args += ["--external", f"net[{inode}]:{NET_KEY}"]
     for file, key in _NETWORK_FILES:
         args += ["--external", f"mnt[/etc/{file}]:{key}"]
     return args
 
 
 def _cut(key: str, veth: str, *, up: bool) -> None:
-    """Set bridged sandbox *key*'s veth (its host end) down or up again
-    around a dump. If the link is gone, so is the sandbox's network
-    namespace, and with it the sandbox (an OOM kill during the checkpoint):
-    its end is the news, not the link's, and going up again is moot."""
+    """Stop the bridge passing bridged sandbox *key*'s traffic (its veth's
+    host end), or let it again, around a dump (see
+    :func:`~._net._links.set_forwarding`: the link stays up, so a dump of
+    the sandbox's routes restores). If the link is gone, so is the
+    sandbox's network namespace, and with it the sandbox (an OOM kill
+    during the checkpoint): its end is the news, not the link's, and
+    letting it through again is moot."""
     try:
-        set_link_up(veth, up)
+        set_forwarding(veth, up)
     except (SandboxError, OSError) as exc:
         if not up:
             raise CheckpointError(

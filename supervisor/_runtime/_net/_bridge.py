@@ -348,6 +348,14 @@ class BridgeNetwork:
             raise SandboxError(f"network {self.name!r}: its settings are gone")
         return _links.plug(pid, sandbox, config["bridge"], lease, self.hub.mtu(), up)
 
+    def port(self) -> tuple[str, int]:
+        """The bridge's name and the MTU of its ports, for a veth made by
+        another (CRIU's restore of a namespace it keeps in its images)."""
+        config = self._config or self.dir.config()
+        if config is None:
+            raise SandboxError(f"network {self.name!r}: its settings are gone")
+        return config["bridge"], self.hub.mtu()
+
     def detach(self, lease: Lease, veth: str | None = None) -> None:
         """Give *lease* back; the last one takes the bridge down (and the
         table, with the last network in use).

@@ -35,6 +35,7 @@ __all__ = [
     "plug",
     "remove_bridge",
     "remove_veth",
+    "set_forwarding",
     "set_up",
     "uplink_mtu",
     "veth_name",
@@ -225,14 +226,37 @@ def remove_veth(name: str) -> None:
                 ip.link("del", index=index)
 
 
-def set_up(name: str, up: bool) -> None:
+def set_up(name: str, up: bool, mtu: int | None = None) -> None:
     """Bring the host's link *name* up or down (a veth's host end: down, no
-    packet goes in or out of its sandbox)."""
+    packet goes in or out of its sandbox), with *mtu* if given."""
     with _iproute() as ip:
         found = ip.link_lookup(ifname=name)
         if not found:
             raise SandboxError(f"network: the link {name!r} is gone")
-        ip.link("set", index=found[0], state="up" if up else "down")
+        extra = {} if mtu is None else {"mtu": mtu}
+        ip.link("set", index=found[0], state="up" if up else "down", **extra)
+
+
+_BR_STATE_LISTENING = 1
+_BR_STATE_FORWARDING = 3
+
+
+def set_forwarding(name: str, forwarding: bool) -> None:
+    """Let the bridge pass frames to and from its port *name* (a veth's
+    host end), or not: nothing goes in or out of the sandbox, and the link
+    and its carrier stay up, so the sandbox's routes stay as they were (a
+    link set down would mark them ``linkdown``, which a dump of them
+    would keep and CRIU's restore of them refuse).
+
+    The port is set to the STP state *listening*, which drops every frame
+    both ways; with STP off (corral's bridges) the kernel moves only a
+    *blocking* port on to forwarding, so it stays there until set back."""
+    with _iproute() as ip:
+        found = ip.link_lookup(ifname=name)
+        if not found:
+            raise SandboxError(f"network: the link {name!r} is gone")
+        state = _BR_STATE_FORWARDING if forwarding else _BR_STATE_LISTENING
+        ip.link("set", index=found[0], kind="bridge_slave", IFLA_BRPORT_STATE=state)
 
 
 def link_stats(names: list[str]) -> dict[str, dict[str, int]]:
