@@ -543,6 +543,8 @@ def test_the_socket_policy_holds_what_a_group_member_adds(dirs: Dirs, tmp_path: 
         'seccomp = "unconfined"': "seccomp: forbidden",
         "no_new_privs = false": "no_new_privs: forbidden",
         "userns = true\nuserns_base = 200000": "userns_base: forbidden",
+        "userns = false": "userns: forbidden to members of socket_group by [supervisor]"
+        " socket_policy: the host root as the sandbox root (userns = false)",
     }
 
     async def body(sup: Supervisor) -> None:
@@ -568,9 +570,10 @@ def test_the_socket_policy_holds_what_a_group_member_adds(dirs: Dirs, tmp_path: 
 
 
 def test_a_socket_policy_lets_members_have_what_it_names(dirs: Dirs, tmp_path: Path) -> None:
-    """socket_policy = { cap_add = ["NET_ADMIN"], volume_roots = [ROOT] }:
-    a member may keep NET_ADMIN and mount what is below ROOT; a link from
-    below ROOT to outside it is judged by where it leads."""
+    """socket_policy = { cap_add = ["NET_ADMIN"], volume_roots = [ROOT],
+    root_mapped = true }: a member may keep NET_ADMIN, mount what is below
+    ROOT and add a root-mapped sandbox; a link from below ROOT to outside
+    it is judged by where it leads."""
     root = tmp_path / "shared"
     (root / "data").mkdir(parents=True)
     (root / "out").symlink_to("/etc")
@@ -579,13 +582,14 @@ def test_a_socket_policy_lets_members_have_what_it_names(dirs: Dirs, tmp_path: P
     f = fleet(
         {"name": "web", "command": "exec sleep 1000"},
         socket_group=4242,
-        socket_policy={"cap_add": ["NET_ADMIN"], "volume_roots": [str(root)]},
+        socket_policy={"cap_add": ["NET_ADMIN"], "volume_roots": [str(root)], "root_mapped": True},
     )
 
     async def body(sup: Supervisor) -> None:
         await wait_event(sup, lambda e: isinstance(e, events.Started))
         ok = _entry("ok", f'cap_add = ["NET_ADMIN"]\nvolumes = ["{root}/data:/data"]')
         assert await _add_as_nobody(dirs, ok) == "ok ok-0"
+        assert await _add_as_nobody(dirs, _entry("mapped", "userns = false")) == "ok mapped-0"
         out = await _add_as_nobody(dirs, _entry("out", f'volumes = ["{root}/out:/x"]'))
         assert out.startswith("forbidden ") and "volumes: " in out and str(root) in out, out
         out = await _add_as_nobody(dirs, _entry("caps", 'cap_add = ["SYS_ADMIN"]'))

@@ -20,11 +20,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import CorralError, SpecError
-from .._runtime._security import parse_capabilities
+from .._runtime._security import default_userns, parse_capabilities
 
 __all__ = ["PolicyRefused", "SocketPolicy", "parse_socket_policy", "policy_problems"]
 
-_KEYS = ("privileged", "cap_add", "host_network", "unconfined", "volume_roots", "userns_base")
+_KEYS = (
+    "privileged",
+    "cap_add",
+    "host_network",
+    "unconfined",
+    "volume_roots",
+    "userns_base",
+    "root_mapped",
+)
 
 
 class PolicyRefused(CorralError):
@@ -49,8 +57,12 @@ class SocketPolicy:
     ``oci:`` root file systems and seccomp profiles may be (the supervisor
     reads and mounts them as root)."""
     userns_base: bool = False
-    """Choosing the host ids of a user namespace (``userns_base``): the
-    sandbox's root would be that host user, root itself with 0."""
+    """Choosing the host ids of a user namespace (``userns = true`` and
+    ``userns_base``): the sandbox's root would be that host user, root
+    itself with 0."""
+    root_mapped: bool = False
+    """``userns = false`` where sandboxes run in a user namespace by
+    default: the sandbox's root would be the host's root (confined)."""
 
 
 def parse_socket_policy(value: object) -> SocketPolicy:
@@ -62,7 +74,7 @@ def parse_socket_policy(value: object) -> SocketPolicy:
             expected = ", ".join(_KEYS)
             raise SpecError(f"socket_policy.{key}", f"unknown key (expected one of: {expected})")
     kw: dict[str, Any] = {}
-    for key in ("privileged", "host_network", "unconfined", "userns_base"):
+    for key in ("privileged", "host_network", "unconfined", "userns_base", "root_mapped"):
         if key in value:
             if not isinstance(value[key], bool):
                 raise SpecError(
@@ -106,6 +118,10 @@ def policy_problems(policy: SocketPolicy, cfg: Any) -> list[str]:
             out.append(f"{where}: no_new_privs: {_rule('turning no_new_privs off')}")
     if sec.userns_base is not None and not policy.userns_base:
         out.append(f"{where}: userns_base: {_rule('choosing the host ids of the sandbox')}")
+    if not sec.userns and not sec.privileged and default_userns(False) and not policy.root_mapped:
+        out.append(
+            f"{where}: userns: {_rule('the host root as the sandbox root (userns = false)')}"
+        )
     paths = [(f"volumes: {m.source}", m.source) for m in cfg.mounts if m.kind == "bind"]
     rootfs = cfg.rootfs
     if rootfs.startswith("/"):
