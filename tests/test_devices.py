@@ -383,8 +383,11 @@ def test_on_v2_each_sandbox_cgroup_holds_one_program_unless_privileged(runtime: 
             spec = SandboxSpec(
                 name=f"dev-count-{int(privileged)}",
                 argv=("sleep", "600"),
+                # Root-mapped: in a user namespace no node could be made at
+                # all (the test above), so the program would not be what
+                # refuses the disk.
                 security=make_security(
-                    cap_add=[] if privileged else ["SYS_ADMIN"], privileged=privileged
+                    cap_add=[] if privileged else ["SYS_ADMIN"], privileged=privileged, userns=False
                 ),
             )
             with runtime.create(spec, stdio=(null.fileno(),) * 3) as sb:
@@ -501,7 +504,9 @@ def test_a_restored_sandbox_keeps_its_device_policy(runtime: Runtime, criu: None
     (on v2 the program) before the restored processes join it."""
     script = "echo go; while :; do sleep 1; done"
     spec = SandboxSpec(
-        "dev-ckpt", ["sh", "-c", script], security=make_security(cap_add=["SYS_ADMIN"])
+        "dev-ckpt",
+        ["sh", "-c", script],
+        security=make_security(cap_add=["SYS_ADMIN"], userns=False),  # root-mapped: see above
     )
     disk = ("b", *_first_disk())
     r, w = os.pipe()

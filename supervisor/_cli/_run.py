@@ -74,7 +74,8 @@ def add_parsers(sub: Subparsers) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run in a user namespace, where the sandbox's root is an unprivileged host"
-        " user; --no-userns: its root is the host's root, confined (the default)",
+        " user (the default, but with --privileged); --no-userns: its root is the host's"
+        " root, confined",
     )
     run.add_argument(
         "--userns-base",
