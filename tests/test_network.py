@@ -1421,3 +1421,60 @@ def test_ipv6_settings_are_checked(dirs: Dirs) -> None:
     ]:
         with pytest.raises(SpecError, match=re.escape(message)):
             parse_network_decl("six", table)
+
+
+_HOSTS_READER = """
+import os, sys
+path, stop, prefix = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+seen = 0
+while not os.path.exists(stop):
+    with open(path, "rb") as f:
+        text = f.read()
+    seen += 1
+    if not text.startswith(prefix) or b"\\0" in text:
+        print("saw", repr(text), flush=True)
+        sys.exit(1)
+print("reads", seen, flush=True)
+"""
+
+
+def test_a_hosts_file_rewritten_in_place_always_has_the_sandbox_s_own_lines(
+    tmp_path: Path,
+) -> None:
+    """The supervisor rewrites a running sandbox's /etc/hosts in place (it
+    is bind-mounted) while the sandbox may read it: a reader in another
+    process, reading all the while, always finds the sandbox's own lines
+    (what every version begins with) and never a zero byte, as the peers
+    come and go. (Truncating first, as corral once did, let a sandbox's
+    `cat /etc/hosts` at its start print nothing.) The file keeps its inode
+    and ends holding the last text, blank lines aside."""
+    from supervisor._runtime._net._bridge import hosts_file
+    from supervisor._runtime._sandbox import _rewrite_in_place
+
+    own = hosts_file("10.0.0.2", "web-0", (), "fd00::2")
+    peers = [(f"10.0.0.{n}", f"peer-{n} peer") for n in range(3, 40)]
+    texts = [hosts_file("10.0.0.2", "web-0", peers[: n % 37], "fd00::2") for n in range(3000)]
+    path = tmp_path / "hosts"
+    path.write_text(own)
+    inode = path.stat().st_ino
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _HOSTS_READER, str(path), str(stop), own],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for text in texts:
+            _rewrite_in_place(str(path), text.encode())
+            if reader.poll() is not None:
+                break
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=30)
+    assert reader.returncode == 0, out
+    assert out.startswith("reads "), out
+    assert path.read_text().rstrip("\n") + "\n" == texts[-1]
+    assert path.stat().st_ino == inode
+    before = path.stat().st_mtime_ns
+    _rewrite_in_place(str(path), texts[-1].encode())  # the same text: not written again
+    assert path.stat().st_mtime_ns == before

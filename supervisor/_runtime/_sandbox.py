@@ -1242,10 +1242,8 @@ class Runtime:
         text = hosts_file(
             address, sb.spec.effective_hostname, peers, str(address6) if address6 else None
         )
-        path = os.path.join(sb.state_path, "hosts")
-        with contextlib.suppress(FileNotFoundError), open(path, "r+") as f:  # gone: destroyed
-            f.truncate(0)
-            f.write(text)
+        with contextlib.suppress(FileNotFoundError):  # gone: destroyed
+            _rewrite_in_place(os.path.join(sb.state_path, "hosts"), text.encode())
 
     def volume_path(self, name: str) -> str:
         """Where the named volume *name* is kept: ``STATE_DIR/volumes/NAME``."""
@@ -1954,6 +1952,28 @@ class Runtime:
             sb.network = net
             return sb
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _rewrite_in_place(path: str, data: bytes) -> None:
+    """Make the file *path* hold *data*, keeping its inode (a bind mount
+    of it shows the new text), while a sandbox may be reading it.
+
+    Truncating first would let a reader find it empty (a sandbox that
+    reads its /etc/hosts as it starts, while the supervisor adds its
+    name: seen in the VM lane). So the new text is written over the old
+    in one write, and the file never shrinks: a shorter text is followed
+    by blank lines. What both texts begin with (the sandbox's own lines,
+    ahead of its peers') is rewritten with the same bytes, so a reader
+    always finds it; shrinking would let a read see zeros where the file
+    was cut and grew again. The same text is not written again."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if os.pread(fd, size, 0).rstrip(b"\n") == data.rstrip(b"\n"):
+            return
+        os.pwrite(fd, data + b"\n" * (size - len(data)), 0)
+    finally:
+        os.close(fd)
 
 
 def _fd_key(pid: int, fd: int) -> str:
