@@ -671,3 +671,41 @@ def test_a_sandbox_without_the_view_is_restored_without_it(
         if w >= 0:
             os.close(w)
         os.close(r)
+
+
+def test_a_fresh_run_directory_lets_user_namespace_sandboxes_reach_the_view(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """`corral up` makes the run directory it is given when it is missing:
+    0711, so a default sandbox's root (in a user namespace, an unprivileged
+    host user) can bind the view from corral's lxcfs in it. (Made 0700, it
+    failed every sandbox: "lxcfs: cannot bind-mount ...: Permission denied".)"""
+    from supervisor._runtime._lxcfs import Lxcfs
+
+    if os.environ.get("CORRAL_LXCFS", "off") == "off":
+        pytest.skip("lxcfs is not installed (make setup installs it)")
+    run = dirs.run / "fresh"
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text('[[sandbox]]\nname = "w"\nmemory = "64M"\ncommand = "sleep 1000"\n')
+    env = {**dirs.env, "CORRAL_LXCFS": "auto", "CORRAL_RUN_DIR": str(run)}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "up", str(fleet_file)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        while True:
+            line = up.stdout.readline()
+            assert line, f"corral up ended: {up.communicate()[1]}"
+            rec = json.loads(line)
+            if rec.get("sandbox") == "w-0" and rec.get("event") in ("started", "start_failed"):
+                break
+        assert rec["event"] == "started", rec
+        with open(f"/proc/{rec['pid']}/mountinfo") as f:
+            assert "fuse.lxcfs" in f.read()
+        assert run.stat().st_mode & 0o777 == 0o711
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=60)
+        Lxcfs(str(run), "auto", say=lambda line: None).stop(force=True)
+    assert up.returncode == 0, err

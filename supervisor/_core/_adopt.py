@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from .._errors import CorralError
 from .._runtime._checkpoint import spec_to_dict
+from .._runtime._dirs import make_run_dir
 from .._runtime._linux._spawn import Keeper, has_exited
 from .._runtime._records import write_atomic
 from .._runtime._sandbox import Runtime, Sandbox
@@ -59,7 +60,7 @@ def lock_holder(run_dir: str) -> int:
 def lock_run_dir(run_dir: str) -> int:
     """Take the run directory's supervisor lock; return its descriptor
     (held until the process ends: the kernel drops it even on SIGKILL)."""
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    make_run_dir(run_dir)
     path = os.path.join(run_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

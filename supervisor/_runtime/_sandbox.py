@@ -74,7 +74,7 @@ from ._checkpoint import (
     validate_tag,
 )
 from ._claims import Claim, ClaimInUse, dead_claims
-from ._dirs import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
+from ._dirs import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, make_run_dir
 from ._limits import Limits, check_limits
 from ._linux import _syscalls
 from ._linux._cgroups import Cgroup, Cgroups, CgroupStats, open_cgroups
@@ -568,6 +568,7 @@ class Runtime:
         )
         self.run_dir = os.fspath(run_dir or os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR)
         try:
+            make_run_dir(self.run_dir)
             for d in (self.state_dir, self.run_dir):
                 os.makedirs(os.path.join(d, "sandboxes"), mode=0o700, exist_ok=True)
         except OSError as exc:

@@ -48,6 +48,7 @@ import sys
 import time
 from typing import Any
 
+from .._dirs import make_run_dir
 from .._records import write_atomic
 from ._proc import parent_pid, starttime
 from ._spawn import KEEPER_SOCKET, decode_request, failure_json, recv_fds, run_child, thread_count
@@ -90,7 +91,7 @@ class _Keeper:
         """Lock the run directory, listen, load kept statuses; False if
         another keeper holds the run directory already."""
         assert self.run_dir is not None and self.exits_dir is not None
-        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        make_run_dir(self.run_dir)
         lock = os.open(
             os.path.join(self.run_dir, "keeper.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
         )

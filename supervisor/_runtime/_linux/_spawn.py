@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, NoReturn
 
+from .._dirs import make_run_dir
 from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
 from ._exec import ExecConfig, run_exec_intermediate
 from ._proc import starttime as _starttime
@@ -500,7 +501,7 @@ class Keeper(Reaper):
             # go to RUN_DIR/keeper.log.
             log: Any = None
             if self.run_dir is not None:
-                os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+                make_run_dir(self.run_dir)
                 log = open(  # noqa: SIM115 - closed below, once the child has it
                     os.path.join(self.run_dir, "keeper.log"), "ab"
                 )
