@@ -36,6 +36,14 @@ cgroup frozen, or after writing THAWED)
 start-up (references, to see where the CLI's time goes)
     ``python -c pass``, ``python -m supervisor --version`` (interpreter and
     the CLI's own imports, no verb) and ``runc --version`` (a Go binary).
+CLI overhead (after the rounds above, the supervisor idle)
+    ``python -m supervisor --version`` and ``python -c pass`` alone, more
+    samples (``--overhead-runs``, equal counts), alternating: each round
+    runs each once, the order rotating every round. What the CLI adds to
+    a bare interpreter start before any verb runs. With the installed
+    ``corral`` script beside the interpreter, its ``corral --version`` is
+    a third in the rotation (pip's wrapper script imports ``re`` where
+    ``-m`` imports ``runpy``).
 
 Times are wall times (``time.perf_counter``) from spawning the command
 (or connecting) until it has exited and its output is drained; the CLIs
@@ -45,6 +53,10 @@ removed at the end, also on failure: the supervisor is stopped with
 SIGTERM, the runc container deleted, no ``corral-*`` cgroup of ours may be
 left, the scratch directory goes.
 
+``cli_overhead_ms: X.XX`` is the median of ``python -m supervisor
+--version`` less that of ``python -c pass`` from the CLI overhead samples;
+a line before it gives each CLI verb's median less the ``python -c pass``
+row's (pause+resume: less two starts).
 The last two lines are exactly ``exec_ratio_vs_runc: X.XX`` and
 ``pause_resume_ratio_vs_runc: X.XX``: median over median, the CLIs
 against each other. Lower is better.
@@ -268,7 +280,35 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # run the clean-up below
 
 
-def run(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
+def cli_overhead(runs: int, warmup: int) -> dict[str, list[float]]:
+    """Samples of a bare interpreter start and of ``corral --version``, alternating.
+
+    Each round runs every command once, the order rotated by one every
+    round, so that each is sampled as often as the others, at every place
+    in the round, and noise hits them alike.
+    """
+    py = sys.executable
+    commands = {
+        "python -c pass": [py, "-c", "pass"],
+        "python -m supervisor --version": [py, "-m", "supervisor", "--version"],
+    }
+    script = os.path.join(os.path.dirname(py), "corral")
+    if os.access(script, os.X_OK):
+        commands["corral --version (script)"] = [script, "--version"]
+    order = list(commands)
+    samples: dict[str, list[float]] = {k: [] for k in order}
+    for i in range(warmup + runs):
+        k = i % len(order)
+        for key in order[k:] + order[:k]:
+            dt = timed(commands[key])[0]
+            if i >= warmup:
+                samples[key].append(dt)
+    return samples
+
+
+def run(
+    args: argparse.Namespace,
+) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[float]]]:
     scratch = Path(tempfile.mkdtemp(prefix="corral-bench-control-"))
     name = f"ctlbench-{os.getpid()}"
     runc: RuncServicePeer | None = None
@@ -307,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
                     peer.resume_once()
                     if (paused, peer.state()) != ("paused", "running"):
                         raise BenchError(f"runc pause/resume: {paused}, then {peer.state()}")
+            overhead = cli_overhead(args.overhead_runs, args.warmup)
     finally:
         # The supervisor is stopped (CorralFleet's exit): its cgroups must be gone.
         if runc is not None:
@@ -331,21 +372,27 @@ def run(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
             print("control.py: clean-up incomplete: " + "; ".join(problems), file=sys.stderr)
     if problems:
         raise BenchError("clean-up incomplete (see above)")
-    return samples
+    return samples, overhead
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--runs", type=int, default=30, help="samples per contender")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument(
+        "--overhead-runs",
+        type=int,
+        default=100,
+        help="samples per command of the CLI overhead (interpreter start, --version)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("control.py: must run as root (sandboxes, runc)")
-    if args.runs < 1 or args.warmup < 0:
-        raise SystemExit("control.py: --runs >= 1 and --warmup >= 0, please")
+    if args.runs < 1 or args.warmup < 0 or args.overhead_runs < 1:
+        raise SystemExit("control.py: --runs >= 1, --overhead-runs >= 1, --warmup >= 0, please")
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        samples = run(args)
+        samples, overhead = run(args)
     except (BenchError, PeerError, CorralError) as exc:
         raise SystemExit(f"control.py: {exc}") from None
 
@@ -355,10 +402,24 @@ def main() -> None:
     for (verb, who), xs in samples.items():
         med[verb, who] = statistics.median(xs)
         print(f"{verb:13} {who:17} {median_ms(xs):10.2f} {p90_ms(xs):8.2f} {min(xs) * 1e3:8.2f}")
+    head = f"{'CLI overhead':31} {'median ms':>10} {'p90 ms':>8} {'min ms':>8}"
+    print(f"{head}   (n={args.overhead_runs})")
+    for who, xs in overhead.items():
+        print(f"{who:31} {median_ms(xs):10.2f} {p90_ms(xs):8.2f} {min(xs) * 1e3:8.2f}")
+    cli_ms = median_ms(overhead["python -m supervisor --version"]) - median_ms(
+        overhead["python -c pass"]
+    )
     lib_exec = med["exec", "corral-lib"] / med["exec", "runc"]
     lib_pr = med["pause+resume", "corral-lib"] / med["pause+resume", "runc"]
     print(f"exec_lib_ratio_vs_runc: {lib_exec:.2f}")
     print(f"pause_resume_lib_ratio_vs_runc: {lib_pr:.2f}")
+    start = med["start-up", "python -c pass"]
+    print(
+        "the CLI verbs over a bare start:"
+        f" exec {(med['exec', 'corral-cli'] - start) * 1e3:.2f} ms,"
+        f" pause+resume {(med['pause+resume', 'corral-cli'] - 2 * start) * 1e3:.2f} ms"
+    )
+    print(f"cli_overhead_ms: {cli_ms:.2f}")
     print(f"exec_ratio_vs_runc: {med['exec', 'corral-cli'] / med['exec', 'runc']:.2f}")
     print(
         "pause_resume_ratio_vs_runc:"
