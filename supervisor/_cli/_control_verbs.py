@@ -4,16 +4,14 @@
 ``pause``, ``resume``; ``exec``; ``add`` and ``rm``; ``update`` (docs/control.md). Each
 is one request to the supervisor (``exec`` then relays the process's stdio
 and signals) and a table or JSON printed from its answer. No trio: the
-client is a blocking socket.
+client is a blocking socket. Nothing but what every verb needs is imported
+at the top (not argparse, not typing: annotations only).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from ._common import (
     EXIT_CORRAL,
@@ -23,10 +21,14 @@ from ._common import (
     control_path,
     human_size,
 )
-from ._limit_options import add_limit_options, limit_values
 
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
-    from ._common import Subparsers
+    import argparse
+    from collections.abc import Callable
+    from typing import Any
+
+    from ._parser import Subparsers
 
 __all__ = ["add_parsers"]
 
@@ -35,6 +37,9 @@ _NAME_HELP = "an instance (web-0), or a sandbox (web: every instance of it)"
 
 def add_parsers(sub: Subparsers) -> None:
     """Register the verbs that act on a running fleet through its control socket."""
+    import argparse
+
+    from ._limit_options import add_limit_options
 
     def verb(
         name: str, help: str, description: str, *, func: Callable[[argparse.Namespace], int]
@@ -176,12 +181,12 @@ def add_parsers(sub: Subparsers) -> None:
 
 
 def _ps(args: argparse.Namespace) -> int:
-    import json
-
     from .._control._client import call
 
     rows = call(control_path(args), "ps")
     if args.json:
+        import json  # here: it imports re, which the table does not need
+
         print(json.dumps(rows, indent=2))
     else:
         _print_rows(rows)
@@ -259,6 +264,7 @@ def _update(args: argparse.Namespace) -> int:
     import json
 
     from .._runtime._limits import LIVE_KEYS
+    from ._limit_options import limit_values
 
     # Checked here first: a bad value is one line naming its option.
     if not limit_values(args, live=True):
@@ -317,30 +323,42 @@ def _add(args: argparse.Namespace) -> int:
 
 def _exec(args: argparse.Namespace) -> int:
     from .._control._exec_client import run_exec
-    from .._runtime._mounts import parse_user
-    from .._runtime._spec import parse_env
 
     path = control_path(args)
     command = command_after_dashes(
         args.command, "exec: expected a command after '--', e.g. corral exec web -- sh"
     )
+    # The parsers of -e and -u live with the runtime's spec (its grammar,
+    # imported with re and more): loaded only when one is given.
+    env: dict[str, str] = {}
+    if args.env:
+        from .._runtime._spec import parse_env
+
+        env = dict(parse_env(args.env, "--env"))
+    user = None
+    if args.user is not None:
+        from .._runtime._mounts import parse_user
+
+        user = parse_user(args.user, "--user")
     return run_exec(
         path,
         args.name,
         command,
-        env=dict(parse_env(args.env, "--env")),
+        env=env,
         workdir=args.workdir,
         interactive=args.interactive,
         tty=args.tty,
-        user=parse_user(args.user, "--user") if args.user is not None else None,
+        user=user,
     )
 
 
 def _stats(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from .._control._client import call
+
+    if args.json:
+        import json  # here: it imports re, which the table does not need
 
     path = control_path(args)
 

@@ -8,16 +8,17 @@ while the fleet runs or after it stopped.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from .._errors import CorralError
 from ._common import UsageError, run_dir, state_dir, warn_privileged
 
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
-    from ._common import Subparsers
+    import argparse
+
+    from ._parser import Subparsers
 
 __all__ = ["add_parsers"]
 
@@ -130,13 +131,13 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _events(args: argparse.Namespace) -> int:
-    import json
-
     import events
     from events import iter_events
 
     path = args.socket or os.path.join(run_dir(), "events.sock")
     human = not args.json
+    if not human:
+        import json  # here: human lines need no json (nor the re it imports)
     try:
         for event in iter_events(path, kinds=args.kind, sandboxes=args.sandbox, since=args.since):
             if human:
