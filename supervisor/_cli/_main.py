@@ -17,10 +17,13 @@ when it does not exist in the sandbox. Every error is one line on stderr.
 Start-up is most of what a one-shot verb costs (``corral pause`` is a
 millisecond's work for the supervisor), so every verb imports only what its
 own path needs. This module imports nothing at its top but ``os``, ``sys``
-and the exception tree, and reads the command line in up to two steps:
+and the exception tree, and reads the command line in up to three steps:
 
 1. ``corral --version`` alone is answered here.
-2. Else argparse, with only the sub-parsers of the group that the first
+2. A plain command line of a control verb (``corral pause web``), of
+   ``events`` or of ``logs`` is read without argparse, from the same
+   declarations argparse is given (:mod:`._arguments`).
+3. Else argparse, with only the sub-parsers of the group that the first
    word names (a sub-parser's help and errors do not depend on the
    others), or all of them (``corral --help``, an unknown verb).
 
@@ -118,7 +121,23 @@ def parse_args(words: Sequence[str]) -> argparse.Namespace:
     0 after printing help.
     """
     verb = words[0] if words and words[0] in VERBS else None
+    if verb is not None and (args := _parse_plain(verb, words[1:])) is not None:
+        return args
     return build_parser(verb).parse_args(words)
+
+
+def _parse_plain(verb: str, words: Sequence[str]) -> argparse.Namespace | None:
+    """*verb*'s command line read without argparse, if its group can and it
+    is plain (:mod:`._arguments`); else ``None``."""
+    if VERBS[verb] == "_control_verbs":
+        from . import _control_verbs
+
+        return _control_verbs.parse_verb(verb, words)
+    if VERBS[verb] == "_fleet":
+        from . import _fleet
+
+        return _fleet.parse_verb(verb, words)
+    return None
 
 
 def _version_line() -> str | None:
