@@ -91,6 +91,7 @@ from _peers import (
 from rootfs import ensure_busybox
 from supervisor._control._client import CONTROL_SOCKET, Client, call
 from supervisor._errors import CorralError
+from supervisor._runtime._lxcfs import Lxcfs
 
 FLEET = """
 [[sandbox]]
@@ -310,6 +311,10 @@ def run(
     args: argparse.Namespace,
 ) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[float]]]:
     scratch = Path(tempfile.mkdtemp(prefix="corral-bench-control-"))
+    scratch.chmod(0o711)  # a user-namespace sandbox's root mounts its layers below
+    # Made here, searchable too: the supervisor would make it 0700, and the
+    # sandbox's root could not reach corral's lxcfs, which runs below it.
+    (scratch / "run").mkdir(mode=0o711)
     name = f"ctlbench-{os.getpid()}"
     runc: RuncServicePeer | None = None
     problems: list[str] = []
@@ -363,6 +368,9 @@ def run(
             time.sleep(0.05)  # a cgroup goes a moment after its last task
         if stale:
             problems.append(f"cgroups left: {[str(p) for p in stale]}")
+        # corral's lxcfs outlives its supervisor by design (the next one takes
+        # it back): this run directory is about to go.
+        Lxcfs(str(scratch / "run"), "auto", say=lambda line: None).stop(force=True)
         mounts = leftover_mounts(scratch)
         if mounts:
             problems.append(f"still mounted, {scratch} kept: {[str(m) for m in mounts]}")
