@@ -56,7 +56,8 @@ left, the scratch directory goes.
 ``cli_overhead_ms: X.XX`` is the median of ``python -m supervisor
 --version`` less that of ``python -c pass`` from the CLI overhead samples;
 a line before it gives each CLI verb's median less the ``python -c pass``
-row's (pause+resume: less two starts).
+row's (the ``pause`` and ``resume`` rows are the two halves of the
+pause+resume samples).
 The last two lines are exactly ``exec_ratio_vs_runc: X.XX`` and
 ``pause_resume_ratio_vs_runc: X.XX``: median over median, the CLIs
 against each other. Lower is better.
@@ -145,6 +146,9 @@ class CorralFleet:
         self.fleet = scratch / "fleet.toml"
         self.fleet.write_text(FLEET.format(name=name, rootfs=rootfs))
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Each ``corral pause`` and ``corral resume`` of pause_resume_cli, apart.
+        self.pause_cli: list[float] = []
+        self.resume_cli: list[float] = []
 
     def __enter__(self) -> CorralFleet:
         with open(self.log, "wb") as log:
@@ -256,6 +260,8 @@ class CorralFleet:
         dt2, out2 = self.cli("resume", self.instance)
         if " paused " not in out1 or " running " not in out2:
             raise BenchError(f"corral pause/resume reported:\n{out1}{out2}")
+        self.pause_cli.append(dt1)
+        self.resume_cli.append(dt2)
         return dt1 + dt2
 
     def pause_resume_lib(self) -> float:
@@ -352,6 +358,9 @@ def run(
                     peer.resume_once()
                     if (paused, peer.state()) != ("paused", "running"):
                         raise BenchError(f"runc pause/resume: {paused}, then {peer.state()}")
+            # The two verbs of the pause+resume samples, apart (rows of their own).
+            samples["pause", "corral-cli"] = fleet.pause_cli[args.warmup :]
+            samples["resume", "corral-cli"] = fleet.resume_cli[args.warmup :]
             overhead = cli_overhead(args.overhead_runs, args.warmup)
     finally:
         # The supervisor is stopped (CorralFleet's exit): its cgroups must be gone.
@@ -424,8 +433,10 @@ def main() -> None:
     start = med["start-up", "python -c pass"]
     print(
         "the CLI verbs over a bare start:"
-        f" exec {(med['exec', 'corral-cli'] - start) * 1e3:.2f} ms,"
-        f" pause+resume {(med['pause+resume', 'corral-cli'] - 2 * start) * 1e3:.2f} ms"
+        + ",".join(
+            f" {verb} {(med[verb, 'corral-cli'] - start) * 1e3:.2f} ms"
+            for verb in ("exec", "pause", "resume")
+        )
     )
     print(f"cli_overhead_ms: {cli_ms:.2f}")
     print(f"exec_ratio_vs_runc: {med['exec', 'corral-cli'] / med['exec', 'runc']:.2f}")
