@@ -36,6 +36,14 @@ cgroup frozen, or after writing THAWED)
 start-up (references, to see where the CLI's time goes)
     ``python -c pass``, ``python -m supervisor --version`` (interpreter and
     the CLI's own imports, no verb) and ``runc --version`` (a Go binary).
+CLI overhead (after the rounds above, the supervisor idle)
+    ``python -m supervisor --version`` and ``python -c pass`` alone, more
+    samples (``--overhead-runs``, equal counts), alternating: each round
+    runs each once, the order rotating every round. What the CLI adds to
+    a bare interpreter start before any verb runs. With the installed
+    ``corral`` script beside the interpreter, its ``corral --version`` is
+    a third in the rotation (pip's wrapper script imports ``re`` where
+    ``-m`` imports ``runpy``).
 
 Times are wall times (``time.perf_counter``) from spawning the command
 (or connecting) until it has exited and its output is drained; the CLIs
@@ -45,6 +53,11 @@ removed at the end, also on failure: the supervisor is stopped with
 SIGTERM, the runc container deleted, no ``corral-*`` cgroup of ours may be
 left, the scratch directory goes.
 
+``cli_overhead_ms: X.XX`` is the median of ``python -m supervisor
+--version`` less that of ``python -c pass`` from the CLI overhead samples;
+a line before it gives each CLI verb's median less the ``python -c pass``
+row's (the ``pause`` and ``resume`` rows are the two halves of the
+pause+resume samples).
 The last two lines are exactly ``exec_ratio_vs_runc: X.XX`` and
 ``pause_resume_ratio_vs_runc: X.XX``: median over median, the CLIs
 against each other. Lower is better.
@@ -79,6 +92,7 @@ from _peers import (
 from rootfs import ensure_busybox
 from supervisor._control._client import CONTROL_SOCKET, Client, call
 from supervisor._errors import CorralError
+from supervisor._runtime._lxcfs import Lxcfs
 
 FLEET = """
 [[sandbox]]
@@ -132,6 +146,9 @@ class CorralFleet:
         self.fleet = scratch / "fleet.toml"
         self.fleet.write_text(FLEET.format(name=name, rootfs=rootfs))
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Each ``corral pause`` and ``corral resume`` of pause_resume_cli, apart.
+        self.pause_cli: list[float] = []
+        self.resume_cli: list[float] = []
 
     def __enter__(self) -> CorralFleet:
         with open(self.log, "wb") as log:
@@ -243,6 +260,8 @@ class CorralFleet:
         dt2, out2 = self.cli("resume", self.instance)
         if " paused " not in out1 or " running " not in out2:
             raise BenchError(f"corral pause/resume reported:\n{out1}{out2}")
+        self.pause_cli.append(dt1)
+        self.resume_cli.append(dt2)
         return dt1 + dt2
 
     def pause_resume_lib(self) -> float:
@@ -268,8 +287,40 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # run the clean-up below
 
 
-def run(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
+def cli_overhead(runs: int, warmup: int) -> dict[str, list[float]]:
+    """Samples of a bare interpreter start and of ``corral --version``, alternating.
+
+    Each round runs every command once, the order rotated by one every
+    round, so that each is sampled as often as the others, at every place
+    in the round, and noise hits them alike.
+    """
+    py = sys.executable
+    commands = {
+        "python -c pass": [py, "-c", "pass"],
+        "python -m supervisor --version": [py, "-m", "supervisor", "--version"],
+    }
+    script = os.path.join(os.path.dirname(py), "corral")
+    if os.access(script, os.X_OK):
+        commands["corral --version (script)"] = [script, "--version"]
+    order = list(commands)
+    samples: dict[str, list[float]] = {k: [] for k in order}
+    for i in range(warmup + runs):
+        k = i % len(order)
+        for key in order[k:] + order[:k]:
+            dt = timed(commands[key])[0]
+            if i >= warmup:
+                samples[key].append(dt)
+    return samples
+
+
+def run(
+    args: argparse.Namespace,
+) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[float]]]:
     scratch = Path(tempfile.mkdtemp(prefix="corral-bench-control-"))
+    scratch.chmod(0o711)  # a user-namespace sandbox's root mounts its layers below
+    # Made here, searchable too: the supervisor would make it 0700, and the
+    # sandbox's root could not reach corral's lxcfs, which runs below it.
+    (scratch / "run").mkdir(mode=0o711)
     name = f"ctlbench-{os.getpid()}"
     runc: RuncServicePeer | None = None
     problems: list[str] = []
@@ -307,6 +358,10 @@ def run(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
                     peer.resume_once()
                     if (paused, peer.state()) != ("paused", "running"):
                         raise BenchError(f"runc pause/resume: {paused}, then {peer.state()}")
+            # The two verbs of the pause+resume samples, apart (rows of their own).
+            samples["pause", "corral-cli"] = fleet.pause_cli[args.warmup :]
+            samples["resume", "corral-cli"] = fleet.resume_cli[args.warmup :]
+            overhead = cli_overhead(args.overhead_runs, args.warmup)
     finally:
         # The supervisor is stopped (CorralFleet's exit): its cgroups must be gone.
         if runc is not None:
@@ -322,6 +377,9 @@ def run(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
             time.sleep(0.05)  # a cgroup goes a moment after its last task
         if stale:
             problems.append(f"cgroups left: {[str(p) for p in stale]}")
+        # corral's lxcfs outlives its supervisor by design (the next one takes
+        # it back): this run directory is about to go.
+        Lxcfs(str(scratch / "run"), "auto", say=lambda line: None).stop(force=True)
         mounts = leftover_mounts(scratch)
         if mounts:
             problems.append(f"still mounted, {scratch} kept: {[str(m) for m in mounts]}")
@@ -331,21 +389,27 @@ def run(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
             print("control.py: clean-up incomplete: " + "; ".join(problems), file=sys.stderr)
     if problems:
         raise BenchError("clean-up incomplete (see above)")
-    return samples
+    return samples, overhead
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--runs", type=int, default=30, help="samples per contender")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument(
+        "--overhead-runs",
+        type=int,
+        default=100,
+        help="samples per command of the CLI overhead (interpreter start, --version)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("control.py: must run as root (sandboxes, runc)")
-    if args.runs < 1 or args.warmup < 0:
-        raise SystemExit("control.py: --runs >= 1 and --warmup >= 0, please")
+    if args.runs < 1 or args.warmup < 0 or args.overhead_runs < 1:
+        raise SystemExit("control.py: --runs >= 1, --overhead-runs >= 1, --warmup >= 0, please")
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        samples = run(args)
+        samples, overhead = run(args)
     except (BenchError, PeerError, CorralError) as exc:
         raise SystemExit(f"control.py: {exc}") from None
 
@@ -355,10 +419,26 @@ def main() -> None:
     for (verb, who), xs in samples.items():
         med[verb, who] = statistics.median(xs)
         print(f"{verb:13} {who:17} {median_ms(xs):10.2f} {p90_ms(xs):8.2f} {min(xs) * 1e3:8.2f}")
+    head = f"{'CLI overhead':31} {'median ms':>10} {'p90 ms':>8} {'min ms':>8}"
+    print(f"{head}   (n={args.overhead_runs})")
+    for who, xs in overhead.items():
+        print(f"{who:31} {median_ms(xs):10.2f} {p90_ms(xs):8.2f} {min(xs) * 1e3:8.2f}")
+    cli_ms = median_ms(overhead["python -m supervisor --version"]) - median_ms(
+        overhead["python -c pass"]
+    )
     lib_exec = med["exec", "corral-lib"] / med["exec", "runc"]
     lib_pr = med["pause+resume", "corral-lib"] / med["pause+resume", "runc"]
     print(f"exec_lib_ratio_vs_runc: {lib_exec:.2f}")
     print(f"pause_resume_lib_ratio_vs_runc: {lib_pr:.2f}")
+    start = med["start-up", "python -c pass"]
+    print(
+        "the CLI verbs over a bare start:"
+        + ",".join(
+            f" {verb} {(med[verb, 'corral-cli'] - start) * 1e3:.2f} ms"
+            for verb in ("exec", "pause", "resume")
+        )
+    )
+    print(f"cli_overhead_ms: {cli_ms:.2f}")
     print(f"exec_ratio_vs_runc: {med['exec', 'corral-cli'] / med['exec', 'runc']:.2f}")
     print(
         "pause_resume_ratio_vs_runc:"

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from ._common import add_socket_option, control_path, human_size, state_dir
 
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
-    from ._common import Subparsers
+    from ._parser import Subparsers
 
 __all__ = ["add_listing_parser", "add_parsers"]
 

@@ -10,10 +10,10 @@ record says where it is, and its cgroup is frozen for the copy directly.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
-    from ._common import Subparsers
+    from ._parser import Subparsers
 
 __all__ = ["add_parsers"]
 

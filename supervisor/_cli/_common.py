@@ -1,25 +1,30 @@
 """What the groups of verbs share: exit statuses, usage errors, directories.
 
-Every group module imports this one while the parser is built, so it
-imports nothing but the standard library's cheapest modules and the
-exception tree; what a helper needs beyond that it imports when called.
+Every verb's path imports this one, the control verbs' without argparse,
+so it imports nothing but ``os``, ``sys`` and the exception tree (not
+typing, not argparse: annotations only); what a helper needs beyond that
+it imports when called. argparse's side is :mod:`._parser`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar, overload
 
 from .._errors import CorralError
+
+# typing.TYPE_CHECKING without importing typing (~4 ms with re, which it
+# imports); type checkers treat any TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
 __all__ = [
     "EXIT_CORRAL",
     "EXIT_NOEXEC",
     "EXIT_NOTFOUND",
-    "Parser",
+    "SOCKET_HELP",
     "UsageError",
     "add_socket_option",
     "command_after_dashes",
@@ -28,11 +33,10 @@ __all__ = [
     "no_verb",
     "run_dir",
     "state_dir",
+    "terminal_columns",
     "tree_size",
     "warn_privileged",
 ]
-
-_N = TypeVar("_N")
 
 EXIT_CORRAL = 125
 """corral itself failed, or the input was bad."""
@@ -40,51 +44,6 @@ EXIT_NOEXEC = 126
 """The command cannot be executed."""
 EXIT_NOTFOUND = 127
 """The command does not exist in the sandbox."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line and exit with corral's status."""
-
-    after_dashes: str | None = None
-    """If set, the words after the first ``--`` are not parsed but kept, as
-    a list, in the namespace attribute of this name (``[]`` without a
-    ``--``). argparse alone cannot take ``VERB RECIPE --opt X -- WORDS``: it
-    gives a trailing positional its (empty) share at the first positional,
-    and the words after ``--`` are then unrecognized."""
-
-    @overload
-    def parse_known_args(
-        self, args: Iterable[str] | None = None, namespace: None = None
-    ) -> tuple[argparse.Namespace, list[str]]: ...
-    @overload
-    def parse_known_args(
-        self, args: Iterable[str] | None, namespace: _N
-    ) -> tuple[_N, list[str]]: ...
-    @overload
-    def parse_known_args(self, *, namespace: _N) -> tuple[_N, list[str]]: ...
-    def parse_known_args(
-        self, args: Iterable[str] | None = None, namespace: Any = None
-    ) -> tuple[Any, list[str]]:
-        """argparse's, with :attr:`after_dashes` applied."""
-        if self.after_dashes is None or args is None:
-            return super().parse_known_args(args, namespace)
-        words = list(args)
-        tail: list[str] = []
-        if "--" in words:
-            cut = words.index("--")
-            words, tail = words[:cut], words[cut + 1 :]
-        parsed, extras = super().parse_known_args(words, namespace)
-        setattr(parsed, self.after_dashes, tail)
-        return parsed, extras
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"corral: {message} (see '{self.prog} --help')\n")
-        raise SystemExit(EXIT_CORRAL)
-
-
-if TYPE_CHECKING:
-    Subparsers: TypeAlias = argparse._SubParsersAction[Parser]
-    """What ``add_subparsers`` returns; each group's ``add_parsers`` takes it."""
 
 
 class UsageError(CorralError):
@@ -115,9 +74,13 @@ def run_dir() -> str:
     return os.environ.get("CORRAL_RUN_DIR") or DEFAULT_RUN_DIR
 
 
+SOCKET_HELP = "control socket (default: RUN_DIR/control.sock)"
+"""The help of ``--socket``, the option of every verb that talks to the control socket."""
+
+
 def add_socket_option(parser: argparse.ArgumentParser) -> None:
     """``--socket``, for a verb that talks to the supervisor's control socket."""
-    parser.add_argument("--socket", help="control socket (default: RUN_DIR/control.sock)")
+    parser.add_argument("--socket", help=SOCKET_HELP)
 
 
 def control_path(args: argparse.Namespace) -> str:
@@ -131,6 +94,28 @@ def no_verb(parser: argparse.ArgumentParser) -> int:
     """A verb group given no verb (``corral image``): its help, status 2."""
     parser.print_help()
     return 2
+
+
+def terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, without importing shutil.
+
+    ``COLUMNS`` if it is a positive number, else the width of the terminal
+    on ``sys.__stdout__``, else 80: shutil's rules (it also reads
+    ``LINES``, which only the height needs).
+    """
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    stdout = sys.__stdout__
+    if stdout is None:
+        return 80
+    try:
+        return os.get_terminal_size(stdout.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 def tree_size(path: str) -> int:

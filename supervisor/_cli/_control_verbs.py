@@ -4,184 +4,60 @@
 ``pause``, ``resume``; ``exec``; ``add`` and ``rm``; ``update`` (docs/control.md). Each
 is one request to the supervisor (``exec`` then relays the process's stdio
 and signals) and a table or JSON printed from its answer. No trio: the
-client is a blocking socket.
+client is a blocking socket. No argparse either for a plain command line
+(``corral pause web``): each verb's arguments are declared once
+(:data:`VERBS`), for argparse and for the plain reader of
+:mod:`._arguments`, and this module imports at its top only what both
+need.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
+from ._arguments import Arg, Verb, add_verb, parse_plain
 from ._common import (
     EXIT_CORRAL,
+    SOCKET_HELP,
     UsageError,
-    add_socket_option,
     command_after_dashes,
     control_path,
     human_size,
 )
-from ._limit_options import add_limit_options, limit_values
 
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
-    from ._common import Subparsers
+    import argparse
+    from collections.abc import Sequence
+    from typing import Any
 
-__all__ = ["add_parsers"]
+    from ._parser import Subparsers
+
+__all__ = ["VERBS", "add_parsers", "parse_verb"]
 
 _NAME_HELP = "an instance (web-0), or a sandbox (web: every instance of it)"
 
 
 def add_parsers(sub: Subparsers) -> None:
     """Register the verbs that act on a running fleet through its control socket."""
+    for name, verb in VERBS.items():
+        add_verb(sub, name, verb)
 
-    def verb(
-        name: str, help: str, description: str, *, func: Callable[[argparse.Namespace], int]
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=description)
-        add_socket_option(p)
-        p.set_defaults(func=func)
-        return p
 
-    p = verb(
-        "ps",
-        "list the sandboxes of a running fleet",
-        "One line per sandbox instance"
-        " of the running `corral up`: state, PID, uptime, restarts, memory, last exit.",
-        func=_ps,
-    )
-    p.add_argument("--json", action="store_true", help="a JSON array instead of a table")
-
-    p = verb(
-        "inspect",
-        "show everything about one sandbox, as JSON",
-        "Spec, limits, cgroup,"
-        " PIDs, namespaces, counters and last events of one instance, as JSON.",
-        func=_inspect,
-    )
-    p.add_argument("name", metavar="NAME", help="an instance (web-0), or a sandbox (its first)")
-
-    p = verb(
-        "stop",
-        "stop sandboxes (they stay stopped)",
-        "SIGTERM, then SIGKILL after the"
-        " grace period; returns once stopped. Restart policies leave them alone.",
-        func=_stop,
-    )
-    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
-    p.add_argument("-t", "--time", type=float, metavar="SECONDS", help="grace period")
-
-    p = verb(
-        "start",
-        "start stopped sandboxes",
-        "Start the next generation of stopped"
-        " (or exited, failed) instances; returns once they run.",
-        func=_start,
-    )
-    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
-
-    p = verb(
-        "restart",
-        "restart sandboxes",
-        "Stop running instances gracefully and start their next generation; returns once they run.",
-        func=_restart,
-    )
-    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
-    p.add_argument("-t", "--time", type=float, metavar="SECONDS", help="grace period")
-
-    p = verb(
-        "kill",
-        "send a signal to sandboxes",
-        "Send a signal to the main process of each"
-        " instance, through its init (by pidfd: never a recycled PID).",
-        func=_kill,
-    )
-    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
-    p.add_argument("-s", "--signal", default="KILL", help="name or number (default KILL)")
-
-    p = verb(
-        "pause",
-        "freeze sandboxes",
-        "Freeze every process of the instances with the"
-        " cgroup freezer; returns once the kernel reports them frozen.",
-        func=_pause,
-    )
-    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
-    p = verb("resume", "thaw paused sandboxes", "Thaw paused instances.", func=_resume)
-    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
-
-    p = verb(
-        "exec",
-        "run a command in a running sandbox",
-        "Run COMMAND in a running"
-        " sandbox: its namespaces, cgroup, root and restrictions. The exit status is"
-        " the command's (125: corral failed; 126, 127: cannot run it).",
-        func=_exec,
-    )
-    p.add_argument("name", metavar="NAME", help="an instance (web-0), or a sandbox (its first)")
-    p.add_argument("-i", "--interactive", action="store_true", help="pass stdin on")
-    p.add_argument("-t", "--tty", action="store_true", help="give it a pseudo-terminal")
-    p.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="set a variable")
-    p.add_argument("--workdir", "-w", help="working directory inside (default: the sandbox's)")
-    p.add_argument("--user", "-u", help="UID[:GID] or NAME[:GROUP] (default: the sandbox's)")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-
-    p = verb(
-        "stats",
-        "resource use of sandboxes",
-        "Memory (current, peak), CPU, tasks and"
-        " OOM counters of running instances, from their cgroups.",
-        func=_stats,
-    )
-    p.add_argument("names", metavar="NAME", nargs="*", help=_NAME_HELP + " (default: all)")
-    p.add_argument("--watch", action="store_true", help="refresh every second")
-    p.add_argument("--json", action="store_true", help="a JSON array instead of a table")
-
-    p = verb(
-        "add",
-        "add sandboxes to a running fleet",
-        "Start the sandboxes of FLEET (a"
-        " fleet file with [[sandbox]] entries only) under the running supervisor.",
-        func=_add,
-    )
-    p.add_argument("fleet", metavar="FLEET", help="fleet file (TOML)")
-
-    p = verb(
-        "rm",
-        "remove sandboxes from a running fleet",
-        "Stop the instances and take"
-        " them out of the running fleet (their logs and checkpoints stay).",
-        func=_rm,
-    )
-    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
-    p.add_argument("-t", "--time", type=float, metavar="SECONDS", help="grace period")
-
-    p = verb(
-        "update",
-        "change the limits of sandboxes",
-        "Change limits of the instances: at once where they run (a limit_changed"
-        " event each), and for their later generations; the next supervisor keeps"
-        " them. A memory limit below what an instance uses now is refused unless --force.",
-        func=_update,
-    )
-    p.add_argument("name", metavar="NAME", help=_NAME_HELP)
-    add_limit_options(p, live=True)
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="set a memory limit below what it uses now (the kernel reclaims, or OOM-kills)",
-    )
-    p.add_argument("--json", action="store_true", help="the changes as JSON")
+def parse_verb(name: str, words: Sequence[str]) -> argparse.Namespace | None:
+    """``corral NAME WORDS...`` read without argparse, if it is plain (see
+    :func:`._arguments.parse_plain`); else ``None``."""
+    return parse_plain(name, VERBS[name], words)
 
 
 def _ps(args: argparse.Namespace) -> int:
-    import json
-
     from .._control._client import call
 
     rows = call(control_path(args), "ps")
     if args.json:
+        import json  # here: it imports re, which the table does not need
+
         print(json.dumps(rows, indent=2))
     else:
         _print_rows(rows)
@@ -259,6 +135,7 @@ def _update(args: argparse.Namespace) -> int:
     import json
 
     from .._runtime._limits import LIVE_KEYS
+    from ._limit_options import limit_values
 
     # Checked here first: a bad value is one line naming its option.
     if not limit_values(args, live=True):
@@ -317,30 +194,42 @@ def _add(args: argparse.Namespace) -> int:
 
 def _exec(args: argparse.Namespace) -> int:
     from .._control._exec_client import run_exec
-    from .._runtime._mounts import parse_user
-    from .._runtime._spec import parse_env
 
     path = control_path(args)
     command = command_after_dashes(
         args.command, "exec: expected a command after '--', e.g. corral exec web -- sh"
     )
+    # The parsers of -e and -u live with the runtime's spec (its grammar,
+    # imported with re and more): loaded only when one is given.
+    env: dict[str, str] = {}
+    if args.env:
+        from .._runtime._spec import parse_env
+
+        env = dict(parse_env(args.env, "--env"))
+    user = None
+    if args.user is not None:
+        from .._runtime._mounts import parse_user
+
+        user = parse_user(args.user, "--user")
     return run_exec(
         path,
         args.name,
         command,
-        env=dict(parse_env(args.env, "--env")),
+        env=env,
         workdir=args.workdir,
         interactive=args.interactive,
         tty=args.tty,
-        user=parse_user(args.user, "--user") if args.user is not None else None,
+        user=user,
     )
 
 
 def _stats(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from .._control._client import call
+
+    if args.json:
+        import json  # here: it imports re, which the table does not need
 
     path = control_path(args)
 
@@ -439,3 +328,138 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
             f" {r['restarts']:>8}  {_memory(r['memory'], r['memory_limit']):<22}"
             f" {_last_exit(r['last_exit'])}"
         )
+
+
+def _update_arguments(p: argparse.ArgumentParser) -> None:
+    """``update``'s options past NAME: the live limits, ``--force``, ``--json``."""
+    from ._limit_options import add_limit_options
+
+    add_limit_options(p, live=True)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="set a memory limit below what it uses now (the kernel reclaims, or OOM-kills)",
+    )
+    p.add_argument("--json", action="store_true", help="the changes as JSON")
+
+
+_SOCKET = Arg("--socket", help=SOCKET_HELP)
+_NAME = Arg("name", metavar="NAME", help=_NAME_HELP)
+_FIRST = Arg("name", metavar="NAME", help="an instance (web-0), or a sandbox (its first)")
+_GRACE = Arg("-t", "--time", type=float, metavar="SECONDS", help="grace period")
+_JSON_ARRAY = Arg("--json", kind="flag", help="a JSON array instead of a table")
+
+VERBS: dict[str, Verb] = {
+    "ps": Verb(
+        _ps,
+        "list the sandboxes of a running fleet",
+        "One line per sandbox instance"
+        " of the running `corral up`: state, PID, uptime, restarts, memory, last exit.",
+        _SOCKET,
+        _JSON_ARRAY,
+    ),
+    "inspect": Verb(
+        _inspect,
+        "show everything about one sandbox, as JSON",
+        "Spec, limits, cgroup,"
+        " PIDs, namespaces, counters and last events of one instance, as JSON.",
+        _SOCKET,
+        _FIRST,
+    ),
+    "stop": Verb(
+        _stop,
+        "stop sandboxes (they stay stopped)",
+        "SIGTERM, then SIGKILL after the"
+        " grace period; returns once stopped. Restart policies leave them alone.",
+        _SOCKET,
+        _NAME,
+        _GRACE,
+    ),
+    "start": Verb(
+        _start,
+        "start stopped sandboxes",
+        "Start the next generation of stopped"
+        " (or exited, failed) instances; returns once they run.",
+        _SOCKET,
+        _NAME,
+    ),
+    "restart": Verb(
+        _restart,
+        "restart sandboxes",
+        "Stop running instances gracefully and start their next generation; returns once they run.",
+        _SOCKET,
+        _NAME,
+        _GRACE,
+    ),
+    "kill": Verb(
+        _kill,
+        "send a signal to sandboxes",
+        "Send a signal to the main process of each"
+        " instance, through its init (by pidfd: never a recycled PID).",
+        _SOCKET,
+        _NAME,
+        Arg("-s", "--signal", default="KILL", help="name or number (default KILL)"),
+    ),
+    "pause": Verb(
+        _pause,
+        "freeze sandboxes",
+        "Freeze every process of the instances with the"
+        " cgroup freezer; returns once the kernel reports them frozen.",
+        _SOCKET,
+        _NAME,
+    ),
+    "resume": Verb(_resume, "thaw paused sandboxes", "Thaw paused instances.", _SOCKET, _NAME),
+    "exec": Verb(
+        _exec,
+        "run a command in a running sandbox",
+        "Run COMMAND in a running"
+        " sandbox: its namespaces, cgroup, root and restrictions. The exit status is"
+        " the command's (125: corral failed; 126, 127: cannot run it).",
+        _SOCKET,
+        _FIRST,
+        Arg("-i", "--interactive", kind="flag", help="pass stdin on"),
+        Arg("-t", "--tty", kind="flag", help="give it a pseudo-terminal"),
+        Arg("--env", "-e", kind="append", default=[], metavar="K=V", help="set a variable"),
+        Arg("--workdir", "-w", help="working directory inside (default: the sandbox's)"),
+        Arg("--user", "-u", help="UID[:GID] or NAME[:GROUP] (default: the sandbox's)"),
+        Arg("command", kind="rest", help="-- COMMAND [ARGS...]"),
+    ),
+    "stats": Verb(
+        _stats,
+        "resource use of sandboxes",
+        "Memory (current, peak), CPU, tasks and"
+        " OOM counters of running instances, from their cgroups.",
+        _SOCKET,
+        Arg("names", kind="many", metavar="NAME", help=_NAME_HELP + " (default: all)"),
+        Arg("--watch", kind="flag", help="refresh every second"),
+        _JSON_ARRAY,
+    ),
+    "add": Verb(
+        _add,
+        "add sandboxes to a running fleet",
+        "Start the sandboxes of FLEET (a"
+        " fleet file with [[sandbox]] entries only) under the running supervisor.",
+        _SOCKET,
+        Arg("fleet", metavar="FLEET", help="fleet file (TOML)"),
+    ),
+    "rm": Verb(
+        _rm,
+        "remove sandboxes from a running fleet",
+        "Stop the instances and take"
+        " them out of the running fleet (their logs and checkpoints stay).",
+        _SOCKET,
+        _NAME,
+        _GRACE,
+    ),
+    "update": Verb(
+        _update,
+        "change the limits of sandboxes",
+        "Change limits of the instances: at once where they run (a limit_changed"
+        " event each), and for their later generations; the next supervisor keeps"
+        " them. A memory limit below what an instance uses now is refused unless --force.",
+        _SOCKET,
+        _NAME,
+        more=_update_arguments,
+    ),
+}
+"""The verbs, in the order ``corral --help`` lists them."""

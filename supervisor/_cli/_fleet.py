@@ -3,23 +3,28 @@
 ``up`` runs a fleet under the supervisor in the foreground (the one verb
 that imports trio); ``events`` streams a running supervisor's events from
 its event socket; ``logs`` reads a sandbox's captured output from its files,
-while the fleet runs or after it stopped.
+while the fleet runs or after it stopped. ``events`` and ``logs`` are
+declared (:data:`VERBS`) for argparse and for the plain reader of
+:mod:`._arguments`, so that their plain command lines skip argparse.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from .._errors import CorralError
+from ._arguments import Arg, Verb, add_verb, parse_plain
 from ._common import UsageError, run_dir, state_dir, warn_privileged
 
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
-    from ._common import Subparsers
+    import argparse
+    from collections.abc import Sequence
 
-__all__ = ["add_parsers"]
+    from ._parser import Subparsers
+
+__all__ = ["VERBS", "add_parsers", "parse_verb"]
 
 
 def add_parsers(sub: Subparsers) -> None:
@@ -54,39 +59,16 @@ def add_parsers(sub: Subparsers) -> None:
     )
 
     up.set_defaults(func=_up)
+    for name, verb in VERBS.items():
+        add_verb(sub, name, verb)
 
-    ev = sub.add_parser(
-        "events",
-        help="stream events from a running supervisor",
-        description="Connect to a running `corral up` and print its events: first those"
-        " since --since (from the journal), then live ones.",
-    )
-    ev.add_argument("--since", type=int, help="start at this sequence number (replay)")
-    ev.add_argument("--kind", action="append", help="only events of this kind (repeatable)")
-    ev.add_argument(
-        "--sandbox", action="append", metavar="PATTERN", help="only sandboxes matching (glob)"
-    )
-    ev.add_argument("--json", action="store_true", help="JSON lines instead of human lines")
-    ev.add_argument("--socket", help="event socket (default: RUN_DIR/events.sock)")
 
-    ev.set_defaults(func=_events)
-
-    lg = sub.add_parser(
-        "logs",
-        help="print a sandbox's output (stdout and stderr)",
-        description="Print what a sandbox instance wrote, from its rotated log files;"
-        " works while the fleet runs and after it stopped.",
-    )
-    lg.add_argument(
-        "name", metavar="NAME", help="an instance (web-0), or a sandbox (web: its first)"
-    )
-    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
-    lg.add_argument("--since", help="only output since a time: 10s, 5m, 2h or RFC 3339")
-    lg.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
-    lg.add_argument(
-        "-t", "--timestamps", action="store_true", help="prefix each line with its time"
-    )
-    lg.set_defaults(func=_logs)
+def parse_verb(name: str, words: Sequence[str]) -> argparse.Namespace | None:
+    """``corral events|logs WORDS...`` read without argparse, if it is plain
+    (see :func:`._arguments.parse_plain`); else ``None`` (and for ``up``,
+    which pays for trio anyway)."""
+    verb = VERBS.get(name)
+    return None if verb is None else parse_plain(name, verb, words)
 
 
 def raise_open_files_limit() -> None:
@@ -130,13 +112,13 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _events(args: argparse.Namespace) -> int:
-    import json
-
     import events
     from events import iter_events
 
     path = args.socket or os.path.join(run_dir(), "events.sock")
     human = not args.json
+    if not human:
+        import json  # here: human lines need no json (nor the re it imports)
     try:
         for event in iter_events(path, kinds=args.kind, sandboxes=args.sandbox, since=args.since):
             if human:
@@ -206,3 +188,32 @@ def _logs(args: argparse.Namespace) -> int:
         out.write(format_record(record, timestamps=args.timestamps))
     out.flush()
     return 0
+
+
+VERBS: dict[str, Verb] = {
+    "events": Verb(
+        _events,
+        "stream events from a running supervisor",
+        "Connect to a running `corral up` and print its events: first those"
+        " since --since (from the journal), then live ones.",
+        Arg("--since", type=int, help="start at this sequence number (replay)"),
+        Arg("--kind", kind="append", help="only events of this kind (repeatable)"),
+        Arg("--sandbox", kind="append", metavar="PATTERN", help="only sandboxes matching (glob)"),
+        Arg("--json", kind="flag", help="JSON lines instead of human lines"),
+        Arg("--socket", help="event socket (default: RUN_DIR/events.sock)"),
+    ),
+    "logs": Verb(
+        _logs,
+        "print a sandbox's output (stdout and stderr)",
+        "Print what a sandbox instance wrote, from its rotated log files;"
+        " works while the fleet runs and after it stopped.",
+        Arg("name", metavar="NAME", help="an instance (web-0), or a sandbox (web: its first)"),
+        Arg("-f", "--follow", kind="flag", help="keep printing new output"),
+        Arg("--since", help="only output since a time: 10s, 5m, 2h or RFC 3339"),
+        Arg("--tail", type=int, metavar="N", help="only the last N lines"),
+        Arg("-t", "--timestamps", kind="flag", help="prefix each line with its time"),
+    ),
+}
+"""The verbs after ``up``, which is built by hand (its ``--json`` defaults
+to None, not False: on a terminal or not), in the order ``corral --help``
+lists them."""

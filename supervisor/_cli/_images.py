@@ -13,14 +13,16 @@ import argparse
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
 
 from ._common import UsageError, no_verb, run_dir, state_dir, tree_size
 
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
+    from typing import Any
+
     from rootfs import Image, ImageStore
 
-    from ._common import Subparsers
+    from ._parser import Subparsers
 
 __all__ = ["add_parsers"]
 

@@ -3,13 +3,17 @@
 One option per limit key (``--cpu-weight`` is ``cpu_weight``), parsed by
 the key's own parser (:func:`supervisor._runtime._limits.parse_limit`), so
 that a bad value is the same one line everywhere, naming the option.
-Imports nothing at the top but argparse: every CLI start builds the parser.
+Imports nothing at the top (argparse and typing for annotations only):
+``corral update`` shares a module with the control verbs, which run
+without argparse.
 """
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
 
 __all__ = ["add_limit_options", "limit_values", "option_error"]
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
 
 from .._errors import SpecError
 from ._common import UsageError, command_after_dashes, warn_privileged
 from ._limit_options import add_limit_options, limit_values, option_error
 
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
     from types import FrameType
 
-    from ._common import Subparsers
+    from ._parser import Subparsers
 
 __all__ = ["add_parsers"]
 

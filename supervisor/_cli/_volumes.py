@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import TYPE_CHECKING
 
 from .._errors import CorralError, SpecError
 from ._common import no_verb, run_dir, state_dir, tree_size
 
+TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
-    from ._common import Subparsers
+    from ._parser import Subparsers
 
 __all__ = ["add_parsers"]
 

@@ -1,21 +1,30 @@
 """The client side of the control socket: blocking, no trio.
 
 A CLI verb imports only this (and msgpack): trio and the server code cost
-~100 ms of start-up that a one-shot ``corral pause`` should not pay. The
-protocol is described in :mod:`supervisor._control._server` and ``docs/control.md``.
+~100 ms of start-up that a one-shot ``corral pause`` should not pay, and
+so, at a smaller scale, do typing (~4 ms with re) and the socket module
+(~3 ms, see below), which it does not import either. The protocol is
+described in :mod:`supervisor._control._server` and ``docs/control.md``.
 """
 
 from __future__ import annotations
 
+# The C module under `socket`, whose socket type socket.socket only
+# extends (with makefile, dup and enum-typed properties, none used here):
+# importing socket builds its enums from _socket's constants at start-up,
+# ~3 ms with enum's own import, more than a `corral pause` round trip.
+import _socket
 import array
 import os
-import socket
-from collections.abc import Iterator, Sequence
-from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
 from .._errors import CorralError
+
+TYPE_CHECKING = False  # typing's, without importing typing: see supervisor._cli._common
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from typing import Any
 
 __all__ = ["CONTROL_SOCKET", "Client", "ControlError", "call", "received_fds", "result_of"]
 
@@ -34,7 +43,7 @@ class ControlError(CorralError):
 def received_fds(ancdata: list[tuple[int, int, bytes]]) -> Iterator[int]:
     """The descriptors in a ``recvmsg`` result's ancillary data."""
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds = array.array("i")
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
             yield from fds
@@ -49,7 +58,7 @@ class Client:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(path)
         except FileNotFoundError:
@@ -75,7 +84,7 @@ class Client:
         try:
             if fds:
                 sent = self.sock.sendmsg(
-                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    [data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))]
                 )
                 data = data[sent:]
             self.sock.sendall(data)
@@ -96,7 +105,7 @@ class Client:
         """
         try:
             data, ancdata, _, _ = self.sock.recvmsg(
-                65536, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
+                65536, _socket.CMSG_SPACE(4 * 4), _socket.MSG_CMSG_CLOEXEC
             )
         except ConnectionResetError:
             data, ancdata = b"", []

@@ -7,7 +7,8 @@ the supervisor sends back the master of a pseudo-terminal made inside the
 sandbox; our terminal goes raw, bytes are copied both ways, and window-size
 changes (SIGWINCH) are set on the master, which passes them on to the
 process. Signals we get (without ``-t``) are forwarded to the process.
-Single-threaded, one ``poll`` loop; no trio.
+Single-threaded, one ``poll`` loop; no trio. What only ``-t`` needs
+(termios, tty) is imported with ``-t``.
 """
 
 from __future__ import annotations
@@ -17,17 +18,22 @@ import errno
 import fcntl
 import os
 import select
-import signal
 import struct
 import sys
-import termios
-import tty as ttymod
-from collections.abc import Iterator, Sequence
-from typing import Any
 
 from .._errors import CommandNotExecutableError, CommandNotFoundError
 from .._runtime._signals import FORWARDED_SIGNALS
 from ._client import Client, ControlError, result_of
+
+TYPE_CHECKING = False  # typing's, without importing typing: see supervisor._cli._common
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Iterator, Sequence
+    from typing import Any
+else:
+    # signal's functions and numbers without its enums (~2 ms of start-up
+    # with enum's import): see supervisor._runtime._signals.
+    import _signal as signal
 
 __all__ = ["run_exec"]
 
@@ -230,6 +236,9 @@ class _Relay:
     # -- with a terminal --------------------------------------------------------------
 
     def run_tty(self) -> int:
+        import termios
+        import tty as ttymod
+
         sock = self.client.sock.fileno()
         master: int | None = None
         stdin = sys.stdin.fileno()
@@ -327,6 +336,8 @@ def _write_all(fd: int, data: bytes) -> bool:
 
 def _winsize() -> tuple[int, int] | None:
     """Our terminal's rows and columns (None without a terminal)."""
+    import termios
+
     for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
         try:
             size = fcntl.ioctl(fd, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
@@ -338,6 +349,8 @@ def _winsize() -> tuple[int, int] | None:
 
 
 def _copy_winsize(master: int) -> None:
+    import termios
+
     size = _winsize()
     if size is not None:
         with contextlib.suppress(OSError):
