@@ -342,15 +342,14 @@ class BridgeNetwork:
 
     def plug(self, pid: int, sandbox: str, lease: Lease, up: bool = True) -> str:
         """Give the waiting init *pid* its interface (see :func:`_links.plug`)."""
-        # Read by attach: settings never change while a sandbox holds a lease.
-        config = self._config or self.dir.config()
-        if config is None:
-            raise SandboxError(f"network {self.name!r}: its settings are gone")
-        return _links.plug(pid, sandbox, config["bridge"], lease, self.hub.mtu(), up)
+        bridge, mtu = self.port()
+        return _links.plug(pid, sandbox, bridge, lease, mtu, up)
 
     def port(self) -> tuple[str, int]:
-        """The bridge's name and the MTU of its ports, for a veth made by
-        another (CRIU's restore of a namespace it keeps in its images)."""
+        """The bridge's name and the MTU of its ports: for the veths
+        :meth:`plug` makes, and for one CRIU makes (its restore of a
+        namespace it keeps in its images)."""
+        # Read by attach: settings never change while a sandbox holds a lease.
         config = self._config or self.dir.config()
         if config is None:
             raise SandboxError(f"network {self.name!r}: its settings are gone")
