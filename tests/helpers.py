@@ -31,15 +31,22 @@ def run_capture(runtime: Runtime, spec: SandboxSpec) -> tuple[SandboxExit, str, 
         return result, out.read().decode(), err.read().decode()
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll *cond* until it returns something true, or fail after *timeout*."""
+def wait_for(
+    cond: Callable[[], T],
+    timeout: float = 10.0,
+    what: str = "condition",
+    detail: Callable[[], str] | None = None,
+) -> T:
+    """Poll *cond* until it returns something true, or fail after *timeout*;
+    *detail*, if given, says what the failure message adds (a log, say)."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            extra = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(0.01)
 
 

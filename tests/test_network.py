@@ -255,6 +255,7 @@ def test_the_supervisor_runs_bridged_replicas(host: Host, dirs: Dirs, tmp_path: 
                     ),
                     timeout=60,
                     what=f"web-{i} to reach the outside",
+                    detail=lambda log=log: log.read_text() if log.exists() else "(no log)",  # type: ignore[misc]
                 )
                 assert up.poll() is None, up.stderr.read() if up.stderr else ""
             leases = os.listdir(dirs.state / "network" / "corral" / "leases")
@@ -273,6 +274,7 @@ def test_the_supervisor_runs_bridged_replicas(host: Host, dirs: Dirs, tmp_path: 
         finally:
             up.send_signal(signal.SIGTERM)
             _, err = up.communicate(timeout=60)
+            print(err)  # shown with a failure: what the supervisor said
     assert up.returncode == 0, err
     _nothing_left(host, dirs)
 
