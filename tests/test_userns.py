@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,6 +124,72 @@ def test_exec_joins_the_user_namespace(runtime: Runtime) -> None:
         with runtime.exec(sb, ["sh", "-c", "tty"], tty=True) as proc:
             assert proc.pty_master is not None
             assert proc.wait() == 0
+        sb.kill()
+        sb.wait()
+
+
+def _through_pipes(
+    start: Callable[[tuple[int, int, int]], Any],
+) -> tuple[int, str, str]:
+    """Start something (given its stdio) with pipes for stdout and stderr,
+    as the supervisor does; its status and what came out of each."""
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        with open(os.devnull, "rb") as null:
+            waitable = start((null.fileno(), out_w, err_w))
+        os.close(out_w)
+        os.close(err_w)
+        out_w = err_w = -1
+        with os.fdopen(out_r, "rb") as out, os.fdopen(err_r, "rb") as err:
+            out_r = err_r = -1
+            status = waitable()
+            return status, out.read().decode(), err.read().decode()
+    finally:
+        for fd in (out_r, out_w, err_r, err_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+REOPEN = "echo out >/dev/stdout && echo err >/dev/stderr && echo still-out"
+
+
+@requires_root
+@pytest.mark.parametrize("user", [None, "1000:1000"], ids=["root", "user"])
+def test_stdout_pipes_can_be_opened_again_through_dev_stdout(
+    runtime: Runtime, user: str | None
+) -> None:
+    """A program that writes to /dev/stdout opens its pipe again; in a user
+    namespace that pipe must be the sandbox's (as runc makes it), for its
+    root and for the user it runs as; so must an exec's."""
+    spec = SandboxSpec(name="u-pipes", argv=("sh", "-c", REOPEN), security=USERNS, user=user)
+
+    def create(stdio: tuple[int, int, int]) -> Callable[[], int]:
+        sb = runtime.create(spec, stdio=stdio)
+
+        def done() -> int:
+            with sb:
+                return sb.wait().status
+
+        return done
+
+    status, out, err = _through_pipes(create)
+    assert (status, out, err) == (0, "out\nstill-out\n", "err\n")
+
+    long = SandboxSpec(name="u-pipes-exec", argv=("sleep", "600"), security=USERNS)
+    with open(os.devnull, "rb") as null, runtime.create(long, stdio=(null.fileno(),) * 3) as sb:
+
+        def exec_(stdio: tuple[int, int, int]) -> Callable[[], int]:
+            proc = runtime.exec(sb, ["sh", "-c", REOPEN], stdio=stdio, user=user)
+
+            def done() -> int:
+                with proc:
+                    return proc.wait()
+
+            return done
+
+        status, out, err = _through_pipes(exec_)
+        assert (status, out, err) == (0, "out\nstill-out\n", "err\n")
         sb.kill()
         sb.wait()
 

@@ -757,6 +757,7 @@ class Runtime:
             if spec.security.userns:
                 userns = self._userns(spec, sdir, undo)
                 lower, idmap = self._userns_layers(lower, sdir, userns)
+                _give_pipes(stdio, userns[0])
             links = _lower_links(sdir, lower) if not idmap else ""
             cgroup = self._make_cgroup(spec, undo)
             mounts = self._mount_sources(spec, userns)
@@ -1474,6 +1475,12 @@ class Runtime:
                 sysinfo=self._answers_sysinfo(sb.spec),
                 **_privileges(sb.spec, os.path.join(self.state_dir, "seccomp")),
             )
+            if sb.spec.security.userns:
+                try:
+                    base = _id_range_of(sb.pid)[0]
+                except (OSError, CheckpointError):
+                    raise SandboxError(not_running) from None
+                _give_pipes(stdio, base)
             try:
                 spawned = self._spawn_or_reap(cfg, stdio)
             except SpawnFailed as exc:
@@ -1808,6 +1815,7 @@ class Runtime:
                     for d in (os.path.dirname(store), store):
                         os.chmod(d, os.stat(d).st_mode & 0o7777 | 0o111)
                     _share_images(os.path.dirname(images), userns[0])
+                    _give_pipes(stdio, userns[0])
                 except SandboxError as exc:
                     raise CheckpointError(str(exc)) from None
                 lower, idmap = self._userns_layers(lower, sdir, userns)
@@ -2281,6 +2289,12 @@ def _share_images(top: str, base: int) -> None:
             if entry.is_file(follow_symlinks=False):
                 os.chmod(entry.path, 0o644)
     check_reachable(os.path.join(top, "images"), base, "its checkpoint's images")
+
+
+def _give_pipes(stdio: tuple[int, int, int], uid: int) -> None:
+    from ._userns import give_pipes  # only user-namespace sandboxes need it
+
+    give_pipes(stdio, uid)
 
 
 def _id_range_of(pid: int) -> tuple[int, int]:

@@ -54,6 +54,7 @@ __all__ = [
     "RangeInUse",
     "allocate_range",
     "check_reachable",
+    "give_pipes",
     "release_all",
     "shift_owners",
     "shifted_rootfs",
@@ -227,6 +228,28 @@ def _release(path: str, name: str) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def give_pipes(stdio: tuple[int, int, int], uid: int) -> None:
+    """Hand the pipes among *stdio* that the host's root owns to the
+    sandbox's root (host uid and gid *uid*), as runc does with the pipes it
+    makes.
+
+    A program that writes to ``/dev/stdout`` or ``/dev/stderr`` (nginx's
+    logs, ``echo >/dev/stderr`` in a script) opens its descriptor again
+    through ``/proc/self/fd``, which checks the pipe's owner and mode (0600)
+    like a file's: owned by the host's root, who is nobody in the sandbox's
+    user namespace, the open fails with EACCES. Terminals and files are
+    left alone: they are the caller's, not corral's to give away."""
+    for fd in stdio:
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISFIFO(st.st_mode) and st.st_uid == 0:
+                # The group too: the sandbox's root may give the pipe on to
+                # the user it runs its command as only if both are mapped.
+                os.fchown(fd, uid, uid)
+        except OSError as exc:
+            raise SandboxError(f"userns: cannot give the sandbox its stdio pipes: {exc}") from None
 
 
 def check_reachable(path: str, uid: int, what: str = "the sandbox's layers") -> None:

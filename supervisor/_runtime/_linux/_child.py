@@ -938,6 +938,8 @@ def restrict_like_sandbox(
     # too. execve sets the flag again: the new program is the sandbox's.
     sc.set_dumpable(False)
     _prepare_exec(report)
+    if identity is not None and identity.uid != 0:
+        _give_pipes_to(identity.uid)
     os.umask(0o022)
     for resource_, soft, hard in cfg.rlimits or ():
         try:
@@ -960,6 +962,22 @@ def restrict_like_sandbox(
         _trap_sysinfo(report, cfg)
         for program in cfg.seccomp or ():
             sc.load_seccomp(program)
+
+
+def _give_pipes_to(uid: int) -> None:
+    """Make the pipes at 0, 1 and 2 the user's (*uid*), while the
+    capability to is still there: so that it can open them again through
+    ``/dev/stdout`` (runc's ``fixStdioPermissions`` does the same). Only
+    pipes: a terminal or a file is the caller's. A pipe whose owner is not
+    mapped here cannot be given, and is left as it is."""
+    for fd in (0, 1, 2):
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISFIFO(st.st_mode) and st.st_uid != uid:
+                os.fchown(fd, uid, -1)
+        except OSError as exc:
+            if exc.errno not in (errno.EBADF, errno.EINVAL, errno.EPERM):
+                raise _Step("stdio", f"cannot give the user its stdio pipes: {exc}") from exc
 
 
 def _trap_sysinfo(report: socket.socket, cfg: Privileges) -> None:
