@@ -61,8 +61,17 @@ setup: $(VENV)/.installed
 setup-vm: setup
 	$(call apt_install,$(APT_VM) $(APT_TEST))
 
-setup-bench: setup
+# The restart benchmark's peers, supervisord and circus, from PyPI (pinned
+# wheels, in a directory of their own beside the venv: supervisord's
+# package is named `supervisor` too), installed here and never by a run.
+PEER_SITE := $(VENV)/corral-peer-site
+
+setup-bench: setup $(PEER_SITE)/.installed
 	$(call apt_install,$(APT_BENCH))
+
+$(PEER_SITE)/.installed: benchmarks/_restart_peers.py
+	$(PY) benchmarks/_restart_peers.py --install-only --site $(PEER_SITE)
+	touch $@
 
 demo: setup
 	@bash examples/demo.sh

@@ -13,7 +13,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["corral_up"]
+__all__ = ["corral_up", "scratch_dir"]
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new private temporary directory (``mkdtemp``) that a sandbox's root
+    can pass through: 0711. Sandboxes run in a user namespace by default,
+    and their root (an unprivileged host uid) must search the directories
+    above their layers; corral refuses a start it cannot make, and a
+    benchmark waiting for that start would wait for ever."""
+    path = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
+    path.chmod(0o711)
+    return path
 
 
 @contextmanager
@@ -27,7 +38,7 @@ def corral_up(
     temporary directory is used and removed.
     """
     own = scratch is None
-    base = Path(tempfile.mkdtemp(prefix="corral-bench-")) if scratch is None else scratch
+    base = scratch_dir("corral-bench-") if scratch is None else scratch
     base.mkdir(parents=True, exist_ok=True)
     (base / "fleet.toml").write_text(fleet)
     env = {**os.environ, "CORRAL_STATE_DIR": str(base / "state"),

@@ -803,7 +803,18 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, default=DEFAULT_SITE, help="pip --target dir")
     parser.add_argument("--no-install", action="store_true", help="never run pip")
     parser.add_argument("--only", choices=["supervisord", "circus"], action="append")
+    parser.add_argument(
+        "--install-only", action="store_true", help="install the peers, measure nothing"
+    )
     args = parser.parse_args(argv)
+    if args.install_only:  # make setup-bench
+        try:
+            install_peers(args.site)
+        except PeerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"peers: {' '.join(PEER_PACKAGES)} in {args.site}")
+        return 0
 
     scratch = Path(tempfile.mkdtemp(prefix="corral-bench-restart-", dir="/tmp"))
     status = 0

@@ -77,11 +77,12 @@ import select
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _corral import scratch_dir
 
 import supervisor._runtime._sandbox as _rt
 from supervisor._runtime._checkpoint import (
@@ -477,7 +478,7 @@ def main() -> None:
     criu = check_criu()  # raises with CRIU's reason where it does not work
     if rt.cgroups.layout != "v2":
         raise SystemExit("the plain-CRIU restore here is written for cgroup v2 (the default lane)")
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-ckpt-")).resolve()
+    scratch = scratch_dir("corral-bench-ckpt-")
     try:
         hog = build_hog(scratch)
         rootfs = scratch / "rootfs"

@@ -72,13 +72,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from _corral import scratch_dir
 from _peers import (
     PeerError,
     RuncPeer,
@@ -316,7 +316,7 @@ def cli_overhead(runs: int, warmup: int) -> dict[str, list[float]]:
 def run(
     args: argparse.Namespace,
 ) -> tuple[dict[tuple[str, str], list[float]], dict[str, list[float]]]:
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-control-"))
+    scratch = scratch_dir("corral-bench-control-")
     scratch.chmod(0o711)  # a user-namespace sandbox's root mounts its layers below
     # Made here, searchable too: the supervisor would make it 0700, and the
     # sandbox's root could not reach corral's lxcfs, which runs below it.

@@ -39,13 +39,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import trio
 import trio.testing
-from _corral import corral_up
+from _corral import corral_up, scratch_dir
 from _trace import oom_tracepoint, read_victims
 
 import events
@@ -219,7 +218,7 @@ print(time.monotonic())
 
 
 async def socket_throughput(n: int) -> float:
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-sock-"))
+    scratch = scratch_dir("corral-bench-sock-")
     try:
         journal = events.Journal(scratch / "journal")
         bus = events.Bus(journal)

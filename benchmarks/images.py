@@ -65,9 +65,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _corral import scratch_dir
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
@@ -338,7 +339,7 @@ def main() -> int:
         sys.exit("benchmarks/images.py: debootstrap not found (make setup-bench)")
     if shutil.which("umoci") is None:
         sys.exit("benchmarks/images.py: umoci not found (make setup-vm installs it)")
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-images-"))
+    scratch = scratch_dir("corral-bench-images-")
     try:
         state = scratch / "state"
         state.mkdir()

@@ -40,10 +40,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from _corral import scratch_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import LxcPeer, PeerError
@@ -105,7 +106,7 @@ def main() -> None:
     subprocess.run(["ip", "addr", "add", "10.214.0.1/24", "dev", LXC_BRIDGE], check=True)
     subprocess.run(["ip", "link", "set", LXC_BRIDGE, "up"], check=True)
 
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-net-"))
+    scratch = scratch_dir("corral-bench-net-")
     _own_sys_class_net(scratch)
     state, run = scratch / "state", scratch / "run"
     keeper = Keeper()

@@ -33,11 +33,11 @@ import argparse
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import trio
+from _corral import scratch_dir
 
 import events
 from supervisor import Supervisor
@@ -292,7 +292,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("gcc") is None:
         raise SystemExit("gcc is needed for the memory toucher (make setup-bench installs it)")
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-pressure-"))
+    scratch = scratch_dir("corral-bench-pressure-")
     scratch.chmod(0o711)
     binary = scratch / "toucher"
     subprocess.run(

@@ -2,7 +2,8 @@
 
 Usage (as root)::
 
-    .venv/bin/python benchmarks/restart.py [--restarts 200] [--ooms 20]
+    make setup-bench    # installs the peers (supervisord, circus); never done here
+    .venv/bin/python benchmarks/restart.py [--samples 60] [--warmup 5] [--rounds 3] [--ooms 20]
 
 crash loop
     The same static crasher (compiled here from 20 lines of C) under each
@@ -18,9 +19,14 @@ OOM kill to restarted
     from the kernel's ``oom:mark_victim`` timestamp to the ``started`` event
     of the next generation (whose limit is already grown).
 
-No polling anywhere in corral's path: the exit wakes the supervisor through
-the init's pidfd. The last five lines are exactly the ``name: value``
-results.
+Equal work where it can be: every contender gives the same number of
+samples after the same number of dropped warm-up restarts, in rounds that
+alternate between them (each round begins with the next contender), and
+p50/p90/p99 come from those samples; what still differs (a sandbox
+against a plain process, the peers' polling) is printed beside the
+ratios, with each contender's version. No polling anywhere in corral's
+path: the exit wakes the supervisor through the init's pidfd. The last
+five lines are exactly the ``name: value`` results.
 """
 
 from __future__ import annotations
@@ -28,22 +34,24 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import trio
-from _corral import corral_up
+from _corral import corral_up, scratch_dir
 from _restart_peers import (
+    CIRCUS_CHECK_DELAY,
+    DEFAULT_SITE,
     CircusPeer,
+    DaemonPeer,
     SupervisordPeer,
     build_crasher,
-    install_peers,
     percentile_ms,
     read_latencies,
 )
 from _trace import oom_tracepoint, read_victims
 
 import events
+from supervisor import __version__
 
 CRASH_FLEET = """
 [[sandbox]]
@@ -76,13 +84,17 @@ on_oom = {{ grow = 2, max = "128M" }}
 """
 
 
-def corral_crash_loop(crasher: Path, scratch: Path, n: int) -> list[float]:
+def corral_crash_loop(crasher: Path, scratch: Path, n: int, warmup: int) -> list[float]:
+    """*n* crash-to-restart latencies (s) of the crasher as a corral sandbox,
+    after *warmup* restarts that are dropped (as the peers' are)."""
     rootfs = scratch / "crasher-root"
-    rootfs.mkdir()
+    rootfs.mkdir(parents=True)
     shutil.copy2(crasher, rootfs / "crasher")
     with corral_up(CRASH_FLEET.format(rootfs=rootfs), scratch / "crash") as (_, sock, state):
-        for ev in events.iter_events(sock, kinds=["started"], since=1):
-            if ev.generation >= n + 5:
+        for ev in events.iter_events(sock, kinds=["started", "start_failed"], since=1):
+            if isinstance(ev, events.StartFailed):
+                raise SystemExit(f"corral: the crasher's sandbox did not start: {ev.error}")
+            if ev.generation >= warmup + n:
                 break
     logs = state / "logs"
     # The sandbox's output log has one record per line the crasher wrote;
@@ -92,7 +104,7 @@ def corral_crash_loop(crasher: Path, scratch: Path, n: int) -> list[float]:
     plain = scratch / "crash" / "timestamps"
     plain.write_bytes(b"".join(r.content + b"\n" for r in read_records(str(logs / "crash-0.log"))))
     _, latencies = read_latencies(plain)
-    return latencies[5 : 5 + n]  # the first few warm the caches
+    return latencies[warmup : warmup + n]
 
 
 async def _oom_latencies(sock: str, ooms: int) -> list[float]:
@@ -143,34 +155,67 @@ def corral_oom(scratch: Path, ooms: int) -> list[float]:
         return trio.run(_oom_latencies, sock, ooms)
 
 
+DIFFERS = (
+    "corral restarts a sandbox (its namespaces, a cgroup, an overlay root, tini) where"
+    " supervisord and circus restart a plain process; circus polls every"
+    f" {CIRCUS_CHECK_DELAY * 1000:g} ms (check_delay), supervisord wakes from a 1 s poll,"
+    " corral does not poll (the pidfd wakes it)"
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--restarts", type=int, default=200)
-    parser.add_argument("--ooms", type=int, default=20)
     parser.add_argument(
-        "--peer-restarts", type=int, default=30, help="samples per peer (each ~1 s for supervisord)"
+        "--samples", type=int, default=60, help="restarts measured per contender (all the same)"
     )
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="restarts dropped first, per contender and round"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="the contenders take turns this many times"
+    )
+    parser.add_argument("--ooms", type=int, default=20)
     args = parser.parse_args()
+    if args.samples < args.rounds or min(args.samples, args.rounds, args.ooms) < 1:
+        parser.error("--samples must be at least --rounds, and every count positive")
 
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-restart-"))
+    # The peers are installed by `make setup-bench`, never here: a run
+    # measures what is installed, and a missing peer still prints its
+    # metric (nan) with the reason.
+    peers: list[type[DaemonPeer]] = []
+    versions = {"corral": f"corral {__version__}"}
+    for cls in (SupervisordPeer, CircusPeer):
+        ok, why = cls.available(DEFAULT_SITE)
+        if ok:
+            peers.append(cls)
+            versions[cls.kind] = why
+        else:
+            print(f"{cls.kind}: not measured: {why} (make setup-bench installs it)")
+    for text in versions.values():
+        print(f"version: {text}")
+
+    samples: dict[str, list[float]] = {"corral": [], **{c.kind: [] for c in peers}}
+    per_round = [
+        args.samples // args.rounds + (r < args.samples % args.rounds) for r in range(args.rounds)
+    ]
+    scratch = scratch_dir("corral-bench-restart-")
     try:
         crasher = build_crasher(scratch)
-        print(f"corral: {args.restarts} restarts of a crash loop ...", file=sys.stderr)
-        corral = corral_crash_loop(crasher, scratch, args.restarts)
+        contenders: list[str] = list(samples)
+        for r, n in enumerate(per_round):
+            # Each round starts with the next contender: none is always first.
+            turn = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+            for kind in turn:
+                where = scratch / f"{kind}-{r}"
+                print(f"round {r + 1}/{args.rounds}: {kind}, {n} restarts ...", file=sys.stderr)
+                if kind == "corral":
+                    samples[kind] += corral_crash_loop(crasher, where, n, args.warmup)
+                    continue
+                peer_cls = next(c for c in peers if c.kind == kind)
+                with peer_cls(where, crasher, site=DEFAULT_SITE) as peer:
+                    samples[kind] += peer.collect(n, timeout=n * 3 + 30, skip=args.warmup)
         print(f"corral: {args.ooms} OOM kills with the grow reaction ...", file=sys.stderr)
         oom = corral_oom(scratch, args.ooms)
-        site = install_peers()
-        peers: dict[str, list[float]] = {}
-        for cls in (SupervisordPeer, CircusPeer):
-            ok, why = cls.available(site)
-            if not ok:
-                print(f"{cls.__name__}: not available: {why}", file=sys.stderr)
-                continue
-            print(f"{cls.__name__}: {args.peer_restarts} restarts ...", file=sys.stderr)
-            with cls(scratch / cls.__name__, crasher, site=site) as peer:
-                peers[cls.__name__] = peer.collect(
-                    args.peer_restarts, timeout=args.peer_restarts * 3 + 30
-                )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -178,18 +223,23 @@ def main() -> None:
         p50, p90, p99 = (percentile_ms(xs, q) for q in (50, 90, 99))
         return f"{name:16} n={len(xs):<4} p50 {p50:8.2f}  p90 {p90:8.2f}  p99 {p99:8.2f} ms"
 
-    print(line("corral", corral))
-    print(line("corral-oom", oom))
-    for name, xs in peers.items():
-        print(line(name, xs))
-    p50 = percentile_ms(corral, 50)
-    sup = (
-        percentile_ms(peers["SupervisordPeer"], 50) if "SupervisordPeer" in peers else float("nan")
+    print(
+        f"{args.rounds} rounds, {args.warmup} warm-up restarts dropped per contender and round,"
+        f" {args.samples} samples each"
     )
-    cir = percentile_ms(peers["CircusPeer"], 50) if "CircusPeer" in peers else float("nan")
+    for name, xs in samples.items():
+        print(line(name, xs))
+    print(line("corral-oom", oom))
+    p50 = percentile_ms(samples["corral"], 50)
+
+    def peer_p50(kind: str) -> float:
+        return percentile_ms(samples[kind], 50) if samples.get(kind) else float("nan")
+
+    sup, cir = peer_p50(SupervisordPeer.kind), peer_p50(CircusPeer.kind)
     print(f"ratio corral/supervisord: {p50 / sup:.4f}  corral/circus: {p50 / cir:.3f}")
+    print(f"differs: {DIFFERS}")
     print(f"restart_p50_ms: {p50:.2f}")
-    print(f"restart_p99_ms: {percentile_ms(corral, 99):.2f}")
+    print(f"restart_p99_ms: {percentile_ms(samples['corral'], 99):.2f}")
     print(f"oom_restart_p50_ms: {percentile_ms(oom, 50):.2f}")
     print(f"supervisord_p50_ms: {sup:.2f}")
     print(f"circus_p50_ms: {cir:.2f}")

@@ -46,10 +46,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from _corral import scratch_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers import LxcPeer, RuncPeer
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-start-"))
+    scratch = scratch_dir("corral-bench-start-")
     scratch.chmod(0o711)  # a user-namespace sandbox's root mounts its layers below
     state, run = scratch / "state", scratch / "run"
     env = {**os.environ, "CORRAL_STATE_DIR": str(state), "CORRAL_RUN_DIR": str(run)}

@@ -57,13 +57,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+
+from _corral import scratch_dir
 
 import events
 from supervisor._runtime._linux._syscalls import set_child_subreaper
@@ -530,7 +531,7 @@ def main() -> None:
         print(f"open files: soft limit {soft} raised to {nofile} for corral up", file=sys.stderr)
     profile = os.path.abspath(args.profile) if args.profile else None
 
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-takeover-"))
+    scratch = scratch_dir("corral-bench-takeover-")
     ups: list[Up] = []
     ok = False
     try:

@@ -52,7 +52,8 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
+
+from _corral import scratch_dir
 
 from supervisor import Keeper, Limits, Runtime, SandboxSpec
 from supervisor._runtime._mounts import Mount, parse_volume
@@ -122,7 +123,7 @@ def main() -> None:
     if shutil.which("gcc") is None:
         raise SystemExit("gcc is needed for the reader (make setup-bench installs it)")
 
-    scratch = Path(tempfile.mkdtemp(prefix="corral-bench-view-"))
+    scratch = scratch_dir("corral-bench-view-")
     scratch.chmod(0o711)
     state, run, tools = scratch / "state", scratch / "run", scratch / "tools"
     tools.mkdir()
