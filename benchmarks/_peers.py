@@ -72,7 +72,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, NamedTuple, Self
 
 __all__ = [
     "CPU_PERIOD_US",
@@ -82,6 +82,7 @@ __all__ = [
     "PIDS_LIMIT",
     "Availability",
     "LxcPeer",
+    "LxcSecurity",
     "PeerError",
     "RuncPeer",
     "RuncServicePeer",
@@ -741,6 +742,15 @@ class RuncServicePeer(RuncPeer):
 # LXC
 
 
+class LxcSecurity(NamedTuple):
+    """What an LXC peer keeps to do a default sandbox's work: the
+    capabilities (LXC's names: lower case, no ``cap_``), and the system
+    calls its seccomp allow-list lets through."""
+
+    caps: tuple[str, ...]
+    syscalls: tuple[str, ...]
+
+
 class LxcPeer(_Peer):
     """LXC, timed as ``lxc-execute -P LXCPATH -n NAME -- CMD``.
 
@@ -773,15 +783,18 @@ class LxcPeer(_Peer):
         scratch: StrPath,
         command: Sequence[str] = DEFAULT_COMMAND,
         lxc_execute: str = "lxc-execute",
+        security: LxcSecurity | None = None,
     ) -> None:
         """Prepare (but do not create) an LXC peer.
 
         *rootfs* is the container's root directory (never modified),
         *scratch* a directory under which this peer keeps its lxcpath
         (created if needed), *command* the argv run in the container and
-        *lxc_execute* the ``lxc-execute`` binary.
+        *lxc_execute* the ``lxc-execute`` binary; *security*, if given,
+        what a sandbox gets by default, for LXC to do the same work.
         """
         super().__init__(rootfs, scratch, command)
+        self.security: LxcSecurity | None = security
         self.lxc_execute: str = lxc_execute
         #: The private lxcpath (``-P``).
         self.lxcpath: Path = self.workdir / "lxcpath"
@@ -858,7 +871,26 @@ class LxcPeer(_Peer):
             "lxc.mount.auto = proc:mixed sys:ro",
             *self._limit_lines(),
         ]
+        if self.security is not None:
+            lines += [
+                f"lxc.cap.keep = {' '.join(self.security.caps)}",
+                "lxc.no_new_privs = 1",
+                f"lxc.seccomp.profile = {self.seccomp_path}",
+                # An empty network's loopback, up (LXC brings lo up with the flag).
+                "lxc.net.0.flags = up",
+            ]
         return "\n".join(lines) + "\n"
+
+    @property
+    def seccomp_path(self) -> Path:
+        """Where :meth:`setup` writes the LXC seccomp policy (with *security*)."""
+        return self.workdir / "seccomp"
+
+    def seccomp_text(self) -> str:
+        """The policy: LXC's format 2, an allow-list whose other calls fail
+        with EPERM, as corral's default filter does."""
+        assert self.security is not None
+        return "2\nallowlist errno 1\n" + "".join(f"{n}\n" for n in self.security.syscalls)
 
     def _pivot_dirs(self) -> set[Path]:
         return set(_CGROUP_ROOT.glob("lxc.pivot")) | set(_CGROUP_ROOT.glob("*/lxc.pivot"))
@@ -872,6 +904,8 @@ class LxcPeer(_Peer):
         container.mkdir(parents=True, exist_ok=False)
         self._ready = True
         self._pivots_before = self._pivot_dirs()
+        if self.security is not None:
+            self.seccomp_path.write_text(self.seccomp_text())
         (container / "config").write_text(self.config_text())
 
     def run_once(self) -> float:

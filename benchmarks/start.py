@@ -53,7 +53,7 @@ from pathlib import Path
 from _corral import scratch_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import LxcPeer, RuncPeer
+from _peers import LxcPeer, LxcSecurity, RuncPeer
 
 from supervisor import Keeper, Limits, Runtime, SandboxSpec
 from supervisor._runtime._linux._devices import load_device_program
@@ -72,7 +72,6 @@ def main() -> None:
     args = parser.parse_args()
 
     scratch = scratch_dir("corral-bench-start-")
-    scratch.chmod(0o711)  # a user-namespace sandbox's root mounts its layers below
     state, run = scratch / "state", scratch / "run"
     env = {**os.environ, "CORRAL_STATE_DIR": str(state), "CORRAL_RUN_DIR": str(run)}
     keeper = Keeper()
@@ -124,6 +123,13 @@ def main() -> None:
             lxc.setup()
             peers.append(lxc)
             contenders["lxc"] = lxc.run_once
+            # The same again with a default sandbox's confinement: its
+            # capabilities, no_new_privs, an allow-list of the same calls,
+            # loopback up.
+            equal = LxcPeer(rootfs, scratch / "lxc-equal", security=lxc_security())
+            equal.setup()
+            peers.append(equal)
+            contenders["lxc-equal"] = equal.run_once
         else:
             print("lxc: not installed or not working here; skipped", file=sys.stderr)
 
@@ -143,20 +149,49 @@ def main() -> None:
             runtime.lxcfs.stop(force=True)  # corral's lxcfs outlives its starter otherwise
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"{'contender':12} {'median ms':>10} {'p90 ms':>8} {'min ms':>8}   (n={args.runs})")
+    print(f"{'contender':14} {'median ms':>10} {'p90 ms':>8} {'min ms':>8}   (n={args.runs})")
     med = {}
     for name, xs in samples.items():
         xs.sort()
         med[name] = statistics.median(xs)
         p90 = xs[min(len(xs) - 1, int(0.9 * len(xs)))]
-        print(f"{name:12} {med[name] * 1e3:10.2f} {p90 * 1e3:8.2f} {xs[0] * 1e3:8.2f}")
+        print(f"{name:14} {med[name] * 1e3:10.2f} {p90 * 1e3:8.2f} {xs[0] * 1e3:8.2f}")
     print(devices)
     print(seccomp)
     if "lxc" in med:
+        print(
+            "differs: lxc runs with LXC's defaults here (no capability dropped, no seccomp,"
+            f" loopback down); lxc-equal as corral's default sandbox, but {LXC_EQUAL_DIFFERS}"
+        )
         print(f"lib_ratio_vs_lxc: {med['corral-lib'] / med['lxc']:.2f}")
+        print(f"lib_ratio_vs_lxc_equal: {med['corral-lib'] / med['lxc-equal']:.2f}")
     print(f"userns_cost_vs_root_mapped: {med['corral-userns'] / med['corral-lib']:.2f}")
     print(f"start_ratio_vs_runc: {med['corral-lib'] / med['runc']:.2f}")
     print(f"cli_ratio_vs_runc: {med['corral-cli'] / med['runc']:.2f}")
+
+
+LXC_EQUAL_DIFFERS = (
+    "its allow-list lets clone and personality through without corral's argument checks"
+    " (and refuses clone3 with EPERM, corral with ENOSYS), its root is read-only where"
+    " corral's has a writable overlay layer, and /proc is LXC's proc:mixed, not corral's"
+    " masks; corral-lib is root-mapped, as LXC's container is"
+)
+
+
+def lxc_security() -> LxcSecurity:
+    """A default sandbox's capabilities and allowed system calls, as LXC names them."""
+    from supervisor._runtime._seccomp import _ALLOWED_FROM_KERNEL, _ALLOWED_WITH, DEFAULT_ALLOWED
+    from supervisor._runtime._security import CAPABILITIES, DEFAULT_CAPABILITIES
+
+    caps = tuple(sorted(n.lower() for n in DEFAULT_CAPABILITIES))
+    syscalls = set(DEFAULT_ALLOWED) | {"arch_prctl", "modify_ldt", "clone", "personality"}
+    for cap, names in _ALLOWED_WITH.items():
+        if cap in DEFAULT_CAPABILITIES:
+            syscalls |= set(names)
+    for _, names in _ALLOWED_FROM_KERNEL:
+        syscalls |= set(names)
+    assert all(n in CAPABILITIES for n in DEFAULT_CAPABILITIES)
+    return LxcSecurity(caps, tuple(sorted(syscalls)))
 
 
 def device_policy_cost(runtime: Runtime, runs: int) -> str:
