@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -57,13 +58,14 @@ CRASH_FLEET = """
 [[sandbox]]
 name = "crash"
 rootfs = "{rootfs}"
-command = ["/crasher", "/dev/stdout"]
+command = ["/crasher", "/dev/stdout", "{linger_us}"]
 
 [sandbox.plugins.restart]
 policy = "always"
 delay = 0
 jitter = 0
 intensity = 1000000
+standby = {standby}
 """
 
 OOM_FLEET = """
@@ -84,13 +86,20 @@ on_oom = {{ grow = 2, max = "128M" }}
 """
 
 
-def corral_crash_loop(crasher: Path, scratch: Path, n: int, warmup: int) -> list[float]:
+def corral_crash_loop(
+    crasher: Path, scratch: Path, n: int, warmup: int, linger_us: int = 0, standby: bool = False
+) -> list[float]:
     """*n* crash-to-restart latencies (s) of the crasher as a corral sandbox,
-    after *warmup* restarts that are dropped (as the peers' are)."""
+    after *warmup* restarts that are dropped (as the peers' are); each run
+    of the crasher lives *linger_us*; with *standby* the restart plugin
+    keeps the next generation made up to its exec."""
     rootfs = scratch / "crasher-root"
     rootfs.mkdir(parents=True)
     shutil.copy2(crasher, rootfs / "crasher")
-    with corral_up(CRASH_FLEET.format(rootfs=rootfs), scratch / "crash") as (_, sock, state):
+    fleet = CRASH_FLEET.format(
+        rootfs=rootfs, linger_us=linger_us, standby="true" if standby else "false"
+    )
+    with corral_up(fleet, scratch / "crash") as (_, sock, state):
         for ev in events.iter_events(sock, kinds=["started", "start_failed"], since=1):
             if isinstance(ev, events.StartFailed):
                 raise SystemExit(f"corral: the crasher's sandbox did not start: {ev.error}")
@@ -105,6 +114,40 @@ def corral_crash_loop(crasher: Path, scratch: Path, n: int, warmup: int) -> list
     plain.write_bytes(b"".join(r.content + b"\n" for r in read_records(str(logs / "crash-0.log"))))
     _, latencies = read_latencies(plain)
     return latencies[warmup : warmup + n]
+
+
+STANDBY_FLEET = """
+[[sandbox]]
+name = "idle"
+command = ["sleep", "1000000"]
+
+[sandbox.plugins.restart]
+policy = "always"
+standby = true
+"""
+
+
+def standby_memory(scratch: Path) -> int:
+    """Bytes the cgroup of a standby (``idle-0.1``) is charged while it waits."""
+    from supervisor._runtime._linux._cgroups import open_cgroups
+
+    with corral_up(STANDBY_FLEET, scratch) as (_, sock, _state):
+        for _ in events.iter_events(sock, kinds=["started"], since=1):
+            break
+        cgroups = open_cgroups()
+        deadline = time.monotonic() + 30
+        while True:
+            found = cgroups.existing("corral-idle-0.1")
+            cg = found.get("corral-idle-0.1")
+            # Waiting: its init alone, and no longer growing.
+            if cg is not None and len(cg.pids()) == 1:
+                first = cg.stats().memory_current
+                time.sleep(0.2)
+                if cg.stats().memory_current == first:
+                    return first
+            if time.monotonic() > deadline:
+                raise SystemExit("corral: the standby was not made within 30 s")
+            time.sleep(0.05)
 
 
 async def _oom_latencies(sock: str, ooms: int) -> list[float]:
@@ -174,8 +217,15 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="the contenders take turns this many times"
     )
+    parser.add_argument(
+        "--linger-ms",
+        type=float,
+        default=50.0,
+        help="how long each run of the crasher lives, under every contender",
+    )
     parser.add_argument("--ooms", type=int, default=20)
     args = parser.parse_args()
+    linger_us = round(args.linger_ms * 1000)
     if args.samples < args.rounds or min(args.samples, args.rounds, args.ooms) < 1:
         parser.error("--samples must be at least --rounds, and every count positive")
 
@@ -194,7 +244,11 @@ def main() -> None:
     for text in versions.values():
         print(f"version: {text}")
 
-    samples: dict[str, list[float]] = {"corral": [], **{c.kind: [] for c in peers}}
+    samples: dict[str, list[float]] = {
+        "corral": [],
+        "corral-standby": [],
+        **{c.kind: [] for c in peers},
+    }
     per_round = [
         args.samples // args.rounds + (r < args.samples % args.rounds) for r in range(args.rounds)
     ]
@@ -208,12 +262,16 @@ def main() -> None:
             for kind in turn:
                 where = scratch / f"{kind}-{r}"
                 print(f"round {r + 1}/{args.rounds}: {kind}, {n} restarts ...", file=sys.stderr)
-                if kind == "corral":
-                    samples[kind] += corral_crash_loop(crasher, where, n, args.warmup)
+                if kind.startswith("corral"):
+                    samples[kind] += corral_crash_loop(
+                        crasher, where, n, args.warmup, linger_us, standby=kind == "corral-standby"
+                    )
                     continue
                 peer_cls = next(c for c in peers if c.kind == kind)
-                with peer_cls(where, crasher, site=DEFAULT_SITE) as peer:
+                with peer_cls(where, crasher, site=DEFAULT_SITE, linger_us=linger_us) as peer:
                     samples[kind] += peer.collect(n, timeout=n * 3 + 30, skip=args.warmup)
+        print("corral: what a standby costs ...", file=sys.stderr)
+        standby_cost = standby_memory(scratch / "standby-memory")
         print(f"corral: {args.ooms} OOM kills with the grow reaction ...", file=sys.stderr)
         oom = corral_oom(scratch, args.ooms)
     finally:
@@ -225,7 +283,7 @@ def main() -> None:
 
     print(
         f"{args.rounds} rounds, {args.warmup} warm-up restarts dropped per contender and round,"
-        f" {args.samples} samples each"
+        f" {args.samples} samples each; the crasher lives {args.linger_ms:g} ms each run"
     )
     for name, xs in samples.items():
         print(line(name, xs))
@@ -236,11 +294,18 @@ def main() -> None:
         return percentile_ms(samples[kind], 50) if samples.get(kind) else float("nan")
 
     sup, cir = peer_p50(SupervisordPeer.kind), peer_p50(CircusPeer.kind)
+    standby_p50 = percentile_ms(samples["corral-standby"], 50)
     print(f"ratio corral/supervisord: {p50 / sup:.4f}  corral/circus: {p50 / cir:.3f}")
+    print(f"ratio corral-standby/circus: {standby_p50 / cir:.3f}")
     print(f"differs: {DIFFERS}")
+    print(
+        f"a standby's memory (its cgroup, waiting): {standby_cost / 2**20:.2f} MiB;"
+        " it also holds a thread, its pipes and an id range until it runs"
+    )
     print(f"restart_p50_ms: {p50:.2f}")
     print(f"restart_p99_ms: {percentile_ms(samples['corral'], 99):.2f}")
     print(f"oom_restart_p50_ms: {percentile_ms(oom, 50):.2f}")
+    print(f"standby_restart_p50_ms: {standby_p50:.2f}")
     print(f"supervisord_p50_ms: {sup:.2f}")
     print(f"circus_p50_ms: {cir:.2f}")
 

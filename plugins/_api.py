@@ -194,6 +194,17 @@ class Handle(Protocol):
         """
         ...
 
+    def keep_standby(self, name: str) -> bool:
+        """Have a running instance's next generation made now, up to the
+        exec of its command (namespaces, cgroup, root, network), so that
+        a restart is only that exec. Ask again after each start: a
+        standby serves one restart. Returns False if the instance is not
+        running or is stopping. A standby whose spec no longer matches
+        the next generation's (its limits changed) is dropped and the
+        generation starts afresh; so is one when a restore comes first.
+        """
+        ...
+
     async def checkpoint(
         self, name: str, *, tag: str | None = None, leave_running: bool = True
     ) -> CheckpointView:

@@ -24,6 +24,11 @@ key                       meaning                                     default
                           checkpoint (docs/checkpoint.md), with the
                           grown limit after an OOM kill; a fresh
                           start if there is none or it fails
+``standby``               keep the next generation made up to its     ``false``
+                          exec while the current one runs (its
+                          namespaces, cgroup, root, network), so a
+                          restart is only an exec; not with
+                          ``from_checkpoint`` or ``policy = "no"``
 ``on_pressure``           before an OOM kill: ``{ grow = 1.25,         none
                           max = "1G" }`` grows the memory limit of a
                           running instance live, times ``grow`` up
@@ -76,7 +81,7 @@ Mode = Literal["no", "on-failure", "always", "unless-stopped"]
 _POLICY_RE = re.compile(r"^(no|always|unless-stopped|on-failure)(?::(\d+))?$")
 _KEYS = {
     "policy", "delay", "factor", "max_delay", "jitter", "reset_after", "intensity", "period",
-    "on_oom", "from_checkpoint", "on_pressure",
+    "on_oom", "from_checkpoint", "on_pressure", "standby",
 }  # fmt: skip
 
 
@@ -118,6 +123,8 @@ class RestartPolicy:
     """Restart by restoring the latest checkpoint (fresh if there is none)."""
     on_pressure: PressureGrow | None = None
     """Grow the memory limit live under pressure, before an OOM kill."""
+    standby: bool = False
+    """Keep the next generation made up to its exec (a restart is an exec)."""
 
 
 def parse_policy(settings: Mapping[str, Any]) -> RestartPolicy:
@@ -158,7 +165,18 @@ def parse_policy(settings: Mapping[str, Any]) -> RestartPolicy:
                 "from_checkpoint", f"expected true or false, got {settings['from_checkpoint']!r}"
             )
         kw["from_checkpoint"] = settings["from_checkpoint"]
-    return RestartPolicy(**kw)
+    if "standby" in settings:
+        if not isinstance(settings["standby"], bool):
+            raise SettingsError("standby", f"expected true or false, got {settings['standby']!r}")
+        kw["standby"] = settings["standby"]
+    policy = RestartPolicy(**kw)
+    if policy.standby and policy.from_checkpoint:
+        raise SettingsError(
+            "standby", "not with from_checkpoint (a restore does not start from a standby)"
+        )
+    if policy.standby and policy.mode == "no":
+        raise SettingsError("standby", 'nothing to stand by for with policy = "no"')
+    return policy
 
 
 def _on_oom(value: object) -> Literal["restart", "stop"] | OomGrow:
@@ -333,6 +351,16 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
             # that would not take it): the next pressure event tries again.
             _log.warning("on_pressure: not grown", sandbox=ev.sandbox, error=str(exc))
 
+    def standby(ev: events.Event) -> None:
+        """A generation started: have the next one made, if asked for."""
+        try:
+            wanted = policy_for(ev.sandbox).standby
+        except SettingsError:
+            return  # a bad table: its exit says so (and fails the plugin) once
+        inst = handle.instance(ev.sandbox)
+        if wanted and inst is not None and inst.generation == ev.generation:
+            handle.keep_standby(ev.sandbox)
+
     async def handle_event(nursery: trio.Nursery, ev: events.Event) -> None:
         if isinstance(ev, events.MemoryPressure | events.Oom):
             await relieve(ev)
@@ -340,6 +368,7 @@ async def plugin(handle: Handle, config: Mapping[str, Any]) -> None:
         history = histories.setdefault(ev.sandbox, InstanceHistory())
         if isinstance(ev, events.Started):
             history.started_at = trio.current_time() - max(0.0, _age(ev))
+            standby(ev)
             await relieve(ev)
             return
         if not isinstance(ev, events.Exited):

@@ -118,6 +118,12 @@ class FakeHandle:
         inst.state = "running"
         return True
 
+    def keep_standby(self, name: str) -> bool:
+        """Record a standby request; True for a running instance."""
+        self.calls.append(("standby", name))
+        inst = self.instances_.get(name)
+        return inst is not None and not inst.stop_requested and inst.state == "running"
+
     def stop(self, name: str, grace: float | None = None) -> None:
         """Record a stop."""
         self.calls.append(("stop", name, grace))

@@ -124,6 +124,8 @@ class Instance:
     _task_alive: bool = False
     _adopted: Any = None
     """What a previous supervisor left of it (an ``_adopt.Found``), to take back first."""
+    _standby: Any = None
+    """Its next generation, made up to the exec (a ``_standby.Standby``), if asked for."""
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -201,25 +203,33 @@ class Instance:
         self.busy = None
         self._idle.set()
 
-    def spec(self) -> SandboxSpec:
-        """The runtime spec of the current generation.
+    def spec(self, generation: int | None = None) -> SandboxSpec:
+        """The runtime spec of the current generation (or of *generation*).
 
         The runtime name carries the generation, so a restart never waits
         for the previous generation's cgroup and layer to be removed.
         """
         base = self.config.spec(self.index)
         limits = self.limits
+        generation = self.generation if generation is None else generation
         # _replace: base was validated whole, and so is what replaces its parts.
         return base._replace(
-            name=validate_name(f"{self.name}.{self.generation}"),
+            name=validate_name(f"{self.name}.{generation}"),
             hostname=self.config.hostname or _hostname(self.name),
             limits=limits,
         )
+
+    def drop_standby(self) -> None:
+        """Call its standby off, if it has one (its task undoes it)."""
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            standby.decide(False)
 
     def request_stop(self, reason: str | None = None) -> None:
         """Stop it for good (until started again)."""
         if reason is not None and not self._stop.is_set():
             self.stop_reason = reason
+        self.drop_standby()
         self._stop.set()
         self._halt.set()
         self._wake.set()

@@ -20,6 +20,7 @@ __all__ = [
     "DISK_THREADS",
     "LIFECYCLE_THREADS",
     "SIGNAL_THREADS",
+    "STANDBY_THREADS",
     "Limiters",
 ]
 
@@ -32,6 +33,10 @@ so that a few at a time is all the host can do well anyway."""
 SIGNAL_THREADS = 16
 """Signals to sandboxes: a system call, after a bounded wait for a newly
 started init to be ready for the signal."""
+STANDBY_THREADS = 256
+"""Standby generations being made or waiting for their exec (each holds a
+thread while it waits: :mod:`._standby`); more wait for a thread, and a
+restart meanwhile starts afresh."""
 DISK_THREADS = 8
 """Reading and removing files: checkpoint lists and deletions, the journal
 for replays to socket clients, fleet files, cgroup counters."""
@@ -49,6 +54,8 @@ class Limiters:
     """Signals to sandboxes (kill, the SIGTERM of a stop)."""
     disk: trio.CapacityLimiter
     """Reading and removing files."""
+    standby: trio.CapacityLimiter
+    """Standby generations, made and then waiting for their exec."""
 
     @classmethod
     def default(cls) -> Limiters:
@@ -58,4 +65,5 @@ class Limiters:
             checkpoint=trio.CapacityLimiter(CHECKPOINT_THREADS),
             signals=trio.CapacityLimiter(SIGNAL_THREADS),
             disk=trio.CapacityLimiter(DISK_THREADS),
+            standby=trio.CapacityLimiter(STANDBY_THREADS),
         )

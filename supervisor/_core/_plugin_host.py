@@ -192,6 +192,7 @@ class PluginHost(Protocol):
     def publish(self, event: events.Event) -> events.Event: ...
     def instance(self, name: str) -> Instance | None: ...
     def restart(self, name: str, *, from_checkpoint: bool = False) -> bool: ...
+    def keep_standby(self, name: str) -> bool: ...
     async def checkpoint(
         self, name: str, *, tag: str | None = None, leave_running: bool = False
     ) -> CheckpointInfo: ...
@@ -327,6 +328,10 @@ class PluginHandle:
     def restart(self, name: str, *, from_checkpoint: bool = False) -> bool:
         """Start the next generation of an exited instance."""
         return self._sup.restart(name, from_checkpoint=from_checkpoint)
+
+    def keep_standby(self, name: str) -> bool:
+        """Have a running instance's next generation made up to its exec."""
+        return self._sup.keep_standby(name)
 
     async def checkpoint(
         self, name: str, *, tag: str | None = None, leave_running: bool = True

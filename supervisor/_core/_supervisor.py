@@ -49,7 +49,7 @@ from .._runtime._dirs import DEFAULT_RUN_DIR
 from .._runtime._linux._cgroups import OomWatch
 from .._runtime._linux._spawn import Keeper, KeeperError
 from .._runtime._net._model import DEFAULT_NETWORK
-from .._runtime._sandbox import ExecProcess, Runtime, Sandbox
+from .._runtime._sandbox import ExecProcess, Runtime, Sandbox, StandbyCancelled
 from .._runtime._spec import SandboxSpec
 from .._version import __version__
 from ._additions import Addition, load_additions, save_additions
@@ -80,6 +80,7 @@ from ._plugin_host import (
 )
 from ._pressure import PressureReports, watch_pressure
 from ._restore import Checkpoints
+from ._standby import Standby
 from ._supervisor_log import say
 from ._updates import Updates
 from ._verbs import Verbs
@@ -179,6 +180,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
         self._stop_reason = "requested"
         self._outputs: dict[str, OutputWriter] = {}
         self._janitor: trio.Nursery | None = None
+        self._standby_said: dict[str, str] = {}
         self._fleet_nursery: trio.Nursery | None = None
         self._exec_ids = 0
         self._additions: list[Addition] = []
@@ -769,6 +771,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
             if inst.state in ("exited", "failed", "pending"):
                 inst.set_state("stopped")
         finally:
+            inst.drop_standby()
             inst._task_alive = False
             inst._cycle = False
             inst._up.set()
@@ -790,6 +793,9 @@ class Supervisor(Verbs, Checkpoints, Updates):
             return
         inst.set_state("starting")
         created = self.publish(Created(**ident))
+        standby, inst._standby = inst._standby, None
+        if standby is not None and await self._run_standby(inst, standby, ident, created.seq):
+            return
         # stdout and stderr go through pipes to the instance's log writer:
         # each line is stamped and tagged, whole, and the file is rotated.
         try:
@@ -885,6 +891,132 @@ class Supervisor(Verbs, Checkpoints, Updates):
         inst.oom_kills_reported = inst.oom_events_seen = 0
         self._start_pumps((out_r, err_r), writer)
         await self._watch_generation(inst, sb, ident)
+
+    # -- standby generations (._standby) ---------------------------------------------
+
+    def keep_standby(self, name: str) -> bool:
+        """Have instance *name*'s next generation made up to its exec while
+        the current one runs (the restart plugin's ``standby``); False if
+        it is not running, or is stopping. Asking again for the same
+        generation does nothing."""
+        inst = self._by_name.get(name)
+        if (
+            inst is None
+            or inst.stop_requested
+            or inst.state != "running"
+            or self._stopping.is_set()
+            or self._janitor is None
+        ):
+            return False
+        upcoming = inst.generation + 1
+        if inst._standby is not None:
+            if inst._standby.generation == upcoming:
+                return True
+            inst.drop_standby()  # one for a generation that has passed
+        labels = {"instance": inst.name, "index": inst.index, "generation": upcoming}
+        standby = Standby(upcoming, inst.spec(upcoming), labels)
+        inst._standby = standby
+        self._janitor.start_soon(self._make_standby, standby)
+        return True
+
+    async def _make_standby(self, standby: Standby) -> None:
+        """Make *standby* and wait for its decision (see :mod:`._standby`)."""
+        assert self.runtime is not None and self.keeper is not None
+        runtime, keeper = self.runtime, self.keeper
+        try:
+            out_r, out_w, err_r, err_w, null = _open_stdio()
+        except OSError as exc:
+            standby.error = SandboxError(f"cannot make its output pipes: {os_failure(exc)}")
+            standby.done.set()
+            return
+        held = ""
+        try:
+            spec = await self._prepare_rootfs(standby.spec)
+            held = spec.name
+            await trio.to_thread.run_sync(
+                keeper.hold, held, out_r, err_r, limiter=self.limiters.lifecycle
+            )
+            # Shielded: the create is undone only through its gate, which
+            # every way out of the instance (a stop, the supervisor's end)
+            # decides.
+            with trio.CancelScope(shield=True):
+                sb = await trio.to_thread.run_sync(
+                    lambda: runtime.create(
+                        spec,
+                        stdio=(null, out_w, err_w),
+                        stdin_devnull=True,
+                        labels=standby.labels,
+                        gate=standby.gate,
+                    ),
+                    limiter=self.limiters.standby,
+                )
+        except (CorralError, OSError) as exc:
+            standby.decide(False)  # a failure before the gate: nobody waits for it
+            os.close(out_r)
+            os.close(err_r)
+            if held:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(
+                        keeper.release, held, limiter=self.limiters.lifecycle
+                    )
+            standby.error = exc if isinstance(exc, CorralError) else SandboxError(os_failure(exc))
+            name = str(standby.labels["instance"])
+            if not isinstance(exc, StandbyCancelled) and self._standby_said.get(name) != str(exc):
+                # Its restarts start afresh; said once per reason, not per restart.
+                self._standby_said[name] = str(exc)
+                say(f"corral: {name}: no standby, its restarts start afresh: {standby.error}")
+        else:
+            standby.sandbox, standby.pipes = sb, (out_r, err_r)
+        finally:
+            for fd in (null, out_w, err_w):
+                os.close(fd)
+            standby.done.set()
+
+    async def _run_standby(
+        self, inst: Instance, standby: Standby, ident: Ident, created_seq: int
+    ) -> bool:
+        """Run this generation from *standby*, to its end; False (having
+        called it off) if it cannot be: made for another generation or
+        another spec, a restore pending, or it failed; the generation then
+        starts afresh."""
+        usable = (
+            standby.generation == inst.generation
+            and standby.spec == inst.spec()
+            and inst._pending_restore is None
+            and not standby.decided
+        )
+        if not usable:
+            standby.decide(False)
+            # Undone before the fresh start, which takes the same name.
+            with trio.CancelScope(shield=True):
+                await standby.done.wait()
+            return False
+        assert self.runtime is not None
+        standby.labels["created_seq"] = created_seq
+        state_dir, name, generation = self.runtime.state_dir, inst.name, inst.generation
+        try:
+            # Written before the go, as a fresh start writes it before its create.
+            await trio.to_thread.run_sync(
+                note_generation, state_dir, name, generation, limiter=self.limiters.lifecycle
+            )
+        except OSError:
+            standby.decide(False)
+            with trio.CancelScope(shield=True):
+                await standby.done.wait()
+            return False  # the fresh start says why, in its own words
+        standby.decide(True)
+        with trio.CancelScope(shield=True):  # as a fresh create is: it takes milliseconds
+            await standby.done.wait()
+        sb = standby.sandbox
+        if sb is None or standby.pipes is None:
+            return False  # its view went stale, or it failed: a fresh start
+        inst.sandbox = sb
+        inst.set_state("running")
+        inst.started_at = time.time()
+        inst.oom_kills_reported = inst.oom_events_seen = 0
+        self._start_pumps(standby.pipes, self._output_writer(inst))
+        await self._watch_generation(inst, sb, ident)
+        return True
 
     async def _take_back_generation(self, inst: Instance, f: Found) -> None:
         """Watch a generation a predecessor left: adopted if it runs, its

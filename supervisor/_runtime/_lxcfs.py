@@ -150,6 +150,11 @@ class Lxcfs:
         self._lock = threading.Lock()
         self._pid = 0
         self._pidfd = -1
+        # Counts the lxcfs processes this object has known (started or
+        # taken over): a view made under one is stale under the next.
+        self._incarnation = 0
+        # The shared lock a thread holds in held(), for held_off().
+        self._holding = threading.local()
         self._failed_at: float | None = None
         self._failure = ""
 
@@ -187,6 +192,7 @@ class Lxcfs:
             self._note("dir", f"cannot use {self.dir}: {exc.strerror}")
             yield None
             return
+        self._holding.fd = lock
         try:
             fcntl.flock(lock, fcntl.LOCK_SH)
             if not self._known_alive():
@@ -200,7 +206,27 @@ class Lxcfs:
                     return
             yield self.mountpoint
         finally:
+            self._holding.fd = -1
             os.close(lock)
+
+    @contextlib.contextmanager
+    def held_off(self) -> Iterator[Callable[[], bool]]:
+        """Within :meth:`held`, on its thread: let go of the hold for a
+        while (a standby waiting to be started, which must not keep an
+        lxcfs that died from being replaced), and take it back after.
+        Yields a check for after the block: True if the lxcfs the view was
+        made from still serves it (else the view is stale: start afresh)."""
+        lock = getattr(self._holding, "fd", -1)
+        if lock < 0:
+            yield lambda: True  # no view of ours: nothing to let go of
+            return
+        with self._lock:
+            before = self._incarnation
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            yield lambda: self._incarnation == before and self._known_alive()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_SH)
 
     def _external(self) -> str | None:
         """Someone else's lxcfs, if its mount answers."""
@@ -296,6 +322,7 @@ class Lxcfs:
             os.close(pidfd)
             return False
         self._pid, self._pidfd = pid, pidfd
+        self._incarnation += 1
         return True
 
     def _mounted(self) -> bool:
@@ -387,6 +414,7 @@ class Lxcfs:
             _unmount_all(self.mountpoint)
             raise
         self._pid, self._pidfd = pid, pidfd
+        self._incarnation += 1
 
     def _wait_mounted(self, pid: int, pidfd: int, log: str) -> None:
         """Wait until lxcfs has mounted itself: woken by the kernel when the

@@ -118,6 +118,7 @@ __all__ = [
     "Runtime",
     "Sandbox",
     "SandboxExit",
+    "StandbyCancelled",
     "find_init_binary",
 ]
 
@@ -720,6 +721,7 @@ class Runtime:
         stdio: tuple[int, int, int] = (0, 1, 2),
         stdin_devnull: bool = False,
         labels: Mapping[str, Any] | None = None,
+        gate: Callable[[], bool] | None = None,
     ) -> Sandbox:
         """Create and start a sandbox; return once its command has been exec'd.
 
@@ -730,9 +732,16 @@ class Runtime:
         instead of ``stdio[0]`` (a sandbox that may be checkpointed must not
         hold a host file). *labels* (plain data) are kept in its record, for
         whoever takes it back (:meth:`adopt`).
+
+        *gate* makes a standby: it is called (blocking, in this thread)
+        once everything but the exec is made (namespaces, cgroup, root,
+        network) and the init waits; True execs the command at once,
+        False calls the start off: :class:`StandbyCancelled`, nothing
+        left. So is a standby whose view of lxcfs went stale meanwhile
+        (lxcfs was replaced while it waited).
         """
         try:
-            return self._create(spec, stdio, stdin_devnull, labels)
+            return self._create(spec, stdio, stdin_devnull, labels, gate)
         except OSError as exc:
             # Every step undid itself on the way out; only the message is left.
             raise SandboxError(f"sandbox {spec.name!r}: {os_failure(exc)}") from exc
@@ -743,6 +752,7 @@ class Runtime:
         stdio: tuple[int, int, int],
         stdin_devnull: bool,
         labels: Mapping[str, Any] | None,
+        gate: Callable[[], bool] | None = None,
     ) -> Sandbox:
         lower, defaults, image = self._resolve(spec.rootfs)
         sdir = os.path.join(self.state_dir, "sandboxes", spec.name)
@@ -766,6 +776,8 @@ class Runtime:
             # (a restore of its checkpoint takes the address over then).
             undo.callback(_unlink, record)
             on_pid, net, join = self._network(spec, sdir, mounts, undo)
+            if gate is not None:
+                on_pid = self._gated(on_pid, gate)
             cfg = LaunchConfig(
                 argv=list(spec.argv),
                 env=_environment(spec, defaults),
@@ -798,6 +810,8 @@ class Runtime:
             try:
                 spawned = self._spawn_idmapped(cfg, stdio, on_pid, layers, sdir, userns)
             except SpawnFailed as exc:
+                if isinstance(exc.__cause__, StandbyCancelled):
+                    raise StandbyCancelled(f"sandbox {spec.name!r}: {exc.__cause__}") from None
                 raise _translate(spec.name, exc) from None
             try:
                 self._record(record, spec, spawned, cgroup, labels, None, image, net)
@@ -810,6 +824,23 @@ class Runtime:
             sb.network = net
             return sb
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _gated(self, on_pid: OnPid | None, gate: Callable[[], bool]) -> OnPid:
+        """*on_pid*, then *gate*: what a standby's init waits for. The hold
+        on lxcfs is let go meanwhile (an lxcfs that dies must be replaced
+        for the others, not wait for this start)."""
+
+        def on_pid_then_gate(pid: int) -> None:
+            if on_pid is not None:
+                on_pid(pid)
+            with self.lxcfs.held_off() as view_still_served:
+                go = gate()
+            if not go:
+                raise StandbyCancelled("its standby was called off")
+            if not view_still_served():
+                raise StandbyCancelled("lxcfs was replaced while it stood by: its view is stale")
+
+        return on_pid_then_gate
 
     def _record(
         self,
@@ -2432,6 +2463,11 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+class StandbyCancelled(SandboxError):
+    """A standby (:meth:`Runtime.create` with a *gate*) was not started:
+    called off, or its view went stale; nothing of it is left."""
 
 
 def _translate(name: str, exc: SpawnFailed) -> SandboxError:
