@@ -106,6 +106,7 @@ def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None
         assert "stopped" in tail
 
 
+@pytest.mark.host_only  # a closed pipe: no cgroup or kernel feature
 def test_up_runs_on_when_its_stdout_goes_away(dirs: Dirs, tmp_path: Path) -> None:
     """`corral up | head`: when the reader leaves, the log is switched off, the fleet runs on."""
     with corral_up(dirs, tmp_path) as up:
@@ -299,6 +300,7 @@ def test_running_out_of_descriptors_fails_starts_not_the_supervisor(
     assert started <= stopped
 
 
+@pytest.mark.host_only  # a pipe and the journal: no cgroup or kernel feature
 def test_a_log_reader_that_stops_reading_does_not_stop_the_supervisor(
     dirs: Dirs, tmp_path: Path
 ) -> None:

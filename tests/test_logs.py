@@ -19,6 +19,7 @@ from .supervising import fleet, run, wait_event
 pytestmark = [requires_root, pytest.mark.layout]
 
 
+@pytest.mark.host_only  # log rotation: no cgroup or kernel feature
 def test_fifty_megabytes_rotate_within_bounds_in_whole_lines(dirs: Dirs) -> None:
     """~50 MB on stdout and stderr at once: at most 4 files of ~1 MiB, whole, ordered lines."""
     f = fleet(

@@ -313,6 +313,7 @@ def test_what_a_killed_corral_run_left_is_swept(host: Host, dirs: Dirs) -> None:
     _nothing_left(host, dirs)
 
 
+@pytest.mark.host_only  # scale; the VM lane checks its kernel with the others
 def test_two_hundred_bridged_sandboxes_leave_nothing(
     host: Host, dirs: Dirs, tmp_path: Path
 ) -> None:

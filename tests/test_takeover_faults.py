@@ -207,7 +207,9 @@ def test_a_keeper_killed_fifty_times_loses_nothing(dirs: Dirs, tmp_path: Path) -
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(FLEET)
     argv = [sys.executable, "-m", "supervisor", "up", "--json", str(fleet_file)]
-    up = subprocess.Popen(argv, env=dirs.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # faulthandler: a supervisor that does not stop is asked for its threads' stacks.
+    env = {**dirs.env, "PYTHONFAULTHANDLER": "1"}
+    up = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     execs: list[subprocess.Popen[bytes]] = []
     killed = 0
     try:
@@ -223,7 +225,12 @@ def test_a_keeper_killed_fifty_times_loses_nothing(dirs: Dirs, tmp_path: Path) -
             double = {k: v for k, v in _running_per_instance(dirs.run).items() if v > 1}
             assert not double, f"seed {seed}, round {n}: instances running twice: {double}"
         up.send_signal(signal.SIGTERM)
-        _, err = up.communicate(timeout=60)
+        try:
+            _, err = up.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.send_signal(signal.SIGABRT)  # ours, by its Popen: faulthandler dumps the stacks
+            _, err = up.communicate(timeout=30)
+            raise AssertionError(f"seed {seed}: not stopped within 60 s: {err.decode()}") from None
         assert up.returncode == 0, (seed, err.decode())
         assert b"Traceback" not in err, (seed, err.decode())
     finally:
