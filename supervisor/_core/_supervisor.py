@@ -993,18 +993,11 @@ class Supervisor(Verbs, Checkpoints, Updates):
             return False
         assert self.runtime is not None
         standby.labels["created_seq"] = created_seq
-        state_dir, name, generation = self.runtime.state_dir, inst.name, inst.generation
-        try:
-            # Written before the go, as a fresh start writes it before its create.
-            await trio.to_thread.run_sync(
-                note_generation, state_dir, name, generation, limiter=self.limiters.lifecycle
-            )
-        except OSError:
-            standby.decide(False)
-            with trio.CancelScope(shield=True):
-                await standby.done.wait()
-            return False  # the fresh start says why, in its own words
-        standby.decide(True)
+        # Written before the exec, as a fresh start writes it before its
+        # create; in the standby's own thread, which is waiting anyway.
+        standby.decide(
+            True, partial(note_generation, self.runtime.state_dir, inst.name, inst.generation)
+        )
         with trio.CancelScope(shield=True):  # as a fresh create is: it takes milliseconds
             await standby.done.wait()
         sb = standby.sandbox
@@ -1192,7 +1185,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
             inst.set_state("stopped")
             self.publish(Stopped(**ident))
         else:
-            self._janitor.start_soon(self._destroy, sb)
+            self._janitor.start_soon(self._destroy, sb, inst._standby)
 
     async def _pump(self, fd: int, stream: str, writer: OutputWriter) -> None:
         def full_disk(exc: OSError) -> None:
@@ -1207,7 +1200,14 @@ class Supervisor(Verbs, Checkpoints, Updates):
             finally:
                 self._pump_scopes.discard(scope)
 
-    async def _destroy(self, sb: Sandbox) -> None:
+    async def _destroy(self, sb: Sandbox, standby: Standby | None = None) -> None:
+        if standby is not None:
+            # The next generation execs from its standby first: this
+            # removal (Python in a thread, holding the GIL by turns) would
+            # slow its start by a millisecond or two. Not for ever: no
+            # restart may come.
+            with trio.move_on_after(STANDBY_FIRST):
+                await standby.done.wait()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._destroy_sync, sb, limiter=self.limiters.lifecycle)
         if sb.network:
@@ -1365,6 +1365,10 @@ def _write_hosts(
             except OSError as exc:
                 say(f"corral: sandbox {sb.name!r}: cannot update its /etc/hosts: {exc}")
 
+
+STANDBY_FIRST = 1.0
+"""Seconds the removal of an ended generation waits for the next one to
+start from its standby (see :meth:`Supervisor._destroy`)."""
 
 BUILD_STOP_TIMEOUT = 40.0
 """Seconds an image build stopped with the supervisor has to revert (the

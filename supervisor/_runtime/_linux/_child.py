@@ -713,12 +713,14 @@ def _run_init(
             cfg.env.setdefault("HOME", identity.home)
         step = "workdir"
         path = enter_workdir_and_find(cfg.workdir, cfg.argv[0], cfg.env)
+        step = "restrict"
+        # Before the wait for the go: a standby (or a bridged start, whose
+        # interface is being plugged meanwhile) has only its exec left.
+        restrict_like_sandbox(report, cfg, identity)
         if cfg.wait_go:
             step = "network"
             if report.recv(16) != b"G":
                 os._exit(1)  # the runtime gave up (and says why)
-        step = "restrict"
-        restrict_like_sandbox(report, cfg, identity)
         step = "exec init"
         os.execve(INIT_PATH, ["init", "--", path, *cfg.argv[1:]], cfg.env)
     except BaseException as exc:
