@@ -1962,6 +1962,7 @@ class Runtime:
                 reason = criu_failure(read_log(os.path.join(sdir, "restore.log")))
                 if status < 0:
                     reason = f"timed out after {timeout:g} s; {reason}"
+                _end_restored_tasks(cgroup)
                 raise CheckpointError(f"restore of {spec.name!r} failed: criu restore: {reason}")
             try:
                 with open(pidfile) as f:
@@ -1992,6 +1993,27 @@ class Runtime:
             sb.network = net
             return sb
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _end_restored_tasks(cgroup: Cgroup) -> None:
+    """Kill what a failed restore left in the sandbox's cgroup, and reap
+    those of CRIU's tasks that were re-parented to this process (a child
+    subreaper) when CRIU itself was killed at its timeout: the caller is
+    left no zombie. Tasks that are not our children are another's to reap
+    (a keeper's); pidfds keep a PID from being taken for another's meanwhile."""
+    pidfds = []
+    for pid in cgroup.pids():
+        with contextlib.suppress(OSError):
+            pidfds.append(os.pidfd_open(pid))
+    try:
+        with contextlib.suppress(CorralError, OSError):
+            cgroup.kill()
+        for fd in pidfds:
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, fd, os.WEXITED)
+    finally:
+        for fd in pidfds:
+            os.close(fd)
 
 
 def _rewrite_in_place(path: str, data: bytes) -> None:
