@@ -659,6 +659,32 @@ def test_failed_restores_and_dumps_leave_nothing(runtime: Runtime, criu: None) -
 
 @pytest.mark.criu
 @requires_root
+def test_a_restore_that_hangs_is_ended_and_leaves_nothing(
+    runtime: Runtime, criu: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CRIU forks, then hangs (a wrapper: a child that exits at once and
+    is never reaped, then a sleep): at the timeout it is killed, and what it
+    forked, re-parented to us, is reaped: no zombie is left (the autouse
+    fixture checks)."""
+    with counting(runtime) as (sb, _):
+        info = runtime.checkpoint(sb, tag="good")
+        assert sb.wait().signal == 9
+    real = check_criu().binary
+    wrapper = tmp_path / "criu"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = restore ]; then (exit 255) & exec sleep 1000; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CORRAL_CRIU", str(wrapper))
+    with pytest.raises(CheckpointError, match=r"restore of 'c' failed: criu restore: timed out"):
+        runtime.restore(info, timeout=2)
+    assert [c.tag for c in runtime.checkpoints.list("c")] == ["good"]
+
+
+@pytest.mark.criu
+@requires_root
 @pytest.mark.parametrize("step", ["dump", "pre-dump"])
 def test_a_failed_dump_leaves_the_sandbox_running(
     runtime: Runtime, criu: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str

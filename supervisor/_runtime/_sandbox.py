@@ -1955,9 +1955,15 @@ class Runtime:
                     f"restore of {spec.name!r} failed: {exc.failure.step}: {exc.failure.message}"
                 ) from None
             try:
-                status = self._wait_timeout(criu_proc, timeout)
+                orphans: list[int] = []
+                if not has_exited(criu_proc.pidfd, timeout):
+                    # CRIU hangs: what it forked is re-parented to us (a
+                    # subreaper) once it is killed, zombies too; known now.
+                    orphans = _descendants(criu_proc.pid)
+                status = self._wait_timeout(criu_proc, 0)
             finally:
                 os.close(criu_proc.pidfd)
+            _end_orphans(orphans)
             if status != 0:
                 reason = criu_failure(read_log(os.path.join(sdir, "restore.log")))
                 if status < 0:
@@ -1993,6 +1999,52 @@ class Runtime:
             sb.network = net
             return sb
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _descendants(pid: int) -> list[int]:
+    """pidfds of every descendant of *pid*, zombies included (from
+    ``/proc/PID/task/TID/children``); those that end meanwhile are missed,
+    which :func:`_end_restored_tasks` catches in the cgroup."""
+    found: list[int] = []
+    seen: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                if child in seen:
+                    continue
+                seen.add(child)
+                try:
+                    found.append(os.pidfd_open(child))
+                except OSError:
+                    continue
+                todo.append(child)
+    return found
+
+
+def _end_orphans(pidfds: list[int]) -> None:
+    """Kill the processes of *pidfds* and reap those that are our children
+    (re-parented to us); close the pidfds."""
+    try:
+        for fd in pidfds:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        for fd in pidfds:
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, fd, os.WEXITED)
+    finally:
+        for fd in pidfds:
+            os.close(fd)
 
 
 def _end_restored_tasks(cgroup: Cgroup) -> None:
