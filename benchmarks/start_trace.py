@@ -164,12 +164,12 @@ def main() -> None:
 
         def one(i: int, marker: TextIO | None = None) -> None:
             spec = SandboxSpec(name=f"t{i}", argv=("/bin/true",), limits=limits, security=security)
-            sb = runtime.create(spec, stdio=(null, null, null))
-            if marker is not None:
-                marker.write(f"end {i}\n")
-                marker.flush()
-            sb.wait()
-            sb.destroy()
+            # The context destroys it whatever happens: no cgroup is left.
+            with runtime.create(spec, stdio=(null, null, null)) as sb:
+                if marker is not None:
+                    marker.write(f"end {i}\n")
+                    marker.flush()
+                sb.wait()
 
         for i in range(args.warmup):
             one(1000 + i)  # the keeper forks (and imports) before the trace starts
