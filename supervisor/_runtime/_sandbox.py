@@ -2057,15 +2057,9 @@ def _end_restored_tasks(cgroup: Cgroup) -> None:
     for pid in cgroup.pids():
         with contextlib.suppress(OSError):
             pidfds.append(os.pidfd_open(pid))
-    try:
-        with contextlib.suppress(CorralError, OSError):
-            cgroup.kill()
-        for fd in pidfds:
-            with contextlib.suppress(ChildProcessError):
-                os.waitid(os.P_PIDFD, fd, os.WEXITED)
-    finally:
-        for fd in pidfds:
-            os.close(fd)
+    with contextlib.suppress(CorralError, OSError):
+        cgroup.kill()  # all of it, new forks included, before the reaping
+    _end_orphans(pidfds)
 
 
 def _rewrite_in_place(path: str, data: bytes) -> None:
