@@ -570,3 +570,41 @@ def test_host_directories_are_copied_by_the_host_and_idmapped(
         assert owner == USERNS_POOL[0]
         assert out.split() == ["denied", "0", "ro"]
     assert not (ro / "x").exists()
+
+
+def test_a_creation_does_not_look_at_the_ranges_this_process_holds(tmp_path: Path) -> None:
+    """Judging a claim costs a lock, a read and a stat; a search from slot 0
+    past every claim made each creation pay for all sandboxes before it
+    (seconds each at 10,000). What this process claimed it knows is alive:
+    the 301st range is found without opening any of the 300 claims."""
+    import contextlib
+
+    from supervisor._runtime._userns import allocate_range
+
+    security = make_security(userns=True)
+    run_dir = str(tmp_path)
+    claims = str(tmp_path / "userns")
+    opened: list[str] = []
+    watching = False
+
+    def audit(event: str, args: tuple[object, ...]) -> None:
+        if watching and event == "open" and str(args[0]).startswith(claims):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)  # stays, inert once watching is off
+    with contextlib.ExitStack() as undo:
+        got = {allocate_range(security, f"s{i}", run_dir, undo) for i in range(300)}
+        assert len(got) == 300
+        watching = True
+        try:
+            last = allocate_range(security, "last", run_dir, undo)
+        finally:
+            watching = False
+        assert last not in got
+        # The new claim itself, and nothing else (the directory's lock is
+        # only taken for a claim that exists).
+        assert opened == [os.path.join(claims, "300")], opened
+    assert list((tmp_path / "userns").iterdir()) == []  # all released
+    with contextlib.ExitStack() as undo:
+        # Released ranges are found again from the lowest.
+        assert allocate_range(security, "again", run_dir, undo) == min(got)

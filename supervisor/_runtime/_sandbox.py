@@ -814,7 +814,7 @@ class Runtime:
                     raise StandbyCancelled(f"sandbox {spec.name!r}: {exc.__cause__}") from None
                 raise _translate(spec.name, exc) from None
             try:
-                self._record(record, spec, spawned, cgroup, labels, None, image, net)
+                self._record(record, spec, spawned, cgroup, labels, None, image, net, userns)
             except BaseException:
                 self._kill_and_reap(spawned)
                 raise
@@ -852,9 +852,11 @@ class Runtime:
         restored_from: str | None,
         image: str | None,
         network: Mapping[str, Any] | None = None,
+        userns: list[int] | None = None,
     ) -> None:
         """Write sandbox *spec*'s record: all a runtime needs to take it back,
-        and the id of the image it runs on (None: a directory)."""
+        and the id of the image it runs on (None: a directory). *userns*:
+        its host id range [base, size], if it has a user namespace."""
         record = {
             "name": spec.name,
             "pid": proc.pid,
@@ -866,6 +868,7 @@ class Runtime:
             "restored_from": restored_from,
             "labels": dict(labels or {}),
             "network": dict(network) if network is not None else None,
+            "userns": userns,
         }
         try:
             _write_record(path, record)
@@ -1026,7 +1029,14 @@ class Runtime:
         sdir = os.path.join(self.state_dir, "sandboxes", name)
         undo = contextlib.ExitStack()
         undo.callback(shutil.rmtree, sdir, ignore_errors=True)
-        undo.callback(_release_userns, self.run_dir, name)
+        # Its id claims: by its range if the record has it (a record of an
+        # older corral: by its name, a look at every claim).
+        ids = record.get("userns")
+        if ids is not None:
+            from ._userns import hold_range
+
+            hold_range(self.run_dir, ids)  # ours now: a creation need not look at it
+        undo.callback(_release_userns, self.run_dir, name, ids)
         try:
             cgroup = self.cgroups.attach(f"corral-{name}", paths)
         except CorralError as exc:
@@ -1988,7 +1998,7 @@ class Runtime:
                     # CRIU's veth is up already (its namespace behind the
                     # lock dropped just above), with the kernel's MTU.
                     set_link_up(str(net["veth"]), True, port[1] if port else None)
-                self._record(record, spec, restored, cgroup, labels, info.path, image, net)
+                self._record(record, spec, restored, cgroup, labels, info.path, image, net, userns)
             except BaseException:
                 self._kill_and_reap(restored)
                 raise
@@ -2186,11 +2196,12 @@ def _finish_copy(proc: subprocess.Popen[str]) -> str | None:
     return f"copying the writable layer {src}: {msg}"
 
 
-def _release_userns(run_dir: str, name: str) -> None:
-    """Release every user-namespace id claim of sandbox *name*."""
+def _release_userns(run_dir: str, name: str, ids: object = None) -> None:
+    """Release the user-namespace id claims of sandbox *name* (of its range
+    *ids* from its record; not knowing it, every claim naming it)."""
     from ._userns import release_all
 
-    release_all(run_dir, name)
+    release_all(run_dir, name, ids)
 
 
 def _kill_pidfd(pidfd: int) -> None:

@@ -44,6 +44,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 
 from .._errors import SandboxError
@@ -55,6 +56,7 @@ __all__ = [
     "allocate_range",
     "check_reachable",
     "give_pipes",
+    "hold_range",
     "release_all",
     "shift_owners",
     "shifted_rootfs",
@@ -93,7 +95,13 @@ def allocate_range(
                 " is outside this host's pool"
             )
         starts = [start]
+    ours = _ours(claims)
+    if dumped is None:
+        # The slots below `low` are all this process's: begin past them.
+        starts = range(-(-ours.low // units) * units, count - units + 1, units)
     for start in starts:
+        if dumped is None and ours.holds(start, units):
+            continue  # no claim to open, lock and read: it is ours, alive
         paths = [os.path.join(claims, str(start + i)) for i in range(units)]
         taken = []
         for path in paths:
@@ -101,6 +109,7 @@ def allocate_range(
                 break
             taken.append(path)
         if len(taken) == units:
+            ours.add(start, units)
             for path in taken:
                 undo.callback(_release, path, name)
             return first + start * USERNS_SIZE, size
@@ -208,26 +217,99 @@ def _start_time(pid: int) -> int | None:
     return int(stat_line[stat_line.rindex(b")") + 2 :].split()[19])
 
 
-def release_all(run_dir: str, name: str) -> None:
-    """Release every id claim of sandbox *name* (one taken back from a
-    supervisor that died: its claims are known only by their owner)."""
+class _Ours:
+    """The slots of one claims directory that this process holds.
+
+    A claim is a file, and judging one that exists (a lock, a read, a stat
+    of its sandbox's record) costs some 30 us: a search from slot 0 past
+    every held claim made each creation pay for all the sandboxes before it,
+    seconds per sandbox at 10,000. What this process claimed (or took back
+    with its sandbox) it knows is alive without looking. ``low``: every slot
+    below it is held here, so a search begins there.
+    """
+
+    def __init__(self) -> None:
+        self._held: set[int] = set()
+        self.low = 0
+        self._lock = threading.Lock()  # creations run in worker threads
+
+    def holds(self, start: int, units: int) -> bool:
+        return any(start + i in self._held for i in range(units))
+
+    def add(self, start: int, units: int) -> None:
+        with self._lock:
+            self._held.update(range(start, start + units))
+            while self.low in self._held:
+                self.low += 1
+
+    def drop(self, slot: int) -> None:
+        with self._lock:
+            self._held.discard(slot)
+            self.low = min(self.low, slot)
+
+
+_OURS: dict[str, _Ours] = {}
+_OURS_LOCK = threading.Lock()
+
+
+def _ours(claims: str) -> _Ours:
+    with _OURS_LOCK:
+        return _OURS.setdefault(claims, _Ours())
+
+
+def _slots(ids: object) -> range | None:
+    """The pool slots of a range [base, size] from a record, None if it is
+    not one the pool hands out (a base the sandbox named, or no range)."""
+    if not (isinstance(ids, list | tuple) and len(ids) == 2):
+        return None
+    base, size = ids
+    if type(base) is not int or type(size) is not int or size < 1:
+        return None
+    first, count = USERNS_POOL
+    start, off = divmod(base - first, USERNS_SIZE)
+    units = -(-size // USERNS_SIZE)
+    if off or start < 0 or start + units > count:
+        return None
+    return range(start, start + units)
+
+
+def hold_range(run_dir: str, ids: object) -> None:
+    """Note that the range *ids* ([base, size], from the record of a sandbox
+    taken back) is held by this process now, as if it had claimed it."""
+    slots = _slots(ids)
+    if slots is not None:
+        _ours(os.path.join(run_dir, "userns")).add(slots.start, len(slots))
+
+
+def release_all(run_dir: str, name: str, ids: object = None) -> None:
+    """Release the id claims of sandbox *name*: those of its range *ids*
+    ([base, size], from its record) or, not knowing it (a record of an
+    older corral, a sandbox swept without record), every claim that names
+    it."""
     claims = os.path.join(run_dir, "userns")
-    try:
-        entries = os.listdir(claims)
-    except FileNotFoundError:
-        return
+    slots = _slots(ids)
+    if slots is not None:
+        entries = [str(slot) for slot in slots]
+    else:
+        try:
+            entries = os.listdir(claims)
+        except FileNotFoundError:
+            return
     for entry in entries:
         _release(os.path.join(claims, entry), name)
 
 
 def _release(path: str, name: str) -> None:
-    with _locked(os.path.dirname(path)):
+    claims, entry = os.path.split(path)
+    with _locked(claims):
         try:
             if _read(path)[0] != name:
                 return  # taken over already
             os.unlink(path)
         except FileNotFoundError:
             pass
+    with contextlib.suppress(ValueError):
+        _ours(claims).drop(int(entry))
 
 
 def give_pipes(stdio: tuple[int, int, int], uid: int) -> None:
