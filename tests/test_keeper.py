@@ -214,3 +214,52 @@ def test_a_listener_reported_before_the_pid_is_taken_in_order() -> None:
         ours.close()
         for fd in (listener_r, listener_w, pidfd):
             os.close(fd)
+
+
+def _forker_of(keeper_pid: int) -> int:
+    """The keeper's forker: its child that is no sandbox (a Python process)."""
+    kids = Path(f"/proc/{keeper_pid}/task/{keeper_pid}/children").read_text().split()
+    forkers = [int(k) for k in kids if "_keeper" in Path(f"/proc/{k}/cmdline").read_text()]
+    assert len(forkers) == 1, f"keeper {keeper_pid}: children {kids}"
+    return forkers[0]
+
+
+def test_a_forker_that_died_is_forked_again(dirs: Dirs, alarm: None) -> None:
+    """The keeper forks sandboxes from a child of its own (the forker); one
+    that was killed is replaced at the next start, which succeeds."""
+    with Keeper(str(dirs.run)) as keeper:
+        rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+        with rt.create(SandboxSpec(name="before", argv=("true",))) as sb:
+            assert sb.wait().status == 0
+        forker = _forker_of(keeper.pid)
+        pidfd = os.pidfd_open(forker)
+        os.kill(forker, signal.SIGKILL)  # the keeper's child, started by our keeper
+        select.select([pidfd], [], [])
+        os.close(pidfd)
+        with rt.create(SandboxSpec(name="after", argv=("sh", "-c", "exit 3"))) as sb:
+            assert sb.wait().status == 3
+        assert _forker_of(keeper.pid) != forker
+
+
+def test_a_start_does_not_carry_the_pipes_the_keeper_holds(dirs: Dirs, alarm: None) -> None:
+    """What the keeper holds for the sandboxes it keeps (two pipes and a
+    listener each) stays out of every process it forks: the forker has
+    only its own few descriptors, however many the keeper holds."""
+    with Keeper(str(dirs.run)) as keeper:
+        for i in range(200):
+            r, w = os.pipe()
+            keeper.hold(f"k{i}", r, w)
+            os.close(r)
+            os.close(w)
+        pipes, _ = keeper.held()  # answered after every hold before it
+        assert len(pipes) == 200
+        for pair in pipes.values():
+            for fd in pair:
+                os.close(fd)
+        assert len(os.listdir(f"/proc/{keeper.pid}/fd")) >= 400
+        rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+        with rt.create(SandboxSpec(name="light", argv=("true",))) as sb:
+            assert sb.wait().status == 0
+        assert len(os.listdir(f"/proc/{_forker_of(keeper.pid)}/fd")) < 10
+        for i in range(200):
+            keeper.release(f"k{i}")

@@ -453,6 +453,7 @@ class Keeper(Reaper):
         self._lock = threading.Lock()
         self._proc: Any = None  # subprocess.Popen of a keeper we started
         self._pid = 0
+        self._forker = -1  # a pidfd of its forker (see _collect_forker)
         # key -> our duplicates of the output pipes' read ends given to the
         # keeper, to give them again to a keeper that replaces a dead one.
         self._held: dict[str, tuple[int, int]] = {}
@@ -522,8 +523,9 @@ class Keeper(Reaper):
             msg = b""
             with contextlib.suppress(OSError):
                 msg = ours.recv(64)
-            if msg == b"ready":
+            if msg == b"ready" or msg.startswith(b"ready "):
                 self._proc, self._pid = proc, proc.pid
+                self._forker = _pidfd_of(msg[6:])
                 return ours
             ours.close()
             proc.wait()
@@ -560,6 +562,7 @@ class Keeper(Reaper):
                 with contextlib.suppress(Exception):
                     self._proc.wait(timeout=5)
                 self._proc = None
+                self._collect_forker()
             sock = self._connect_or_start()
             for key, fds in self._held.items():
                 with contextlib.suppress(OSError):
@@ -822,6 +825,7 @@ class Keeper(Reaper):
         if held and self.run_dir is not None:
             # A holder still holding sandboxes stays, for the next
             # supervisor (a hand-over must not wait for it).
+            self._drop_forker()
             return
         try:
             self._proc.wait(timeout=5)
@@ -829,13 +833,45 @@ class Keeper(Reaper):
             if self.run_dir is None:
                 self._proc.kill()
                 self._proc.wait()
+                self._collect_forker()
             # A holder still holding sandboxes stays, for the next supervisor.
+        else:
+            self._drop_forker()  # the keeper reaped its forker
+
+    def _drop_forker(self) -> None:
+        if self._forker >= 0:
+            os.close(self._forker)
+            self._forker = -1
+
+    def _collect_forker(self) -> None:
+        """Reap the forker of a keeper we started that was killed.
+
+        The keeper forks sandboxes from a child of its own (see
+        :mod:`._keeper`); killed with its keeper (a parent-death signal), it
+        is handed on to us, a child subreaper, and would stay a zombie. A
+        pidfd taken while the keeper lived names it, whatever reuses its PID.
+        """
+        fd, self._forker = self._forker, -1
+        if fd < 0:
+            return
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitid(os.P_PIDFD, fd, os.WEXITED)
+        os.close(fd)
 
     def __enter__(self) -> Keeper:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pidfd_of(pid: bytes) -> int:
+    """A pidfd of the forker whose PID a keeper said (-1: an older keeper
+    that forks itself, or the forker is gone already)."""
+    try:
+        return os.pidfd_open(int(pid))
+    except (ValueError, OSError):
+        return -1
 
 
 def _send(sock: socket.socket, payload: dict[str, Any], fds: Sequence[int] = ()) -> None:
