@@ -147,6 +147,11 @@ class Cgroup(ABC):
         """Read the counters now."""
 
     @abstractmethod
+    def memory_current(self) -> int:
+        """The memory in use now (bytes): one file, where :meth:`stats`
+        reads seven (``ps`` of 10,000 sandboxes wants only this)."""
+
+    @abstractmethod
     def pids(self) -> list[int]:
         """The processes in the cgroup (host PIDs)."""
 
@@ -883,6 +888,9 @@ class V1Cgroup(Cgroup):
         with _setting("io_weight"):
             _write(target, str(value))
 
+    def memory_current(self) -> int:
+        return _read_int(self._f("memory", "memory.usage_in_bytes"))
+
     def stats(self) -> CgroupStats:
         oom_control = _keyed(self._f("memory", "memory.oom_control"))
         return CgroupStats(
@@ -1183,6 +1191,9 @@ class V2Cgroup(Cgroup):
     def _need(self, key: str, file: str, why: str) -> None:
         if not os.path.exists(self._f(file)):
             raise SpecError(key, f"{why} ({self._path})")
+
+    def memory_current(self) -> int:
+        return _read_int(self._f("memory.current"))
 
     def stats(self) -> CgroupStats:
         events = _keyed(self._f("memory.events"))
