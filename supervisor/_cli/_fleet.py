@@ -71,19 +71,70 @@ def parse_verb(name: str, words: Sequence[str]) -> argparse.Namespace | None:
     return None if verb is None else parse_plain(name, verb, words)
 
 
-def raise_open_files_limit() -> None:
-    """Raise this process's soft limit of open files to its hard limit.
+FDS_PER_SANDBOX = 12
+"""Descriptors a supervisor holds per sandbox, with room: 8-9 measured on
+cgroup v1 (pidfd, output pipes, OOM watch, log files), one or two more on
+v2. The keeper, which inherits the limit, holds three."""
 
-    A supervisor holds about eight descriptors per sandbox (pidfd, output
-    pipes, OOM watch, log files), so the usual soft limit of 1024 would
-    stop a fleet near 120 sandboxes. The sandboxes do not inherit it:
-    theirs is set for them (1024 unless the fleet says otherwise).
+
+def raise_open_files_limit(instances: int = 0) -> None:
+    """Raise this process's limit of open files for a fleet of *instances*.
+
+    The soft limit goes to the hard one (the usual soft limit of 1024 would
+    stop a fleet near 120 sandboxes). If even the hard limit is short of
+    what *instances* need, root raises it too (up to ``fs.nr_open``);
+    where that is refused, one line names the limit. The sandboxes do not
+    inherit it: theirs is set for them (1024 unless the fleet says
+    otherwise).
     """
     import resource
 
+    need = 1024 + FDS_PER_SANDBOX * instances
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return
+        except (OSError, ValueError):
+            print(
+                f"corral: warning: {instances} sandboxes need about {need} open files;"
+                f" the hard limit is {hard} and could not be raised"
+                " (ulimit -Hn, LimitNOFILE= of a service, sysctl fs.nr_open)",
+                file=sys.stderr,
+            )
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _proc_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def check_kernel_limits(instances: int) -> list[str]:
+    """One line for each host limit a fleet of *instances* would run into:
+    kernel settings, not corral's to change (they are the host's)."""
+    if instances <= 0:
+        return []
+    problems = []
+    pid_max = _proc_int("/proc/sys/kernel/pid_max")
+    if pid_max is not None and pid_max < 2 * instances + 1024:
+        problems.append(
+            f"kernel.pid_max is {pid_max}: {instances} sandboxes need at least"
+            f" {2 * instances} process IDs (an init and its command each);"
+            f" raise it (sysctl kernel.pid_max={max(4 * instances, 65536)})"
+        )
+    for kind in ("user", "mnt", "net", "pid", "ipc", "uts", "cgroup"):
+        limit = _proc_int(f"/proc/sys/user/max_{kind}_namespaces")
+        if limit is not None and limit < instances:
+            problems.append(
+                f"user.max_{kind}_namespaces is {limit}: {instances} sandboxes need"
+                f" {instances}; raise it (sysctl user.max_{kind}_namespaces={2 * instances})"
+            )
+    return problems
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -97,7 +148,10 @@ def _up(args: argparse.Namespace) -> int:
     for cfg in fleet.sandboxes:
         if cfg.security.privileged:
             warn_privileged(cfg.name)
-    raise_open_files_limit()
+    instances = sum(cfg.replicas for cfg in fleet.sandboxes)
+    raise_open_files_limit(instances)
+    for line in check_kernel_limits(instances):
+        print(f"corral: warning: {line}", file=sys.stderr)
     configure_logging(json=args.json)
     supervisor = Supervisor(
         fleet,
