@@ -5,8 +5,9 @@ worker thread; the fork itself happens in the keeper, never in this
 threaded process), then waits on two kernel descriptors and nothing else:
 
 - the init's pidfd, readable once it has exited;
-- the cgroup's OOM watch (inotify on ``memory.events`` on v2, an eventfd on
-  ``memory.oom_control`` on v1), readable when the OOM killer ran.
+- the cgroup's OOM watch (``memory.events`` polled for the kernel's change
+  notification on v2, an eventfd on ``memory.oom_control`` on v1), readable
+  when the OOM killer ran.
 
 So the supervisor is idle when nothing happens: no polling loop anywhere.
 What the kernel reports becomes typed events on the bus; the journal and the
@@ -1111,7 +1112,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
         try:
             watch = sb.cgroup.open_oom_watch()
         except (CorralError, OSError) as exc:
-            # Out of descriptors (inotify, eventfd), say: it runs on, its
+            # Out of descriptors (epoll, eventfd), say: it runs on, its
             # OOM kills read from the cgroup's counters at its exit.
             say(f"corral: sandbox {sb.name!r}: OOM kills not watched live: {exc}")
             watch = None

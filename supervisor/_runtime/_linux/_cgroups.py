@@ -221,10 +221,11 @@ class Cgroup(ABC):
 class OomWatch(ABC):
     """Wakes up (``fd`` readable) when the kernel's OOM handling ran in a cgroup.
 
-    No polling: the descriptor is an inotify watch on ``memory.events`` (v2)
-    or an eventfd registered on ``memory.oom_control`` (v1). After a wake-up,
-    :meth:`read` drains it and returns the counters, which are what count:
-    a notification says only that something changed.
+    No polling: the descriptor polls readable when ``memory.events``
+    changes (v2, see :class:`_Notified`) or is an eventfd registered on
+    ``memory.oom_control`` (v1). After a wake-up, :meth:`read` drains it
+    and returns the counters, which are what count: a notification says
+    only that something changed.
     """
 
     fd: int
@@ -374,8 +375,12 @@ def _read_int(path: str, default: int = 0) -> int:
 
 def _keyed(path: str) -> dict[str, int]:
     """Parse ``key value`` lines (memory.events, cpu.stat, pids.events, ...)."""
+    return _parse_keyed(_read(path))
+
+
+def _parse_keyed(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
-    for line in _read(path).splitlines():
+    for line in text.splitlines():
         key, _, val = line.partition(" ")
         if val.strip().lstrip("-").isdigit():
             out[key] = int(val)
@@ -533,39 +538,78 @@ class _V1OomWatch(OomWatch):
         return self._ooms, self._kills
 
 
+class _Notified:
+    """A cgroup v2 file the kernel notifies about (``memory.events``,
+    ``cgroup.events``), open, with a descriptor (``fd``) that polls readable
+    exactly when the file changed since it was last read.
+
+    Not inotify: each inotify watch costs an inotify instance, of which a
+    user has ``fs.inotify.max_user_instances`` (128 by default), and a
+    supervisor of more sandboxes than that could not watch them. The
+    kernel wakes pollers of the file itself with POLLPRI (and notes, per
+    open file, which change was last read); the file always polls readable,
+    so it sits in an epoll set of its own, registered for EPOLLPRI, as a
+    PSI trigger does (:class:`_V2PressureWatch`). Reading it through
+    :meth:`text` marks the change seen.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._file = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CgroupError(f"cannot watch {path}: {exc.strerror}") from exc
+        try:
+            self._epoll = select.epoll()
+            self._epoll.register(self._file, select.EPOLLPRI)
+        except BaseException:
+            os.close(self._file)
+            raise
+        self.fd = self._epoll.fileno()
+
+    def text(self) -> str:
+        """The file's content now (and the change marked seen)."""
+        try:
+            return os.pread(self._file, 4096, 0).decode()
+        except OSError as exc:
+            raise CgroupError(f"failed to read {self.path}: {exc.strerror}") from exc
+
+    def keyed(self) -> dict[str, int]:
+        return _parse_keyed(self.text())
+
+    def close(self) -> None:
+        if self._file >= 0:
+            self._epoll.close()
+            os.close(self._file)
+            self._file = -1
+            self.fd = -1
+
+
 class _V2OomWatch(OomWatch):
-    """cgroup v2: inotify (IN_MODIFY) on ``memory.events``.
+    """cgroup v2: ``memory.events``, watched as a :class:`_Notified` file.
 
     ``oom_kill`` is the counter that matters: ``oom`` can stay put when a
     parent with the same limit is the one whose OOM killer ran.
     """
 
     def __init__(self, path: str) -> None:
-        from . import _syscalls
-
-        self._file = os.path.join(path, "memory.events")
+        self._events = _Notified(os.path.join(path, "memory.events"))
+        self.fd = self._events.fd
         self._last = (0, 0)
         self.pressure = {}
-        self.fd = _syscalls.inotify_init()
-        try:
-            _syscalls.inotify_add_watch(self.fd, self._file, _syscalls.IN_MODIFY)
-        except OSError as exc:
-            self.close()
-            raise CgroupError(f"cannot watch {self._file}: {exc.strerror}") from exc
 
     def read(self) -> tuple[int, int]:
         try:
-            while os.read(self.fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        try:
-            ev = _keyed(self._file)
+            ev = self._events.keyed()
             self._last = (ev.get("oom", 0), ev.get("oom_kill", 0))
             self.pressure = {"high": ev.get("high", 0), "max": ev.get("max", 0)}
         except CgroupError:
             pass
         return self._last
+
+    def close(self) -> None:
+        self._events.close()
+        self.fd = -1
 
 
 # -- pressure watches ----------------------------------------------------------
@@ -633,7 +677,7 @@ class _V2PressureWatch(PressureWatch):
     """cgroup v2: with *stall_us*, a PSI trigger on ``memory.pressure``.
     (The ``high`` and ``max`` counters are in ``memory.events``, which the
     :class:`_V2OomWatch` already watches: it reports them, so that a
-    sandbox costs one inotify instance, not two.)
+    sandbox watches the file once.)
 
     A PSI trigger signals with POLLPRI while always polling readable, and
     trio waits for readability only: the trigger sits in an epoll set of
@@ -1257,38 +1301,28 @@ class V2Cgroup(Cgroup):
 
     def _wait_events(self, key: str, value: int, timeout: float) -> bool:
         """Wait until ``cgroup.events`` shows *key* = *value* (no polling:
-        inotify on the file, which the kernel modifies on every change)."""
-        import select
-
-        from . import _syscalls
-
-        events_file = self._f("cgroup.events")
+        the kernel notifies about the file on every change; see
+        :class:`_Notified`)."""
         try:
-            fd = _syscalls.inotify_init()
-        except OSError:
-            return False
+            events = _Notified(self._f("cgroup.events"))
+        except (OSError, CgroupError):
+            return False  # gone already, or not a v2 cgroup: the caller decides
         try:
-            _syscalls.inotify_add_watch(fd, events_file, _syscalls.IN_MODIFY)
             # poll, not select: a supervisor of many sandboxes has
             # descriptors past select's 1024.
             poller = select.poll()
-            poller.register(fd, select.POLLIN)
+            poller.register(events.fd, select.POLLIN)
             deadline = time.monotonic() + timeout
-            while _keyed(events_file).get(key, 0) != value:
+            while events.keyed().get(key, 0) != value:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                if poller.poll(max(1, int(left * 1000))):
-                    try:
-                        while os.read(fd, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                poller.poll(max(1, int(left * 1000)))
             return True
         except (OSError, CgroupError):
-            return False  # gone already, or not a v2 cgroup: the caller decides
+            return False
         finally:
-            os.close(fd)
+            events.close()
 
 
 _V2_NO_PSI = (
