@@ -246,20 +246,20 @@ def test_a_start_does_not_carry_the_pipes_the_keeper_holds(dirs: Dirs, alarm: No
     listener each) stays out of every process it forks: the forker has
     only its own few descriptors, however many the keeper holds."""
     with Keeper(str(dirs.run)) as keeper:
-        for i in range(200):
+        for i in range(100):
             r, w = os.pipe()
             keeper.hold(f"k{i}", r, w)
             os.close(r)
             os.close(w)
         pipes, _ = keeper.held()  # answered after every hold before it
-        assert len(pipes) == 200
+        assert len(pipes) == 100
         for pair in pipes.values():
             for fd in pair:
                 os.close(fd)
-        assert len(os.listdir(f"/proc/{keeper.pid}/fd")) >= 400
+        assert len(os.listdir(f"/proc/{keeper.pid}/fd")) >= 200
         rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
         with rt.create(SandboxSpec(name="light", argv=("true",))) as sb:
             assert sb.wait().status == 0
         assert len(os.listdir(f"/proc/{_forker_of(keeper.pid)}/fd")) < 10
-        for i in range(200):
+        for i in range(100):
             keeper.release(f"k{i}")
