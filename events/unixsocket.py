@@ -28,6 +28,7 @@ import this module.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import socket
@@ -59,6 +60,7 @@ script of root's cannot use up the server's descriptors; far above what the
 others get, as root's clients are the administrator's own."""
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_SUN_PATH_MAX = 107  # bytes of a socket's path (sun_path, its NUL aside)
 
 
 async def bind_socket(
@@ -74,15 +76,30 @@ async def bind_socket(
     backlog is 128.
     """
     _remove_stale(path, what)
+    # Bound and listening under a name of its own, then renamed into place:
+    # a client that finds *path* can connect (between bind and listen it
+    # would be refused, and take a live server for a dead one).
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}")
+    if len(os.fsencode(tmp)) > _SUN_PATH_MAX:
+        tmp = path  # no room for the longer name: bound in place
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        await sock.bind(path)
-        os.chmod(path, mode)
+        with contextlib.suppress(FileNotFoundError):
+            if tmp != path:
+                os.unlink(tmp)  # a crashed predecessor's, with our PID
+        await sock.bind(tmp)
+        os.chmod(tmp, mode)
         if group is not None:
-            os.chown(path, -1, group)
+            os.chown(tmp, -1, group)
         sock.listen(128)
+        if tmp != path:
+            os.rename(tmp, path)
     except OSError as exc:
         sock.close()
+        if tmp != path:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise SocketError(f"cannot serve {what} at {path}: {exc}") from exc
     return sock
 

@@ -137,3 +137,26 @@ def test_connection_slots_count_each_class_apart() -> None:
     assert slots.busy_message(True).startswith("3 connections of root")
     with pytest.raises(ValueError, match="at least 1"):
         ConnectionSlots(limit=0)
+
+
+def test_the_socket_file_appears_only_once_it_is_listening(sock_dir: Path) -> None:
+    """bind_socket listens under a name of its own and renames it into
+    place: whoever finds the path can connect (a path bound but not yet
+    listening refused connections, and a benchmark that waited for the
+    file took the starting supervisor for a dead one). With no room for the
+    longer name the socket is bound in place; nothing else is left."""
+
+    async def main() -> None:
+        for name in ("s.sock", "x" * (107 - len(str(sock_dir)) - 1)):
+            path = str(sock_dir / name)
+            assert len(os.fsencode(path)) <= 107
+            sock = await bind_socket(path, None, 0o600, what="things")
+            try:
+                assert os.listdir(sock_dir) == [name]
+                with socket.socket(socket.AF_UNIX) as client:
+                    client.connect(path)
+            finally:
+                unbind_socket(sock, path, os.stat(path).st_ino)
+            assert os.listdir(sock_dir) == []
+
+    trio.run(main)
