@@ -263,3 +263,37 @@ def test_a_start_does_not_carry_the_pipes_the_keeper_holds(dirs: Dirs, alarm: No
         assert len(os.listdir(f"/proc/{_forker_of(keeper.pid)}/fd")) < 10
         for i in range(100):
             keeper.release(f"k{i}")
+
+
+def _notify_fds() -> int:
+    """Seccomp listeners among this process's descriptors."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:seccomp notify"
+        except OSError:
+            pass  # the listing's own descriptor, closed since
+    return count
+
+
+def test_the_copies_of_ended_sandboxes_listeners_are_closed(dirs: Dirs, alarm: None) -> None:
+    """The keeper client keeps a copy of each sandbox's sysinfo listener
+    until every process of its filter has ended (one epoll set for all:
+    polling each copy at every start cost milliseconds per sandbox at a
+    thousand); the copies of sandboxes that ended are closed."""
+    from supervisor._runtime._linux._sysinfo import supported
+
+    if not supported():
+        pytest.skip("no sysinfo answerer on this architecture: no listener to keep")
+    with Keeper(str(dirs.run)) as keeper:
+        rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+        before = _notify_fds()
+        with rt.create(SandboxSpec(name="lives", argv=("sleep", "30"))) as alive:
+            for i in range(20):
+                with rt.create(SandboxSpec(name=f"s{i}", argv=("true",))) as sb:
+                    assert sb.wait().status == 0
+            # The live sandbox's copy, and at most the last one's, whose
+            # filter may end just after the look that follows its reap.
+            assert 1 <= _notify_fds() - before <= 2
+            alive.kill()
+            alive.wait()

@@ -461,6 +461,12 @@ class Keeper(Reaper):
         # its context: the same, and while we hold it a keeper's death makes
         # sysinfo wait for the next keeper instead of failing (ENOSYS).
         self._listeners: dict[str, tuple[int, Context]] = {}
+        # Those copies in an epoll set: a copy polls POLLHUP once every
+        # process of its filter has ended (see _forget_ended).
+        import select
+
+        self._hangups = select.epoll()
+        self._listener_keys: dict[int, str] = {}
         self._sock = self._connect_or_start()
 
     # -- connection -------------------------------------------------------
@@ -690,22 +696,49 @@ class Keeper(Reaper):
         ctx = answer_context(cfg, proc)
         dup = os.dup(listener)
         with self._lock:
-            old = self._listeners.pop(key, None)
-            self._listeners[key] = (dup, ctx)
-        if old is not None:
-            _close([old[0]])
+            self._keep_listener(key, (dup, ctx))
         with contextlib.suppress(OSError):
             self._send({"sysinfo": [key, list(ctx)]}, [listener])
 
+    def _keep_listener(self, key: str, entry: tuple[int, Context]) -> None:
+        """Keep *entry* as the copy of *key*'s listener (under the lock),
+        closing the one it replaces."""
+        import select
+
+        old = self._listeners.pop(key, None)
+        if old is not None:
+            self._drop_listener(old[0])
+        if self._hangups.closed:  # closed meanwhile: nothing to keep it for
+            _close([entry[0]])
+            return
+        self._listeners[key] = entry
+        self._listener_keys[entry[0]] = key
+        self._hangups.register(entry[0], select.EPOLLIN)
+
+    def _drop_listener(self, fd: int) -> None:
+        # Out of the epoll set before the number can be reused.
+        with contextlib.suppress(OSError):
+            self._hangups.unregister(fd)
+        self._listener_keys.pop(fd, None)
+        _close([fd])
+
     def _forget_ended(self) -> None:
         """Close our copies of listeners whose processes have all ended
-        (their filter has no task left: the listener polls POLLHUP)."""
+        (their filter has no task left: the listener polls POLLHUP).
+
+        One epoll_wait for the lot: polling each copy on every start and
+        every reap cost milliseconds per sandbox at a thousand of them."""
         import select
 
         with self._lock:
-            ended = [k for k, (fd, _) in self._listeners.items() if _hung_up(fd, select)]
-            fds = [self._listeners.pop(k)[0] for k in ended]
-        _close(fds)
+            if self._hangups.closed:
+                return
+            for fd, events in self._hangups.poll(0):
+                if events & (select.EPOLLHUP | select.EPOLLERR):
+                    key = self._listener_keys.get(fd)
+                    if key is not None and self._listeners.get(key, (-1,))[0] == fd:
+                        del self._listeners[key]
+                    self._drop_listener(fd)
 
     # -- holding ----------------------------------------------------------
 
@@ -762,10 +795,7 @@ class Keeper(Reaper):
             for key, (out_r, err_r) in pipes.items():
                 self._held[key] = (os.dup(out_r), os.dup(err_r))
             for key, entry in listeners.items():
-                old = self._listeners.pop(key, None)
-                if old is not None:
-                    _close([old[0]])
-                self._listeners[key] = entry
+                self._keep_listener(key, entry)
         return pipes, exits
 
     # -- reaping ----------------------------------------------------------
@@ -817,6 +847,8 @@ class Keeper(Reaper):
             self._sock.close()
             held, self._held = self._held, {}
             listeners, self._listeners = self._listeners, {}
+            self._listener_keys.clear()
+            self._hangups.close()
         for fds in held.values():
             _close(fds)
         _close([fd for fd, _ in listeners.values()])
@@ -895,12 +927,6 @@ def _answer(sock: socket.socket, payload: dict[str, Any]) -> Any:
         parent.settimeout(10)
         msg = parent.recv(1 << 16)
     return _unpack(msg) if msg else None
-
-
-def _hung_up(fd: int, select: Any) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
 
 
 def _close(fds: Sequence[int]) -> None:
