@@ -18,8 +18,9 @@ descriptor table (two pipes and a listener per sandbox it holds) and page
 tables into every intermediate, which then closed them one by one, a cost
 that grew with the fleet (at 1,000 sandboxes, 2,000 ``close`` calls per
 start). The keeper forwards a ``launch`` or ``exec`` request with its
-descriptors to the forker as it came; the forker forks the intermediate,
-reaps it, and only then closes its copy of the report socket. The
+descriptors to the forker as it came; the forker forks the intermediate at
+once (several run side by side), reaps it on SIGCHLD, and only then closes
+its copy of the report socket. The
 intermediate's child (the init) is handed on to the keeper, the child
 subreaper, when the intermediate exits. A forker that died is forked again
 on the next request. Requests are msgpack maps with one key, descriptors as
@@ -389,8 +390,14 @@ def _start_forker() -> tuple[socket.socket, int]:
 
 
 def _forker(sock: socket.socket) -> None:  # pragma: no cover - runs in the forker
-    """Fork what the keeper forwards, one request at a time, until the
-    keeper closes its end."""
+    """Fork what the keeper forwards until the keeper closes its end.
+
+    The intermediates run side by side: each request is forked at once, and
+    each intermediate's report socket is closed when it is reaped (on
+    SIGCHLD). Waiting for each in turn made the forker the fleet's
+    bottleneck: the keeper waited to hand it the next request, and the
+    supervisor's creates waited on the keeper.
+    """
     import msgpack
 
     from ._syscalls import set_parent_death_signal
@@ -401,27 +408,64 @@ def _forker(sock: socket.socket) -> None:  # pragma: no cover - runs in the fork
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != keeper:
         return  # the keeper died before the signal was set
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     close_fds_except(sock.fileno())  # the keeper's: connections, pipes, listeners
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # the work is done in the loop
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    pending: dict[int, socket.socket] = {}  # intermediate -> its report socket
+    own = (sock, wake_r, wake_w)
     while True:
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+                _reap_intermediates(pending, block=False)
+                continue
+            try:
+                msg, fds, _, _ = recv_fds(sock, 1 << 20, 8)
+            except OSError:
+                msg, fds = b"", []
+            if not msg:
+                _close(fds)
+                _reap_intermediates(pending, block=True)
+                return
+            try:
+                request = msgpack.unpackb(msg)
+            except Exception:
+                _close(fds)
+                continue
+            _spawn(own, request, fds, pending)
+
+
+def _reap_intermediates(pending: dict[int, socket.socket], *, block: bool) -> None:
+    """Reap ended intermediates (with *block*, all of them) and close their
+    report sockets.
+
+    Only then may the requester see the end of file that means "exec'd":
+    the intermediate closes its copy of the socket before the kernel hands
+    its child on to the subreaper. A process that exits in between would
+    be nobody's child yet, and a waitid for it would fail (ECHILD)."""
+    while pending:
         try:
-            msg, fds, _, _ = recv_fds(sock, 1 << 20, 8)
-        except OSError:
+            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            pid = 0
+        if pid == 0:
             return
-        if not msg:
-            _close(fds)
-            return
-        try:
-            request = msgpack.unpackb(msg)
-        except Exception:
-            _close(fds)
-            continue
-        _spawn(sock, request, fds)
+        report = pending.pop(pid, None)
+        if report is not None:
+            report.close()
 
 
 def _spawn(
-    sock: socket.socket, request: dict[str, Any], fds: list[int]
+    own: tuple[socket.socket, int, int],
+    request: dict[str, Any],
+    fds: list[int],
+    pending: dict[int, socket.socket],
 ) -> None:  # pragma: no cover - runs in the forker
     if len(fds) < 4:  # not even a report socket and stdio: nobody to tell
         _close(fds)
@@ -444,16 +488,15 @@ def _spawn(
         _close(fds[1:])
         return
     if pid == 0:
-        sock.close()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        own[0].close()
+        _close([own[1], own[2]])
+        for other in pending.values():
+            other.close()  # the reports of the intermediates before us
         run_child(cfg, report, (fds[1], fds[2], fds[3]))
     _close(fds[1:])
-    os.waitpid(pid, 0)
-    # Only now, with the intermediate reaped, may the requester see the
-    # end of file that means "exec'd": the intermediate closes its copy of
-    # the socket before the kernel hands its child on to the subreaper. A
-    # process that exits in between would be nobody's child yet, and a
-    # waitid for it would fail (ECHILD).
-    report.close()
+    pending[pid] = report
 
 
 def _close(fds: list[int]) -> None:
