@@ -150,7 +150,7 @@ def _create(path: str, name: str) -> bool:
     pid = os.getpid()
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump({"name": name, "pid": pid, "start": _start_time(pid)}, f)
+            json.dump({"name": name, "pid": pid, "start": _own_start_time(pid)}, f)
     except BaseException as exc:
         # An empty claim names no owner: nobody would release it.
         with contextlib.suppress(FileNotFoundError):
@@ -203,6 +203,18 @@ def _stale(path: str, run_dir: str) -> bool:
     # Its sandbox has no record, and it is old: a crash's, unless the
     # process that claimed it is still making the sandbox.
     return claimer is None or claimer[1] is None or _start_time(claimer[0]) != claimer[1]
+
+
+_OWN_START: dict[int, int | None] = {}
+
+
+def _own_start_time(pid: int) -> int | None:
+    """This process's start time, read once (per PID: a forked child reads
+    its own). /proc/PID/stat of a process with many threads is not free,
+    and every claim names its claimer."""
+    if pid not in _OWN_START:
+        _OWN_START[pid] = _start_time(pid)
+    return _OWN_START[pid]
 
 
 def _start_time(pid: int) -> int | None:
