@@ -81,27 +81,23 @@ def raise_open_files_limit(instances: int = 0) -> None:
     """Raise this process's limit of open files for a fleet of *instances*.
 
     The soft limit goes to the hard one (the usual soft limit of 1024 would
-    stop a fleet near 120 sandboxes). If even the hard limit is short of
-    what *instances* need, root raises it too (up to ``fs.nr_open``);
-    where that is refused, one line names the limit. The sandboxes do not
-    inherit it: theirs is set for them (1024 unless the fleet says
-    otherwise).
+    stop a fleet near 120 sandboxes). The hard limit is whoever started us
+    setting a ceiling (``ulimit -Hn``, a service's ``LimitNOFILE=``), not
+    corral's to lift: if it is short of what *instances* need, one line
+    says so, and the sandboxes past it fail to start, one line each. The
+    sandboxes do not inherit it: theirs is set for them (1024 unless the
+    fleet says otherwise).
     """
     import resource
 
     need = 1024 + FDS_PER_SANDBOX * instances
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < need:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
-            return
-        except (OSError, ValueError):
-            print(
-                f"corral: warning: {instances} sandboxes need about {need} open files;"
-                f" the hard limit is {hard} and could not be raised"
-                " (ulimit -Hn, LimitNOFILE= of a service, sysctl fs.nr_open)",
-                file=sys.stderr,
-            )
+        print(
+            f"corral: warning: {instances} sandboxes need about {need} open files;"
+            f" the hard limit is {hard} (raise it: ulimit -Hn, LimitNOFILE= of a service)",
+            file=sys.stderr,
+        )
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
