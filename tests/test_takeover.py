@@ -74,7 +74,20 @@ class Up:
         self.proc.send_signal(signal.SIGTERM)
         out, err = self.proc.communicate(timeout=TIMEOUT)
         assert self.proc.returncode == 0, err
-        self.log += [json.loads(line) for line in out.splitlines()]
+        lines = out.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        for n, line in enumerate(lines):
+            try:
+                self.log.append(json.loads(line))
+            except ValueError:
+                # Seen once in CI: an empty line in the log. Show where it
+                # was, between which records, to find what wrote it.
+                around = "\n".join(repr(x) for x in lines[max(0, n - 3) : n + 3])
+                raise AssertionError(
+                    f"line {n + 1} of corral up's log is not JSON: {line!r}\n"
+                    f"around it:\n{around}\nstderr: {err[-2000:]}"
+                ) from None
         return err
 
     def kill(self) -> None:
