@@ -13,13 +13,13 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from .._errors import CorralError, SpecError
 from .._runtime._checkpoint import check_criu, restore_weakens
-from .._runtime._linux._cgroups import CgroupStats
+from .._runtime._linux._cgroups import Cgroup, CgroupStats
 from ._client import ControlError
 
 if TYPE_CHECKING:
@@ -116,24 +116,27 @@ def _stats_dict(stats: CgroupStats | None, memory_limit: int | None) -> dict[str
     return stats._asdict() | {"memory_limit": memory_limit}
 
 
-def _read_stats(inst: Instance) -> CgroupStats | None:
+T = TypeVar("T")
+
+
+def _from_cgroup(inst: Instance, read: Callable[[Cgroup], T]) -> T | None:
+    """*read* of the instance's cgroup; None if it has none (or it is
+    going away right now)."""
     sb = inst.sandbox
     if sb is None:
         return None
     try:
-        return sb.cgroup.stats()
+        return read(sb.cgroup)
     except (CorralError, OSError):
-        return None  # it is going away right now
+        return None
+
+
+def _read_stats(inst: Instance) -> CgroupStats | None:
+    return _from_cgroup(inst, lambda cg: cg.stats())
 
 
 def _read_memory(inst: Instance) -> int | None:
-    sb = inst.sandbox
-    if sb is None:
-        return None
-    try:
-        return sb.cgroup.memory_current()
-    except (CorralError, OSError):
-        return None  # it is going away right now
+    return _from_cgroup(inst, lambda cg: cg.memory_current())
 
 
 def summary(inst: Instance, stats: CgroupStats | int | None) -> dict[str, Any]:

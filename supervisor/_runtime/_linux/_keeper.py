@@ -177,12 +177,8 @@ class _Keeper:
     def _serve(self, conn: socket.socket) -> None:
         import msgpack  # type: ignore[import-untyped]
 
-        try:
-            msg, fds, _, _ = recv_fds(conn, 1 << 20, 8)
-        except OSError:
-            msg, fds = b"", []
+        msg, fds = _receive(conn)
         if not msg:
-            _close(fds)
             self._drop(conn)
             return
         try:
@@ -425,12 +421,8 @@ def _forker(sock: socket.socket) -> None:  # pragma: no cover - runs in the fork
                         pass
                 _reap_intermediates(pending, block=False)
                 continue
-            try:
-                msg, fds, _, _ = recv_fds(sock, 1 << 20, 8)
-            except OSError:
-                msg, fds = b"", []
+            msg, fds = _receive(sock)
             if not msg:
-                _close(fds)
                 _reap_intermediates(pending, block=True)
                 return
             try:
@@ -497,6 +489,19 @@ def _spawn(
         run_child(cfg, report, (fds[1], fds[2], fds[3]))
     _close(fds[1:])
     pending[pid] = report
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One request and its descriptors; (b"", []) at the end of file or on
+    an error (any descriptors that came with an empty message closed)."""
+    try:
+        msg, fds, _, _ = recv_fds(sock, 1 << 20, 8)
+    except OSError:
+        return b"", []
+    if not msg:
+        _close(fds)
+        return b"", []
+    return msg, fds
 
 
 def _close(fds: list[int]) -> None:
