@@ -198,12 +198,14 @@ def survey(
 
 
 def note_generation(state_dir: str, instance: str, generation: int) -> None:
-    """Record that *instance*'s *generation* is being started (blocking).
+    """Record that *instance*'s *generation* is being started, or made as a
+    standby (blocking).
 
     A successor numbers the instance's next generation after it, even when
     nothing of this one is left: events name a generation once, across
-    supervisors. Atomic; not synced (a generation's number matters as long
-    as the journal that names it, which is not synced either).
+    supervisors (a number may be skipped, never used twice). Atomic; not
+    synced (a generation's number matters as long as the journal that
+    names it, which is not synced either).
     """
     folder = os.path.join(state_dir, "generations")
     os.makedirs(folder, mode=0o700, exist_ok=True)

@@ -21,7 +21,6 @@ socket, exits when that closes; the start-up sweep removes what is left.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -56,25 +55,17 @@ class Standby:
         """Why it was not made, or did not start."""
         self._decided = threading.Event()
         self._go = False
-        self._before: Callable[[], None] | None = None
 
     def gate(self) -> bool:
         """The runtime's gate (in the create's worker thread): wait for the
-        decision; True to exec. What :meth:`decide` gave to run first runs
-        here, in this thread: no hop to another on a restart's path."""
+        decision; True to exec."""
         self._decided.wait()
-        if self._go and self._before is not None:
-            try:
-                self._before()
-            except OSError:
-                return False  # called off: the fresh start says why, in its own words
         return self._go
 
-    def decide(self, go: bool, before: Callable[[], None] | None = None) -> None:
-        """Start it (*go*; after *before*, blocking, in the create's
-        thread) or call it off; only the first decision counts."""
+    def decide(self, go: bool) -> None:
+        """Start it (*go*) or call it off; only the first decision counts."""
         if not self._decided.is_set():
-            self._go, self._before = go, before
+            self._go = go
             self._decided.set()
 
     @property

@@ -931,12 +931,21 @@ class Supervisor(Verbs, Checkpoints, Updates):
             standby.done.set()
             return
         held = ""
+        state_dir = runtime.state_dir
+
+        def prepare(name: str) -> None:
+            # Its generation is noted now, not at its go: the write (a new
+            # file renamed over the old) would be on the restart's path. A
+            # standby called off leaves its number noted, unused; that
+            # only skips the number should a successor start the instance
+            # afresh: numbers are never used twice, and never must be.
+            note_generation(state_dir, str(standby.labels["instance"]), standby.generation)
+            keeper.hold(name, out_r, err_r)
+
         try:
             spec = await self._prepare_rootfs(standby.spec)
             held = spec.name
-            await trio.to_thread.run_sync(
-                keeper.hold, held, out_r, err_r, limiter=self.limiters.lifecycle
-            )
+            await trio.to_thread.run_sync(prepare, held, limiter=self.limiters.lifecycle)
             # Shielded: the create is undone only through its gate, which
             # every way out of the instance (a stop, the supervisor's end)
             # decides.
@@ -994,11 +1003,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
             return False
         assert self.runtime is not None
         standby.labels["created_seq"] = created_seq
-        # Written before the exec, as a fresh start writes it before its
-        # create; in the standby's own thread, which is waiting anyway.
-        standby.decide(
-            True, partial(note_generation, self.runtime.state_dir, inst.name, inst.generation)
-        )
+        standby.decide(True)  # its generation was noted when it was made
         with trio.CancelScope(shield=True):  # as a fresh create is: it takes milliseconds
             await standby.done.wait()
         sb = standby.sandbox
@@ -1139,7 +1144,9 @@ class Supervisor(Verbs, Checkpoints, Updates):
             # the latest checkpoint, see the checkpoint stored or not.
             if inst.checkpointing:
                 await inst._idle.wait()
-            result = sb.poll()
+            # The cgroup's other counters are not read here: the OOM kills
+            # are the watch's, and this is a restart's path.
+            result = sb.poll(stats=False)
             if result is None:  # pragma: no cover - pidfd readable means exited
                 result = await trio.to_thread.run_sync(sb.wait, limiter=self.limiters.lifecycle)
             # Read the counters once more before the cgroup goes away, so a
@@ -1147,6 +1154,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
             counters = _read_oom_counters(sb, watch)
             if counters is not None:
                 self._report_oom(inst, counters, ident, final=True)
+            oom_killed = result.oom_killed or (counters is not None and counters[1] > 0)
         finally:
             if watch is not None:
                 watch.close()
@@ -1165,7 +1173,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
                 status=result.status,
                 exit_code=result.exit_code,
                 signal=result.signal,
-                oom_killed=result.oom_killed,
+                oom_killed=oom_killed,
                 late=late,
             )
         )
@@ -1174,7 +1182,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
             "status": result.status,
             "exit_code": result.exit_code,
             "signal": result.signal,
-            "oom_killed": result.oom_killed,
+            "oom_killed": oom_killed,
             "at": exited.wall,
         }
         inst.started_at = None

@@ -335,20 +335,25 @@ class Sandbox:
                 self._finish(status)
         return self._exit
 
-    def poll(self) -> SandboxExit | None:
-        """Return how it ended if the init has exited, without blocking."""
+    def poll(self, *, stats: bool = True) -> SandboxExit | None:
+        """Return how it ended if the init has exited, without blocking.
+
+        With *stats* False the cgroup's counters are not read: the exit's
+        ``stats`` is None and its ``oom_killed`` False. For a caller that
+        reads the OOM counters itself (the supervisor, through its watch):
+        seven files less on a restart's path."""
         if self._exit is None:
             status = self._reaper.reap(self._proc, block=False)
             if status is not None:
-                self._finish(status)
+                self._finish(status, read_stats=stats)
         return self._exit
 
-    def _finish(self, result: ExitStatus) -> None:
+    def _finish(self, result: ExitStatus, *, read_stats: bool = True) -> None:
         code, sig, status = result.exit_code, result.signal, result.status
-        try:
-            stats: CgroupStats | None = self.cgroup.stats()
-        except (CgroupError, OSError):
-            stats = None
+        stats: CgroupStats | None = None
+        if read_stats:
+            with contextlib.suppress(CgroupError, OSError):
+                stats = self.cgroup.stats()
         self._exit = SandboxExit(
             status=status,
             exit_code=code,
