@@ -14,7 +14,7 @@ from types import FrameType
 import pytest
 
 from supervisor import Keeper, Runtime, SandboxError, SandboxSpec
-from supervisor._runtime._linux._spawn import KeeperError
+from supervisor._runtime._linux._spawn import KeeperError, reaped_status
 
 from .conftest import Dirs, requires_root
 
@@ -297,3 +297,77 @@ def test_the_copies_of_ended_sandboxes_listeners_are_closed(dirs: Dirs, alarm: N
             assert 1 <= _notify_fds() - before <= 2
             alive.kill()
             alive.wait()
+
+
+def test_an_exit_is_read_from_the_kernel_while_the_keeper_cannot_answer(
+    dirs: Dirs, alarm: None
+) -> None:
+    """How a sandbox ended comes from the kernel (its zombie's status), not
+    a round trip to the keeper that is its parent: known, exit code or
+    signal, while that keeper is stopped and neither reaps nor answers."""
+    with Keeper(str(dirs.run)) as keeper:
+        rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+        r, w = os.pipe()
+        with (
+            rt.create(
+                SandboxSpec(name="code", argv=("sh", "-c", "read x; exit 3")), stdio=(r, 1, 2)
+            ) as a,
+            rt.create(SandboxSpec(name="killed", argv=("sleep", "60"))) as b,
+        ):
+            os.close(r)
+            assert a.poll(stats=False) is None  # running
+            os.kill(keeper.pid, signal.SIGSTOP)
+            try:
+                os.close(w)
+                b.kill()
+                for sb in (a, b):
+                    select.select([sb.pidfd], [], [])
+                code, killed = a.poll(stats=False), b.poll(stats=False)
+            finally:
+                os.kill(keeper.pid, signal.SIGCONT)
+            assert code is not None and (code.exit_code, code.signal) == (3, None)
+            assert killed is not None and (killed.signal, killed.status) == (signal.SIGKILL, 137)
+
+
+def test_a_status_reaped_by_another_process_is_read_through_the_pidfd() -> None:
+    """Once its parent has reaped it, a process's status is still read
+    through a pidfd taken before (Linux 6.15+; older kernels say None and
+    the keeper is asked)."""
+    go_r, go_w = os.pipe()
+    say_r, say_w = os.pipe()
+    parent = os.fork()
+    if parent == 0:  # pragma: no cover - the other process
+        child = os.fork()
+        if child == 0:
+            os.read(go_r, 1)
+            os._exit(3)
+        os.write(say_w, f"{child}\n".encode())
+        os.waitpid(child, 0)  # reaped here, not by the test
+        os.write(say_w, b"reaped\n")
+        os.read(go_r, 1)  # the test is done
+        os._exit(0)
+    try:
+        said = os.fdopen(os.dup(say_r), "rb")
+        child = int(said.readline())
+        pidfd = os.pidfd_open(child)
+        try:
+            assert reaped_status(pidfd) is None  # running
+            os.write(go_w, b"g")
+            assert said.readline() == b"reaped\n"
+            status = reaped_status(pidfd)
+        finally:
+            os.close(pidfd)
+            said.close()
+        if status is None and _kernel_release() < (6, 15):
+            pytest.skip(f"the kernel ({os.uname().release}) has no PIDFD_INFO_EXIT (6.15+)")
+        assert status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+    finally:
+        os.write(go_w, b"g")
+        os.waitpid(parent, 0)
+        for fd in (go_r, go_w, say_r, say_w):
+            os.close(fd)
+
+
+def _kernel_release() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)

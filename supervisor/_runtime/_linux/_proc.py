@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["parent_pid", "starttime"]
+__all__ = ["parent_pid", "starttime", "zombie_status"]
 
 
 def _fields(pid: int, proc: int | None = None) -> list[bytes]:
@@ -46,3 +46,45 @@ def parent_pid(pid: int, proc: int | None = None) -> int:
     *proc*: see :func:`_fields`.
     """
     return int(_fields(pid, proc)[1])
+
+
+_CAP_SYS_PTRACE = 19
+
+
+def _may_read_exit_codes() -> bool:
+    """Whether this process sees other users' exit codes in ``/proc``: the
+    kernel shows them only to who may ptrace-read the process (else 0)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_PTRACE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+_readable: bool | None = None
+
+
+def zombie_status(pid: int, start: int) -> int | None:
+    """The wait status (as ``waitpid`` gives it) of process *pid*, started
+    at *start*, if it has exited and is not reaped yet; None otherwise, or
+    if this process may not read it.
+
+    Field 52 of ``/proc/PID/stat`` (Linux 3.5+): whoever the parent is,
+    the status is known from the moment the process is a zombie, which is
+    when its pidfd polls readable, without asking the parent.
+    """
+    global _readable
+    if _readable is None:
+        _readable = _may_read_exit_codes()
+    if not _readable:
+        return None
+    try:
+        fields = _fields(pid)
+        if fields[0] != b"Z" or int(fields[19]) != start:
+            return None  # running, or reaped (the PID may be another's now)
+        return int(fields[49])
+    except (OSError, ValueError, IndexError):
+        return None

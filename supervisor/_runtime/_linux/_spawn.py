@@ -34,6 +34,7 @@ from .._dirs import make_run_dir
 from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
 from ._exec import ExecConfig, run_exec_intermediate
 from ._proc import starttime as _starttime
+from ._proc import zombie_status
 from ._sysinfo import Context, context_of, fork_answerer, pidfd_pid
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "collect",
     "exit_status",
     "has_exited",
+    "reaped_status",
     "spawn_direct",
 ]
 
@@ -120,6 +122,40 @@ def exit_status(info: os.waitid_result) -> ExitStatus:
     if info.si_code == os.CLD_EXITED:
         return ExitStatus(info.si_status, None)
     return ExitStatus(None, info.si_status)
+
+
+_PIDFD_GET_INFO = 0xC040FF0B
+"""``PIDFD_GET_INFO``: ``_IOWR(0xFF, 11, struct pidfd_info)``, the 64-byte
+first version of the structure (Linux 6.13)."""
+_PIDFD_INFO_EXIT = 1 << 3
+"""The structure's ``exit_code`` is filled in (Linux 6.15)."""
+_pidfd_info = True
+"""False once the kernel turned the request down (older than 6.13)."""
+
+
+def reaped_status(pidfd: int) -> int | None:
+    """The wait status of the process behind *pidfd* once it has been
+    reaped, by whoever its parent is (``PIDFD_INFO_EXIT``, Linux 6.15+);
+    None before, or where the kernel cannot say."""
+    global _pidfd_info
+    if not _pidfd_info:
+        return None
+    import fcntl
+    import struct
+
+    info = bytearray(64)
+    struct.pack_into("=Q", info, 0, _PIDFD_INFO_EXIT)
+    try:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, info)
+    except OSError as exc:
+        import errno
+
+        if exc.errno in (errno.ENOTTY, errno.EINVAL):
+            _pidfd_info = False  # this kernel has no such request
+        return None
+    if not struct.unpack_from("=Q", info, 0)[0] & _PIDFD_INFO_EXIT:
+        return None  # running, or a zombie (see _proc.zombie_status)
+    return int(struct.unpack_from("=i", info, 60)[0])
 
 
 def has_exited(pidfd: int, timeout: float | None = 0) -> bool:
@@ -801,6 +837,19 @@ class Keeper(Reaper):
     # -- reaping ----------------------------------------------------------
 
     def _not_ours(self, proc: Spawned, block: bool) -> ExitStatus | None:
+        if proc.starttime and proc.pidfd >= 0:
+            # Ended: the kernel says how, without a round trip to the
+            # keeper (which keeps the status until it is told to forget
+            # it): from the zombie, or once the keeper reaped it (on
+            # SIGCHLD) from the pidfd. In that order: a reap in between
+            # is still seen.
+            status = zombie_status(proc.pid, proc.starttime)
+            if status is None:
+                status = reaped_status(proc.pidfd)
+            if status is not None and os.WIFEXITED(status):
+                return ExitStatus(os.WEXITSTATUS(status), None)
+            if status is not None:
+                return ExitStatus(None, os.WTERMSIG(status))
         while True:
             answer = self._ask({"wait": [proc.pid, proc.starttime, block]})
             if answer is None:
