@@ -145,3 +145,27 @@ def test_a_leftover_is_not_taken_for_live_by_a_longer_names_cgroup(runtime: Runt
             assert sb.wait().status == 0
         other.kill()
         other.wait()
+
+
+def _held_namespaces() -> set[str]:
+    """The namespaces this process holds a descriptor of (``net:[N]``...)."""
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listing's own descriptor, closed since
+        if link.startswith(("net:[", "mnt:[")):
+            held.add(link)
+    return held
+
+
+def test_an_ended_sandbox_keeps_its_namespaces_until_it_is_destroyed(runtime: Runtime) -> None:
+    """Its mount and network namespaces are torn down at destroy(), not at
+    the init's exit: their teardown stays off the path of a restart."""
+    with runtime.create(SandboxSpec(name="ns", argv=("sleep", "60"))) as sb:
+        own = {f"{kind}:[{os.stat(f'/proc/{sb.pid}/ns/{kind}').st_ino}]" for kind in ("mnt", "net")}
+        sb.kill()
+        sb.wait()
+        assert own <= _held_namespaces()
+    assert not own & _held_namespaces()

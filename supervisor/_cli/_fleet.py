@@ -72,9 +72,9 @@ def parse_verb(name: str, words: Sequence[str]) -> argparse.Namespace | None:
 
 
 FDS_PER_SANDBOX = 12
-"""Descriptors a supervisor holds per sandbox, with room: 8-9 measured on
-cgroup v1 (pidfd, output pipes, OOM watch, log files), one or two more on
-v2. The keeper, which inherits the limit, holds three."""
+"""Descriptors a supervisor holds per sandbox, with room: 9-10 measured on
+cgroup v1 (pidfd, output pipes, OOM watch, log files, namespaces), one or
+two more on v2. The keeper, which inherits the limit, holds three."""
 
 
 def raise_open_files_limit(instances: int = 0) -> None:
