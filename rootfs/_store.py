@@ -31,16 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import signal
-import tempfile
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -57,13 +53,61 @@ __all__ = [
 ]
 
 
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
+def _quote(name: str) -> str:
+    """``urllib.parse.quote(name, safe="")``, exactly (a tag's file name),
+    without importing urllib.parse (and ipaddress) on every start."""
+    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in name.encode())
+
+
+def _unquote(entry: str) -> str:
+    """The inverse of :func:`_quote` (listing tags only)."""
+    import urllib.parse
+
+    return urllib.parse.unquote(entry)
+
+
 class StoreError(RootfsError):
     """An image store operation failed (one line)."""
 
 
-@dataclass(frozen=True)
 class Image:
-    """One image of the store."""
+    """One image of the store.
+
+    A plain class, not a dataclass: the store is on every ``corral run``'s
+    path, and dataclasses (with inspect, ast, tokenize...) would be the
+    largest import on it."""
+
+    __slots__ = ("config", "created", "id", "layers", "source", "tags")
+
+    def __init__(
+        self,
+        id: str,
+        layers: tuple[str, ...],
+        config: dict[str, Any],
+        source: dict[str, Any],
+        created: float,
+        tags: tuple[str, ...] = (),
+    ) -> None:
+        self.id = id
+        self.layers = layers
+        self.config = config
+        self.source = source
+        self.created = created
+        self.tags = tags
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.id, self.layers, self.config, self.source, self.created, self.tags)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Image) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # its config and source are dicts
+
+    def __repr__(self) -> str:
+        return f"Image(id={self.id!r}, layers={self.layers!r}, tags={self.tags!r})"
 
     id: str
     """``sha256:HEX`` of its description."""
@@ -77,7 +121,7 @@ class Image:
     """How it was made: ``builder`` and that builder's recipe (``key``
     identifies the recipe for the build cache)."""
     created: float
-    tags: tuple[str, ...] = ()
+    tags: tuple[str, ...]
     """Its names in the store (filled in by the store)."""
 
     @property
@@ -101,6 +145,8 @@ def layer_id_of_recipe(recipe: dict[str, Any]) -> str:
     """The id of a layer a builder makes from *recipe* (plain data): a
     built layer is addressed by what it was made from, since hashing a
     whole tree to find its id would cost more than the build's cache saves."""
+    import hashlib
+
     return "sha256:" + hashlib.sha256(_canonical(recipe)).hexdigest()
 
 
@@ -143,7 +189,7 @@ class ImageStore:
 
     def _tag_path(self, name: str) -> str:
         # Quoted: a name like "library/debian:12" is one file.
-        return os.path.join(self.root, "tags", urllib.parse.quote(check_tag(name), safe=""))
+        return os.path.join(self.root, "tags", _quote(check_tag(name)))
 
     def lowerdirs(self, image: Image) -> list[str]:
         """The overlayfs lower directories of *image*, top layer first."""
@@ -176,7 +222,7 @@ class ImageStore:
                 if entry.startswith("."):
                     continue
                 with contextlib.suppress(OSError), open(os.path.join(folder, entry)) as f:
-                    out[urllib.parse.unquote(entry)] = f.read().strip()
+                    out[_unquote(entry)] = f.read().strip()
         return out
 
     def images(self) -> list[Image]:
@@ -249,6 +295,8 @@ class ImageStore:
         """A build of recipe *key*: waits for another build of the same
         recipe, then yields a context to make layers and the image in;
         everything it made is removed if the block fails."""
+        import hashlib
+
         self._private()
         os.makedirs(os.path.join(self.root, "locks"), mode=0o755, exist_ok=True)
         lock_path = os.path.join(
@@ -342,17 +390,17 @@ class ImageStore:
         return removed
 
 
-@dataclass(eq=False)
 class BuildContext:
     """What one build makes, removed again unless committed (see
     :meth:`ImageStore.building`)."""
 
-    store: ImageStore
-    _made: list[tuple[str, int]] = field(default_factory=list)
-    _new_layers: list[str] = field(default_factory=list)
-    """Layers this build added to the store: removed again if it fails
-    before an image uses them (the seed's revert: nothing left)."""
-    _done: bool = False
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+        self._made: list[tuple[str, int]] = []
+        self._new_layers: list[str] = []
+        """Layers this build added to the store: removed again if it fails
+        before an image uses them (the seed's revert: nothing left)."""
+        self._done = False
 
     def scratch(self, what: str) -> str:
         """A new empty directory under ``tmp/`` for this build (removed at
@@ -361,6 +409,8 @@ class BuildContext:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         # The lock first, the directory after: a build killed between the
         # two leaves a lock without a directory, which a sweep removes.
+        import tempfile  # builds only: not on a start's path
+
         lock, lock_path = tempfile.mkstemp(prefix=f"{what}-", suffix=".lock", dir=folder)
         fcntl.flock(lock, fcntl.LOCK_EX)
         work = lock_path[: -len(".lock")]
@@ -396,6 +446,8 @@ class BuildContext:
     ) -> Image:
         """Record the image of *layers* (bottom first, all committed) and
         name it *tag*; return it."""
+        import hashlib
+
         for layer in layers:
             if not self.has_layer(layer):
                 raise StoreError(f"layer {layer} is not in the store")

@@ -343,3 +343,11 @@ def test_an_image_s_defaults_apply_unless_the_sandbox_says_otherwise(dirs: Dirs)
     assert (p.returncode, p.stdout.decode()) == (0, "mine /srv\n"), p.stderr
     p = corral(dirs, "run", "--image", "busybox")
     assert p.returncode == 125 and "expected a command after '--'" in p.stderr.decode()
+
+
+def test_the_busybox_key_written_out_is_its_recipe_s() -> None:
+    """The busybox image's key is written out in the source (hashing it at
+    import would cost every start hashlib); it must be its recipe's."""
+    from rootfs import _busybox
+
+    assert "busybox/" + layer_id_of_recipe(_busybox.RECIPE) == _busybox._KEY

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -157,6 +156,8 @@ def check_criu() -> CriuInfo:
 
     Raises :class:`CriuUnavailableError` quoting ``criu check`` if not.
     """
+    import subprocess
+
     binary = _find_criu()
     cached = _checked.get(binary)
     if isinstance(cached, CriuUnavailableError):
@@ -204,6 +205,8 @@ def check_criu() -> CriuInfo:
 
 def _has_feature(binary: str, feature: str) -> bool:
     """``criu check --feature FEATURE`` passes."""
+    import subprocess
+
     try:
         proc = subprocess.run(
             [binary, "check", "--feature", feature],
@@ -534,6 +537,7 @@ _USERNS_IMAGE = re.compile(r"userns-\d+\.img")
 def _remap_userns_image(src: str, dest: str, delta: int, crit: str) -> None:
     """The user namespace image *src* with every host id of its maps moved
     by *delta*, written to *dest*."""
+    import subprocess
 
     def run(*args: str, stdin: str | None = None) -> str:
         proc = subprocess.run(
@@ -562,6 +566,8 @@ def find_crit(criu: CriuInfo) -> str | None:
 def criu_frozen_seconds(crit: str, images: str) -> float | None:
     """CRIU's own frozen time of a dump or pre-dump (its stats-dump image,
     decoded with CRIU's ``crit``); None if it cannot be read."""
+    import subprocess
+
     try:
         proc = subprocess.run(
             [crit, "decode", "-i", os.path.join(images, "stats-dump")],

@@ -50,7 +50,6 @@ import os
 import select
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -550,6 +549,8 @@ class Lxcfs:
         return done
 
     def _reattach_batch(self, batch: list[tuple[str, int, int, list[str]]]) -> list[str]:
+        import subprocess
+
         work: list[tuple[str, int, list[str]]] = []
         try:
             for name, pid, start, targets in batch:

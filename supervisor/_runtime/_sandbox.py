@@ -25,11 +25,10 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from rootfs import (
     BUILTIN_BASES,
@@ -110,6 +109,9 @@ from ._records import abandoned, record_path, write_atomic
 from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
 from ._units import human_size
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = [
     "DEFAULT_RUN_DIR",
@@ -2142,6 +2144,8 @@ a supervisor that takes over after its predecessor died mid-checkpoint
 
 def _run_criu(argv: list[str], partial: str) -> subprocess.CompletedProcess[str]:
     """Run CRIU (blocking), its identity noted in *partial* while it runs."""
+    import subprocess
+
     try:
         proc = subprocess.Popen(
             argv,
@@ -2207,6 +2211,8 @@ def _copy_tree(src: str, dest: str, *, into: bool = False) -> None:
 
 
 def _start_copy(src: str, dest: str) -> subprocess.Popen[str]:
+    import subprocess
+
     try:
         return subprocess.Popen(
             [*_CP, src, dest],
@@ -2248,6 +2254,8 @@ def _drop_network_lock(pid: int, old_root_pid: int) -> None:
     tries to delete it under the new init's PID, so the lock (drop every
     packet) would stay; it is named after the dumped init's PID.
     """
+    import subprocess
+
     argv = ["nft", "delete", "table", "inet", f"CRIU-{old_root_pid}"]
     what = "cannot remove CRIU's network lock from the restored sandbox"
     try:
@@ -2543,6 +2551,8 @@ def _spawn_in_netns(netns: int, argv: list[str]) -> subprocess.Popen[str]:
     and a setns there and back that failed half way would leave every later
     job of that thread, whatever it is, in the sandbox's network.
     """
+    import subprocess
+
     outcome: list[subprocess.Popen[str] | OSError] = []
 
     def spawn() -> None:

@@ -16,15 +16,18 @@ bridged sandbox has nothing of corral's network.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from ..._errors import SandboxError
 from . import _links, _nft
 from ._ipam import Lease, NetworkDir, known_networks, locked
 from ._model import DEFAULT_BRIDGE, DEFAULT_NETWORK, NetworkDecl, Port
+
+if TYPE_CHECKING:
+    import ipaddress
 
 __all__ = [
     "DEFAULT_NETWORK",
@@ -42,6 +45,8 @@ _SETTINGS = ("bridge", "subnet", "gateway", "subnet6")
 
 
 def _candidates() -> Iterator[ipaddress.IPv4Network]:
+    import ipaddress
+
     return ipaddress.IPv4Network(_CANDIDATES).subnets(new_prefix=24)
 
 
@@ -87,6 +92,8 @@ class Networks:
         line (:class:`~supervisor.SandboxError`), and then none is recorded.
         A network that does not say its subnet keeps the one chosen before,
         or gets the first free /24 of corral's range."""
+        import ipaddress
+
         if not decls:
             return  # a fleet without networks pays nothing (pyroute2's import is ~100 ms)
         with locked(self.state_dir):
@@ -237,6 +244,8 @@ def _with_ipv6(lease: Lease, config: dict[str, str]) -> Lease:
     """*lease* with its IPv6 address and gateway, on a network with a
     ``subnet6``: the IPv4 address's and gateway's places in the subnet, at
     the same places in the prefix (one lease, both families)."""
+    import ipaddress
+
     if not config.get("subnet6"):
         return lease
     net4 = ipaddress.IPv4Network(config["subnet"])
@@ -406,6 +415,8 @@ class BridgeNetwork:
         """*config* if its subnet is free of the host's routes and addresses
         now (its bridge is not there); else, if corral chose it, another one
         (recorded); a declared one is refused in one line."""
+        import ipaddress
+
         used = _links.host_networks()
         subnet = config.get("subnet")
         if subnet:
@@ -428,6 +439,8 @@ class BridgeNetwork:
         return fresh
 
     def _up(self, config: dict[str, str], lock: int) -> None:
+        import ipaddress
+
         subnet = ipaddress.IPv4Network(config["subnet"])
         gateway6 = None
         if config.get("subnet6"):

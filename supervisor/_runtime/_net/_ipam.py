@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..._errors import SandboxError
 from .._records import write_atomic
+
+if TYPE_CHECKING:
+    import ipaddress
 
 __all__ = ["Lease", "NetworkDir", "known_networks", "locked", "mac_of"]
 
@@ -58,6 +60,8 @@ def mac_of(address: str) -> str:
     """A stable, locally administered MAC for *address* (``02:c0:`` and its
     four bytes): the same address always has the same MAC, so peers' ARP
     caches stay right across restarts."""
+    import ipaddress
+
     octets = ipaddress.IPv4Address(address).packed
     return "02:c0:" + ":".join(f"{b:02x}" for b in octets)
 
@@ -130,6 +134,8 @@ class NetworkDir:
         to it), refused in one line if it is another sandbox's, unless
         *gone* says that sandbox has ended (its removal, which gives the
         lease back, may come after the restore of its checkpoint)."""
+        import ipaddress
+
         net = ipaddress.IPv4Network(subnet)
         if address is not None:
             return self._lease_one(sandbox, net, gateway, ports, egress, address, gone)
@@ -171,6 +177,8 @@ class NetworkDir:
         address: str,
         gone: Callable[[str], bool] | None,
     ) -> Lease:
+        import ipaddress
+
         if ipaddress.IPv4Address(address) not in net or address == gateway:
             raise SandboxError(
                 f"network {self.name!r}: the address {address} is not one of {net}'s"

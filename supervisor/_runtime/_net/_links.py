@@ -12,12 +12,12 @@ before anything else runs on it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import ipaddress
 import os
-import socket
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import ipaddress
 
 from ..._errors import SandboxError
 from .._linux import _syscalls as sc
@@ -58,6 +58,8 @@ def _iproute() -> Any:
 def veth_name(sandbox: str) -> str:
     """The host end of *sandbox*'s veth pair (at most 15 characters, the
     kernel's limit): stable, so a leftover is found by its sandbox's name."""
+    import hashlib
+
     return VETH_PREFIX + hashlib.sha256(sandbox.encode()).hexdigest()[:10]
 
 
@@ -79,6 +81,8 @@ class Used(NamedTuple):
 def host_networks() -> list[Used]:
     """The IPv4 networks the host has addresses in or routes to (in any
     table; but the default route), its addresses first."""
+    import ipaddress
+
     addresses, routes = [], []
     with _iproute() as ip:
         names = {link["index"]: str(link.get_attr("IFLA_IFNAME")) for link in ip.get_links()}
@@ -127,6 +131,8 @@ def _tmp_name(bridge: str) -> str:
     # A bridge is made under this name, given its alias, then renamed: the
     # kernel ignores an alias in the message that makes a link, and a bridge
     # without its alias, left by a kill between the two, would not be ours.
+    import hashlib
+
     return "crn" + hashlib.sha256(bridge.encode()).hexdigest()[:12]
 
 
@@ -167,6 +173,8 @@ def ensure_bridge(
     *gateway*/*prefix* (and no other), and *gateway6* (address, prefix
     length) if the network has IPv6; made if missing. A link of that name
     that is not that network's bridge is refused."""
+    import socket
+
     with _iproute() as ip:
         found = ip.link_lookup(ifname=name)
         if not found:
@@ -294,6 +302,8 @@ def plug(pid: int, sandbox: str, bridge: str, lease: Lease, mtu: int, up: bool =
     reaches the namespace until :func:`set_up` (a restore's sockets are not
     there yet, and a packet to one that is missing would be answered with a
     reset)."""
+    import socket
+
     host_end = veth_name(sandbox)
     with _iproute() as ip:
         bridge_index = ip.link_lookup(ifname=bridge)

@@ -3,11 +3,12 @@ checked (plain text, no I/O)."""
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import ipaddress
 
 from ..._errors import SpecError
 
@@ -123,6 +124,8 @@ class NetworkDecl(NamedTuple):
 
 
 def _first_host(subnet: str) -> str:
+    import ipaddress
+
     return str(ipaddress.IPv4Network(subnet).network_address + 1)
 
 
@@ -134,6 +137,9 @@ def ula_prefix(name: str) -> str:
     40-bit global ID, here hashed from the host's machine id and the name,
     so that two hosts' networks of one name differ and one host's stays
     the same)."""
+    import hashlib
+    import ipaddress
+
     try:
         with open("/etc/machine-id") as f:
             machine = f.read().strip()
@@ -144,6 +150,8 @@ def ula_prefix(name: str) -> str:
 
 
 def _subnet6(value: object, subnet: str | None) -> str:
+    import ipaddress
+
     net = ipaddress.IPv6Network(_prefix(value, "subnet6", 6, "fd00:10:20::/64", (48, 120)))
     if subnet is not None and net.num_addresses < ipaddress.IPv4Network(subnet).num_addresses:
         raise SpecError(
@@ -159,6 +167,8 @@ def parse_network_decl(name: object, table: object) -> NetworkDecl:
     network, /8 to /30), ``gateway`` (an address in it, neither its
     network nor its broadcast address) and ``bridge`` (an interface name).
     Raises :class:`SpecError` naming the field."""
+    import ipaddress
+
     if not isinstance(name, str) or not _NETWORK_NAME.match(name):
         raise SpecError(
             "name",
@@ -209,6 +219,8 @@ def parse_network_decl(name: object, table: object) -> NetworkDecl:
 def _prefix(value: object, field: str, version: int, example: str, lengths: tuple[int, int]) -> str:
     """*value* as an IPv*version* network for *field*: no host bits, a
     prefix length within *lengths*, unicast; one line naming the field if not."""
+    import ipaddress
+
     try:
         if not isinstance(value, str) or "/" not in value:
             raise ValueError
@@ -230,6 +242,8 @@ def _prefix(value: object, field: str, version: int, example: str, lengths: tupl
 
 
 def _subnet(value: object) -> str:
+    import ipaddress
+
     net = ipaddress.IPv4Network(_prefix(value, "subnet", 4, "10.20.0.0/24", (8, 30)))
     if net.overlaps(ipaddress.IPv4Network("240.0.0.0/4")):
         raise SpecError("subnet", f"expected a unicast network, got {value!r}")
@@ -237,6 +251,8 @@ def _subnet(value: object) -> str:
 
 
 def _gateway(value: object, net: ipaddress.IPv4Network) -> str:
+    import ipaddress
+
     try:
         if not isinstance(value, str):
             raise ValueError
@@ -249,12 +265,16 @@ def _gateway(value: object, net: ipaddress.IPv4Network) -> str:
 
 
 def _overlap(a: str, b: str) -> bool:
+    import ipaddress
+
     return ipaddress.IPv4Network(a).overlaps(ipaddress.IPv4Network(b))
 
 
 def check_decls(decls: Sequence[NetworkDecl]) -> list[str]:
     """What is wrong between declared networks (each one line): two with
     overlapping subnets, or with one bridge."""
+    import ipaddress
+
     problems = []
     for i, a in enumerate(decls):
         for b in decls[:i]:
@@ -301,6 +321,8 @@ class Port(NamedTuple):
 def parse_port(text: object, field: str = "ports") -> Port:
     """``HOST_PORT:PORT[/PROTO]`` or ``HOST_IP:HOST_PORT:PORT[/PROTO]``
     (Docker's short syntax; PROTO ``tcp`` or ``udp``)."""
+    import ipaddress
+
     expected = f"expected [HOST_IP:]HOST_PORT:PORT[/tcp|udp] like 8080:80, got {text!r}"
     if not isinstance(text, str):
         raise SpecError(field, expected)
@@ -365,6 +387,8 @@ def parse_egress(value: object, field: str = "egress") -> tuple[str, ...] | None
     ``ADDRESS/LEN``, a name in lowercase, ``:PORT/PROTO``). Names are only
     checked here; they are resolved when the sandbox starts
     (:func:`~._resolve.resolve_egress`)."""
+    import ipaddress
+
     if value == "all":
         return None
     if value == "none":

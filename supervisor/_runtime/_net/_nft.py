@@ -30,14 +30,14 @@ Rules, per bridge ``B`` with subnet ``S``:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
 from collections.abc import Sequence
-from ipaddress import IPv4Network, collapse_addresses
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..._errors import SandboxError
+
+if TYPE_CHECKING:
+    from ipaddress import IPv4Network
 
 __all__ = [
     "TABLE",
@@ -92,6 +92,8 @@ class Bridge(NamedTuple):
 
 def counter_name(sandbox: str) -> str:
     """The named counter of *sandbox*'s denied packets."""
+    import hashlib
+
     return "denied-" + hashlib.sha256(sandbox.encode()).hexdigest()[:12]
 
 
@@ -341,6 +343,8 @@ def _merged(
     once names are resolved (a name with an address inside a listed CIDR,
     two names with one address). Overlapping networks are merged into the
     larger; so are those of a service with the same protocol and port."""
+    from ipaddress import IPv4Network, collapse_addresses  # egress rules only
+
     nets: list[IPv4Network] = []
     by_service: dict[tuple[str, int], list[IPv4Network]] = {}
     for entry in allowed:
@@ -380,6 +384,8 @@ def _set(name: str, kind: str | list[str], elements: list[Any]) -> list[dict[str
 def objects() -> tuple[set[str], set[str]]:
     """The names of the sets and named counters of corral's table (none if
     there is no table)."""
+    import subprocess
+
     try:
         proc = subprocess.run(
             ["nft", "-j", "list", "table", "inet", TABLE],
@@ -405,6 +411,8 @@ def objects() -> tuple[set[str], set[str]]:
 def counters() -> dict[str, tuple[int, int]]:
     """The named counters of corral's table: name -> (packets, bytes);
     empty if there is no table."""
+    import subprocess
+
     try:
         proc = subprocess.run(
             ["nft", "-j", "list", "counters", "table", "inet", TABLE],
@@ -500,6 +508,8 @@ def delete(lock: int = -1) -> None:
 
 
 def _nft(doc: dict[str, Any], missing_ok: bool = False, lock: int = -1) -> None:
+    import subprocess
+
     try:
         proc = subprocess.run(
             ["nft", "-j", "-f", "-"],

@@ -11,9 +11,6 @@ afterwards (docs/network.md says why).
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-
 from ..._errors import SandboxError
 
 __all__ = ["resolve_egress"]
@@ -28,6 +25,8 @@ def resolve_egress(
     :class:`~supervisor.SandboxError` naming *field* and the name if a
     name does not resolve. Blocks for as long as the resolver takes: call
     it from a worker thread, never from the event loop."""
+    import ipaddress
+
     if not allowed:
         return allowed
     out: list[str] = []
@@ -48,6 +47,9 @@ def resolve_egress(
 
 
 def _addresses(name: str, field: str) -> list[str]:
+    import ipaddress
+    import socket
+
     try:
         infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
     except socket.gaierror as exc:
