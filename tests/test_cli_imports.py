@@ -23,9 +23,11 @@ from pathlib import Path
 import pytest
 
 from supervisor import __version__
-from supervisor._cli import _control_verbs, _fleet
+from supervisor._cli import _control_verbs, _fleet, _run
 from supervisor._cli._arguments import parse_plain
 from supervisor._cli._main import VERBS, build_parser, main
+
+from .conftest import requires_root
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -204,6 +206,55 @@ def test_events_needs_no_argparse_or_journal(baseline: set[str], env: dict[str, 
     assert not added & {"argparse", "gettext", "events._journal", "trio", "subprocess", "json"}
 
 
+# What a start does not use, and corral run once imported: the image
+# store's dataclasses (inspect, ast...), tempfile, urllib.parse and hashlib;
+# CRIU's, nft's and lxcfs's subprocess; argparse for a plain command line.
+RUN_NEVER = {
+    "argparse",
+    "gettext",
+    "locale",
+    "subprocess",
+    "dataclasses",
+    "inspect",
+    "ast",
+    "tempfile",
+    "random",
+    "urllib",
+    "urllib.parse",
+    "ipaddress",
+    "hashlib",
+    "pyseccomp",
+    "trio",
+    "structlog",
+    "pyroute2",
+    "events",
+}
+
+
+@requires_root
+def test_run_imports_only_what_a_start_uses(env: dict[str, str]) -> None:
+    """A second ``corral run -- true`` (the busybox image built and the
+    seccomp filter compiled by the first) runs its sandbox without
+    importing what only image builds, checkpoints, networks or argparse
+    need. Read from ``sys.modules`` at the end: importtime does not show
+    what rootfs imports lazily."""
+    argv = ["run", "--no-lxcfs", "--no-userns", "--memory", "64M", "--", "true"]
+    code = (
+        "import sys; from supervisor._cli._main import main; "
+        f"rc = main({argv!r}); print(rc, ' '.join(sorted(sys.modules)))"
+    )
+    for _ in range(2):  # the first builds the image
+        p = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True, text=True, env=env, cwd=REPO, stdin=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+        assert (p.returncode, p.stderr) == (0, "")
+    rc, *modules = p.stdout.split()
+    assert rc == "0"
+    assert {"supervisor._runtime._sandbox", "rootfs._store"} <= set(modules)
+    assert not set(modules) & RUN_NEVER, sorted(set(modules) & RUN_NEVER)
+
+
 def test_help_still_lists_every_verb_and_option(env: dict[str, str]) -> None:
     """``corral --help`` lists every verb, and a verb's help its options, through argparse as before."""
     top = subprocess.run(
@@ -310,9 +361,22 @@ COMMAND_LINES = [
     ["web", "--tail", "q"],
     ["web", "--follow", "--timestamps"],
     ["/path/fleet.toml"],
+    ["--memory", "64M", "--pids", "64", "--cpus", "0.5", "--no-userns", "--", "/bin/true"],
+    ["--userns", "--", "x"],
+    ["--no-userns", "--userns", "--", "a", "--no-userns"],
+    ["--no-lxcfs", "-e", "A=1", "-e", "B=2", "sh", "-c", "x"],
+    ["--", "--"],
+    ["--"],
+    ["--io-read-bps", "/dev/sda:1M", "--oom-group", "true"],
+    ["-v", "/a:/b", "--read-only", "--", "true", "-x"],
+    ["--userns-base", "100000", "--", "t"],
+    ["--userns-base", "many", "--", "t"],
+    ["--name", "x", "--rootfs", "debian:12", "--network", "bridge", "-p", "80:80", "--", "sh"],
+    ["--privileged", "--cap-add", "NET_ADMIN", "--cap-drop", "CHOWN", "--ulimit", "core=0"],
+    ["--no-lxcfs", "--no-lxcfs", "true"],
 ]
 
-PLAIN = {**_control_verbs.VERBS, **_fleet.VERBS}
+PLAIN = {**_control_verbs.VERBS, **_fleet.VERBS, **_run.VERBS}
 
 
 @pytest.mark.parametrize("verb", sorted(PLAIN))
@@ -340,6 +404,9 @@ def test_the_plain_reader_reads_as_argparse_does(verb: str) -> None:
         "stats --json a b",
         "logs web -f --tail 10",
         "events --since 3 --kind oom_kill --json",
+        "run -- true",
+        "run --memory 64M --pids 64 --cpus 0.5 --no-userns -- /bin/true",
+        "run -e A=1 -v /data:/data --network bridge -p 8080:80 --image debian:12 -- sh",
     ],
 )
 def test_the_plain_reader_takes_the_usual_command_lines(line: str) -> None:
@@ -357,6 +424,10 @@ def test_the_plain_reader_takes_the_usual_command_lines(line: str) -> None:
         "stop web --time=5",
         "exec -it web -- sh",
         "update web --memory 1G",
+        "run -h",
+        "run --memory=64M -- true",
+        "run --mem 64M -- true",
+        "run --userns-base -- true",
     ],
 )
 def test_the_plain_reader_leaves_the_rest_to_argparse(line: str) -> None:

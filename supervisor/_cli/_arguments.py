@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from ._parser import Subparsers
 
-    Kind: TypeAlias = Literal["store", "flag", "append", "rest", "many"]
+    Kind: TypeAlias = Literal["store", "flag", "false", "bool", "append", "rest", "many"]
 else:
     # What the verbs are given: they read its attributes, which
     # SimpleNamespace holds as argparse's Namespace does (types is loaded
@@ -37,7 +37,7 @@ else:
 
 __all__ = ["Arg", "Verb", "add_verb", "parse_plain"]
 
-_KINDS = ("store", "flag", "append", "rest", "many")
+_KINDS = ("store", "flag", "false", "bool", "append", "rest", "many")
 
 
 class Arg:
@@ -46,13 +46,16 @@ class Arg:
     *flags* are its option strings (``"-t", "--time"``), or its name alone
     for a positional (``"name"``). *kind*: ``"store"`` (an option with a
     value, or one positional), ``"flag"`` (``action="store_true"``),
-    ``"append"`` (``action="append"``, repeatable), ``"rest"`` (every word
-    after the positionals: ``nargs=argparse.REMAINDER``) or ``"many"``
-    (``nargs="*"``). *help*, *metavar*, *type* and *default* are passed on
-    as given (left out when ``None``).
+    ``"false"`` (``action="store_false"``), ``"bool"`` (``--x`` and
+    ``--no-x``: ``argparse.BooleanOptionalAction``), ``"append"``
+    (``action="append"``, repeatable), ``"rest"`` (every word after the
+    positionals, or after the options if there are none:
+    ``nargs=argparse.REMAINDER``) or ``"many"`` (``nargs="*"``). *help*,
+    *metavar*, *type*, *default* and *dest* are passed on as given (left
+    out when ``None``).
     """
 
-    __slots__ = ("default", "dest", "flags", "help", "kind", "metavar", "type")
+    __slots__ = ("default", "dest", "flags", "given_dest", "help", "kind", "metavar", "type")
 
     def __init__(
         self,
@@ -62,6 +65,7 @@ class Arg:
         metavar: str | None = None,
         type: Callable[[str], object] | None = None,
         default: object = None,
+        dest: str | None = None,
     ) -> None:
         if kind not in _KINDS:
             raise ValueError(f"Arg kind: expected one of {_KINDS}, got {kind!r}")
@@ -73,11 +77,25 @@ class Arg:
         self.default = default
         # argparse's dest: a positional's name; else the first long option,
         # or the first short one, without dashes and with "-" as "_".
-        if not self.is_option:
+        self.given_dest = dest
+        if dest is not None:
+            self.dest = dest
+        elif not self.is_option:
             self.dest = flags[0]
         else:
             long = [f for f in flags if f.startswith("--")]
             self.dest = (long or list(flags))[0].lstrip("-").replace("-", "_")
+
+    @property
+    def spellings(self) -> dict[str, object]:
+        """Each option string that may be given, with the value a ``flag``,
+        ``false`` or ``bool`` option stores when it is (``--no-x`` too)."""
+        if self.kind == "bool":
+            return {
+                **dict.fromkeys(self.flags, True),
+                **{"--no-" + f[2:]: False for f in self.flags if f.startswith("--")},
+            }
+        return dict.fromkeys(self.flags, self.kind != "false")
 
     @property
     def is_option(self) -> bool:
@@ -89,6 +107,12 @@ class Arg:
         kwargs: dict[str, Any] = {"help": self.help}
         if self.kind == "flag":
             kwargs["action"] = "store_true"
+        elif self.kind == "false":
+            kwargs["action"] = "store_false"
+        elif self.kind == "bool":
+            import argparse
+
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif self.kind == "append":
             kwargs["action"] = "append"
         elif self.kind == "rest":
@@ -98,12 +122,14 @@ class Arg:
         for key in ("metavar", "type", "default"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)
+        if self.given_dest is not None:
+            kwargs["dest"] = self.given_dest
         parser.add_argument(*self.flags, **kwargs)
 
     def initial(self) -> object:
         """Its value when the command line does not give it (argparse's)."""
-        if self.kind == "flag":
-            return False if self.default is None else self.default
+        if self.kind in ("flag", "false"):
+            return (self.kind == "false") if self.default is None else self.default
         if self.kind in ("rest", "many"):
             return [] if self.default is None else self.default
         if isinstance(self.default, list):
@@ -151,13 +177,20 @@ def parse_plain(name: str, verb: Verb, words: Sequence[str]) -> Namespace | None
     command line is not plain (see the module's docstring): argparse's turn."""
     if verb.more is not None:
         return None
-    options = {flag: a for a in verb.args if a.is_option for flag in a.flags}
+    options = {
+        spelling: (a, value)
+        for a in verb.args
+        if a.is_option
+        for spelling, value in a.spellings.items()
+    }
     singles = [a for a in verb.args if not a.is_option and a.kind == "store"]
     many = [a for a in verb.args if a.kind == "many"]
     rest = [a for a in verb.args if a.kind == "rest"]
-    # The shapes mirrored here: one-word positionals, then maybe a rest; or
-    # one list of positionals alone. argparse reads others in ways of its own.
-    if len(rest) > 1 or len(many) > 1 or (rest and not singles) or (many and (singles or rest)):
+    # The shapes mirrored here: one-word positionals, then maybe a rest; a
+    # rest alone (every word from the first that is not an option's, "--"
+    # included, as argparse gives it); or one list of positionals alone.
+    # argparse reads others in ways of its own.
+    if len(rest) > 1 or len(many) > 1 or (many and (singles or rest)):
         return None
     values = {a.dest: a.initial() for a in verb.args}
     free: list[object] = []
@@ -165,12 +198,16 @@ def parse_plain(name: str, verb: Verb, words: Sequence[str]) -> Namespace | None
     i = 0
     while i < len(words):
         word = words[i]
+        if rest and not singles and word and (word == "--" or not word.startswith("-")):
+            values[rest[0].dest] = list(words[i:])
+            break
         if word.startswith("-"):
-            arg = options.get(word)
-            if arg is None:
+            found = options.get(word)
+            if found is None:
                 return None
-            if arg.kind == "flag":
-                values[arg.dest] = True
+            arg, stored = found
+            if arg.kind in ("flag", "false", "bool"):
+                values[arg.dest] = stored
                 i += 1
             else:
                 if i + 1 == len(words):

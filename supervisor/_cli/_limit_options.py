@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     import argparse
     from typing import Any
 
-__all__ = ["add_limit_options", "limit_values", "option_error"]
+    from ._arguments import Arg
+
+__all__ = ["add_limit_options", "limit_args", "limit_values", "option_error"]
 
 _SCALARS = (
     ("memory", "SIZE", "memory limit, e.g. 64M or 1G (swap: --memory-swap)"),
@@ -42,37 +44,50 @@ _DEVICES = (
 )
 
 
-def add_limit_options(parser: argparse.ArgumentParser, *, live: bool = False) -> None:
-    """The options of every limit key (*live*: those ``update`` can change)."""
+def limit_args(*, live: bool = False) -> list[Arg]:
+    """The options of every limit key (*live*: those ``update`` can change),
+    declared for :mod:`._arguments` (``corral run`` reads them without
+    argparse)."""
+    from ._arguments import Arg
+
     more = " (max: unlimited)" if live else ""
+    args = []
     for name, metavar, what in _SCALARS:
         unlimited = more if live and name in ("memory", "memory-high", "cpus") else ""
-        parser.add_argument(f"--{name}", metavar=metavar, help=what + unlimited)
+        args.append(Arg(f"--{name}", metavar=metavar, help=what + unlimited))
     if not live:
-        for name, metavar, what in _SETS:
-            parser.add_argument(f"--{name}", metavar=metavar, help=what)
+        args += [Arg(f"--{name}", metavar=metavar, help=what) for name, metavar, what in _SETS]
     for name, metavar, what in _DEVICES:
-        parser.add_argument(
-            f"--{name}",
-            action="append",
-            metavar=metavar,
-            help=what + ("; RATE max lifts the device's limit" if live else "") + " (repeatable)",
+        lifts = "; RATE max lifts the device's limit" if live else ""
+        args.append(
+            Arg(f"--{name}", kind="append", metavar=metavar, help=what + lifts + " (repeatable)")
         )
     if live:
         # A watch for memory_pressure events: only a supervisor publishes
         # them, so `corral run` has no such option (a fleet file has the key).
-        parser.add_argument(
-            "--memory-stall",
-            metavar="TIME",
-            help="a memory_pressure event when tasks wait for memory longer than TIME"
-            " in a second, e.g. 100ms (cgroup v2; off: none)",
+        args.append(
+            Arg(
+                "--memory-stall",
+                metavar="TIME",
+                help="a memory_pressure event when tasks wait for memory longer than TIME"
+                " in a second, e.g. 100ms (cgroup v2; off: none)",
+            )
         )
-    if not live:
-        parser.add_argument(
-            "--oom-group",
-            action="store_true",
-            help="an OOM kill kills the whole sandbox, never a lone worker (cgroup v2)",
+    else:
+        args.append(
+            Arg(
+                "--oom-group",
+                kind="flag",
+                help="an OOM kill kills the whole sandbox, never a lone worker (cgroup v2)",
+            )
         )
+    return args
+
+
+def add_limit_options(parser: argparse.ArgumentParser, *, live: bool = False) -> None:
+    """The options of every limit key (*live*: those ``update`` can change)."""
+    for arg in limit_args(live=live):
+        arg.add_to(parser)
 
 
 def option_error(exc: Exception) -> Exception:

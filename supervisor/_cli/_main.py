@@ -137,6 +137,10 @@ def _parse_plain(verb: str, words: Sequence[str]) -> argparse.Namespace | None:
         from . import _fleet
 
         return _fleet.parse_verb(verb, words)
+    if VERBS[verb] == "_run":
+        from . import _run
+
+        return _run.parse_verb(verb, words)
     return None
 
 

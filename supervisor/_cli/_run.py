@@ -8,132 +8,34 @@ path imports trio: its start-up is part of every sandbox's cost.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from .._errors import SpecError
+from ._arguments import Arg, Verb, add_verb, parse_plain
 from ._common import UsageError, command_after_dashes, warn_privileged
-from ._limit_options import add_limit_options, limit_values, option_error
+from ._limit_options import limit_args, limit_values, option_error
 
 TYPE_CHECKING = False  # typing's, without importing typing: see _common
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
     from types import FrameType
 
     from ._parser import Subparsers
 
-__all__ = ["add_parsers"]
+__all__ = ["VERBS", "add_parsers", "parse_verb"]
 
 
 def add_parsers(sub: Subparsers) -> None:
     """Register ``run``."""
-    run = sub.add_parser(
-        "run",
-        help="run one sandbox in the foreground, then remove it",
-        description="Run COMMAND in a new sandbox in the foreground and remove the sandbox"
-        " when it ends (like 'docker run --rm'). The exit status is the command's.",
-    )
-    run.add_argument("--name", help="sandbox name (default: run-<random>)")
-    run.add_argument(
-        "--rootfs",
-        "--image",
-        default="busybox",
-        help="'busybox' (built in), an image of the store (corral image ls) or a directory",
-    )
-    add_limit_options(run)
-    run.add_argument("--hostname", help="host name inside (default: the name)")
-    run.add_argument(
-        "--env", "-e", action="append", default=[], metavar="K=V", help="set a variable"
-    )
-    run.add_argument("--workdir", "-w", default="/", help="working directory inside")
-    run.add_argument("--cgroup-parent", help="cgroup to create the sandbox's cgroup in")
-    run.add_argument(
-        "--cap-add", action="append", default=[], metavar="CAP", help="keep a capability too"
-    )
-    run.add_argument(
-        "--cap-drop", action="append", default=[], metavar="CAP", help="drop a default one"
-    )
-    run.add_argument(
-        "--allow-new-privs", action="store_true", help="do not set no_new_privs (setuid works)"
-    )
-    run.add_argument(
-        "--seccomp",
-        default="default",
-        metavar="PROFILE",
-        help="'default', 'unconfined' or a Docker seccomp profile (JSON file)",
-    )
-    run.add_argument(
-        "--ulimit",
-        action="append",
-        default=[],
-        metavar="NAME=SOFT[:HARD]",
-        help="set an rlimit, e.g. nofile=4096 or core=0:unlimited",
-    )
-    run.add_argument(
-        "--userns",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run in a user namespace, where the sandbox's root is an unprivileged host"
-        " user (the default, but with --privileged); --no-userns: its root is the host's"
-        " root, confined",
-    )
-    run.add_argument(
-        "--userns-base",
-        type=int,
-        metavar="UID",
-        help="with --userns: the host uid/gid of the sandbox's root (default: a free range)",
-    )
-    run.add_argument(
-        "--privileged",
-        action="store_true",
-        help="every capability, no no_new_privs: the sandbox's protections are OFF",
-    )
-    run.add_argument(
-        "--volume",
-        "-v",
-        action="append",
-        default=[],
-        metavar="SRC:TARGET[:ro]",
-        help="mount a host path (SRC starts with / or .) or a named volume (SRC is a name)",
-    )
-    run.add_argument(
-        "--tmpfs",
-        action="append",
-        default=[],
-        metavar="TARGET[:OPTS]",
-        help="mount a tmpfs, e.g. /tmp or /run:size=16M,mode=755",
-    )
-    run.add_argument("--user", "-u", help="UID[:GID] or NAME[:GROUP] to run the command as")
-    run.add_argument(
-        "--network",
-        default="none",
-        metavar="MODE",
-        help="none (lo only, the default), bridge (corral's bridge, NAT out), the name of a"
-        " network a fleet declared, host, or sandbox:NAME",
-    )
-    run.add_argument(
-        "--publish",
-        "-p",
-        action="append",
-        default=[],
-        metavar="[IP:]HOST_PORT:PORT[/PROTO]",
-        help="publish a port of a bridged sandbox on the host's, e.g. 8080:80",
-    )
-    run.add_argument(
-        "--egress",
-        metavar="all|none|HOST[:PORT[/PROTO]],...",
-        help="where a bridged sandbox may connect to (default: all); HOST is an address,"
-        " a CIDR or a host name (resolved when the sandbox starts)",
-    )
-    run.add_argument("--read-only", action="store_true", help="make the root file system read-only")
-    run.add_argument(
-        "--no-lxcfs",
-        dest="lxcfs",
-        action="store_false",
-        help="show the host's /proc/meminfo, cpuinfo, uptime... (no lxcfs view: docs/view.md)",
-    )
-    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-    run.set_defaults(func=_run)
+    add_verb(sub, "run", VERBS["run"])
+
+
+def parse_verb(name: str, words: Sequence[str]) -> argparse.Namespace | None:
+    """``corral run WORDS...`` read without argparse, if it is plain (see
+    :func:`._arguments.parse_plain`); else ``None``."""
+    return parse_plain(name, VERBS[name], words)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -317,3 +219,105 @@ def _image_command(rootfs: str) -> list[str]:
     except StoreError:
         return []
     return [*(config.get("entrypoint") or []), *(config.get("cmd") or [])]
+
+
+VERBS = {
+    "run": Verb(
+        _run,
+        "run one sandbox in the foreground, then remove it",
+        "Run COMMAND in a new sandbox in the foreground and remove the sandbox"
+        " when it ends (like 'docker run --rm'). The exit status is the command's.",
+        Arg("--name", help="sandbox name (default: run-<random>)"),
+        Arg(
+            "--rootfs",
+            "--image",
+            default="busybox",
+            help="'busybox' (built in), an image of the store (corral image ls) or a directory",
+        ),
+        *limit_args(),
+        Arg("--hostname", help="host name inside (default: the name)"),
+        Arg("--env", "-e", kind="append", default=[], metavar="K=V", help="set a variable"),
+        Arg("--workdir", "-w", default="/", help="working directory inside"),
+        Arg("--cgroup-parent", help="cgroup to create the sandbox's cgroup in"),
+        Arg("--cap-add", kind="append", default=[], metavar="CAP", help="keep a capability too"),
+        Arg("--cap-drop", kind="append", default=[], metavar="CAP", help="drop a default one"),
+        Arg("--allow-new-privs", kind="flag", help="do not set no_new_privs (setuid works)"),
+        Arg(
+            "--seccomp",
+            default="default",
+            metavar="PROFILE",
+            help="'default', 'unconfined' or a Docker seccomp profile (JSON file)",
+        ),
+        Arg(
+            "--ulimit",
+            kind="append",
+            default=[],
+            metavar="NAME=SOFT[:HARD]",
+            help="set an rlimit, e.g. nofile=4096 or core=0:unlimited",
+        ),
+        Arg(
+            "--userns",
+            kind="bool",
+            help="run in a user namespace, where the sandbox's root is an unprivileged host"
+            " user (the default, but with --privileged); --no-userns: its root is the host's"
+            " root, confined",
+        ),
+        Arg(
+            "--userns-base",
+            type=int,
+            metavar="UID",
+            help="with --userns: the host uid/gid of the sandbox's root (default: a free range)",
+        ),
+        Arg(
+            "--privileged",
+            kind="flag",
+            help="every capability, no no_new_privs: the sandbox's protections are OFF",
+        ),
+        Arg(
+            "--volume",
+            "-v",
+            kind="append",
+            default=[],
+            metavar="SRC:TARGET[:ro]",
+            help="mount a host path (SRC starts with / or .) or a named volume (SRC is a name)",
+        ),
+        Arg(
+            "--tmpfs",
+            kind="append",
+            default=[],
+            metavar="TARGET[:OPTS]",
+            help="mount a tmpfs, e.g. /tmp or /run:size=16M,mode=755",
+        ),
+        Arg("--user", "-u", help="UID[:GID] or NAME[:GROUP] to run the command as"),
+        Arg(
+            "--network",
+            default="none",
+            metavar="MODE",
+            help="none (lo only, the default), bridge (corral's bridge, NAT out), the name of a"
+            " network a fleet declared, host, or sandbox:NAME",
+        ),
+        Arg(
+            "--publish",
+            "-p",
+            kind="append",
+            default=[],
+            metavar="[IP:]HOST_PORT:PORT[/PROTO]",
+            help="publish a port of a bridged sandbox on the host's, e.g. 8080:80",
+        ),
+        Arg(
+            "--egress",
+            metavar="all|none|HOST[:PORT[/PROTO]],...",
+            help="where a bridged sandbox may connect to (default: all); HOST is an address,"
+            " a CIDR or a host name (resolved when the sandbox starts)",
+        ),
+        Arg("--read-only", kind="flag", help="make the root file system read-only"),
+        Arg(
+            "--no-lxcfs",
+            kind="false",
+            dest="lxcfs",
+            help="show the host's /proc/meminfo, cpuinfo, uptime... (no lxcfs view: docs/view.md)",
+        ),
+        Arg("command", kind="rest", help="-- COMMAND [ARGS...]"),
+    )
+}
+"""``run``, declared once: argparse's sub-parser and the plain reader's."""
