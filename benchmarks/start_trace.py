@@ -13,7 +13,7 @@ cgroup joins, mounts, ``pivot_root`` and execs; the benchmark writes a
 marker into the trace before and after each create. The steps of one start:
 
 =================  ======================================================
-``prepare``        create called -> the keeper forks: the caller's side
+``prepare``        create called -> the keeper's forker forks: the caller's side
                    (spec, directories, cgroup, userns range, lease)
 ``namespaces``     -> the last ``unshare`` returned (the intermediate's
                    cgroup join and new namespaces; in a user namespace its
@@ -67,8 +67,8 @@ SYSCALL_RE = re.compile(r"^sys_(?P<name>\w+)(?P<edge>\(| -> )")
 
 
 @contextlib.contextmanager
-def trace_instance(pid: int) -> Iterator[Path]:
-    """A private tracefs instance tracing *pid* and what it forks; removed after."""
+def trace_instance(pids: list[int]) -> Iterator[Path]:
+    """A private tracefs instance tracing *pids* and what they fork; removed after."""
     mounted = False
     if not os.path.exists(f"{TRACEFS}/instances"):
         subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
@@ -79,7 +79,7 @@ def trace_instance(pid: int) -> Iterator[Path]:
         (inst / "trace_clock").write_text("mono")
         (inst / "buffer_size_kb").write_text("16384")
         (inst / "options" / "event-fork").write_text("1")
-        (inst / "set_event_pid").write_text(str(pid))
+        (inst / "set_event_pid").write_text(" ".join(map(str, pids)))
         events = [
             "sched/sched_process_fork",
             "sched/sched_process_exec",
@@ -107,15 +107,16 @@ def trace_instance(pid: int) -> Iterator[Path]:
             subprocess.run(["umount", TRACEFS], check=False)
 
 
-def steps_of(lines: list[tuple[float, int, str]], keeper: int) -> dict[str, float] | None:
-    """The steps (seconds) of one run's trace lines, or None if one is missing."""
+def steps_of(lines: list[tuple[float, int, str]], forkers: set[int]) -> dict[str, float] | None:
+    """The steps (seconds) of one run's trace lines, or None if one is missing;
+    *forkers*: the keeper and its forker (which forks the starts)."""
     t: dict[str, float] = {}
     mounts: list[float] = []
     for ts, pid, body in lines:
         call = SYSCALL_RE.match(body)
         if body.startswith("tracing_mark_write: "):
             t.setdefault(body.split()[1], ts)  # begin, end
-        elif body.startswith("sched_process_fork:") and pid == keeper:
+        elif body.startswith("sched_process_fork:") and pid in forkers:
             t.setdefault("fork", ts)
         elif body.startswith("sched_process_exec:"):
             t.setdefault("cmd" if "tini" in t else "tini", ts)
@@ -175,7 +176,11 @@ def main() -> None:
             one(1000 + i)  # the keeper forks (and imports) before the trace starts
         pid = keeper.pid
         assert pid is not None, "the keeper is not running"
-        with trace_instance(pid) as inst, open(inst / "trace_marker", "w") as marker:
+        # The keeper forks its forker first thing, and the forker forks the
+        # starts: both are traced (the forker was forked before the trace).
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            forker = [int(p) for p in f.read().split()]
+        with trace_instance([pid, *forker]) as inst, open(inst / "trace_marker", "w") as marker:
             for i in range(args.runs):
                 marker.write(f"begin {i}\n")
                 marker.flush()
@@ -198,7 +203,7 @@ def main() -> None:
         if m is None:
             continue
         if m["body"].startswith("tracing_mark_write: done"):
-            found = steps_of(run, pid)
+            found = steps_of(run, {pid, *forker})
             if found is not None:
                 results.append(found)
             run = []
