@@ -21,9 +21,11 @@ verbs that need no image do not pay for the store's imports.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from ._errors import RootfsError as RootfsError
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any
 
 if TYPE_CHECKING:
     from ._busybox import busybox_image as busybox_image

@@ -206,10 +206,12 @@ def test_events_needs_no_argparse_or_journal(baseline: set[str], env: dict[str, 
     assert not added & {"argparse", "gettext", "events._journal", "trio", "subprocess", "json"}
 
 
-# What a start does not use, and corral run once imported: the image
+# What a start does not use, and corral run once imported: typing (the
+# runtime's named tuples: see supervisor/_runtime/_tuples.py), the image
 # store's dataclasses (inspect, ast...), tempfile, urllib.parse and hashlib;
 # CRIU's, nft's and lxcfs's subprocess; argparse for a plain command line.
 RUN_NEVER = {
+    "typing",
     "argparse",
     "gettext",
     "locale",

@@ -30,7 +30,6 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from typing import Any, NamedTuple
 
 from .._errors import CheckpointError, CriuUnavailableError
 from ._linux._sysinfo import ALLOW_ALL_FILTER, NOTIFY_FILTER
@@ -38,6 +37,12 @@ from ._mounts import mount_from_dict
 from ._net._model import Port
 from ._security import Security, make_security
 from ._spec import Limits, SandboxSpec
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._tuples import NamedTuple
 
 __all__ = [
     "CRIU_ENV",

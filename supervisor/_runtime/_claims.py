@@ -24,7 +24,10 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from typing import Any
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["CLAIMS", "Claim", "ClaimInUse", "dead_claims"]
 

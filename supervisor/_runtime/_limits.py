@@ -20,10 +20,15 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
 
 from .._errors import SpecError
 from . import _units
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._tuples import NamedTuple
 
 __all__ = [
     "DEFAULT_PIDS",

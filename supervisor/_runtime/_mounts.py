@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
 
 from .._errors import SpecError
 from . import _units
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._tuples import NamedTuple
 
 __all__ = [
     "VOLUME_NAME_RE",

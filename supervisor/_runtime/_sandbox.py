@@ -28,7 +28,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from rootfs import (
     BUILTIN_BASES,
@@ -110,6 +109,12 @@ from ._security import cap_last_cap, effective_rlimits, kept_capabilities
 from ._spec import _ENV_KEY_RE, SandboxSpec
 from ._units import human_size
 
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple, Protocol
+else:
+    from ._tuples import NamedTuple
+
 if TYPE_CHECKING:
     import subprocess
 
@@ -127,16 +132,18 @@ __all__ = [
 INIT_CANDIDATES = ("/usr/bin/tini-static", "/usr/sbin/tini-static", "/sbin/tini-static")
 
 
-class Spawner(Protocol):
-    """How processes are spawned: :func:`spawn_direct`, or a keeper's ``spawn``."""
+if TYPE_CHECKING:  # a type only: no typing at run time (see _runtime/_tuples.py)
 
-    def __call__(
-        self,
-        cfg: LaunchConfig | ExecConfig,
-        stdio: tuple[int, int, int] = (0, 1, 2),
-        *,
-        on_pid: OnPid | None = None,
-    ) -> Spawned: ...
+    class Spawner(Protocol):
+        """How processes are spawned: :func:`spawn_direct`, or a keeper's ``spawn``."""
+
+        def __call__(
+            self,
+            cfg: LaunchConfig | ExecConfig,
+            stdio: tuple[int, int, int] = (0, 1, 2),
+            *,
+            on_pid: OnPid | None = None,
+        ) -> Spawned: ...
 
 
 """How a sandbox's process tree (or an exec'd process) is started:

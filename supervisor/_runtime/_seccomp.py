@@ -53,10 +53,15 @@ import errno
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
 
 from .._errors import SpecError
 from ._capabilities import CAPABILITIES
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from ._tuples import NamedTuple
 
 __all__ = ["DEFAULT", "DEFAULT_ALLOWED", "UNCONFINED", "Filters", "compile_filter", "parse_seccomp"]
 

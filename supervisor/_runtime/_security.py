@@ -18,11 +18,16 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple
 
 from .._errors import SpecError
 from ._capabilities import CAPABILITIES, DEFAULT_CAPABILITIES
 from ._seccomp import parse_seccomp
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ._tuples import NamedTuple
 
 __all__ = [
     "CAPABILITIES",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 from .._errors import SpecError
 from ._limits import (
@@ -25,6 +24,12 @@ from ._limits import (
 from ._mounts import Mount, check_mounts, parse_user
 from ._net._model import Port, check_ports, is_bridged, parse_egress, parse_network
 from ._security import DEFAULT_SECURITY, Security
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from ._tuples import NamedTuple
 
 __all__ = [
     "DEFAULT_PATH",

@@ -40,7 +40,6 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Literal, NamedTuple
 
 from ..._errors import CgroupError, SpecError
 from .._limits import (
@@ -53,6 +52,12 @@ from .._limits import (
     parse_list,
 )
 from ._devices import DEVICE_RULES, attach_device_program, attached_device_programs, v1_lines
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Literal, NamedTuple
+else:
+    from .._tuples import NamedTuple
 
 __all__ = [
     "Cgroup",

@@ -39,11 +39,16 @@ import socket
 import stat
 import struct
 from collections.abc import Sequence
-from typing import Any, NamedTuple, NoReturn, Protocol
 
 from . import _syscalls as sc
 from ._proc import parent_pid, starttime
 from ._sysinfo import NOTIFY_FILTER
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple, NoReturn, Protocol
+else:
+    from .._tuples import NamedTuple
 
 __all__ = [
     "DEVICE_NAMES",
@@ -824,21 +829,23 @@ def close_fds_except(*keep: int) -> None:
     os.closerange(low, 1 << 20)
 
 
-class Privileges(Protocol):
-    """What :func:`restrict_like_sandbox` reads (a launch or an exec config)."""
+if TYPE_CHECKING:  # a type only: no typing at run time (see _runtime/_tuples.py)
 
-    @property
-    def caps(self) -> list[int] | None: ...
-    @property
-    def last_cap(self) -> int: ...
-    @property
-    def no_new_privs(self) -> bool: ...
-    @property
-    def seccomp(self) -> list[bytes] | None: ...
-    @property
-    def rlimits(self) -> list[list[int]] | None: ...
-    @property
-    def sysinfo(self) -> bool: ...
+    class Privileges(Protocol):
+        """What :func:`restrict_like_sandbox` reads (a launch or an exec config)."""
+
+        @property
+        def caps(self) -> list[int] | None: ...
+        @property
+        def last_cap(self) -> int: ...
+        @property
+        def no_new_privs(self) -> bool: ...
+        @property
+        def seccomp(self) -> list[bytes] | None: ...
+        @property
+        def rlimits(self) -> list[list[int]] | None: ...
+        @property
+        def sysinfo(self) -> bool: ...
 
 
 class Identity(NamedTuple):

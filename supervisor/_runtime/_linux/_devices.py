@@ -37,9 +37,14 @@ import os
 import struct
 import sys
 import threading
-from typing import Literal, NamedTuple
 
 from ..._errors import CgroupError
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Literal, NamedTuple
+else:
+    from .._tuples import NamedTuple
 
 __all__ = [
     "DEVICE_RULES",

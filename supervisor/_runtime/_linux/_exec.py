@@ -60,7 +60,6 @@ import socket
 import stat
 import struct
 import termios
-from typing import Any, NamedTuple, NoReturn
 
 from . import _syscalls as sc
 from ._child import (
@@ -76,6 +75,12 @@ from ._child import (
     restrict_like_sandbox,
 )
 from ._proc import starttime
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple, NoReturn
+else:
+    from .._tuples import NamedTuple
 
 __all__ = ["ExecConfig", "run_exec_intermediate"]
 

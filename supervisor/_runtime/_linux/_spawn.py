@@ -28,7 +28,6 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, NoReturn
 
 from .._dirs import make_run_dir
 from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
@@ -36,6 +35,12 @@ from ._exec import ExecConfig, run_exec_intermediate
 from ._proc import starttime as _starttime
 from ._proc import zombie_status
 from ._sysinfo import Context, context_of, fork_answerer, pidfd_pid
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple, NoReturn
+else:
+    from .._tuples import NamedTuple
 
 __all__ = [
     "KEEPER_SOCKET",

@@ -36,7 +36,6 @@ import select
 import signal
 import struct
 import time
-from typing import Any, NamedTuple
 
 from ._cbpf import (
     AUDIT_ARCH_X86_64,
@@ -47,6 +46,12 @@ from ._cbpf import (
     SECCOMP_RET_USER_NOTIF,
     insn,
 )
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from .._tuples import NamedTuple
 
 __all__ = [
     "ANSWERER_NAME",

@@ -19,12 +19,13 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 from ..._errors import SandboxError
 from . import _links, _nft
 from ._ipam import Lease, NetworkDir, known_networks, locked
 from ._model import DEFAULT_BRIDGE, DEFAULT_NETWORK, NetworkDecl, Port
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
 
 if TYPE_CHECKING:
     import ipaddress

@@ -24,10 +24,15 @@ import fcntl
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
 
 from ..._errors import SandboxError
 from .._records import write_atomic
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from .._tuples import NamedTuple
 
 if TYPE_CHECKING:
     import ipaddress

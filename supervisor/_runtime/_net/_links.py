@@ -14,15 +14,18 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
-
-if TYPE_CHECKING:
-    import ipaddress
 
 from ..._errors import SandboxError
 from .._linux import _syscalls as sc
 from ._ipam import Lease
 from ._model import DEFAULT_BRIDGE
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    import ipaddress
+    from typing import Any, NamedTuple
+else:
+    from .._tuples import NamedTuple
 
 __all__ = [
     "Used",

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
-
-if TYPE_CHECKING:
-    import ipaddress
 
 from ..._errors import SpecError
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    import ipaddress
+    from typing import Any, NamedTuple
+else:
+    from .._tuples import NamedTuple
 
 __all__ = [
     "DEFAULT_BRIDGE",

@@ -32,9 +32,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..._errors import SandboxError
+
+TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from .._tuples import NamedTuple
 
 if TYPE_CHECKING:
     from ipaddress import IPv4Network
