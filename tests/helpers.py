@@ -142,3 +142,29 @@ def reap_answerers(timeout: float = 30.0) -> list[int]:
         finally:
             os.close(pidfd)
     return found
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Wait for *proc* to end; the rest of its stdout and its stderr.
+
+    For a process whose stdout was read line by line (``readline``):
+    ``communicate()`` reads the descriptor itself and skips what the reader
+    holds already, read ahead (whole lines, or one without its newline: a
+    Python child with ``PYTHONUNBUFFERED`` writes a line and its newline in
+    two writes). Killed, and TimeoutExpired, if it does not end in time.
+    """
+    assert proc.stdout is not None and proc.stderr is not None
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        rest = pool.submit(proc.stdout.read)
+        err = pool.submit(proc.stderr.read)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # ours: the reads end
+            raise
+        out = rest.result(), err.result()
+    proc.stdout.close()
+    proc.stderr.close()
+    return out

@@ -16,6 +16,7 @@ import pytest
 from rootfs import ImageStore, busybox_image
 
 from .conftest import Dirs, corral, requires_root
+from .helpers import finish
 
 pytestmark = [requires_root, pytest.mark.layout]
 
@@ -99,7 +100,7 @@ def test_up_streams_events_and_stops_cleanly(dirs: Dirs, tmp_path: Path) -> None
             if ev.poll() is None:
                 ev.kill()
             ev.communicate()
-        out, err = up.communicate(timeout=30)
+        out, err = finish(up, 30)  # not communicate(): its stdout was read line by line
         assert up.returncode == 0, err
         tail = [json.loads(line)["event"] for line in out.splitlines()]
         assert tail[-1] == "supervisor_stopped"
