@@ -351,3 +351,23 @@ def test_the_busybox_key_written_out_is_its_recipe_s() -> None:
     from rootfs import _busybox
 
     assert "busybox/" + layer_id_of_recipe(_busybox.RECIPE) == _busybox._KEY
+
+
+def test_a_tag_s_file_name_is_quoted_as_urllib_would() -> None:
+    """Tags name files by ``urllib.parse.quote(tag, safe="")``; the store
+    quotes them itself (urllib is not imported on a start's path) and must
+    give the same names, or a store written before would lose its tags."""
+    import random
+    import string
+    import urllib.parse
+
+    from rootfs._store import _quote, _unquote
+
+    rng = random.Random(19)
+    alphabet = string.printable + "éßü€🙂"
+    tags = ["busybox", "a/b:c", "x y", "~._-", "%41", ""] + [
+        "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 24))) for _ in range(2000)
+    ]
+    for tag in tags:
+        assert _quote(tag) == urllib.parse.quote(tag, safe=""), tag
+        assert _unquote(_quote(tag)) == tag
