@@ -111,12 +111,10 @@ from ._units import human_size
 
 TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
 if TYPE_CHECKING:
+    import subprocess
     from typing import Any, NamedTuple, Protocol
 else:
     from ._tuples import NamedTuple
-
-if TYPE_CHECKING:
-    import subprocess
 
 __all__ = [
     "DEFAULT_RUN_DIR",
@@ -145,9 +143,8 @@ if TYPE_CHECKING:  # a type only: no typing at run time (see _runtime/_tuples.py
             on_pid: OnPid | None = None,
         ) -> Spawned: ...
 
-
-"""How a sandbox's process tree (or an exec'd process) is started:
-:func:`spawn_direct` or a keeper."""
+    """How a sandbox's process tree (or an exec'd process) is started:
+    :func:`spawn_direct` or a keeper."""
 
 
 def find_init_binary() -> str:
@@ -162,21 +159,22 @@ def find_init_binary() -> str:
     )
 
 
-_host_netns: int | None = None
+_ours: dict[str, int] = {}
+"""The inode of each of our own namespaces, by kind, once looked at."""
 
 
-def _own_netns(pid: int) -> int:
-    """A descriptor of process *pid*'s network namespace, if it has one of
-    its own (not ours); -1 otherwise."""
-    global _host_netns
+def _own_namespace(pid: int, kind: str) -> int:
+    """A descriptor of process *pid*'s namespace of *kind* (``mnt``,
+    ``net``), if it has one of its own (not ours: a sandbox on the host's
+    network has none); -1 otherwise."""
     try:
-        if _host_netns is None:
-            _host_netns = os.stat("/proc/self/ns/net").st_ino
-        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        if kind not in _ours:
+            _ours[kind] = os.stat(f"/proc/self/ns/{kind}").st_ino
+        fd = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return -1
     try:
-        if os.fstat(fd).st_ino != _host_netns:
+        if os.fstat(fd).st_ino != _ours[kind]:
             return fd
     except OSError:
         pass
@@ -238,18 +236,12 @@ class Sandbox:
         # Holding the mount namespace keeps its teardown (unmounting the
         # overlay, /proc, /dev, ...: RCU grace periods) out of the init's
         # exit, so the exit is reported sooner; destroy() lets it go.
-        try:
-            self._mntns = (
-                os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-                if self.pidfd >= 0
-                else -1
-            )
-        except OSError:
-            self._mntns = -1
         # And its network namespace, for the same reason: the kernel tears
         # a namespace down in a worker (about 1 ms of CPU for one with only
         # loopback), which would run beside a restart's next start.
-        self._netns = _own_netns(self.pid) if self.pidfd >= 0 else -1
+        alive = self.pidfd >= 0
+        self._mntns = _own_namespace(self.pid, "mnt") if alive else -1
+        self._netns = _own_namespace(self.pid, "net") if alive else -1
         self._exit: SandboxExit | None = None
         self.restored_from: CheckpointInfo | None = None
         """The checkpoint it was restored from, if it was."""
