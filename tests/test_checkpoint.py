@@ -685,6 +685,37 @@ def test_a_restore_that_hangs_is_ended_and_leaves_nothing(
 
 @pytest.mark.criu
 @requires_root
+def test_a_dump_that_hangs_is_ended_and_says_where(
+    runtime: Runtime, criu: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CRIU hangs in its dump, with the sandbox frozen (a wrapper that says
+    where it is and sleeps): at the timeout it is killed, the error quotes
+    its last words, the sandbox is thawed and runs on, nothing is stored."""
+    real = check_criu().binary
+    wrapper = tmp_path / "criu"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = dump ]; then echo "(00.5) waiting for the parasite" >&2;'
+        " exec sleep 1000; fi\n"
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CORRAL_CRIU", str(wrapper))
+    monkeypatch.setattr("supervisor._runtime._sandbox.CRIU_TIMEOUT", 2.0)
+    with counting(runtime) as (sb, _):
+        with pytest.raises(CheckpointError) as err:
+            runtime.checkpoint(sb, tag="t", leave_running=True)
+        assert str(err.value) == (
+            "checkpoint of 'c' failed: criu dump: timed out after 2 s;"
+            " (00.5) waiting for the parasite"
+        )
+        assert sb.poll() is None and not frozen(sb)
+    assert runtime.checkpoints.list("c") == []
+    assert os.listdir(runtime.checkpoints.dir("c")) == []
+
+
+@pytest.mark.criu
+@requires_root
 @pytest.mark.parametrize("step", ["dump", "pre-dump"])
 def test_a_failed_dump_leaves_the_sandbox_running(
     runtime: Runtime, criu: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str

@@ -1688,14 +1688,12 @@ class Runtime:
                 os.mkdir(pre, 0o700)
                 argv = [criu.binary, "pre-dump", *common, "--images-dir", pre]
                 pre_start = time.monotonic()
-                proc = _run_criu([*argv, "--log-file", "pre-dump.log", "--track-mem"], partial)
+                code, err = _run_criu([*argv, "--log-file", "pre-dump.log", "--track-mem"], partial)
                 pre_seconds = time.monotonic() - pre_start
-                if proc.returncode != 0:
+                if code != 0:
                     if sb.poll() is not None:
                         raise CheckpointError(f"sandbox {key!r} exited during the checkpoint")
-                    reason = criu_failure(
-                        read_log(os.path.join(pre, "pre-dump.log")) or proc.stderr
-                    )
+                    reason = _criu_reason(code, os.path.join(pre, "pre-dump.log"), err)
                     raise CheckpointError(f"checkpoint of {key!r} failed: criu pre-dump: {reason}")
                 # Its freeze counts too; if CRIU's figure cannot be read,
                 # the whole pre-dump does (an upper bound, never less).
@@ -1736,17 +1734,17 @@ class Runtime:
                 )
                 try:
                     criu_start = time.monotonic()
-                    proc = _run_criu(argv, partial)
+                    code, err = _run_criu(argv, partial)
                     criu_seconds = time.monotonic() - criu_start
                 except BaseException:
                     copy.kill()
                     copy.communicate()
                     raise
                 copy_error = _finish_copy(copy)
-                if proc.returncode != 0:
+                if code != 0:
                     if sb.poll() is not None:
                         raise CheckpointError(f"sandbox {key!r} exited during the checkpoint")
-                    reason = criu_failure(read_log(os.path.join(images, "dump.log")) or proc.stderr)
+                    reason = _criu_reason(code, os.path.join(images, "dump.log"), err)
                     raise CheckpointError(f"checkpoint of {key!r} failed: criu dump: {reason}")
                 if copy_error is not None:
                     raise CheckpointError(copy_error)
@@ -2141,8 +2139,9 @@ a supervisor that takes over after its predecessor died mid-checkpoint
 (see :meth:`Runtime.settle_checkpoints`)."""
 
 
-def _run_criu(argv: list[str], partial: str) -> subprocess.CompletedProcess[str]:
-    """Run CRIU (blocking), its identity noted in *partial* while it runs."""
+def _run_criu(argv: list[str], partial: str) -> tuple[int | None, str]:
+    """Run CRIU (blocking), its identity noted in *partial* while it runs;
+    its exit status (None: killed after :data:`CRIU_TIMEOUT`) and stderr."""
     import subprocess
 
     try:
@@ -2162,10 +2161,10 @@ def _run_criu(argv: list[str], partial: str) -> subprocess.CompletedProcess[str]
             write_atomic(pidfile, f"{proc.pid} {starttime(proc.pid)}\n")
         try:
             _, err = proc.communicate(timeout=CRIU_TIMEOUT)
-        except subprocess.TimeoutExpired as exc:
+        except subprocess.TimeoutExpired:
             proc.kill()
-            proc.communicate()
-            raise CheckpointError(f"criu {argv[1]} timed out after {CRIU_TIMEOUT:g} s") from exc
+            _, err = proc.communicate()
+            return None, err or ""
     except BaseException:
         if proc.poll() is None:
             proc.kill()
@@ -2173,7 +2172,15 @@ def _run_criu(argv: list[str], partial: str) -> subprocess.CompletedProcess[str]
         raise
     finally:
         _unlink(pidfile)
-    return subprocess.CompletedProcess(argv, proc.returncode, None, err)
+    return proc.returncode, err or ""
+
+
+def _criu_reason(code: int | None, log: str, stderr: str) -> str:
+    """Why a CRIU that exited with *code* (None: timed out) failed, from
+    its *log* or else its *stderr*. A hang says where CRIU was: the last
+    lines of its log."""
+    reason = criu_failure(read_log(log) or stderr)
+    return reason if code is not None else f"timed out after {CRIU_TIMEOUT:g} s; {reason}"
 
 
 def _wait_for_criu(pidfile: str, timeout: float) -> None:
@@ -2225,8 +2232,16 @@ def _start_copy(src: str, dest: str) -> subprocess.Popen[str]:
 
 
 def _finish_copy(proc: subprocess.Popen[str]) -> str | None:
-    """Wait for a copy; its error message, or None."""
-    _, err = proc.communicate()
+    """Wait for a copy (as long as CRIU is given); its error message, or None."""
+    import subprocess
+
+    try:
+        _, err = proc.communicate(timeout=CRIU_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        src = str(proc.args[-2])  # type: ignore[index]
+        return f"copying the writable layer {src}: timed out after {CRIU_TIMEOUT:g} s"
     if proc.returncode == 0:
         return None
     src = str(proc.args[-2])  # type: ignore[index]
