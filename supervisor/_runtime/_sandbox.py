@@ -252,6 +252,11 @@ class Sandbox:
         self._pidfd_lock = threading.Lock()
         self._pidfd_users = 0
         self._pidfd_released = False
+        # The CRIU checkpointing it now, if any (a pidfd, see _run_criu),
+        # and whether it was sent SIGKILL: a kill ends that CRIU first.
+        self._criu_lock = threading.Lock()
+        self._criu = -1
+        self._sigkilled = False
 
     @property
     def name(self) -> str:
@@ -270,6 +275,8 @@ class Sandbox:
         once the sandbox has ended or been destroyed (by another thread
         meanwhile too).
         """
+        if sig == signal.SIGKILL:
+            self._end_criu()
         if self._exit is not None or self.pidfd < 0:
             return
         if sig not in (signal.SIGKILL, signal.SIGSTOP) and not self._signals_ready:
@@ -351,8 +358,28 @@ class Sandbox:
             time.sleep(0.0002)
 
     def kill(self) -> None:
-        """SIGKILL the init; the kernel then kills the whole PID namespace."""
+        """SIGKILL the init; the kernel then kills the whole PID namespace.
+
+        A checkpoint being taken of it fails at once: its CRIU is killed
+        first (see :meth:`_end_criu`)."""
         self.send_signal(signal.SIGKILL)
+
+    def _end_criu(self) -> None:
+        """Kill the CRIU checkpointing it, if one is, and any that starts
+        from now on.
+
+        A sandbox killed under CRIU can leave the two waiting for each
+        other: CRIU for a task it has seized, the dying init (in the kernel)
+        for its children, which as CRIU's tracees stay unreaped zombies
+        until CRIU waits for them. Seen on cgroup v1: a pre-dump that ended
+        only at CRIU_TIMEOUT, ten minutes later. CRIU's death lets the
+        tasks go, and the checkpoint was doomed anyway.
+        """
+        with self._criu_lock:
+            self._sigkilled = True
+            if self._criu >= 0:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._criu, signal.SIGKILL)
 
     def wait(self) -> SandboxExit:
         """Block until the init has exited; return how it ended."""
@@ -1688,11 +1715,12 @@ class Runtime:
                 os.mkdir(pre, 0o700)
                 argv = [criu.binary, "pre-dump", *common, "--images-dir", pre]
                 pre_start = time.monotonic()
-                code, err = _run_criu([*argv, "--log-file", "pre-dump.log", "--track-mem"], partial)
+                code, err = _run_criu(
+                    [*argv, "--log-file", "pre-dump.log", "--track-mem"], partial, sb
+                )
                 pre_seconds = time.monotonic() - pre_start
                 if code != 0:
-                    if sb.poll() is not None:
-                        raise CheckpointError(f"sandbox {key!r} exited during the checkpoint")
+                    _check_alive(sb, key)
                     reason = _criu_reason(code, os.path.join(pre, "pre-dump.log"), err)
                     raise CheckpointError(f"checkpoint of {key!r} failed: criu pre-dump: {reason}")
                 # Its freeze counts too; if CRIU's figure cannot be read,
@@ -1734,7 +1762,7 @@ class Runtime:
                 )
                 try:
                     criu_start = time.monotonic()
-                    code, err = _run_criu(argv, partial)
+                    code, err = _run_criu(argv, partial, sb)
                     criu_seconds = time.monotonic() - criu_start
                 except BaseException:
                     copy.kill()
@@ -1742,8 +1770,7 @@ class Runtime:
                     raise
                 copy_error = _finish_copy(copy)
                 if code != 0:
-                    if sb.poll() is not None:
-                        raise CheckpointError(f"sandbox {key!r} exited during the checkpoint")
+                    _check_alive(sb, key)
                     reason = _criu_reason(code, os.path.join(images, "dump.log"), err)
                     raise CheckpointError(f"checkpoint of {key!r} failed: criu dump: {reason}")
                 if copy_error is not None:
@@ -2139,9 +2166,10 @@ a supervisor that takes over after its predecessor died mid-checkpoint
 (see :meth:`Runtime.settle_checkpoints`)."""
 
 
-def _run_criu(argv: list[str], partial: str) -> tuple[int | None, str]:
-    """Run CRIU (blocking), its identity noted in *partial* while it runs;
-    its exit status (None: killed after :data:`CRIU_TIMEOUT`) and stderr."""
+def _run_criu(argv: list[str], partial: str, sb: Sandbox) -> tuple[int | None, str]:
+    """Run CRIU on *sb* (blocking), its identity noted in *partial* while it
+    runs, and killed with the sandbox (see :meth:`Sandbox._end_criu`); its
+    exit status (None: killed after :data:`CRIU_TIMEOUT`) and stderr."""
     import subprocess
 
     try:
@@ -2156,7 +2184,13 @@ def _run_criu(argv: list[str], partial: str) -> tuple[int | None, str]:
     except OSError as exc:
         raise CheckpointError(f"cannot run {argv[0]}: {exc.strerror}") from exc
     pidfile = os.path.join(partial, CRIU_PID)
+    pidfd = -1
     try:
+        pidfd = os.pidfd_open(proc.pid)  # our child, not reaped: it is CRIU
+        with sb._criu_lock:
+            sb._criu = pidfd
+            if sb._sigkilled:  # killed before CRIU began: it must not run on
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         with contextlib.suppress(OSError):
             write_atomic(pidfile, f"{proc.pid} {starttime(proc.pid)}\n")
         try:
@@ -2171,8 +2205,21 @@ def _run_criu(argv: list[str], partial: str) -> tuple[int | None, str]:
             proc.communicate()
         raise
     finally:
+        if pidfd >= 0:
+            with sb._criu_lock:
+                sb._criu = -1
+            os.close(pidfd)
         _unlink(pidfile)
     return proc.returncode, err or ""
+
+
+def _check_alive(sb: Sandbox, key: str) -> None:
+    """After a failed CRIU: if the sandbox ended (or was killed, which ended
+    CRIU), that is why, not what CRIU said."""
+    if sb.poll() is not None:
+        raise CheckpointError(f"sandbox {key!r} exited during the checkpoint")
+    if sb._sigkilled:
+        raise CheckpointError(f"sandbox {key!r} was killed during the checkpoint")
 
 
 def _criu_reason(code: int | None, log: str, stderr: str) -> str:
