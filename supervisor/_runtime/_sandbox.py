@@ -2169,22 +2169,28 @@ a supervisor that takes over after its predecessor died mid-checkpoint
 def _run_criu(argv: list[str], partial: str, sb: Sandbox) -> tuple[int | None, str]:
     """Run CRIU on *sb* (blocking), its identity noted in *partial* while it
     runs, and killed with the sandbox (see :meth:`Sandbox._end_criu`); its
-    exit status (None: killed after :data:`CRIU_TIMEOUT`) and stderr."""
+    exit status (None: killed after :data:`CRIU_TIMEOUT`) and stderr.
+
+    Its stderr goes to a file in *partial*, not a pipe: the wait is for
+    CRIU's own end, never for an end of file that something CRIU forked
+    could keep from coming.
+    """
     import subprocess
 
+    err_path = os.path.join(partial, f"criu-{argv[1]}.stderr")
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
+        with open(err_path, "w") as err_file:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+            )
     except OSError as exc:
         raise CheckpointError(f"cannot run {argv[0]}: {exc.strerror}") from exc
     pidfile = os.path.join(partial, CRIU_PID)
     pidfd = -1
+    code: int | None = None
     try:
         pidfd = os.pidfd_open(proc.pid)  # our child, not reaped: it is CRIU
         with sb._criu_lock:
@@ -2194,15 +2200,14 @@ def _run_criu(argv: list[str], partial: str, sb: Sandbox) -> tuple[int | None, s
         with contextlib.suppress(OSError):
             write_atomic(pidfile, f"{proc.pid} {starttime(proc.pid)}\n")
         try:
-            _, err = proc.communicate(timeout=CRIU_TIMEOUT)
+            code = proc.wait(timeout=CRIU_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
-            _, err = proc.communicate()
-            return None, err or ""
+            proc.wait()
     except BaseException:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
         raise
     finally:
         if pidfd >= 0:
@@ -2210,7 +2215,13 @@ def _run_criu(argv: list[str], partial: str, sb: Sandbox) -> tuple[int | None, s
                 sb._criu = -1
             os.close(pidfd)
         _unlink(pidfile)
-    return proc.returncode, err or ""
+    try:
+        with open(err_path, errors="replace") as f:
+            err = f.read()
+    except OSError:
+        err = ""
+    _unlink(err_path)  # not part of the checkpoint
+    return code, err
 
 
 def _check_alive(sb: Sandbox, key: str) -> None:
