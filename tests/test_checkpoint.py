@@ -28,6 +28,7 @@ import trio.testing
 import events
 from supervisor import (
     CheckpointError,
+    CorralError,
     CriuUnavailableError,
     Runtime,
     Sandbox,
@@ -556,6 +557,60 @@ def test_an_exit_during_a_checkpoint_comes_after_its_outcome(dirs: Dirs, criu: N
     assert kinds.index("checkpointed") < kinds.index("exited"), kinds
     (died,) = of(evs, events.Exited, "d-0")
     assert died.signal == 9
+
+
+@pytest.mark.criu
+@requires_root
+def test_a_sandbox_that_dies_under_a_hung_criu_has_its_exit_at_once(
+    dirs: Dirs, criu: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sandbox dies on its own (as in an OOM kill: no kill of ours)
+    while CRIU, hung, pre-dumps it: its exited comes at once, after the
+    checkpoint's failure, not at CRIU's timeout (ten minutes; seen in CI,
+    where a restore after an OOM kill waited for it); CRIU is gone."""
+    if check_criu().crit is None:
+        pytest.skip("this CRIU cannot track memory: a checkpoint has no pre-dump to hang in")
+    real = check_criu().binary
+    hung = tmp_path / "hung"
+    wrapper = tmp_path / "criu"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = pre-dump ]; then echo $$ > {hung}; exec sleep 1000; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CORRAL_CRIU", str(wrapper))
+    f = fleet({"name": "d", "command": COUNTER})
+    failed: list[CorralError] = []
+
+    async def take(sup: Supervisor) -> None:
+        try:
+            await sup.checkpoint("d-0", tag="t", leave_running=True)
+        except CorralError as exc:
+            failed.append(exc)
+
+    async def body(sup: Supervisor) -> None:
+        await wait_event(sup, lambda e: isinstance(e, events.Started) and e.sandbox == "d-0")
+        (inst,) = sup.instances
+        assert inst.sandbox is not None
+        pid = inst.sandbox.pid
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take, sup)
+            await wait_for(lambda: hung.exists() and hung.read_text().strip() != "")
+            os.kill(pid, signal.SIGKILL)  # the sandbox's init: ours, and still unreaped
+            # A bound for a hang, not a measure: CRIU's timeout is 600 s.
+            await wait_event(
+                sup, lambda e: isinstance(e, events.Exited) and e.sandbox == "d-0", timeout=120
+            )
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(hung.read_text()), 0)  # the hung CRIU was killed (and reaped)
+
+    evs = run(f, dirs, body)
+    assert [str(e) for e in failed] == ["sandbox 'd-0' exited during the checkpoint"]
+    kinds = [e.kind for e in evs if e.sandbox == "d-0"]
+    assert kinds.index("checkpoint_failed") < kinds.index("exited"), kinds
+    (died,) = of(evs, events.Exited, "d-0")
+    assert died.signal == signal.SIGKILL
 
 
 @pytest.mark.criu

@@ -802,7 +802,8 @@ def test_an_oom_killed_bridged_sandbox_is_restored_with_its_address(
     finally:
         up.send_signal(signal.SIGTERM)
         out, err = up.communicate(timeout=120)
-    print(out, err)  # shown with a failure: what the supervisor said
+        # Shown with a failure, here or above: what the supervisor said.
+        print(out, err)
     assert up.returncode == 0, err
     assert seen["leases"] == [seen["address"]] and seen["holder"] == "hog-0.1", (seen, err)
     doc = seen["inspect"]

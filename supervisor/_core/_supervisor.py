@@ -1138,11 +1138,14 @@ class Supervisor(Verbs, Checkpoints, Updates):
                     watchers.start_soon(self._stop_when_asked, inst, sb, ident)
                     await trio.lowlevel.wait_readable(sb.pidfd)
                     watchers.cancel_scope.cancel()
-            # It died during a checkpoint (an OOM kill just after the dump
-            # thawed it): its outcome, checkpointed or checkpoint_failed,
-            # comes first, so the exited that follows, and any restart from
-            # the latest checkpoint, see the checkpoint stored or not.
+            # It died during a checkpoint (an OOM kill, during the pre-dump
+            # or just after the dump thawed it): its outcome, checkpointed
+            # or checkpoint_failed, comes first, so the exited that follows,
+            # and any restart from the latest checkpoint, see the checkpoint
+            # stored or not. A CRIU still at work is killed: it could wait
+            # for the dying tree as the tree waits for it (end_checkpoint).
             if inst.checkpointing:
+                sb.end_checkpoint()
                 await inst._idle.wait()
             # The cgroup's other counters are not read here: the OOM kills
             # are the watch's, and this is a restart's path.

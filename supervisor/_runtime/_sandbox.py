@@ -276,7 +276,7 @@ class Sandbox:
         meanwhile too).
         """
         if sig == signal.SIGKILL:
-            self._end_criu()
+            self.end_checkpoint()
         if self._exit is not None or self.pidfd < 0:
             return
         if sig not in (signal.SIGKILL, signal.SIGSTOP) and not self._signals_ready:
@@ -361,19 +361,22 @@ class Sandbox:
         """SIGKILL the init; the kernel then kills the whole PID namespace.
 
         A checkpoint being taken of it fails at once: its CRIU is killed
-        first (see :meth:`_end_criu`)."""
+        first (see :meth:`end_checkpoint`)."""
         self.send_signal(signal.SIGKILL)
 
-    def _end_criu(self) -> None:
+    def end_checkpoint(self) -> None:
         """Kill the CRIU checkpointing it, if one is, and any that starts
-        from now on.
+        from now on: for a sandbox being killed, or found dead (an OOM kill).
 
         A sandbox killed under CRIU can leave the two waiting for each
         other: CRIU for a task it has seized, the dying init (in the kernel)
         for its children, which as CRIU's tracees stay unreaped zombies
-        until CRIU waits for them. Seen on cgroup v1: a pre-dump that ended
-        only at CRIU_TIMEOUT, ten minutes later. CRIU's death lets the
-        tasks go, and the checkpoint was doomed anyway.
+        until CRIU waits for them. Seen on cgroup v1 after our kill, and on
+        v2 after an OOM kill: a pre-dump that ended only at CRIU_TIMEOUT,
+        ten minutes later. CRIU's death lets the tasks go, and the
+        checkpoint was doomed anyway (CRIU always leaves the tree running:
+        the kill after a checkpoint is ours, so a dead init always means a
+        failed one).
         """
         with self._criu_lock:
             self._sigkilled = True
@@ -2168,7 +2171,7 @@ a supervisor that takes over after its predecessor died mid-checkpoint
 
 def _run_criu(argv: list[str], partial: str, sb: Sandbox) -> tuple[int | None, str]:
     """Run CRIU on *sb* (blocking), its identity noted in *partial* while it
-    runs, and killed with the sandbox (see :meth:`Sandbox._end_criu`); its
+    runs, and killed with the sandbox (see :meth:`Sandbox.end_checkpoint`); its
     exit status (None: killed after :data:`CRIU_TIMEOUT`) and stderr.
 
     Its stderr goes to a file in *partial*, not a pipe: the wait is for
