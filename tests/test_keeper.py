@@ -329,6 +329,45 @@ def test_an_exit_is_read_from_the_kernel_while_the_keeper_cannot_answer(
             assert killed is not None and (killed.signal, killed.status) == (signal.SIGKILL, 137)
 
 
+def test_a_zombie_a_killed_keeper_hands_on_is_reaped_and_its_sandbox_can_end(
+    dirs: Dirs, alarm: None
+) -> None:
+    """An exec'd process ends while the keeper (its parent) is stopped: its
+    status is read from its zombie. Then the keeper is killed, and the
+    zombie, handed on to us, is reaped when the keeper is replaced. Left
+    unreaped, it would hold the sandbox's PID namespace: the init, killed,
+    would never finish exiting (seen: a fleet whose stop never ended)."""
+    with Keeper(str(dirs.run)) as keeper:
+        rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
+        with rt.create(SandboxSpec(name="s", argv=("sleep", "60"))) as sb:
+            r, w = os.pipe()
+            try:
+                with rt.exec(sb, ["sh", "-c", "read x; exit 5"], stdio=(r, 1, 2)) as proc:
+                    os.close(r)
+                    r = -1
+                    os.kill(keeper.pid, signal.SIGSTOP)
+                    os.close(w)  # it ends, and nobody reaps it
+                    w = -1
+                    select.select([proc.pidfd], [], [])
+                    assert proc.poll() == 5
+                    assert Path(f"/proc/{proc.pid}/stat").read_text().split()[2] == "Z"
+                    # The keeper is our child: its PID is not reused before we reap it.
+                    held = os.pidfd_open(keeper.pid)
+                    try:
+                        signal.pidfd_send_signal(held, signal.SIGKILL)
+                        select.select([held], [], [])
+                    finally:
+                        os.close(held)
+                    assert keeper.check()  # found dead, and replaced
+                    assert not Path(f"/proc/{proc.pid}").exists()
+            finally:
+                for fd in (r, w):
+                    if fd >= 0:
+                        os.close(fd)
+            sb.kill()
+            assert sb.wait().signal == signal.SIGKILL  # the init finished exiting
+
+
 def test_a_status_reaped_by_another_process_is_read_through_the_pidfd() -> None:
     """Once its parent has reaped it, a process's status is still read
     through a pidfd taken before (Linux 6.15+; older kernels say None and

@@ -34,6 +34,7 @@ from ._child import LaunchConfig, SetupFailure, decode_failure, run_intermediate
 from ._exec import ExecConfig, run_exec_intermediate
 from ._proc import starttime as _starttime
 from ._proc import zombie_status
+from ._syscalls import set_name
 from ._sysinfo import Context, context_of, fork_answerer, pidfd_pid
 
 TYPE_CHECKING = False  # typing's, without importing it at run time: see _runtime/_tuples.py
@@ -399,9 +400,17 @@ def _answer_direct(cfg: LaunchConfig | ExecConfig, proc: Spawned) -> Spawned:
     return proc._replace(notify_fd=-1)
 
 
+SETUP_NAME = b"corral-setup"
+"""The name (``comm``) of an intermediate, the process that sets up a
+sandbox or an exec and ends: a zombie of that name handed on to the
+supervisor is its to reap (see :meth:`Keeper._reap_orphans`)."""
+
+
 def run_child(
     cfg: LaunchConfig | ExecConfig, report: socket.socket, stdio: tuple[int, int, int]
 ) -> NoReturn:  # pragma: no cover - runs in the child
+    with contextlib.suppress(OSError):
+        set_name(SETUP_NAME)  # the init or exec'd process execs before it runs anything
     if isinstance(cfg, ExecConfig):
         run_exec_intermediate(cfg, report, stdio)
     run_intermediate(cfg, report, stdio)
@@ -508,6 +517,9 @@ class Keeper(Reaper):
 
         self._hangups = select.epoll()
         self._listener_keys: dict[int, str] = {}
+        # (PID, start time) of the processes whose status was read from
+        # their zombie while a keeper was their parent (see _from_zombie).
+        self._unreaped: set[tuple[int, int]] = set()
         self._sock = self._connect_or_start()
 
     # -- connection -------------------------------------------------------
@@ -610,6 +622,9 @@ class Keeper(Reaper):
                     self._proc.wait(timeout=5)
                 self._proc = None
                 self._collect_forker()
+                # Reaped, so it has handed its children on to us.
+                self._reap_orphans()
+            self._unreaped.clear()
             sock = self._connect_or_start()
             for key, fds in self._held.items():
                 with contextlib.suppress(OSError):
@@ -849,7 +864,9 @@ class Keeper(Reaper):
             # SIGCHLD) from the pidfd. In that order: a reap in between
             # is still seen.
             status = zombie_status(proc.pid, proc.starttime)
-            if status is None:
+            if status is not None:
+                self._from_zombie(proc)
+            else:
                 status = reaped_status(proc.pidfd)
             if status is not None and os.WIFEXITED(status):
                 return ExitStatus(os.WEXITSTATUS(status), None)
@@ -877,6 +894,71 @@ class Keeper(Reaper):
             if "running" in answer:
                 return None
             return super()._not_ours(proc, block)
+
+    def _from_zombie(self, proc: Spawned) -> None:
+        """*proc*'s status was read from its zombie, which the keeper (its
+        parent: ours it would have been reaped by ``waitid``) will reap.
+
+        Unless the keeper dies first: then the zombie is handed on to us,
+        the subreaper above it, and nobody would reap it. A zombie holds
+        its PID, and an exec'd process's zombie holds its sandbox's PID
+        namespace: the sandbox's init, when it ends, waits in the kernel
+        until every process of its namespace is reaped (seen: a fleet's
+        stop that never ended, its keeper having been killed). So it is
+        noted, for :meth:`_replace` to reap if the keeper dies; and reaped
+        here if that has happened already. Noted under the lock that
+        :meth:`_replace` holds, then tried: one or the other reaps it.
+        """
+        with self._lock:
+            self._unreaped.add((proc.pid, proc.starttime))
+            if len(self._unreaped) > 1024:
+                # Those reaped by the keeper meanwhile (as almost all are).
+                self._unreaped = {
+                    (pid, start) for pid, start in self._unreaped if zombie_status(pid, start)
+                }
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitid(os.P_PIDFD, proc.pidfd, os.WEXITED | os.WNOHANG)
+
+    def _reap_orphans(self) -> None:
+        """Reap the zombies a dead keeper handed on to us whose status was
+        read already (see :meth:`_from_zombie`), and its intermediates.
+        Called with the lock held, once the keeper is reaped.
+
+        An intermediate caught mid-setup by its forker's death is ours
+        now; nobody else waits for it. It ends within moments (it forks
+        and reports): those still running are given a second, then left
+        to the next keeper's death, or to our own end.
+        """
+        import time
+
+        setups = []
+        for child in _children():
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(child)
+                with open(f"/proc/{child}/comm", "rb") as f:
+                    if f.read().rstrip(b"\n") == SETUP_NAME:
+                        setups.append(pidfd)
+                        continue
+                os.close(pidfd)
+        deadline = time.monotonic() + 1.0
+        for pidfd in setups:
+            with contextlib.suppress(ChildProcessError, OSError):
+                if has_exited(pidfd, max(0.0, deadline - time.monotonic())):
+                    os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+            os.close(pidfd)
+        for pid, start in self._unreaped:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue  # reaped: by the keeper, or by _from_zombie
+            try:
+                # The pidfd names one process; the start time says it is
+                # that one (a zombie's PID cannot be another's meanwhile).
+                if zombie_status(pid, start) is not None:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+            finally:
+                os.close(pidfd)
 
     def forget(self, proc: Spawned) -> None:
         # Its listener's last task may have been this one: our copy goes
@@ -949,6 +1031,17 @@ class Keeper(Reaper):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _children() -> list[int]:
+    """The PIDs of our children (those handed on to us included: to a
+    thread of ours, whichever; hence every thread's list)."""
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children", "rb") as f:
+                pids.extend(int(p) for p in f.read().split())
+    return pids
 
 
 def _pidfd_of(pid: bytes) -> int:

@@ -69,6 +69,7 @@ __all__ = [
     "restrict_capabilities",
     "set_child_subreaper",
     "set_dumpable",
+    "set_name",
     "set_parent_death_signal",
     "setns",
     "switch_user",
@@ -99,6 +100,7 @@ UMOUNT_NOFOLLOW = 8
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_NAME = 15
 
 # glibc has no pivot_root wrapper; the number differs per architecture.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
@@ -187,6 +189,14 @@ def set_child_subreaper() -> None:
     """
     if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def set_name(name: bytes) -> None:
+    """Name the calling thread (``PR_SET_NAME``: its ``/proc/PID/comm``,
+    what ``ps`` shows), up to 15 bytes; ``execve`` names it anew."""
+    buf = ctypes.create_string_buffer(name[:15])
+    if _libc.prctl(_PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0) != 0:
+        raise _fail("prctl(PR_SET_NAME)")
 
 
 def set_parent_death_signal(signum: int) -> None:
