@@ -787,6 +787,52 @@ def test_a_dump_that_hangs_is_ended_and_says_where(
     assert os.listdir(runtime.checkpoints.dir("c")) == []
 
 
+@pytest.mark.criu
+@requires_root
+def test_a_checkpoint_whose_sandbox_dies_under_a_hung_criu_ends_at_once(
+    runtime: Runtime, criu: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The library alone: CRIU hangs in the pre-dump, the init dies (killed
+    from outside, as by an OOM kill): the checkpoint ends at once, saying
+    why, not at CRIU's timeout; nothing is stored."""
+    if check_criu().crit is None:
+        pytest.skip("this CRIU cannot track memory: a checkpoint has no pre-dump to hang in")
+    real = check_criu().binary
+    hung = tmp_path / "hung"
+    wrapper = tmp_path / "criu"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = pre-dump ]; then echo $$ > {hung}; exec sleep 1000; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CORRAL_CRIU", str(wrapper))
+    failed: list[CheckpointError] = []
+
+    def take(sb: Sandbox) -> None:
+        try:
+            runtime.checkpoint(sb, tag="t", leave_running=True)
+        except CheckpointError as exc:
+            failed.append(exc)
+
+    with counting(runtime) as (sb, _):
+        taker = threading.Thread(target=take, args=(sb,))
+        taker.start()
+        try:
+            deadline = time.monotonic() + 120
+            while not (hung.exists() and hung.read_text().strip()):
+                assert taker.is_alive() and time.monotonic() < deadline, failed
+                time.sleep(0.01)
+            os.kill(sb.pid, signal.SIGKILL)  # the init, unreaped: ours
+        finally:
+            taker.join(120)  # a bound for a hang: CRIU's timeout is 600 s
+        assert not taker.is_alive(), "the checkpoint did not end after the death"
+        assert [str(e) for e in failed] == ["sandbox 'c' exited during the checkpoint"]
+        assert sb.wait().signal == signal.SIGKILL
+    assert runtime.checkpoints.list("c") == []
+    assert os.listdir(runtime.checkpoints.dir("c")) == []
+
+
 def _tracer(pid: int) -> int:
     """The PID of process *pid*'s tracer (0: none, or it is gone)."""
     try:

@@ -1142,10 +1142,9 @@ class Supervisor(Verbs, Checkpoints, Updates):
             # or just after the dump thawed it): its outcome, checkpointed
             # or checkpoint_failed, comes first, so the exited that follows,
             # and any restart from the latest checkpoint, see the checkpoint
-            # stored or not. A CRIU still at work is killed: it could wait
-            # for the dying tree as the tree waits for it (end_checkpoint).
+            # stored or not. (A CRIU still at work is ended by the
+            # checkpoint itself, which watches the init too.)
             if inst.checkpointing:
-                sb.end_checkpoint()
                 await inst._idle.wait()
             # The cgroup's other counters are not read here: the OOM kills
             # are the watch's, and this is a restart's path.

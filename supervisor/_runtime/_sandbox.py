@@ -2202,9 +2202,8 @@ def _run_criu(argv: list[str], partial: str, sb: Sandbox) -> tuple[int | None, s
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         with contextlib.suppress(OSError):
             write_atomic(pidfile, f"{proc.pid} {starttime(proc.pid)}\n")
-        try:
-            code = proc.wait(timeout=CRIU_TIMEOUT)
-        except subprocess.TimeoutExpired:
+        code = _wait_for_criu_or_death(proc, pidfd, sb)
+        if code is None:  # CRIU_TIMEOUT
             proc.kill()
             proc.wait()
     except BaseException:
@@ -2225,6 +2224,33 @@ def _run_criu(argv: list[str], partial: str, sb: Sandbox) -> tuple[int | None, s
         err = ""
     _unlink(err_path)  # not part of the checkpoint
     return code, err
+
+
+def _wait_for_criu_or_death(proc: Any, pidfd: int, sb: Sandbox) -> int | None:
+    """CRIU's exit status once it has exited (None: still running after
+    :data:`CRIU_TIMEOUT`). Should *sb* die meanwhile (an OOM kill, say:
+    not a kill of ours, which ends CRIU itself), CRIU is ended at once
+    (:meth:`Sandbox.end_checkpoint`): whoever takes the checkpoint, a
+    fleet or a program using the library, is not kept waiting."""
+    import select
+
+    deadline = time.monotonic() + CRIU_TIMEOUT
+    with sb._pidfd_held() as init:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if init is not None:
+            poller.register(init, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready = {fd for fd, _ in poller.poll(left * 1000)}
+            if pidfd in ready:
+                code: int = proc.wait()
+                return code
+            if init is not None and init in ready:
+                sb.end_checkpoint()  # CRIU's exit follows
+                poller.unregister(init)
 
 
 def _check_alive(sb: Sandbox, key: str) -> None:
