@@ -933,13 +933,11 @@ class Keeper(Reaper):
 
         setups = []
         for child in _children():
-            with contextlib.suppress(OSError):
-                pidfd = os.pidfd_open(child)
-                with open(f"/proc/{child}/comm", "rb") as f:
-                    if f.read().rstrip(b"\n") == SETUP_NAME:
-                        setups.append(pidfd)
-                        continue
-                os.close(pidfd)
+            # A child's PID is not another's before we reap it: the name
+            # first, a descriptor only for the few set-up processes.
+            with contextlib.suppress(OSError), open(f"/proc/{child}/comm", "rb") as f:
+                if f.read().rstrip(b"\n") == SETUP_NAME:
+                    setups.append(os.pidfd_open(child))
         deadline = time.monotonic() + 1.0
         for pidfd in setups:
             with contextlib.suppress(ChildProcessError, OSError):
