@@ -14,7 +14,7 @@ from types import FrameType
 import pytest
 
 from supervisor import Keeper, Runtime, SandboxError, SandboxSpec
-from supervisor._runtime._linux._spawn import KeeperError, reaped_status
+from supervisor._runtime._linux._spawn import KeeperError, OutputPipes, reaped_status
 
 from .conftest import Dirs, requires_root
 
@@ -248,14 +248,13 @@ def test_a_start_does_not_carry_the_pipes_the_keeper_holds(dirs: Dirs, alarm: No
     with Keeper(str(dirs.run)) as keeper:
         for i in range(100):
             r, w = os.pipe()
-            keeper.hold(f"k{i}", r, w)
-            os.close(r)
-            os.close(w)
+            mine = OutputPipes(r, w)
+            keeper.hold(f"k{i}", mine)
+            mine.let_go_both()  # the keeper client's share keeps them open
         pipes, _ = keeper.held()  # answered after every hold before it
         assert len(pipes) == 100
         for pair in pipes.values():
-            for fd in pair:
-                os.close(fd)
+            pair.let_go_both()
         assert len(os.listdir(f"/proc/{keeper.pid}/fd")) >= 200
         rt = Runtime(state_dir=dirs.state, run_dir=dirs.run, spawner=keeper.spawn)
         with rt.create(SandboxSpec(name="light", argv=("true",))) as sb:

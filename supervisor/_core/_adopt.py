@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from .._errors import CorralError
 from .._runtime._checkpoint import spec_to_dict
 from .._runtime._dirs import make_run_dir
-from .._runtime._linux._spawn import Keeper, has_exited
+from .._runtime._linux._spawn import Keeper, OutputPipes, has_exited
 from .._runtime._records import write_atomic
 from .._runtime._sandbox import Runtime, Sandbox
 
@@ -91,8 +91,9 @@ class Found:
     generation: int
     spec: dict[str, object]
     """Its spec as recorded (plain data), to tell whether the fleet changed it."""
-    pipes: tuple[int, int] | None = None
-    """The read ends of its stdout and stderr pipes, from the keeper (ours now)."""
+    pipes: OutputPipes | None = None
+    """The read ends of its stdout and stderr pipes, from the keeper (we
+    are their reader now)."""
     late: bool = False
     """It had ended when found."""
     published: bool = False
@@ -105,10 +106,9 @@ class Found:
     ended (their partial dumps are removed; it may still be frozen)."""
 
     def close_pipes(self) -> None:
-        """Close the pipes (when nobody will read them)."""
-        for fd in self.pipes or ():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Let go of the pipes (when nobody will read them)."""
+        if self.pipes is not None:
+            self.pipes.let_go_both()
         self.pipes = None
 
 
@@ -188,12 +188,11 @@ def survey(
     out.swept = runtime.sweep(owned)
     # And what killed `corral run`s left (their sandboxes died with them).
     out.swept += runtime.sweep_claims()
-    for key, fds in pipes.items():
+    for key, left in pipes.items():
         # Held for a sandbox that has no record (its create failed while
         # its supervisor died): nothing to read them for.
         keeper.release(key)
-        for fd in fds:
-            os.close(fd)
+        left.let_go_both()
     return out
 
 

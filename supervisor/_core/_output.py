@@ -238,8 +238,10 @@ async def pump(
     *,
     chunk: int = 65536,
     on_error: Callable[[OSError], None] | None = None,
+    close: Callable[[int], None] = os.close,
 ) -> None:
-    """Copy a pipe to *writer* as *stream* records until end of file, then close *fd*.
+    """Copy a pipe to *writer* as *stream* records until end of file, then
+    close *fd* (with *close*: a descriptor shared with others is let go of).
 
     *fd* is the read end of a pipe; the pump makes it non-blocking (which
     affects every descriptor sharing its open file description, so the
@@ -290,7 +292,7 @@ async def pump(
             if rest:
                 write(rest)
         finally:
-            os.close(fd)
+            close(fd)
 
 
 # --- the format both sides share ----------------------------------------------

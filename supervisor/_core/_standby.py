@@ -27,6 +27,7 @@ import trio
 
 if TYPE_CHECKING:
     from .._errors import CorralError
+    from .._runtime._linux._spawn import OutputPipes
     from .._runtime._sandbox import Sandbox
     from .._runtime._spec import SandboxSpec
 
@@ -49,7 +50,7 @@ class Standby:
         """Set once its create has returned or failed."""
         self.sandbox: Sandbox | None = None
         """The running sandbox, once it went and its command was exec'd."""
-        self.pipes: tuple[int, int] | None = None
+        self.pipes: OutputPipes | None = None
         """The read ends of its stdout and stderr, for the log pumps."""
         self.error: CorralError | None = None
         """Why it was not made, or did not start."""

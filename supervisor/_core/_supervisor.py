@@ -48,7 +48,7 @@ from events import (
 from .._errors import CheckpointError, CorralError, SandboxError, os_failure
 from .._runtime._dirs import DEFAULT_RUN_DIR
 from .._runtime._linux._cgroups import OomWatch
-from .._runtime._linux._spawn import Keeper, KeeperError
+from .._runtime._linux._spawn import Keeper, KeeperError, OutputPipes
 from .._runtime._net._model import DEFAULT_NETWORK
 from .._runtime._sandbox import ExecProcess, Runtime, Sandbox, StandbyCancelled
 from .._runtime._spec import SandboxSpec
@@ -740,15 +740,15 @@ class Supervisor(Verbs, Checkpoints, Updates):
             self._outputs[name] = writer
         return writer
 
-    def _start_pumps(self, pipes: tuple[int, int] | None, writer: OutputWriter) -> None:
+    def _start_pumps(self, pipes: OutputPipes | None, writer: OutputWriter) -> None:
         """Copy a sandbox's stdout and stderr to its log until end of file."""
         assert self._janitor is not None
         if pipes is None:
             return
         # The pumps end by themselves at end of file, once every process of
         # the sandbox is gone; they outlive the generation's task on purpose.
-        self._janitor.start_soon(self._pump, pipes[0], "stdout", writer)
-        self._janitor.start_soon(self._pump, pipes[1], "stderr", writer)
+        self._janitor.start_soon(self._pump, pipes, 0, writer)
+        self._janitor.start_soon(self._pump, pipes, 1, writer)
 
     async def _supervise(self, inst: Instance) -> None:
         """Run one instance, generation after generation, until it is stopped."""
@@ -800,7 +800,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
         # stdout and stderr go through pipes to the instance's log writer:
         # each line is stamped and tagged, whole, and the file is rotated.
         try:
-            out_r, out_w, err_r, err_w, null = _open_stdio()
+            pipes, out_w, err_w, null = _open_stdio()
         except OSError as exc:
             # Out of descriptors, say: this instance fails to start, the
             # fleet runs on.
@@ -837,7 +837,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
                 except OSError as exc:
                     raise SandboxError(f"sandbox {held!r}: cannot write {os_failure(exc)}") from exc
                 try:
-                    keeper.hold(held, out_r, err_r)
+                    keeper.hold(held, pipes)
                 except (KeeperError, OSError) as exc:
                     reason = os_failure(exc) if isinstance(exc, OSError) else str(exc)
                     raise SandboxError(
@@ -850,8 +850,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
                     inst, pending, spec, (null, out_w, err_w), labels
                 )
                 if sb is None and not pending.fallback:
-                    os.close(out_r)
-                    os.close(err_r)
+                    pipes.let_go_both()
                     await trio.to_thread.run_sync(
                         keeper.release, held, limiter=self.limiters.lifecycle
                     )
@@ -871,8 +870,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
             # The runtime translates OSError; one it did not is still this
             # instance's failure, said in one line with its path.
             error = exc if isinstance(exc, CorralError) else SandboxError(os_failure(exc))
-            os.close(out_r)
-            os.close(err_r)
+            pipes.let_go_both()
             if held:
                 await trio.to_thread.run_sync(keeper.release, held, limiter=self.limiters.lifecycle)
             if pending is not None and not pending.done.is_set():
@@ -890,7 +888,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
         inst.set_state("running")
         inst.started_at = time.time()
         inst.oom_kills_reported = inst.oom_events_seen = 0
-        self._start_pumps((out_r, err_r), writer)
+        self._start_pumps(pipes, writer)
         await self._watch_generation(inst, sb, ident)
 
     # -- standby generations (._standby) ---------------------------------------------
@@ -925,7 +923,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
         assert self.runtime is not None and self.keeper is not None
         runtime, keeper = self.runtime, self.keeper
         try:
-            out_r, out_w, err_r, err_w, null = _open_stdio()
+            pipes, out_w, err_w, null = _open_stdio()
         except OSError as exc:
             standby.error = SandboxError(f"cannot make its output pipes: {os_failure(exc)}")
             standby.done.set()
@@ -940,7 +938,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
             # only skips the number should a successor start the instance
             # afresh: numbers are never used twice, and never must be.
             note_generation(state_dir, str(standby.labels["instance"]), standby.generation)
-            keeper.hold(name, out_r, err_r)
+            keeper.hold(name, pipes)
 
         try:
             spec = await self._prepare_rootfs(standby.spec)
@@ -962,8 +960,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
                 )
         except (CorralError, OSError) as exc:
             standby.decide(False)  # a failure before the gate: nobody waits for it
-            os.close(out_r)
-            os.close(err_r)
+            pipes.let_go_both()
             if held:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(
@@ -976,7 +973,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
                 self._standby_said[name] = str(exc)
                 say(f"corral: {name}: no standby, its restarts start afresh: {standby.error}")
         else:
-            standby.sandbox, standby.pipes = sb, (out_r, err_r)
+            standby.sandbox, standby.pipes = sb, pipes
         finally:
             for fd in (null, out_w, err_w):
                 os.close(fd)
@@ -1198,7 +1195,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
         else:
             self._janitor.start_soon(self._destroy, sb, inst._standby)
 
-    async def _pump(self, fd: int, stream: str, writer: OutputWriter) -> None:
+    async def _pump(self, pipes: OutputPipes, which: int, writer: OutputWriter) -> None:
         def full_disk(exc: OSError) -> None:
             pass  # keep draining: a blocked sandbox would be worse than lost output
 
@@ -1207,7 +1204,13 @@ class Supervisor(Verbs, Checkpoints, Updates):
         with trio.CancelScope(shield=True) as scope:
             self._pump_scopes.add(scope)
             try:
-                await pump(fd, stream, writer, on_error=full_disk)
+                await pump(
+                    pipes.fds[which],
+                    ("stdout", "stderr")[which],
+                    writer,
+                    on_error=full_disk,
+                    close=pipes.let_go,
+                )
             finally:
                 self._pump_scopes.discard(scope)
 
@@ -1417,8 +1420,8 @@ async def _stop_build(proc: trio.Process) -> None:
     proc.kill()
 
 
-def _open_stdio() -> tuple[int, int, int, int, int]:
-    """A generation's stdio: (stdout read, write, stderr read, write,
+def _open_stdio() -> tuple[OutputPipes, int, int, int]:
+    """A generation's stdio: (the read ends, stdout's write end, stderr's,
     /dev/null); nothing is left open if one cannot be made."""
     made: list[int] = []
     try:
@@ -1430,4 +1433,4 @@ def _open_stdio() -> tuple[int, int, int, int, int]:
             os.close(fd)
         raise
     out_r, out_w, err_r, err_w, null = made
-    return out_r, out_w, err_r, err_w, null
+    return OutputPipes(out_r, err_r), out_w, err_w, null

@@ -84,6 +84,7 @@ from ._linux._child import (
     LaunchConfig,
 )
 from ._linux._exec import ExecConfig
+from ._linux._fdlimit import patiently
 from ._linux._proc import starttime
 from ._linux._spawn import (
     ExitStatus,
@@ -753,6 +754,12 @@ class Runtime:
             return self._spawn(cfg, stdio, on_pid=on_pid)
         except SpawnFailed as exc:
             if exc.pidfd is not None and exc.pid is not None:
+                # Killed first: a failure on our side (a report whose
+                # descriptor could not be received here, at the open-file
+                # limit) leaves a child that goes on to its exec, and the
+                # reap would wait for it for ever.
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(exc.pidfd, signal.SIGKILL)
                 failed = Spawned(exc.pid, exc.pidfd, starttime=exc.starttime)
                 self.reaper.reap(failed, block=True)
                 self.reaper.forget(failed)
@@ -774,7 +781,7 @@ class Runtime:
             shutil.rmtree(sdir, ignore_errors=True)
             _unlink(record)
             os.mkdir(sdir, 0o700)
-        undo.callback(shutil.rmtree, sdir, ignore_errors=True)
+        undo.callback(_remove_state_dir, sdir)
         for sub in ("upper", "work", "merged"):
             os.mkdir(os.path.join(sdir, sub), 0o755)
 
@@ -1396,7 +1403,7 @@ class Runtime:
         """The sandbox's cgroup, with its limits and (unless privileged) the
         device policy; *undo* removes it."""
         cgroup = self.cgroups.create(f"corral-{spec.name}", spec.limits.effective())
-        undo.callback(cgroup.remove)
+        undo.callback(patiently, cgroup.remove)
         if not spec.security.privileged:
             try:
                 cgroup.restrict_devices()
@@ -2541,6 +2548,39 @@ def _share_images(top: str, base: int) -> None:
             if entry.is_file(follow_symlinks=False):
                 os.chmod(entry.path, 0o644)
     check_reachable(os.path.join(top, "images"), base, "its checkpoint's images")
+
+
+def _remove_state_dir(sdir: str) -> None:
+    """Remove a sandbox's state directory, made by this create.
+
+    What a create makes there is removed by path first, while it is empty
+    (a create that failed before its command ran): that needs no
+    descriptor, where :func:`shutil.rmtree` opens one per level, so a
+    create that failed for want of descriptors (a fleet at its open-file
+    limit) still leaves nothing behind. What is not empty is removed by
+    :func:`shutil.rmtree`.
+    """
+    # The overlay's own (work/work, work/index), then ours; an idmapped
+    # layer's mount point per layer, numbered from 0.
+    n = 0
+    while True:
+        try:
+            os.rmdir(os.path.join(sdir, "lower", str(n)))
+        except OSError:
+            break
+        n += 1
+    for sub in ("work/work", "work/index", "upper", "work", "merged", "lower"):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(sdir, sub))
+    try:
+        os.rmdir(sdir)
+    except FileNotFoundError:
+        return
+    except OSError:
+        try:
+            patiently(shutil.rmtree, sdir)
+        except OSError:
+            shutil.rmtree(sdir, ignore_errors=True)  # as much as can be
 
 
 def _give_pipes(stdio: tuple[int, int, int], uid: int) -> None:

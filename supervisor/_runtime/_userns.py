@@ -48,6 +48,7 @@ import threading
 from collections.abc import Iterator
 
 from .._errors import SandboxError
+from ._linux._fdlimit import patiently
 from ._records import abandoned, record_path
 from ._security import USERNS_POOL, USERNS_SIZE, Security
 
@@ -111,7 +112,7 @@ def allocate_range(
         if len(taken) == units:
             ours.add(start, units)
             for path in taken:
-                undo.callback(_release, path, name)
+                undo.callback(patiently, _release, path, name)
             return first + start * USERNS_SIZE, size
         for path in taken:
             _release(path, name)

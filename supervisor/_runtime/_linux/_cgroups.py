@@ -417,6 +417,17 @@ def _mkdir(path: str) -> None:
         raise CgroupError(f"failed to create cgroup {path}: {exc.strerror}") from exc
 
 
+def _has_processes(paths: Iterable[str]) -> bool:
+    """Whether a process is left in one of a cgroup's *paths*; False if
+    that cannot be read (no descriptor left: a fleet at its open-file
+    limit). The removal then tells, needing none: an ``rmdir`` refuses a
+    cgroup with processes (EBUSY), and succeeds on an empty one."""
+    try:
+        return any(os.path.isdir(p) and _pids_in(p) for p in paths)
+    except CgroupError:
+        return False
+
+
 def _rmdir(path: str, kill: Iterable[str] = ()) -> None:
     """Remove a cgroup directory, waiting out tasks that are still exiting.
 
@@ -475,25 +486,72 @@ def _freeze_and_kill(path: str, freezer: str | None) -> None:
     """Kill every process in a v1 cgroup (or a v2 one without cgroup.kill).
 
     Frozen tasks cannot fork, so the list of PIDs read while frozen is
-    complete; SIGKILL is delivered when they are thawed.
+    complete; SIGKILL is delivered when they are thawed. Both files are
+    opened once, before the freeze, and read and written in place: the
+    thaw needs no new descriptor, so it cannot fail for want of one (a
+    fleet at its open-file limit) and leave the cgroup frozen for ever.
     """
-    if freezer is not None:
-        _write(os.path.join(freezer, "freezer.state"), "FROZEN")
-        deadline = time.monotonic() + 2.0
-        while _read(os.path.join(freezer, "freezer.state")).strip() != "FROZEN":
-            if time.monotonic() > deadline:
-                break
+    procs = _open(os.path.join(path, "cgroup.procs"), os.O_RDONLY)
+    try:
+        if freezer is not None:
+            state = _open(os.path.join(freezer, "freezer.state"), os.O_RDWR)
+            try:
+                _freeze_fd(state)
+                try:
+                    _kill_pids(_pids_from(procs, path))
+                finally:
+                    _rewrite(state, b"THAWED", freezer)
+            finally:
+                os.close(state)
+        for _ in range(100):
+            pids = _pids_from(procs, path)
+            if not pids:
+                return
+            _kill_pids(pids)
             time.sleep(0.001)
-        try:
-            _kill_pids(_pids_in(path))
-        finally:
-            _write(os.path.join(freezer, "freezer.state"), "THAWED")
-    for _ in range(100):
-        pids = _pids_in(path)
-        if not pids:
-            return
-        _kill_pids(pids)
+    finally:
+        os.close(procs)
+
+
+def _open(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CgroupError(f"failed to open {path}: {exc.strerror}") from exc
+
+
+def _freeze_fd(state: int) -> None:
+    """Freeze through the open ``freezer.state`` *state*, and wait (up to
+    2 s) for FROZEN: v1 says nothing when FREEZING ends."""
+    _rewrite(state, b"FROZEN", "freezer.state")
+    deadline = time.monotonic() + 2.0
+    while os.pread(state, 64, 0).strip() != b"FROZEN":
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.001)
+
+
+def _rewrite(fd: int, value: bytes, what: str) -> None:
+    try:
+        os.pwrite(fd, value, 0)
+    except OSError as exc:
+        raise CgroupError(f"failed to write {value.decode()!r} to {what}: {exc.strerror}") from exc
+
+
+def _pids_from(procs: int, path: str) -> list[int]:
+    """The PIDs in the open ``cgroup.procs`` *procs* (of *path*), read from its start."""
+    chunks: list[bytes] = []
+    offset = 0
+    try:
+        while True:
+            chunk = os.pread(procs, 65536, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    except OSError as exc:
+        raise CgroupError(f"failed to read {path}/cgroup.procs: {exc.strerror}") from exc
+    return [int(p) for p in b"".join(chunks).split()]
 
 
 # -- OOM watches -------------------------------------------------------------
@@ -1006,7 +1064,7 @@ class V1Cgroup(Cgroup):
         return out
 
     def remove(self) -> None:
-        if any(os.path.isdir(p) and _pids_in(p) for p in self._paths):
+        if _has_processes(self._paths):
             self.kill()
         errors: list[CgroupError] = []
         for p in self._paths:
@@ -1293,9 +1351,11 @@ class V2Cgroup(Cgroup):
         return {"": "/" + os.path.relpath(self._path, self._mount).lstrip("./")}
 
     def remove(self) -> None:
-        if os.path.isdir(self._path) and _pids_in(self._path):
+        if _has_processes((self._path,)):
             self.kill()
-        self.wait_unpopulated()
+        # Unreadable at the open-file limit: the rmdir's retries wait then.
+        with contextlib.suppress(CgroupError, OSError):
+            self.wait_unpopulated()
         _rmdir(self._path)
 
     def wait_unpopulated(self, timeout: float = 5.0) -> bool:

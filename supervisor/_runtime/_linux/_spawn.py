@@ -24,6 +24,7 @@ the sandbox's init.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -233,6 +234,10 @@ NO_REPORT = "the setup process died without a report"
 """The failure of a spawn whose report socket closed before any report."""
 
 
+DROPPED = "a descriptor it sent was dropped here: Too many open files"
+"""The failure of a spawn whose report came without the descriptor it carried."""
+
+
 OnPid = Callable[[int], None]
 """Called with the new init's PID before it may exec (see :func:`collect`)."""
 
@@ -256,7 +261,7 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
     pty_master: int | None = None
     notify = -1
     while True:
-        msg, fds, _, _ = recv_fds(sock, 65536, 1)
+        msg, fds, flags, _ = recv_fds(sock, 65536, 1)
         # The init's listener may come before the intermediate's "P":
         # nothing orders the two processes' reports (taking it for a
         # missing "P" killed one start in about a hundred).
@@ -278,6 +283,11 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
             if found is None:
                 raise SpawnFailed(decode_failure(msg))
             raise SpawnFailed(decode_failure(msg), *found)
+        if flags & socket.MSG_CTRUNC:
+            # Its pidfd was dropped: we are at the open-file limit. The
+            # child goes on; its cgroup's removal kills it.
+            _drain(sock)
+            raise SpawnFailed(SetupFailure("spawn", errno.EMFILE, DROPPED))
         raise SpawnFailed(SetupFailure("spawn", 0, NO_REPORT))
     pid_s, _, start_s = msg[1:].partition(b":")
     pid, start, pidfd = int(pid_s), int(start_s or 0), fds[0]
@@ -296,7 +306,7 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
             sock.send(b"G")
     try:
         while True:
-            msg, fds, _, _ = recv_fds(sock, 65536, 1)
+            msg, fds, flags, _ = recv_fds(sock, 65536, 1)
             if msg == b"T" and len(fds) == 1 and pty_master is None:
                 pty_master = fds[0]
                 continue
@@ -307,11 +317,12 @@ def collect(sock: socket.socket, on_pid: OnPid | None = None) -> Spawned:
                 os.close(fd)
             if not msg:
                 return Spawned(pid, pidfd, pty_master, start, notify)
-            failure = (
-                decode_failure(msg)
-                if msg[:1] == b"E"
-                else SetupFailure("spawn", 0, f"unexpected report {msg[:40]!r}")
-            )
+            if msg[:1] == b"E":
+                failure = decode_failure(msg)
+            elif flags & socket.MSG_CTRUNC:
+                failure = SetupFailure("spawn", errno.EMFILE, DROPPED)
+            else:
+                failure = SetupFailure("spawn", 0, f"unexpected report {msg[:40]!r}")
             # The failed process is about to exit, but is it ours to reap
             # yet? Only once the intermediate is gone (the end of file says
             # so, see keeper_main); reaping before would fail, and the
@@ -452,6 +463,54 @@ KEEPER_SOCKET = "keeper.sock"
 """The holder keeper's socket, in the run directory."""
 
 
+class OutputPipes:
+    """The read ends of a sandbox's stdout and stderr pipes, shared.
+
+    Their reader (the supervisor's log pumps) and the keeper client
+    (:meth:`Keeper.hold`, which gives them again to a keeper that replaces
+    a dead one) use the same two descriptors; each end is closed once every
+    holder has let go of it (:meth:`let_go`). Copies of their own would
+    cost a fleet two descriptors per sandbox, and the open-file limit
+    bounds a fleet (see ``docs/performance.md``). Thread-safe.
+    """
+
+    __slots__ = ("_lock", "_users", "fds")
+
+    def __init__(self, out_r: int, err_r: int) -> None:
+        import threading
+
+        self.fds = (out_r, err_r)
+        """stdout's read end, stderr's."""
+        self._users = [1, 1]  # the reader's, until it lets go
+        self._lock = threading.Lock()
+
+    def share(self) -> None:
+        """One more holder of both ends. Raises ValueError if an end is
+        closed already (a holder must take its share before the reader
+        can be done)."""
+        with self._lock:
+            if 0 in self._users:
+                raise ValueError(f"output pipes {self.fds}: shared after they were closed")
+            self._users = [n + 1 for n in self._users]
+
+    def let_go(self, fd: int) -> None:
+        """A holder is done with end *fd*; the last one closes it."""
+        i = self.fds.index(fd)
+        with self._lock:
+            if self._users[i] == 0:
+                return
+            self._users[i] -= 1
+            last = self._users[i] == 0
+        if last:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def let_go_both(self) -> None:
+        """A holder is done with both ends."""
+        for fd in self.fds:
+            self.let_go(fd)
+
+
 class KeeperError(OSError):
     """The keeper could not be started or reached.
 
@@ -504,9 +563,10 @@ class Keeper(Reaper):
         self._proc: Any = None  # subprocess.Popen of a keeper we started
         self._pid = 0
         self._forker = -1  # a pidfd of its forker (see _collect_forker)
-        # key -> our duplicates of the output pipes' read ends given to the
-        # keeper, to give them again to a keeper that replaces a dead one.
-        self._held: dict[str, tuple[int, int]] = {}
+        # key -> the output pipes' read ends given to the keeper (shared
+        # with their reader), to give them again to a keeper that replaces
+        # a dead one.
+        self._held: dict[str, OutputPipes] = {}
         # key -> our duplicate of a sysinfo listener given to the keeper and
         # its context: the same, and while we hold it a keeper's death makes
         # sysinfo wait for the next keeper instead of failing (ENOSYS).
@@ -626,9 +686,11 @@ class Keeper(Reaper):
                 self._reap_orphans()
             self._unreaped.clear()
             sock = self._connect_or_start()
-            for key, fds in self._held.items():
+            # Open still: their share is let go of only by release(),
+            # under this lock.
+            for key, pipes in self._held.items():
                 with contextlib.suppress(OSError):
-                    _send(sock, {"hold": key}, list(fds))
+                    _send(sock, {"hold": key}, list(pipes.fds))
             for key, (fd, ctx) in self._listeners.items():
                 with contextlib.suppress(OSError):
                     _send(sock, {"sysinfo": [key, list(ctx)]}, [fd])
@@ -798,35 +860,38 @@ class Keeper(Reaper):
 
     # -- holding ----------------------------------------------------------
 
-    def hold(self, key: str, out_r: int, err_r: int) -> None:
+    def hold(self, key: str, pipes: OutputPipes) -> None:
         """Have the keeper keep the read ends of sandbox *key*'s output
         pipes open until :meth:`release`, so that it never dies of SIGPIPE
-        while no supervisor reads them (it blocks once a pipe is full)."""
-        dups = (os.dup(out_r), os.dup(err_r))
+        while no supervisor reads them (it blocks once a pipe is full).
+        This client takes a share of *pipes* (see :class:`OutputPipes`)
+        until then, taken even if the keeper cannot be told now."""
+        pipes.share()
         with self._lock:
             old = self._held.pop(key, None)
-            self._held[key] = dups
+            self._held[key] = pipes
         if old is not None:
-            _close(old)
-        self._send({"hold": key}, list(dups))
+            old.let_go_both()
+        self._send({"hold": key}, list(pipes.fds))
 
     def release(self, key: str) -> None:
         """The keeper may close what it holds for sandbox *key*."""
         with self._lock:
-            dups = self._held.pop(key, None)
-        if dups is not None:
-            _close(dups)
+            pipes = self._held.pop(key, None)
+        if pipes is not None:
+            pipes.let_go_both()
         with contextlib.suppress(OSError):
             self._send({"release": key})
 
-    def held(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[int, int], ExitStatus]]:
+    def held(self) -> tuple[dict[str, OutputPipes], dict[tuple[int, int], ExitStatus]]:
         """What the keeper holds: the pipes' read ends by key (new
-        descriptors, the caller's), and the exit statuses it keeps by
-        (PID, start time). Pipes listed are held on from now on (as if by
-        :meth:`hold`); so are the ``sysinfo`` listeners it answers on (kept
-        here, for a keeper that replaces it)."""
+        descriptors: the caller is their reader, and lets go of them), and
+        the exit statuses it keeps by (PID, start time). Pipes listed are
+        held on from now on (as if by :meth:`hold`); so are the
+        ``sysinfo`` listeners it answers on (kept here, for a keeper that
+        replaces it)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pipes: dict[str, tuple[int, int]] = {}
+        pipes: dict[str, OutputPipes] = {}
         exits: dict[tuple[int, int], ExitStatus] = {}
         listeners: dict[str, tuple[int, Context]] = {}
         with parent:
@@ -838,7 +903,7 @@ class Keeper(Reaper):
                     break
                 answer = _unpack(msg)
                 if "held" in answer and len(fds) == 2:
-                    pipes[str(answer["held"])] = (fds[0], fds[1])
+                    pipes[str(answer["held"])] = OutputPipes(fds[0], fds[1])
                     continue
                 if "sysinfo" in answer and len(fds) == 1:
                     key, ctx = answer["sysinfo"]
@@ -848,8 +913,12 @@ class Keeper(Reaper):
                 for pid, start, code, sig in answer.get("exits", ()):
                     exits[(pid, start)] = ExitStatus(code, sig)
         with self._lock:
-            for key, (out_r, err_r) in pipes.items():
-                self._held[key] = (os.dup(out_r), os.dup(err_r))
+            for key, shared in pipes.items():
+                shared.share()
+                old = self._held.pop(key, None)
+                if old is not None:
+                    old.let_go_both()  # the same pipes: the keeper's copies replace them
+                self._held[key] = shared
             for key, entry in listeners.items():
                 self._keep_listener(key, entry)
         return pipes, exits
@@ -983,8 +1052,8 @@ class Keeper(Reaper):
             listeners, self._listeners = self._listeners, {}
             self._listener_keys.clear()
             self._hangups.close()
-        for fds in held.values():
-            _close(fds)
+        for pipes in held.values():
+            pipes.let_go_both()
         _close([fd for fd, _ in listeners.values()])
         if self._proc is None:
             return
