@@ -45,7 +45,7 @@ supervisor's last event with no ``gap``. At the end nothing may be left: no
 init alive, no ``corral-*`` cgroup of the fleet, no record.
 
 Kernel limits that a fleet of this size meets are printed first, with what
-the run needs (PIDs: two per sandbox). The supervisor holds about nine
+the run needs (PIDs: two per sandbox). The supervisor holds about five
 descriptors per sandbox: where the hard open-file limit cannot hold
 ``--count`` (it cannot be raised without ``CAP_SYS_RESOURCE``), the run is
 cut to the largest fleet it can hold, and says so (``--force`` tries all).
@@ -96,9 +96,10 @@ signal.signal(signal.SIGUSR1, done)
 sys.exit(prof.runcall(main, sys.argv[2:]))
 """
 ENTRY = 1000  # a fleet entry's most replicas
-FDS_MEASURED = 10
-"""Descriptors the supervisor holds per sandbox, measured (9 on cgroup v1:
-four pipes, a pidfd, an eventfd, a sysinfo listener, two files), plus one."""
+FDS_MEASURED = 6
+"""Descriptors the supervisor holds per sandbox in a large fleet, measured
+(5 on cgroup v1: two pipes, a pidfd, an eventfd, a sysinfo listener; the
+namespaces and the logs of only some), plus one."""
 
 FLEET_HEAD = """
 [supervisor]

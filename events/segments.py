@@ -240,6 +240,13 @@ class SegmentFiles(Generic[S]):
         self.closed = True
         self._close_fd()
 
+    def let_go(self) -> None:
+        """Close the current segment's descriptor for now: the next write
+        opens it again (its size and tail read back, as :meth:`open`
+        does). For many files written now and then, each holding a
+        descriptor for nothing meanwhile."""
+        self._close_fd()
+
     def _close_fd(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1

@@ -263,9 +263,9 @@ def test_running_out_of_descriptors_fails_starts_not_the_supervisor(
     dirs: Dirs, tmp_path: Path
 ) -> None:
     """With too few descriptors for what is added (each sandbox takes about
-    eight), the instances that cannot get theirs fail to start, one line
-    each; those running already run on, and the supervisor stops them all
-    cleanly."""
+    five, and more while it starts), the instances that cannot get theirs
+    fail to start, one line each, leaving nothing behind; those running
+    already run on, and the supervisor stops them all cleanly."""
     busybox_image(ImageStore(dirs.state / "images"))  # built: nothing waits for it
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text('[[sandbox]]\nname = "base"\nreplicas = 4\ncommand = "sleep 1000"\n')

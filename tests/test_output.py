@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -26,7 +27,7 @@ from supervisor._cli._output_reader import (
     parse_since,
     read_records,
 )
-from supervisor._core._output import LineSplitter, OutputWriter, Record, pump
+from supervisor._core._output import LineSplitter, OpenLogs, OutputWriter, Record, pump
 
 RECORD_RE = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) [FP] [^\n]*")
 FILLER = bytes(range(0x20, 0x7F)) * 4
@@ -445,10 +446,47 @@ def test_closed_writer_refuses(tmp_path: Path) -> None:
         w.write_line("stdout", "F", b"x")
 
 
+def _open_files(path: Path) -> int:
+    """This process's descriptors open on *path*."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:
+            pass  # the listing's own descriptor, closed since
+    return count
+
+
+def test_only_the_most_recently_written_logs_stay_open(tmp_path: Path) -> None:
+    """Past the capacity of OpenLogs, the least recently written log lets
+    go of its descriptor; its next write opens the file again and appends,
+    a torn last record still ended before it."""
+    logs = OpenLogs(capacity=2)
+    paths = [tmp_path / f"{n}.log" for n in "abc"]
+    writers = [OutputWriter(str(p), open_logs=logs) for p in paths]
+    try:
+        assert [_open_files(p) for p in paths] == [0, 1, 1]  # a's was the oldest
+        writers[0].write_line("stdout", "F", b"one")
+        assert [_open_files(p) for p in paths] == [1, 0, 1]
+        assert len(logs) == 2
+        with open(paths[1], "ab") as f:
+            f.write(b"torn, no newline")  # as a crash mid-write leaves it
+        writers[1].write_line("stderr", "F", b"two")
+        assert [_open_files(p) for p in paths] == [1, 1, 0]
+        lines = paths[1].read_bytes().split(b"\n")
+        assert lines[0] == b"torn, no newline" and lines[1].endswith(b" stderr F two")
+        writers[1].close()
+        assert len(logs) == 1 and _open_files(paths[1]) == 0
+    finally:
+        for w in writers:
+            w.close()
+    assert len(logs) == 0
+
+
 # --- read_records ----------------------------------------------------------------
 
 
-def write(path: str, records: list[Record], **kw: int) -> None:
+def write(path: str, records: list[Record], **kw: Any) -> None:
     with OutputWriter(path, **kw) as w:
         for r in records:
             w.write_line(r.stream, "P" if r.partial else "F", r.content, ts=r.ts)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+from rootfs import ImageStore, busybox_image
 from supervisor._cli._fleet import FDS_PER_SANDBOX, check_kernel_limits
+
+from .conftest import Dirs, requires_root
 
 
 def _read(path: str) -> int:
@@ -56,3 +63,59 @@ def test_the_open_files_limit_short_of_the_fleet_is_named(tmp_path: Path) -> Non
         f"corral: warning: 1000 sandboxes need about {need} open files; the hard limit"
         " is 1100 (raise it: ulimit -Hn, LimitNOFILE= of a service)\n"
     )
+
+
+def _census(pid: int) -> Counter[str]:
+    """Process *pid*'s descriptors by kind: pipe, net, mnt, pidfd, a file's
+    directory (``logs``) ..."""
+    kinds: Counter[str] = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("anon_inode:"):
+            kinds[target.removeprefix("anon_inode:").strip("[]")] += 1
+        elif target.startswith("/"):
+            kinds[os.path.basename(os.path.dirname(target))] += 1
+        else:
+            kinds[target.split(":")[0]] += 1
+    return kinds
+
+
+@requires_root
+def test_a_fleet_costs_its_supervisor_few_descriptors_per_sandbox(
+    dirs: Dirs, tmp_path: Path
+) -> None:
+    """The open-file limit bounds a fleet. Per sandbox the supervisor holds
+    its output pipes' two read ends once (not a copy for the keeper client
+    too); the sandboxes' namespaces only within a sixteenth of the limit;
+    and every log file is open while among the 256 most recently written
+    (all 40 here: see test_output for the rest)."""
+    busybox_image(ImageStore(dirs.state / "images"))
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[sandbox]]\nname = "fd"\nreplicas = 40\ncommand = "sleep 1000"\n')
+    proc = subprocess.Popen(
+        ["prlimit", "--nofile=1024:1024", sys.executable, "-m", "supervisor", "up", "--json",
+         str(fleet)],
+        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        started: set[str] = set()
+        while len(started) < 40:
+            line = proc.stdout.readline()
+            assert line, f"corral up ended: {proc.communicate()[1][-2000:]}"
+            rec = json.loads(line)
+            assert rec["event"] != "start_failed", rec
+            if rec["event"] == "started":
+                started.add(rec["sandbox"])
+        kinds = _census(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert kinds["pipe"] <= 2 * 40 + 4, kinds  # the supervisor's own: its stdout, stderr
+    assert kinds["net"] + kinds["mnt"] == 1024 // 16, kinds  # 32 sandboxes' of 40
+    assert kinds["logs"] == 40, kinds
+    assert sum(kinds.values()) <= 7 * 40 + 80, kinds

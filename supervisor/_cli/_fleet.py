@@ -71,10 +71,12 @@ def parse_verb(name: str, words: Sequence[str]) -> argparse.Namespace | None:
     return None if verb is None else parse_plain(name, verb, words)
 
 
-FDS_PER_SANDBOX = 12
-"""Descriptors a supervisor holds per sandbox, with room: 9-10 measured on
-cgroup v1 (pidfd, output pipes, OOM watch, log files, namespaces), one or
-two more on v2. The keeper, which inherits the limit, holds three."""
+FDS_PER_SANDBOX = 6
+"""Descriptors a supervisor holds per sandbox, with room: 5 measured on
+cgroup v1 (its pidfd, its output pipes' read ends, its OOM watch, its
+sysinfo listener's copy) once its log file has let go (past the 256 most
+recently written) and its namespaces are not held (past a sixteenth of
+the limit). The keeper, which inherits the limit, holds three."""
 
 
 def raise_open_files_limit(instances: int = 0) -> None:

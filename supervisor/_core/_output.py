@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TIMESTAMP_RE",
     "LineSplitter",
+    "OpenLogs",
     "OutputWriter",
     "Record",
     "pump",
@@ -71,6 +72,44 @@ class Record(NamedTuple):
 # --- writing -----------------------------------------------------------------
 
 
+class OpenLogs:
+    """The writers whose files stay open: the *capacity* most recently
+    written to. The others let go of their descriptor and open the file
+    again at their next write.
+
+    A fleet's sandboxes mostly write nothing for long stretches; an open
+    log each would cost a descriptor per sandbox, and the open-file limit
+    bounds a fleet (``docs/performance.md``). A write to a file let go of
+    costs an ``open``, an ``fstat`` and a ``pread`` more. Not thread-safe:
+    the trio thread's, as the writers are.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        if capacity < 1:
+            raise ValueError(f"open logs: capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self._open: dict[OutputWriter, None] = {}  # oldest first (insertion order)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def used(self, writer: OutputWriter) -> None:
+        """*writer* has its file open now: the least recently used past
+        the capacity lets go of its own."""
+        held = self._open
+        if writer in held:
+            del held[writer]  # to the end: the most recent
+        held[writer] = None
+        if len(held) > self.capacity:
+            oldest = next(iter(held))
+            del held[oldest]
+            oldest._files.let_go()
+
+    def forget(self, writer: OutputWriter) -> None:
+        """*writer* is closed."""
+        self._open.pop(writer, None)
+
+
 class OutputWriter:
     """Appends records to a sandbox's log file and rotates it.
 
@@ -92,6 +131,7 @@ class OutputWriter:
         max_bytes: int = 10 << 20,
         max_files: int = 5,
         max_line: int = 16 << 10,
+        open_logs: OpenLogs | None = None,
     ) -> None:
         if max_bytes < 1 or max_files < 1 or max_line < 1:
             raise ValueError(
@@ -113,6 +153,11 @@ class OutputWriter:
         self._files: NumberedSegments = NumberedSegments(
             path, segment_bytes=max_bytes, max_files=max_files, mode=0o600, terminator=b"\n"
         )
+        # With *open_logs*, the file is open only while among the most
+        # recently written (see OpenLogs).
+        self._open_logs = open_logs
+        if open_logs is not None:
+            open_logs.used(self)
 
     def __enter__(self) -> OutputWriter:
         return self
@@ -123,6 +168,8 @@ class OutputWriter:
     def close(self) -> None:
         """Close the current file (idempotent)."""
         self._files.close()
+        if self._open_logs is not None:
+            self._open_logs.forget(self)
 
     def write_line(self, stream: str, tag: str, content: bytes, ts: float | None = None) -> None:
         """Append one record; *ts* defaults to now."""
@@ -162,6 +209,8 @@ class OutputWriter:
             if files.current.size + len(data) <= self.max_bytes:
                 if contents:
                     files.write(data)
+                    if self._open_logs is not None:
+                        self._open_logs.used(self)
                 return
             head = head[:-2]
         records: list[bytes] = []
@@ -173,6 +222,8 @@ class OutputWriter:
                 raise ValueError(f"log {self.path}: record content contains a newline")
             records.append(b"%s%s %s\n" % (head, tbytes, content))
         files.write_records(records)
+        if self._open_logs is not None:
+            self._open_logs.used(self)
 
     def _format_ts(self, ns: int) -> bytes:
         sec, frac = divmod(ns, _NS)

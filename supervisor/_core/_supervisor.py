@@ -70,7 +70,7 @@ from ._fleet import Fleet, FleetError
 from ._instance import BUSY_PAUSE, Ident, Instance
 from ._limiters import Limiters
 from ._lxcfs_watch import watch_lxcfs
-from ._output import OutputWriter, pump
+from ._output import OpenLogs, OutputWriter, pump
 from ._overrides import load_overrides, still_valid
 from ._plugin_host import (
     DEFAULT_PLUGINS,
@@ -180,6 +180,8 @@ class Supervisor(Verbs, Checkpoints, Updates):
         self._stopping = trio.Event()
         self._stop_reason = "requested"
         self._outputs: dict[str, OutputWriter] = {}
+        # Of those, the files kept open: the most recently written.
+        self._open_logs = OpenLogs()
         self._janitor: trio.Nursery | None = None
         self._standby_said: dict[str, str] = {}
         self._fleet_nursery: trio.Nursery | None = None
@@ -736,6 +738,7 @@ class Supervisor(Verbs, Checkpoints, Updates):
                 output_path(self.runtime.state_dir, name),
                 max_bytes=self.fleet.supervisor.log_max_bytes,
                 max_files=self.fleet.supervisor.log_max_files,
+                open_logs=self._open_logs,
             )
             self._outputs[name] = writer
         return writer

@@ -164,6 +164,39 @@ _ours: dict[str, int] = {}
 """The inode of each of our own namespaces, by kind, once looked at."""
 
 
+class _HoldBudget:
+    """How many sandboxes' namespaces this process holds (two descriptors
+    each, see :class:`Sandbox`): at most as many as a sixteenth of its
+    open-file limit pays for. With the usual limits (524,288 for a
+    service) that is every sandbox; where the limit is what bounds a
+    fleet, the descriptors go to the sandboxes themselves."""
+
+    SHARE = 16
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held = 0
+
+    def take(self) -> bool:
+        """One more sandbox's namespaces may be held; False if over budget."""
+        import resource  # a C module; here so that importing this one stays cheap
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        with self._lock:
+            if soft != resource.RLIM_INFINITY and 2 * (self._held + 1) > soft // self.SHARE:
+                return False
+            self._held += 1
+            return True
+
+    def give(self) -> None:
+        """A sandbox's namespaces were let go of."""
+        with self._lock:
+            self._held -= 1
+
+
+_HOLDS = _HoldBudget()
+
+
 def _own_namespace(pid: int, kind: str) -> int:
     """A descriptor of process *pid*'s namespace of *kind* (``mnt``,
     ``net``), if it has one of its own (not ours: a sandbox on the host's
@@ -240,9 +273,14 @@ class Sandbox:
         # And its network namespace, for the same reason: the kernel tears
         # a namespace down in a worker (about 1 ms of CPU for one with only
         # loopback), which would run beside a restart's next start.
-        alive = self.pidfd >= 0
-        self._mntns = _own_namespace(self.pid, "mnt") if alive else -1
-        self._netns = _own_namespace(self.pid, "net") if alive else -1
+        # Within a budget of descriptors (_HOLDS): near the open-file
+        # limit they are the sandboxes' own, not an optimisation's.
+        self._mntns = self._netns = -1
+        if self.pidfd >= 0 and _HOLDS.take():
+            self._mntns = _own_namespace(self.pid, "mnt")
+            self._netns = _own_namespace(self.pid, "net")
+            if self._mntns < 0 and self._netns < 0:
+                _HOLDS.give()
         self._exit: SandboxExit | None = None
         self.restored_from: CheckpointInfo | None = None
         """The checkpoint it was restored from, if it was."""
@@ -458,10 +496,13 @@ class Sandbox:
         self._release_pidfd()
 
     def _let_namespaces_go(self) -> None:
+        if self._mntns < 0 and self._netns < 0:
+            return
         for fd in (self._mntns, self._netns):
             if fd >= 0:
                 os.close(fd)
         self._mntns = self._netns = -1
+        _HOLDS.give()
 
     def __enter__(self) -> Sandbox:
         return self
