@@ -71,12 +71,13 @@ def parse_verb(name: str, words: Sequence[str]) -> argparse.Namespace | None:
     return None if verb is None else parse_plain(name, verb, words)
 
 
-FDS_PER_SANDBOX = 6
+FDS_PER_SANDBOX = 7
 """Descriptors a supervisor holds per sandbox, with room: 5 measured on
 cgroup v1 (its pidfd, its output pipes' read ends, its OOM watch, its
-sysinfo listener's copy) once its log file has let go (past the 256 most
-recently written) and its namespaces are not held (past a sixteenth of
-the limit). The keeper, which inherits the limit, holds three."""
+sysinfo listener's copy), 6 on v2 (an OOM watch is two there), once its
+log file has let go (past the 256 most recently written) and its
+namespaces are not held (past a sixteenth of the limit). The keeper,
+which inherits the limit, holds three."""
 
 
 def raise_open_files_limit(instances: int = 0) -> None:
