@@ -494,13 +494,14 @@ def _freeze_and_kill(path: str, freezer: str | None) -> None:
     procs = _open(os.path.join(path, "cgroup.procs"), os.O_RDONLY)
     try:
         if freezer is not None:
-            state = _open(os.path.join(freezer, "freezer.state"), os.O_RDWR)
+            state_path = os.path.join(freezer, "freezer.state")
+            state = _open(state_path, os.O_RDWR)
             try:
-                _freeze_fd(state)
+                _freeze_fd(state, state_path)
                 try:
                     _kill_pids(_pids_from(procs, path))
                 finally:
-                    _rewrite(state, b"THAWED", freezer)
+                    _rewrite(state, b"THAWED", state_path)
             finally:
                 os.close(state)
         for _ in range(100):
@@ -520,10 +521,10 @@ def _open(path: str, flags: int) -> int:
         raise CgroupError(f"failed to open {path}: {exc.strerror}") from exc
 
 
-def _freeze_fd(state: int) -> None:
-    """Freeze through the open ``freezer.state`` *state*, and wait (up to
-    2 s) for FROZEN: v1 says nothing when FREEZING ends."""
-    _rewrite(state, b"FROZEN", "freezer.state")
+def _freeze_fd(state: int, path: str) -> None:
+    """Freeze through *state*, ``freezer.state`` (*path*) open, and wait (up
+    to 2 s) for FROZEN: v1 says nothing when FREEZING ends."""
+    _rewrite(state, b"FROZEN", path)
     deadline = time.monotonic() + 2.0
     while os.pread(state, 64, 0).strip() != b"FROZEN":
         if time.monotonic() > deadline:
@@ -531,11 +532,12 @@ def _freeze_fd(state: int) -> None:
         time.sleep(0.001)
 
 
-def _rewrite(fd: int, value: bytes, what: str) -> None:
+def _rewrite(fd: int, value: bytes, path: str) -> None:
+    """Write *value* to *fd*, cgroup file *path* open."""
     try:
         os.pwrite(fd, value, 0)
     except OSError as exc:
-        raise CgroupError(f"failed to write {value.decode()!r} to {what}: {exc.strerror}") from exc
+        raise CgroupError(f"failed to write {value.decode()!r} to {path}: {exc.strerror}") from exc
 
 
 def _pids_from(procs: int, path: str) -> list[int]:
