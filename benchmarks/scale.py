@@ -96,10 +96,11 @@ signal.signal(signal.SIGUSR1, done)
 sys.exit(prof.runcall(main, sys.argv[2:]))
 """
 ENTRY = 1000  # a fleet entry's most replicas
-FDS_MEASURED = 6
-"""Descriptors the supervisor holds per sandbox in a large fleet, measured
-(5 on cgroup v1: two pipes, a pidfd, an eventfd, a sysinfo listener; the
-namespaces and the logs of only some), plus one."""
+FDS_MEASURED = {"v1": 6, "v2": 7}
+"""Descriptors the supervisor holds per sandbox in a large fleet, measured,
+plus one: 5 on cgroup v1 (two pipes, a pidfd, an eventfd, a sysinfo
+listener; the namespaces and the logs of only some), 6 on v2 (its OOM
+watch is an epoll set and memory.events)."""
 
 FLEET_HEAD = """
 [supervisor]
@@ -468,12 +469,13 @@ def main() -> None:
     import resource
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    room = (hard - 1024) // FDS_MEASURED if hard != resource.RLIM_INFINITY else args.count
+    each = FDS_MEASURED["v2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "v1"]
+    room = (hard - 1024) // each if hard != resource.RLIM_INFINITY else args.count
     if args.count > room and not args.force:
         # Raising it needs CAP_SYS_RESOURCE, which these machines' root lacks.
         print(
             f"open files: the hard limit {hard} allows about {room} sandboxes"
-            f" ({FDS_MEASURED} descriptors each in the supervisor); running {room}"
+            f" ({each} descriptors each in the supervisor); running {room}"
             f" of {args.count} (--force tries all)"
         )
         args.count = room
