@@ -168,3 +168,32 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
     proc.stdout.close()
     proc.stderr.close()
     return out
+
+
+def up_under_limit(env: dict[str, str], fleet: Path, nofile: int) -> subprocess.Popen[str]:
+    """``corral up --json FLEET`` under an open-file limit of *nofile*
+    (soft and hard), its events on its stdout."""
+    import sys
+
+    return subprocess.Popen(
+        ["prlimit", f"--nofile={nofile}:{nofile}", sys.executable, "-m", "supervisor", "up",
+         "--json", str(fleet)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def read_started(proc: subprocess.Popen[str], count: int) -> set[str]:
+    """Read *proc*'s events (``corral up --json``) until *count* sandboxes
+    have started; none may have failed to."""
+    import json
+
+    assert proc.stdout is not None
+    started: set[str] = set()
+    while len(started) < count:
+        line = proc.stdout.readline()
+        assert line, f"corral up ended: {proc.communicate()[1][-2000:]}"
+        rec = json.loads(line)
+        assert rec["event"] != "start_failed", rec
+        if rec["event"] == "started":
+            started.add(rec["sandbox"])
+    return started

@@ -16,7 +16,7 @@ import pytest
 from rootfs import ImageStore, busybox_image
 
 from .conftest import Dirs, corral, requires_root
-from .helpers import finish
+from .helpers import finish, read_started, up_under_limit
 
 pytestmark = [requires_root, pytest.mark.layout]
 
@@ -271,21 +271,9 @@ def test_running_out_of_descriptors_fails_starts_not_the_supervisor(
     fleet_file.write_text('[[sandbox]]\nname = "base"\nreplicas = 4\ncommand = "sleep 1000"\n')
     more = tmp_path / "more.toml"
     more.write_text('[[sandbox]]\nname = "m"\nreplicas = 60\ncommand = "sleep 1000"\n')
-    proc = subprocess.Popen(
-        ["prlimit", "--nofile=256:256", sys.executable, "-m", "supervisor", "up", "--json",
-         str(fleet_file)],
-        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
+    proc = up_under_limit(dirs.env, fleet_file, 256)
     try:
-        started: set[str] = set()
-        while len(started) < 4:
-            line = proc.stdout.readline()
-            assert line, f"corral up ended: {proc.communicate()[1][-2000:]}"
-            rec = json.loads(line)
-            assert rec["event"] != "start_failed", rec
-            if rec["event"] == "started":
-                started.add(rec["sandbox"])
+        started = read_started(proc, 4)
         corral(dirs, "add", str(more), timeout=120)  # answers once each is up or failed
         ps = {r["name"]: r["state"] for r in json.loads(corral(dirs, "ps", "--json").stdout)}
     finally:

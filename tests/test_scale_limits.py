@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from rootfs import ImageStore, busybox_image
 from supervisor._cli._fleet import FDS_PER_SANDBOX, check_kernel_limits
 
 from .conftest import Dirs, requires_root
+from .helpers import read_started, up_under_limit
 
 
 def _read(path: str) -> int:
@@ -95,21 +95,9 @@ def test_a_fleet_costs_its_supervisor_few_descriptors_per_sandbox(
     busybox_image(ImageStore(dirs.state / "images"))
     fleet = tmp_path / "fleet.toml"
     fleet.write_text('[[sandbox]]\nname = "fd"\nreplicas = 40\ncommand = "sleep 1000"\n')
-    proc = subprocess.Popen(
-        ["prlimit", "--nofile=1024:1024", sys.executable, "-m", "supervisor", "up", "--json",
-         str(fleet)],
-        env=dirs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
+    proc = up_under_limit(dirs.env, fleet, 1024)
     try:
-        started: set[str] = set()
-        while len(started) < 40:
-            line = proc.stdout.readline()
-            assert line, f"corral up ended: {proc.communicate()[1][-2000:]}"
-            rec = json.loads(line)
-            assert rec["event"] != "start_failed", rec
-            if rec["event"] == "started":
-                started.add(rec["sandbox"])
+        read_started(proc, 40)
         kinds = _census(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
