@@ -581,18 +581,7 @@ def test_a_sandbox_that_dies_under_a_hung_criu_has_its_exit_at_once(
     while CRIU, hung, pre-dumps it: its exited comes at once, after the
     checkpoint's failure, not at CRIU's timeout (ten minutes; seen in CI,
     where a restore after an OOM kill waited for it); CRIU is gone."""
-    if check_criu().crit is None:
-        pytest.skip("this CRIU cannot track memory: a checkpoint has no pre-dump to hang in")
-    real = check_criu().binary
-    hung = tmp_path / "hung"
-    wrapper = tmp_path / "criu"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = pre-dump ]; then echo $$ > {hung}; exec sleep 1000; fi\n'
-        f'exec {real} "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("CORRAL_CRIU", str(wrapper))
+    hung = _hang_pre_dumps(tmp_path, monkeypatch)
     f = fleet({"name": "d", "command": COUNTER})
     failed: list[CorralError] = []
 
@@ -795,29 +784,9 @@ def test_a_checkpoint_whose_sandbox_dies_under_a_hung_criu_ends_at_once(
     """The library alone: CRIU hangs in the pre-dump, the init dies (killed
     from outside, as by an OOM kill): the checkpoint ends at once, saying
     why, not at CRIU's timeout; nothing is stored."""
-    if check_criu().crit is None:
-        pytest.skip("this CRIU cannot track memory: a checkpoint has no pre-dump to hang in")
-    real = check_criu().binary
-    hung = tmp_path / "hung"
-    wrapper = tmp_path / "criu"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = pre-dump ]; then echo $$ > {hung}; exec sleep 1000; fi\n'
-        f'exec {real} "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("CORRAL_CRIU", str(wrapper))
-    failed: list[CheckpointError] = []
-
-    def take(sb: Sandbox) -> None:
-        try:
-            runtime.checkpoint(sb, tag="t", leave_running=True)
-        except CheckpointError as exc:
-            failed.append(exc)
-
+    hung = _hang_pre_dumps(tmp_path, monkeypatch)
     with counting(runtime) as (sb, _):
-        taker = threading.Thread(target=take, args=(sb,))
-        taker.start()
+        taker, failed = _checkpoint_in_a_thread(runtime, sb)
         try:
             deadline = time.monotonic() + 120
             while not (hung.exists() and hung.read_text().strip()):
@@ -831,6 +800,43 @@ def test_a_checkpoint_whose_sandbox_dies_under_a_hung_criu_ends_at_once(
         assert sb.wait().signal == signal.SIGKILL
     assert runtime.checkpoints.list("c") == []
     assert os.listdir(runtime.checkpoints.dir("c")) == []
+
+
+def _checkpoint_in_a_thread(
+    runtime: Runtime, sb: Sandbox
+) -> tuple[threading.Thread, list[CheckpointError]]:
+    """A leave-running checkpoint of *sb* (tag ``t``) taken in a thread,
+    started; the list its failure is put in."""
+    failed: list[CheckpointError] = []
+
+    def take() -> None:
+        try:
+            runtime.checkpoint(sb, tag="t", leave_running=True)
+        except CheckpointError as exc:
+            failed.append(exc)
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    return taker, failed
+
+
+def _hang_pre_dumps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Have every CRIU pre-dump hang (a wrapper as ``CORRAL_CRIU``); the
+    file it writes the hung CRIU's PID to. Skips where CRIU cannot track
+    memory (no pre-dump is made)."""
+    if check_criu().crit is None:
+        pytest.skip("this CRIU cannot track memory: a checkpoint has no pre-dump to hang in")
+    real = check_criu().binary
+    hung = tmp_path / "hung"
+    wrapper = tmp_path / "criu"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = pre-dump ]; then echo $$ > {hung}; exec sleep 1000; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CORRAL_CRIU", str(wrapper))
+    return hung
 
 
 def _tracer(pid: int) -> int:
@@ -869,17 +875,8 @@ def test_a_sandbox_killed_under_criu_ends_its_checkpoint_at_once(
     at once, saying why, and leaves nothing. Killed under CRIU alone, the
     two could wait for each other until CRIU's timeout (ten minutes; seen
     on cgroup v1, where a periodic checkpoint met the fleet's stop)."""
-    failed: list[CheckpointError] = []
-
-    def take(sb: Sandbox) -> None:
-        try:
-            runtime.checkpoint(sb, tag="t", leave_running=True)
-        except CheckpointError as exc:
-            failed.append(exc)
-
     with counting(runtime) as (sb, _):
-        taker = threading.Thread(target=take, args=(sb,))
-        taker.start()
+        taker, failed = _checkpoint_in_a_thread(runtime, sb)
         try:
             _seized_by_criu(sb, step, taker)
             sb.kill()

@@ -799,8 +799,7 @@ class Runtime:
                 # descriptor could not be received here, at the open-file
                 # limit) leaves a child that goes on to its exec, and the
                 # reap would wait for it for ever.
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(exc.pidfd, signal.SIGKILL)
+                _kill_pidfd(exc.pidfd)
                 failed = Spawned(exc.pid, exc.pidfd, starttime=exc.starttime)
                 self.reaper.reap(failed, block=True)
                 self.reaper.forget(failed)
