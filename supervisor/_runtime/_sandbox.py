@@ -2369,16 +2369,15 @@ def _finish_copy(proc: subprocess.Popen[str]) -> str | None:
     """Wait for a copy (as long as CRIU is given); its error message, or None."""
     import subprocess
 
+    src = str(proc.args[-2])  # type: ignore[index]
     try:
         _, err = proc.communicate(timeout=CRIU_TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        src = str(proc.args[-2])  # type: ignore[index]
         return f"copying the writable layer {src}: timed out after {CRIU_TIMEOUT:g} s"
     if proc.returncode == 0:
         return None
-    src = str(proc.args[-2])  # type: ignore[index]
     msg = (err.strip().splitlines() or [f"cp exited with status {proc.returncode}"])[-1]
     return f"copying the writable layer {src}: {msg}"
 
